@@ -1,0 +1,53 @@
+"""Dispatching operators used by the models.
+
+The model calls only the functions below. Each one picks an implementation: a Triton kernel for
+CUDA tensors when one exists, else the plain-torch reference in ``reference.py``. Setting the
+environment variable ``MMF_FORCE_REFERENCE=1`` (or calling ``force_reference(True)``) makes every
+operator use the reference; the model never knows which ran.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import reference
+
+_FORCE_REFERENCE = os.environ.get("MMF_FORCE_REFERENCE", "") not in ("", "0")
+
+
+def force_reference(flag: bool = True) -> None:
+    """Use the plain-torch reference for every operator (for debugging and comparisons)."""
+    global _FORCE_REFERENCE
+    _FORCE_REFERENCE = flag
+
+
+def use_reference(*tensors) -> bool:
+    return _FORCE_REFERENCE or not all(t.is_cuda for t in tensors if t is not None)
+
+
+def rms_norm(x, weight, eps):
+    return reference.rms_norm(x, weight, eps)
+
+
+def bitlinear_train(x, norm_weight, weight, bias=None):
+    return reference.bitlinear_train(x, norm_weight, weight, bias)
+
+
+def bitlinear_frozen(x, norm_weight, codes, s_w, bias=None):
+    return reference.bitlinear_frozen(x, norm_weight, codes, s_w, bias)
+
+
+def mlgru_gates(i_pre, f_pre, lower_bound):
+    return reference.mlgru_gates(i_pre, f_pre, lower_bound)
+
+
+def mlgru_scan(i, f, state=None):
+    return reference.mlgru_scan(i, f, state)
+
+
+def gated_rms_norm(g, weight, gate, eps):
+    return reference.gated_rms_norm(g, weight, gate, eps)
+
+
+weight_quant = reference.weight_quant
+activation_quant = reference.activation_quant

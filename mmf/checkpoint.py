@@ -1,0 +1,261 @@
+"""Checkpoints: Hugging Face style directories, read lazily, written atomically.
+
+A checkpoint directory holds ``config.json``, ``model.safetensors`` (or shards
+``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``) and tokenizer files.
+Keys are the published layouts (``hgrn_bit``, ``llama``): no conversion step either way.
+Nothing here unpickles anything; tensors are read one at a time through ``safe_open``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, load_hf_config
+from .errors import CheckpointError, MMFError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+# Keys some published checkpoints carry that hold no parameters (recomputed at run time).
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MMFError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16") from None
+
+
+@contextmanager
+def atomic_directory(out: Path, overwrite: bool = False):
+    """Yield a temporary directory beside ``out``; on success it replaces ``out`` in one rename.
+
+    On any error the temporary directory is removed and ``out`` is untouched.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MMFError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise MMFError(f"{out.parent} is not writable; choose another output directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def checkpoint_state_dict(model: torch.nn.Module) -> dict:
+    """The tensors a checkpoint stores: tied weights once, contiguous, on CPU."""
+    state = {}
+    seen = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
+        if key is not None and key in seen:  # tied (lm_head = embeddings): stored once, as HF does
+            continue
+        seen[key] = name
+        state[name] = t.detach().to("cpu").contiguous()
+    return state
+
+
+def write_safetensors_sharded(state: dict, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                              metadata: Optional[dict] = None) -> list[str]:
+    """Write ``state`` as one file or as shards with an index; returns the file names."""
+    shards: list[dict] = [{}]
+    size = 0
+    total = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+        total += n
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(shards[0], str(Path(directory) / WEIGHTS_FILE), metadata=meta)
+        return [WEIGHTS_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(Path(directory) / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    (Path(directory) / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return names
+
+
+def save_checkpoint(model, out: Path, tokenizer=None, overwrite: bool = False, dtype: Optional[torch.dtype] = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra_files: Optional[dict] = None) -> Path:
+    """Save ``model`` (training form) as a checkpoint directory, atomically."""
+    if getattr(model, "is_frozen", False) and model.arch == "mmf":
+        raise MMFError("a frozen MatMul-free model has no latent weights to save; use `mmf pack` for inference checkpoints")
+    out = Path(out)
+    state = checkpoint_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    cfg = model.config.to_hf_dict()
+    cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    from . import __version__
+
+    cfg["mmf_version"] = __version__
+    with atomic_directory(out, overwrite) as tmp:
+        write_safetensors_sharded(state, tmp, max_shard_bytes)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content)
+    return out
+
+
+def weight_files(directory: Path) -> dict:
+    """Map every tensor name to its safetensors file (reads the index, or the single file's header)."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        for fname in set(weight_map.values()):
+            if not (directory / fname).exists():
+                raise CheckpointError(f"{directory / fname}: shard named in {INDEX_FILE} is missing")
+        return {k: directory / v for k, v in weight_map.items()}
+    single = directory / WEIGHTS_FILE
+    if not single.exists():
+        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
+    with open_safetensors(single) as f:
+        return {k: single for k in f.keys()}
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """``safe_open`` with its errors turned into one-line CheckpointErrors naming the file."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]}); re-download or re-save it"
+        ) from None
+    with handle as f:
+        yield f
+
+
+def file_metadata(path: Path) -> dict:
+    with open_safetensors(path) as f:
+        return f.metadata() or {}
+
+
+def iter_tensors(directory: Path, names=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, each file opened once, each tensor read once."""
+    files = weight_files(directory)
+    by_file: dict = {}
+    for k, p in files.items():
+        if names is None or k in names:
+            by_file.setdefault(p, []).append(k)
+    for path, keys in by_file.items():
+        with open_safetensors(path) as f:
+            for k in keys:
+                try:
+                    yield k, f.get_tensor(k)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {k} ({str(e).splitlines()[0]})") from None
+
+
+def load_config(path: Path) -> ModelConfig:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a checkpoint is a directory with config.json and model.safetensors")
+    return load_hf_config(path / CONFIG_FILE)
+
+
+def is_packed(path: Path) -> bool:
+    """True for a checkpoint written by `mmf pack` (its safetensors metadata says so)."""
+    files = sorted(set(weight_files(path).values()))
+    return bool(files) and "mmf.packed_format" in file_metadata(files[0])
+
+
+def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
+    """Load a checkpoint directory (latent, float or packed) as a ``torch.nn.Module`` in eval mode.
+
+    ``frozen=True`` converts MatMul-free BitLinears to their inference form (int8 codes + scale).
+    Packed checkpoints always load frozen.
+    """
+    from .models import build_model
+
+    path = Path(path)
+    cfg = load_config(path)
+    dtype = parse_dtype(dtype)
+    if cfg.arch == "mmf" and is_packed(path):
+        from mmf.converters.packing import load_packed_model
+
+        return load_packed_model(path, cfg, device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers()))
+    expected = set(checkpoint_state_dict_names(model))
+    found = set()
+    for name, tensor in iter_tensors(path):
+        if name.endswith(IGNORED_KEY_SUFFIXES):
+            continue
+        if name not in params:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name!r} for a {cfg.model_type} model with this config.json")
+        target = params[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        found.add(name)
+    missing = sorted(expected - found)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:3])}{more}")
+    model.eval()
+    if frozen:
+        model.freeze()
+    return model
+
+
+def checkpoint_state_dict_names(model) -> list[str]:
+    """Names a complete checkpoint of ``model`` must hold (tied weights once)."""
+    names, seen = [], set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            names.append(name)
+    return names

@@ -1,0 +1,350 @@
+"""Model configs: dataclasses with strict validation, loadable from TOML and from Hugging Face `config.json`.
+
+Two architectures share one config system:
+
+* ``MMFConfig`` (``model_type = "hgrn_bit"``): the MatMul-free LM, field names as in the published
+  MMfreeLM ``config.json`` so checkpoints move both ways with no conversion step;
+* ``LlamaConfig`` (``model_type = "llama"``): the Transformer++ baseline, Hugging Face Llama fields.
+
+Presets (``tiny``, ``370m``, ``1.3b``, ``2.7b``, ``13b``) exist for both; a preset name is ``SIZE``
+(MatMul-free) or ``ARCH-SIZE`` with ARCH ``mmf`` or ``transformer++``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Keys Hugging Face writes into every config.json that say nothing about the maths.
+HF_BOOKKEEPING_KEYS = frozenset(
+    {
+        "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
+        "initializer_range", "auto_map", "return_dict", "output_hidden_states", "output_attentions",
+        "pretraining_tp", "fuse_cross_entropy", "fuse_norm", "fuse_swiglu", "is_decoder",
+        "mmf_version", "quantization_config", "generation_config",
+    }
+)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is Any:
+        return True
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def dataclass_from_dict(cls, data: dict, where: str, ignore: frozenset = frozenset()):
+    """Build dataclass ``cls`` from ``data``: unknown keys and ill-typed values are errors.
+
+    ``where`` names the source (a file or section) in the error message; keys in ``ignore`` are
+    accepted and dropped.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key in ignore:
+            continue
+        if key not in fields:
+            raise ConfigError(
+                f"{where}: unknown key '{key}'; valid keys: {', '.join(sorted(fields))}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            value = dataclass_from_dict(tp, value, f"{where} [{key}]")
+        elif not _type_ok(value, tp):
+            raise ConfigError(
+                f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+            )
+        elif tp is float or (typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp)):
+            value = float(value) if isinstance(value, int) else value
+        kwargs[key] = value
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field without default
+        raise ConfigError(f"{where}: {e}") from None
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def default_intermediate_size(hidden_size: int, hidden_ratio: int = 4) -> int:
+    """The released code's rule: 256 * ceil(d * hidden_ratio * 2/3 / 256)."""
+    return 256 * math.ceil(hidden_size * hidden_ratio * 2 / 3 / 256)
+
+
+@dataclass
+class MMFConfig:
+    """The MatMul-free LM (HGRNBit). Field names follow the published ``config.json``."""
+
+    model_type: str = "hgrn_bit"
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 24
+    intermediate_size: Optional[int] = None
+    hidden_ratio: int = 4
+    rms_norm_eps: float = 1e-6
+    use_lower_bound: bool = True
+    num_heads: int = 1
+    expand_ratio: int = 1
+    use_short_conv: bool = False
+    conv_size: int = 4
+    share_conv_kernel: bool = True
+    attn_mode: str = "fused_recurrent"
+    hidden_act: str = "swish"
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    pad_token_id: Optional[int] = None
+
+    @property
+    def arch(self) -> str:
+        return "mmf"
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or default_intermediate_size(self.hidden_size, self.hidden_ratio)
+
+    def validate(self, where: str = "config") -> None:
+        if self.model_type != "hgrn_bit":
+            raise ConfigError(f"{where}: model_type must be 'hgrn_bit' for the MatMul-free model")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "hidden_ratio", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            raise ConfigError(f"{where}: intermediate_size must be positive or null")
+        if self.use_short_conv:
+            raise ConfigError(f"{where}: use_short_conv = true is not supported (no released MMfreeLM uses it); set it to false")
+        if self.expand_ratio != 1:
+            raise ConfigError(f"{where}: expand_ratio must be 1 (the released models' value), got {self.expand_ratio}")
+        if self.hidden_act not in ("swish", "silu"):
+            raise ConfigError(f"{where}: hidden_act must be 'swish' (silu), got {self.hidden_act!r}")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"{where}: rms_norm_eps must be > 0")
+
+    def to_hf_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["architectures"] = ["HGRNBitForCausalLM"]
+        return d
+
+
+@dataclass
+class LlamaConfig:
+    """Transformer++ (Llama recipe). Field names follow Hugging Face's ``LlamaConfig``."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    intermediate_size: Optional[int] = None
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    rope_parameters: Optional[dict] = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[Union[int, list[int]]] = 2
+    pad_token_id: Optional[int] = None
+
+    @property
+    def arch(self) -> str:
+        return "transformer++"
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or default_intermediate_size(self.hidden_size, 4)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def theta(self) -> float:
+        rp = self.rope_parameters or {}
+        return float(rp.get("rope_theta", self.rope_theta))
+
+    def validate(self, where: str = "config") -> None:
+        if self.model_type != "llama":
+            raise ConfigError(f"{where}: model_type must be 'llama' for Transformer++")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{where}: hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.n_kv_heads:
+            raise ConfigError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
+        if self.dim_head % 2:
+            raise ConfigError(f"{where}: the head dimension must be even for rotary embeddings")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"{where}: hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+        for key in ("rope_scaling", "rope_parameters"):
+            rs = getattr(self, key)
+            if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
+                raise ConfigError(
+                    f"{where}: {key} type {rs.get('rope_type', rs.get('type'))!r} is not supported; only plain RoPE"
+                )
+
+    def to_hf_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["intermediate_size"] = self.ffn_size
+        d["architectures"] = ["LlamaForCausalLM"]
+        return d
+
+
+ModelConfig = Union[MMFConfig, LlamaConfig]
+ARCHS = {"mmf": MMFConfig, "transformer++": LlamaConfig}
+MODEL_TYPES = {"hgrn_bit": MMFConfig, "llama": LlamaConfig}
+
+# Sizes: same d, L and vocab for both architectures. 13B uses the Llama-13B shape.
+# tiny is the byte-level model that trains on 2 CPU cores in minutes.
+_SIZES = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, vocab_size=259, heads=4, bos=1, eos=2),
+    "370m": dict(hidden_size=1024, num_hidden_layers=24, vocab_size=32000, heads=16, bos=1, eos=2),
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=24, vocab_size=32000, heads=32, bos=1, eos=2),
+    "2.7b": dict(hidden_size=2560, num_hidden_layers=32, vocab_size=32000, heads=40, bos=1, eos=2),
+    "13b": dict(hidden_size=5120, num_hidden_layers=40, vocab_size=32000, heads=40, bos=1, eos=2),
+}
+SIZES = tuple(_SIZES)
+
+
+def preset_names() -> list[str]:
+    return [f"{a}-{s}" for a in ARCHS for s in _SIZES]
+
+
+def split_preset(name: str) -> tuple[str, str]:
+    """``'370m'`` -> ``('mmf', '370m')``; ``'transformer++-13b'`` -> ``('transformer++', '13b')``."""
+    for arch in ARCHS:
+        if name.startswith(arch + "-"):
+            return arch, name[len(arch) + 1:]
+    return "mmf", name
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The model config of a preset (heads: d / 64 for Transformer++, Llama-13B uses d / 128)."""
+    arch, size = split_preset(name)
+    if size not in _SIZES:
+        raise ConfigError(
+            f"unknown preset '{name}'; valid presets: {', '.join(list(_SIZES) + preset_names())}"
+        )
+    s = _SIZES[size]
+    if arch == "mmf":
+        return MMFConfig(
+            vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
+            bos_token_id=s["bos"], eos_token_id=s["eos"],
+        )
+    return LlamaConfig(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+        intermediate_size=default_intermediate_size(s["hidden_size"], 4), rms_norm_eps=1e-6,
+        bos_token_id=s["bos"], eos_token_id=s["eos"],
+    )
+
+
+def model_config_from_dict(data: dict, where: str) -> ModelConfig:
+    """Pick the architecture from ``model_type`` (or ``arch``) and validate strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table of settings")
+    data = dict(data)
+    arch = data.pop("arch", None)
+    mt = data.get("model_type")
+    if mt is None and arch is not None:
+        if arch not in ARCHS:
+            raise ConfigError(f"{where}: unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+        mt = ARCHS[arch]().model_type
+        data["model_type"] = mt
+    if mt not in MODEL_TYPES:
+        raise ConfigError(
+            f"{where}: model_type {mt!r} is not supported; valid: {', '.join(MODEL_TYPES)} "
+            "(set model_type or arch = 'mmf' | 'transformer++')"
+        )
+    return dataclass_from_dict(MODEL_TYPES[mt], data, where, ignore=HF_BOOKKEEPING_KEYS)
+
+
+def load_hf_config(path: Path) -> ModelConfig:
+    """Load a Hugging Face style ``config.json`` (hgrn_bit or llama)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; a checkpoint directory needs config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); fix or regenerate the file") from None
+    return model_config_from_dict(data, str(path))
+
+
+def load_toml(path: Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+
+
+def resolve_model_config(spec: str) -> ModelConfig:
+    """A preset name, a TOML file (a ``[model]`` table or top-level keys) or a config.json."""
+    p = Path(spec)
+    if p.suffix == ".toml" or (p.exists() and p.is_file() and p.suffix != ".json"):
+        data = load_toml(p)
+        return model_config_from_dict(data.get("model", data), f"{p} [model]")
+    if p.suffix == ".json" or (p.is_dir() and (p / "config.json").exists()):
+        return load_hf_config(p / "config.json" if p.is_dir() else p)
+    return model_preset(spec)

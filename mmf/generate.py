@@ -1,0 +1,91 @@
+"""Sampling: greedy, temperature, top-k, top-p; streams text as it is produced.
+
+The MatMul-free model decodes with its O(1) recurrent state, Transformer++ with its KV cache;
+both through the same ``model(input_ids, cache)`` call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .errors import MMFError
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Pick one token per row of ``logits`` (B, V). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
+                 on_token: Optional[Callable[[int], None]] = None, device="cpu") -> list[int]:
+    """Prefill the prompt in one call, then decode one token at a time with the model's cache."""
+    if not prompt_ids:
+        raise MMFError("the prompt is empty after tokenisation; give some text with --prompt")
+    if max_new_tokens < 0:
+        raise MMFError("--max-new-tokens must be >= 0")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and max(prompt_ids) >= vocab:
+        raise MMFError(f"the tokenizer produced id {max(prompt_ids)} but the model's vocabulary has {vocab} entries; "
+                       "the checkpoint's tokenizer does not match its config")
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    out = model(ids)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float().cpu()
+        nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
+        new.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if eos_id is not None and nxt == eos_id:
+            break
+        out = model(torch.tensor([[nxt]], dtype=torch.long, device=device), out.cache)
+    return new
+
+
+def generate_text(checkpoint, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
+                  top_p: float = 1.0, seed: Optional[int] = None, device: str = "cpu", dtype="fp32",
+                  write: Optional[Callable[[str], None]] = None) -> str:
+    """Load ``checkpoint`` and its tokenizer, generate, and stream the text to ``write``."""
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    model = load_model(checkpoint, device=device, dtype=dtype, frozen=True)
+    tok = load_tokenizer(checkpoint, model.config.bos_token_id, model.config.eos_token_id)
+    prompt_ids = tok.encode(prompt)
+    if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
+        prompt_ids = [tok.bos_id] + prompt_ids
+    feed = tok.stream_decoder()
+    pieces: list[str] = []
+
+    def on_token(t: int) -> None:
+        s = feed(t)
+        if s:
+            pieces.append(s)
+            if write is not None:
+                write(s)
+
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, device)
+    return "".join(pieces)

@@ -1,0 +1,189 @@
+"""The MatMul-free LM (HGRNBit), read top to bottom like reference-semantics.md.
+
+Module and parameter names reproduce the published ``hgrn_bit`` checkpoint keys exactly, so a
+published MMfreeLM directory loads with no conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmf import kernels
+from mmf.config import MMFConfig
+
+from .common import ModelOutput, RMSNorm, init_weights
+
+
+class BitLinear(nn.Module):
+    """Training form: latent full-precision ``weight`` quantised on every call (STE gradients)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.norm = RMSNorm(in_features, eps=kernels.reference.BITLINEAR_NORM_EPS)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x):
+        return kernels.bitlinear_train(x, self.norm.weight, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}"
+
+
+class FrozenBitLinear(nn.Module):
+    """Inference form: int8 ternary ``codes`` and the fp32 multiplier ``weight_scale`` (s_w),
+    quantised once; ``w ~= codes / s_w``. Packed checkpoints load into ``packed`` instead of
+    ``codes`` (see mmf.converters.packing); the kernels read whichever is present."""
+
+    def __init__(self, in_features: int, out_features: int, codes=None, weight_scale=None, norm_weight=None,
+                 bias=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("codes", codes if codes is not None else torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", weight_scale if weight_scale is not None else torch.ones((), dtype=torch.float32))
+        self.norm = RMSNorm(in_features, eps=kernels.reference.BITLINEAR_NORM_EPS)
+        if norm_weight is not None:
+            self.norm.weight = nn.Parameter(norm_weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_bitlinear(cls, m: BitLinear) -> "FrozenBitLinear":
+        codes, s_w = kernels.weight_quant(m.weight.detach())
+        bias = None if m.bias is None else m.bias.detach()
+        return cls(m.in_features, m.out_features, codes, s_w, m.norm.weight.detach(), bias)
+
+    def forward(self, x):
+        return kernels.bitlinear_frozen(x, self.norm.weight, self.codes, self.weight_scale, self.bias)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, frozen"
+
+
+@dataclass
+class RecurrentCache:
+    """One fp32 state vector (B, d) per layer: O(1) memory per generated token."""
+
+    states: list = field(default_factory=list)
+    seen_tokens: int = 0
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states if s is not None)
+
+
+class MLGRU(nn.Module):
+    """Token mixer (``attn`` in the checkpoint): the MatMul-free linear gated recurrent unit."""
+
+    def __init__(self, cfg: MMFConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.i_proj = BitLinear(d, d)
+        self.f_proj = BitLinear(d, d)
+        self.g_proj = BitLinear(d, d)
+        self.o_proj = BitLinear(d, d)
+        self.g_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
+
+    def forward(self, h, lower_bound, state):
+        i, f = kernels.mlgru_gates(self.i_proj(h), self.f_proj(h), lower_bound)
+        s, last = kernels.mlgru_scan(i, f, state)
+        o = kernels.gated_rms_norm(self.g_proj(h), self.g_norm.weight, s, self.g_norm.eps)
+        return self.o_proj(o.to(h.dtype)), last
+
+
+class GLU(nn.Module):
+    """Channel mixer (``mlp``): gate and up share one BitLinear of 2m outputs (gate first)."""
+
+    def __init__(self, cfg: MMFConfig):
+        super().__init__()
+        d, m = cfg.hidden_size, cfg.ffn_size
+        self.gate_proj = BitLinear(d, 2 * m)
+        self.down_proj = BitLinear(m, d)
+
+    def forward(self, h):
+        gate, up = self.gate_proj(h).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class HGRNBitBlock(nn.Module):
+    def __init__(self, cfg: MMFConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn = MLGRU(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = GLU(cfg)
+
+    def forward(self, x, lower_bound, state):
+        a, state = self.attn(self.attn_norm(x), lower_bound, state)
+        r = x + a
+        return r + self.mlp(self.mlp_norm(r)), state
+
+
+class HGRNBitModel(nn.Module):
+    def __init__(self, cfg: MMFConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.use_lower_bound:
+            self.lower_bounds = nn.Parameter(torch.zeros(cfg.num_hidden_layers, cfg.hidden_size))
+        else:
+            self.lower_bounds = None
+        self.layers = nn.ModuleList(HGRNBitBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def layer_lower_bounds(self):
+        """softmax over layers, cumulative sum, minus the first: layer 0 has no lower bound."""
+        if self.lower_bounds is None:
+            return [None] * len(self.layers)
+        lb = self.lower_bounds.float().softmax(0)
+        lb = lb.cumsum(0) - lb[0]
+        return [None] + [lb[l] for l in range(1, len(self.layers))]
+
+
+class HGRNBitForCausalLM(nn.Module):
+    """``model(input_ids, cache=None)`` -> ``ModelOutput(logits, cache)``."""
+
+    arch = "mmf"
+
+    def __init__(self, cfg: MMFConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = HGRNBitModel(cfg)
+        self.lm_head = BitLinear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embeddings.weight
+
+    def init_weights(self):
+        init_weights(self, self.config.num_hidden_layers)
+        return self
+
+    def new_cache(self) -> RecurrentCache:
+        return RecurrentCache(states=[None] * self.config.num_hidden_layers)
+
+    def forward(self, input_ids: torch.Tensor, cache: Optional[RecurrentCache] = None) -> ModelOutput:
+        if cache is None:
+            cache = self.new_cache()
+        x = self.model.embeddings(input_ids)
+        new_states = []
+        for layer, lb, state in zip(self.model.layers, self.model.layer_lower_bounds(), cache.states):
+            x, state = layer(x, lb, state)
+            new_states.append(state)
+        logits = self.lm_head(self.model.norm(x))
+        return ModelOutput(logits, RecurrentCache(new_states, cache.seen_tokens + input_ids.shape[1]))
+
+    @torch.no_grad()
+    def freeze(self) -> "HGRNBitForCausalLM":
+        """Convert every BitLinear, once, to its frozen inference form (int8 codes + scale)."""
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, BitLinear):
+                    setattr(parent, name, FrozenBitLinear.from_bitlinear(child))
+        self.requires_grad_(False)
+        return self
+
+    @property
+    def is_frozen(self) -> bool:
+        return not any(isinstance(m, BitLinear) for m in self.modules())

@@ -1,0 +1,111 @@
+"""Tokenizers: the built-in byte-level one, and any Hugging Face ``tokenizer.json``.
+
+Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``bos_id``,
+``eos_id``, ``save(dir)`` and an incremental ``stream_decoder()`` for printing while generating.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+from .errors import CheckpointError
+
+BYTE_TOKENIZER_FILE = "mmf_tokenizer.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3: id 0 = pad, 1 = bos, 2 = eos, 3 + b = byte b (vocab 259)."""
+
+    kind = "byte"
+    offset = 3
+    pad_id, bos_id, eos_id = 0, 1, 2
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return [b + self.offset for b in data]
+
+    def decode(self, ids) -> str:
+        return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", errors="replace")
+
+    def stream_decoder(self):
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        def feed(token_id: int) -> str:
+            if token_id < self.offset:
+                return ""
+            return dec.decode(bytes([token_id - self.offset]))
+
+        return feed
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / BYTE_TOKENIZER_FILE).write_text(
+            json.dumps({"type": "byte", "offset": self.offset, "vocab_size": self.vocab_size,
+                        "pad_id": 0, "bos_id": 1, "eos_id": 2}, indent=2) + "\n")
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer loaded from ``tokenizer.json`` (no network)."""
+
+    kind = "hf"
+
+    def __init__(self, tok, bos_id=None, eos_id=None):
+        self.tok = tok
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+
+    @classmethod
+    def from_file(cls, path: Path, bos_id=None, eos_id=None) -> "HFTokenizer":
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception subclasses
+            raise CheckpointError(f"{path}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
+        return cls(tok, bos_id, eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def stream_decoder(self):
+        ids: list[int] = []
+        printed = [0]
+
+        def feed(token_id: int) -> str:
+            ids.append(token_id)
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                return ""
+            new = text[printed[0]:]
+            printed[0] = len(text)
+            return new
+
+        return feed
+
+    def save(self, directory: Path) -> None:
+        self.tok.save(str(Path(directory) / HF_TOKENIZER_FILE))
+
+
+def load_tokenizer(directory: Path, bos_id=None, eos_id=None):
+    """The tokenizer saved in a checkpoint directory: ``tokenizer.json`` or the byte tokenizer."""
+    directory = Path(directory)
+    if (directory / HF_TOKENIZER_FILE).exists():
+        return HFTokenizer.from_file(directory / HF_TOKENIZER_FILE, bos_id, eos_id)
+    if (directory / BYTE_TOKENIZER_FILE).exists():
+        return ByteTokenizer()
+    raise CheckpointError(
+        f"{directory}: no tokenizer found (expected {HF_TOKENIZER_FILE} or {BYTE_TOKENIZER_FILE}); "
+        "copy the model's tokenizer.json into the checkpoint directory"
+    )
