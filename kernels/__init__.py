@@ -37,6 +37,10 @@ def bitlinear_frozen(x, norm_weight, codes, s_w, bias=None):
     return reference.bitlinear_frozen(x, norm_weight, codes, s_w, bias)
 
 
+def bitlinear_i2(x, norm_weight, packed, k, s_w, bias=None):
+    return reference.bitlinear_i2(x, norm_weight, packed, k, s_w, bias)
+
+
 def mlgru_gates(i_pre, f_pre, lower_bound):
     return reference.mlgru_gates(i_pre, f_pre, lower_bound)
 

@@ -90,3 +90,14 @@ def mlgru_gates(i_pre: torch.Tensor, f_pre: torch.Tensor, lower_bound: torch.Ten
         f = lb + (1 - lb) * f
     i = F.silu(i_pre.float()) * (1 - f)
     return i, f
+
+
+def unpack_i2_ref(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """i2 planar bytes (N, ceil(K/4)) -> int8 codes (N, K) in {-1,0,1} (see converters/ternary_codes.py)."""
+    planes = [((packed >> (2 * s)) & 3) for s in range(4)]
+    return torch.cat(planes, dim=1)[:, :k].to(torch.int8) - 1
+
+
+def bitlinear_i2(x, norm_weight, packed, k: int, s_w, bias=None, eps: float = BITLINEAR_NORM_EPS):
+    """Inference form reading i2-packed weights: unpack (transiently), then ``bitlinear_frozen``."""
+    return bitlinear_frozen(x, norm_weight, unpack_i2_ref(packed, k), s_w, bias, eps)

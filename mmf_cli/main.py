@@ -1,123 +1,16 @@
-"""The `mmf` command: thin Typer wrappers, each parsing arguments and calling one library function."""
+"""The `mmf` command: thin Typer wrappers, each parsing arguments and calling one library function.
+
+Each command lives in its own module of this package and registers itself on ``app``.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
-from typing import Optional
 
-import typer
-
-from mmf import __version__
 from mmf.errors import MMFError
 
-app = typer.Typer(
-    name="mmf",
-    help="MatMul-free language models: train, generate, pack, export and benchmark ternary LMs.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-_state = {"debug": False}
-
-
-def _version(value: bool):
-    if value:
-        typer.echo(f"mmf {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-):
-    """MatMul-free language models: train, generate, pack, export and benchmark ternary LMs."""
-    _state["debug"] = debug
-
-
-def print_table(rows: list[dict], title: Optional[str] = None) -> None:
-    """A rich table on a terminal, plain text (tabulate) otherwise."""
-    if not rows:
-        return
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title)
-        for col in rows[0]:
-            table.add_column(str(col))
-        for r in rows:
-            table.add_row(*[str(v) for v in r.values()])
-        Console().print(table)
-    else:
-        from tabulate import tabulate
-
-        if title:
-            typer.echo(title)
-        typer.echo(tabulate(rows, headers="keys"))
-
-
-@app.command()
-def generate(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (latent, float or packed)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a UTF-8 file."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = all)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
-):
-    """Sample text from a checkpoint, streaming it as it is produced (O(1) memory per token)."""
-    from mmf.generate import generate_text
-
-    text = read_prompt(prompt, prompt_file)
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-    def write(s: str) -> None:
-        sys.stdout.write(s)
-        sys.stdout.flush()
-
-    generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, write)
-    sys.stdout.write("\n")
-
-
-def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
-    if prompt_file is not None:
-        if prompt is not None:
-            raise MMFError("give either --prompt or --prompt-file, not both")
-        try:
-            return prompt_file.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise MMFError(f"{prompt_file}: no such prompt file") from None
-        except UnicodeDecodeError as e:
-            raise MMFError(f"{prompt_file}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
-    if prompt is None:
-        raise MMFError("no prompt: pass --prompt TEXT or --prompt-file PATH")
-    return prompt
-
-
-@app.command()
-def info(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-):
-    """Architecture, parameter counts by group, ternary share and bytes by dtype of a checkpoint."""
-    from mmf.info import checkpoint_info
-
-    data = checkpoint_info(checkpoint)
-    if as_json:
-        typer.echo(json.dumps(data, indent=2))
-        return
-    rows = [{"field": k, "value": v} for k, v in data.items() if not isinstance(v, dict)]
-    rows += [{"field": f"parameters[{g}]", "value": f"{n:,}"} for g, n in data["parameters_by_group"].items()]
-    rows += [{"field": f"bytes[{d}]", "value": f"{n:,}"} for d, n in data["bytes_by_dtype"].items()]
-    print_table(rows, title=f"mmf info {checkpoint}")
+from .app import app
+from . import generate  # noqa: F401  (registers generate, info)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ def parameter_groups(model: nn.Module) -> dict:
         if isinstance(m, BitLinear):
             ternary_ids.add(id(m.weight))
         elif isinstance(m, FrozenBitLinear):
-            groups["ternary"] += m.codes.numel()
+            groups["ternary"] += m.in_features * m.out_features
     seen = set()
     for name, p in model.named_parameters():
         if id(p) in seen:

@@ -37,16 +37,26 @@ class BitLinear(nn.Module):
 
 
 class FrozenBitLinear(nn.Module):
-    """Inference form: int8 ternary ``codes`` and the fp32 multiplier ``weight_scale`` (s_w),
-    quantised once; ``w ~= codes / s_w``. Packed checkpoints load into ``packed`` instead of
-    ``codes`` (see mmf.converters.packing); the kernels read whichever is present."""
+    """Inference form, quantised once: ternary weights and the fp32 multiplier ``weight_scale``
+    (s_w, so that ``w ~= codes / s_w``).
+
+    Weights are held either as int8 ``codes`` (N, K) or, for packed checkpoints, as i2 planar
+    bytes ``packed`` (N, ceil(K/4)) that the GPU kernels read directly (converters/ternary_codes.py).
+    """
 
     def __init__(self, in_features: int, out_features: int, codes=None, weight_scale=None, norm_weight=None,
-                 bias=None):
+                 bias=None, packed=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("codes", codes if codes is not None else torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", weight_scale if weight_scale is not None else torch.ones((), dtype=torch.float32))
+        if packed is not None:
+            self.register_buffer("packed", packed)
+            self.codes = None
+        else:
+            self.register_buffer("codes", codes if codes is not None else
+                                 torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.packed = None
+        self.register_buffer("weight_scale", weight_scale if weight_scale is not None else
+                             torch.ones((), dtype=torch.float32))
         self.norm = RMSNorm(in_features, eps=kernels.reference.BITLINEAR_NORM_EPS)
         if norm_weight is not None:
             self.norm.weight = nn.Parameter(norm_weight, requires_grad=False)
@@ -58,11 +68,20 @@ class FrozenBitLinear(nn.Module):
         bias = None if m.bias is None else m.bias.detach()
         return cls(m.in_features, m.out_features, codes, s_w, m.norm.weight.detach(), bias)
 
+    def ternary_codes(self) -> torch.Tensor:
+        """The int8 codes (N, K), unpacked if stored packed."""
+        if self.codes is not None:
+            return self.codes
+        return kernels.reference.unpack_i2_ref(self.packed, self.in_features)
+
     def forward(self, x):
+        if self.packed is not None:
+            return kernels.bitlinear_i2(x, self.norm.weight, self.packed, self.in_features, self.weight_scale,
+                                        self.bias)
         return kernels.bitlinear_frozen(x, self.norm.weight, self.codes, self.weight_scale, self.bias)
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, frozen"
+        return f"in={self.in_features}, out={self.out_features}, {'i2' if self.packed is not None else 'int8'}"
 
 
 @dataclass
