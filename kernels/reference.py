@@ -16,13 +16,13 @@ ACT_CLAMP_MIN = 1e-5
 WEIGHT_CLAMP_MIN = 1e-5
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dtype=None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in ``out_dtype`` (default x's)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 def activation_quant(xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,18 +42,22 @@ def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bitlinear_train(x, norm_weight, weight, bias=None, eps: float = BITLINEAR_NORM_EPS):
-    """Training form: fake-quantised activations and weights with straight-through gradients."""
-    xn = rms_norm(x, norm_weight, eps)
+    """Training form: fake-quantised activations and weights with straight-through gradients.
+
+    The norm and both quantisers run in fp32 (as the released fused kernel does); only the
+    product runs in x's dtype.
+    """
+    xn = rms_norm(x, norm_weight, eps, torch.float32)
     xq, s_x = activation_quant(xn)
-    x_st = xn + (xq / s_x).to(xn.dtype).sub(xn).detach()
+    x_st = (xn + (xq / s_x - xn).detach()).to(x.dtype)
     codes, s_w = weight_quant(weight)
     w_st = weight + (codes.to(weight.dtype) / s_w.to(weight.dtype)).sub(weight).detach()
-    return F.linear(x_st, w_st.to(x_st.dtype), bias)
+    return F.linear(x_st, w_st.to(x.dtype), bias)
 
 
 def bitlinear_frozen(x, norm_weight, codes, s_w, bias=None, eps: float = BITLINEAR_NORM_EPS):
     """Inference form: y = (xq @ codes^T) / (s_x * s_w), the integer product done exactly in fp32."""
-    xn = rms_norm(x, norm_weight, eps)
+    xn = rms_norm(x, norm_weight, eps, torch.float32)
     xq, s_x = activation_quant(xn)
     acc = F.linear(xq, codes.to(torch.float32))  # integers: exact in fp32 while K * 127 < 2^24
     y = acc / (s_x * s_w.float())
