@@ -1,0 +1,635 @@
+"""`mmf fpga-image`: memory images of a MatMul-free checkpoint, with an address map (docs/fpga.md).
+
+Two regions, each one linear word address space split into banks of ``bank_words`` words:
+
+* ``ternary``: every BitLinear weight as 2-bit codes, row-major, the columns of a row sequential
+  inside its words (the order a streaming matrix-vector unit reads). Every tensor starts at a bank
+  boundary, so each bank belongs to one tensor; rows never straddle banks unless ``split_rows``.
+* ``params``: everything else (embeddings, norm weights, lower bounds) as fp16 (or bf16/fp32) and
+  the per-tensor weight scales s_w as fp32, each tensor starting on a word boundary.
+
+The build streams the checkpoint one tensor at a time (float and latent checkpoints through
+``iter_tensors``; packed checkpoints through the frozen model), writes each region's raw ``.bin``
+image in place, then cuts the banks' ``.mem``/``.coe``/``.mif`` files from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from mmf.checkpoint import atomic_directory, is_packed, load_config, open_safetensors, weight_files
+from mmf.errors import MMFError
+
+from . import formats as fmt
+
+FORMAT_NAME = "mmf-fpga-image"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+HEADER = "mmf_image.vh"
+RESOURCES = "resources.json"
+CHECKSUMS = "SHA256SUMS"
+WORD_BITS_MIN, WORD_BITS_MAX = 32, 4096
+DEFAULT_WORD_BITS = 64
+DEFAULT_BANK_WORDS = 4096  # one UltraRAM (4096 x 72) deep; 8 BRAM36 at 64 bits
+DEFAULT_ON_CHIP_MIB = 32.0  # about the BRAM + UltraRAM of a large Alveo/Versal card
+SCALE_SUFFIX = "_scale"  # "<tensor>.weight" -> "<tensor>.weight_scale", FrozenBitLinear's buffer name
+DERIVED_LB = "model.layer_lower_bounds"
+ELEMENT_ORDER_TERNARY = ("row-major; row n starts at word base + (n // rows_per_bank) * bank_words + "
+                         "(n % rows_per_bank) * words_per_row; column k is in word k // codes_per_word of its row, "
+                         "lane k % codes_per_word = bits [2*lane+1 : 2*lane]; code = w + 1 (0:-1, 1:0, 2:+1, "
+                         "3 reserved); lanes past the last column hold code 1")
+ELEMENT_ORDER_VALUES = ("row-major (C order) flattening; element i is in word base + i // values_per_word, "
+                        "lane i % values_per_word = bits [b*(lane+1)-1 : b*lane] with b bits per value, "
+                        "little-endian IEEE encoding")
+
+_PROJ_ORDER = ["attn_norm.weight", "attn.i_proj", "attn.f_proj", "attn.g_proj", "attn.g_norm.weight", "attn.o_proj",
+               "mlp_norm.weight", "mlp.gate_proj", "mlp.down_proj"]
+
+
+@dataclass
+class ImageOptions:
+    word_bits: int = DEFAULT_WORD_BITS
+    bank_words: int = DEFAULT_BANK_WORDS
+    formats: tuple = fmt.FORMATS
+    layers: str = "all"
+    split_rows: bool = False
+    param_encoding: str = "fp16"
+    on_chip_mib: float = DEFAULT_ON_CHIP_MIB
+
+    def validate(self) -> None:
+        wb = self.word_bits
+        if not isinstance(wb, int) or wb % 2 or not WORD_BITS_MIN <= wb <= WORD_BITS_MAX:
+            raise MMFError(f"--word-bits {wb}: a word must hold whole 2-bit codes; use an even width from "
+                           f"{WORD_BITS_MIN} to {WORD_BITS_MAX} (64, 72, 128, 256 or 512 are usual)")
+        if not isinstance(self.bank_words, int) or self.bank_words < 1:
+            raise MMFError(f"--bank-words {self.bank_words}: a bank needs at least one word (4096 is one UltraRAM deep)")
+        if self.param_encoding not in fmt.VALUE_ENCODINGS:
+            raise MMFError(f"--param-encoding {self.param_encoding!r}: use one of {', '.join(fmt.VALUE_ENCODINGS)}")
+        if not self.formats:
+            raise MMFError("--formats is empty; give one or more of mem,coe,mif,bin")
+        if self.on_chip_mib < 0:
+            raise MMFError("--on-chip-mib must be >= 0")
+
+
+def parse_formats(spec: str) -> tuple:
+    items = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    bad = [s for s in items if s not in fmt.FORMATS]
+    if bad or not items:
+        raise MMFError(f"--formats {spec!r}: unknown format {', '.join(bad) or '(none)'}; use a comma list of "
+                       f"{','.join(fmt.FORMATS)}")
+    return tuple(f for f in fmt.FORMATS if f in items)
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[set, bool, bool]:
+    """``all`` or a comma list of ``N``, ``N-M``, ``lm_head``, ``embeddings`` -> (layers, lm_head, embeddings)."""
+    spec = spec.strip()
+    if spec == "all":
+        return set(range(num_layers)), True, True
+    layers, lm_head, emb = set(), False, False
+    for item in (s.strip() for s in spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if item == "lm_head":
+            lm_head = True
+        elif item == "embeddings":
+            emb = True
+        elif m:
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if lo > hi or hi >= num_layers:
+                raise MMFError(f"--layers {spec!r}: {item!r} is out of range; the model has layers 0-{num_layers - 1}")
+            layers.update(range(lo, hi + 1))
+        else:
+            raise MMFError(f"--layers {spec!r}: cannot read {item!r}; use all, or a comma list of layer numbers "
+                           "(3), ranges (0-2), lm_head, embeddings")
+    return layers, lm_head, emb
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the checkpoint: names and shapes first (headers only), then tensors one at a time.
+
+
+def _layer_of(name: str) -> Optional[int]:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def is_ternary_name(name: str) -> bool:
+    return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+def _order_key(name: str, num_layers: int):
+    layer = _layer_of(name)
+    if layer is not None:
+        rest = name.split(".", 3)[3]
+        rank = next((i for i, p in enumerate(_PROJ_ORDER) if rest.startswith(p)), len(_PROJ_ORDER))
+        norm_first = 0 if rest.endswith("norm.weight") and "_proj" in rest else 1  # a BitLinear's norm, then it
+        return (1, layer, rank, norm_first, rest)
+    head = {"model.embeddings.weight": 0, "model.lower_bounds": 1, DERIVED_LB: 2}
+    if name in head:
+        return (0, head[name], 0, 0, name)
+    tail = {"model.norm.weight": 0, "lm_head.norm.weight": 1, "lm_head.weight": 2}
+    return (2, tail.get(name, 3), 0, 0, name)
+
+
+class CheckpointSource:
+    """The tensors of an mmf checkpoint as the image needs them: ternary (codes, s_w) or dense values."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.cfg = load_config(self.path)
+        if self.cfg.arch != "mmf":
+            raise MMFError(f"{self.path}: a {self.cfg.model_type} (Transformer++) checkpoint has no ternary weights; "
+                           "fpga-image needs a MatMul-free (hgrn_bit) checkpoint")
+        self.packed = is_packed(self.path)
+        self._model = None
+        self.shapes: dict = {}
+        self.dtypes: dict = {}
+        if self.packed:
+            self.kind = "packed"
+            model = self.model()
+            for name, shape, dtype in self._model_entries(model):
+                self.shapes[name], self.dtypes[name] = shape, dtype
+        else:
+            files = weight_files(self.path)
+            by_file: dict = {}
+            for k, p in files.items():
+                by_file.setdefault(p, []).append(k)
+            for p, keys in by_file.items():
+                with open_safetensors(p) as f:
+                    for k in keys:
+                        if k.endswith("rotary_emb.inv_freq"):
+                            continue
+                        sl = f.get_slice(k)
+                        self.shapes[k] = tuple(sl.get_shape())
+                        self.dtypes[k] = sl.get_dtype()
+            self.kind = "float" if all(d in ("F16", "BF16", "F32") for d in self.dtypes.values()) else "mixed"
+            self.tied_head = "lm_head.weight" not in self.shapes and "model.embeddings.weight" in self.shapes
+            if self.tied_head:
+                self.shapes["lm_head.weight"] = self.shapes["model.embeddings.weight"]
+                self.dtypes["lm_head.weight"] = self.dtypes["model.embeddings.weight"]
+        if "model.lower_bounds" in self.shapes:
+            self.shapes[DERIVED_LB] = self.shapes["model.lower_bounds"]
+            self.dtypes[DERIVED_LB] = "derived"
+        for name in list(self.shapes):
+            if is_ternary_name(name) and len(self.shapes[name]) != 2:
+                raise MMFError(f"{self.path}: tensor {name} has shape {self.shapes[name]}, expected a 2-D weight")
+
+    def model(self):
+        if self._model is None:
+            from mmf.checkpoint import load_model
+
+            self._model = load_model(self.path, frozen=True)
+        return self._model
+
+    @staticmethod
+    def _model_entries(model):
+        from mmf.models.hgrn_bit import FrozenBitLinear
+
+        skip = set()
+        for mname, m in model.named_modules():
+            if isinstance(m, FrozenBitLinear):
+                yield f"{mname}.weight", (m.out_features, m.in_features), "ternary"
+                skip.update({f"{mname}.codes", f"{mname}.packed", f"{mname}.weight_scale"})
+        for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if pname not in skip and p is not None and p.is_floating_point():
+                yield pname, tuple(p.shape), str(p.dtype).replace("torch.", "")
+
+    def names(self) -> list:
+        return sorted(self.shapes, key=lambda n: _order_key(n, self.cfg.num_hidden_layers))
+
+    def iter(self, wanted: set) -> Iterator[tuple[str, object]]:
+        """Yield (name, (codes int8, s_w fp32)) for ternary names and (name, float tensor) for the others."""
+        from mmf.kernels.reference import weight_quant
+
+        if self.packed:
+            from mmf.models.hgrn_bit import FrozenBitLinear
+
+            model = self.model()
+            mods = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, FrozenBitLinear)}
+            tensors = dict(model.named_parameters())
+            tensors.update(dict(model.named_buffers()))
+            for name in self.names():
+                if name not in wanted:
+                    continue
+                if name in mods:
+                    m = mods[name]
+                    yield name, (m.ternary_codes().to(torch.int8).cpu(), m.weight_scale.float().cpu())
+                elif name == DERIVED_LB:
+                    yield name, derived_lower_bounds(tensors["model.lower_bounds"])
+                else:
+                    yield name, tensors[name].detach().cpu()
+            return
+        need = set(wanted)
+        if DERIVED_LB in need:
+            need.add("model.lower_bounds")
+        if self.tied_head and "lm_head.weight" in need:
+            need.add("model.embeddings.weight")
+        from mmf.checkpoint import iter_tensors
+
+        for name, t in iter_tensors(self.path, need):
+            if name == "model.embeddings.weight" and self.tied_head and "lm_head.weight" in wanted:
+                yield "lm_head.weight", weight_quant(t)
+            if name == "model.lower_bounds" and DERIVED_LB in wanted:
+                yield DERIVED_LB, derived_lower_bounds(t)
+            if name not in wanted:
+                continue
+            yield name, (weight_quant(t) if is_ternary_name(name) else t)
+
+
+def derived_lower_bounds(lower_bounds: torch.Tensor) -> torch.Tensor:
+    """The lower bound each layer's forget gate uses: softmax over layers, cumsum, minus row 0 (row 0 is 0)."""
+    lb = lower_bounds.float().softmax(0)
+    return lb.cumsum(0) - lb[0]
+
+
+def select_names(source: CheckpointSource, layers_spec: str) -> list:
+    layers, lm_head, emb = parse_layers(layers_spec, source.cfg.num_hidden_layers)
+    out = []
+    for name in source.names():
+        layer = _layer_of(name)
+        if layer is not None:
+            keep = layer in layers
+        elif name.startswith("lm_head."):
+            keep = lm_head
+        elif name == "model.embeddings.weight":
+            keep = emb
+        else:  # final norm and lower bounds: small, and every layer needs them
+            keep = True
+        if keep:
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout: addresses of every tensor, from shapes alone.
+
+
+@dataclass
+class Region:
+    name: str
+    encoding: str
+    words: int = 0  # words placed so far (ternary: always a multiple of bank_words)
+    tensors: list = field(default_factory=list)
+
+
+def plan_layout(source: CheckpointSource, names: list, opt: ImageOptions) -> dict:
+    """Assign every selected tensor its region, base word address, bank and geometry."""
+    w, bw = opt.word_bits, opt.bank_words
+    e = fmt.codes_per_word(w)
+    ternary = Region("ternary", "ternary-2bit")
+    params = Region("params", "values")
+    entries = []
+    scale_entries = []
+    for name in names:
+        shape = source.shapes[name]
+        if is_ternary_name(name):
+            rows, cols = shape
+            wpr = -(-cols // e)
+            if opt.split_rows:
+                rpb = None
+                used = rows * wpr
+                nbanks = -(-used // bw)
+            else:
+                if wpr > bw:
+                    raise MMFError(
+                        f"a row of {name} ({cols} columns) needs {wpr} words of {w} bits but a bank holds {bw}; "
+                        f"use --bank-words {wpr} or more, a wider --word-bits, or --split-rows")
+                rpb = bw // wpr
+                nbanks = -(-rows // rpb)
+                used = rows * wpr
+            entry = dict(name=name, kind="ternary", region="ternary", base_address=ternary.words,
+                         bank=ternary.words // bw, banks=nbanks, words=nbanks * bw, payload_words=used,
+                         rows=rows, columns=cols, words_per_row=wpr, rows_per_bank=rpb,
+                         codes_per_word=e, element_order=ELEMENT_ORDER_TERNARY, encoding="ternary-2bit",
+                         source_dtype=source.dtypes.get(name))
+            ternary.words += nbanks * bw
+            entries.append(entry)
+            scale_entries.append(dict(name=name + SCALE_SUFFIX, kind="scale", of=name, shape=[]))
+        else:
+            entries.append(dict(name=name, kind="values", shape=list(shape), source_dtype=source.dtypes.get(name)))
+    # params region: values tensors in order, then the scales
+    for entry in [x for x in entries if x["kind"] == "values"] + scale_entries:
+        enc = "fp32" if entry["kind"] == "scale" else opt.param_encoding
+        numel = math.prod(entry["shape"]) if entry["shape"] else 1
+        per = fmt.values_per_word(w, enc)
+        nwords = -(-numel // per)
+        entry.update(region="params", base_address=params.words, bank=params.words // bw, words=nwords,
+                     payload_words=nwords, elements=numel, values_per_word=per, encoding=enc,
+                     element_order=ELEMENT_ORDER_VALUES)
+        if len(entry["shape"]) == 2:
+            entry.update(rows=entry["shape"][0], columns=entry["shape"][1])
+        elif len(entry["shape"]) == 1:
+            entry.update(rows=1, columns=entry["shape"][0])
+        else:
+            entry.update(rows=1, columns=1)
+        if entry["name"] == DERIVED_LB:
+            entry["derived"] = ("softmax(model.lower_bounds, dim=0).cumsum(0) - that softmax's row 0: the lower "
+                                "bound of layer l's forget gate is row l (row 0 is zero: layer 0 has none)")
+        params.words += nwords
+    params.words = -(-params.words // bw) * bw
+    entries += scale_entries
+    for x in entries:
+        if x["region"] == "params":  # banks this tensor touches (params tensors may continue into the next bank)
+            x["banks"] = (x["base_address"] + x["words"] - 1) // bw - x["bank"] + 1
+    regions = {r.name: r for r in (ternary, params) if r.words}
+    return {"entries": entries, "regions": regions}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resources
+
+
+_BRAM36_SHAPES = [(72, 512), (36, 1024), (18, 2048), (9, 4096), (4, 8192), (2, 16384), (1, 32768)]
+
+
+def bram36_per_bank(word_bits: int, depth: int) -> int:
+    """Fewest RAMB36 primitives for a word_bits x depth memory over their aspect ratios (estimate)."""
+    return min(-(-word_bits // wd) * -(-depth // dp) for wd, dp in _BRAM36_SHAPES)
+
+
+def uram_per_bank(word_bits: int, depth: int) -> int:
+    """UltraRAM (URAM288, 72 x 4096) primitives for a word_bits x depth memory (estimate)."""
+    return -(-word_bits // 72) * -(-depth // 4096)
+
+
+def resource_report(regions: dict, entries: list, opt: ImageOptions) -> list:
+    rows = []
+    for r in regions.values():
+        banks = r.words // opt.bank_words
+        nbytes = r.words * fmt.bytes_per_word(opt.word_bits)
+        on_chip = nbytes <= opt.on_chip_mib * 2**20
+        payload = sum(x["payload_words"] for x in entries if x["region"] == r.name)
+        rows.append({
+            "region": r.name,
+            "placement": "on-chip" if on_chip else "off-chip (DDR/HBM)",
+            "tensors": sum(1 for x in entries if x["region"] == r.name),
+            "banks": banks,
+            "words": r.words,
+            "bits": r.words * opt.word_bits,
+            "payload_words": payload,
+            "bram36": banks * bram36_per_bank(opt.word_bits, opt.bank_words) if on_chip else None,
+            "uram288": banks * uram_per_bank(opt.word_bits, opt.bank_words) if on_chip else None,
+            "ddr_bytes": None if on_chip else nbytes,
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def bank_file(region: str, bank: int, ext: str) -> str:
+    return f"{region}/bank{bank:05d}.{ext}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_tensors(source: CheckpointSource, layout: dict, tmp: Path, opt: ImageOptions, progress) -> None:
+    w, bw = opt.word_bits, opt.bank_words
+    bpw = fmt.bytes_per_word(w)
+    regions = layout["regions"]
+    by_name = {x["name"]: x for x in layout["entries"]}
+    handles = {}
+    for r in regions.values():
+        path = tmp / f"{r.name}.bin"
+        if r.name == "ternary":  # unused words read as weight 0 (code 1)
+            fill = fmt.ternary_fill_word(w)
+            with open(path, "wb") as f:
+                block = fill * bw
+                for _ in range(r.words // bw):
+                    f.write(block)
+        else:
+            with open(path, "wb") as f:
+                f.truncate(r.words * bpw)
+        handles[r.name] = open(path, "r+b")
+    try:
+        wanted = {x["name"] for x in layout["entries"] if x["kind"] != "scale"}
+        task = progress.add_task("fpga-image: writing tensors", total=len(wanted))
+        for name, payload in source.iter(wanted):
+            x = by_name[name]
+            f = handles[x["region"]]
+            if x["kind"] == "ternary":
+                codes, s_w = payload
+                rows = fmt.encode_ternary_rows(codes, w)  # (N, wpr, bpw)
+                if x["rows_per_bank"] is None:
+                    f.seek(x["base_address"] * bpw)
+                    f.write(rows.tobytes())
+                else:
+                    rpb = x["rows_per_bank"]
+                    for b0 in range(0, x["rows"], rpb):
+                        f.seek((x["base_address"] + (b0 // rpb) * bw) * bpw)
+                        f.write(rows[b0:b0 + rpb].tobytes())
+                s = by_name[name + SCALE_SUFFIX]
+                s_w = s_w.float().reshape(())
+                x["scale"] = {"value": float(s_w), "fp32_hex": f"0x{int(s_w.view(torch.int32)) & 0xFFFFFFFF:08x}",
+                              "encoding": "fp32", "tensor": s["name"],
+                              "meaning": "s_w: w = code_value / s_w, so y = acc / (s_x * s_w)"}
+                handles["params"].seek(s["base_address"] * bpw)
+                handles["params"].write(fmt.encode_values(s_w, "fp32", w).tobytes())
+            else:
+                t = payload
+                if t.is_floating_point() and x["encoding"] != "fp32":
+                    big = t.float().abs().max().item() if t.numel() else 0.0
+                    if x["encoding"] == "fp16" and big > 65504.0:
+                        raise MMFError(f"{name} has values up to {big:g}, beyond fp16's 65504; "
+                                       "use --param-encoding bf16 or fp32")
+                f.seek(x["base_address"] * bpw)
+                f.write(fmt.encode_values(t, x["encoding"], w).tobytes())
+                x["scale"] = None
+            progress.advance(task)
+    finally:
+        for h in handles.values():
+            h.close()
+    missing = [n for n in wanted if "scale" not in by_name[n]]
+    if missing:
+        raise MMFError(f"{source.path}: tensor {missing[0]} was not found while reading the checkpoint")
+
+
+def _write_bank_texts(layout: dict, tmp: Path, opt: ImageOptions, progress) -> None:
+    texts = [f for f in opt.formats if f in fmt.TEXT_FORMATS]
+    if not texts:
+        return
+    w, bw = opt.word_bits, opt.bank_words
+    bpw = fmt.bytes_per_word(w)
+    total = sum(r.words // bw for r in layout["regions"].values())
+    task = progress.add_task("fpga-image: writing banks", total=total)
+    for r in layout["regions"].values():
+        (tmp / r.name).mkdir()
+        with open(tmp / f"{r.name}.bin", "rb") as f:
+            for b in range(r.words // bw):
+                words = np.frombuffer(f.read(bw * bpw), dtype=np.uint8).reshape(bw, bpw)
+                title = (f"mmf fpga-image: region {r.name}, bank {b}, {bw} words x {w} bits, "
+                         f"region words {b * bw}..{(b + 1) * bw - 1} (manifest.json has the map)")
+                for ext in texts:
+                    fmt.WRITERS[ext](tmp / bank_file(r.name, b, ext), words, w, title)
+                progress.advance(task)
+
+
+def verilog_name(name: str) -> str:
+    s = name.removeprefix("model.")
+    s = re.sub(r"^layers\.(\d+)\.", r"L\1_", s)
+    s = s.removesuffix(".weight")
+    return "MMF_" + re.sub(r"[^0-9A-Za-z]+", "_", s).upper()
+
+
+def _vnum(v: int) -> str:
+    return str(v) if v < 2**31 else f"64'd{v}"
+
+
+def verilog_header(manifest: dict) -> str:
+    w, bw = manifest["word_bits"], manifest["bank_words"]
+    lines = [
+        "// Generated by mmf fpga-image: widths, depths and base addresses of this image. Do not edit;",
+        "// include it inside a module (`include \"mmf_image.vh\"). Addresses are word addresses in a region.",
+        f"localparam MMF_FORMAT_VERSION = {manifest['format_version']};",
+        f"localparam MMF_WORD_BITS = {w};",
+        f"localparam MMF_CODES_PER_WORD = {w // 2};",
+        f"localparam MMF_BANK_WORDS = {bw};",
+        f"localparam MMF_BANK_ADDR_BITS = {max(1, (bw - 1).bit_length())};",
+    ]
+    for rname, r in manifest["regions"].items():
+        up = rname.upper()
+        lines += [f"localparam MMF_{up}_BANKS = {r['banks']};", f"localparam MMF_{up}_WORDS = {_vnum(r['words'])};",
+                  f"localparam MMF_{up}_ADDR_BITS = {max(1, (r['words'] - 1).bit_length())};"]
+    for x in manifest["tensors"]:
+        v = verilog_name(x["name"])
+        lines.append(f"// {x['name']}: {x['kind']}, region {x['region']}, {x['rows']} x {x['columns']}")
+        lines.append(f"localparam {v}_BASE = {_vnum(x['base_address'])};")
+        lines.append(f"localparam {v}_BANK = {x['bank']};")
+        lines.append(f"localparam {v}_WORDS = {_vnum(x['words'])};")
+        lines.append(f"localparam {v}_ROWS = {x['rows']};")
+        lines.append(f"localparam {v}_COLS = {x['columns']};")
+        if x["kind"] == "ternary":
+            lines.append(f"localparam {v}_WORDS_PER_ROW = {x['words_per_row']};")
+            lines.append(f"localparam {v}_ROWS_PER_BANK = {x['rows_per_bank'] or 0};")
+    return "\n".join(lines) + "\n"
+
+
+def build_image(checkpoint, out, opt: Optional[ImageOptions] = None, overwrite: bool = False,
+                verify: bool = False, verify_rows: int = 64, seed: int = 0) -> dict:
+    """Write the image directory ``out`` from ``checkpoint``; returns the manifest (and the verify report).
+
+    With ``verify`` the reference RTL is simulated on the image before it is moved into place, so a
+    failed verification leaves nothing behind.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    opt = opt or ImageOptions()
+    opt.validate()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MMFError(f"{out} already exists; choose another --out or pass --force to replace it")
+    checkpoint = Path(checkpoint)
+    if out.resolve() == checkpoint.resolve():
+        raise MMFError(f"--out {out} is the checkpoint itself; choose another directory")
+    source = CheckpointSource(checkpoint)
+    names = select_names(source, opt.layers)
+    layout = plan_layout(source, names, opt)
+    if verify:
+        from .sim import find_simulator
+
+        find_simulator()  # fail before any work when the simulator is missing
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        transient=True, disable=not sys.stderr.isatty())
+    with atomic_directory(out, overwrite) as tmp, progress:
+        _write_tensors(source, layout, tmp, opt, progress)
+        _write_bank_texts(layout, tmp, opt, progress)
+        if "bin" not in opt.formats:
+            for r in layout["regions"]:
+                (tmp / f"{r}.bin").unlink()
+        manifest = _manifest(source, layout, opt)
+        (tmp / HEADER).write_text(verilog_header(manifest))
+        resources = manifest["resources"]
+        (tmp / RESOURCES).write_text(json.dumps(resources, indent=2) + "\n")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest["files"] = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                             for p in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        sums = dict(manifest["files"])
+        sums[MANIFEST] = {"sha256": sha256_file(tmp / MANIFEST)}
+        (tmp / CHECKSUMS).write_text("".join(f"{v['sha256']}  {k}\n" for k, v in sorted(sums.items())))
+        report = {"manifest": manifest, "verify": None}
+        if verify:
+            from .sim import verify_image
+
+            report["verify"] = verify_image(tmp, checkpoint, rows=verify_rows, seed=seed, source=source,
+                                            progress=progress)
+            if not report["verify"]["passed"]:
+                from .sim import failure_summary
+
+                raise MMFError(failure_summary(report["verify"]) + "; nothing was written")
+    return report
+
+
+def _manifest(source: CheckpointSource, layout: dict, opt: ImageOptions) -> dict:
+    from mmf import __version__
+
+    w, bw = opt.word_bits, opt.bank_words
+    resources = resource_report(layout["regions"], layout["entries"], opt)
+    placement = {r["region"]: r["placement"] for r in resources}
+    regions = {}
+    for r in layout["regions"].values():
+        regions[r.name] = {
+            "encoding": r.encoding,
+            "banks": r.words // bw,
+            "words": r.words,
+            "placement": placement[r.name],
+            "bin": f"{r.name}.bin" if "bin" in opt.formats else None,
+            "bank_files": {ext: f"{r.name}/bank{{bank:05d}}.{ext}" for ext in opt.formats if ext in fmt.TEXT_FORMATS},
+            "fill": "code 1 (weight 0) in every lane" if r.name == "ternary" else "zero bits",
+        }
+    cfg = source.cfg
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "mmf_version": __version__,
+        "source": {"checkpoint": str(source.path), "kind": source.kind, "model_type": cfg.model_type,
+                   "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+                   "vocab_size": cfg.vocab_size, "intermediate_size": cfg.ffn_size,
+                   "rms_norm_eps": cfg.rms_norm_eps, "bitlinear_norm_eps": 1e-6},
+        "layers": opt.layers,
+        "word_bits": w,
+        "bytes_per_word": fmt.bytes_per_word(w),
+        "codes_per_word": fmt.codes_per_word(w),
+        "bank_words": bw,
+        "split_rows": opt.split_rows,
+        "byte_order": "little-endian words in .bin, ceil(word_bits/8) bytes each; big-endian hex digits in text files",
+        "ternary_code": {"0": -1, "1": 0, "2": 1, "3": "reserved (never written)"},
+        "activation_quantisation": "per token: s_x = 127 / max(max|xn|, 1e-5), xq = clamp(round(xn * s_x), -128, 127)",
+        "off_chip_note": ("regions whose placement is off-chip (DDR/HBM) are too large for on-chip memory at "
+                          f"the --on-chip-mib budget ({opt.on_chip_mib:g} MiB): preload their .bin at a base address "
+                          "of your choice and stream banks from there; a billion-parameter model's weights live "
+                          "off-chip (1e9 ternary weights take 250 MB at 2 bits)"),
+        "regions": regions,
+        "tensors": layout["entries"],
+        "resources": {"regions": resources,
+                      "notes": "BRAM36 (RAMB36, best aspect ratio of 72x512 .. 1x32768) and URAM288 (72x4096) "
+                               "counts are per-bank estimates for on-chip regions; synthesis may differ"},
+    }
+
+
+def resource_rows(manifest: dict) -> list:
+    """The resource report as table rows (for the CLI)."""
+    rows = []
+    for r in manifest["resources"]["regions"]:
+        rows.append({"region": r["region"], "placement": r["placement"], "tensors": r["tensors"],
+                     "banks": r["banks"], "words": f"{r['words']:,}", "bits": f"{r['bits']:,}",
+                     "BRAM36": "-" if r["bram36"] is None else r["bram36"],
+                     "URAM288": "-" if r["uram288"] is None else r["uram288"],
+                     "DDR bytes": "-" if r["ddr_bytes"] is None else f"{r['ddr_bytes']:,}"})
+    return rows
