@@ -1,0 +1,50 @@
+"""`mmf fpga-image`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, print_table
+
+
+@app.command("fpga-image")
+def fpga_image(
+    checkpoint: Path = typer.Argument(..., help="MatMul-free checkpoint directory (float, latent or packed)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Image directory to create."),
+    word_bits: int = typer.Option(64, "--word-bits", help="Memory word width: 64, 72, 128, 256, 512 (any even width 32-4096)."),
+    bank_words: int = typer.Option(4096, "--bank-words", help="Words per bank (one memory each; 4096 = one UltraRAM deep)."),
+    formats: str = typer.Option("mem,coe,mif,bin", "--formats", help="Comma list of mem, coe, mif, bin."),
+    layers: str = typer.Option("all", "--layers", help="all, or a comma list of layer numbers (3), ranges (0-2), lm_head, embeddings."),
+    split_rows: bool = typer.Option(False, "--split-rows", help="Let a weight row continue into the next bank."),
+    param_encoding: str = typer.Option("fp16", "--param-encoding", help="Encoding of non-ternary parameters: fp16, bf16, fp32."),
+    on_chip_mib: float = typer.Option(32.0, "--on-chip-mib", help="Regions larger than this are placed off-chip (DDR/HBM)."),
+    verify: bool = typer.Option(False, "--verify", help="Simulate the reference RTL on the image (Icarus Verilog) before keeping it."),
+    verify_rows: int = typer.Option(64, "--verify-rows", help="Rows simulated per tensor, half from each end (0 = all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random int8 activations used by --verify."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the resource and verify report as JSON here."),
+):
+    """Write FPGA memory images of a MatMul-free checkpoint: banks in .mem/.coe/.mif/.bin, manifest.json with the
+    address map and checksums, a Verilog header, and a resource report; --verify proves them in simulation."""
+    from mmf.fpga.image import ImageOptions, build_image, parse_formats, resource_rows
+
+    opt = ImageOptions(word_bits=word_bits, bank_words=bank_words, formats=parse_formats(formats), layers=layers,
+                       split_rows=split_rows, param_encoding=param_encoding, on_chip_mib=on_chip_mib)
+    report = build_image(checkpoint, out, opt, overwrite=force, verify=verify, verify_rows=verify_rows, seed=seed)
+    manifest = report["manifest"]
+    print_table(resource_rows(manifest), title=f"mmf fpga-image {out}: {manifest['word_bits']}-bit words, "
+                                               f"{manifest['bank_words']} words per bank (estimates)")
+    if report["verify"] is not None:
+        v = report["verify"]
+        rows = [{"tensor": r["tensor"], "shape": f"{r['rows']}x{r['columns']}", "rows simulated": r["simulated_rows"],
+                 "cycles": r["cycles"], "mismatches": r["mismatches"], "status": r["status"]} for r in v["tensors"]]
+        print_table(rows, title=f"verify: {v['simulator']}, seed {v['seed']}, {v['seconds']} s")
+        n = sum(r["simulated_rows"] for r in v["tensors"])
+        typer.echo(f"verified: {n} accumulators of {len(rows)} tensors equal the torch reference bit for bit")
+    if json_out is not None:
+        data = {"resources": manifest["resources"], "verify": report["verify"], "out": str(out)}
+        json_out.write_text(json.dumps(data, indent=2) + "\n")
