@@ -224,6 +224,7 @@ def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
     expected = set(checkpoint_state_dict_names(model))

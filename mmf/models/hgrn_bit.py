@@ -108,8 +108,7 @@ class MLGRU(nn.Module):
         self.g_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
 
     def forward(self, h, lower_bound, state):
-        i, f = kernels.mlgru_gates(self.i_proj(h), self.f_proj(h), lower_bound)
-        s, last = kernels.mlgru_scan(i, f, state)
+        s, last = kernels.mlgru(self.i_proj(h), self.f_proj(h), lower_bound, state)
         o = kernels.gated_rms_norm(self.g_proj(h), self.g_norm.weight, s, self.g_norm.eps)
         return self.o_proj(o.to(h.dtype)), last
 
@@ -172,7 +171,11 @@ class HGRNBitForCausalLM(nn.Module):
         self.config = cfg
         self.model = HGRNBitModel(cfg)
         self.lm_head = BitLinear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the LM head with the embeddings when the config says so (again after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embeddings.weight
 
     def init_weights(self):

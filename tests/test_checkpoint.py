@@ -1,0 +1,166 @@
+"""Checkpoints: round trips, sharding, and the published hgrn_bit and llama layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmf
+from mmf.checkpoint import INDEX_FILE, save_checkpoint
+from mmf.errors import CheckpointError, ConfigError
+
+from conftest import median_rel_err, small_model
+from hgrn_bit_original import hgrn_bit_logits
+
+# The config.json of a published MMfreeLM model, shrunk (same keys, Hugging Face bookkeeping included).
+PUBLISHED_HGRN_BIT_CONFIG = {
+    "_name_or_path": "ridger/MMfreeLM-370M", "architectures": ["HGRNBitForCausalLM"], "attn_mode": "fused_recurrent",
+    "bos_token_id": 1, "conv_size": 4, "eos_token_id": 2, "expand_ratio": 1, "fuse_cross_entropy": True,
+    "hidden_act": "swish", "hidden_ratio": 4, "hidden_size": 64, "initializer_range": 0.02,
+    "intermediate_size": None, "max_position_embeddings": 2048, "model_type": "hgrn_bit", "num_heads": 1,
+    "num_hidden_layers": 3, "rms_norm_eps": 1e-06, "share_conv_kernel": True, "tie_word_embeddings": False,
+    "torch_dtype": "float16", "transformers_version": "4.40.1", "use_cache": True, "use_lower_bound": True,
+    "use_short_conv": False, "vocab_size": 300,
+}
+
+
+def published_hgrn_bit_dir(tmp_path, dtype):
+    """A directory in the published layout, written without mmf's own saver."""
+    cfg = PUBLISHED_HGRN_BIT_CONFIG
+    d, L, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    m = 256  # 256 * ceil(64 * 4 * 2/3 / 256)
+    g = torch.Generator().manual_seed(11)
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    def norm(n):
+        return (1 + 0.3 * torch.randn(n, generator=g)).to(dtype)
+
+    sd = {"model.embeddings.weight": rnd(V, d, std=1.0), "model.lower_bounds": rnd(L, d, std=1.0),
+          "model.norm.weight": norm(d), "lm_head.weight": rnd(V, d), "lm_head.norm.weight": norm(d)}
+    for l in range(L):
+        p = f"model.layers.{l}."
+        sd[p + "attn_norm.weight"] = norm(d)
+        sd[p + "mlp_norm.weight"] = norm(d)
+        for proj in "ifgo":
+            sd[p + f"attn.{proj}_proj.weight"] = rnd(d, d)
+            sd[p + f"attn.{proj}_proj.norm.weight"] = norm(d)
+        sd[p + "attn.g_norm.weight"] = norm(d)
+        sd[p + "mlp.gate_proj.weight"] = rnd(2 * m, d)
+        sd[p + "mlp.gate_proj.norm.weight"] = norm(d)
+        sd[p + "mlp.down_proj.weight"] = rnd(d, m)
+        sd[p + "mlp.down_proj.norm.weight"] = norm(m)
+    path = tmp_path / f"mmfreelm-{str(dtype)[6:]}"
+    path.mkdir()
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path, sd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_published_hgrn_bit_directory_gives_original_logits(tmp_path, dtype):
+    path, sd = published_hgrn_bit_dir(tmp_path, dtype)
+    model = mmf.load_model(path)  # computes in fp32
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        ours = model(ids).logits
+        original = hgrn_bit_logits(sd, PUBLISHED_HGRN_BIT_CONFIG, ids)
+    assert model.config.ffn_size == 256
+    assert median_rel_err(ours, original) < 1e-3
+    # and the frozen (int8 codes) inference form too
+    with torch.no_grad():
+        frozen = mmf.load_model(path, frozen=True)(ids).logits
+    assert median_rel_err(frozen, original) < 1e-3
+
+
+def test_hugging_face_llama_directory_gives_transformers_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(12)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "llama")
+    model = mmf.load_model(tmp_path / "llama")
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert median_rel_err(model(ids).logits, hf(ids).logits) < 1e-5
+        # the KV-cache continuation matches Hugging Face too
+        a = model(ids[:, :10])
+        b = model(ids[:, 10:], a.cache)
+        assert median_rel_err(torch.cat([a.logits, b.logits], 1), hf(ids).logits) < 1e-5
+    # and it moves back: mmf's saved directory loads in transformers with the same logits
+    mmf.save_checkpoint(model, tmp_path / "llama-mmf")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama-mmf").eval()
+    with torch.no_grad():
+        assert median_rel_err(back(ids).logits, hf(ids).logits) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["mmf", "transformer++"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, arch):
+    model = small_model(arch, seed=13)
+    save_checkpoint(model, tmp_path / "c", tokenizer=mmf.ByteTokenizer())
+    loaded = mmf.load_model(tmp_path / "c")
+    for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    ids = torch.randint(0, 259, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model = small_model("mmf", seed=14)
+    save_checkpoint(model, tmp_path / "c", max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "c" / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    loaded = mmf.load_model(tmp_path / "c")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_tied_embeddings_stored_once(tmp_path):
+    model = small_model("transformer++", seed=15, tie_word_embeddings=True)
+    save_checkpoint(model, tmp_path / "c")
+    keys = load_file(str(tmp_path / "c" / "model.safetensors")).keys()
+    assert "lm_head.weight" not in keys
+    loaded = mmf.load_model(tmp_path / "c")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_save_refuses_to_overwrite_and_leaves_no_temporary(tmp_path):
+    model = small_model("mmf")
+    save_checkpoint(model, tmp_path / "c")
+    with pytest.raises(mmf.MMFError, match="already exists"):
+        save_checkpoint(model, tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_load_errors_name_the_problem(tmp_path, tiny_mmf_ckpt):
+    import shutil
+
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        mmf.load_model(tmp_path / "missing")
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_mmf_ckpt, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        mmf.load_model(bad)
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        mmf.load_model(bad)
+    shape = tmp_path / "shape"
+    shutil.copytree(tiny_mmf_ckpt, shape)
+    cfg = json.loads((shape / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (shape / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="has shape"):
+        mmf.load_model(shape)
+    cfg["hidden_size"] = 64
+    cfg["hiden_size"] = 64
+    (shape / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unknown key 'hiden_size'; valid keys: .*hidden_size"):
+        mmf.load_model(shape)
