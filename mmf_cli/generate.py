@@ -16,7 +16,7 @@ from .app import app, print_table
 
 @app.command()
 def generate(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (latent, float or packed)."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory (latent, float or packed)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a UTF-8 file."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate."),
@@ -26,10 +26,14 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Generate through ONNX Runtime from an `mmf export-onnx` "
+                                        "directory (instead of CHECKPOINT)."),
 ):
     """Sample text from a checkpoint, streaming it as it is produced (O(1) memory per token)."""
     from mmf.generate import generate_text
+    from mmf.onnx_runtime import generate_onnx_text, onnx_source
 
+    onnx = onnx_source(checkpoint, onnx)
     text = read_prompt(prompt, prompt_file)
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -38,7 +42,10 @@ def generate(
         sys.stdout.write(s)
         sys.stdout.flush()
 
-    generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, write)
+    if onnx is not None:
+        generate_onnx_text(onnx, text, max_new_tokens, temperature, top_k, top_p, seed, write)
+    else:
+        generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, write)
     sys.stdout.write("\n")
 
 

@@ -12,6 +12,7 @@ from mmf.errors import MMFError
 from .app import app
 from . import generate  # noqa: F401  (registers generate, info)
 from . import fpga  # noqa: F401  (registers fpga-image)
+from . import export_onnx  # noqa: F401
 
 
 def main() -> None:

@@ -1,0 +1,159 @@
+"""Run an `mmf export-onnx` directory through ONNX Runtime, with the torch model's calling convention.
+
+``OnnxCausalLM(dir)(input_ids, cache=None)`` returns ``ModelOutput(logits, cache)`` like the torch
+models, so ``mmf.generate.generate_ids`` drives it unchanged: the first call runs ``prefill.onnx``,
+later calls run ``decode.onnx`` one token per row, the cache holding the graphs' state tensors
+(MatMul-free: one fp32 vector per layer; Transformer++: the KV cache) as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, MMFError
+from .models.common import ModelOutput
+
+MANIFEST_FILE = "mmf_onnx.json"
+
+
+@dataclass
+class OnnxCache:
+    """The state tensors of the decode graph, keyed by its input names (``past.{l}.*``)."""
+
+    tensors: dict = field(default_factory=dict)
+    seen_tokens: int = 0
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.tensors.values())
+
+
+def read_manifest(directory: Path) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such ONNX export directory; create one with `mmf export-onnx`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no {MANIFEST_FILE}; is this a directory written by `mmf export-onnx`?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); re-run `mmf export-onnx`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "mmf-onnx":
+        raise CheckpointError(f"{path}: not an mmf ONNX manifest; re-run `mmf export-onnx`")
+    if manifest.get("format_version") != 1:
+        raise CheckpointError(f"{path}: format_version {manifest.get('format_version')} is not supported by this mmf; "
+                              "re-export with this version")
+    return manifest
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MMFError("onnxruntime is not installed; pip install onnxruntime") from None
+    return onnxruntime
+
+
+class OnnxCausalLM:
+    """An exported model run by ONNX Runtime.
+
+    ``fold_constants`` (default True) lets ONNX Runtime fold the in-graph unpacking of 2-bit weights
+    at load time: faster per token, but it then holds the unpacked uint8 codes (1 byte per weight).
+    ``False`` keeps the 2-bit bytes in memory and unpacks them at every call.
+    """
+
+    def __init__(self, directory, providers: Optional[list] = None, fold_constants: bool = True,
+                 threads: int = 0):
+        from .config import model_config_from_dict
+
+        ort = _ort()
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.config = model_config_from_dict(self.manifest["config"], str(self.directory / MANIFEST_FILE))
+        self.arch = self.manifest["arch"]
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        disabled = [] if fold_constants else ["ConstantFolding"]
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {}
+        for kind in ("prefill", "decode"):
+            path = self.directory / self.manifest["files"][kind]
+            if not path.exists():
+                raise CheckpointError(f"{path}: missing; re-run `mmf export-onnx`")
+            try:
+                self.sessions[kind] = ort.InferenceSession(str(path), so, providers=providers,
+                                                           disabled_optimizers=disabled)
+            except Exception as e:  # onnxruntime raises its own exception classes
+                raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        self.state = self.manifest["state"]
+        self._logits_dtype = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
+
+    def __call__(self, input_ids, cache: Optional[OnnxCache] = None) -> ModelOutput:
+        ids = input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+        ids = ids.astype(np.int64, copy=False)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise MMFError(f"input_ids must be (batch, seq) with seq >= 1, got shape {ids.shape}")
+        if cache is None:
+            outs = self.sessions["prefill"].run(None, {"input_ids": ids})
+            names = [o.name for o in self.sessions["prefill"].get_outputs()]
+            got = dict(zip(names, outs))
+            tensors = {s["decode_input"]: got[s["prefill_output"]] for s in self.state}
+            return ModelOutput(torch.from_numpy(got["logits"]), OnnxCache(tensors, ids.shape[1]))
+        logits = []
+        for t in range(ids.shape[1]):  # the decode graph takes one token per row
+            outs = self.sessions["decode"].run(None, {"input_ids": ids[:, t:t + 1], **cache.tensors})
+            names = [o.name for o in self.sessions["decode"].get_outputs()]
+            got = dict(zip(names, outs))
+            cache = OnnxCache({s["decode_input"]: got[s["decode_output"]] for s in self.state}, cache.seen_tokens + 1)
+            logits.append(got["logits"])
+        return ModelOutput(torch.from_numpy(np.concatenate(logits, axis=1)), cache)
+
+
+def onnx_source(checkpoint: Optional[Path], onnx: Optional[Path]) -> Optional[Path]:
+    """`mmf generate` takes a CHECKPOINT or ``--onnx DIR``, exactly one; returns the ONNX directory or None."""
+    if checkpoint is not None and onnx is not None:
+        raise MMFError("give either a CHECKPOINT or --onnx DIR, not both")
+    if checkpoint is None and onnx is None:
+        raise MMFError("no model: give a CHECKPOINT directory or --onnx DIR (an `mmf export-onnx` output)")
+    return onnx
+
+
+def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
+                       top_p: float = 1.0, seed: Optional[int] = None,
+                       write: Optional[Callable[[str], None]] = None, fold_constants: bool = True) -> str:
+    """`mmf generate --onnx DIR`: load the export and its tokenizer, generate through ONNX Runtime."""
+    from .generate import generate_ids
+    from .tokenizer import load_tokenizer
+
+    model = OnnxCausalLM(directory, fold_constants=fold_constants)
+    cfg = model.config
+    try:
+        tok = load_tokenizer(directory, cfg.bos_token_id, cfg.eos_token_id)
+    except CheckpointError:
+        raise CheckpointError(f"{directory}: the export has no tokenizer (its checkpoint had none); copy the model's "
+                              "tokenizer.json into it") from None
+    prompt_ids = tok.encode(prompt)
+    if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
+        prompt_ids = [tok.bos_id] + prompt_ids
+    feed = tok.stream_decoder()
+    pieces: list[str] = []
+
+    def on_token(t: int) -> None:
+        s = feed(t)
+        if s:
+            pieces.append(s)
+            if write is not None:
+                write(s)
+
+    eos = cfg.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, "cpu")
+    return "".join(pieces)
