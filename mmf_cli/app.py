@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from mmf import __version__
-from mmf.errors import MMFError
 
 app = typer.Typer(
     name="mmf",

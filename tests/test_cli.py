@@ -80,3 +80,26 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_mmf_ckpt):
     # --debug shows the traceback instead
     res = run_cli("--debug", "generate", tmp_path / "nope", "-p", "x")
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_generate_uses_checkpoint_tokenizer_json(tmp_path):
+    """A checkpoint with a Hugging Face tokenizer.json decodes through the `tokenizers` library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    import mmf
+    from conftest import small_model
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=259, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], trainer)
+    model = small_model("mmf", seed=21, vocab_size=tok.get_vocab_size())
+    mmf.save_checkpoint(model, tmp_path / "c")
+    tok.save(str(tmp_path / "c" / "tokenizer.json"))
+    loaded = mmf.load_tokenizer(tmp_path / "c")
+    assert loaded.kind == "hf" and loaded.decode(loaded.encode("the cat")) == "the cat"
+    res = run_cli("generate", tmp_path / "c", "-p", "the cat", "-n", "10", "-t", "0")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("the cat") and len(res.stdout) > len("the cat\n")
