@@ -204,6 +204,8 @@ def verify_image(image_dir, checkpoint, rows: int = 64, seed: int = 0, source=No
             })
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    order = {x["name"]: i for i, x in enumerate(tensors)}
+    report_rows.sort(key=lambda r: order[r["tensor"]])
     version = subprocess.run([iverilog, "-V"], capture_output=True, text=True).stdout.splitlines()
     return {"passed": all(r["status"] == "PASS" for r in report_rows), "seed": seed, "rows_per_tensor": rows,
             "simulator": version[0] if version else "iverilog", "rtl_parameters": params,
