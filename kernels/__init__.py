@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import reference
 
 _FORCE_REFERENCE = os.environ.get("MMF_FORCE_REFERENCE", "") not in ("", "0")
@@ -25,11 +27,23 @@ def use_reference(*tensors) -> bool:
     return _FORCE_REFERENCE or not all(t.is_cuda for t in tensors if t is not None)
 
 
+def _train_kernels(*tensors) -> bool:
+    """Triton training kernels (autograd-capable) for CUDA tensors when a gradient is wanted."""
+    return (not use_reference(*tensors) and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors if t is not None))
+
+
 def rms_norm(x, weight, eps):
+    if _train_kernels(x, weight):
+        from .bitlinear_fused import rms_norm_train
+        return rms_norm_train(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
 def bitlinear_train(x, norm_weight, weight, bias=None):
+    if not use_reference(x, weight):
+        from .bitlinear_fused import bitlinear_train_fused
+        return bitlinear_train_fused(x, norm_weight, weight, bias)
     return reference.bitlinear_train(x, norm_weight, weight, bias)
 
 
@@ -46,10 +60,25 @@ def mlgru_gates(i_pre, f_pre, lower_bound):
 
 
 def mlgru_scan(i, f, state=None):
+    if not use_reference(i, f):
+        from .mlgru_fused import mlgru_scan_fused
+        return mlgru_scan_fused(i, f, state)
+    return reference.mlgru_scan(i, f, state)
+
+
+def mlgru(i_pre, f_pre, lower_bound, state=None):
+    """Gates and recurrence of the MLGRU in one op: (states (B, T, D), last state (B, D) fp32)."""
+    if not use_reference(i_pre, f_pre):
+        from .mlgru_fused import mlgru_fused
+        return mlgru_fused(i_pre, f_pre, lower_bound, state)
+    i, f = reference.mlgru_gates(i_pre, f_pre, lower_bound)
     return reference.mlgru_scan(i, f, state)
 
 
 def gated_rms_norm(g, weight, gate, eps):
+    if _train_kernels(g, weight, gate):
+        from .bitlinear_fused import gated_rms_norm_train
+        return gated_rms_norm_train(g, weight, gate, eps)
     return reference.gated_rms_norm(g, weight, gate, eps)
 
 

@@ -1,0 +1,358 @@
+"""Fused BitLinear for training, and the RMSNorm / gated RMSNorm it is built from (Triton).
+
+``bitlinear_train_fused(x, norm_weight, weight, bias)`` computes exactly what
+``reference.bitlinear_train`` computes (same forward values up to summation order, same
+straight-through gradients), with less memory traffic and far fewer saved tensors:
+
+* forward: one row kernel does RMSNorm + per-token absmax quantisation and writes the
+  fake-quantised activations ``xq / s_x`` once, in the compute dtype (bf16 under autocast); the
+  product then runs on the tensor cores (cuBLAS). Only ``x`` (usually shared with other
+  consumers: the MLGRU's three projections read the same ``h``) and ``rstd`` (one fp32 per row)
+  are saved for backward.
+* weights: ``codes / s_w`` is computed once per optimiser step and cached on the parameter,
+  keyed on its storage pointer and autograd version counter (every in-place update through
+  torch, an optimiser step included, bumps the counter). Code that writes ``weight.data``
+  directly must call ``clear_weight_cache()``.
+* backward: ``dxs = dy @ wq`` (tensor cores), then one row kernel recomputes the normalised and
+  quantised activations from ``x`` and ``rstd`` (for ``dW = dy^T @ xq``) and applies the RMSNorm
+  backward (``dx`` and the per-program partial sums of the norm weight's gradient) in the same
+  pass over the row; ``dW`` runs on the tensor cores. Gradients pass through both quantisers as if
+  they were the identity, exactly as the reference's ``x + (q(x) - x).detach()``.
+
+The same row kernels give ``rms_norm_train`` and ``gated_rms_norm_train`` (autograd functions that
+save the input and ``rstd`` rather than fp32 intermediates). All kernels loop over the feature
+dimension in blocks, so any width works.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: (v + M) - M rounds fp32 |v| < 2^22 half-to-even
+
+
+MAX_BLOCK_K = 4096  # feature-dimension block of the row kernels (rows wider than this loop)
+
+
+def _block_k(k: int) -> int:
+    return min(triton.next_power_of_2(max(k, 16)), MAX_BLOCK_K)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def _num_programs(rows: int, device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(rows, 8 * sms))
+    return max(1, min(rows, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# row kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
+                        HAS_NW: tl.constexpr, QUANT: tl.constexpr, HAS_GATE: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """One row: rstd = 1/sqrt(mean(x^2)+eps); xn = x*rstd*nw.
+
+    QUANT: y = (round(xn * s) clamped to int8) / s with s = 127 / max(max|xn|, 1e-5), cast first to
+    x's dtype, then to y's (the reference's ``x_st.to(x.dtype)`` and the autocast cast).
+    HAS_GATE: y = xn * silu(gate). Else y = xn.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    xp = X + row * stride_x
+    yp = Y + row * stride_y
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(xp + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc += x * x
+    rstd = tl.rsqrt(tl.sum(acc, axis=0) / K + eps)
+    tl.store(RSTD + row, rstd)
+    if QUANT:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            m = cols < K
+            xn = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            if HAS_NW:
+                xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(xn))
+        s = 127.0 / tl.maximum(tl.max(amax, axis=0), 1e-5)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            m = cols < K
+            xn = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            if HAS_NW:
+                xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+            q = (xn * s + _ROUND_MAGIC) - _ROUND_MAGIC
+            q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+            v = (q / s).to(X.dtype.element_ty).to(Y.dtype.element_ty)
+            tl.store(yp + cols, v, mask=m)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            m = cols < K
+            y = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            if HAS_NW:
+                y = y * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_GATE:
+                gt = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+                y = y * (gt * tl.sigmoid(gt))
+            tl.store(yp + cols, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
+                        stride_x, stride_g, stride_dy, stride_dx, stride_dg, stride_xq, scale,
+                        HAS_NW: tl.constexpr, QUANT: tl.constexpr, HAS_GATE: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """Backward of y = f(x * rstd * nw): rows pid, pid + P, ... of one program.
+
+    gx = dy * scale * nw (* silu(gate)); dx = rstd * (gx - xhat * mean(gx * xhat)); the norm
+    weight's gradient dy * xhat (* silu(gate)) is summed into this program's row of DNW (P, K).
+    QUANT: also rewrite the quantised activations (as the forward kernel) into XQ.
+    HAS_GATE: also dgate = dy * xhat * nw * silu'(gate).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pid64 = pid.to(tl.int64)
+    dnwp = DNW + pid64 * K
+    for it in range(0, tl.cdiv(M - pid, nprog)):
+        row = pid64 + it * nprog
+        rstd = tl.load(RSTD + row)
+        xp = X + row * stride_x
+        dyp = DY + row * stride_dy
+        dot = tl.zeros([BLOCK_K], dtype=tl.float32)
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            m = cols < K
+            xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            gx = tl.load(dyp + cols, mask=m, other=0.0).to(tl.float32) * scale
+            if HAS_NW:
+                nw = tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+                gx = gx * nw
+                xn = xhat * nw
+            else:
+                xn = xhat
+            if HAS_GATE:
+                gt = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+                gx = gx * (gt * tl.sigmoid(gt))
+            dot += gx * xhat
+            amax = tl.maximum(amax, tl.abs(xn))
+        c = tl.sum(dot, axis=0) / K
+        s = 127.0 / tl.maximum(tl.max(amax, axis=0), 1e-5)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            m = cols < K
+            xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            dy = tl.load(dyp + cols, mask=m, other=0.0).to(tl.float32) * scale
+            if HAS_GATE:
+                gt = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+                sg = tl.sigmoid(gt)
+                silu = gt * sg
+                dwn = dy * silu
+            else:
+                dwn = dy
+            if HAS_NW:
+                nw = tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+                gx = dwn * nw
+                xn = xhat * nw
+                part = tl.load(dnwp + cols, mask=m, other=0.0)
+                tl.store(dnwp + cols, part + dwn * xhat, mask=m)
+            else:
+                gx = dwn
+                xn = xhat
+            dx = rstd * (gx - xhat * c)
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+            if HAS_GATE:
+                dg = dy * xn * (sg * (1.0 + gt * (1.0 - sg)))
+                tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=m)
+            if QUANT:
+                q = (xn * s + _ROUND_MAGIC) - _ROUND_MAGIC
+                q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+                v = (q / s).to(X.dtype.element_ty).to(XQ.dtype.element_ty)
+                tl.store(XQ + row * stride_xq + cols, v, mask=m)
+
+
+@triton.jit
+def _weight_quant_kernel(W, Q, N, s_ptr, BLOCK: tl.constexpr):
+    """q = clamp(round(w * s_w), -1, 1) / s_w, cast first to w's dtype then to q's."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    s = tl.load(s_ptr)
+    w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
+    c = (w * s + _ROUND_MAGIC) - _ROUND_MAGIC
+    c = tl.minimum(tl.maximum(c, -1.0), 1.0)
+    # reference: codes.to(w.dtype) / s_w.to(w.dtype), computed in w's dtype
+    ws = s.to(W.dtype.element_ty).to(tl.float32)
+    v = (c / ws).to(W.dtype.element_ty).to(Q.dtype.element_ty)
+    tl.store(Q + offs, v, mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch helpers
+# ----------------------------------------------------------------------------------------------
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _fwd(x2, nw, gate2, out_dtype, eps, quant):
+    M, K = x2.shape
+    y = torch.empty(M, K, dtype=out_dtype, device=x2.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
+    if M == 0:
+        return y, rstd
+    bk = _block_k(K)
+    _rownorm_fwd_kernel[(M,)](
+        x2, nw if nw is not None else x2, gate2 if gate2 is not None else x2, y, rstd, K,
+        x2.stride(0), gate2.stride(0) if gate2 is not None else 0, y.stride(0), float(eps),
+        HAS_NW=nw is not None, QUANT=quant, HAS_GATE=gate2 is not None, BLOCK_K=bk,
+        num_warps=_num_warps(bk))
+    return y, rstd
+
+
+def _bwd(x2, nw, gate2, dy2, rstd, scale, quant, xq_dtype, need_dnw):
+    M, K = x2.shape
+    dev = x2.device
+    dx = torch.empty(M, K, dtype=x2.dtype, device=dev)
+    dg = torch.empty_like(gate2) if gate2 is not None else None
+    xq = torch.empty(M, K, dtype=xq_dtype, device=dev) if quant else None
+    P = _num_programs(M, dev)
+    has_nw = nw is not None
+    dnw = torch.zeros(P if has_nw else 1, K, dtype=torch.float32, device=dev)
+    if M > 0:
+        bk = _block_k(K)
+        _rownorm_bwd_kernel[(P,)](
+            x2, nw if has_nw else x2, gate2 if gate2 is not None else x2, dy2, rstd, dx,
+            dg if dg is not None else dx, xq if xq is not None else dx, dnw, M, K,
+            x2.stride(0), gate2.stride(0) if gate2 is not None else 0, dy2.stride(0), dx.stride(0),
+            dg.stride(0) if dg is not None else 0, xq.stride(0) if xq is not None else 0, float(scale),
+            HAS_NW=has_nw, QUANT=quant, HAS_GATE=gate2 is not None, BLOCK_K=bk,
+            num_warps=_num_warps(bk))
+    dnw_out = dnw.sum(0).to(nw.dtype) if (has_nw and need_dnw) else None
+    return dx, dg, xq, dnw_out
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# weights: quantised once per optimiser step
+# ----------------------------------------------------------------------------------------------
+_CACHE_ATTR = "_mmf_wq_cache"
+
+
+def quantized_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes / s_w`` of ``weight`` in ``dtype``, recomputed only when the weight has changed."""
+    key = (weight.data_ptr(), weight._version, dtype, tuple(weight.shape), weight.device)
+    hit = getattr(weight, _CACHE_ATTR, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        w = weight.detach()
+        w = w if w.is_contiguous() else w.contiguous()
+        s_w = (1.0 / w.float().abs().mean().clamp(min=reference.WEIGHT_CLAMP_MIN)).reshape(1)
+        q = torch.empty(w.shape, dtype=dtype, device=w.device)
+        n = w.numel()
+        if n:
+            _weight_quant_kernel[(triton.cdiv(n, 4096),)](w, q, n, s_w, BLOCK=4096, num_warps=8)
+    try:
+        setattr(weight, _CACHE_ATTR, (key, q))
+    except (AttributeError, TypeError):  # pragma: no cover - a tensor that refuses attributes: no caching
+        pass
+    return q
+
+
+def clear_weight_cache(module_or_tensor=None) -> None:
+    """Drop cached quantised weights (after writing ``weight.data`` directly, or to free memory)."""
+    if module_or_tensor is None:
+        import gc
+
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and hasattr(obj, _CACHE_ATTR):
+                delattr(obj, _CACHE_ATTR)
+        return
+    tensors = module_or_tensor.parameters() if isinstance(module_or_tensor, torch.nn.Module) else [module_or_tensor]
+    for t in tensors:
+        if hasattr(t, _CACHE_ATTR):
+            delattr(t, _CACHE_ATTR)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd functions
+# ----------------------------------------------------------------------------------------------
+class _BitLinearTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, weight, bias, eps):
+        cdtype = _compute_dtype(x)
+        x2 = _rows(x)
+        xq, rstd = _fwd(x2, norm_weight, None, cdtype, eps, quant=True)
+        wq = quantized_weight(weight, cdtype)
+        y = torch.mm(xq, wq.t())
+        if bias is not None:
+            y = y + bias.to(cdtype)
+        ctx.save_for_backward(x2, norm_weight, weight, rstd)
+        ctx.cdtype, ctx.eps, ctx.has_bias, ctx.x_shape = cdtype, eps, bias is not None, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, nw, weight, rstd = ctx.saved_tensors
+        cdtype = ctx.cdtype
+        dy2 = _rows(dy).to(cdtype)
+        wq = quantized_weight(weight, cdtype)
+        dxs = torch.mm(dy2, wq)
+        need_w = ctx.needs_input_grad[2]
+        dx, _, xq, dnw = _bwd(x2, nw, None, dxs, rstd, 1.0, need_w, cdtype, ctx.needs_input_grad[1])
+        del dxs
+        dw = torch.mm(dy2.t(), xq).to(weight.dtype) if need_w else None
+        db = dy2.float().sum(0).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return dx.view(ctx.x_shape), dnw, dw, db, None
+
+
+class _RMSNormTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, gate, eps, out_dtype):
+        x2 = _rows(x)
+        g2 = _rows(gate) if gate is not None else None
+        y, rstd = _fwd(x2, weight, g2, out_dtype, eps, quant=False)
+        ctx.save_for_backward(x2, weight, g2, rstd)
+        ctx.x_shape = x.shape
+        ctx.g_shape = gate.shape if gate is not None else None
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, g2, rstd = ctx.saved_tensors
+        dy2 = _rows(dy)
+        dx, dg, _, dw = _bwd(x2, w, g2, dy2, rstd, 1.0, False, None, ctx.needs_input_grad[1])
+        return dx.view(ctx.x_shape), dw, (dg.view(ctx.g_shape) if dg is not None else None), None, None
+
+
+def bitlinear_train_fused(x, norm_weight, weight, bias=None, eps: float = reference.BITLINEAR_NORM_EPS):
+    """Triton twin of ``reference.bitlinear_train`` (same values and straight-through gradients)."""
+    return _BitLinearTrain.apply(x, norm_weight, weight, bias, eps)
+
+
+def rms_norm_train(x, weight, eps, out_dtype=None):
+    """Triton twin of ``reference.rms_norm`` with a backward that saves only x and rstd."""
+    return _RMSNormTrain.apply(x, weight, None, eps, out_dtype or x.dtype)
+
+
+def gated_rms_norm_train(g, weight, gate, eps):
+    """Triton twin of ``reference.gated_rms_norm``: rmsnorm(g) * weight * silu(gate), in g's dtype."""
+    return _RMSNormTrain.apply(g, weight, gate, eps, g.dtype)

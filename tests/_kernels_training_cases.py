@@ -1,0 +1,170 @@
+"""Cases for tests/test_kernels_training.py, run in a subprocess with TRITON_INTERPRET=1.
+
+The Triton training kernels (kernels/bitlinear_fused.py, kernels/mlgru_fused.py) are compared with
+their plain-torch references on fresh random inputs (seeded), odd shapes and fp32/bf16/fp16.
+Prints one JSON object: case name -> {quantity: relative error ||a - b|| / ||b||}.
+TRITON_INTERPRET must be set before triton is imported, which is why this runs in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from mmf.kernels import bitlinear_fused as BF  # noqa: E402
+from mmf.kernels import mlgru_fused as MS  # noqa: E402
+from mmf.kernels import reference as R  # noqa: E402
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def run_pair(fn_a, fn_b, inputs, n_out, seed):
+    """Forward both on copies of ``inputs``, backprop one shared random cotangent; rel errors."""
+    res = {}
+    outs, grads = [], []
+    for fn in (fn_a, fn_b):
+        leaves = [_leaf(t) if t is not None else None for t in inputs]
+        out = fn(*leaves)
+        out = out if isinstance(out, tuple) else (out,)
+        out = out[:n_out]
+        gen = torch.Generator().manual_seed(seed)
+        loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in out)
+        want = [t for t in leaves if t is not None]
+        g = torch.autograd.grad(loss, want)
+        outs.append(out)
+        grads.append(g)
+    for k, (a, b) in enumerate(zip(*outs)):
+        res[f"out{k}"] = rel(a, b)
+    for k, (a, b) in enumerate(zip(*grads)):
+        res[f"grad{k}"] = rel(a, b)
+    return res
+
+
+def bitlinear_cases(results):
+    shapes = [((7, 45), 13), ((2, 5, 33), 17), ((3, 130), 9)]
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for si, (xs, n) in enumerate(shapes):
+            g = torch.Generator().manual_seed(100 + si)
+            k = xs[-1]
+            x = torch.randn(xs, generator=g).to(dt)
+            nw = (1 + 0.2 * torch.randn(k, generator=g)).to(dt)
+            w = (0.05 * torch.randn(n, k, generator=g)).to(dt)
+            results[f"bitlinear/{dt}/{xs}x{n}"] = run_pair(
+                BF.bitlinear_train_fused, R.bitlinear_train, [x, nw, w], 1, 7 + si)
+    # autocast: fp32 master weights, bf16 products (the training setup of the benchmark)
+    g = torch.Generator().manual_seed(5)
+    x, nw, w = torch.randn(6, 40, generator=g), 1 + 0.2 * torch.randn(40, generator=g), 0.05 * torch.randn(11, 40, generator=g)
+
+    def autocast(fn):
+        def f(*a):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*a)
+        return f
+
+    results["bitlinear/autocast-bf16"] = run_pair(autocast(BF.bitlinear_train_fused), autocast(R.bitlinear_train),
+                                                  [x, nw, w], 1, 3)
+    # with a bias
+    b = torch.randn(11, generator=g)
+    results["bitlinear/bias"] = run_pair(BF.bitlinear_train_fused, R.bitlinear_train, [x, nw, w, b], 1, 4)
+    # feature dimension looped in blocks (rows wider than one block)
+    old = BF.MAX_BLOCK_K
+    BF.MAX_BLOCK_K = 16
+    try:
+        results["bitlinear/blocked-k"] = run_pair(BF.bitlinear_train_fused, R.bitlinear_train, [x, nw, w], 1, 5)
+        gate = torch.randn(6, 40, generator=g)
+        results["gated_rms_norm/blocked-k"] = run_pair(
+            lambda a, b, c: BF.gated_rms_norm_train(a, b, c, 1e-6),
+            lambda a, b, c: R.gated_rms_norm(a, b, c, 1e-6), [x, nw, gate], 1, 6)
+    finally:
+        BF.MAX_BLOCK_K = old
+
+
+def weight_cache_case(results):
+    """Quantised weights are reused while the weight is unchanged and recomputed after a step."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 24, generator=g)
+    nw = torch.nn.Parameter(1 + 0.1 * torch.randn(24, generator=g))
+    w = torch.nn.Parameter(0.05 * torch.randn(10, 24, generator=g))
+    BF.bitlinear_train_fused(x, nw, w).sum().backward()
+    q1 = BF.quantized_weight(w, torch.float32)
+    q1_again = BF.quantized_weight(w, torch.float32)
+    torch.optim.SGD([w, nw], lr=0.5).step()  # in place: bumps the version counter
+    y = BF.bitlinear_train_fused(x, nw, w)
+    q2 = BF.quantized_weight(w, torch.float32)
+    results["weight_cache"] = {
+        "reused_when_unchanged": float(q1_again is q1),
+        "recomputed_after_step": float(q2 is not q1),
+        "out_after_step": rel(y, R.bitlinear_train(x, nw, w)),
+        "quantised_weight": rel(q2, (lambda c, s: c.float() / s)(*R.weight_quant(w.detach()))),
+    }
+
+
+def norm_cases(results):
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        g = torch.Generator().manual_seed(21)
+        x = torch.randn(3, 7, 37, generator=g).to(dt)
+        w = (1 + 0.2 * torch.randn(37, generator=g)).to(dt)
+        gate = torch.randn(3, 7, 37, generator=g).to(dt)
+        results[f"rms_norm/{dt}"] = run_pair(lambda a, b: BF.rms_norm_train(a, b, 1e-6),
+                                             lambda a, b: R.rms_norm(a, b, 1e-6), [x, w], 1, 8)
+        results[f"gated_rms_norm/{dt}"] = run_pair(lambda a, b, c: BF.gated_rms_norm_train(a, b, c, 1e-6),
+                                                   lambda a, b, c: R.gated_rms_norm(a, b, c, 1e-6),
+                                                   [x, w, gate], 1, 9)
+
+
+def mlgru_cases(results):
+    old = MS.CHUNK_T
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for name, (B, T, D), with_lb, with_h0, chunk in [
+            ("lb+state", (2, 37, 19), True, True, 64),
+            ("chunks", (2, 37, 19), True, True, 8),
+            ("plain", (3, 11, 5), False, False, 4),
+            ("T=1", (2, 1, 9), True, True, 64),
+        ]:
+            g = torch.Generator().manual_seed(31)
+            ip = torch.randn(B, T, D, generator=g).to(dt)
+            fp = torch.randn(B, T, D, generator=g).to(dt)
+            lb = torch.rand(D, generator=g) if with_lb else None
+            h0 = torch.randn(B, D, generator=g) if with_h0 else None
+            MS.CHUNK_T = chunk
+            try:
+                results[f"mlgru/{dt}/{name}"] = run_pair(
+                    lambda a, b, c, d: MS.mlgru_fused(a, b, c, d),
+                    lambda a, b, c, d: MS.mlgru_fused_ref(a, b, c, d), [ip, fp, lb, h0], 2, 12)
+                i = torch.randn(B, T, D, generator=g).to(dt)
+                f = torch.rand(B, T, D, generator=g).to(dt)
+                results[f"mlgru_scan/{dt}/{name}"] = run_pair(MS.mlgru_scan_fused, R.mlgru_scan, [i, f, h0], 2, 13)
+            finally:
+                MS.CHUNK_T = old
+
+
+def main():
+    which = sys.argv[1:] or ["bitlinear", "cache", "norm", "mlgru"]
+    results = {}
+    if "bitlinear" in which:
+        bitlinear_cases(results)
+    if "cache" in which:
+        weight_cache_case(results)
+    if "norm" in which:
+        norm_cases(results)
+    if "mlgru" in which:
+        mlgru_cases(results)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
