@@ -73,10 +73,10 @@ def mlgru_scan(i: torch.Tensor, f: torch.Tensor, state: torch.Tensor | None = No
     """
     B, T, D = i.shape
     s = torch.zeros(B, D, dtype=torch.float32, device=i.device) if state is None else state.float()
-    fi, ff = i.float(), f.float()
     out = []
-    for t in range(T):
-        s = ff[:, t] * s + fi[:, t]
+    # unbind, not indexing: the backward of T slices would otherwise allocate T full-size zero tensors
+    for f_t, i_t in zip(f.float().unbind(1), i.float().unbind(1)):
+        s = f_t * s + i_t
         out.append(s)
     return torch.stack(out, 1).to(i.dtype), s
 
@@ -105,3 +105,59 @@ def unpack_i2_ref(packed: torch.Tensor, k: int) -> torch.Tensor:
 def bitlinear_i2(x, norm_weight, packed, k: int, s_w, bias=None, eps: float = BITLINEAR_NORM_EPS):
     """Inference form reading i2-packed weights: unpack (transiently), then ``bitlinear_frozen``."""
     return bitlinear_frozen(x, norm_weight, unpack_i2_ref(packed, k), s_w, bias, eps)
+
+
+def mlgru_step_ref(i_pre, f_pre, g_pre, state, lower_bound, g_norm_weight, eps: float):
+    """One decode step of the MLGRU on (B, D) inputs: gates, recurrence (T = 1), gated RMSNorm.
+
+    Returns (o in g_pre's dtype, new fp32 state): the composition the model runs.
+    """
+    i, f = mlgru_gates(i_pre, f_pre, lower_bound)
+    _, last = mlgru_scan(i[:, None], f[:, None], state)
+    return gated_rms_norm(g_pre, g_norm_weight, last, eps), last
+
+
+_I2_DIGITS: dict = {}
+LUT_MAX_ROWS = 4  # rows (tokens) up to which bitlinear_i2_lut builds lookup tables; above, chunked unpack
+
+
+def _i2_digits(device) -> torch.Tensor:
+    """(256, 4) fp32: for each byte value, its four i2 digits as weights (code - 1)."""
+    if device not in _I2_DIGITS:
+        b = torch.arange(256, device=device)
+        _I2_DIGITS[device] = torch.stack([((b >> (2 * s)) & 3) - 1 for s in range(4)], 1).float()
+    return _I2_DIGITS[device]
+
+
+def bitlinear_i2_lut(x, norm_weight, packed, k: int, s_w, bias=None, eps: float = BITLINEAR_NORM_EPS,
+                     row_chunk: int = 2048):
+    """``bitlinear_i2`` for CPU decoding, bit-identical to it, without unpacking the weights.
+
+    For each token, a table T[j, b] = sum_s (digit_s(b) - 1) * xq[s*P + j] holds the partial dot
+    product of every possible byte b at byte column j (P x 256 entries, built with one small matmul);
+    the product is then one table lookup per packed byte, ``acc[n] = sum_j T[j, packed[n, j]]``:
+    four weights per memory access, no multiplication. Sums of integers, exact in fp32 while
+    K * 128 < 2^24 (as in ``bitlinear_frozen``). More than ``LUT_MAX_ROWS`` tokens (prefill) take
+    row chunks of the weights unpacked transiently instead.
+    """
+    xn = rms_norm(x, norm_weight, eps, torch.float32)  # as bitlinear_frozen
+    xq, s_x = activation_quant(xn)
+    lead, n, p = xq.shape[:-1], packed.shape[0], packed.shape[1]
+    xq2 = xq.reshape(-1, k)
+    m = xq2.shape[0]
+    acc = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    if m <= LUT_MAX_ROWS:
+        xs = F.pad(xq2, (0, 4 * p - k)).view(m, 4, p).transpose(1, 2)  # (M, P, 4): the 4 digits of byte j
+        table = (xs @ _i2_digits(x.device).t()).reshape(m, p * 256)  # (M, P*256)
+        offsets = torch.arange(p, dtype=torch.int32, device=x.device) * 256
+        for r in range(0, n, row_chunk):
+            idx = packed[r:r + row_chunk].to(torch.int32).add_(offsets).view(-1)
+            for i in range(m):
+                acc[i, r:r + row_chunk] = table[i].index_select(0, idx).view(-1, p).sum(1)
+    else:
+        for r in range(0, n, row_chunk):
+            acc[:, r:r + row_chunk] = F.linear(xq2, unpack_i2_ref(packed[r:r + row_chunk], k).to(torch.float32))
+    y = acc.view(*lead, n) / (s_x * s_w.float())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
