@@ -1,0 +1,82 @@
+"""`mmf train` and `mmf eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import app, print_table
+
+
+@app.command()
+def train(
+    config: Optional[str] = typer.Option(None, "--config", "-c",
+                                         help="A preset (tiny, 370m, transformer++-tiny, ...) or a TOML file. Default: tiny."),
+    data: Optional[List[str]] = typer.Option(None, "--data", "-d",
+                                             help="Text file, directory or .jsonl (repeatable). Default: the embedded corpus."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory. Default: runs/<name>-<time>."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
+                                                  help="Override a key: SECTION.KEY=VALUE (value read as TOML), repeatable."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit."),
+):
+    """Train a MatMul-free or Transformer++ model; a bare `mmf train` trains `tiny` on the embedded corpus."""
+    from mmf.train import resume_config, run_train
+    from mmf.train_config import config_to_toml, load_train_config
+
+    if print_config:
+        cfg = resume_config(out, overrides) if resume and out else load_train_config(config, overrides, data)
+        typer.echo(config_to_toml(cfg), nl=False)
+        return
+    r = run_train(config, data, out, resume, overrides or [], log=lambda s: typer.echo(s, err=True))
+    if r.checkpoint is None:
+        return
+    rows = [
+        {"metric": "steps", "value": f"{r.step}"},
+        {"metric": "training loss (last step)", "value": f"{r.losses[-1]:.4f}" if r.losses else "-"},
+        {"metric": "validation loss (nats/token)", "value": f"{r.val_loss:.4f}"},
+        {"metric": "validation perplexity", "value": f"{math.exp(min(r.val_loss, 50)):.2f}"
+         if math.isfinite(r.val_loss) else "-"},
+        {"metric": "unigram entropy of the corpus (nats/token)", "value": f"{r.unigram_entropy:.4f}"},
+        {"metric": "tokens this run", "value": f"{r.tokens:,}"},
+        {"metric": "training time (s)", "value": f"{r.seconds:.1f}"},
+        {"metric": "tokens/s", "value": f"{r.tokens_per_s:,.0f}"},
+        {"metric": "parameters", "value": f"{r.params:,}"},
+        {"metric": "checkpoint", "value": str(r.checkpoint)},
+    ]
+    print_table(rows, title="mmf train")
+    if r.interrupted:
+        typer.echo(f"Continue with: mmf train --resume --out {shlex.quote(str(r.out))}")
+        raise typer.Exit(130)
+    typer.echo(f"Loss curve: {r.out / 'loss_curve.png'}   metrics: {r.out / 'metrics.jsonl'}")
+    typer.echo("Try it:")
+    typer.echo(f"  mmf generate {shlex.quote(str(r.checkpoint))} --prompt \"Once upon a time\" --max-new-tokens 120 --seed 0")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    data: List[str] = typer.Option(..., "--data", "-d", help="Text file, directory or .jsonl (repeatable)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per scored window."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens."),
+    text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Loss (nats/token) and perplexity of a checkpoint on text."""
+    from mmf.evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(checkpoint, data, seq_len, batch_size, max_tokens, device, dtype, text_field)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    print_table([{"field": k, "value": (f"{v:.4f}" if isinstance(v, float) else v)} for k, v in r.items()],
+                title=f"mmf eval {checkpoint}")
