@@ -194,6 +194,32 @@ def test_bf16_checkpoint_matches_the_frozen_model(tmp_path):
     assert "lm_head.weight" in {x["name"] for x in manifest["tensors"]}  # tied: quantised from the embeddings
 
 
+def test_worked_example_of_the_spec(image64, tiny_mmf_ckpt):
+    """docs/fpga.md: 64 x 96 down_proj, W = 64, B = 64: 3 words per row, 21 rows per bank, 4 banks;
+    element (22, 70) is in word base + 1*64 + 1*3 + 2, bits [13:12]."""
+    manifest = json.loads((image64 / "manifest.json").read_text())
+    x = next(t for t in manifest["tensors"] if t["name"] == "model.layers.0.mlp.down_proj.weight")
+    assert (x["words_per_row"], x["rows_per_bank"], x["banks"]) == (3, 21, 4)
+    words = read_bin(image64 / "ternary.bin", 64)
+    code = (words[x["base_address"] + 64 + 3 + 2] >> 12) & 3
+    codes, _ = weight_quant(dict(iter_tensors(tiny_mmf_ckpt))[x["name"]])
+    assert code == int(codes[22, 70]) + 1
+
+
+def test_packed_checkpoint_gives_the_same_weight_image(tiny_mmf_ckpt, image64, tmp_path):
+    packing = pytest.importorskip("mmf.converters.packing", reason="packed checkpoints (mmf pack) not available")
+    for fmt_name in ("i2", "tq1"):
+        packed = tmp_path / f"packed-{fmt_name}"
+        packing.pack_checkpoint(tiny_mmf_ckpt, packed, fmt=fmt_name)
+        rep = build_image(packed, tmp_path / f"img-{fmt_name}", ImageOptions(word_bits=64, bank_words=64))
+        assert rep["manifest"]["source"]["kind"] == "packed"
+        assert (tmp_path / f"img-{fmt_name}" / "ternary.bin").read_bytes() == (image64 / "ternary.bin").read_bytes()
+        scales = {x["name"]: x["scale"] for x in rep["manifest"]["tensors"] if x["kind"] == "ternary"}
+        ref = {x["name"]: x["scale"] for x in json.loads((image64 / "manifest.json").read_text())["tensors"]
+               if x["kind"] == "ternary"}
+        assert scales == ref
+
+
 def test_manifest_addresses_cover_every_tensor_without_overlap(image64, tiny_mmf_ckpt):
     import hashlib
 
