@@ -1,0 +1,221 @@
+"""`mmf bench` on CPU with tiny shapes: fields, schema, extrapolation, does-not-fit, the static baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmf.bench import model_bench as mb
+from mmf.converters.ternary_codes import pack_i2, unpack_i2, unpack_tq1
+from mmf.generate import generate_ids
+from mmf.kernels import reference
+from mmf.llama_static import StaticLlama
+
+from conftest import small_model
+
+TINY = dict(prompt_len=3, gen_len=3, repeat=1, progress=False, bandwidth_bytes=1 << 20)
+CPU_FIGURES = {
+    "weight_bytes", "state_bytes_end", "build_s", "prefill_ms", "prefill_ms_min", "prefill_ms_max",
+    "decode_ms_per_token", "decode_ms_per_token_min", "decode_ms_per_token_max", "e2e_s", "decode_tokens_per_s",
+    "e2e_tokens_per_s", "peak_rss_bytes", "peak_rss_above_start_bytes", "peak_memory_bytes", "bytes_per_decode_token",
+    "decode_floor_ms",
+}
+
+
+# --------------------------------------------------------------------------------------- static baseline
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_static_llama_greedy_equals_eager(kv_heads):
+    model = small_model("transformer++", num_key_value_heads=kv_heads)
+    dec = StaticLlama.from_model(model).setup(batch=1, max_len=40)
+    prompt = torch.randint(3, 259, (1, 9), generator=torch.Generator().manual_seed(kv_heads))
+    got = dec.generate(prompt, 16)[0].tolist()
+    want = generate_ids(model, prompt[0].tolist(), 16, temperature=0)
+    assert got == want
+    out = model(prompt)  # prefill logits agree with the eager forward
+    dec.reset()
+    dec.prefill(prompt)
+    assert torch.allclose(dec.logits, out.logits[:, -1].float(), rtol=1e-4, atol=1e-5)
+    assert dec.cache_bytes_used() == dec.kv_bytes_per_position() * 9 > 0
+
+
+def test_static_llama_batch_rows_independent():
+    model = small_model("transformer++")
+    dec = StaticLlama.from_model(model).setup(batch=2, max_len=20)
+    prompt = torch.randint(3, 259, (2, 5), generator=torch.Generator().manual_seed(3))
+    got = dec.generate(prompt, 6)
+    for b in range(2):
+        assert got[b].tolist() == generate_ids(model, prompt[b].tolist(), 6, temperature=0)
+
+
+def test_static_llama_random_is_built_in_dtype():
+    cfg = mb.bench_configs("tiny")[1]
+    dec = StaticLlama.random(cfg, "cpu", torch.bfloat16, num_layers=2)
+    assert dec.num_layers == 2 and dec.embed.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for layer in dec.layers for t in layer.values())
+    d, m = cfg.hidden_size, cfg.ffn_size
+    assert dec.weight_bytes() == 2 * (2 * cfg.vocab_size * d + d + 2 * (2 * d + 4 * d * d + 3 * d * m))
+    dec.setup(1, 8)
+    assert dec.generate(torch.tensor([[5, 6, 7]]), 4).shape == (1, 4)
+
+
+# --------------------------------------------------------------------------------------- CPU ternary path
+@pytest.mark.parametrize("n,k,shape,dtype", [(37, 29, (1, 1, 29), torch.float32), (64, 64, (2, 3, 64), torch.bfloat16),
+                                             (100, 130, (1, 9, 130), torch.float16), (513, 256, (1, 256), torch.float32)])
+def test_bitlinear_i2_lut_equals_frozen(n, k, shape, dtype):
+    g = torch.Generator().manual_seed(n)
+    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    nw = torch.rand(k, generator=g) + 0.5
+    s_w = torch.tensor(37.3)
+    got = reference.bitlinear_i2_lut(x, nw, pack_i2(codes), k, s_w, row_chunk=50)
+    assert torch.equal(got, reference.bitlinear_frozen(x, nw, codes, s_w))
+
+
+# --------------------------------------------------------------------------------------- builders
+def test_random_packed_holds_valid_uniform_codes():
+    g = torch.Generator().manual_seed(0)
+    for k in (64, 30):  # 30: row padding goes through pack_i2
+        codes = unpack_i2(mb.random_packed(200, k, "i2", "cpu", g), k)
+        assert set(codes.unique().tolist()) == {-1, 0, 1}
+        assert abs((codes == 0).float().mean().item() - 1 / 3) < 0.03
+    codes = unpack_tq1(mb.random_packed(200, 65, "tq1", "cpu", g), 65)
+    assert set(codes.unique().tolist()) == {-1, 0, 1}
+
+
+@pytest.mark.parametrize("fmt", ["i2", "tq1"])
+def test_build_mmf_random_is_packed_final_form(fmt):
+    from mmf.models import BitLinear, FrozenBitLinear
+
+    cfg = mb.bench_configs("tiny")[0]
+    model = mb.build_mmf_random(cfg, "cpu", torch.bfloat16, fmt)
+    assert not any(isinstance(m, BitLinear) for m in model.modules())
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBitLinear)]
+    assert len(frozen) == 6 * cfg.num_hidden_layers + 1
+    g = 4 if fmt == "i2" else 5
+    for m in frozen:
+        assert m.packed.dtype == torch.uint8 and m.packed.shape == (m.out_features, -(-m.in_features // g))
+        assert m.weight_scale.dtype == torch.float32
+    big_float = [n for n, p in model.named_parameters() if p.dim() == 2 and "embeddings" not in n and
+                 "lower_bounds" not in n]
+    assert big_float == []
+    est = mb.estimate_bytes("mmf", cfg, cfg.num_hidden_layers, 2, fmt, 1, 8, 4)
+    assert est["fixed_bytes"] + cfg.num_hidden_layers * est["per_layer_bytes"] == mb._module_bytes(model)
+    out = model(torch.tensor([[5, 6, 7]]))
+    assert out.logits.shape == (1, 3, cfg.vocab_size) and torch.isfinite(out.logits).all()
+
+
+def test_mmf_runner_decodes_like_the_model():
+    """The runner's prefill + steps give the model's own greedy tokens."""
+    cfg = mb.bench_configs("tiny")[0]
+    model = mb.build_mmf_random(cfg, "cpu", torch.float32, "i2", num_layers=2)
+    prompt = torch.randint(3, 259, (1, 5), generator=torch.Generator().manual_seed(1))
+    r = mb.MMFRunner(model, "cpu").setup(1, 12)
+    r.prefill(prompt)
+    got = [int(r.tok)]
+    for _ in range(4):
+        r.step()
+        got.append(int(r.tok))
+    assert got == generate_ids(model, prompt[0].tolist(), 5, temperature=0)
+
+
+# --------------------------------------------------------------------------------------- the bench
+def _check_figures(figs: dict, expected: set):
+    assert set(figs) == expected
+    for name, f in figs.items():
+        assert set(f) == {"value", "unit", "label"}, name
+        assert isinstance(f["value"], (int, float)) and f["value"] > 0, (name, f)
+        assert f["label"], name
+
+
+def test_run_bench_tiny_every_field(tmp_path):
+    res = mb.run_bench(["tiny"], device="cpu", **TINY)
+    res = json.loads(json.dumps(res))  # JSON-serialisable as it stands
+    assert res["schema_version"] == mb.SCHEMA_VERSION
+    assert {"command", "started_utc", "finished_utc", "machine", "protocol", "copy_bandwidth", "sizes"} <= set(res)
+    for key in ("torch", "python", "cpu", "ram_total_bytes", "mmf"):
+        assert res["machine"][key]
+    assert res["protocol"]["prompt_len"] == 3 and res["protocol"]["gen_len"] == 3 and res["protocol"]["batch"] == 1
+    assert res["copy_bandwidth"]["bytes_per_s"] > 0
+    s = res["sizes"]["tiny"]
+    assert list(s["variants"]) == list(res["protocol"]["variants"])
+    assert {"mmf", "transformer++"} <= set(s["variants"])
+    for name, v in s["variants"].items():
+        assert v["status"] == "measured" and v["label"] == "measured", (name, v["label"])
+        _check_figures(v["figures"], CPU_FIGURES | ({"state_bytes_allocated"} if name == "transformer++" else set()))
+        raw = v["raw"]
+        assert raw["path"] and raw["timing"]["decode_steps"] == 2
+        assert len(raw["timing"]["decode_s_per_token"]["values"]) == 1
+    # state at the end: mmf holds L x d fp32 per sequence, the static cache the written positions
+    cfg_m, cfg_l = mb.bench_configs("tiny")
+    mmf_state = s["variants"]["mmf"]["figures"]["state_bytes_end"]["value"]
+    assert mmf_state == cfg_m.num_hidden_layers * cfg_m.hidden_size * 4
+    kv = s["variants"]["transformer++"]["figures"]["state_bytes_end"]["value"]
+    assert kv == 2 * cfg_l.num_hidden_layers * cfg_l.hidden_size * 2 * (3 + 2)  # prompt 3 + 2 decode steps
+    ratios = s["ratio_mmf_over_transformer++"]
+    assert ratios["weight_bytes"]["value"] < 0.5 and ratios["weight_bytes"]["label"] == "measured"
+    assert "lut" in s["variants"]["mmf"]["raw"]["path"]
+    rows = mb.table_rows(res)
+    assert len(rows) == len(s["variants"]) + 1 and len({tuple(r) for r in rows}) == 1
+    png = tmp_path / "b.png"
+    mb.write_plot(res, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_bench_extrapolates_when_the_model_does_not_fit():
+    cfg_m, cfg_l = mb.bench_configs("tiny")
+    est = mb.estimate_bytes("transformer++", cfg_l, 2, 2, "i2", 1, 6, 3)
+    limit = int(est["total_bytes"] / mb.MEMORY_SAFETY) + 1000  # room for 2 of the 4 layers, not 4
+    res = mb.run_bench(["tiny"], device="cpu", variants=("transformer++",), memory_limit=limit, **TINY)
+    v = res["sizes"]["tiny"]["variants"]["transformer++"]
+    assert v["status"] == "extrapolated" and v["label"] == "extrapolated from 1,2/4 layers"
+    assert set(v["partial"]) == {"1", "2"}
+    assert v["partial"]["2"]["weight_bytes"] > v["partial"]["1"]["weight_bytes"]
+    figs = v["figures"]
+    assert figs["decode_ms_per_token"]["label"] == "extrapolated from 1,2/4 layers"
+    assert figs["weight_bytes"]["label"] == "computed from shapes"
+    full = mb.estimate_bytes("transformer++", cfg_l, 4, 2, "i2", 1, 6, 3)
+    assert figs["weight_bytes"]["value"] == full["fixed_bytes"] + 4 * full["per_layer_bytes"]
+    assert figs["state_bytes_end"]["value"] == 2 * 4 * cfg_l.hidden_size * 2 * 5  # exact: linear in layers
+    assert all(f["value"] > 0 for f in figs.values())
+    assert "(x)" in mb.table_rows(res)[0]["decode ms/tok"]
+
+
+def test_run_bench_does_not_fit_says_so():
+    res = mb.run_bench(["tiny"], device="cpu", variants=("mmf", "transformer++"), memory_limit=100_000, **TINY)
+    for v in res["sizes"]["tiny"]["variants"].values():
+        assert v["status"] == "does_not_fit" and "figures" not in v
+        assert v["label"].startswith("does not fit: needs ") and "available" in v["label"]
+        assert v["memory_estimate"]["total_bytes"] > v["available_bytes"] == 100_000
+    assert res["sizes"]["tiny"]["ratio_mmf_over_transformer++"] == {}
+    rows = mb.table_rows(res)
+    assert rows[0]["status"].startswith("does not fit")
+
+
+def test_bad_arguments_are_one_line_errors():
+    from mmf.errors import MMFError
+
+    with pytest.raises(MMFError, match="unknown model size"):
+        mb.run_bench(["7b"], device="cpu")
+    with pytest.raises(MMFError, match="--gen-len"):
+        mb.run_bench(["tiny"], device="cpu", gen_len=1)
+    with pytest.raises(MMFError, match="--format"):
+        mb.run_bench(["tiny"], device="cpu", fmt="q4")
+    assert mb.resolve_sizes("all") == list(mb.BENCH_SIZES)
+    assert mb.resolve_sizes("13b,370m") == ["13b", "370m"]
+
+
+def test_cli_bench_writes_json_and_png(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmf.cli.main import app
+
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    r = CliRunner().invoke(app, ["bench", "--model", "tiny", "--device", "cpu", "--prompt-len", "2", "--gen-len", "2",
+                                 "--repeat", "1", "--no-hf", "--json", str(js), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "mmf ÷ transformer++" in r.output and "paths:" in r.output and "protocol:" in r.output
+    data = json.loads(js.read_text())
+    assert isinstance(data["command"], str) and set(data["sizes"]["tiny"]["variants"]) == {"mmf", "transformer++"}
+    assert png.stat().st_size > 0
