@@ -1,0 +1,213 @@
+"""ONNX Runtime (CPU) against the torch CPU path: decode tokens/s, prefill tokens/s, memory, file sizes.
+
+``run_onnx_bench(presets=("tiny",))`` builds, per preset, random models of both architectures,
+exports them with ``mmf export-onnx``'s library function into a temporary directory and times,
+on the CPU, batch 1:
+
+* ``torch``: the frozen torch model (plain-torch reference ops, what ``mmf generate --device cpu`` runs);
+* ``ort-packed``: the MatMul-free export with 2-bit weights, ONNX Runtime constant folding on (the
+  default: the in-graph unpacking runs once at load; uint8 codes held in memory);
+* ``ort-packed-nofold``: the same file with ``ConstantFolding`` disabled (2-bit bytes held in
+  memory, unpacked at every call);
+* ``ort-float``: the ``--weights float`` export (Transformer++: its only export).
+
+Protocol: a random prompt of ``prompt_len`` tokens (one prefill, timed), then ``gen_len`` greedy
+decode steps (timed together); one untimed warm-up, then ``repeat`` timed repetitions; medians.
+Memory: resident set size growth of this process while loading the variant (psutil; a rough
+figure: allocator caching blurs it). Sizes: bytes on disk of the export and of the checkpoint in
+fp16 (``save_checkpoint(dtype=fp16)``) and, where ``mmf pack`` is available, packed.
+
+Run as a script it prints a table and writes JSON::
+
+    python -m mmf.bench.onnx_bench --presets tiny 370m --out bench/results/onnx_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import mmf
+from mmf.config import model_preset
+from mmf.models import build_model
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _time_generation(model, prompt: torch.Tensor, gen_len: int, repeat: int) -> dict:
+    def once():
+        t0 = time.perf_counter()
+        out = model(prompt)
+        t1 = time.perf_counter()
+        tok = out.logits[:, -1].float().argmax(-1, keepdim=True)
+        toks = []
+        for _ in range(gen_len):
+            out = model(tok, out.cache)
+            tok = out.logits[:, -1].float().argmax(-1, keepdim=True)
+            toks.append(int(tok[0, 0]))
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, toks
+
+    with torch.inference_mode():
+        _, _, toks = once()  # warm-up
+        runs = [once() for _ in range(repeat)]
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    return {"prefill_s": prefill, "prefill_tokens_per_s": prompt.shape[1] / prefill, "decode_s": decode,
+            "decode_tokens_per_s": gen_len / decode, "tokens": toks}
+
+
+def _packed_checkpoint_bytes(model, work: Path):
+    """Size of the `mmf pack` checkpoint of ``model`` (i2), or None where packing is not available."""
+    try:
+        from mmf.converters import packing
+    except ImportError:
+        return None
+    fn = getattr(packing, "pack_model", None) or getattr(packing, "save_packed", None)
+    if fn is None:
+        return None
+    try:
+        out = work / "packed"
+        fn(model, out)
+        return _dir_bytes(out)
+    except Exception:  # an API mismatch with the packing module: report no figure rather than a wrong one
+        return None
+
+
+def bench_preset(preset: str, prompt_len: int, gen_len: int, repeat: int, threads: int, work: Path,
+                 archs=("mmf", "transformer++")) -> list[dict]:
+    from mmf.converters.onnx_export import export_model
+    from mmf.onnx_runtime import OnnxCausalLM
+
+    rows = []
+    for arch in archs:
+        name = preset if arch == "mmf" else f"transformer++-{preset.split('-')[-1]}"
+        cfg = model_preset(name)
+        torch.manual_seed(0)
+        model = build_model(cfg).init_weights().eval()
+        sizes = {}
+        ck = work / f"{arch}-fp16"
+        mmf.save_checkpoint(model, ck, dtype=torch.float16)
+        sizes["checkpoint_fp16_bytes"] = _dir_bytes(ck)
+        model.freeze()
+        if arch == "mmf":
+            sizes["checkpoint_packed_bytes"] = _packed_checkpoint_bytes(model, work / arch)
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(3, min(cfg.vocab_size, 259), (1, prompt_len), generator=g)
+        variants = [("torch", None, None)]
+        modes = ("packed", "float") if arch == "mmf" else ("float",)
+        for mode in modes:
+            out = work / f"{arch}-{mode}"
+            t0 = time.perf_counter()
+            manifest = export_model(model, out, weights=mode, check=False)
+            sizes[f"export_{mode}_s"] = time.perf_counter() - t0
+            sizes[f"onnx_{mode}_bytes"] = sum(manifest["file_bytes"].values())
+            sizes[f"onnx_{mode}_files"] = manifest["file_bytes"]
+            variants.append((f"ort-{mode}", out, True))
+            if mode == "packed":
+                variants.append(("ort-packed-nofold", out, False))
+        for variant, path, fold in variants:
+            gc.collect()
+            rss0 = _rss()
+            t0 = time.perf_counter()
+            runner = model if path is None else OnnxCausalLM(path, fold_constants=fold, threads=threads)
+            load_s = time.perf_counter() - t0
+            res = _time_generation(runner, prompt, gen_len, repeat)
+            rss = _rss() - rss0 if path is not None else None
+            rows.append({"preset": name, "arch": arch, "variant": variant, "load_s": load_s,
+                         "rss_growth_bytes": rss, **res})
+            del runner
+        ref = rows[-len(variants)]["tokens"]
+        for r in rows[-len(variants):]:
+            r["same_tokens_as_torch"] = r["tokens"] == ref
+            r.update({k: v for k, v in sizes.items()})
+        del model
+        gc.collect()
+    return rows
+
+
+def run_onnx_bench(presets=("tiny",), prompt_len: int = 32, gen_len: int = 64, repeat: int = 3,
+                   threads: int = 0) -> dict:
+    import onnxruntime
+
+    threads = threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mmf-onnx-bench-") as tmp:
+        for p in presets:
+            rows += bench_preset(p, prompt_len, gen_len, repeat, threads, Path(tmp) / p)
+    return {
+        "benchmark": "onnx_bench", "rows": rows,
+        "protocol": {"batch": 1, "prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat,
+                     "statistic": "median", "threads": threads, "warmup": 1, "device": "cpu"},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "loadavg_at_end": os.getloadavg()},
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "onnxruntime": onnxruntime.__version__, "mmf": mmf.__version__},
+    }
+
+
+def table_rows(result: dict) -> list[dict]:
+    out = []
+    for r in result["rows"]:
+        torch_row = next(x for x in result["rows"] if x["preset"] == r["preset"] and x["variant"] == "torch")
+        out.append({
+            "model": r["preset"], "variant": r["variant"],
+            "decode tok/s": f"{r['decode_tokens_per_s']:.1f}",
+            "vs torch": f"{r['decode_tokens_per_s'] / torch_row['decode_tokens_per_s']:.2f}x",
+            "prefill tok/s": f"{r['prefill_tokens_per_s']:.0f}",
+            "load s": f"{r['load_s']:.2f}",
+            "RSS growth MB": "-" if r["rss_growth_bytes"] is None else f"{r['rss_growth_bytes'] / 1e6:.0f}",
+            "same tokens": r["same_tokens_as_torch"],
+        })
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny"], help="MatMul-free presets (tiny, 370m, ...); "
+                    "each is run for both architectures")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0 = all cores)")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    a = ap.parse_args(argv)
+    result = run_onnx_bench(a.presets, a.prompt_len, a.gen_len, a.repeat, a.threads)
+    result["command"] = "python -m mmf.bench.onnx_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    from tabulate import tabulate
+
+    print(tabulate(table_rows(result), headers="keys"))
+    sizes = []
+    for r in result["rows"]:
+        if r["variant"] == "torch":
+            sizes.append({"model": r["preset"], **{k: f"{v:,}" for k, v in r.items()
+                                                    if k.endswith("_bytes") and k != "rss_growth_bytes" and v}})
+    print()
+    print(tabulate(sizes, headers="keys"))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
