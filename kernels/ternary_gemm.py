@@ -1,0 +1,172 @@
+"""Ternary GEMM for prefill and larger decode batches (Triton, int8 tensor cores).
+
+Same arithmetic as ``ternary_gemv.py`` (read that docstring first): i2 planar packed weights read
+directly, int8 activations, int32 accumulation, ``y = (acc - sum xq) / (s_x s_w)`` once at the
+end. Here the activations are quantised by a small pre-pass (one program per row and segment,
+the same prologue code as the GEMV), and the product runs on the tensor cores: each (BK bytes x
+BN rows) weight tile is unpacked in registers into its 4 digit planes of codes (0, 1, 2), and each
+plane meets the matching (BM x BK) slice of the planar int8 activations in ``tl.dot(int8, int8) ->
+int32`` (ternary x int8 is exact). The epilogues (residual, GLU pair) are the GEMV's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, Scratch, _epilogue,
+                           _quant_row, packed_bytes)
+
+
+@triton.jit
+def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, K, P, PW, M,
+                  PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+    m = tl.program_id(0)
+    seg = tl.program_id(1)
+    _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
+               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM)
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
+             s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS):
+    """Pre-pass: quantise the rows of x (see ``_quant_row``) into ``scratch`` for ``nseg`` segments."""
+    m = scratch.sx.shape[1]
+    k = k if k is not None else bit_norm.shape[-1]
+    dtype = dtype or x.dtype
+    nw = 16 if scratch.pw >= 2048 else (8 if scratch.pw >= 512 else 4)
+    _quant_kernel[(m, nseg)](
+        x, x.stride(0), g if g is not None else x, g.stride(0) if g is not None else 0,
+        s_in if s_in is not None else x, s_out if s_out is not None else x,
+        lower_bound if lower_bound is not None else x, norm_weight if norm_weight is not None else bit_norm,
+        bit_norm, float(eps_model), float(eps_bl), scratch.xq, scratch.sx, scratch.sumx, k, packed_bytes(k),
+        scratch.pw, m, PRO=pro, HAS_LB=lower_bound is not None, DT=_TL_DTYPES[dtype],
+        BLOCK_W=triton.next_power_of_2(scratch.pw), USE_ASM=not INTERPRET, num_warps=nw)
+    return scratch
+
+
+@triton.jit
+def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB,
+                 EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    DT: tl.constexpr = OUT.dtype.element_ty
+    # grouped ordering: neighbouring programs share weight tiles in L2
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP * num_n
+    gid = pid // per_group
+    first_m = gid * GROUP
+    gsize = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % gsize
+    pid_n = (pid % per_group) // gsize
+    if seg == 0:
+        Wp = W0
+    elif seg == 1:
+        Wp = W1
+    else:
+        Wp = W2
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    n_rows = 2 * N if EPI == 2 else N
+    acc = tl.zeros((BM, BN), tl.int32)
+    acc2 = tl.zeros((BM, BN), tl.int32)
+    xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
+    for k0 in range(0, P, BK):
+        kk = k0 + rk
+        wmask = (kk < P)[:, None] & (rn < n_rows)[None, :]
+        wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)  # (BK, BN) uint8
+        if EPI == 2:
+            wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
+        xmask = (rm < M)[:, None] & (kk < P)[None, :]
+        for s in tl.static_range(4):
+            xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
+            acc = tl.dot(xs, ((wb >> (2 * s)) & 3).to(tl.int8), acc, out_dtype=tl.int32)
+            if EPI == 2:
+                acc2 = tl.dot(xs, ((wb2 >> (2 * s)) & 3).to(tl.int8), acc2, out_dtype=tl.int32)
+    _epilogue(acc, acc2, rm, rn, seg, SX, SUMX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+
+
+def _gemm_configs(m: int):
+    """(BM, BN, BK, warps, stages) candidates by row count; the first is the interpreter's."""
+    if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
+        return [(16, 64, 32, 4, 1)]
+    if m <= 16:
+        return [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4)]
+    if m <= 64:
+        return [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (32, 64, 128, 4, 4)]
+    return [(128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 64, 128, 4, 3), (128, 256, 64, 8, 3)]
+
+
+_TUNED: dict = {}
+
+
+def _launch(cfg, a):
+    bm, bn, bk, nw, ns = cfg
+    grid = (triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn), a["nseg"])
+    _gemm_kernel[grid](a["xq8"], a["sx"], a["sumx"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
+                       a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], EPI=a["epi"], BM=bm, BN=bn, BK=bk,
+                       GROUP=8, USE_ASM=not INTERPRET, num_warps=nw, num_stages=ns)
+
+
+def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):
+    """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``."""
+    m = out.shape[0]
+    nseg = len(weights)
+    n0 = weights[0].shape[0]
+    n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
+    ws = [w if w.dtype == torch.uint8 else w.view(torch.uint8) for w in weights]
+    ws = ws + [ws[0]] * (3 - nseg)
+    a = dict(xq8=scratch.xq.view(torch.int8), sx=scratch.sx, sumx=scratch.sumx, w=ws, sw=scales, out=out,
+             res=residual if residual is not None else out, so_m=out.stride(0),
+             sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, p=packed_bytes(k),
+             pb=4 * scratch.pw, nseg=nseg, epi=epi)
+    mb = 16 if m <= 16 else (64 if m <= 64 else 128)
+    key = (mb, n, k, nseg, epi, str(out.dtype))
+    cfg = config or _TUNED.get(key)
+    if cfg is None:
+        cands = _gemm_configs(m)
+        cfg = cands[0]
+        if not INTERPRET and out.is_cuda and not torch.cuda.is_current_stream_capturing() and len(cands) > 1:
+            best_t = float("inf")
+            for c in cands:
+                try:
+                    t = triton.testing.do_bench(lambda: _launch(c, a), warmup=5, rep=20, return_mode="median")
+                except Exception:
+                    continue
+                if t < best_t:
+                    cfg, best_t = c, t
+        _TUNED[key] = cfg
+    _launch(cfg, a)
+    return out
+
+
+def bitlinear_i2(x, norm_weight, packed, k, s_w, eps=reference.BITLINEAR_NORM_EPS):
+    """Drop-in for ``reference.bitlinear_i2`` (no bias): GEMV for up to 4 rows, else pre-pass + GEMM."""
+    from .ternary_gemv import GEMV_MAX_ROWS, gemv
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], packed.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    sw = s_w.reshape(1).float()
+    bn = norm_weight.reshape(1, k)
+    if m == 0:
+        return out.reshape(*shape[:-1], n)
+    scratch = Scratch(1, m, k, x.device)
+    if m <= GEMV_MAX_ROWS:
+        gemv(x2, [packed], sw, bn, out, k=k, eps_bl=eps, scratch=scratch)
+    else:
+        quantize(x2, bn, scratch, k=k, eps_bl=eps)
+        gemm(scratch, [packed], sw, out, k=k)
+    return out.reshape(*shape[:-1], n)

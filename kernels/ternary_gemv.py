@@ -1,0 +1,362 @@
+"""Ternary GEMV for decoding (Triton): i2-packed weights x int8 activations, int32 accumulation.
+
+``y = (xq @ codes^T) / (s_x * s_w)`` for a few rows (batch 1-4), reading the i2 planar bytes of
+``converters/ternary_codes.py`` directly (element (n, k) is bits ``2*(k // P)`` of byte
+``packed[n, k % P]``, ``P = ceil(K / 4)``, code = w + 1). Weights are never unpacked to memory.
+
+How it works. A 32-bit word of 4 packed bytes holds 16 weights: for digit s, ``(word >> 2s) &
+0x03030303`` gives the codes (0, 1, 2) of the 4 consecutive columns ``s*P + 4w .. s*P + 4w + 3``,
+one per byte. The prologue writes the quantised activations in the same planar order, 4 int8 to a
+word, so one ``dp4a`` (4-way int8 dot product into int32) per digit and word does 4 multiply-adds:
+about half an integer instruction per weight, far below the memory time. Codes are w + 1, so the
+kernel subtracts ``sum(xq)`` once per row at the end: ``sum((c - 1) x) = sum(c x) - sum(x)``;
+padding positions hold code 1 and activation 0 and add nothing.
+
+Prologue (fused; ``PRO``), computed redundantly by every program (the row is small and sits in L2;
+the first weight tile is loaded before it, so the weight stream starts at once):
+
+* ``PRO_PLAIN``  v = x
+* ``PRO_NORM``   v = rmsnorm(x) * nw, rounded to the model dtype (the block's attn/mlp norm)
+* ``PRO_GATED``  v = rmsnorm(g) * gw * silu(s), rounded (MLGRU output; s given in fp32)
+* ``PRO_MLGRU``  the whole MLGRU step: f = lb + (1 - lb) sigmoid(f_pre), i = silu(i_pre)(1 - f),
+  s = f s_prev + i (written once, to a separate buffer), v = rmsnorm(g) * gw * silu(s), rounded
+
+then the BitLinear part, in fp32: ``xn = rmsnorm(v) * bw``, ``s_x = 127 / max(max|xn|, 1e-5)``,
+``xq = clamp(round_half_even(xn s_x), -128, 127)``. Several weight segments (``NSEG`` = 3 for the
+i, f, g projections, which share their input but not their norm weights) run in one launch.
+
+Epilogue (``EPI``): store ``y``; add a residual (``y`` rounded to the dtype, then added, as torch
+does); or the GLU pair: the program computes rows n and n + N of the gate projection and stores
+``silu(gate) * up`` (both rounded as torch rounds them), so the ``2m`` outputs never reach memory.
+
+``ternary_gemm.py`` holds the tensor-core (int8 ``tl.dot``) form for more rows and for prefill,
+and the stand-alone pre-pass (same prologue) that feeds it. The reference is
+``kernels.reference.bitlinear_i2`` (and the compositions named in ``mmf.decode_graph``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not INTERPRET:  # libdevice is not available to the interpreter
+    from triton.language.extra import libdevice
+else:  # pragma: no cover - only the interpreter path
+    libdevice = None
+
+PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
+EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
+GEMV_MAX_ROWS = 4  # above this, the tensor-core GEMM wins (dp4a work grows with the rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rint(x, USE_ASM: tl.constexpr):
+    """Round half to even (torch.round), fp32."""
+    if USE_ASM:
+        r = libdevice.rint(x)
+    else:
+        r = (x + 12582912.0) - 12582912.0  # exact for |x| < 2^22 (the interpreter does no FMA)
+    return r
+
+
+@triton.jit
+def _to(x, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp32 -> DT, round to nearest even (the interpreter truncates to bf16: round it here)."""
+    if DT == tl.bfloat16 and not USE_ASM:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
+@triton.jit
+def _silu(x):
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum_i a.u8[i] * b.s8[i] over the 4 bytes of int32 words."""
+    if USE_ASM:
+        r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for i in tl.static_range(4):
+            r += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return r
+
+
+@triton.jit
+def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
+               eps_model, eps_bl, WRITE_STATE,
+               PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
+               USE_ASM: tl.constexpr):
+    """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX.
+
+    The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
+    X/G hold the pre-activations with row stride sxm/sgm. For PRO_MLGRU, X points at
+    [i_pre | f_pre | g_pre] (three blocks of K columns) and G is unused.
+    """
+    s_i = tl.arange(0, 4)[:, None, None]
+    w_i = tl.arange(0, BLOCK_W)[None, :, None]
+    b_i = tl.arange(0, 4)[None, None, :]
+    j = 4 * w_i + b_i
+    k = s_i * P + j
+    valid = (j < P) & (k < K)
+    if PRO == 3:  # PRO_MLGRU
+        xrow = X + m * sxm
+        ip = tl.load(xrow + k, mask=valid, other=0.0).to(tl.float32)
+        fp = tl.load(xrow + K + k, mask=valid, other=0.0).to(tl.float32)
+        gp = tl.load(xrow + 2 * K + k, mask=valid, other=0.0).to(tl.float32)
+        f = tl.sigmoid(fp)
+        if HAS_LB:
+            lb = tl.load(LB + k, mask=valid, other=0.0)
+            f = lb + (1.0 - lb) * f
+        i = _silu(ip) * (1.0 - f)
+        s = f * tl.load(S_IN + m * K + k, mask=valid, other=0.0) + i
+        if WRITE_STATE:
+            tl.store(S_OUT + m * K + k, s, mask=valid)
+        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0) / K + eps_model)
+        gw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+        v = _to(gp * r * gw * _silu(s), DT, USE_ASM).to(tl.float32)
+    elif PRO == 2:  # PRO_GATED
+        gp = tl.load(G + m * sgm + k, mask=valid, other=0.0).to(tl.float32)
+        s = tl.load(S_IN + m * K + k, mask=valid, other=0.0)
+        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0) / K + eps_model)
+        gw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+        v = _to(gp * r * gw * _silu(s), DT, USE_ASM).to(tl.float32)
+    elif PRO == 1:  # PRO_NORM
+        x = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(x * x, 2), 1), 0) / K + eps_model)
+        nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+        v = _to(x * r * nw, DT, USE_ASM).to(tl.float32)
+    else:
+        v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
+    # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
+    r2 = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(v * v, 2), 1), 0) / K + eps_bl)
+    bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
+    xn = v * r2 * bw
+    amax = tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0)
+    sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
+    q = tl.minimum(tl.maximum(_rint(xn * sx, USE_ASM), -128.0), 127.0).to(tl.int32)
+    q = tl.where(valid, q, 0)
+    word = tl.sum((q & 0xFF) << (8 * b_i), 2)  # (4, BLOCK_W): the 4 bytes of each word
+    s2 = tl.arange(0, 4)[:, None]
+    w2 = tl.arange(0, BLOCK_W)[None, :]
+    tl.store(XQ + ((seg * M + m) * 4 + s2) * PW + w2, word, mask=w2 < PW)
+    tl.store(SX + seg * M + m, sx)
+    tl.store(SUMX + seg * M + m, tl.sum(tl.sum(tl.sum(q, 2), 1), 0))
+
+
+@triton.jit
+def _epilogue(dot, dot2, rows_m, rows_n, seg, SX, SUMX, SW, OUT, RES, M, N, so_m, sr_m,
+              EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """dot (BM, BN) int32 sums of c*x -> y = (dot - sum x) / (s_x s_w), then the epilogue."""
+    mmask = rows_m < M
+    sumx = tl.load(SUMX + seg * M + rows_m, mask=mmask, other=0)
+    sx = tl.load(SX + seg * M + rows_m, mask=mmask, other=1.0)
+    sw = tl.load(SW + seg)
+    den = (sx * sw)[:, None]
+    y = tl.math.div_rn((dot - sumx[:, None]).to(tl.float32), den)
+    omask = mmask[:, None] & (rows_n < N)[None, :]
+    if EPI == 2:  # GLU pair: silu(gate) * up, rounded like torch
+        gate = _to(y, DT, USE_ASM).to(tl.float32)
+        up = _to(tl.math.div_rn((dot2 - sumx[:, None]).to(tl.float32), den), DT, USE_ASM).to(tl.float32)
+        out = _to(_to(_silu(gate), DT, USE_ASM).to(tl.float32) * up, DT, USE_ASM)
+        tl.store(OUT + rows_m[:, None] * so_m + rows_n[None, :], out, mask=omask)
+    else:
+        col = seg * N + rows_n
+        if EPI == 1:
+            res = tl.load(RES + rows_m[:, None] * sr_m + col[None, :], mask=omask, other=0.0)
+            out = _to(_to(y, DT, USE_ASM).to(tl.float32) + res.to(tl.float32), DT, USE_ASM)
+        else:
+            out = _to(y, DT, USE_ASM)
+        tl.store(OUT + rows_m[:, None] * so_m + col[None, :], out, mask=omask)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GEMV kernel
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_words(Wp, rows, ww, P, PW, N_ROWS, BYTE_W: tl.constexpr):
+    """(BN, BW) int32 words of packed rows (4 bytes each); bytes past P read as 0."""
+    rmask = (rows < N_ROWS)[:, None]
+    if BYTE_W:  # P % 4 != 0: rows are not word-aligned, assemble words from bytes
+        base = Wp + rows[:, None] * P + 4 * ww[None, :]
+        c = tl.zeros_like(rows[:, None] + ww[None, :])
+        for b in tl.static_range(4):
+            m = rmask & ((4 * ww + b) < P)[None, :]
+            c |= tl.load(base + b, mask=m, other=0).to(tl.int32) << (8 * b)
+    else:
+        c = tl.load(Wp + rows[:, None] * PW + ww[None, :], mask=rmask & (ww < PW)[None, :], other=0)
+    return c
+
+
+@triton.jit
+def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
+                 XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m,
+                 M, N, K, P, PW,
+                 PRO: tl.constexpr, EPI: tl.constexpr, HAS_LB: tl.constexpr, BYTE_W: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, BLOCK_W: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    DT: tl.constexpr = OUT.dtype.element_ty
+    if seg == 0:
+        Wp = W0
+    elif seg == 1:
+        Wp = W1
+    else:
+        Wp = W2
+    rows = pid * BN + tl.arange(0, BN)
+    wofs = tl.arange(0, BW)
+    n_rows = 2 * N if EPI == 2 else N
+    # first weight tile in flight before the prologue
+    c = _load_words(Wp, rows, wofs, P, PW, n_rows, BYTE_W)
+    if EPI == 2:
+        c2 = _load_words(Wp, rows + N, wofs, P, PW, n_rows, BYTE_W)
+    # prologue: every program quantises the (few) rows itself
+    for m in range(M):
+        _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
+                   eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM)
+    tl.debug_barrier()
+    rm = tl.arange(0, BM)
+    xbase = XQ + ((seg * M + rm[:, None]) * 4) * PW
+    acc = tl.zeros((BM, BN, BW), tl.int32)
+    acc2 = tl.zeros((BM, BN, BW), tl.int32)
+    for w0 in range(0, PW, BW):
+        ww = w0 + wofs
+        # next tile in flight while this one is used (masked past PW: no traffic)
+        c_next = _load_words(Wp, rows, ww + BW, P, PW, n_rows, BYTE_W)
+        if EPI == 2:
+            c2_next = _load_words(Wp, rows + N, ww + BW, P, PW, n_rows, BYTE_W)
+        xm = (rm[:, None] < M) & (ww < PW)[None, :]
+        for s in tl.static_range(4):
+            xs = tl.load(xbase + s * PW + ww[None, :], mask=xm, other=0)[:, None, :]
+            acc = _dp4a(((c >> (2 * s)) & 0x03030303)[None, :, :], xs, acc, USE_ASM)
+            if EPI == 2:
+                acc2 = _dp4a(((c2 >> (2 * s)) & 0x03030303)[None, :, :], xs, acc2, USE_ASM)
+        c = c_next
+        if EPI == 2:
+            c2 = c2_next
+    _epilogue(tl.sum(acc, 2), tl.sum(acc2, 2), rm, rows, seg, SX, SUMX, SW, OUT, RES, M, N, so_m, sr_m,
+              EPI, DT, USE_ASM)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def words_per_row(k: int) -> int:
+    return -(-packed_bytes(k) // 4)
+
+
+def packed_bytes(k: int) -> int:
+    return -(-k // 4)
+
+
+def weight_operand(packed: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels read: an int32 view of the packed bytes when rows are word aligned."""
+    if packed.shape[1] % 4 == 0 and packed.is_contiguous():
+        return packed.view(torch.int32)
+    return packed
+
+
+class Scratch:
+    """Quantised activations (NSEG, M, 4, PW) int32 words + s_x (NSEG, M) + sum(xq) (NSEG, M)."""
+
+    def __init__(self, nseg: int, m: int, k: int, device):
+        self.pw = words_per_row(k)
+        self.xq = torch.zeros(nseg, m, 4, self.pw, dtype=torch.int32, device=device)
+        self.sx = torch.ones(nseg, m, dtype=torch.float32, device=device)
+        self.sumx = torch.zeros(nseg, m, dtype=torch.int32, device=device)
+
+
+_GEMV_CONFIGS = {  # rows -> (BN, BW, num_warps) candidates; the first is the interpreter's choice
+    1: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (8, 128, 4)],
+    2: [(16, 64, 4), (32, 64, 8), (16, 128, 8), (8, 128, 4)],
+    4: [(16, 64, 8), (8, 64, 4), (16, 32, 4), (8, 128, 8)],
+}
+_TUNED: dict = {}
+
+
+def _bm(m: int) -> int:
+    return 1 if m == 1 else (2 if m == 2 else 4)
+
+
+def _launch_gemv(cfg, a):
+    bn, bw, nw = cfg
+    grid = (triton.cdiv(a["n"], bn), a["nseg"])
+    _gemv_kernel[grid](
+        a["x"], a["sxm"], a["g"], a["sgm"], a["s_in"], a["s_out"], a["lb"], a["nw"], a["bwn"],
+        a["eps_model"], a["eps_bl"], a["scratch"].xq, a["scratch"].sx, a["scratch"].sumx,
+        a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"], a["so_m"], a["sr_m"],
+        a["m"], a["n"], a["k"], a["p"], a["scratch"].pw,
+        PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BYTE_W=a["byte_w"], BM=_bm(a["m"]), BN=bn, BW=bw,
+        BLOCK_W=triton.next_power_of_2(a["scratch"].pw), USE_ASM=not INTERPRET, num_warps=nw)
+
+
+def _tune(key, a):
+    """Pick the fastest config once per shape (GPU only; tuning runs are side-effect free)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    cands = _GEMV_CONFIGS[_bm(a["m"])]
+    if INTERPRET or not a["out"].is_cuda or torch.cuda.is_current_stream_capturing():
+        _TUNED[key] = cands[0]
+        return cands[0]
+    best, best_t = cands[0], float("inf")
+    for cfg in cands:
+        try:
+            t = triton.testing.do_bench(lambda: _launch_gemv(cfg, a), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config that does not fit (registers, shared memory) is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    _TUNED[key] = best
+    return best
+
+
+def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=None, n=None,
+         norm_weight=None, g=None, s_in=None, s_out=None, lower_bound=None, residual=None,
+         eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS, scratch=None, config=None):
+    """Launch the fused GEMV: ``out`` (M, NSEG*N) or (M, N) for the GLU pair.
+
+    ``weights``: list of 1-3 packed tensors (N, P) uint8 (or their int32 views), one per segment;
+    ``scales``: fp32 (NSEG,) s_w; ``bit_norm``: (NSEG, K) BitLinear norm weights.
+    ``x``: (M, K) input (for PRO_MLGRU, (M, 3K) = [i_pre | f_pre | g_pre]); ``g``/``s_in`` the
+    gated-norm inputs; ``norm_weight`` the block norm (PRO_NORM) or g_norm (PRO_GATED/PRO_MLGRU).
+    """
+    m = out.shape[0]
+    nseg = len(weights)
+    k = k if k is not None else bit_norm.shape[-1]
+    p = packed_bytes(k)
+    n0 = weights[0].shape[0]
+    n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
+    assert m <= GEMV_MAX_ROWS, "gemv handles at most 4 rows; use ternary_gemm"
+    ws = [weight_operand(w) for w in weights]
+    byte_w = ws[0].dtype != torch.int32
+    ws = ws + [ws[0]] * (3 - nseg)
+    scratch = scratch if scratch is not None else Scratch(nseg, m, k, x.device)
+    dummy = out
+    a = dict(x=x, sxm=x.stride(0), g=g if g is not None else dummy, sgm=g.stride(0) if g is not None else 0,
+             s_in=s_in if s_in is not None else dummy, s_out=s_out if s_out is not None else dummy,
+             lb=lower_bound if lower_bound is not None else dummy, nw=norm_weight if norm_weight is not None else bit_norm,
+             bwn=bit_norm, eps_model=float(eps_model), eps_bl=float(eps_bl), scratch=scratch, w=ws, sw=scales,
+             out=out, res=residual if residual is not None else dummy, so_m=out.stride(0),
+             sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, k=k, p=p, nseg=nseg, pro=pro,
+             epi=epi, has_lb=lower_bound is not None, byte_w=byte_w)
+    key = ("gemv", m, n, k, nseg, pro, epi, byte_w, str(out.dtype))
+    if INTERPRET and config is None:  # few, large programs: the interpreter pays per operation
+        config = (min(triton.next_power_of_2(n), 32), min(triton.next_power_of_2(scratch.pw), 64), 4)
+    cfg = config or _tune(key, a)
+    _launch_gemv(cfg, a)
+    return out

@@ -1,0 +1,263 @@
+"""Fast decoding of a frozen MatMul-free model: fused Triton kernels, the whole step in one CUDA graph.
+
+Usage::
+
+    from mmf.decode_graph import GraphDecoder
+
+    model = mmf.load_model(path, device="cuda", dtype=torch.float16, frozen=True)  # or model.freeze()
+    dec = GraphDecoder(model, batch=1)          # packs int8 codes to i2 once if needed; captures the graph
+    logits = dec.prefill(prompt_ids)            # (batch, T) int64 -> (batch, vocab): last position's logits
+    for _ in range(n):
+        next_ids = logits.argmax(-1)            # (batch,)
+        logits = dec.step(next_ids)             # one token for every row: a single CUDA-graph replay
+    ids = dec.generate(prompt_ids, max_new_tokens=64)   # greedy, (batch, T + 64)
+
+``step`` returns a static buffer that the next ``step`` overwrites (``.clone()`` it to keep it).
+``prefill`` starts a fresh sequence (``reset=False`` continues the current state); ``reset()``
+zeroes the recurrent state. The decoder gives the same tokens as the eager model
+(``model(ids, cache)``): same arithmetic, the integer products exact, fp32 state.
+
+What runs per layer and token (batch <= 4): four GEMV launches, each with its neighbours fused in
+(see ``mmf.kernels.ternary_gemv``):
+
+1. i/f/g projections in one launch, prologue = attn RMSNorm + three BitLinear quantisations;
+2. o projection, prologue = the whole MLGRU step (gates, lower bound, recurrence, gated RMSNorm)
+   + quantisation, epilogue = residual add;
+3. gate/up projection, prologue = mlp RMSNorm + quantisation, epilogue = ``silu(gate) * up``;
+4. down projection, prologue = quantisation, epilogue = residual add;
+
+then the LM head (final norm in its prologue). For batch 5-16 and for prefill, each projection is
+a small pre-pass (same prologues) plus the int8 tensor-core GEMM of ``ternary_gemm``; prefill runs
+the recurrence as a chunked scan (``mlgru_step.mlgru_gated_scan``).
+
+Needs a CUDA device (or ``TRITON_INTERPRET=1`` for CPU tests, without the graph).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmf.errors import MMFError
+
+__all__ = ["GraphDecoder"]
+
+
+class _Lin:
+    """One BitLinear's packed weights (N, ceil(K/4)) uint8, s_w and norm weight."""
+
+    def __init__(self, mod, device):
+        from mmf.converters.ternary_codes import pack_i2
+        from mmf.models.hgrn_bit import FrozenBitLinear
+
+        if not isinstance(mod, FrozenBitLinear):
+            raise MMFError("GraphDecoder needs a frozen model: call model.freeze() or load with frozen=True")
+        if mod.bias is not None:
+            raise MMFError("GraphDecoder does not support BitLinear biases (the released models have none)")
+        packed = mod.packed if mod.packed is not None else pack_i2(mod.codes)
+        self.packed = packed.to(device).contiguous()
+        self.k, self.n = mod.in_features, mod.out_features
+        self.scale = mod.weight_scale.detach().float().reshape(1).to(device)
+        self.norm = mod.norm.weight.detach().to(device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+
+class GraphDecoder:
+    """Greedy/step decoding of a frozen ``HGRNBitForCausalLM`` for a fixed batch size (see module doc)."""
+
+    def __init__(self, model, batch: int, use_graph: bool | None = None):
+        from mmf.kernels import ternary_gemv as tv
+
+        cfg = model.config
+        if getattr(model, "arch", None) != "mmf":
+            raise MMFError("GraphDecoder runs MatMul-free (hgrn_bit) models only")
+        if not 1 <= batch <= 16:
+            raise MMFError(f"GraphDecoder batch must be 1..16 (got {batch})")
+        emb = model.model.embeddings.weight
+        self.device = emb.device
+        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if self.device.type != "cuda" and not interp:
+            raise MMFError("GraphDecoder needs the model on a CUDA device (model.to('cuda'))")
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        self.cfg, self.batch, self.dtype = cfg, batch, emb.dtype
+        d, L, m, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.ffn_size, cfg.vocab_size
+        self.d, self.L, self.m, self.V = d, L, m, V
+        self.emb = emb.detach()
+        lbs = model.model.layer_lower_bounds()
+        self.layers = []
+        with torch.no_grad():
+            for layer, lb in zip(model.model.layers, lbs):
+                a, p = layer.attn, layer.mlp
+                i, f, g, o = (_Lin(x, self.device) for x in (a.i_proj, a.f_proj, a.g_proj, a.o_proj))
+                gu, dn = _Lin(p.gate_proj, self.device), _Lin(p.down_proj, self.device)
+                self.layers.append(dict(
+                    attn_norm=layer.attn_norm.weight.detach(), eps_attn=layer.attn_norm.eps,
+                    ifg=[i.packed, f.packed, g.packed], ifg_scale=torch.cat([i.scale, f.scale, g.scale]),
+                    ifg_norm=torch.stack([i.norm, f.norm, g.norm]), o=o, g_norm=a.g_norm.weight.detach(),
+                    eps_g=a.g_norm.eps, mlp_norm=layer.mlp_norm.weight.detach(), eps_mlp=layer.mlp_norm.eps,
+                    gu=gu, down=dn, lb=None if lb is None else lb.detach().float().contiguous(),
+                    bytes=sum(x.nbytes for x in (i, f, g, o, gu, dn))))
+            self.final_norm, self.eps_final = model.model.norm.weight.detach(), model.model.norm.eps
+            self.head = _Lin(model.lm_head, self.device)
+        B, dev, dt = batch, self.device, self.dtype
+        self.gemv_path = B <= tv.GEMV_MAX_ROWS
+        self.state = torch.zeros(L, B, d, dtype=torch.float32, device=dev)
+        self.state_next = torch.zeros_like(self.state)
+        self.ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self.x = torch.zeros(B, d, dtype=dt, device=dev)
+        self.r = torch.zeros(B, d, dtype=dt, device=dev)
+        self.ifg = torch.zeros(B, 3 * d, dtype=dt, device=dev)
+        self.v = torch.zeros(B, m, dtype=dt, device=dev)
+        self.logits = torch.zeros(B, V, dtype=dt, device=dev)
+        self.sc_d = tv.Scratch(3, B, d, dev)
+        self.sc_m = tv.Scratch(1, B, m, dev)
+        self.graph = None
+        if self.use_graph:
+            self._capture()
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        """Packed ternary bytes read per token (all projections and the LM head)."""
+        return sum(ly["bytes"] for ly in self.layers) + self.head.nbytes
+
+    def bytes_per_token(self) -> int:
+        """The fewest bytes one decode step must move: packed weights, norm weights, lower bounds,
+        the embedding rows, the fp32 state read and written, the logits written."""
+        norms = sum(t.numel() * t.element_size() for ly in self.layers
+                    for t in (ly["attn_norm"], ly["ifg_norm"], ly["o"].norm, ly["g_norm"], ly["mlp_norm"],
+                              ly["gu"].norm, ly["down"].norm) + ((ly["lb"],) if ly["lb"] is not None else ()))
+        norms += self.final_norm.numel() * self.final_norm.element_size() + self.head.norm.numel() * 2
+        B, es = self.batch, self.emb.element_size()
+        return self.weight_bytes + norms + B * self.d * es + 2 * self.state.numel() * 4 + B * self.V * es
+
+    def reset(self) -> None:
+        self.state.zero_()
+
+    # ------------------------------------------------------------------------------------------
+    def _step_body(self) -> None:
+        from mmf.kernels import ternary_gemm as tg
+        from mmf.kernels import ternary_gemv as tv
+
+        torch.index_select(self.emb, 0, self.ids, out=self.x)
+        d = self.d
+        for l, ly in enumerate(self.layers):
+            o, gu, dn = ly["o"], ly["gu"], ly["down"]
+            if self.gemv_path:
+                tv.gemv(self.x, ly["ifg"], ly["ifg_scale"], ly["ifg_norm"], self.ifg, pro=tv.PRO_NORM,
+                        norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], scratch=self.sc_d)
+                tv.gemv(self.ifg, [o.packed], o.scale, o.norm[None], self.r, pro=tv.PRO_MLGRU, k=d,
+                        norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
+                        s_out=self.state_next[l], lower_bound=ly["lb"], residual=self.x, epi=tv.EPI_RESIDUAL,
+                        scratch=self.sc_d)
+                tv.gemv(self.r, [gu.packed], gu.scale, gu.norm[None], self.v, pro=tv.PRO_NORM,
+                        norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], epi=tv.EPI_GLU, scratch=self.sc_d)
+                tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
+                        epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m)
+            else:
+                tg.quantize(self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM, norm_weight=ly["attn_norm"],
+                            eps_model=ly["eps_attn"])
+                tg.gemm(self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d)
+                tg.quantize(self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d, dtype=self.dtype,
+                            norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
+                            s_out=self.state_next[l], lower_bound=ly["lb"])
+                tg.gemm(self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x)
+                tg.quantize(self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
+                            eps_model=ly["eps_mlp"])
+                tg.gemm(self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU)
+                tg.quantize(self.v, dn.norm[None], self.sc_m, k=self.m)
+                tg.gemm(self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL, residual=self.r)
+        h = self.head
+        if self.gemv_path:
+            tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
+                    norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d)
+        else:
+            tg.quantize(self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=self.final_norm,
+                        eps_model=self.eps_final)
+            tg.gemm(self.sc_d, [h.packed], h.scale, self.logits, k=d)
+        self.state.copy_(self.state_next)
+
+    def _capture(self) -> None:
+        saved = self.state.clone()
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):  # compile, tune and warm every kernel outside the capture
+                self._step_body()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step_body()
+        self.state.copy_(saved)
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``(batch,)`` ids); returns the (batch, vocab) logits (static buffer)."""
+        token_ids = token_ids.reshape(-1)
+        if token_ids.numel() != self.batch:
+            raise MMFError(f"step expects {self.batch} token ids (one per row), got {token_ids.numel()}")
+        self.ids.copy_(token_ids)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step_body()
+        return self.logits
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, reset: bool = True) -> torch.Tensor:
+        """Run a (batch, T) prompt through the model; returns the last position's (batch, vocab) logits."""
+        from mmf.kernels import ternary_gemm as tg
+        from mmf.kernels import ternary_gemv as tv
+        from mmf.kernels.mlgru_step import mlgru_gated_scan
+
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch or input_ids.shape[1] < 1:
+            raise MMFError(f"prefill expects ids of shape ({self.batch}, T >= 1), got {tuple(input_ids.shape)}")
+        if reset:
+            self.reset()
+        B, T = input_ids.shape
+        M, d, dev, dt = B * T, self.d, self.device, self.dtype
+        x = self.emb[input_ids.to(dev).reshape(-1)]
+        r = torch.empty_like(x)
+        ifg = torch.empty(M, 3 * d, dtype=dt, device=dev)
+        v = torch.empty(M, self.m, dtype=dt, device=dev)
+        sc_d, sc_m = tv.Scratch(3, M, d, dev), tv.Scratch(1, M, self.m, dev)
+        for l, ly in enumerate(self.layers):
+            o, gu, dn = ly["o"], ly["gu"], ly["down"]
+            tg.quantize(x, ly["ifg_norm"], sc_d, nseg=3, pro=tv.PRO_NORM, norm_weight=ly["attn_norm"],
+                        eps_model=ly["eps_attn"])
+            tg.gemm(sc_d, ly["ifg"], ly["ifg_scale"], ifg, k=d)
+            f3 = ifg.view(B, T, 3 * d)
+            S, last = mlgru_gated_scan(f3[..., :d], f3[..., d:2 * d], ly["lb"], self.state[l])
+            self.state[l].copy_(last)
+            tg.quantize(x, o.norm[None], sc_d, pro=tv.PRO_GATED, k=d, dtype=dt, g=ifg[:, 2 * d:],
+                        s_in=S.view(M, d), norm_weight=ly["g_norm"], eps_model=ly["eps_g"])
+            tg.gemm(sc_d, [o.packed], o.scale, r, k=d, epi=tv.EPI_RESIDUAL, residual=x)
+            tg.quantize(r, gu.norm[None], sc_d, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"])
+            tg.gemm(sc_d, [gu.packed], gu.scale, v, k=d, epi=tv.EPI_GLU)
+            tg.quantize(v, dn.norm[None], sc_m, k=self.m)
+            x_new = torch.empty_like(x)
+            tg.gemm(sc_m, [dn.packed], dn.scale, x_new, k=self.m, epi=tv.EPI_RESIDUAL, residual=r)
+            x = x_new
+        xl = x.view(B, T, d)[:, -1].contiguous()
+        logits = torch.empty(B, self.V, dtype=dt, device=dev)
+        h = self.head
+        sc = tv.Scratch(1, B, d, dev)
+        tg.quantize(xl, h.norm[None], sc, pro=tv.PRO_NORM, norm_weight=self.final_norm, eps_model=self.eps_final)
+        tg.gemm(sc, [h.packed], h.scale, logits, k=d)
+        return logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: (batch, T) prompt -> (batch, T + max_new_tokens) ids."""
+        logits = self.prefill(input_ids)
+        out = [input_ids.to(self.device)]
+        for t in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            out.append(nxt[:, None].clone())
+            if t + 1 < max_new_tokens:
+                logits = self.step(nxt)
+        return torch.cat(out, 1)
