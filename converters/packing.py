@@ -1,0 +1,1019 @@
+"""Packed ternary checkpoints: ``mmf pack`` / ``unpack`` / ``inspect`` and the packed-model loader.
+
+The file format is specified byte by byte in docs/formats.md; the names below are that spec's
+constants, and every reader check below is one sentence of it. In short: a packed checkpoint is
+an ordinary checkpoint directory whose ``model.safetensors`` (or shards) holds, for every BitLinear
+``X`` of the MatMul-free model,
+
+* ``X.weight``        U8, shape (N, ceil(K / G)): the ternary codes in the planar ``i2`` (G = 4) or
+  ``tq1`` (G = 5) layout of ``mmf.converters.ternary_codes``;
+* ``X.weight_scale``  F32, shape (): s_w of reference-semantics.md (w ~= code / s_w);
+
+and every other tensor (embeddings, norms, lower bounds) as F16/BF16/F32 (``--keep-dtype``). The
+header ``__metadata__`` names the format and version and describes each packed tensor (logical
+shape, format, scale, code counts), so the file is self-describing.
+
+Everything streams: one tensor is read (plain ``readinto``, no mmap), quantised and written before
+the next is read, so peak memory is set by the largest tensor, not by the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from mmf.checkpoint import (CONFIG_FILE, DEFAULT_SHARD_BYTES, IGNORED_KEY_SUFFIXES, INDEX_FILE, WEIGHTS_FILE,
+                            atomic_directory, load_config, parse_dtype)
+from mmf.errors import CheckpointError, MMFError
+from mmf.kernels.reference import WEIGHT_CLAMP_MIN
+
+from .safetensors_io import ST_DTYPES, ST_SIZES, SafetensorsReader, SafetensorsWriter, read_header
+from .ternary_codes import GROUP, pack_i2, packed_row_bytes, unpack_i2, unpack_tq1
+
+# ---- format constants (docs/formats.md section 2) -------------------------------------------------
+FORMAT_KEY = "mmf.packed_format"          # "i2" | "tq1"; its presence marks a packed file (checkpoint.is_packed)
+VERSION_KEY = "mmf.packed_version"        # "1"
+KEEP_DTYPE_KEY = "mmf.keep_dtype"         # "F16" | "BF16" | "F32": dtype of the tensors left unpacked
+TENSOR_KEY_PREFIX = "mmf.tensor."         # + "<module>.weight" -> JSON {"format","shape","scale","counts"}
+SCALE_SUFFIX = "_scale"                   # "<module>.weight" + "_scale" = "<module>.weight_scale"
+FORMAT_VERSION = "1"
+FORMATS = ("i2", "tq1")
+BASE_CODE_BYTE = {"i2": 0x55, "tq1": 121}  # a byte whose every digit is code 1 (weight 0)
+DIGIT_WEIGHT = {"i2": (1, 4, 16, 64), "tq1": (1, 3, 9, 27, 81)}
+MAX_BYTE = {"i2": 0xAA, "tq1": 242}
+KEEP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+QUANT_CONFIG_KEY = "quantization_config"   # config.json entry of a packed checkpoint (HF convention)
+QUANT_METHOD = "mmf_ternary"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "mmf_tokenizer.json", "generation_config.json", "vocab.json", "merges.txt")
+CHUNK_ELEMENTS = 1 << 18                   # rows per step of the quantiser: about 256 Ki weights
+
+_SIGN_BIT = {torch.int16: -(1 << 15), torch.int32: -(1 << 31)}
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+_MAX_FINITE_BITS = {torch.float16: 0x7BFF, torch.bfloat16: 0x7F7F, torch.float32: 0x7F7FFFFF}
+_ST_OF = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_TORCH_OF = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+# ---- quantisation: exactly kernels.reference.weight_quant, streamed over row chunks ---------------
+
+def absmean_scale(w: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """s_w = 1 / max(mean|float(w)|, 1e-5), the same torch ops on the same values as ``weight_quant``.
+
+    ``scratch`` (fp32, at least ``w.numel()``) is reused across tensors to avoid page faults.
+    """
+    n = w.numel()
+    if scratch is None or scratch.numel() < n:
+        wf = w.float().reshape(w.shape).clone() if w.dtype == torch.float32 else w.float()
+    else:
+        wf = scratch[:n].view(w.shape)
+        wf.copy_(w)
+    wf.abs_()
+    return 1.0 / wf.mean().clamp(min=WEIGHT_CLAMP_MIN)
+
+
+def zero_threshold_bits(dtype: torch.dtype, s_w: torch.Tensor) -> int:
+    """The largest magnitude bit pattern b of ``dtype`` with fl32(value(b) * s_w) <= 0.5.
+
+    ``round(clamp(x * s_w))`` is non-zero exactly when |x| > value(b): rounding is half-to-even,
+    so 0.5 itself rounds to 0, and fl32 multiplication is monotone and symmetric in sign.
+    """
+    iv = _INT_VIEW[dtype]
+    lo, hi = 0, _MAX_FINITE_BITS[dtype]
+
+    def small(bits: int) -> bool:
+        x = torch.tensor([bits], dtype=iv).view(dtype).float()
+        return bool((x * s_w)[0] <= 0.5)
+
+    if small(hi):
+        return hi
+    while hi - lo > 1:  # invariant: small(lo), not small(hi)
+        mid = (lo + hi) // 2
+        if small(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def quantize_pack(w: torch.Tensor, fmt: str, name: str = "tensor", scratch: Optional[torch.Tensor] = None):
+    """Ternary-quantise a latent (N, K) weight and pack it.
+
+    Returns ``(packed uint8 (N, ceil(K/G)), s_w fp32 0-d, counts (n_minus, n_zero, n_plus))`` with
+    codes and s_w bit-identical to ``kernels.reference.weight_quant(w)`` followed by
+    ``ternary_codes.pack_<fmt>``. Raises CheckpointError naming ``name`` on NaN/inf.
+    """
+    if fmt not in FORMATS:
+        raise MMFError(f"unknown packed format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if w.dim() != 2:
+        raise CheckpointError(f"tensor {name}: a BitLinear weight must be 2-D (N, K), got shape {tuple(w.shape)}")
+    if w.dtype not in _INT_VIEW:
+        w = w.float()  # weight_quant's first step
+    w = w.contiguous()
+    n_rows, k = w.shape
+    s_w = absmean_scale(w, scratch)
+    if not torch.isfinite(s_w) or not math.isfinite(1.0 / float(s_w)):
+        raise CheckpointError(f"tensor {name}: contains NaN or inf (mean|W| is not finite); "
+                              "the checkpoint is damaged, retrain or re-export it")
+    g = GROUP[fmt]
+    p = packed_row_bytes(k, fmt)
+    tb = zero_threshold_bits(w.dtype, s_w)
+    iv = w.view(_INT_VIEW[w.dtype])
+    sign = _SIGN_BIT[iv.dtype]
+    out = torch.empty(n_rows, p, dtype=torch.uint8)
+    n_pos = n_neg = 0
+    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+    weights = DIGIT_WEIGHT[fmt]
+    pad = g * p - k
+    for r0 in range(0, n_rows, rows):
+        c = iv[r0:r0 + rows]
+        pos = c > tb
+        neg = torch.bitwise_xor(c, sign) > tb  # flips the sign bit: -|x| becomes +|x|; +x becomes negative
+        n_pos += int(pos.sum())
+        n_neg += int(neg.sum())
+        d = pos.view(torch.uint8) - neg.view(torch.uint8)  # code - 1 mod 256: 255, 0 or 1
+        if pad:
+            d = torch.nn.functional.pad(d, (0, pad))
+        d = d.view(-1, g, p)
+        acc = d[:, 0] + BASE_CODE_BYTE[fmt]
+        for s in range(1, g):
+            acc += d[:, s] * weights[s]
+        out[r0:r0 + rows] = acc
+    counts = (n_neg, n_rows * k - n_pos - n_neg, n_pos)
+    return out, s_w, counts
+
+
+def i2_from_packed(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
+    """Any packed format -> i2 planar bytes (the layout FrozenBitLinear holds)."""
+    if fmt == "i2":
+        return packed
+    return pack_i2(unpack_codes(packed, k, fmt))
+
+
+def unpack_codes(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
+    return unpack_i2(packed, k) if fmt == "i2" else unpack_tq1(packed, k)
+
+
+# ---- the exact inverse: float weights that re-quantise to given codes AND scale -------------------
+
+def _clamp_scale() -> torch.Tensor:
+    return 1.0 / torch.zeros((), dtype=torch.float32).clamp(min=WEIGHT_CLAMP_MIN)
+
+
+def _scale_of_mean(m: torch.Tensor) -> torch.Tensor:
+    return 1.0 / m.clamp(min=WEIGHT_CLAMP_MIN)
+
+
+def _bits_value(bits: int, dtype: torch.dtype) -> float:
+    return float(torch.tensor([bits], dtype=_INT_VIEW[dtype]).view(dtype)[0])
+
+
+def _value_bits(x: float, dtype: torch.dtype) -> int:
+    return int(torch.tensor([x], dtype=torch.float64).to(dtype).view(_INT_VIEW[dtype])[0])
+
+
+def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype = torch.float32,
+                     name: str = "tensor", max_evals: int = 64) -> torch.Tensor:
+    """A float tensor W (``dtype``) with ``weight_quant(W) == (codes, s_w)``, both bit for bit.
+
+    The naive ``codes / s_w`` re-quantises to the scale ``s_w / share_nonzero`` (the hazard of
+    reference-semantics.md). Here every non-zero weight gets magnitude ~ ``1 / (s_w * share)`` so that
+    mean|W| = 1 / s_w; to make torch's fp32 mean land on a value whose reciprocal is exactly s_w, a
+    prefix of the non-zero weights is raised by one ulp of ``dtype`` and the prefix length is searched
+    (torch's sum is monotone in every element), each candidate checked with the same torch ops as
+    ``weight_quant``. The check is exact for this torch build and thread count; another reduction
+    order (a GPU, another thread count) can move s_w by one ulp (relative 6e-8).
+    """
+    s_w = s_w.detach().to(torch.float32).reshape(())
+    if dtype not in _INT_VIEW:
+        raise MMFError(f"unpack dtype must be fp32, bf16 or fp16, got {dtype}")
+    if not torch.isfinite(s_w) or float(s_w) <= 0:
+        raise CheckpointError(f"tensor {name}: scale {float(s_w)!r} is not a positive finite number")
+    n = codes.numel()
+    nz = codes != 0
+    nnz = int(nz.sum())
+    clamp = _clamp_scale()
+    if nnz == 0:
+        if bool(s_w == clamp) or n == 0:
+            return torch.zeros(codes.shape, dtype=dtype)
+        raise CheckpointError(f"tensor {name}: all codes are 0 but the scale {float(s_w)!r} is not the clamp value "
+                              f"{float(clamp)!r}; no latent weights quantise to this, so it cannot be unpacked exactly")
+    # the fp32 means m with 1 / max(m, 1e-5) == s_w form one interval [m_lo, m_hi]
+    m0 = (1.0 / s_w).reshape(1)
+    cands = [m0]
+    up, down = m0, m0
+    for _ in range(4):
+        up = torch.nextafter(up, torch.tensor([math.inf]))
+        down = torch.nextafter(down, torch.tensor([0.0]))
+        cands += [up, down]
+    ok = [float(c[0]) for c in cands if bool(_scale_of_mean(c)[0] == s_w)]
+    if not ok:
+        raise CheckpointError(f"tensor {name}: scale {float(s_w)!r} is not 1/m for any fp32 mean m; it was not "
+                              "produced by absmean quantisation, so it cannot be unpacked exactly")
+    m_lo, m_hi = min(ok), max(ok)
+    if bool(s_w == clamp):  # every mean <= 1e-5 gives the clamp scale; aim just below the clamp
+        m_lo, m_c = 0.0, m_hi * (1 - 1 / 1024)
+    else:
+        m_c = (m_lo + m_hi) / 2
+    a = m_c * n / nnz  # ideal magnitude of each non-zero weight (float64)
+    b0 = _value_bits(a, dtype)
+    if _bits_value(b0, dtype) > a:
+        b0 -= 1
+    if b0 < 1 or b0 + 2 > _MAX_FINITE_BITS[dtype]:
+        raise CheckpointError(f"tensor {name}: weights of magnitude {a:.3g} do not fit {dtype}; unpack to fp32")
+    nz2 = nz.reshape(nz.shape[0], -1) if codes.dim() >= 2 else nz.reshape(1, -1)
+    absw = torch.empty(nz2.shape, dtype=torch.float32)
+
+    def fill_prefix(mask: torch.Tensor, cum: torch.Tensor, j: int, value: float) -> None:
+        """Set the first j True positions of ``mask`` (row-major) to ``value`` in absw."""
+        if j <= 0:
+            return
+        r = int(torch.searchsorted(cum, j, right=False))  # row holding the j-th True
+        if r:
+            absw[:r][mask[:r]] = value
+        before = int(cum[r - 1]) if r else 0
+        cols = mask[r].nonzero().flatten()[: j - before]
+        absw[r, cols] = value
+
+    cum_nz = nz2.sum(1).cumsum(0)
+
+    def build(t: int) -> torch.Tensor:
+        base, j = b0 + t // nnz, t % nnz
+        torch.mul(nz2, _bits_value(base, dtype), out=absw)
+        fill_prefix(nz2, cum_nz, j, _bits_value(base + 1, dtype))  # raise the first j non-zeros one ulp
+        return absw
+
+    def ok(m: float) -> bool:
+        return m_lo <= m <= m_hi and bool(_scale_of_mean(torch.tensor(m, dtype=torch.float32)) == s_w)
+
+    ulp = _bits_value(b0 + 1, dtype) - _bits_value(b0, dtype)
+    t0 = round((m_c * n - nnz * _bits_value(b0, dtype)) / ulp)
+    valid = lambda t: 1 <= b0 + t // nnz and b0 + t // nnz + 2 <= _MAX_FINITE_BITS[dtype]  # noqa: E731
+    found, lo_t, hi_t = _bracket_search(lambda t: float(build(t).mean()), ok, t0, ulp / n, m_c, max_evals, valid)
+    tweak = None
+    if found is None and lo_t is not None:
+        # The fp32 sum moved past the target in one step. Keep the largest prefix below the target and
+        # move ONE weight through every value of ``dtype`` in a range (the sum is monotone in it and
+        # changes by at most one ulp per step at the top of the reduction): a zero-coded weight within
+        # (-0.5/s_w, 0.5/s_w) if there is one, else a non-zero one up to 64 ulps higher.
+        zero_pos = (~nz2).view(-1).nonzero().flatten()
+        nz_pos = nz2.view(-1).nonzero().flatten()
+        absw_flat = absw.view(-1)
+        # the lattice of reachable sums depends on the rest of the tensor: try a few neighbouring prefixes
+        # and a few positions of the moving weight (different lanes of the vectorised reduction)
+        for back in range(8):
+            if found is not None or not valid(lo_t - back):
+                break
+            snapshot = build(lo_t - back).clone()
+            pool = zero_pos if zero_pos.numel() else nz_pos
+            for e in sorted({int(pool[-1]), int(pool[0]), int(pool[len(pool) // 2]), int(pool[len(pool) // 3])}):
+                if zero_pos.numel():
+                    lo_b, hi_b = 0, zero_threshold_bits(dtype, s_w)
+                else:
+                    lo_b = _value_bits(float(snapshot.view(-1)[e]), dtype)
+                    hi_b = min(lo_b + 64 * (back + 1), _MAX_FINITE_BITS[dtype])
+
+                def mean_e(bits: int, e=e, snapshot=snapshot) -> float:
+                    absw.copy_(snapshot)
+                    absw_flat[e] = _bits_value(bits, dtype)
+                    return float(absw.mean())
+
+                lo, hi = lo_b, hi_b  # smallest bits with mean >= m_lo, by bisection
+                if mean_e(hi) < m_lo:
+                    continue
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if mean_e(mid) >= m_lo:
+                        hi = mid
+                    else:
+                        lo = mid
+                if ok(mean_e(hi)):
+                    found, tweak = lo_t - back, (mean_e, hi)
+                    break
+    if found is None:
+        raise CheckpointError(f"tensor {name}: found no {dtype} weights whose absmean reproduces scale "
+                              f"{float(s_w)!r} exactly; unpack with --dtype fp32")
+    base = b0 + found // nnz
+    for bits in (base, base + 1):  # every non-zero magnitude must quantise to code +-1
+        if not bool(_bits_value(bits, dtype) * s_w > 0.5):
+            raise CheckpointError(f"tensor {name}: cannot place weights that quantise to +-1 with scale {float(s_w)!r}")
+    if tweak is not None:
+        tweak[0](tweak[1])  # leaves the chosen configuration in absw
+        w = absw.to(dtype).reshape(codes.shape)
+        w.mul_(torch.where(nz, codes, torch.ones((), dtype=codes.dtype)).to(dtype))  # zero-coded: sign +
+        return w
+    w = build(found).to(dtype).reshape(codes.shape)
+    w.mul_(codes.to(dtype))
+    return w
+
+
+def _bracket_search(mean_of, ok, t, unit: float, target: float, max_evals: int, valid):
+    """Find an integer t with ok(mean_of(t)), mean_of monotone non-decreasing in t.
+
+    Starts at the estimate ``t`` (one step of t moves the mean by about ``unit``), walks towards
+    ``target`` with doubling steps until bracketed, then bisects. Returns (t or None, lo, hi).
+    """
+    lo_t = hi_t = None
+    grow = 1
+    for _ in range(max_evals):
+        if not valid(t):
+            break
+        m = mean_of(t)
+        if ok(m):
+            return t, lo_t, hi_t
+        step = max(1, round(abs(target - m) / unit))
+        if m < target:
+            grow = grow * 2 if lo_t is not None and hi_t is None else 1
+            lo_t = t
+        else:
+            grow = grow * 2 if hi_t is not None and lo_t is None else 1
+            hi_t = t
+        if lo_t is not None and hi_t is not None:
+            if hi_t - lo_t <= 1:
+                break
+            t = (lo_t + hi_t) // 2
+        elif lo_t is not None:
+            t = lo_t + step * grow
+        else:
+            t = hi_t - step * grow
+    return None, lo_t, hi_t
+
+
+# ---- checkpoint plumbing --------------------------------------------------------------------------
+
+def checkpoint_files(directory: Path) -> dict:
+    """name -> file for a checkpoint directory, validating headers (never mmap, never panics)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: a checkpoint is a directory with config.json and model.safetensors")
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map names to file names")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {}
+        for fname in sorted(set(weight_map.values())):
+            if Path(fname).name != fname:
+                raise CheckpointError(f"{index}: shard name {fname!r} must be a plain file name")
+            path = directory / fname
+            if not path.exists():
+                raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
+            tensors, _, _ = read_header(path)
+            for k, v in weight_map.items():
+                if v == fname and k not in tensors:
+                    raise CheckpointError(f"{path}: tensor {k} listed in {INDEX_FILE} is not in this shard")
+            files.update({k: path for k in tensors})
+        return files
+    single = directory / WEIGHTS_FILE
+    if not single.exists():
+        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
+    tensors, _, _ = read_header(single)
+    return {k: single for k in tensors}
+
+
+def _files_in_order(files: dict) -> list:
+    return sorted(set(files.values()))
+
+
+def _ternary_modules(cfg) -> dict:
+    """'<module>.weight' -> (N, K) for every BitLinear of the MatMul-free model of ``cfg``."""
+    from mmf.models import build_model
+    from mmf.models.hgrn_bit import BitLinear
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    shapes = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, BitLinear):
+            shapes[f"{mname}.weight"] = (m.out_features, m.in_features)
+    params = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        params[pname] = tuple(p.shape)
+    return shapes, params
+
+
+def _require_mmf(path: Path, verb: str):
+    cfg = load_config(path)
+    if cfg.arch != "mmf":
+        raise MMFError(f"{path}: a {cfg.model_type} (Transformer++) checkpoint has full-precision weights, not ternary "
+                       f"ones; only MatMul-free (hgrn_bit) checkpoints can be {verb}")
+    return cfg
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _plan_shards(items: list, max_shard_bytes: int) -> list:
+    """Split [(name, dtype, shape, nbytes), ...] into shards of at most max_shard_bytes (>= 1 tensor each)."""
+    shards, size = [[]], 0
+    for it in items:
+        if shards[-1] and size + it[3] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(it)
+        size += it[3]
+    return shards
+
+
+def _shard_names(count: int) -> list:
+    if count == 1:
+        return [WEIGHTS_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _tensor_meta(fmt: str, shape, scale: float, counts) -> str:
+    return json.dumps({"format": fmt, "shape": [int(s) for s in shape], "scale": scale,
+                       "counts": [int(c) for c in counts]}, separators=(",", ":"))
+
+
+def _progress(enabled: bool, total: int, description: str):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    prog = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), transient=True, disable=not enabled)
+    return prog, total, description
+
+
+def _dtype_numbytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---- pack -----------------------------------------------------------------------------------------
+
+def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: bool = False,
+                    verify: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
+                    log: Optional[Callable[[str], None]] = None) -> dict:
+    """Pack a latent (training) MatMul-free checkpoint directory ``src`` into ``out``. Returns a summary."""
+    src, out = Path(src), Path(out)
+    if fmt not in FORMATS:
+        raise MMFError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if keep_dtype not in KEEP_DTYPES:
+        raise MMFError(f"unknown --keep-dtype {keep_dtype!r}; use one of {', '.join(KEEP_DTYPES)}")
+    keep = KEEP_DTYPES[keep_dtype]
+    if src.resolve() == out.resolve():
+        raise MMFError(f"--out {out} is the input checkpoint; choose another directory (inputs are never overwritten)")
+    cfg = _require_mmf(src, "packed")
+    files = checkpoint_files(src)
+    if any(FORMAT_KEY in read_header(p)[1] for p in _files_in_order(files)):
+        raise MMFError(f"{src}: already packed ({FORMAT_KEY} in its metadata); `mmf unpack` it first to repack")
+    ternary, params = _ternary_modules(cfg)
+    headers = {p: read_header(p)[0] for p in _files_in_order(files)}
+    for k, p in files.items():
+        if k.endswith(IGNORED_KEY_SUFFIXES):
+            continue
+        if k not in params:
+            raise CheckpointError(f"{p}: unexpected tensor {k!r} for a hgrn_bit model with this config.json")
+        shape = headers[p][k].shape
+        if tuple(shape) != params[k]:
+            raise CheckpointError(f"{p}: tensor {k!r} has shape {tuple(shape)} but config.json implies {params[k]}")
+        if headers[p][k].dtype not in ("F16", "BF16", "F32", "F64"):
+            raise CheckpointError(f"{p}: tensor {k!r} has dtype {headers[p][k].dtype}; latent weights must be floats")
+    # what to write, in source order (sequential reads), tied lm_head last
+    jobs = []  # (out name, source name, kind)
+    for p in _files_in_order(files):
+        for info in sorted(headers[p].values(), key=lambda t: t.begin):
+            if info.name.endswith(IGNORED_KEY_SUFFIXES):
+                continue
+            jobs.append((info.name, info.name, "ternary" if info.name in ternary else "keep"))
+    have = {j[0] for j in jobs}
+    for name in params:
+        if name not in have:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings and "model.embeddings.weight" in have:
+                jobs.append((name, "model.embeddings.weight", "ternary"))
+                have.add(name)
+            else:
+                raise CheckpointError(f"{src}: missing tensor {name}")
+    items = []
+    for name, sname, kind in jobs:
+        if kind == "ternary":
+            n_rows, k = ternary[name]
+            pb = packed_row_bytes(k, fmt)
+            items.append((name, torch.uint8, (n_rows, pb), n_rows * pb))
+            items.append((name + SCALE_SUFFIX, torch.float32, (), 4))
+        else:
+            shape = params[name]
+            items.append((name, keep, shape, math.prod(shape) * _dtype_numbytes(keep)))
+    # keep a packed weight and its scale in one shard
+    grouped, i = [], 0
+    while i < len(items):
+        if i + 1 < len(items) and items[i + 1][0] == items[i][0] + SCALE_SUFFIX:
+            grouped.append(items[i:i + 2])
+            i += 2
+        else:
+            grouped.append([items[i]])
+            i += 1
+    shards, size = [[]], 0
+    for grp in grouped:
+        nb = sum(it[3] for it in grp)
+        if shards[-1] and size + nb > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(grp)
+        size += nb
+    names = _shard_names(len(shards))
+    by_name = {j[0]: j for j in jobs}
+    src_bytes = sum(headers[files[s]][s].nbytes for _, s, _ in jobs)
+    largest = max(headers[files[s]][s].numel for _, s, k in jobs if k == "ternary")
+    scratch = torch.empty(largest, dtype=torch.float32)
+    summary = {"source": str(src), "out": str(out), "format": fmt, "keep_dtype": keep_dtype, "files": names,
+               "tensors": 0, "ternary_tensors": 0, "input_bytes": src_bytes, "output_bytes": 0}
+    counts_total = [0, 0, 0]
+    base_meta = {"format": "pt", FORMAT_KEY: fmt, VERSION_KEY: FORMAT_VERSION, KEEP_DTYPE_KEY: _ST_OF[keep]}
+    t0 = time.perf_counter()
+    readers: dict = {}
+    prog, _, _ = _progress(progress, src_bytes, "pack")
+
+    def reader(path):
+        if path not in readers:
+            for r in readers.values():
+                r.close()
+            readers.clear()
+            readers[path] = SafetensorsReader(path)
+        return readers[path]
+
+    with atomic_directory(out, force) as tmp, prog:
+        task = prog.add_task(f"pack {fmt}", total=src_bytes)
+        weight_map = {}
+        try:
+            for fname, shard in zip(names, shards):
+                template = dict(base_meta)
+                for name, dt, shape, _ in shard:
+                    if dt == torch.uint8:
+                        template[TENSOR_KEY_PREFIX + name] = _tensor_meta(
+                            fmt, ternary[name], -1.2345678901234567e-300, [10**15] * 3)
+                meta = dict(base_meta)
+                with_plan = [(nm, dt, shape) for nm, dt, shape, _ in shard]
+                writer = SafetensorsWriter(tmp / fname, with_plan, template)
+                try:
+                    for name, dt, shape, _ in shard:
+                        if name.endswith(SCALE_SUFFIX) and name not in by_name:
+                            continue  # written together with its weight
+                        _, sname, kind = by_name[name]
+                        spath = files[sname]
+                        w = reader(spath).read(sname)
+                        if kind == "ternary":
+                            packed, s_w, counts = quantize_pack(w, fmt, f"{sname} ({spath.name})", scratch)
+                            writer.write(name, packed)
+                            writer.write(name + SCALE_SUFFIX, s_w.reshape(()))
+                            meta[TENSOR_KEY_PREFIX + name] = _tensor_meta(fmt, ternary[name], float(s_w), counts)
+                            counts_total = [a + b for a, b in zip(counts_total, counts)]
+                            summary["ternary_tensors"] += 1
+                        else:
+                            if w.is_floating_point() and not _all_finite(w):
+                                raise CheckpointError(f"tensor {sname} ({spath.name}): contains NaN or inf; "
+                                                      "the checkpoint is damaged, retrain or re-export it")
+                            kept = w.to(keep)
+                            if w.is_floating_point() and not _all_finite(kept):
+                                raise CheckpointError(f"tensor {sname}: values overflow {keep_dtype}; use --keep-dtype fp32")
+                            writer.write(name, kept)
+                        summary["tensors"] += 1
+                        prog.advance(task, headers[spath][sname].nbytes)
+                        del w
+                    writer.close(meta)
+                except BaseException:
+                    writer.abort()
+                    raise
+                summary["output_bytes"] += writer.total_bytes
+                weight_map.update({nm: fname for nm, _, _, _ in shard})
+        finally:
+            for r in readers.values():
+                r.close()
+        if len(names) > 1:
+            total = sum(it[3] for shard in shards for it in shard)
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total, FORMAT_KEY: fmt},
+                                                      "weight_map": weight_map}, indent=2) + "\n")
+        config = json.loads((src / CONFIG_FILE).read_text())
+        config[QUANT_CONFIG_KEY] = {"quant_method": QUANT_METHOD, "format": fmt, "version": int(FORMAT_VERSION),
+                                    "keep_dtype": keep_dtype}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        _copy_side_files(src, tmp)
+        summary["seconds"] = time.perf_counter() - t0
+        if verify:
+            summary["verify"] = verify_packed(src, tmp, keep_dtype)
+    total = sum(counts_total)
+    summary["ternary_share"] = {"-1": counts_total[0] / total, "0": counts_total[1] / total,
+                                "+1": counts_total[2] / total} if total else {}
+    summary["compression_vs_input"] = src_bytes / summary["output_bytes"] if summary["output_bytes"] else 0.0
+    return summary
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dtype in _INT_VIEW:
+        iv = t.reshape(-1).view(_INT_VIEW[t.dtype])
+        mask = 0x7FFF if iv.dtype == torch.int16 else 0x7FFFFFFF
+        return t.numel() == 0 or int((iv & mask).max()) <= _MAX_FINITE_BITS[t.dtype]
+    return bool(torch.isfinite(t).all())
+
+
+# ---- reading packed checkpoints -------------------------------------------------------------------
+
+def _file_format(path: Path, metadata: dict) -> str:
+    fmt = metadata.get(FORMAT_KEY)
+    if fmt is None:
+        raise CheckpointError(f"{path}: not a packed file (no {FORMAT_KEY} in its metadata) although other shards are")
+    if fmt not in FORMATS:
+        raise CheckpointError(f"{path}: unknown packed format {fmt!r} (this mmf reads {', '.join(FORMATS)}); "
+                              "upgrade mmf or re-pack the checkpoint")
+    ver = metadata.get(VERSION_KEY)
+    if ver != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: packed format version {ver!r} is not supported (this mmf reads version "
+                              f"{FORMAT_VERSION}); upgrade mmf or re-pack the checkpoint")
+    return fmt
+
+
+def packed_tensor_meta(path: Path, name: str, metadata: dict, tensors: dict, fmt: str) -> dict:
+    """Validate the metadata entry of packed tensor ``name`` against the file's tensors; return it."""
+    raw = metadata[TENSOR_KEY_PREFIX + name]
+    try:
+        meta = json.loads(raw)
+        shape = [int(s) for s in meta["shape"]]
+        tfmt = meta["format"]
+        scale = meta["scale"]
+        counts = [int(c) for c in meta.get("counts", [])]
+        if not (isinstance(meta["shape"], list) and all(type(s) is int for s in meta["shape"])):
+            raise TypeError("shape must be a list of integers")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise TypeError("scale must be a number")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: metadata of packed tensor {name} is malformed ({type(e).__name__}: {e})") from None
+    if tfmt != fmt:
+        raise CheckpointError(f"{path}: tensor {name} is in format {tfmt!r} but the file says {fmt!r}")
+    if len(shape) != 2 or min(shape) < 1:
+        raise CheckpointError(f"{path}: tensor {name}: logical shape {shape} is not (N, K) with N, K >= 1")
+    if name not in tensors:
+        raise CheckpointError(f"{path}: metadata describes tensor {name} but the file does not hold it")
+    info = tensors[name]
+    want = (shape[0], packed_row_bytes(shape[1], fmt))
+    if info.dtype != "U8" or tuple(info.shape) != want:
+        raise CheckpointError(f"{path}: tensor {name}: stored as {info.dtype} {list(info.shape)} but a {fmt} tensor of "
+                              f"logical shape {shape} must be U8 {list(want)}")
+    sname = name + SCALE_SUFFIX
+    if sname not in tensors or tensors[sname].dtype != "F32" or tensors[sname].numel != 1:
+        raise CheckpointError(f"{path}: tensor {name}: its scale {sname} (F32, one value) is missing or malformed")
+    if not (math.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{path}: tensor {name}: scale {scale!r} is not a positive finite number")
+    if counts and (len(counts) != 3 or sum(counts) != shape[0] * shape[1] or min(counts) < 0):
+        raise CheckpointError(f"{path}: tensor {name}: code counts {counts} do not add up to {shape[0] * shape[1]}")
+    return {"format": tfmt, "shape": shape, "scale": scale, "counts": counts}
+
+
+def read_packed(reader: SafetensorsReader, name: str, meta: dict) -> tuple:
+    """Read and check one packed tensor: returns (packed bytes, s_w fp32 0-d). Bad codes -> CheckpointError."""
+    fmt, (n_rows, k) = meta["format"], meta["shape"]
+    packed = reader.read(name)
+    s_w = reader.read(name + SCALE_SUFFIX).reshape(()).clone()
+    if not bool(s_w == torch.tensor(meta["scale"], dtype=torch.float64).to(torch.float32)):
+        raise CheckpointError(f"{reader.path}: tensor {name}: scale tensor {float(s_w)!r} differs from the metadata "
+                              f"scale {meta['scale']!r}")
+    if fmt == "i2":
+        bad = bool(((packed >> 1) & packed & 0x55).any())  # a 2-bit field equal to 3
+    else:
+        bad = bool((packed > MAX_BYTE["tq1"]).any())
+    if bad:
+        raise CheckpointError(f"{reader.path}: tensor {name}: bytes that are not valid {fmt} codes; the file is corrupt")
+    g, p = GROUP[fmt], packed.shape[1]
+    if g * p != k:  # row padding must hold code 1 (weight 0)
+        tail = unpack_codes(packed, g * p, fmt)[:, k:]
+        if bool((tail != 0).any()):
+            raise CheckpointError(f"{reader.path}: tensor {name}: padding digits are not code 1; the file is corrupt")
+    return packed, s_w
+
+
+def packed_files(path: Path) -> tuple:
+    """(files, per-file (tensors, metadata), format) of a packed checkpoint directory, all checked."""
+    files = checkpoint_files(path)
+    heads = {}
+    fmts = set()
+    for p in _files_in_order(files):
+        tensors, metadata, _ = read_header(p)
+        fmts.add(_file_format(p, metadata))
+        heads[p] = (tensors, metadata)
+    if len(fmts) > 1:
+        raise CheckpointError(f"{path}: shards disagree on the packed format ({', '.join(sorted(fmts))})")
+    return files, heads, fmts.pop()
+
+
+def load_packed_model(path, cfg, device="cpu", dtype=torch.float32):
+    """A frozen ``HGRNBitForCausalLM`` (eval mode) from a packed checkpoint directory.
+
+    Built on the meta device and filled tensor by tensor; every BitLinear becomes a
+    ``FrozenBitLinear`` holding i2 bytes in its ``packed`` buffer (tq1 files are converted at load
+    time) and s_w in ``weight_scale`` (fp32). The fp32 latent model is never materialised.
+    """
+    from mmf.models import build_model
+    from mmf.models.hgrn_bit import BitLinear, FrozenBitLinear
+
+    path = Path(path)
+    dtype = parse_dtype(dtype)
+    if cfg.arch != "mmf":
+        raise CheckpointError(f"{path}: packed checkpoints hold MatMul-free models; config.json says {cfg.model_type}")
+    files, heads, fmt = packed_files(path)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    bitlinears = {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    done = set()
+    readers = {}
+    try:
+        for p in _files_in_order(files):
+            tensors, metadata = heads[p]
+            r = readers.setdefault(p, SafetensorsReader(p))
+            for name, info in sorted(tensors.items(), key=lambda kv: kv[1].begin):
+                if name.endswith(IGNORED_KEY_SUFFIXES) or name.endswith(".weight" + SCALE_SUFFIX):
+                    continue
+                mname = name[: -len(".weight")] if name.endswith(".weight") else None
+                if mname in bitlinears:
+                    if TENSOR_KEY_PREFIX + name not in metadata:
+                        raise CheckpointError(f"{p}: tensor {name} is a BitLinear weight but has no "
+                                              f"{TENSOR_KEY_PREFIX}{name} metadata; the file is not a valid packed file")
+                    meta = packed_tensor_meta(p, name, metadata, tensors, fmt)
+                    bl = bitlinears[mname]
+                    if tuple(meta["shape"]) != (bl.out_features, bl.in_features):
+                        raise CheckpointError(f"{p}: tensor {name} has logical shape {tuple(meta['shape'])} but "
+                                              f"config.json implies {(bl.out_features, bl.in_features)}")
+                    packed, s_w = read_packed(r, name, meta)
+                    packed = i2_from_packed(packed, bl.in_features, fmt)
+                    _replace_module(model, mname, FrozenBitLinear(
+                        bl.in_features, bl.out_features, packed=packed.to(device), weight_scale=s_w.to(device),
+                        norm_weight=torch.ones(bl.in_features, dtype=dtype, device=device)))
+                    done.add(name)
+                    continue
+                if name not in params:
+                    raise CheckpointError(f"{p}: unexpected tensor {name!r} for a hgrn_bit model with this config.json")
+                if tuple(info.shape) != tuple(params[name].shape):
+                    raise CheckpointError(f"{p}: tensor {name!r} has shape {tuple(info.shape)} but config.json implies "
+                                          f"{tuple(params[name].shape)}")
+                if info.dtype not in ("F16", "BF16", "F32", "F64"):
+                    raise CheckpointError(f"{p}: tensor {name!r} has dtype {info.dtype}; expected a float tensor")
+                done.add(name)
+        # second pass: float tensors (norms of BitLinears need their FrozenBitLinear to exist)
+        for p in _files_in_order(files):
+            tensors, _ = heads[p]
+            r = readers[p]
+            for name, info in sorted(tensors.items(), key=lambda kv: kv[1].begin):
+                if name in done and not _is_packed_weight(name, heads[p][1]):
+                    _set_tensor(model, name, r.read(name).to(device=device, dtype=dtype))
+    finally:
+        for r in readers.values():
+            r.close()
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        more = f" and {len(leftover) - 3} more" if len(leftover) > 3 else ""
+        raise CheckpointError(f"{path}: missing tensors {', '.join(leftover[:3])}{more}")
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _is_packed_weight(name: str, metadata: dict) -> bool:
+    return TENSOR_KEY_PREFIX + name in metadata
+
+
+def _replace_module(model, dotted: str, new) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _set_tensor(model, dotted: str, value: torch.Tensor) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+# ---- unpack ---------------------------------------------------------------------------------------
+
+def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None,
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> dict:
+    """Packed checkpoint -> float checkpoint in the published hgrn_bit layout whose run-time
+    re-quantisation gives back exactly the packed codes and scales (see ``dequantize_exact``).
+
+    ``dtype`` (fp32|bf16|fp16) defaults to fp32, which is always exact; fp16 and bf16 are exact for
+    real-sized tensors but a tiny tensor can have no such weights (a clear error then).
+    """
+    src, out = Path(src), Path(out)
+    if src.resolve() == out.resolve():
+        raise MMFError(f"--out {out} is the input checkpoint; choose another directory (inputs are never overwritten)")
+    cfg = _require_mmf(src, "unpacked")
+    files = checkpoint_files(src)
+    if not any(FORMAT_KEY in read_header(p)[1] for p in _files_in_order(files)):
+        raise MMFError(f"{src}: not a packed checkpoint (no {FORMAT_KEY} metadata); nothing to unpack")
+    files, heads, fmt = packed_files(src)
+    out_dtype = parse_dtype(dtype or "fp32")
+    ternary, params = _ternary_modules(cfg)
+    jobs = []  # (name, file, kind)
+    for p in _files_in_order(files):
+        tensors, metadata = heads[p]
+        for info in sorted(tensors.values(), key=lambda t: t.begin):
+            name = info.name
+            if name.endswith(".weight" + SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in ternary:
+                continue
+            if name in ternary:
+                if TENSOR_KEY_PREFIX + name not in metadata:
+                    raise CheckpointError(f"{p}: BitLinear weight {name} has no {TENSOR_KEY_PREFIX}{name} metadata")
+                meta = packed_tensor_meta(p, name, metadata, tensors, fmt)
+                if tuple(meta["shape"]) != ternary[name]:
+                    raise CheckpointError(f"{p}: tensor {name} has logical shape {tuple(meta['shape'])} but config.json "
+                                          f"implies {ternary[name]}")
+                jobs.append((name, p, meta))
+            elif name in params:
+                if tuple(info.shape) != params[name]:
+                    raise CheckpointError(f"{p}: tensor {name!r} has shape {tuple(info.shape)} but config.json implies "
+                                          f"{params[name]}")
+                jobs.append((name, p, None))
+            elif not name.endswith(IGNORED_KEY_SUFFIXES):
+                raise CheckpointError(f"{p}: unexpected tensor {name!r} for a hgrn_bit model with this config.json")
+    have = {j[0] for j in jobs}
+    missing = [n for n in params if n not in have]
+    if missing:
+        raise CheckpointError(f"{src}: missing tensors {', '.join(missing[:3])}")
+    items = []
+    for name, p, meta in jobs:
+        shape = tuple(meta["shape"]) if meta else params[name]
+        dt = out_dtype if meta else _TORCH_OF.get(heads[p][0][name].dtype, torch.float32)
+        items.append((name, dt, shape, math.prod(shape) * _dtype_numbytes(dt)))
+    shards = _plan_shards(items, max_shard_bytes)
+    names = _shard_names(len(shards))
+    in_bytes = sum(heads[p][0][n].nbytes for n, p, _ in jobs)
+    summary = {"source": str(src), "out": str(out), "format": fmt, "dtype": _ST_OF[out_dtype], "files": names,
+               "tensors": len(jobs), "input_bytes": in_bytes, "output_bytes": 0}
+    by_name = {j[0]: j for j in jobs}
+    t0 = time.perf_counter()
+    readers: dict = {}
+    prog, _, _ = _progress(progress, in_bytes, "unpack")
+    with atomic_directory(out, force) as tmp, prog:
+        task = prog.add_task("unpack", total=in_bytes)
+        weight_map = {}
+        try:
+            for fname, shard in zip(names, shards):
+                writer = SafetensorsWriter(tmp / fname, [(n, dt, s) for n, dt, s, _ in shard], {"format": "pt"})
+                try:
+                    for name, dt, shape, _ in shard:
+                        _, p, meta = by_name[name]
+                        if p not in readers:
+                            for r in readers.values():
+                                r.close()
+                            readers.clear()
+                            readers[p] = SafetensorsReader(p)
+                        r = readers[p]
+                        if meta:
+                            packed, s_w = read_packed(r, name, meta)
+                            codes = unpack_codes(packed, meta["shape"][1], fmt)
+                            del packed
+                            writer.write(name, dequantize_exact(codes, s_w, dt, f"{name} ({p.name})"))
+                        else:
+                            writer.write(name, r.read(name))
+                        prog.advance(task, heads[p][0][name].nbytes)
+                    writer.close({"format": "pt"})
+                except BaseException:
+                    writer.abort()
+                    raise
+                summary["output_bytes"] += writer.total_bytes
+                weight_map.update({n: fname for n, _, _, _ in shard})
+        finally:
+            for r in readers.values():
+                r.close()
+        if len(names) > 1:
+            total = sum(it[3] for shard in shards for it in shard)
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2) + "\n")
+        config = json.loads((src / CONFIG_FILE).read_text())
+        config.pop(QUANT_CONFIG_KEY, None)
+        if config.get("tie_word_embeddings"):
+            config["tie_word_embeddings"] = False  # lm_head now has its own (exactly re-quantising) weights
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        _copy_side_files(src, tmp)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+# ---- verify ---------------------------------------------------------------------------------------
+
+def median_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Median over (sequence, position) of ||a - b|| / ||b|| of the logit vectors (reference-semantics.md)."""
+    a, b = a.double(), b.double()
+    err = (a - b).norm(dim=-1) / b.norm(dim=-1).clamp(min=1e-30)
+    return float(err.flatten().median())
+
+
+@torch.no_grad()
+def verify_packed(src, packed, keep_dtype: str = "fp16", batch: int = 2, seq_len: int = 24, seed: int = 0) -> dict:
+    """Logits of the packed model vs the source model after ``model.freeze()``.
+
+    With the source's non-ternary tensors rounded through ``keep_dtype`` the arithmetic is the same
+    and the logits must be bit-identical; against the unrounded source the median criterion applies.
+    """
+    from mmf.checkpoint import load_model
+    from mmf.models.hgrn_bit import FrozenBitLinear
+
+    src, packed = Path(src), Path(packed)
+    cfg = load_config(src)
+    ref = load_model(src, dtype=torch.float32, frozen=True)
+    model = load_packed_model(packed, cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen)
+    raw = ref(ids).logits
+    keep = KEEP_DTYPES[keep_dtype]
+    for _, prm in ref.named_parameters():
+        prm.data = prm.data.to(keep).to(torch.float32)
+    rounded = ref(ids).logits
+    got = model(ids).logits
+    for (n1, m1), (n2, m2) in zip(ref.named_modules(), model.named_modules()):
+        if isinstance(m1, FrozenBitLinear):
+            if not (torch.equal(m1.ternary_codes(), m2.ternary_codes()) and torch.equal(m1.weight_scale, m2.weight_scale)):
+                raise MMFError(f"verify failed: {n1} codes or scale differ from the source's weight_quant")
+    identical = torch.equal(got, rounded)
+    med = median_rel_error(got, raw)
+    result = {"bit_identical": identical, "median_rel_error_vs_source": med, "tokens": batch * seq_len}
+    if not identical:
+        med_r = median_rel_error(got, rounded)
+        result["median_rel_error_vs_rounded"] = med_r
+        raise MMFError(f"verify failed: packed logits differ from the frozen source (median relative error {med_r:.2e})")
+    return result
+
+
+# ---- inspect --------------------------------------------------------------------------------------
+
+def inspect_checkpoint(path, stats: bool = True) -> dict:
+    """Per-tensor name, shape, stored dtype or packed format, bytes, ternary shares and scale; totals.
+
+    Works on packed checkpoints (reads headers and the scale tensors only) and on float checkpoints
+    (a MatMul-free one is quantised tensor by tensor to report what packing would produce; ``stats``
+    False skips that and reads headers only).
+    """
+    path = Path(path)
+    cfg = load_config(path)
+    files = checkpoint_files(path)
+    ternary = _ternary_modules(cfg)[0] if cfg.arch == "mmf" else {}
+    rows = []
+    totals = {"parameters": 0, "bytes": 0, "fp16_bytes": 0, "ternary_parameters": 0, "ternary_bytes": 0}
+    fmt_seen = set()
+    scratch = None
+    for p in _files_in_order(files):
+        tensors, metadata, _ = read_header(p)
+        fmt = _file_format(p, metadata) if FORMAT_KEY in metadata else None
+        with SafetensorsReader(p) as r:
+            for name, info in sorted(tensors.items(), key=lambda kv: kv[1].begin):
+                row = {"name": name, "file": p.name}
+                if fmt and _is_packed_weight(name, metadata):
+                    meta = packed_tensor_meta(p, name, metadata, tensors, fmt)
+                    fmt_seen.add(fmt)
+                    numel = meta["shape"][0] * meta["shape"][1]
+                    nbytes = info.nbytes + tensors[name + SCALE_SUFFIX].nbytes
+                    counts = meta["counts"]
+                    row.update(shape=meta["shape"], stored=fmt, bytes=nbytes, scale=meta["scale"])
+                    if not counts:
+                        packed, _ = read_packed(r, name, meta)
+                        c = unpack_codes(packed, meta["shape"][1], fmt)
+                        counts = [int((c == -1).sum()), int((c == 0).sum()), int((c == 1).sum())]
+                    _shares(row, counts)
+                    totals["ternary_parameters"] += numel
+                    totals["ternary_bytes"] += nbytes
+                elif fmt and name.endswith(".weight" + SCALE_SUFFIX) and _is_packed_weight(name[:-len(SCALE_SUFFIX)],
+                                                                                            metadata):
+                    continue  # counted with its weight
+                else:
+                    numel = info.numel
+                    nbytes = info.nbytes
+                    row.update(shape=list(info.shape), stored=info.dtype, bytes=nbytes)
+                    if name in ternary or (cfg.arch == "mmf" and name == "lm_head.weight"):
+                        totals["ternary_parameters"] += numel
+                        totals["ternary_bytes"] += nbytes
+                        if stats and info.dtype in ("F16", "BF16", "F32", "F64"):
+                            w = r.read(name)
+                            if scratch is None or scratch.numel() < w.numel():
+                                scratch = torch.empty(w.numel(), dtype=torch.float32)
+                            _, s_w, counts = quantize_pack(w, "i2", f"{name} ({p.name})", scratch)
+                            del w
+                            row["scale"] = float(s_w)
+                            _shares(row, counts)
+                totals["parameters"] += numel
+                totals["bytes"] += nbytes
+                totals["fp16_bytes"] += 2 * numel
+                rows.append(row)
+    if cfg.arch == "mmf" and cfg.tie_word_embeddings and not any(r["name"] == "lm_head.weight" for r in rows):
+        totals["note"] = "lm_head is tied to the embeddings"
+    totals["compression_vs_fp16"] = totals["fp16_bytes"] / totals["bytes"] if totals["bytes"] else 0.0
+    totals["bits_per_ternary_weight"] = (8 * totals["ternary_bytes"] / totals["ternary_parameters"]
+                                         if totals["ternary_parameters"] else None)
+    return {"path": str(path), "model_type": cfg.model_type, "packed": bool(fmt_seen),
+            "format": fmt_seen.pop() if fmt_seen else None, "tensors": rows, "totals": totals}
+
+
+def _shares(row: dict, counts) -> None:
+    total = sum(counts) or 1
+    row["share_-1"], row["share_0"], row["share_+1"] = (c / total for c in counts)
