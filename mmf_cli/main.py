@@ -12,7 +12,6 @@ from mmf.errors import MMFError
 from .app import app
 from . import generate  # noqa: F401  (registers generate, info)
 from . import pack  # noqa: F401  (registers pack, unpack, inspect)
-from . import pack  # noqa: F401  (registers pack, unpack, inspect)
 from . import train  # noqa: F401  (registers train, eval)
 from . import fpga  # noqa: F401  (registers fpga-image)
 from . import export_onnx  # noqa: F401
