@@ -155,7 +155,9 @@ def verify_image(image_dir, checkpoint, rows: int = 64, seed: int = 0, source=No
                 raise MMFError(f"{name}: checkpoint shape {tuple(codes.shape)} differs from the image's "
                                f"{entry['rows']} x {entry['columns']}; was the image built from another checkpoint?")
             x = random_activations(entry["columns"], seed, name)
-            ref = codes.to(torch.int64) @ x.to(torch.int64)  # the torch reference, exact in int64
+            idx = torch.tensor(sim_rows, dtype=torch.long)
+            ref = torch.zeros(entry["rows"], dtype=torch.int64)
+            ref[idx] = codes[idx].to(torch.int64) @ x.to(torch.int64)  # the torch reference, exact in int64
             if ref.abs().max() >= 2**31:
                 raise MMFError(f"{name}: an accumulator exceeds int32")
             scale_ok = entry.get("scale") is not None and entry["scale"]["value"] == float(s_w)
