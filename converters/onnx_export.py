@@ -178,6 +178,7 @@ def _mmf_weights(model, np_dtype, mode: str) -> tuple[dict, dict]:
 
     mm = model.model
     act("model.embeddings.weight", mm.embeddings.weight)
+    _fp16_if_lossless(W, "model.embeddings.weight")
     lbs = mm.layer_lower_bounds()
     for l, layer in enumerate(mm.layers):
         p = f"model.layers.{l}"
@@ -193,6 +194,23 @@ def _mmf_weights(model, np_dtype, mode: str) -> tuple[dict, dict]:
     fp32("model.norm.weight", mm.norm.weight)
     bitlinear("lm_head", model.lm_head)
     return W, lin
+
+
+def _fp16_if_lossless(W: dict, name: str) -> None:
+    """Store an fp32 embedding table as fp16 when every value is exactly an fp16 (e.g. it came from a
+    packed or fp16 checkpoint): half the bytes, the same numbers; the graph casts the gathered rows."""
+    a = W[name]
+    if a.dtype == np.float32:
+        h = a.astype(np.float16)
+        if np.array_equal(h.astype(np.float32), a):
+            W[name] = h
+
+
+def _embed(o: _Ops, name: str, ids: str):
+    x = o.g.op("Gather", o.g.weight(name), ids, axis=0)
+    if o.g.weights[name].dtype == np.float16 and not o.half:
+        x = o.g.op("Cast", x, to=FLOAT)
+    return x
 
 
 def _bitlinear(o: _Ops, x, prefix: str, lin: dict, mode: str):
@@ -241,7 +259,7 @@ def _mmf_graph(cfg, W, lin, mode, np_dtype, decode: bool):
     seq = 1 if decode else "seq"
     inputs = [value_info("input_ids", I64, ["batch", seq])]
     outputs = [value_info("logits", o.T, ["batch", seq, V])]
-    x = g.op("Gather", g.weight("model.embeddings.weight"), "input_ids", axis=0)
+    x = _embed(o, "model.embeddings.weight", "input_ids")
     if not decode:
         zeros = g.op("ConstantOfShape", g.op("Concat", o.batch_dim("input_ids"), g.i64(d), axis=0),
                      value=_tensor(np.zeros(1, np.float32)))
@@ -311,6 +329,8 @@ def _llama_weights(model, np_dtype) -> tuple[dict, dict]:
 
     mm = model.model
     act("model.embed_tokens.weight", mm.embed_tokens.weight)
+    if model.lm_head.weight is not mm.embed_tokens.weight:
+        _fp16_if_lossless(W, "model.embed_tokens.weight")
     for l, layer in enumerate(mm.layers):
         p = f"model.layers.{l}"
         norm(f"{p}.input_layernorm.weight", layer.input_layernorm.weight)
@@ -379,7 +399,7 @@ def _llama_graph(cfg, W, lin, np_dtype, decode: bool):
         rot = g.op("Concat", g.op("Neg", o.slice_last(y, half, hd)), o.slice_last(y, 0, half), axis=-1)
         return g.op("Add", g.op("Mul", y, cos), g.op("Mul", rot, sin))
 
-    x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", axis=0)
+    x = _embed(o, "model.embed_tokens.weight", "input_ids")
     for l in range(L):
         p = f"model.layers.{l}"
         h = o.down(o.rms_norm(o.up(x), f"{p}.input_layernorm.weight", cfg.rms_norm_eps))

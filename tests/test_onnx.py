@@ -281,3 +281,27 @@ def test_cli_llama_float_checkpoint(tiny_llama_ckpt, tmp_path):
     model = mmf.load_model(tiny_llama_ckpt)
     prompt = [3 + b for b in b"abc"]
     assert generate_ids(OnnxCausalLM(out), prompt, 8) == generate_ids(model, prompt, 8)
+
+
+def test_packed_checkpoint_from_mmf_pack(tiny_mmf_ckpt, tmp_path):
+    """A checkpoint written by `mmf pack` (i2): its bytes go into the graph; ORT equals the torch model."""
+    packing = pytest.importorskip("mmf.converters.packing")
+    packed = tmp_path / "packed"
+    packing.pack_checkpoint(tiny_mmf_ckpt, packed)
+    out = tmp_path / "onnx"
+    manifest = onnx_export.export_onnx(packed, out)
+    model = mmf.load_model(packed)
+    ids = _ids(2, 11)
+    with torch.no_grad():
+        ref = model(ids).logits
+    ort_model = OnnxCausalLM(out)
+    assert median_rel_err(ort_model(ids).logits, ref) <= 1e-5
+    prompt = [3 + b for b in b"hello"]
+    assert generate_ids(ort_model, prompt, 10) == generate_ids(model, prompt, 10)
+    graph = onnx.load(str(out / PREFILL_FILE), load_external_data=True).graph
+    got = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == "lm_head.packed")
+    assert np.array_equal(got, model.lm_head.packed.numpy())
+    # the embeddings came as fp16 from the pack: stored as fp16 (lossless), so the data file is
+    # the packed checkpoint's size give or take the small tensors
+    ckpt_bytes = sum(p.stat().st_size for p in packed.iterdir())
+    assert manifest["file_bytes"][DATA_FILE] < 1.1 * ckpt_bytes
