@@ -118,7 +118,7 @@ def quantize_pack(w: torch.Tensor, fmt: str, name: str = "tensor", scratch: Opti
     w = w.contiguous()
     n_rows, k = w.shape
     s_w = absmean_scale(w, scratch)
-    if not torch.isfinite(s_w) or not math.isfinite(1.0 / float(s_w)):
+    if not (bool(torch.isfinite(s_w)) and float(s_w) > 0):
         raise CheckpointError(f"tensor {name}: contains NaN or inf (mean|W| is not finite); "
                               "the checkpoint is damaged, retrain or re-export it")
     g = GROUP[fmt]

@@ -1,0 +1,319 @@
+"""`mmf pack` / `unpack` / `inspect` and the packed-model loader: exactness, round trips, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+
+import mmf
+from conftest import median_rel_err, small_model
+from mmf.checkpoint import is_packed, load_model
+from mmf.converters import packing
+from mmf.converters.packing import (FORMAT_KEY, TENSOR_KEY_PREFIX, VERSION_KEY, dequantize_exact, inspect_checkpoint,
+                                    load_packed_model, pack_checkpoint, quantize_pack, unpack_checkpoint)
+from mmf.converters.safetensors_io import SafetensorsReader, read_header
+from mmf.converters.ternary_codes import pack_i2, pack_tq1
+from mmf.errors import CheckpointError, MMFError
+from mmf.kernels.reference import weight_quant
+from mmf.models.hgrn_bit import FrozenBitLinear
+
+# K = 30 and m = 43 are not multiples of 4 or 5: every row of some tensors is padded in both formats
+ODD = dict(vocab_size=67, hidden_size=30, num_hidden_layers=2, intermediate_size=43)
+
+
+def cli(capsys, *args):
+    """Run the `mmf` entry point in-process; returns (exit code, stdout, stderr)."""
+    from mmf.cli.main import main
+
+    old = sys.argv
+    sys.argv = ["mmf", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def odd_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pack") / "odd"
+    mmf.save_checkpoint(small_model("mmf", seed=3, **ODD), path, tokenizer=mmf.ByteTokenizer(), dtype=torch.float16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def packed_i2(odd_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pack") / "i2"
+    summary = pack_checkpoint(odd_ckpt, out, fmt="i2", keep_dtype="fp32", verify=True, max_shard_bytes=4000)
+    return out, summary
+
+
+def ids_for(cfg, seed=0, shape=(2, 12)):
+    return torch.randint(0, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 8), (9, 31), (64, 130)])
+def test_quantize_pack_is_weight_quant_then_pack(dtype, shape):
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * 0.02).to(dtype)
+    codes, s_w = weight_quant(w)
+    for fmt, ref in (("i2", pack_i2), ("tq1", pack_tq1)):
+        packed, scale, counts = quantize_pack(w, fmt)
+        assert torch.equal(packed, ref(codes)) and torch.equal(scale, s_w)
+        assert counts == tuple(int((codes == v).sum()) for v in (-1, 0, 1))
+
+
+def test_quantize_pack_rejects_nan_and_inf():
+    w = torch.randn(4, 8)
+    w[2, 3] = float("nan")
+    with pytest.raises(CheckpointError, match="blk.w.*NaN or inf"):
+        quantize_pack(w, "i2", name="blk.w")
+    w[2, 3] = float("inf")
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        quantize_pack(w.half(), "tq1")
+
+
+def test_pack_verify_bit_identical_and_layout(odd_ckpt, packed_i2):
+    out, summary = packed_i2
+    assert summary["verify"]["bit_identical"] and summary["verify"]["median_rel_error_vs_source"] == 0.0
+    assert len(summary["files"]) > 1 and (out / "model.safetensors.index.json").exists()
+    assert (out / "mmf_tokenizer.json").exists() and is_packed(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "i2"
+    metas = [read_header(out / f)[1] for f in summary["files"]]
+    assert all(m[FORMAT_KEY] == "i2" and m[VERSION_KEY] == "1" for m in metas)
+    entry = json.loads(next(m for m in metas if TENSOR_KEY_PREFIX + "lm_head.weight" in m)[
+        TENSOR_KEY_PREFIX + "lm_head.weight"])
+    assert entry["shape"] == [67, 30] and entry["format"] == "i2" and sum(entry["counts"]) == 67 * 30
+
+
+def test_packed_model_is_frozen_i2_and_matches_freeze(odd_ckpt, packed_i2):
+    out, _ = packed_i2
+    model = mmf.load_model(out)
+    ref = load_model(odd_ckpt, frozen=True)
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBitLinear)]
+    assert len(frozen) == 2 * 6 + 1 and model.is_frozen and not model.training
+    for m in frozen:
+        assert m.codes is None and "packed" in dict(m.named_buffers()) and m.packed.dtype == torch.uint8
+        assert m.weight_scale.dtype == torch.float32 and m.packed.shape[1] == math.ceil(m.in_features / 4)
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = ids_for(model.config)
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    # the model is the same when loaded in bf16 (norms/embeddings cast, scales stay fp32)
+    bf = mmf.load_model(out, dtype=torch.bfloat16)
+    assert bf.lm_head.weight_scale.dtype == torch.float32 and bf.model.embeddings.weight.dtype == torch.bfloat16
+
+
+def test_tq1_loads_to_the_same_model(odd_ckpt, packed_i2, tmp_path):
+    out = tmp_path / "tq1"
+    pack_checkpoint(odd_ckpt, out, fmt="tq1", keep_dtype="fp32")
+    a, b = mmf.load_model(out), mmf.load_model(packed_i2[0])
+    ids = ids_for(a.config, 1)
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    assert torch.equal(a.lm_head.packed, b.lm_head.packed)
+    info = inspect_checkpoint(out)
+    assert info["format"] == "tq1" and info["totals"]["bits_per_ternary_weight"] < 1.8
+
+
+def test_unpack_load_and_repack_are_exact(packed_i2, tmp_path):
+    out, _ = packed_i2
+    flat = tmp_path / "unpacked"
+    unpack_checkpoint(out, flat)
+    assert not is_packed(flat) and "quantization_config" not in json.loads((flat / "config.json").read_text())
+    packed_model = mmf.load_model(out)
+    ids = ids_for(packed_model.config, 2)
+    want = packed_model(ids).logits
+    # a loader that quantises once (frozen) gets exactly the packed model
+    assert torch.equal(load_model(flat, frozen=True)(ids).logits, want)
+    # the training form (fake quantisation in float) is the same model up to summation order
+    assert median_rel_err(load_model(flat)(ids).logits, want) < 1e-5
+    # pack -> unpack -> pack: the same codes and scales, bit for bit
+    again = tmp_path / "repacked"
+    pack_checkpoint(flat, again, fmt="i2", keep_dtype="fp32", max_shard_bytes=4000)
+    first, second = _packed_tensors(out), _packed_tensors(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def _packed_tensors(path):
+    files, heads, _ = packing.packed_files(path)
+    tensors = {}
+    for p in set(files.values()):
+        with SafetensorsReader(p) as r:
+            for k in r.keys():
+                tensors[k] = r.read(k)
+    return tensors
+
+
+def test_naive_dequantisation_has_the_scale_hazard_and_ours_does_not():
+    w = torch.randn(48, 40, generator=torch.Generator().manual_seed(5)) * 0.05
+    codes, s_w = weight_quant(w)
+    naive_codes, naive_scale = weight_quant(codes.float() / s_w)
+    assert torch.equal(naive_codes, codes) and not torch.isclose(naive_scale, s_w, rtol=0.05)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        c2, s2 = weight_quant(dequantize_exact(codes, s_w, dtype))
+        assert torch.equal(c2, codes) and torch.equal(s2, s_w)
+
+
+def test_tied_embeddings_pack_and_unpack(tmp_path):
+    src = tmp_path / "tied"
+    mmf.save_checkpoint(small_model("mmf", seed=1, tie_word_embeddings=True, **ODD), src)
+    out = tmp_path / "tied-packed"
+    summary = pack_checkpoint(src, out, keep_dtype="fp32", verify=True)
+    assert summary["verify"]["bit_identical"]
+    flat = tmp_path / "tied-flat"
+    unpack_checkpoint(out, flat)
+    assert json.loads((flat / "config.json").read_text())["tie_word_embeddings"] is False
+    ids = ids_for(load_model(src).config, 3)
+    assert torch.equal(load_model(flat, frozen=True)(ids).logits, mmf.load_model(out)(ids).logits)
+
+
+def test_cli_pack_inspect_unpack_generate(capsys, tiny_mmf_ckpt, tmp_path):
+    out = tmp_path / "p"
+    code, stdout, err = cli(capsys, "pack", tiny_mmf_ckpt, "--out", out, "--format", "tq1", "--verify", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["verify"]["bit_identical"] is True
+    code, stdout, err = cli(capsys, "pack", tiny_mmf_ckpt, "--out", out)
+    assert code == 2 and "already exists" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = cli(capsys, "pack", tiny_mmf_ckpt, "--out", out, "--force", "--keep-dtype", "bf16")
+    assert code == 0, err
+    code, stdout, _ = cli(capsys, "inspect", out, "--json")
+    data = json.loads(stdout)
+    assert data["packed"] and data["format"] == "i2" and data["totals"]["compression_vs_fp16"] > 3
+    rows = {t["name"]: t for t in data["tensors"]}
+    lm = rows["lm_head.weight"]
+    assert lm["stored"] == "i2" and abs(lm["share_-1"] + lm["share_0"] + lm["share_+1"] - 1) < 1e-9
+    assert rows["model.embeddings.weight"]["stored"] == "BF16"
+    code, stdout, _ = cli(capsys, "inspect", tiny_mmf_ckpt)  # float checkpoint: shares computed by quantising
+    assert code == 0 and "lm_head.weight" in stdout and "compression vs fp16" in stdout
+    code, stdout, err = cli(capsys, "unpack", out, "--out", tmp_path / "u")
+    assert code == 0, err
+    code, stdout, err = cli(capsys, "generate", out, "-p", "The cat", "-n", "8", "-t", "0")
+    assert code == 0 and stdout.startswith("The cat"), err
+    code, stdout2, _ = cli(capsys, "generate", tmp_path / "u", "-p", "The cat", "-n", "8", "-t", "0")
+    assert code == 0
+
+
+def test_llama_checkpoint_cannot_be_packed(capsys, tiny_llama_ckpt, tmp_path):
+    code, _, err = cli(capsys, "pack", tiny_llama_ckpt, "--out", tmp_path / "x")
+    assert code == 2 and "only MatMul-free (hgrn_bit) checkpoints can be packed" in err
+    assert not (tmp_path / "x").exists()
+    info = inspect_checkpoint(tiny_llama_ckpt)  # inspect works on any checkpoint
+    assert not info["packed"] and info["totals"]["ternary_parameters"] == 0
+
+
+def test_bad_options(odd_ckpt, tmp_path):
+    with pytest.raises(MMFError, match="unknown --format 'q4'"):
+        pack_checkpoint(odd_ckpt, tmp_path / "x", fmt="q4")
+    with pytest.raises(MMFError, match="keep-dtype"):
+        pack_checkpoint(odd_ckpt, tmp_path / "x", keep_dtype="int8")
+    with pytest.raises(MMFError, match="is the input checkpoint"):
+        pack_checkpoint(odd_ckpt, odd_ckpt, force=True)
+    with pytest.raises(MMFError, match="not a packed checkpoint"):
+        unpack_checkpoint(odd_ckpt, tmp_path / "y")
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        pack_checkpoint(tmp_path / "missing", tmp_path / "z")
+    assert not any(tmp_path.iterdir())
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_nan_weight_names_the_tensor_and_leaves_no_output(tmp_path):
+    model = small_model("mmf", seed=2, **ODD)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    src = tmp_path / "nan"
+    mmf.save_checkpoint(model, src)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*NaN"):
+        pack_checkpoint(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 0.0
+        model.model.norm.weight[3] = float("inf")
+    mmf.save_checkpoint(model, src, overwrite=True)
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*NaN or inf"):
+        pack_checkpoint(src, tmp_path / "out")
+
+
+def test_truncated_and_missing_files(packed_i2, odd_ckpt, tmp_path):
+    bad = _copy(odd_ckpt, tmp_path / "trunc")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors.*(truncated|cover)"):
+        pack_checkpoint(bad, tmp_path / "o1")
+    shard = _copy(packed_i2[0], tmp_path / "missing-shard")
+    (shard / packed_i2[1]["files"][1]).unlink()
+    with pytest.raises(CheckpointError, match="shard named in model.safetensors.index.json is missing"):
+        mmf.load_model(shard)
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_header(tmp_path / "nope.safetensors")
+
+
+def _rewrite_meta(path, edit):
+    """Rewrite a safetensors file's header metadata with ``edit(meta)`` (data unchanged)."""
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["__metadata__"].update({FORMAT_KEY: "q4_k"}), "unknown packed format 'q4_k'"),
+    (lambda h: h["__metadata__"].update({VERSION_KEY: "7"}), "version '7' is not supported"),
+    (lambda h: h["__metadata__"].update({TENSOR_KEY_PREFIX + "lm_head.weight": "{oops"}), "lm_head.weight.*malformed"),
+    (lambda h: h["__metadata__"].update({TENSOR_KEY_PREFIX + "lm_head.weight": json.dumps(
+        {"format": "i2", "shape": [67, 34], "scale": 1.0})}), "lm_head.weight.*must be U8"),
+    (lambda h: h["__metadata__"].update({TENSOR_KEY_PREFIX + "lm_head.weight": json.dumps(
+        {"format": "i2", "shape": [67, 30], "scale": 2.5})}), "differs from the metadata scale"),
+    (lambda h: h["lm_head.weight"].update({"shape": [10**12, 10**12]}), "needs .* bytes but data_offsets span"),
+    (lambda h: h["lm_head.weight"].update({"data_offsets": [0, 2**60]}), "outside the"),
+])
+def test_bad_packed_headers(odd_ckpt, tmp_path, edit, message):
+    out = tmp_path / "p"
+    pack_checkpoint(odd_ckpt, out, keep_dtype="fp32")
+    _rewrite_meta(out / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_packed_model(out, mmf.checkpoint.load_config(out))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        mmf.load_model(out)
+
+
+def test_invalid_codes_and_padding_are_rejected(odd_ckpt, tmp_path):
+    out = tmp_path / "p"
+    pack_checkpoint(odd_ckpt, out, keep_dtype="fp32")
+    f = out / "model.safetensors"
+    tensors, _, start = read_header(f)
+    info = tensors["model.layers.0.attn.i_proj.weight"]
+    raw = bytearray(f.read_bytes())
+    raw[start + info.begin] = 0xFF  # every 2-bit field = 3: not a code
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="i_proj.weight: bytes that are not valid i2 codes"):
+        mmf.load_model(out)
+    raw[start + info.begin] = 0x55
+    raw[start + info.begin + 7] = 0x00  # K = 30, P = 8: byte 7 holds padding in digits 3 (k = 31), keep it
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="padding digits are not code 1"):
+        mmf.load_model(out)
+
+
+def test_unreachable_scale_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="all codes are 0"):
+        dequantize_exact(torch.zeros(3, 4, dtype=torch.int8), torch.tensor(7.0))
+    zero = dequantize_exact(torch.zeros(3, 4, dtype=torch.int8), 1.0 / torch.tensor(0.0).clamp(min=1e-5))
+    assert torch.equal(zero, torch.zeros(3, 4))
