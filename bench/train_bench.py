@@ -129,16 +129,24 @@ def _bench_one(size: str, variant: str, device, batch: int, seq_len: int, steps:
 
 def _ratios(rows: list) -> dict:
     out = {}
-    by = {(r["size"], r["variant"]): r for r in rows if "error" not in r}
+    ok = [r for r in rows if "error" not in r]
     for size in {r["size"] for r in rows}:
-        f, u, t = by.get((size, "fused")), by.get((size, "unfused")), by.get((size, "transformer++"))
+        def pick(variant, batch=None):
+            c = [r for r in ok if r["size"] == size and r["variant"] == variant
+                 and (batch is None or r["batch"] == batch)]
+            return c[0] if c else None
+
+        u, t = pick("unfused"), pick("transformer++")
+        f = pick("fused", u["batch"]) if u else pick("fused")
         d = {}
         if f and u and f["batch"] == u["batch"]:
+            d["batch_compared"] = f["batch"]
             d["step_time_reduction_vs_unfused"] = round(1 - f["step_s"] / u["step_s"], 4)
             if "activation_gb" in f and u.get("activation_gb"):
                 d["activation_memory_reduction_vs_unfused"] = round(1 - f["activation_gb"] / u["activation_gb"], 4)
             d["loss_step0_rel_diff_fused_vs_unfused"] = abs(f["loss_step0"] - u["loss_step0"]) / abs(u["loss_step0"])
-        if f and t and f["batch"] == t["batch"]:
+        f = pick("fused", t["batch"]) if t else None
+        if f and t:
             d["tokens_per_s_fused_over_transformer++"] = round(f["tokens_per_s"] / t["tokens_per_s"], 4)
         if d:
             out[size] = d
@@ -146,10 +154,14 @@ def _ratios(rows: list) -> dict:
 
 
 def run_train_bench(sizes=("370m", "1.3b"), device="cuda", batch=None, seq_len=2048, steps=8,
-                    variants=("fused", "unfused", "transformer++"), warmup=2, progress=True) -> dict:
+                    variants=("fused", "unfused", "transformer++"), warmup=2, progress=True,
+                    unfused_steps=3) -> dict:
     """Time training steps of each (size, variant); returns {"env", "results": [rows], "ratios"}.
 
-    ``batch``: one batch size for every size, or None for the issue's (370m: 8, 1.3b: 4).
+    ``batch``: one batch size for every size, or None for the issue's (370m: 8, 1.3b: 4). A variant
+    that runs out of memory is recorded and retried at half the batch; when that happens to
+    ``unfused``, ``fused`` is measured again at the same batch so that the ratios compare like with
+    like. ``unfused_steps``: timed steps of the (slow, launch-bound) unfused variant.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -179,9 +191,18 @@ def run_train_bench(sizes=("370m", "1.3b"), device="cuda", batch=None, seq_len=2
     try:
         for size, variant in jobs:
             b = batch or DEFAULT_BATCH.get(size, 1)
-            if bar:
-                bar.update(task, description=f"{size} {variant} batch {b}")
-            rows.append(_bench_one(size, variant, dev, b, seq_len, steps, warmup))
+            n = steps if variant != "unfused" or unfused_steps is None else unfused_steps
+            while True:
+                if bar:
+                    bar.update(task, description=f"{size} {variant} batch {b}")
+                row = _bench_one(size, variant, dev, b, seq_len, n, warmup)
+                rows.append(row)
+                if "error" not in row or b == 1:
+                    break
+                b //= 2  # out of memory: measure at half the batch (both variants, for the ratios)
+            if variant == "unfused" and "error" not in row and b != (batch or DEFAULT_BATCH.get(size, 1)) \
+                    and "fused" in variants:
+                rows.append(_bench_one(size, "fused", dev, b, seq_len, steps, warmup))
             if bar:
                 bar.advance(task)
     finally:
@@ -349,6 +370,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--unfused-steps", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--check", action="store_true", help="GPU kernel checks and micro-timings instead")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -358,7 +380,8 @@ def main(argv=None) -> int:
             res = run_kernel_checks(a.device)
             _print_checks(res)
         else:
-            res = run_train_bench(a.sizes, a.device, a.batch, a.seq_len, a.steps, a.variants, a.warmup)
+            res = run_train_bench(a.sizes, a.device, a.batch, a.seq_len, a.steps, a.variants, a.warmup,
+                                  unfused_steps=a.unfused_steps)
             print_results(res)
     except MMFError as e:
         print(f"mmf: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -45,6 +46,15 @@ def bitlinear_train(x, norm_weight, weight, bias=None):
         from .bitlinear_fused import bitlinear_train_fused
         return bitlinear_train_fused(x, norm_weight, weight, bias)
     return reference.bitlinear_train(x, norm_weight, weight, bias)
+
+
+def bitlinear_glu_train(u, norm_weight, weight, bias=None):
+    """BitLinear (training form) of silu(gate) * up with u = [gate | up]: the GLU's down projection."""
+    if not use_reference(u, weight):
+        from .bitlinear_fused import bitlinear_glu_train_fused
+        return bitlinear_glu_train_fused(u, norm_weight, weight, bias)
+    gate, up = u.chunk(2, dim=-1)
+    return reference.bitlinear_train(F.silu(gate) * up, norm_weight, weight, bias)
 
 
 def bitlinear_frozen(x, norm_weight, codes, s_w, bias=None):

@@ -26,13 +26,30 @@ dimension in blocks, so any width works.
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import reference
 
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: (v + M) - M rounds fp32 |v| < 2^22 half-to-even
+from triton.language.extra import libdevice
+
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + M) - M rounds fp32 |v| < 2^22 half-to-even
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _rint(v, RINT: tl.constexpr):
+    """Round half to even (torch.round). The interpreter lacks libdevice: the magic-number form
+    there (compiled, the add could be contracted into an fma with the product feeding it)."""
+    if RINT:
+        r = libdevice.rint(v)
+    else:
+        r = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    return r
 
 
 MAX_BLOCK_K = 4096  # feature-dimension block of the row kernels (rows wider than this loop)
@@ -57,9 +74,24 @@ def _num_programs(rows: int, device) -> int:
 # row kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _load_x(xp, cols, m, K, GLU: tl.constexpr):
+    """A row's inputs in fp32. GLU: the row holds [gate | up] (2K wide) and the input is
+    silu(gate) * up, rounded to their dtype after each op as torch computes ``F.silu(gate) * up``."""
+    if GLU:
+        g = tl.load(xp + cols, mask=m, other=0.0)
+        up = tl.load(xp + K + cols, mask=m, other=0.0)
+        gf = g.to(tl.float32)
+        sl = (gf * tl.sigmoid(gf)).to(g.dtype).to(tl.float32)
+        x = (sl * up.to(tl.float32)).to(g.dtype).to(tl.float32)
+    else:
+        x = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
-                        HAS_NW: tl.constexpr, QUANT: tl.constexpr, HAS_GATE: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        HAS_NW: tl.constexpr, QUANT: tl.constexpr, HAS_GATE: tl.constexpr, RINT: tl.constexpr,
+                        GLU: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row: rstd = 1/sqrt(mean(x^2)+eps); xn = x*rstd*nw.
 
     QUANT: y = (round(xn * s) clamped to int8) / s with s = 127 / max(max|xn|, 1e-5), cast first to
@@ -72,7 +104,7 @@ def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(xp + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = _load_x(xp, cols, cols < K, K, GLU)
         acc += x * x
     rstd = tl.rsqrt(tl.sum(acc, axis=0) / K + eps)
     tl.store(RSTD + row, rstd)
@@ -81,7 +113,7 @@ def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             m = cols < K
-            xn = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            xn = _load_x(xp, cols, m, K, GLU) * rstd
             if HAS_NW:
                 xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xn))
@@ -89,10 +121,10 @@ def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             m = cols < K
-            xn = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            xn = _load_x(xp, cols, m, K, GLU) * rstd
             if HAS_NW:
                 xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
-            q = (xn * s + _ROUND_MAGIC) - _ROUND_MAGIC
+            q = _rint(xn * s, RINT)
             q = tl.minimum(tl.maximum(q, -128.0), 127.0)
             v = (q / s).to(X.dtype.element_ty).to(Y.dtype.element_ty)
             tl.store(yp + cols, v, mask=m)
@@ -112,8 +144,8 @@ def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
 @triton.jit
 def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
                         stride_x, stride_g, stride_dy, stride_dx, stride_dg, stride_xq, scale,
-                        HAS_NW: tl.constexpr, QUANT: tl.constexpr, HAS_GATE: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        HAS_NW: tl.constexpr, QUANT: tl.constexpr, HAS_GATE: tl.constexpr, RINT: tl.constexpr,
+                        GLU: tl.constexpr, BLOCK_K: tl.constexpr):
     """Backward of y = f(x * rstd * nw): rows pid, pid + P, ... of one program.
 
     gx = dy * scale * nw (* silu(gate)); dx = rstd * (gx - xhat * mean(gx * xhat)); the norm
@@ -135,7 +167,7 @@ def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             m = cols < K
-            xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            xhat = _load_x(xp, cols, m, K, GLU) * rstd
             gx = tl.load(dyp + cols, mask=m, other=0.0).to(tl.float32) * scale
             if HAS_NW:
                 nw = tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
@@ -153,7 +185,16 @@ def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             m = cols < K
-            xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
+            if GLU:
+                g = tl.load(xp + cols, mask=m, other=0.0)
+                up = tl.load(xp + K + cols, mask=m, other=0.0)
+                gf = g.to(tl.float32)
+                sgg = tl.sigmoid(gf)
+                sl = (gf * sgg).to(g.dtype).to(tl.float32)
+                upf = up.to(tl.float32)
+                xhat = (sl * upf).to(g.dtype).to(tl.float32) * rstd
+            else:
+                xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
             dy = tl.load(dyp + cols, mask=m, other=0.0).to(tl.float32) * scale
             if HAS_GATE:
                 gt = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
@@ -172,25 +213,31 @@ def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
                 gx = dwn
                 xn = xhat
             dx = rstd * (gx - xhat * c)
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+            if GLU:  # chain through p = silu(gate) * up: d gate and d up side by side
+                dp = dx.to(DX.dtype.element_ty).to(tl.float32)
+                dgate = (dp * upf) * (sgg * (1.0 + gf * (1.0 - sgg)))
+                tl.store(DX + row * stride_dx + cols, dgate.to(DX.dtype.element_ty), mask=m)
+                tl.store(DX + row * stride_dx + K + cols, (dp * sl).to(DX.dtype.element_ty), mask=m)
+            else:
+                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
             if HAS_GATE:
                 dg = dy * xn * (sg * (1.0 + gt * (1.0 - sg)))
                 tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=m)
             if QUANT:
-                q = (xn * s + _ROUND_MAGIC) - _ROUND_MAGIC
+                q = _rint(xn * s, RINT)
                 q = tl.minimum(tl.maximum(q, -128.0), 127.0)
                 v = (q / s).to(X.dtype.element_ty).to(XQ.dtype.element_ty)
                 tl.store(XQ + row * stride_xq + cols, v, mask=m)
 
 
 @triton.jit
-def _weight_quant_kernel(W, Q, N, s_ptr, BLOCK: tl.constexpr):
+def _weight_quant_kernel(W, Q, N, s_ptr, BLOCK: tl.constexpr, RINT: tl.constexpr):
     """q = clamp(round(w * s_w), -1, 1) / s_w, cast first to w's dtype then to q's."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     s = tl.load(s_ptr)
     w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
-    c = (w * s + _ROUND_MAGIC) - _ROUND_MAGIC
+    c = _rint(w * s, RINT)
     c = tl.minimum(tl.maximum(c, -1.0), 1.0)
     # reference: codes.to(w.dtype) / s_w.to(w.dtype), computed in w's dtype
     ws = s.to(W.dtype.element_ty).to(tl.float32)
@@ -201,13 +248,18 @@ def _weight_quant_kernel(W, Q, N, s_ptr, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------------
+def _use_rint(t: torch.Tensor) -> bool:
+    return t.is_cuda and not _INTERPRET
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd(x2, nw, gate2, out_dtype, eps, quant):
+def _fwd(x2, nw, gate2, out_dtype, eps, quant, glu=False):
     M, K = x2.shape
+    K = K // 2 if glu else K
     y = torch.empty(M, K, dtype=out_dtype, device=x2.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
     if M == 0:
@@ -216,15 +268,16 @@ def _fwd(x2, nw, gate2, out_dtype, eps, quant):
     _rownorm_fwd_kernel[(M,)](
         x2, nw if nw is not None else x2, gate2 if gate2 is not None else x2, y, rstd, K,
         x2.stride(0), gate2.stride(0) if gate2 is not None else 0, y.stride(0), float(eps),
-        HAS_NW=nw is not None, QUANT=quant, HAS_GATE=gate2 is not None, BLOCK_K=bk,
+        HAS_NW=nw is not None, QUANT=quant, HAS_GATE=gate2 is not None, RINT=_use_rint(x2), GLU=glu, BLOCK_K=bk,
         num_warps=_num_warps(bk))
     return y, rstd
 
 
-def _bwd(x2, nw, gate2, dy2, rstd, scale, quant, xq_dtype, need_dnw):
+def _bwd(x2, nw, gate2, dy2, rstd, scale, quant, xq_dtype, need_dnw, glu=False):
     M, K = x2.shape
     dev = x2.device
     dx = torch.empty(M, K, dtype=x2.dtype, device=dev)
+    K = K // 2 if glu else K
     dg = torch.empty_like(gate2) if gate2 is not None else None
     xq = torch.empty(M, K, dtype=xq_dtype, device=dev) if quant else None
     P = _num_programs(M, dev)
@@ -237,7 +290,7 @@ def _bwd(x2, nw, gate2, dy2, rstd, scale, quant, xq_dtype, need_dnw):
             dg if dg is not None else dx, xq if xq is not None else dx, dnw, M, K,
             x2.stride(0), gate2.stride(0) if gate2 is not None else 0, dy2.stride(0), dx.stride(0),
             dg.stride(0) if dg is not None else 0, xq.stride(0) if xq is not None else 0, float(scale),
-            HAS_NW=has_nw, QUANT=quant, HAS_GATE=gate2 is not None, BLOCK_K=bk,
+            HAS_NW=has_nw, QUANT=quant, HAS_GATE=gate2 is not None, RINT=_use_rint(x2), GLU=glu, BLOCK_K=bk,
             num_warps=_num_warps(bk))
     dnw_out = dnw.sum(0).to(nw.dtype) if (has_nw and need_dnw) else None
     return dx, dg, xq, dnw_out
@@ -269,7 +322,7 @@ def quantized_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         q = torch.empty(w.shape, dtype=dtype, device=w.device)
         n = w.numel()
         if n:
-            _weight_quant_kernel[(triton.cdiv(n, 4096),)](w, q, n, s_w, BLOCK=4096, num_warps=8)
+            _weight_quant_kernel[(triton.cdiv(n, 4096),)](w, q, n, s_w, BLOCK=4096, RINT=_use_rint(w), num_warps=8)
     try:
         setattr(weight, _CACHE_ATTR, (key, q))
     except (AttributeError, TypeError):  # pragma: no cover - a tensor that refuses attributes: no caching
@@ -297,16 +350,17 @@ def clear_weight_cache(module_or_tensor=None) -> None:
 # ----------------------------------------------------------------------------------------------
 class _BitLinearTrain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, norm_weight, weight, bias, eps):
+    def forward(ctx, x, norm_weight, weight, bias, eps, glu):
         cdtype = _compute_dtype(x)
         x2 = _rows(x)
-        xq, rstd = _fwd(x2, norm_weight, None, cdtype, eps, quant=True)
+        xq, rstd = _fwd(x2, norm_weight, None, cdtype, eps, quant=True, glu=glu)
         wq = quantized_weight(weight, cdtype)
         y = torch.mm(xq, wq.t())
+        del xq
         if bias is not None:
             y = y + bias.to(cdtype)
         ctx.save_for_backward(x2, norm_weight, weight, rstd)
-        ctx.cdtype, ctx.eps, ctx.has_bias, ctx.x_shape = cdtype, eps, bias is not None, x.shape
+        ctx.cdtype, ctx.eps, ctx.has_bias, ctx.x_shape, ctx.glu = cdtype, eps, bias is not None, x.shape, glu
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -317,11 +371,11 @@ class _BitLinearTrain(torch.autograd.Function):
         wq = quantized_weight(weight, cdtype)
         dxs = torch.mm(dy2, wq)
         need_w = ctx.needs_input_grad[2]
-        dx, _, xq, dnw = _bwd(x2, nw, None, dxs, rstd, 1.0, need_w, cdtype, ctx.needs_input_grad[1])
+        dx, _, xq, dnw = _bwd(x2, nw, None, dxs, rstd, 1.0, need_w, cdtype, ctx.needs_input_grad[1], glu=ctx.glu)
         del dxs
         dw = torch.mm(dy2.t(), xq).to(weight.dtype) if need_w else None
         db = dy2.float().sum(0).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return dx.view(ctx.x_shape), dnw, dw, db, None
+        return dx.view(ctx.x_shape), dnw, dw, db, None, None
 
 
 class _RMSNormTrain(torch.autograd.Function):
@@ -345,7 +399,21 @@ class _RMSNormTrain(torch.autograd.Function):
 
 def bitlinear_train_fused(x, norm_weight, weight, bias=None, eps: float = reference.BITLINEAR_NORM_EPS):
     """Triton twin of ``reference.bitlinear_train`` (same values and straight-through gradients)."""
-    return _BitLinearTrain.apply(x, norm_weight, weight, bias, eps)
+    return _BitLinearTrain.apply(x, norm_weight, weight, bias, eps, False)
+
+
+def bitlinear_glu_train_fused(u, norm_weight, weight, bias=None, eps: float = reference.BITLINEAR_NORM_EPS):
+    """BitLinear of silu(gate) * up, u = [gate | up] (..., 2m): the product is never stored.
+
+    Matches ``bitlinear_glu_train_ref``; saves u and rstd, and its backward returns d u.
+    """
+    return _BitLinearTrain.apply(u, norm_weight, weight, bias, eps, True)
+
+
+def bitlinear_glu_train_ref(u, norm_weight, weight, bias=None, eps: float = reference.BITLINEAR_NORM_EPS):
+    """The plain-torch composition ``bitlinear_glu_train_fused`` must match (the model's GLU)."""
+    gate, up = u.chunk(2, dim=-1)
+    return reference.bitlinear_train(F.silu(gate) * up, norm_weight, weight, bias, eps)
 
 
 def rms_norm_train(x, weight, eps, out_dtype=None):

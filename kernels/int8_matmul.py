@@ -44,7 +44,7 @@ def _int8_mm_kernel(A, B, RS, Y, M, N, K, col_scale, BM: tl.constexpr, BN: tl.co
     for k0 in range(0, K, BK):
         a = tl.load(a_ptr, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0)
         b = tl.load(b_ptr, mask=(rn[None, :] < N) & (rk[:, None] + k0 < K), other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptr += BK
         b_ptr += BK
     rs = tl.load(RS + rm, mask=rm < M, other=0.0)

@@ -65,6 +65,14 @@ def bitlinear_cases(results):
             w = (0.05 * torch.randn(n, k, generator=g)).to(dt)
             results[f"bitlinear/{dt}/{xs}x{n}"] = run_pair(
                 BF.bitlinear_train_fused, R.bitlinear_train, [x, nw, w], 1, 7 + si)
+    # the GLU's down projection: BitLinear of silu(gate) * up, u = [gate | up]
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        g = torch.Generator().manual_seed(200)
+        u = torch.randn(2, 5, 2 * 23, generator=g).to(dt)
+        nw = (1 + 0.2 * torch.randn(23, generator=g)).to(dt)
+        w = (0.05 * torch.randn(11, 23, generator=g)).to(dt)
+        results[f"bitlinear_glu/{dt}"] = run_pair(BF.bitlinear_glu_train_fused, BF.bitlinear_glu_train_ref,
+                                                  [u, nw, w], 1, 10)
     # autocast: fp32 master weights, bf16 products (the training setup of the benchmark)
     g = torch.Generator().manual_seed(5)
     x, nw, w = torch.randn(6, 40, generator=g), 1 + 0.2 * torch.randn(40, generator=g), 0.05 * torch.randn(11, 40, generator=g)
@@ -85,6 +93,9 @@ def bitlinear_cases(results):
     BF.MAX_BLOCK_K = 16
     try:
         results["bitlinear/blocked-k"] = run_pair(BF.bitlinear_train_fused, R.bitlinear_train, [x, nw, w], 1, 5)
+        u = torch.randn(3, 80, generator=g)
+        results["bitlinear_glu/blocked-k"] = run_pair(BF.bitlinear_glu_train_fused, BF.bitlinear_glu_train_ref,
+                                                      [u, nw, w], 1, 5)
         gate = torch.randn(6, 40, generator=g)
         results["gated_rms_norm/blocked-k"] = run_pair(
             lambda a, b, c: BF.gated_rms_norm_train(a, b, c, 1e-6),

@@ -1,6 +1,7 @@
 """Triton training kernels vs their plain-torch references, on CPU through TRITON_INTERPRET=1.
 
-Fused BitLinear (forward + straight-through gradients for input, weight, norm weight, bias), the
+Fused BitLinear (forward + straight-through gradients for input, weight, norm weight, bias) and
+its GLU form (silu(gate) * up fed to the down projection without being stored), the
 weight-quantisation cache, RMSNorm and gated RMSNorm with backward, and the fused MLGRU
 (gates + scan; gradients for both pre-activations, the lower bound and the initial state) and the
 plain scan: fresh random inputs, odd shapes, fp32/bf16/fp16, relative-error bounds per precision.
@@ -61,6 +62,12 @@ def test_bitlinear_autocast_bias_and_blocked_rows(results):
     _check(results, "bitlinear/bias", 1e-5)
     assert "grad3" in results["bitlinear/bias"]
     _check(results, "bitlinear/blocked-k", 1e-5)
+
+
+def test_bitlinear_glu_down_projection(results):
+    names = _check(results, "bitlinear_glu/torch.")
+    assert len(names) == 3
+    _check(results, "bitlinear_glu/blocked-k", 1e-5)
 
 
 def test_weight_quantised_once_per_step(results):

@@ -110,7 +110,7 @@ class MLGRU(nn.Module):
     def forward(self, h, lower_bound, state):
         s, last = kernels.mlgru(self.i_proj(h), self.f_proj(h), lower_bound, state)
         o = kernels.gated_rms_norm(self.g_proj(h), self.g_norm.weight, s, self.g_norm.eps)
-        return self.o_proj(o.to(h.dtype)), last
+        return self.o_proj(o), last  # o in g's dtype: the BitLinear norms in fp32 whatever it gets
 
 
 class GLU(nn.Module):
@@ -123,7 +123,11 @@ class GLU(nn.Module):
         self.down_proj = BitLinear(m, d)
 
     def forward(self, h):
-        gate, up = self.gate_proj(h).chunk(2, dim=-1)
+        u = self.gate_proj(h)
+        if isinstance(self.down_proj, BitLinear):  # training form: silu(gate) * up fused into down_proj
+            d = self.down_proj
+            return kernels.bitlinear_glu_train(u, d.norm.weight, d.weight, d.bias)
+        gate, up = u.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
