@@ -305,3 +305,27 @@ def test_packed_checkpoint_from_mmf_pack(tiny_mmf_ckpt, tmp_path):
     # the packed checkpoint's size give or take the small tensors
     ckpt_bytes = sum(p.stat().st_size for p in packed.iterdir())
     assert manifest["file_bytes"][DATA_FILE] < 1.1 * ckpt_bytes
+
+
+def test_ort_folds_the_unpacking_once(exported, tmp_path):
+    """What ONNX Runtime does with the in-graph unpacking: with its default optimisations the
+    BitShift/BitwiseAnd chain is constant-folded at load into int8 (K, N) weights; with
+    ConstantFolding disabled the 2-bit bytes stay and the chain runs at every call."""
+    from mmf.converters.onnx_graph import INLINE_MAX_BYTES
+
+    _, out, _ = exported("mmf-packed")
+    stored = onnx.load(str(out / DECODE_FILE), load_external_data=False).graph
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.initializer
+               if np.prod(t.dims) * (1 if t.data_type in (2, 3) else 4) >= INLINE_MAX_BYTES)
+    ops = {}
+    for fold in (True, False):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"opt-{fold}.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(out / DECODE_FILE), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=[] if fold else ["ConstantFolding"])
+        g = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+        ops[fold] = ({n.op_type for n in g.node}, {t.data_type for t in g.initializer if len(t.dims) == 2})
+    int8 = onnx.TensorProto.INT8
+    assert "BitShift" not in ops[True][0] and "MatMulInteger" in ops[True][0] and int8 in ops[True][1]
+    assert "BitShift" in ops[False][0] and int8 not in ops[False][1]
