@@ -50,7 +50,7 @@ BENCH_SIZES = ("370m", "1.3b", "2.7b", "13b")
 VARIANTS = ("mmf", "transformer++", "hf-llama")
 BASELINE = "transformer++"
 GPU_DEFAULTS = dict(prompt_len=128, gen_len=128, repeat=5)
-CPU_DEFAULTS = dict(prompt_len=16, gen_len=8, repeat=2)
+CPU_DEFAULTS = dict(prompt_len=8, gen_len=8, repeat=2)
 MEMORY_SAFETY = 0.85  # build only if the estimate is below this share of the available memory
 W_SCALE = 41.7  # s_w of the random ternary layers: w = code / s_w has mean |w| ~ 0.016, like N(0, 0.02)
 GB = 1e9
@@ -407,7 +407,7 @@ def build_hf_llama_random(cfg: LlamaConfig, device="cpu", dtype=torch.bfloat16, 
             p.normal_(0.0, 0.02, generator=gen)
         else:
             p.fill_(1.0)
-    return model.to(dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------- runners
@@ -432,6 +432,10 @@ def _module_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def fmt_of(model) -> str:
+    return "tq1" if type(model.lm_head).__name__.endswith("TQ1") else "i2"
 
 
 class MMFRunner(Runner):
@@ -467,13 +471,27 @@ class MMFRunner(Runner):
         if os.environ.get("MMF_FORCE_REFERENCE", "") not in ("", "0"):
             kern += " [MMF_FORCE_REFERENCE=1: reference ops]"
         self.path = f"{kern}; eager step"
+        if dev.type == "cuda" and fmt_of(self.model) == "i2":
+            try:
+                from mmf.decode_graph import GraphDecoder
+
+                self.engine = GraphDecoder(self.model, batch)
+                graph = "one CUDA graph per token" if self.engine.graph is not None else "no graph"
+                self.path = (f"mmf.decode_graph.GraphDecoder: fused Triton GEMV/GEMM on i2 bytes, {graph}; "
+                             "prefill: int8 tensor-core GEMM + chunked MLGRU scan")
+                return self
+            except Exception as e:  # fall back to the model's own forward in a graph, and say why
+                self.engine = None
+                why = f" (GraphDecoder failed: {type(e).__name__}: {str(e)[:100]})"
+        else:
+            why = ""
         if dev.type == "cuda":
             try:
                 self._capture()
-                self.path = f"{kern}; one CUDA graph per token (captured in bench/model_bench.py)"
+                self.path = f"{kern}; one CUDA graph per token (model forward captured in bench/model_bench.py){why}"
             except Exception as e:  # keep the run going: report the eager figure and why
                 self.graph = None
-                self.path = f"{kern}; eager (CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]})"
+                self.path = f"{kern}; eager (CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]}){why}"
         return self
 
     def _step_body(self):
@@ -500,11 +518,16 @@ class MMFRunner(Runner):
         self.reset()
 
     def reset(self):
+        if self.engine is not None:
+            self.engine.reset()
         for s in self.states:
             s.zero_()
 
     @torch.no_grad()
     def prefill(self, ids):
+        if self.engine is not None:
+            self.tok = self.engine.prefill(ids).argmax(-1)
+            return
         out = self.model(ids)
         for s, n in zip(self.states, out.cache.states):
             s.copy_(n)
@@ -513,7 +536,9 @@ class MMFRunner(Runner):
 
     @torch.no_grad()
     def step(self):
-        if self.graph is not None:
+        if self.engine is not None:
+            self.tok = self.engine.step(self.tok).argmax(-1)
+        elif self.graph is not None:
             self.graph.replay()
         else:
             self._step_body()
@@ -522,6 +547,8 @@ class MMFRunner(Runner):
         return _module_bytes(self.model)
 
     def state_bytes(self):
+        if self.engine is not None:
+            return self.engine.state.numel() * self.engine.state.element_size()
         return sum(s.numel() * s.element_size() for s in self.states)
 
     def bytes_per_decode_token(self, prompt_len, gen_len):
@@ -882,10 +909,11 @@ def resolve_sizes(models) -> list:
 def run_bench(models=("370m",), device: str = "cuda", batch: int = 1, prompt_len: Optional[int] = None,
               gen_len: Optional[int] = None, dtype: str = "bf16", fmt: str = "i2", repeat: Optional[int] = None,
               variants=VARIANTS, memory_limit: Optional[int] = None, seed: int = 0, progress: bool = True,
-              bandwidth_bytes: Optional[int] = None, command: Optional[str] = None) -> dict:
+              bandwidth_bytes: Optional[int] = None, command: Optional[str] = None,
+              on_size_done: Optional[Callable[[dict], None]] = None) -> dict:
     """Benchmark both architectures at each size in ``models``; returns every raw figure as a dict.
 
-    Defaults: on CUDA prompt 128, 128 new tokens, 5 repetitions; on CPU prompt 16, 8 new tokens,
+    Defaults: on CUDA prompt 128, 128 new tokens, 5 repetitions; on CPU prompt 8, 8 new tokens,
     2 repetitions (so that 13B stays practical on a few cores). ``memory_limit`` (bytes) caps the
     memory the bench believes it may use (to exercise the extrapolation and does-not-fit paths).
     """
@@ -960,6 +988,8 @@ def run_bench(models=("370m",), device: str = "cuda", batch: int = 1, prompt_len
             result["sizes"][size] = {"variants": per, "ratio_mmf_over_transformer++": _ratios(per),
                                      "config_mmf": dataclasses.asdict(cfg_m), "config_transformer++":
                                      dataclasses.asdict(cfg_l)}
+            if on_size_done is not None:  # e.g. write the JSON so far: a long run that is cut keeps its sizes
+                on_size_done(result)
     result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return result
 
@@ -1155,3 +1185,9 @@ def run_train(models=("370m", "1.3b"), device="cuda", batch=None, seq_len=2048, 
                        "version of mmf; run the inference benchmark without --train") from None
     sizes = [s for s in resolve_sizes(models)]
     return run_train_bench(sizes=tuple(sizes), device=device, batch=batch, seq_len=seq_len, **kw)
+
+
+def print_train_results(res: dict) -> None:
+    from mmf.bench.train_bench import print_results
+
+    print_results(res)

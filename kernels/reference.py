@@ -118,7 +118,7 @@ def mlgru_step_ref(i_pre, f_pre, g_pre, state, lower_bound, g_norm_weight, eps: 
 
 
 _I2_DIGITS: dict = {}
-LUT_MAX_ROWS = 4  # rows (tokens) up to which bitlinear_i2_lut builds lookup tables; above, chunked unpack
+LUT_MAX_ROWS = 8  # rows (tokens) up to which bitlinear_i2_lut builds lookup tables; above, chunked unpack
 
 
 def _i2_digits(device) -> torch.Tensor:

@@ -19,7 +19,7 @@ def bench(
     device: str = typer.Option("cuda", "--device", help="cuda or cpu."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per batch (default 1; --train: the "
                                         "training benchmark's default)."),
-    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="Prompt tokens (default 128 on CUDA, 16 on CPU)."),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="Prompt tokens (default 128 on CUDA, 8 on CPU)."),
     gen_len: Optional[int] = typer.Option(None, "--gen-len", help="New tokens (default 128 on CUDA, 8 on CPU)."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 or fp16: Transformer++ weights, MatMul-free activations."),
     fmt: str = typer.Option("i2", "--format", help="Ternary storage: i2 (2 bits, kernels read it) or tq1 (1.6 bits, "
@@ -31,6 +31,7 @@ def bench(
     train: bool = typer.Option(False, "--train", help="Benchmark training steps instead (fused vs unfused BitLinear "
                                "vs Transformer++)."),
     seq_len: int = typer.Option(2048, "--seq-len", help="--train only: sequence length."),
+    steps: int = typer.Option(8, "--steps", help="--train only: timed training steps."),
 ):
     """Memory and latency of the MatMul-free LM vs Transformer++ per size, one run, every figure labelled.
 
@@ -42,18 +43,15 @@ def bench(
     command = "mmf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if train:
         res = model_bench.run_train(model if model != "all" else "370m,1.3b", device=device, batch=batch,
-                                    seq_len=seq_len)
+                                    seq_len=seq_len, steps=steps)
+        res["command"] = command
+        model_bench.print_train_results(res)
         _write_json(res, json_out)
-        rows = res.get("rows") if isinstance(res, dict) else None
-        if rows:
-            print_table(rows, title="mmf bench --train")
-        else:
-            typer.echo(json.dumps(res, indent=2, default=str))
         return
     variants = [v for v in model_bench.VARIANTS if not (no_hf and v == "hf-llama")]
     res = model_bench.run_bench(model, device=device, batch=batch or 1, prompt_len=prompt_len, gen_len=gen_len,
                                 dtype=dtype, fmt=fmt, repeat=repeat, variants=variants, command=command,
-                                progress=True)
+                                progress=True, on_size_done=lambda r: _write_json(r, json_out, quiet=True))
     p = res["protocol"]
     bw = res["copy_bandwidth"]["bytes_per_s"]
     print_table(model_bench.table_rows(res), title=(
@@ -70,11 +68,12 @@ def bench(
         typer.echo(f"wrote {plot}")
 
 
-def _write_json(res, path: Optional[Path]) -> None:
+def _write_json(res, path: Optional[Path], quiet: bool = False) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
-    typer.echo(f"wrote {path}")
+    if not quiet:
+        typer.echo(f"wrote {path}")
