@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -106,8 +107,19 @@ def _bits(v: int) -> int:
     return max(1, int(v).bit_length())
 
 
+def _run_job(args: list, jobdir: Path, timeout_s: float) -> tuple:
+    """One simulator run in its own directory: (PASS|FAIL|ERROR, detail, accumulators as signed ints)."""
+    run = subprocess.run(args, cwd=jobdir, capture_output=True, text=True, timeout=timeout_s)
+    m = _RESULT.search(run.stdout)
+    if m is None or m.group(1) == "ERROR":
+        return "ERROR", (run.stdout + run.stderr).strip()[-300:], []
+    got = [int(t, 16) for t in (jobdir / "got.mem").read_text().split() if re.fullmatch(r"[0-9a-fA-F]{8}", t)]
+    shutil.rmtree(jobdir, ignore_errors=True)
+    return m.group(1), m.group(2).strip(), [g - (1 << 32) if g >= 1 << 31 else g for g in got]
+
+
 def verify_image(image_dir, checkpoint, rows: int = 64, seed: int = 0, source=None, progress=None,
-                 checksums: bool = True, timeout_s: float = 600.0) -> dict:
+                 checksums: bool = True, timeout_s: float = 600.0, workers: Optional[int] = None) -> dict:
     """Simulate the reference RTL on the image's ternary banks; returns a report (``passed`` and rows per tensor).
 
     ``rows`` rows of every ternary tensor are simulated (half from the start, half from the end; 0 = all).
@@ -149,61 +161,64 @@ def verify_image(image_dir, checkpoint, rows: int = 64, seed: int = 0, source=No
         if proc.returncode != 0:
             raise MMFError(f"iverilog could not compile the reference RTL: {(proc.stderr or proc.stdout).strip()[:300]}")
         task = progress.add_task("fpga-image: simulating", total=len(all_jobs)) if progress is not None else None
-        for name, (codes, s_w) in source.iter(set(plans)):
-            entry, sim_rows = plans[name]
-            if tuple(codes.shape) != (entry["rows"], entry["columns"]):
-                raise MMFError(f"{name}: checkpoint shape {tuple(codes.shape)} differs from the image's "
-                               f"{entry['rows']} x {entry['columns']}; was the image built from another checkpoint?")
-            x = random_activations(entry["columns"], seed, name)
-            idx = torch.tensor(sim_rows, dtype=torch.long)
-            ref = torch.zeros(entry["rows"], dtype=torch.int64)
-            ref[idx] = codes[idx].to(torch.int64) @ x.to(torch.int64)  # the torch reference, exact in int64
-            if ref.abs().max() >= 2**31:
-                raise MMFError(f"{name}: an accumulator exceeds int32")
-            scale_ok = entry.get("scale") is not None and entry["scale"]["value"] == float(s_w)
-            (work / "act.mem").write_bytes(_act_lines(x, entry["words_per_row"], lanes))
-            got_all, cycles, first_fail, bad_code = {}, 0, None, False
-            for job in jobs[name]:
-                for old in work.glob("bank*.mem"):
-                    old.unlink()
-                for b in range(job["nbanks"]):
-                    src = (image_dir / f"ternary/bank{job['first_bank'] + b:05d}.mem").resolve()
-                    try:
-                        os.symlink(src, work / f"bank{b}.mem")
-                    except OSError:
-                        shutil.copyfile(src, work / f"bank{b}.mem")
-                rr = range(job["row0"], job["row0"] + job["rows"])
-                exp = ref[job["row0"]: job["row0"] + job["rows"]]
-                (work / "expected.mem").write_text("".join(f"{int(v) & 0xFFFFFFFF:08x}\n" for v in exp))
-                (work / "got.mem").unlink(missing_ok=True)
-                run = subprocess.run([vvp, "-n", str(work / "tb.vvp"), f"+nbanks={job['nbanks']}",
-                                      f"+base={job['base']}", f"+rows={job['rows']}",
-                                      f"+wpr={entry['words_per_row']}"],
-                                     cwd=work, capture_output=True, text=True, timeout=timeout_s)
-                m = _RESULT.search(run.stdout)
-                if m is None or m.group(1) == "ERROR":
-                    raise MMFError(f"simulation of {name} did not run: {(run.stdout + run.stderr).strip()[-300:]}")
-                got = [int(line, 16) for line in (work / "got.mem").read_text().split()
-                       if re.fullmatch(r"[0-9a-fA-F]{8}", line)]
-                got = [g - (1 << 32) if g >= 1 << 31 else g for g in got]
-                for r, g in zip(rr, got):
-                    got_all[r] = g
-                if m.group(1) == "PASS":
-                    cycles += int(re.search(r"cycles=(\d+)", m.group(2)).group(1))
-                elif first_fail is None:
-                    first_fail = m.group(2).strip()
-                bad_code |= "bad_code=1" in m.group(2)
-                if task is not None:
-                    progress.advance(task)
-            wrong = [r for r in sim_rows if got_all.get(r) != int(ref[r])]
-            passed = not wrong and first_fail is None and scale_ok
-            report_rows.append({
-                "tensor": name, "rows": entry["rows"], "columns": entry["columns"], "simulated_rows": len(sim_rows),
-                "simulator_runs": len(jobs[name]), "cycles": cycles, "mismatches": len(wrong),
-                "first_mismatch": None if not wrong else {"row": wrong[0], "got": got_all.get(wrong[0]),
-                                                          "expected": int(ref[wrong[0]])},
-                "bad_code": bad_code, "scale_matches": scale_ok, "status": "PASS" if passed else "FAIL",
-            })
+        pending = []  # (name, entry, sim_rows, ref, scale_ok, futures)
+        with ThreadPoolExecutor(max_workers=max(1, min(workers or os.cpu_count() or 1, 16))) as pool:
+            for name, (codes, s_w) in source.iter(set(plans)):
+                entry, sim_rows = plans[name]
+                if tuple(codes.shape) != (entry["rows"], entry["columns"]):
+                    raise MMFError(f"{name}: checkpoint shape {tuple(codes.shape)} differs from the image's "
+                                   f"{entry['rows']} x {entry['columns']}; was the image built from another checkpoint?")
+                x = random_activations(entry["columns"], seed, name)
+                idx = torch.tensor(sim_rows, dtype=torch.long)
+                ref = torch.zeros(entry["rows"], dtype=torch.int64)
+                ref[idx] = codes[idx].to(torch.int64) @ x.to(torch.int64)  # the torch reference, exact in int64
+                if ref.abs().max() >= 2**31:
+                    raise MMFError(f"{name}: an accumulator exceeds int32")
+                scale_ok = entry.get("scale") is not None and entry["scale"]["value"] == float(s_w)
+                act = _act_lines(x, entry["words_per_row"], lanes)
+                futures = []
+                for job in jobs[name]:
+                    jobdir = work / f"job{len(pending)}-{len(futures)}"
+                    jobdir.mkdir()
+                    (jobdir / "act.mem").write_bytes(act)
+                    for b in range(job["nbanks"]):
+                        src = (image_dir / f"ternary/bank{job['first_bank'] + b:05d}.mem").resolve()
+                        try:
+                            os.symlink(src, jobdir / f"bank{b}.mem")
+                        except OSError:
+                            shutil.copyfile(src, jobdir / f"bank{b}.mem")
+                    exp = ref[job["row0"]: job["row0"] + job["rows"]]
+                    (jobdir / "expected.mem").write_text("".join(f"{int(v) & 0xFFFFFFFF:08x}\n" for v in exp))
+                    args = [vvp, "-n", str(work / "tb.vvp"), f"+nbanks={job['nbanks']}", f"+base={job['base']}",
+                            f"+rows={job['rows']}", f"+wpr={entry['words_per_row']}"]
+                    fut = pool.submit(_run_job, args, jobdir, timeout_s)
+                    if task is not None:
+                        fut.add_done_callback(lambda _f: progress.advance(task))
+                    futures.append((job, fut))
+                pending.append((name, entry, sim_rows, ref, scale_ok, futures))
+            for name, entry, sim_rows, ref, scale_ok, futures in pending:
+                got_all, cycles, first_fail, bad_code = {}, 0, None, False
+                for job, fut in futures:
+                    status, detail, got = fut.result()
+                    if status == "ERROR":
+                        raise MMFError(f"simulation of {name} did not run: {detail}")
+                    for r, g in zip(range(job["row0"], job["row0"] + job["rows"]), got):
+                        got_all[r] = g
+                    if status == "PASS":
+                        cycles += int(re.search(r"cycles=(\d+)", detail).group(1))
+                    elif first_fail is None:
+                        first_fail = detail
+                    bad_code |= "bad_code=1" in detail
+                wrong = [r for r in sim_rows if got_all.get(r) != int(ref[r])]
+                passed = not wrong and first_fail is None and scale_ok
+                report_rows.append({
+                    "tensor": name, "rows": entry["rows"], "columns": entry["columns"],
+                    "simulated_rows": len(sim_rows), "simulator_runs": len(futures), "cycles": cycles,
+                    "mismatches": len(wrong),
+                    "first_mismatch": None if not wrong else {"row": wrong[0], "got": got_all.get(wrong[0]),
+                                                              "expected": int(ref[wrong[0]])},
+                    "bad_code": bad_code, "scale_matches": scale_ok, "status": "PASS" if passed else "FAIL",
+                })
     finally:
         shutil.rmtree(work, ignore_errors=True)
     order = {x["name"]: i for i, x in enumerate(tensors)}
