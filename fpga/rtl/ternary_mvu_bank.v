@@ -3,8 +3,9 @@
 // A bank is a WORD_BITS x BANK_WORDS memory initialised from one .mem file of the image
 // (`$readmemh`, as Vivado, Quartus, Yosys, Icarus and Verilator accept); it infers block RAM
 // or UltraRAM. The activation buffer is written by the host through x_we/x_waddr/x_wdata, one
-// word of WORD_BITS/2 int8 values at a time. Widths, depths and base addresses come from the
-// image's generated header mmf_image.vh, so this file hard-codes none of them.
+// word of WORD_BITS/2 int8 values at a time. Every width and depth is a parameter: set them from
+// the image's generated header mmf_image.vh (MMF_WORD_BITS, MMF_BANK_WORDS, MMF_BANK_ADDR_BITS,
+// <tensor>_WORDS_PER_ROW, ...), so no design hard-codes the image.
 module ternary_mvu_rom #(
     parameter WIDTH = 64,
     parameter DEPTH = 4096,
