@@ -150,7 +150,6 @@ def _mmf_weights(model, np_dtype, mode: str) -> tuple[dict, dict]:
         if not isinstance(m, FrozenBitLinear):
             raise MMFError(f"module {prefix} is {type(m).__name__}, not a frozen BitLinear; "
                            "ONNX export needs the model's inference form")
-        codes = m.ternary_codes()
         if mode == "packed" and getattr(m, "packed", None) is not None:
             packed = m.packed.detach().cpu()
             if bool((((packed.unsqueeze(0) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1, 1)) & 3)
@@ -158,7 +157,7 @@ def _mmf_weights(model, np_dtype, mode: str) -> tuple[dict, dict]:
                 raise MMFError(f"{prefix}: packed weights hold code 3 (weight +2), not ternary; "
                                "the checkpoint is corrupt or not an i2 pack")
         else:
-            codes = codes.detach().cpu()
+            codes = m.ternary_codes().detach().cpu()
             if codes.numel() and (codes.min() < -1 or codes.max() > 1):
                 raise MMFError(f"{prefix}: weights are not ternary (codes outside -1..1); "
                                "ONNX BitLinear export needs ternary codes")
@@ -166,7 +165,8 @@ def _mmf_weights(model, np_dtype, mode: str) -> tuple[dict, dict]:
         if mode == "packed":
             W[f"{prefix}.packed"] = packed.numpy()
         else:
-            W[f"{prefix}.codes_t"] = codes.detach().cpu().t().contiguous().float().numpy().astype(np_dtype)
+            W[f"{prefix}.codes_t"] = codes.t().contiguous().to(torch.float16 if np_dtype == np.float16
+                                                               else torch.float32).numpy()
         s_w = m.weight_scale.detach().float().cpu().reshape(())
         if not (torch.isfinite(s_w) and s_w > 0):
             raise MMFError(f"{prefix}: weight scale {s_w.item()} is not a positive finite number")
