@@ -789,8 +789,8 @@ def _extrapolate(a: dict, b: dict, L: int) -> dict:
     """Linear fit in the number of layers through measurements ``a`` (k1 layers) and ``b`` (k2 layers)."""
     k1, k2 = a["layers"], b["layers"]
 
-    def lin(x1, x2):
-        return x2 + (L - k2) * (x2 - x1) / (k2 - k1)
+    def lin(x1, x2):  # a layer costs >= 0: a negative slope (noise between the two runs) counts as 0
+        return x2 + (L - k2) * max(0.0, (x2 - x1) / (k2 - k1))
 
     def walk(x1, x2):
         if isinstance(x2, dict):
