@@ -267,12 +267,14 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
         absw_flat = absw.view(-1)
         # the lattice of reachable sums depends on the rest of the tensor: try a few neighbouring prefixes
         # and a few positions of the moving weight (different lanes of the vectorised reduction)
-        for back in range(8):
+        for back in range(24):
             if found is not None or not valid(lo_t - back):
                 break
             snapshot = build(lo_t - back).clone()
             pool = zero_pos if zero_pos.numel() else nz_pos
-            for e in sorted({int(pool[-1]), int(pool[0]), int(pool[len(pool) // 2]), int(pool[len(pool) // 3])}):
+            picks = {int(pool[i]) for i in range(-min(8, len(pool)), 0)}
+            picks |= {int(pool[(len(pool) * i) // 8]) for i in range(8)}
+            for e in sorted(picks):
                 if zero_pos.numel():
                     lo_b, hi_b = 0, zero_threshold_bits(dtype, s_w)
                 else:
@@ -297,8 +299,9 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
                     found, tweak = lo_t - back, (mean_e, hi)
                     break
     if found is None:
+        hint = "unpack with --dtype fp32" if dtype != torch.float32 else "pack the latent checkpoint instead"
         raise CheckpointError(f"tensor {name}: found no {dtype} weights whose absmean reproduces scale "
-                              f"{float(s_w)!r} exactly; unpack with --dtype fp32")
+                              f"{float(s_w)!r} exactly; {hint}")
     base = b0 + found // nnz
     for bits in (base, base + 1):  # every non-zero magnitude must quantise to code +-1
         if not bool(_bits_value(bits, dtype) * s_w > 0.5):

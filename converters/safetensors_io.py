@@ -108,7 +108,7 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             _fail(path, f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dt, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dt not in ST_SIZES:
+        if not isinstance(dt, str) or dt not in ST_SIZES:
             _fail(path, f"tensor {name!r}: unsupported dtype {dt!r}")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(type(s) is int and 0 <= s < 2**48 for s in shape)):
