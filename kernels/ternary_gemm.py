@@ -27,7 +27,7 @@ def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, X
     m = tl.program_id(0)
     seg = tl.program_id(1)
     _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
-               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM)
+               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -92,7 +92,8 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
             acc = tl.dot(xs, ((wb >> (2 * s)) & 3).to(tl.int8), acc, out_dtype=tl.int32)
             if EPI == 2:
                 acc2 = tl.dot(xs, ((wb2 >> (2 * s)) & 3).to(tl.int8), acc2, out_dtype=tl.int32)
-    _epilogue(acc, acc2, rm, rn, seg, SX, SUMX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+    sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+    _epilogue(acc, acc2, sumx, rm, rn, seg, SX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
 
 
 def _gemm_configs(m: int):

@@ -100,7 +100,7 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                eps_model, eps_bl, WRITE_STATE,
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
-               USE_ASM: tl.constexpr):
+               USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr):
     """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX.
 
     The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
@@ -155,15 +155,15 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     w2 = tl.arange(0, BLOCK_W)[None, :]
     tl.store(XQ + ((seg * M + m) * 4 + s2) * PW + w2, word, mask=w2 < PW)
     tl.store(SX + seg * M + m, sx)
-    tl.store(SUMX + seg * M + m, tl.sum(tl.sum(tl.sum(q, 2), 1), 0))
+    if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
+        tl.store(SUMX + seg * M + m, tl.sum(tl.sum(tl.sum(q, 2), 1), 0))
 
 
 @triton.jit
-def _epilogue(dot, dot2, rows_m, rows_n, seg, SX, SUMX, SW, OUT, RES, M, N, so_m, sr_m,
+def _epilogue(dot, dot2, sumx, rows_m, rows_n, seg, SX, SW, OUT, RES, M, N, so_m, sr_m,
               EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
-    """dot (BM, BN) int32 sums of c*x -> y = (dot - sum x) / (s_x s_w), then the epilogue."""
+    """dot (BM, BN) int32 sums of c*x, sumx (BM,) -> y = (dot - sum x) / (s_x s_w), then the epilogue."""
     mmask = rows_m < M
-    sumx = tl.load(SUMX + seg * M + rows_m, mask=mmask, other=0)
     sx = tl.load(SX + seg * M + rows_m, mask=mmask, other=1.0)
     sw = tl.load(SW + seg)
     den = (sx * sw)[:, None]
@@ -208,7 +208,7 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
                  M, N, K, P, PW,
                  PRO: tl.constexpr, EPI: tl.constexpr, HAS_LB: tl.constexpr, BYTE_W: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, BLOCK_W: tl.constexpr,
-                 USE_ASM: tl.constexpr):
+                 ONE_SHOT: tl.constexpr, USE_ASM: tl.constexpr):
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
@@ -228,28 +228,33 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
     # prologue: every program quantises the (few) rows itself
     for m in range(M):
         _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
-                   eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM)
+                   eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False)
     tl.debug_barrier()
     rm = tl.arange(0, BM)
     xbase = XQ + ((seg * M + rm[:, None]) * 4) * PW
     acc = tl.zeros((BM, BN, BW), tl.int32)
     acc2 = tl.zeros((BM, BN, BW), tl.int32)
+    xsum = tl.zeros((BM, BW), tl.int32)
+    ones = tl.full((BM, BW), 0x01010101, tl.int32)
     for w0 in range(0, PW, BW):
         ww = w0 + wofs
-        # next tile in flight while this one is used (masked past PW: no traffic)
-        c_next = _load_words(Wp, rows, ww + BW, P, PW, n_rows, BYTE_W)
-        if EPI == 2:
-            c2_next = _load_words(Wp, rows + N, ww + BW, P, PW, n_rows, BYTE_W)
+        if not ONE_SHOT:  # next tile in flight while this one is used (masked past PW: no traffic)
+            c_next = _load_words(Wp, rows, ww + BW, P, PW, n_rows, BYTE_W)
+            if EPI == 2:
+                c2_next = _load_words(Wp, rows + N, ww + BW, P, PW, n_rows, BYTE_W)
         xm = (rm[:, None] < M) & (ww < PW)[None, :]
         for s in tl.static_range(4):
-            xs = tl.load(xbase + s * PW + ww[None, :], mask=xm, other=0)[:, None, :]
+            xw = tl.load(xbase + s * PW + ww[None, :], mask=xm, other=0)
+            xsum = _dp4a(ones, xw, xsum, USE_ASM)
+            xs = xw[:, None, :]
             acc = _dp4a(((c >> (2 * s)) & 0x03030303)[None, :, :], xs, acc, USE_ASM)
             if EPI == 2:
                 acc2 = _dp4a(((c2 >> (2 * s)) & 0x03030303)[None, :, :], xs, acc2, USE_ASM)
-        c = c_next
-        if EPI == 2:
-            c2 = c2_next
-    _epilogue(tl.sum(acc, 2), tl.sum(acc2, 2), rm, rows, seg, SX, SUMX, SW, OUT, RES, M, N, so_m, sr_m,
+        if not ONE_SHOT:
+            c = c_next
+            if EPI == 2:
+                c2 = c2_next
+    _epilogue(tl.sum(acc, 2), tl.sum(acc2, 2), tl.sum(xsum, 1), rm, rows, seg, SX, SW, OUT, RES, M, N, so_m, sr_m,
               EPI, DT, USE_ASM)
 
 
@@ -281,11 +286,25 @@ class Scratch:
         self.sumx = torch.zeros(nseg, m, dtype=torch.int32, device=device)
 
 
-_GEMV_CONFIGS = {  # rows -> (BN, BW, num_warps) candidates; the first is the interpreter's choice
-    1: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (8, 128, 4)],
-    2: [(16, 64, 4), (32, 64, 8), (16, 128, 8), (8, 128, 4)],
-    4: [(16, 64, 8), (8, 64, 4), (16, 32, 4), (8, 128, 8)],
+# rows -> (BN, BW, num_warps) candidates; BW = 0: the whole row in one tile ("one shot": the
+# program's whole weight slice is in flight before the prologue starts)
+_GEMV_CONFIGS = {
+    1: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (4, 0, 4), (8, 0, 4), (8, 0, 8), (16, 0, 8)],
+    2: [(16, 64, 4), (8, 128, 4), (16, 64, 8), (4, 0, 4), (8, 0, 8), (2, 0, 4)],
+    4: [(16, 64, 8), (8, 64, 4), (8, 128, 8), (2, 0, 4), (4, 0, 8)],
 }
+
+
+def _configs(bm: int, pw: int):
+    """Candidates whose register tiles fit (BM x BN x BW words <= 64 per thread)."""
+    out = []
+    for bn, bw, nw in _GEMV_CONFIGS[bm]:
+        w = bw or triton.next_power_of_2(pw)
+        if bm * bn * w <= 64 * 32 * nw:
+            out.append((bn, bw, nw))
+    return out
+
+
 _TUNED: dict = {}
 
 
@@ -295,6 +314,8 @@ def _bm(m: int) -> int:
 
 def _launch_gemv(cfg, a):
     bn, bw, nw = cfg
+    block_w = triton.next_power_of_2(a["scratch"].pw)
+    bw = bw or block_w
     grid = (triton.cdiv(a["n"], bn), a["nseg"])
     _gemv_kernel[grid](
         a["x"], a["sxm"], a["g"], a["sgm"], a["s_in"], a["s_out"], a["lb"], a["nw"], a["bwn"],
@@ -302,14 +323,14 @@ def _launch_gemv(cfg, a):
         a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"], a["so_m"], a["sr_m"],
         a["m"], a["n"], a["k"], a["p"], a["scratch"].pw,
         PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BYTE_W=a["byte_w"], BM=_bm(a["m"]), BN=bn, BW=bw,
-        BLOCK_W=triton.next_power_of_2(a["scratch"].pw), USE_ASM=not INTERPRET, num_warps=nw)
+        BLOCK_W=block_w, ONE_SHOT=bw >= a["scratch"].pw, USE_ASM=not INTERPRET, num_warps=nw)
 
 
 def _tune(key, a):
     """Pick the fastest config once per shape (GPU only; tuning runs are side-effect free)."""
     if key in _TUNED:
         return _TUNED[key]
-    cands = _GEMV_CONFIGS[_bm(a["m"])]
+    cands = _configs(_bm(a["m"]), a["scratch"].pw)
     if INTERPRET or not a["out"].is_cuda or torch.cuda.is_current_stream_capturing():
         _TUNED[key] = cands[0]
         return cands[0]

@@ -53,6 +53,20 @@ def test_bitlinear_i2_matches_reference(dtype, m, n, k):
     check_rows(y, ref, dtype)
 
 
+@pytest.mark.parametrize("config", [(8, 4, 4), (4, 0, 4)])
+def test_gemv_k_loop_and_one_shot(config):
+    """The GEMV's two schedules: a loop over K in tiles of BW words, and the whole row at once (BW 0)."""
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 2, 19, 141  # 36 bytes, 9 words per row: 3 tiles of 4 words, the last partial
+    codes = rand_codes(n, k, g)
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    nw = (torch.rand(1, k, generator=g) + 0.5).to(torch.float16)
+    s_w = torch.tensor([0.8])
+    out = torch.full((m, n), float("nan"), dtype=torch.float16)
+    ternary_gemv.gemv(x, [pack_i2(codes)], s_w, nw, out, config=config)
+    check_rows(out, reference.bitlinear_frozen(x, nw[0], codes, s_w[0]), torch.float16)
+
+
 def test_integer_accumulation_is_exact():
     """In fp32 the whole chain is the reference's arithmetic: equal to rounding of the last divide."""
     g = torch.Generator().manual_seed(7)

@@ -1,0 +1,427 @@
+"""GPU evidence for the inference kernels: correctness on the device, then bandwidth and decode speed.
+
+    python -m mmf.bench.kernel_bench --out results.json [--smoke]
+
+One run prints (and writes as JSON):
+
+1. the measured device-to-device copy bandwidth (bytes read + written / time), the floor's divisor;
+2. correctness on the GPU: Triton vs the torch reference (``bitlinear_i2``, ``mlgru_step``, the
+   gated scan) on fresh random inputs, odd shapes, fp32/fp16/bf16; ``GraphDecoder`` vs the eager
+   model (greedy tokens, median logit error);
+3. every large ternary GEMV (13b and 370m shapes) in the form the decoder runs it (fused prologue
+   and epilogue), timed back to back in a CUDA graph over enough weight copies that nothing is
+   served from L2: time, GB/s, % of copy bandwidth;
+4. whole-model decode (``GraphDecoder``, CUDA graph) for ``370m`` and ``13b`` at batch 1: ms/token
+   beside the floor (bytes that must be read per token / copy bandwidth), and GPU memory;
+5. prefill of 128 tokens at ``13b`` vs the bf16 matmuls of a Transformer++ 13b (torch) at the same
+   tokens (matmuls only: a lower bound on the dense model's prefill time).
+
+Random packed weights are built directly (random codes in {0, 1, 2} per 2-bit field); no
+full-precision 13B model is ever made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch import nn
+
+from mmf.config import MMFConfig, model_preset
+from mmf.converters.ternary_codes import pack_i2
+from mmf.kernels import reference
+from mmf.models import build_model
+from mmf.models.hgrn_bit import BitLinear, FrozenBitLinear, HGRNBitForCausalLM
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def cuda_time(fn, iters=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def copy_bandwidth():
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    b = torch.empty_like(a)
+    ms = cuda_time(lambda: b.copy_(a), iters=20)
+    del a, b
+    return 2 * n / (ms * 1e-3)
+
+
+def rand_packed(n, k, device="cuda"):
+    p = -(-k // 4)
+    c = torch.randint(0, 3, (n, p, 4), dtype=torch.uint8, device=device)
+    return c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# correctness
+# ----------------------------------------------------------------------------------------------
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def row_errs(y, ref):
+    y, ref = y.double().reshape(-1, y.shape[-1]), ref.double().reshape(-1, ref.shape[-1])
+    return (y - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
+
+
+def check_kernels(quick: bool):
+    from mmf.kernels import ternary_gemm
+    from mmf.kernels.mlgru_step import mlgru_gated_scan, mlgru_step
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1, 1000, 1027), (3, 515, 2050), (8, 300, 999), (16, 257, 4099), (128, 96, 1030)]
+    if quick:
+        shapes = shapes[:2] + shapes[3:4]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for m, n, k in shapes:
+            codes = torch.randint(-1, 2, (n, k), device="cuda", generator=g, dtype=torch.int8)
+            packed = pack_i2(codes)
+            x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(dtype)
+            nw = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype)
+            s_w = torch.tensor(1.7, device="cuda")
+            y0 = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            y = ternary_gemm.bitlinear_i2(x, nw, packed, k, s_w)
+            ref = reference.bitlinear_frozen(x, nw, codes, s_w)
+            e = row_errs(y, ref)
+            exact = None
+            if dtype == torch.float32:  # integer sums: recover them and compare exactly
+                xq, s_x = reference.activation_quant(reference.rms_norm(x, nw, 1e-6, torch.float32))
+                acc = xq @ codes.float().T
+                exact = bool(torch.equal(torch.round(y.double() * (s_x * s_w).double()), acc.double()))
+            del y0
+            rows.append(dict(op="bitlinear_i2", path="gemv" if m <= 4 else "gemm", dtype=str(dtype)[6:],
+                             shape=f"{m}x{k}->{n}", max_row_rel_err=e.max().item(),
+                             rows_over_tol=int((e > TOL[dtype]).sum()), tol=TOL[dtype], finite=bool(y.isfinite().all()),
+                             int_exact=exact))
+        B, D = 5, 1531
+        ip, fp, gp = (torch.randn(B, D, device="cuda", generator=g).to(dtype) for _ in range(3))
+        st = torch.randn(B, D, device="cuda", generator=g)
+        lb = torch.rand(D, device="cuda", generator=g) * 0.8
+        w = (torch.rand(D, device="cuda", generator=g) + 0.5).to(dtype)
+        o, s = mlgru_step(ip, fp, gp, st, lb, w, 1e-6)
+        o_ref, s_ref = reference.mlgru_step_ref(ip, fp, gp, st, lb, w, 1e-6)
+        rows.append(dict(op="mlgru_step", path="fused", dtype=str(dtype)[6:], shape=f"{B}x{D}",
+                         max_row_rel_err=max(row_errs(o, o_ref).max().item(), row_errs(s, s_ref).max().item()),
+                         rows_over_tol=int((row_errs(o, o_ref) > TOL[dtype]).sum()), tol=TOL[dtype],
+                         finite=bool(o.isfinite().all()), int_exact=None))
+    T = 37
+    ifp = torch.randn(3, T, 3 * 1000, device="cuda", generator=g)
+    S, last = mlgru_gated_scan(ifp[..., :1000], ifp[..., 1000:2000], lb[:1000], st[:3, :1000])
+    i, f = reference.mlgru_gates(ifp[..., :1000], ifp[..., 1000:2000], lb[:1000])
+    S_ref, _ = reference.mlgru_scan(i, f, st[:3, :1000])
+    e = row_errs(S, S_ref)
+    rows.append(dict(op="mlgru_gated_scan", path="chunked", dtype="float32", shape=f"3x{T}x1000",
+                     max_row_rel_err=e.max().item(), rows_over_tol=int((e > 1e-5).sum()), tol=1e-5,
+                     finite=bool(S.isfinite().all()), int_exact=None))
+    return rows
+
+
+def check_decoder(quick: bool):
+    from mmf.decode_graph import GraphDecoder
+
+    out = []
+    cases = [(torch.float32, 1), (torch.float16, 2), (torch.float32, 6), (torch.bfloat16, 6)]
+    for dtype, batch in cases[: 2 if quick else 4]:
+        torch.manual_seed(batch)
+        cfg = MMFConfig(vocab_size=1003, hidden_size=384, num_hidden_layers=3, intermediate_size=1000)
+        model = build_model(cfg).init_weights().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
+            model.model.lower_bounds.normal_(0, 1)
+        model = model.freeze().to("cuda", dtype)
+        ids = torch.randint(3, 1003, (batch, 11), device="cuda")
+        dec = GraphDecoder(model, batch)
+        logits = dec.prefill(ids)
+        with torch.no_grad():
+            ref = model(ids)
+        errs = [row_errs(logits, ref.logits[:, -1])]
+        cache, ref_logits, same = ref.cache, ref.logits[:, -1], True
+        for _ in range(8):
+            nxt = ref_logits.argmax(-1)
+            same &= bool(torch.equal(logits.argmax(-1), nxt))
+            logits = dec.step(nxt).clone()
+            with torch.no_grad():
+                o = model(nxt[:, None], cache)
+            cache, ref_logits = o.cache, o.logits[:, -1]
+            errs.append(row_errs(logits, ref_logits))
+        errs = torch.cat(errs)
+        out.append(dict(op="GraphDecoder vs eager", path="graph" if dec.graph is not None else "eager",
+                        dtype=str(dtype)[6:], shape=f"batch {batch}, d 384, L 3, 9 positions",
+                        median_rel_err=errs.median().item(), max_rel_err=errs.max().item(),
+                        same_greedy_tokens=same))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMV bandwidth
+# ----------------------------------------------------------------------------------------------
+def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20):
+    """One projection as the decoder runs it, back to back over distinct weight copies in a graph."""
+    from mmf.kernels import ternary_gemm as tg
+    from mmf.kernels import ternary_gemv as tv
+
+    rows_w = 2 * n if kind == "glu" else n
+    nbytes = rows_w * (-(-k // 4))
+    copies = max(2, min(64, math.ceil(copies_bytes / nbytes)))
+    ws = [rand_packed(rows_w, k) for _ in range(copies)]
+    x = torch.randn(batch, k, device="cuda").to(dtype)
+    nw = torch.rand(k, device="cuda").to(dtype) + 0.5
+    bn = (torch.rand(1, k, device="cuda") + 0.5).to(dtype)
+    sw = torch.full((1,), 40.0, device="cuda")
+    out = torch.empty(batch, n, device="cuda", dtype=dtype)
+    res = torch.randn(batch, n, device="cuda").to(dtype)
+    gemv_path = batch <= tv.GEMV_MAX_ROWS
+    sc = tv.Scratch(1, batch, k, "cuda")
+    pro = tv.PRO_NORM if kind in ("norm", "glu") else tv.PRO_PLAIN
+    epi = {"glu": tv.EPI_GLU, "res": tv.EPI_RESIDUAL}.get(kind, tv.EPI_STORE)
+
+    def one(w):
+        if gemv_path:
+            tv.gemv(x, [w], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc)
+        else:
+            tg.quantize(x, bn, sc, pro=pro, norm_weight=nw)
+            tg.gemm(sc, [w], sw, out, k=k, epi=epi, residual=res if epi == tv.EPI_RESIDUAL else None)
+
+    one(ws[0])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in ws:
+            one(w)
+    ms = cuda_time(graph.replay, iters=10) / copies
+    del ws, graph
+    torch.cuda.empty_cache()
+    gbs = nbytes / (ms * 1e-3)
+    return dict(shape=f"{k}->{'2x' if kind == 'glu' else ''}{n}", kind=kind, batch=batch,
+                path="gemv" if gemv_path else "quantize+gemm", weight_MB=nbytes / 1e6, us=ms * 1e3,
+                GB_s=gbs / 1e9, pct_copy_bw=100 * gbs / bw)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole models
+# ----------------------------------------------------------------------------------------------
+def random_packed_model(cfg, dtype):
+    """A frozen HGRNBitForCausalLM with random i2 weights built directly on the GPU (no fp32 weights)."""
+    with torch.device("meta"):
+        model = HGRNBitForCausalLM(cfg)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BitLinear):
+                k, n = child.in_features, child.out_features
+                nw = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+                setattr(parent, name, FrozenBitLinear(k, n, weight_scale=torch.tensor(40.0, device="cuda"),
+                                                      norm_weight=nw, packed=rand_packed(n, k)))
+    for mod in model.modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                t = torch.empty(p.shape, device="cuda", dtype=dtype)
+                if pname == "weight" and isinstance(mod, nn.Embedding):
+                    t.normal_(0, 1)
+                elif pname == "lower_bounds":
+                    t = torch.randn(p.shape, device="cuda", dtype=torch.float32)
+                else:
+                    t.uniform_(0.5, 1.5)
+                mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    return model.eval()
+
+
+def decode_bench(size, dtype, bw, batch=1, steps=100):
+    from mmf.decode_graph import GraphDecoder
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    free0, total = torch.cuda.mem_get_info()
+    cfg = model_preset(size)
+    t0 = time.time()
+    model = random_packed_model(cfg, dtype)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # the random build's temporaries are the benchmark's, not the model's
+    dec = GraphDecoder(model, batch)
+    build_s = time.time() - t0
+    ids = torch.randint(3, cfg.vocab_size, (batch, 16), device="cuda")
+    logits = dec.prefill(ids)
+    nxt = logits.argmax(-1)
+    for _ in range(5):
+        dec.step(nxt)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(steps):
+        dec.step(nxt)
+    e.record()
+    torch.cuda.synchronize()
+    ms = s.elapsed_time(e) / steps
+    free1, _ = torch.cuda.mem_get_info()
+    need = dec.bytes_per_token()
+    res = dict(model=size, dtype=str(dtype)[6:], batch=batch, ms_per_token=ms, tokens_per_s=batch * 1e3 / ms,
+               floor_ms=need / bw * 1e3, pct_of_floor=100 * (need / bw * 1e3) / ms, bytes_per_token=need,
+               packed_weight_bytes=dec.weight_bytes, peak_allocated_GB=torch.cuda.max_memory_allocated() / 1e9,
+               reserved_GB=torch.cuda.memory_reserved() / 1e9,
+               device_used_GB=(total - free1) / 1e9, device_used_before_GB=(total - free0) / 1e9,
+               build_and_capture_s=build_s, kernels_per_token=4 * cfg.num_hidden_layers + 3)
+    return res, model, dec
+
+
+def prefill_bench(model, dec, cfg, dtype, tokens=128):
+    ids = torch.randint(3, cfg.vocab_size, (1, tokens), device="cuda")
+    dec.prefill(ids)  # tune
+    ms = cuda_time(lambda: dec.prefill(ids), iters=5, warmup=1)
+    return ms
+
+
+def dense_prefill_ms(size, tokens=128, dtype=torch.bfloat16):
+    """bf16 matmuls of a Transformer++ of this size (q, k, v, o, gate, up, down per layer + head)."""
+    cfg = model_preset("transformer++-" + size)
+    d, m, L, V = cfg.hidden_size, cfg.ffn_size, cfg.num_hidden_layers, cfg.vocab_size
+    layers = []
+    for _ in range(L):
+        layers.append([torch.empty(n, kk, device="cuda", dtype=dtype).normal_(0, 0.02)
+                       for n, kk in [(d, d), (d, d), (d, d), (d, d), (m, d), (m, d), (d, m)]])
+    head = torch.empty(V, d, device="cuda", dtype=dtype).normal_(0, 0.02)
+    x = torch.randn(tokens, d, device="cuda", dtype=dtype)
+    u = torch.randn(tokens, m, device="cuda", dtype=dtype)
+
+    def run():
+        for ws in layers:
+            for w in ws[:6]:
+                torch.nn.functional.linear(x, w)
+            torch.nn.functional.linear(u, ws[6])
+        torch.nn.functional.linear(x[-1:], head)
+
+    ms = cuda_time(run, iters=5, warmup=2)
+    nbytes = sum(w.numel() * 2 for ws in layers for w in ws) + head.numel() * 2
+    del layers, head
+    torch.cuda.empty_cache()
+    return ms, nbytes
+
+
+def table(rows, title):
+    try:
+        from tabulate import tabulate
+        log(f"\n{title}\n" + tabulate(rows, headers="keys", floatfmt=".4g"))
+    except ImportError:  # pragma: no cover
+        log(title)
+        for r in rows:
+            log(r)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--smoke", action="store_true", help="compile and check everything on small shapes only")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_bench: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    dtype = getattr(torch, args.dtype)
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               python=platform.python_version(), command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+               smoke=args.smoke, dtype=args.dtype)
+    t0 = time.time()
+    bw = copy_bandwidth()
+    res["copy_bandwidth_GB_s"] = bw / 1e9
+    log(f"{res['device']}  torch {res['torch']}  triton {res['triton']}  copy bandwidth {bw / 1e9:.0f} GB/s")
+    res["correctness"] = check_kernels(args.smoke)
+    table(res["correctness"], "correctness: Triton vs torch reference on the GPU")
+    res["decoder_correctness"] = check_decoder(args.smoke)
+    table(res["decoder_correctness"], "GraphDecoder vs eager model")
+    log(f"[{time.time() - t0:.0f}s] correctness done")
+
+    from mmf.kernels import ternary_gemm as tg
+    from mmf.kernels import ternary_gemv as tv
+
+    def dump():
+        res["tuned_gemv_configs"] = {str(k): v for k, v in tv._TUNED.items()}
+        res["tuned_gemm_configs"] = {str(k): v for k, v in tg._TUNED.items()}
+        res["wall_s"] = time.time() - t0
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+
+    dump()
+    dec_rows = []
+    res["decode"] = dec_rows
+    sizes = ["370m"] if args.smoke else ["370m", "13b"]
+    for size in sizes:
+        r, model, dec = decode_bench(size, dtype, bw, steps=20 if args.smoke else 200)
+        dec_rows.append(r)
+        log(f"[{time.time() - t0:.0f}s] decode {size}: {r['ms_per_token']:.3f} ms/token "
+            f"(floor {r['floor_ms']:.3f}), peak {r['peak_allocated_GB']:.2f} GB")
+        if size == "13b":
+            ms = prefill_bench(model, dec, model.config, dtype)
+            res["prefill_13b_128"] = dict(mmf_ms=ms)
+            log(f"[{time.time() - t0:.0f}s] prefill 13b 128 tokens: {ms:.2f} ms")
+        del model, dec
+        torch.cuda.empty_cache()
+        dump()
+
+    shapes13 = [(5120, 5120, "norm"), (5120, 5120, "res"), (13824, 5120, "glu"), (5120, 13824, "res"),
+                (32000, 5120, "norm")]
+    shapes370 = [(1024, 1024, "norm"), (2816, 1024, "glu"), (1024, 2816, "res"), (32000, 1024, "norm")]
+    gemv_rows = []
+    res["gemv"] = gemv_rows
+    if args.smoke:
+        gemv_rows.append(time_gemv(5120, 5120, "norm", 1, dtype, bw, copies_bytes=64 << 20))
+    else:
+        for n, k, kind in shapes13:
+            gemv_rows.append(dict(model="13b", **time_gemv(n, k, kind, 1, dtype, bw)))
+        for n, k, kind in shapes370:
+            gemv_rows.append(dict(model="370m", **time_gemv(n, k, kind, 1, dtype, bw)))
+        dump()
+        for batch in (4, 16):
+            gemv_rows.append(dict(model="13b", **time_gemv(5120, 5120, "norm", batch, dtype, bw)))
+            gemv_rows.append(dict(model="13b", **time_gemv(13824, 5120, "glu", batch, dtype, bw)))
+    table(gemv_rows, "ternary projections (decode form: fused prologue/epilogue), back to back, no L2 reuse")
+    log(f"[{time.time() - t0:.0f}s] gemv done")
+    dump()
+    if "prefill_13b_128" in res:
+        dense_ms, dense_bytes = dense_prefill_ms("13b")
+        res["prefill_13b_128"].update(transformerpp_bf16_matmuls_ms=dense_ms, transformerpp_weight_GB=dense_bytes / 1e9,
+                                      speedup=dense_ms / res["prefill_13b_128"]["mmf_ms"])
+        dump()
+    if not args.smoke:
+        for batch in (4, 16):
+            r, model, dec = decode_bench("370m", dtype, bw, batch=batch)
+            dec_rows.append(r)
+            del model, dec
+            torch.cuda.empty_cache()
+            dump()
+    table([{k: v for k, v in r.items() if k not in ("bytes_per_token", "device_used_before_GB")} for r in dec_rows],
+          "whole-model decode, CUDA graph (floor = bytes per token / copy bandwidth)")
+    if "prefill_13b_128" in res:
+        table([res["prefill_13b_128"]], "prefill, 128 tokens, 13b (batch 1)")
+    dump()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
