@@ -62,6 +62,7 @@ class TrainResult:
     tokens_per_s: float = 0.0
     interrupted: bool = False
     params: int = 0
+    is_main: bool = True  # rank 0 (the process that prints and writes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +97,18 @@ def schedule(cfg: TrainConfig, step: int) -> tuple[float, float]:
 # Output directory and checkpoints
 
 def default_out(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<name>-<YYYYmmdd-HHMMSS>``, with a suffix if that exists already (two runs in one second)."""
+    stem = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = stem, 1
+    while out.exists():
+        n += 1
+        out = Path(f"{stem}-{n}")
+    return out
+
+
+def _fresh(out: Path) -> bool:
+    """True if ``out`` is absent, empty, or holds only what a run that failed before training leaves."""
+    return not out.exists() or all(p.name == RUN_CONFIG for p in out.iterdir())
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -200,10 +212,10 @@ def load_training_checkpoint(path: Path, base, optimizer) -> dict:
     msd = dict(iter_tensors(path))
     if getattr(base.config, "tie_word_embeddings", False) and "lm_head.weight" not in msd:
         msd["lm_head.weight"] = msd["model.embeddings.weight"]
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(base, msd, options=opts)
+    set_model_state_dict(base, msd, options=StateDictOptions(full_state_dict=True))
     osd = _unflatten_optimizer(load_file(str(path / OPTIM_FILE)), state["optimizer"])
-    set_optimizer_state_dict(base, optimizer, osd, options=opts)
+    # strict=False: a parameter that never had a gradient (layer 0's MLGRU lower bound) has no AdamW state
+    set_optimizer_state_dict(base, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
     rng = load_file(str(path / RNG_FILE))
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
@@ -423,7 +435,7 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
         if not list_checkpoints(Path(out)):
             raise MMFError(f"{out}: no checkpoint to resume from (expected {CKPT_PREFIX}NNNNNNN/ with {STATE_FILE})")
     out = Path(broadcast_object(world, str(out if out is not None else default_out(cfg))))
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and not _fresh(out):
         raise MMFError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
     device = world.device
     torch.manual_seed(cfg.train.seed)
@@ -583,7 +595,7 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
     return TrainResult(out=out, checkpoint=last_ckpt, step=start + done_steps, losses=losses, val_loss=val_loss,
                        unigram_entropy=data.unigram_entropy, tokens=done_steps * B * T, seconds=seconds,
                        tokens_per_s=done_steps * B * T / max(seconds, 1e-9), interrupted=interrupted,
-                       params=n_params)
+                       params=n_params, is_main=world.is_main)
 
 
 def run_train(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool, overrides: list,

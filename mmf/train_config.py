@@ -198,9 +198,9 @@ def _preset_dict(name: str) -> dict:
             tokenizer={"type": "bpe", "vocab_size": 1024},
             optim={"lr": 4e-3 if arch == "mmf" else 2e-3, "weight_decay": 0.1},
             schedule={"type": "cosine", "warmup_steps": 30, "min_lr_ratio": 0.1},
-            train={"steps": 600, "batch_size": 16, "seq_len": 128},
-            checkpoint={"every": 200, "keep": 2},
-            logging={"every": 10, "eval_every": 200, "eval_tokens": 32768},
+            train={"steps": 300, "batch_size": 16, "seq_len": 128},
+            checkpoint={"every": 100, "keep": 2},
+            logging={"every": 10, "eval_every": 100, "eval_tokens": 32768},
         )
     else:
         # GPU scale, the paper's recipe shape: 2048 tokens, ~0.5M tokens per step; the MatMul-free

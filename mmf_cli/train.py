@@ -35,7 +35,7 @@ def train(
         typer.echo(config_to_toml(cfg), nl=False)
         return
     r = run_train(config, data, out, resume, overrides or [], log=lambda s: typer.echo(s, err=True))
-    if r.checkpoint is None:
+    if r.checkpoint is None or not r.is_main:
         return
     rows = [
         {"metric": "steps", "value": f"{r.step}"},
