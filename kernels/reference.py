@@ -136,7 +136,8 @@ def bitlinear_i2_lut(x, norm_weight, packed, k: int, s_w, bias=None, eps: float 
     For each token, a table T[j, b] = sum_s (digit_s(b) - 1) * xq[s*P + j] holds the partial dot
     product of every possible byte b at byte column j (P x 256 entries, built with one small matmul);
     the product is then one table lookup per packed byte, ``acc[n] = sum_j T[j, packed[n, j]]``:
-    four weights per memory access, no multiplication. Sums of integers, exact in fp32 while
+    four weights per memory access, no multiplication (several tokens: one ``embedding_bag`` sum over
+    a (P*256, M) table serves them all). Sums of integers, exact in fp32 while
     K * 128 < 2^24 (as in ``bitlinear_frozen``). More than ``LUT_MAX_ROWS`` tokens (prefill) take
     row chunks of the weights unpacked transiently instead.
     """
@@ -150,10 +151,13 @@ def bitlinear_i2_lut(x, norm_weight, packed, k: int, s_w, bias=None, eps: float 
         xs = F.pad(xq2, (0, 4 * p - k)).view(m, 4, p).transpose(1, 2)  # (M, P, 4): the 4 digits of byte j
         table = (xs @ _i2_digits(x.device).t()).reshape(m, p * 256)  # (M, P*256)
         offsets = torch.arange(p, dtype=torch.int32, device=x.device) * 256
+        table_t = table.t().contiguous() if m > 1 else None  # (P*256, M): one bag sum serves every token
         for r in range(0, n, row_chunk):
-            idx = packed[r:r + row_chunk].to(torch.int32).add_(offsets).view(-1)
-            for i in range(m):
-                acc[i, r:r + row_chunk] = table[i].index_select(0, idx).view(-1, p).sum(1)
+            idx = packed[r:r + row_chunk].to(torch.int32).add_(offsets)
+            if m == 1:
+                acc[0, r:r + row_chunk] = table[0].index_select(0, idx.view(-1)).view(-1, p).sum(1)
+            else:
+                acc[:, r:r + row_chunk] = F.embedding_bag(idx, table_t, mode="sum").t()
     else:
         for r in range(0, n, row_chunk):
             acc[:, r:r + row_chunk] = F.linear(xq2, unpack_i2_ref(packed[r:r + row_chunk], k).to(torch.float32))

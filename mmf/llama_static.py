@@ -26,9 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mmf import kernels
 from mmf.config import LlamaConfig
-from mmf.models.llama import apply_rope, rope_cos_sin
+from mmf.models.llama import rope_cos_sin
 
 
 class StaticLlama:
@@ -131,7 +130,9 @@ class StaticLlama:
         # (L, 2, B, H_kv, S, hd): k and v of a layer adjacent, one index_copy_ writes both
         self.kv = torch.zeros(self.num_layers, 2, batch, self.n_kv, max_len, self.head_dim, device=dev, dtype=dt)
         pos_all = torch.arange(max_len, device=dev)
-        self.cos_table, self.sin_table = rope_cos_sin(pos_all, self.head_dim, self.config.theta, dt)
+        self.cos_table, sin = rope_cos_sin(pos_all, self.head_dim, self.config.theta, dt)
+        half = self.head_dim // 2
+        self.sin_table = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # signed for the roll form
         self.arange_s = pos_all
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -162,7 +163,14 @@ class StaticLlama:
 
     # ------------------------------------------------------------------ maths
     def _rms(self, x, w):
-        return kernels.rms_norm(x, w, self.eps)
+        # the fused kernel of F.rms_norm: fp32 inside, one rounding to x's dtype, as kernels.rms_norm
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+
+    @staticmethod
+    def _rope(x, cos, sin_signed):
+        """RoPE as in ``apply_rope``: x * cos + rotate_half(x) * sin, with rotate_half(x) * sin =
+        roll(x, hd/2) * [-sin, sin] (three kernels instead of five)."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
     def _layer(self, x, layer, l, cos, sin, mask, prefill_len: int):
         """x: (N, d) rows (N = B*T). Writes k, v into the cache; returns the new residual stream."""
@@ -171,7 +179,7 @@ class StaticLlama:
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = F.linear(self._rms(x, layer["ln1"]), layer["wqkv"])  # (N, (H + 2 Hkv) hd)
         qk = qkv[:, :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2)
-        qk = apply_rope(qk, cos, sin)  # q and k together: one pass
+        qk = self._rope(qk, cos, sin)  # q and k together: one pass
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
         kv = self.kv[l]  # (2, B, Hkv, S, hd)
@@ -198,7 +206,9 @@ class StaticLlama:
         x = self.embed.index_select(0, self.tok)  # (B, d)
         cos = self.cos_table.index_select(0, self.pos)  # (1, hd)
         sin = self.sin_table.index_select(0, self.pos)
-        mask = (self.arange_s <= self.pos).view(1, 1, 1, -1)
+        # additive mask, built once per step (a boolean mask would be converted in every layer)
+        mask = torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
+            self.arange_s > self.pos, float("-inf")).view(1, 1, 1, -1)
         for l, layer in enumerate(self.layers):
             x = self._layer(x, layer, l, cos, sin, mask, 0)
         self.logits.copy_(self._head(x))
