@@ -1179,12 +1179,12 @@ def write_plot(result: dict, path) -> None:
 def run_train(models=("370m", "1.3b"), device="cuda", batch=None, seq_len=2048, **kw) -> dict:
     """``mmf bench --train``: the training benchmark of the kernels issue (bench/train_bench.py)."""
     try:
-        from mmf.bench.train_bench import run_train_bench
+        from mmf.bench import train_bench
     except ImportError:
         raise MMFError("the training benchmark (bench/train_bench.py, issue 5) is not installed in this "
                        "version of mmf; run the inference benchmark without --train") from None
     sizes = [s for s in resolve_sizes(models)]
-    return run_train_bench(sizes=tuple(sizes), device=device, batch=batch, seq_len=seq_len, **kw)
+    return train_bench.run_train_bench(sizes=tuple(sizes), device=device, batch=batch, seq_len=seq_len, **kw)
 
 
 def print_train_results(res: dict) -> None:

@@ -219,3 +219,26 @@ def test_cli_bench_writes_json_and_png(tmp_path):
     data = json.loads(js.read_text())
     assert isinstance(data["command"], str) and set(data["sizes"]["tiny"]["variants"]) == {"mmf", "transformer++"}
     assert png.stat().st_size > 0
+
+
+def test_cli_bench_train_calls_the_training_benchmark(tmp_path, monkeypatch):
+    """`mmf bench --train` hands its options to bench/train_bench.run_train_bench and writes its result."""
+    from typer.testing import CliRunner
+
+    from mmf.bench import train_bench
+    from mmf.cli.main import app
+
+    seen = {}
+
+    def fake(sizes, device, batch, seq_len, steps, **kw):
+        seen.update(sizes=sizes, device=device, batch=batch, seq_len=seq_len, steps=steps)
+        return {"env": {}, "results": [{"size": sizes[0], "variant": "fused", "batch": batch, "step_s": 0.5}],
+                "ratios": {}}
+
+    monkeypatch.setattr(train_bench, "run_train_bench", fake)
+    js = tmp_path / "t.json"
+    r = CliRunner().invoke(app, ["bench", "--train", "--model", "370m", "--device", "cpu", "--batch", "2",
+                                 "--seq-len", "64", "--steps", "3", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert seen == dict(sizes=("370m",), device="cpu", batch=2, seq_len=64, steps=3)
+    assert json.loads(js.read_text())["results"][0]["step_s"] == 0.5
