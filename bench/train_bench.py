@@ -179,6 +179,9 @@ def run_train_bench(sizes=("370m", "1.3b"), device="cuda", batch=None, seq_len=2
         env["triton"] = None
     if dev.type == "cuda":
         env["device"] = torch.cuda.get_device_name(dev)
+    from mmf.kernels import bitlinear_fused
+
+    env["bitlinear_int8_forward"] = bitlinear_fused.INT8_FORWARD
     jobs = [(s, v) for s in sizes for v in variants]
     rows = []
     bar = None
@@ -254,6 +257,13 @@ def run_kernel_checks(device="cuda") -> dict:
     v0 = p._version
     torch.optim.AdamW([p], fused=True).step()
     out["checks"]["fused_adamw_bumps_version"] = p._version != v0
+    # ... it does not (torch 2.11): the cache must notice the step through the optimiser hook
+    xw = torch.randn(128, 64, device=dev)
+    nw0 = torch.nn.Parameter(torch.ones(64, device=dev))
+    BF.bitlinear_train_fused(xw, nw0, p).sum().backward()
+    torch.optim.AdamW([p], lr=0.1, fused=True).step()
+    out["checks"]["cache_refreshed_after_fused_adamw_rel_err"] = _rel(
+        BF.bitlinear_train_fused(xw, nw0, p), R.bitlinear_train(xw, nw0, p))
     # ceilings
     a = torch.empty(2 ** 28, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
@@ -289,13 +299,24 @@ def run_kernel_checks(device="cuda") -> dict:
                 torch.autograd.grad(y, (x, nw, w), dy)
             return run
 
-        tf = _time_ms(fwd_bwd(BF.bitlinear_train_fused))
+        old = BF.INT8_FORWARD
+        try:
+            BF.INT8_FORWARD = "0"
+            tf16 = _time_ms(fwd_bwd(BF.bitlinear_train_fused))
+            BF.INT8_FORWARD = "1"
+            tf = _time_ms(fwd_bwd(BF.bitlinear_train_fused))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y8 = BF.bitlinear_train_fused(x, nw, w)
+            out["checks"][name]["y_int8_forward"] = _rel(y8, res[1][0])
+        finally:
+            BF.INT8_FORWARD = old
         tr = _time_ms(fwd_bwd(R.bitlinear_train))
         xb, wb = x.detach().bfloat16(), w.detach().bfloat16()
         tmm = _time_ms(lambda: (xb @ wb.t(), dy @ wb, dy.t() @ xb))
         # rows: fwd reads x (4B) writes xq (2B); bwd reads x, dxs and writes dx (4B), xq (2B)
         row_bytes = M * K * (4 + 2 + 4 + 2 + 4 + 2)
-        out["timings_ms"][name] = {"fused_fwd_bwd": round(tf, 3), "reference_fwd_bwd": round(tr, 3),
+        out["timings_ms"][name] = {"fused_int8_fwd_bwd": round(tf, 3), "fused_bf16_fwd_bwd": round(tf16, 3),
+                                   "reference_fwd_bwd": round(tr, 3),
                                    "three_bf16_matmuls_alone": round(tmm, 3),
                                    "row_kernels_floor": round(row_bytes / bw, 3),
                                    "matmul_floor": round(6 * M * K * N / (out["floors"]["bf16_mm_TFLOPs"] * 1e9), 3)}
@@ -314,10 +335,11 @@ def run_kernel_checks(device="cuda") -> dict:
         try:
             from mmf.kernels.int8_matmul import int8_matmul_scaled
 
-            ref = (torch._int_mm(xq8, c8.t()).double() * sx.double() * 0.5)
-            y8 = int8_matmul_scaled(xq8, c8, sx.view(-1), 0.5, torch.bfloat16)
+            sw = torch.tensor([2.0], device=dev)
+            ref = (xq8.double() @ c8.double().t()) / (sx.double() * 2.0)
+            y8 = int8_matmul_scaled(xq8, c8, sx.view(-1), sw, torch.bfloat16)
             out["checks"][f"int8_triton_{K}x{N}"] = _rel(y8, ref)
-            t_tr = _time_ms(lambda: int8_matmul_scaled(xq8, c8, sx.view(-1), 0.5, torch.bfloat16))
+            t_tr = _time_ms(lambda: int8_matmul_scaled(xq8, c8, sx.view(-1), sw, torch.bfloat16))
         except ImportError:
             pass
         out["timings_ms"][f"fwd_product_{M}x{K}x{N}"] = {

@@ -10,9 +10,12 @@ straight-through gradients), with less memory traffic and far fewer saved tensor
   consumers: the MLGRU's three projections read the same ``h``) and ``rstd`` (one fp32 per row)
   are saved for backward.
 * weights: ``codes / s_w`` is computed once per optimiser step and cached on the parameter,
-  keyed on its storage pointer and autograd version counter (every in-place update through
-  torch, an optimiser step included, bumps the counter). Code that writes ``weight.data``
-  directly must call ``clear_weight_cache()``.
+  keyed on its storage pointer, its autograd version counter (bumped by in-place updates such as
+  ``load_state_dict``) and a global count of optimiser steps (a post-step hook on every
+  ``torch.optim`` optimiser: fused AdamW updates in place without bumping version counters).
+  Gradient accumulation over micro-batches reuses the cache. Code that writes ``weight.data``
+  directly, or updates weights without a ``torch.optim`` optimiser, must call
+  ``clear_weight_cache()``.
 * backward: ``dxs = dy @ wq`` (tensor cores), then one row kernel recomputes the normalised and
   quantised activations from ``x`` and ``rstd`` (for ``dW = dy^T @ xq``) and applies the RMSNorm
   backward (``dx`` and the per-program partial sums of the norm weight's gradient) in the same
@@ -30,6 +33,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 import triton
 import triton.language as tl
 
@@ -89,13 +93,14 @@ def _load_x(xp, cols, m, K, GLU: tl.constexpr):
 
 
 @triton.jit
-def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
+def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, SX, K, stride_x, stride_g, stride_y, eps,
                         HAS_NW: tl.constexpr, QUANT: tl.constexpr, HAS_GATE: tl.constexpr, RINT: tl.constexpr,
-                        GLU: tl.constexpr, BLOCK_K: tl.constexpr):
+                        GLU: tl.constexpr, INT8: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row: rstd = 1/sqrt(mean(x^2)+eps); xn = x*rstd*nw.
 
     QUANT: y = (round(xn * s) clamped to int8) / s with s = 127 / max(max|xn|, 1e-5), cast first to
     x's dtype, then to y's (the reference's ``x_st.to(x.dtype)`` and the autocast cast).
+    INT8 (with QUANT): y = the int8 codes themselves and SX[row] = s.
     HAS_GATE: y = xn * silu(gate). Else y = xn.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -118,6 +123,8 @@ def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
                 xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xn))
         s = 127.0 / tl.maximum(tl.max(amax, axis=0), 1e-5)
+        if INT8:
+            tl.store(SX + row, s)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             m = cols < K
@@ -126,7 +133,10 @@ def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, K, stride_x, stride_g, stride_y, eps,
                 xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
             q = _rint(xn * s, RINT)
             q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-            v = (q / s).to(X.dtype.element_ty).to(Y.dtype.element_ty)
+            if INT8:
+                v = q.to(tl.int8)
+            else:
+                v = (q / s).to(X.dtype.element_ty).to(Y.dtype.element_ty)
             tl.store(yp + cols, v, mask=m)
     else:
         for k0 in range(0, K, BLOCK_K):
@@ -231,23 +241,48 @@ def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
 
 
 @triton.jit
-def _weight_quant_kernel(W, Q, N, s_ptr, BLOCK: tl.constexpr, RINT: tl.constexpr):
-    """q = clamp(round(w * s_w), -1, 1) / s_w, cast first to w's dtype then to q's."""
+def _weight_quant_kernel(W, Q, N, s_ptr, BLOCK: tl.constexpr, RINT: tl.constexpr, CODES: tl.constexpr = False):
+    """q = clamp(round(w * s_w), -1, 1) / s_w, cast first to w's dtype then to q's (CODES: q = the codes)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     s = tl.load(s_ptr)
     w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
     c = _rint(w * s, RINT)
     c = tl.minimum(tl.maximum(c, -1.0), 1.0)
-    # reference: codes.to(w.dtype) / s_w.to(w.dtype), computed in w's dtype
-    ws = s.to(W.dtype.element_ty).to(tl.float32)
-    v = (c / ws).to(W.dtype.element_ty).to(Q.dtype.element_ty)
+    if CODES:
+        v = c.to(Q.dtype.element_ty)
+    else:
+        # reference: codes.to(w.dtype) / s_w.to(w.dtype), computed in w's dtype
+        ws = s.to(W.dtype.element_ty).to(tl.float32)
+        v = (c / ws).to(W.dtype.element_ty).to(Q.dtype.element_ty)
+    tl.store(Q + offs, v, mask=m)
+
+
+@triton.jit
+def _dequant_kernel(C, Q, N, s_ptr, WDT, BLOCK: tl.constexpr):
+    """q = codes / s_w formed in the weight's dtype (WDT's element type), then cast to q's."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    ws = tl.load(s_ptr).to(WDT.dtype.element_ty).to(tl.float32)
+    c = tl.load(C + offs, mask=m, other=0).to(tl.float32)
+    v = (c / ws).to(WDT.dtype.element_ty).to(Q.dtype.element_ty)
     tl.store(Q + offs, v, mask=m)
 
 
 # ----------------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------------
+INT8_FORWARD = os.environ.get("MMF_BITLINEAR_INT8", "auto")  # "1" always, "0" never, "auto": CUDA sm >= 8.0
+
+
+def _use_int8(x2: torch.Tensor) -> bool:
+    if INT8_FORWARD == "1":
+        return True
+    if INT8_FORWARD == "0" or not x2.is_cuda or _INTERPRET:
+        return False
+    return torch.cuda.get_device_capability(x2.device) >= (8, 0) and x2.shape[0] >= 64
+
+
 def _use_rint(t: torch.Tensor) -> bool:
     return t.is_cuda and not _INTERPRET
 
@@ -257,20 +292,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd(x2, nw, gate2, out_dtype, eps, quant, glu=False):
+def _fwd(x2, nw, gate2, out_dtype, eps, quant, glu=False, int8=False):
     M, K = x2.shape
     K = K // 2 if glu else K
-    y = torch.empty(M, K, dtype=out_dtype, device=x2.device)
+    y = torch.empty(M, K, dtype=torch.int8 if int8 else out_dtype, device=x2.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
+    sx = torch.empty(M if int8 else 1, dtype=torch.float32, device=x2.device)
     if M == 0:
-        return y, rstd
+        return (y, sx, rstd) if int8 else (y, rstd)
     bk = _block_k(K)
     _rownorm_fwd_kernel[(M,)](
-        x2, nw if nw is not None else x2, gate2 if gate2 is not None else x2, y, rstd, K,
+        x2, nw if nw is not None else x2, gate2 if gate2 is not None else x2, y, rstd, sx, K,
         x2.stride(0), gate2.stride(0) if gate2 is not None else 0, y.stride(0), float(eps),
-        HAS_NW=nw is not None, QUANT=quant, HAS_GATE=gate2 is not None, RINT=_use_rint(x2), GLU=glu, BLOCK_K=bk,
+        HAS_NW=nw is not None, QUANT=quant, HAS_GATE=gate2 is not None, RINT=_use_rint(x2), GLU=glu, INT8=int8, BLOCK_K=bk,
         num_warps=_num_warps(bk))
-    return y, rstd
+    return (y, sx, rstd) if int8 else (y, rstd)
 
 
 def _bwd(x2, nw, gate2, dy2, rstd, scale, quant, xq_dtype, need_dnw, glu=False):
@@ -307,11 +343,22 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # weights: quantised once per optimiser step
 # ----------------------------------------------------------------------------------------------
 _CACHE_ATTR = "_mmf_wq_cache"
+_CODES_ATTR = "_mmf_codes_cache"
+_STEP = [0]  # bumped after every optimiser step (any torch.optim optimiser, fused ones included)
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    _STEP[0] += 1
+
+
+# Fused optimisers (AdamW(fused=True)) update parameters in place WITHOUT bumping their autograd
+# version counters, so the version alone cannot tell that a weight changed: a global step hook can.
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def quantized_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``codes / s_w`` of ``weight`` in ``dtype``, recomputed only when the weight has changed."""
-    key = (weight.data_ptr(), weight._version, dtype, tuple(weight.shape), weight.device)
+    key = (weight.data_ptr(), weight._version, _STEP[0], dtype, tuple(weight.shape), weight.device)
     hit = getattr(weight, _CACHE_ATTR, None)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -330,19 +377,52 @@ def quantized_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return q
 
 
+def quantized_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 ternary codes, s_w as a (1,) fp32 tensor) of ``weight``, cached like ``quantized_weight``."""
+    key = (weight.data_ptr(), weight._version, _STEP[0], tuple(weight.shape), weight.device)
+    hit = getattr(weight, _CODES_ATTR, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        w = weight.detach()
+        w = w if w.is_contiguous() else w.contiguous()
+        s_w = (1.0 / w.float().abs().mean().clamp(min=reference.WEIGHT_CLAMP_MIN)).reshape(1)
+        codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        n = w.numel()
+        if n:
+            _weight_quant_kernel[(triton.cdiv(n, 4096),)](w, codes, n, s_w, BLOCK=4096, RINT=_use_rint(w),
+                                                          CODES=True, num_warps=8)
+    try:
+        setattr(weight, _CODES_ATTR, (key, (codes, s_w)))
+    except (AttributeError, TypeError):  # pragma: no cover
+        pass
+    return codes, s_w
+
+
+def _dequant(codes, s_w, w_dtype, dtype):
+    """codes / s_w exactly as the reference forms it (in the weight's dtype), then in ``dtype``."""
+    q = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    n = codes.numel()
+    if n:
+        _dequant_kernel[(triton.cdiv(n, 4096),)](codes, q, n, s_w, torch.empty(0, dtype=w_dtype, device=codes.device),
+                                                 BLOCK=4096, num_warps=8)
+    return q
+
+
 def clear_weight_cache(module_or_tensor=None) -> None:
     """Drop cached quantised weights (after writing ``weight.data`` directly, or to free memory)."""
     if module_or_tensor is None:
         import gc
 
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and hasattr(obj, _CACHE_ATTR):
-                delattr(obj, _CACHE_ATTR)
-        return
-    tensors = module_or_tensor.parameters() if isinstance(module_or_tensor, torch.nn.Module) else [module_or_tensor]
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    elif isinstance(module_or_tensor, torch.nn.Module):
+        tensors = list(module_or_tensor.parameters())
+    else:
+        tensors = [module_or_tensor]
     for t in tensors:
-        if hasattr(t, _CACHE_ATTR):
-            delattr(t, _CACHE_ATTR)
+        for attr in (_CACHE_ATTR, _CODES_ATTR):
+            if hasattr(t, attr):
+                delattr(t, attr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,10 +433,20 @@ class _BitLinearTrain(torch.autograd.Function):
     def forward(ctx, x, norm_weight, weight, bias, eps, glu):
         cdtype = _compute_dtype(x)
         x2 = _rows(x)
-        xq, rstd = _fwd(x2, norm_weight, None, cdtype, eps, quant=True, glu=glu)
-        wq = quantized_weight(weight, cdtype)
-        y = torch.mm(xq, wq.t())
+        int8 = _use_int8(x2)
+        if int8:  # ternary x int8 on the integer tensor cores, exact in int32, scales in the epilogue
+            from .int8_matmul import int8_matmul_scaled
+
+            xq, sx, rstd = _fwd(x2, norm_weight, None, cdtype, eps, quant=True, glu=glu, int8=True)
+            codes, s_w = quantized_codes(weight)
+            y = int8_matmul_scaled(xq, codes, sx, s_w, cdtype)
+            del sx
+        else:
+            xq, rstd = _fwd(x2, norm_weight, None, cdtype, eps, quant=True, glu=glu)
+            wq = quantized_weight(weight, cdtype)
+            y = torch.mm(xq, wq.t())
         del xq
+        ctx.int8 = int8
         if bias is not None:
             y = y + bias.to(cdtype)
         ctx.save_for_backward(x2, norm_weight, weight, rstd)
@@ -368,8 +458,11 @@ class _BitLinearTrain(torch.autograd.Function):
         x2, nw, weight, rstd = ctx.saved_tensors
         cdtype = ctx.cdtype
         dy2 = _rows(dy).to(cdtype)
-        wq = quantized_weight(weight, cdtype)
-        dxs = torch.mm(dy2, wq)
+        if ctx.int8:  # only the int8 codes are cached: the dequantised weight lives for this product
+            codes, s_w = quantized_codes(weight)
+            dxs = torch.mm(dy2, _dequant(codes, s_w, weight.dtype, cdtype))
+        else:
+            dxs = torch.mm(dy2, quantized_weight(weight, cdtype))
         need_w = ctx.needs_input_grad[2]
         dx, _, xq, dnw = _bwd(x2, nw, None, dxs, rstd, 1.0, need_w, cdtype, ctx.needs_input_grad[1], glu=ctx.glu)
         del dxs

@@ -1,10 +1,10 @@
 """Int8 tensor-core product with the BitLinear scales fused into the epilogue (Triton).
 
-``int8_matmul_scaled(xq, codes, row_scale, col_scale, out_dtype)`` returns
-``(xq @ codes^T) * row_scale[:, None] * col_scale`` with int8 operands (activations in
-[-128, 127], ternary codes) accumulated exactly in int32 and scaled once at the end.
-Explored as the forward product of the fused BitLinear; see bench/train_bench.py --check for
-how it compares with the bf16 tensor-core product.
+``int8_matmul_scaled(xq, codes, s_x, s_w, out_dtype)`` returns ``(xq @ codes^T) / (s_x * s_w)``
+(the BitLinear's inference arithmetic, ``reference.bitlinear_frozen``) with int8 operands
+(activations in [-128, 127], ternary codes) accumulated exactly in int32 and the scales (device
+tensors: no host synchronisation) applied once at the end. The fused BitLinear's forward uses it on
+CUDA; bench/train_bench.py --check times it against the bf16 tensor-core product.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import triton.language as tl
     key=["M", "N", "K"],
 )
 @triton.jit
-def _int8_mm_kernel(A, B, RS, Y, M, N, K, col_scale, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _int8_mm_kernel(A, B, SX, SW, Y, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     grid_n = tl.cdiv(N, BN)
     GROUP = 8
@@ -47,19 +47,20 @@ def _int8_mm_kernel(A, B, RS, Y, M, N, K, col_scale, BM: tl.constexpr, BN: tl.co
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptr += BK
         b_ptr += BK
-    rs = tl.load(RS + rm, mask=rm < M, other=0.0)
-    y = acc.to(tl.float32) * rs[:, None] * col_scale
+    sx = tl.load(SX + rm, mask=rm < M, other=1.0)
+    sw = tl.load(SW)
+    y = acc.to(tl.float32) / (sx[:, None] * sw)
     tl.store(Y + rm[:, None].to(tl.int64) * N + rn[None, :], y.to(Y.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def int8_matmul_scaled(xq: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, col_scale: float,
+def int8_matmul_scaled(xq: torch.Tensor, codes: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor,
                        out_dtype=torch.bfloat16) -> torch.Tensor:
-    """(xq @ codes^T) * row_scale[:, None] * col_scale; xq (M, K) int8, codes (N, K) int8."""
+    """(xq @ codes^T) / (s_x[:, None] * s_w); xq (M, K) int8, codes (N, K) int8, s_x (M,), s_w (1,)."""
     M, K = xq.shape
     N = codes.shape[0]
     y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    _int8_mm_kernel[grid](xq.contiguous(), codes.contiguous(), row_scale.float().contiguous(), y, M, N, K,
-                          float(col_scale))
+    _int8_mm_kernel[grid](xq.contiguous(), codes.contiguous(), s_x.float().contiguous(),
+                          s_w.float().reshape(1), y, M, N, K)
     return y

@@ -104,6 +104,27 @@ def bitlinear_cases(results):
         BF.MAX_BLOCK_K = old
 
 
+def int8_cases(results):
+    """The int8 tensor-core forward (used on CUDA) through the interpreter: one small tile config."""
+    from mmf.kernels import int8_matmul as I8
+
+    old_cfg, old_flag = I8._int8_mm_kernel.configs, BF.INT8_FORWARD
+    I8._int8_mm_kernel.configs = [c for c in old_cfg if c.kwargs["BM"] == 64]
+    BF.INT8_FORWARD = "1"
+    try:
+        for dt in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(300)
+            x = torch.randn(2, 35, 40, generator=g).to(dt)
+            nw = (1 + 0.2 * torch.randn(40, generator=g)).to(dt)
+            w = (0.05 * torch.randn(13, 40, generator=g)).to(dt)
+            results[f"bitlinear_int8/{dt}"] = run_pair(BF.bitlinear_train_fused, R.bitlinear_train, [x, nw, w], 1, 14)
+            u = torch.randn(2, 35, 80, generator=g).to(dt)
+            results[f"bitlinear_int8_glu/{dt}"] = run_pair(BF.bitlinear_glu_train_fused, BF.bitlinear_glu_train_ref,
+                                                           [u, nw, w], 1, 15)
+    finally:
+        I8._int8_mm_kernel.configs, BF.INT8_FORWARD = old_cfg, old_flag
+
+
 def weight_cache_case(results):
     """Quantised weights are reused while the weight is unchanged and recomputed after a step."""
     g = torch.Generator().manual_seed(11)
@@ -115,12 +136,20 @@ def weight_cache_case(results):
     q1_again = BF.quantized_weight(w, torch.float32)
     torch.optim.SGD([w, nw], lr=0.5).step()  # in place: bumps the version counter
     y = BF.bitlinear_train_fused(x, nw, w)
+    err_sgd = rel(y, R.bitlinear_train(x, nw, w))
     q2 = BF.quantized_weight(w, torch.float32)
+    # fused AdamW updates in place without bumping version counters: the step hook must catch it
+    BF.bitlinear_train_fused(x, nw, w).sum().backward()
+    torch.optim.AdamW([w, nw], lr=0.1, fused=True).step()
+    y3 = BF.bitlinear_train_fused(x, nw, w)
+    q3 = BF.quantized_weight(w, torch.float32)
     results["weight_cache"] = {
         "reused_when_unchanged": float(q1_again is q1),
         "recomputed_after_step": float(q2 is not q1),
-        "out_after_step": rel(y, R.bitlinear_train(x, nw, w)),
-        "quantised_weight": rel(q2, (lambda c, s: c.float() / s)(*R.weight_quant(w.detach()))),
+        "recomputed_after_fused_adamw": float(q3 is not q2),
+        "out_after_step": err_sgd,
+        "out_after_fused_adamw": rel(y3, R.bitlinear_train(x, nw, w)),
+        "quantised_weight": rel(q3, (lambda c, s: c.float() / s)(*R.weight_quant(w.detach()))),
     }
 
 
@@ -146,6 +175,8 @@ def mlgru_cases(results):
             ("plain", (3, 11, 5), False, False, 4),
             ("T=1", (2, 1, 9), True, True, 64),
         ]:
+            if dt != torch.float32 and name not in ("chunks", "T=1"):
+                continue  # half precisions: the multi-chunk and single-step cases suffice
             g = torch.Generator().manual_seed(31)
             ip = torch.randn(B, T, D, generator=g).to(dt)
             fp = torch.randn(B, T, D, generator=g).to(dt)
@@ -164,10 +195,12 @@ def mlgru_cases(results):
 
 
 def main():
-    which = sys.argv[1:] or ["bitlinear", "cache", "norm", "mlgru"]
+    which = sys.argv[1:] or ["bitlinear", "int8", "cache", "norm", "mlgru"]
     results = {}
     if "bitlinear" in which:
         bitlinear_cases(results)
+    if "int8" in which:
+        int8_cases(results)
     if "cache" in which:
         weight_cache_case(results)
     if "norm" in which:
