@@ -52,7 +52,8 @@ QUANT_CONFIG_KEY = "quantization_config"   # config.json entry of a packed check
 QUANT_METHOD = "mmf_ternary"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "mmf_tokenizer.json", "generation_config.json", "vocab.json", "merges.txt")
-CHUNK_ELEMENTS = 1 << 18                   # rows per step of the quantiser: about 256 Ki weights
+CHUNK_ELEMENTS = 1 << 15                   # weights per step of the quantiser: below torch's parallel grain,
+                                           # so each op runs inline (no OpenMP wake-ups) and stays in cache
 
 _SIGN_BIT = {torch.int16: -(1 << 15), torch.int32: -(1 << 31)}
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -70,10 +71,9 @@ def absmean_scale(w: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> to
     """
     n = w.numel()
     if scratch is None or scratch.numel() < n:
-        wf = w.float().reshape(w.shape).clone() if w.dtype == torch.float32 else w.float()
-    else:
-        wf = scratch[:n].view(w.shape)
-        wf.copy_(w)
+        scratch = torch.empty(n, dtype=torch.float32)
+    wf = scratch[:n].view(w.shape)
+    wf.copy_(w)
     wf.abs_()
     return 1.0 / wf.mean().clamp(min=WEIGHT_CLAMP_MIN)
 
@@ -127,26 +127,67 @@ def quantize_pack(w: torch.Tensor, fmt: str, name: str = "tensor", scratch: Opti
     iv = w.view(_INT_VIEW[w.dtype])
     sign = _SIGN_BIT[iv.dtype]
     out = torch.empty(n_rows, p, dtype=torch.uint8)
-    n_pos = n_neg = 0
     rows = max(1, CHUNK_ELEMENTS // max(k, 1))
     weights = DIGIT_WEIGHT[fmt]
+    base = BASE_CODE_BYTE[fmt]
     pad = g * p - k
-    for r0 in range(0, n_rows, rows):
-        c = iv[r0:r0 + rows]
-        pos = c > tb
-        neg = torch.bitwise_xor(c, sign) > tb  # flips the sign bit: -|x| becomes +|x|; +x becomes negative
-        n_pos += int(pos.sum())
-        n_neg += int(neg.sum())
-        d = pos.view(torch.uint8) - neg.view(torch.uint8)  # code - 1 mod 256: 255, 0 or 1
-        if pad:
-            d = torch.nn.functional.pad(d, (0, pad))
-        d = d.view(-1, g, p)
-        acc = d[:, 0] + BASE_CODE_BYTE[fmt]
-        for s in range(1, g):
-            acc += d[:, s] * weights[s]
-        out[r0:r0 + rows] = acc
-    counts = (n_neg, n_rows * k - n_pos - n_neg, n_pos)
-    return out, s_w, counts
+
+    def work(r0: int, r1: int) -> None:
+        for a in range(r0, r1, rows):
+            b = min(a + rows, r1)
+            c = iv[a:b]
+            pos = c > tb
+            neg = torch.bitwise_xor(c, sign) > tb  # flips the sign bit: -|x| becomes +|x|, +x becomes negative
+            d = pos.view(torch.uint8) - neg.view(torch.uint8)  # code - 1 mod 256: 255, 0 or 1
+            if pad:
+                d = torch.nn.functional.pad(d, (0, pad))
+            d = d.view(-1, g, p)
+            o = out[a:b]
+            torch.add(d[:, 0], base, out=o)  # byte = base + sum_s (code_s - 1) * weight_s  (mod 256)
+            for s_ in range(1, g):
+                o.add_(d[:, s_], alpha=weights[s_])
+
+    _parallel_rows(work, n_rows, rows)
+    return out, s_w, code_counts(out, k, fmt)
+
+
+def _digit_table(fmt: str) -> torch.Tensor:
+    """(256, 3) int64: how many digits of code 0, 1, 2 each byte value holds."""
+    table = torch.zeros(256, 3, dtype=torch.int64)
+    for b in range(256):
+        for s_ in range(GROUP[fmt]):
+            digit = (b >> (2 * s_)) & 3 if fmt == "i2" else (b // 3 ** s_) % 3
+            if digit < 3:
+                table[b, digit] += 1
+    return table
+
+
+_DIGIT_TABLES = {f: _digit_table(f) for f in FORMATS}
+
+
+def code_counts(packed: torch.Tensor, k: int, fmt: str) -> tuple:
+    """(n_minus, n_zero, n_plus) of a packed (N, P) tensor of logical width k, from a byte histogram."""
+    hist = torch.bincount(packed.reshape(-1), minlength=256)
+    c = hist @ _DIGIT_TABLES[fmt]
+    pad = packed.shape[0] * (GROUP[fmt] * packed.shape[1] - k)
+    return int(c[0]), int(c[1]) - pad, int(c[2])
+
+
+def _parallel_rows(work, n_rows: int, rows: int) -> list:
+    """Run ``work(r0, r1)`` over row blocks on up to torch.get_num_threads() Python threads.
+
+    torch releases the GIL inside each op, and the ops are small enough to run inline, so this uses
+    every core without OpenMP's spin-waiting (which collapses when other processes share the CPU).
+    """
+    workers = max(1, min(torch.get_num_threads(), 8, n_rows // max(rows, 1)))
+    if workers == 1:
+        return [work(0, n_rows)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    step = -(-n_rows // (workers * 4))
+    blocks = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(lambda ab: work(*ab), blocks))
 
 
 def i2_from_packed(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
@@ -311,9 +352,9 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
         w = absw.to(dtype).reshape(codes.shape)
         w.mul_(torch.where(nz, codes, torch.ones((), dtype=codes.dtype)).to(dtype))  # zero-coded: sign +
         return w
-    w = build(found).to(dtype).reshape(codes.shape)
-    w.mul_(codes.to(dtype))
-    return w
+    w = build(found).view(codes.shape)
+    w.mul_(codes)  # in place: fp32 * int8 stays fp32; the signs
+    return w.to(dtype)
 
 
 def _bracket_search(mean_of, ok, t, unit: float, target: float, max_evals: int, valid):
@@ -531,7 +572,8 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
     by_name = {j[0]: j for j in jobs}
     src_bytes = sum(headers[files[s]][s].nbytes for _, s, _ in jobs)
     largest = max(headers[files[s]][s].numel for _, s, k in jobs if k == "ternary")
-    scratch = torch.empty(largest, dtype=torch.float32)
+    scratch = torch.empty(largest, dtype=torch.float32)  # reused: no page faults after the first tensor
+    readbuf = torch.empty(max(headers[files[s]][s].nbytes for _, s, _ in jobs), dtype=torch.uint8)
     summary = {"source": str(src), "out": str(out), "format": fmt, "keep_dtype": keep_dtype, "files": names,
                "tensors": 0, "ternary_tensors": 0, "input_bytes": src_bytes, "output_bytes": 0}
     counts_total = [0, 0, 0]
@@ -567,7 +609,7 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
                             continue  # written together with its weight
                         _, sname, kind = by_name[name]
                         spath = files[sname]
-                        w = reader(spath).read(sname)
+                        w = reader(spath).read(sname, out=readbuf)
                         if kind == "ternary":
                             packed, s_w, counts = quantize_pack(w, fmt, f"{sname} ({spath.name})", scratch)
                             writer.write(name, packed)
