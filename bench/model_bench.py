@@ -1054,6 +1054,10 @@ def human_bytes(b) -> str:
     return f"{b:.0f} B"
 
 
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else (f"{x:.1f}" if x >= 10 else f"{x:.3f}")
+
+
 def _mark(label: str) -> str:
     if label == "measured":
         return ""
@@ -1093,12 +1097,12 @@ def table_rows(result: dict) -> list:
             if cuda:
                 row["reserved"] = bcell("peak_reserved_bytes")
             row["state"] = bcell("state_bytes_end")
-            row["prefill ms"] = cell("prefill_ms")
+            row["prefill ms"] = _ms(f["prefill_ms"]["value"]) + _mark(f["prefill_ms"]["label"])
             d = f["decode_ms_per_token"]
-            row["decode ms/tok"] = (f"{d['value']:.3f} [{f['decode_ms_per_token_min']['value']:.3f}-"
-                                    f"{f['decode_ms_per_token_max']['value']:.3f}]" + _mark(d["label"]))
+            row["decode ms/tok"] = (f"{_ms(d['value'])} [{_ms(f['decode_ms_per_token_min']['value'])}-"
+                                    f"{_ms(f['decode_ms_per_token_max']['value'])}]" + _mark(d["label"]))
             if "decode_floor_ms" in f:
-                row["floor ms"] = cell("decode_floor_ms", "{:.3f}")
+                row["floor ms"] = _ms(f["decode_floor_ms"]["value"]) + _mark(f["decode_floor_ms"]["label"])
             row["e2e s"] = cell("e2e_s", "{:.3f}")
             row["tok/s"] = cell("decode_tokens_per_s", "{:.1f}")
             row["build s"] = cell("build_s", "{:.1f}")
