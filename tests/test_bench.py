@@ -242,3 +242,19 @@ def test_cli_bench_train_calls_the_training_benchmark(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert seen == dict(sizes=("370m",), device="cpu", batch=2, seq_len=64, steps=3)
     assert json.loads(js.read_text())["results"][0]["step_s"] == 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_static_llama_cuda_graph_greedy_equals_eager(kv_heads):
+    """On a GPU: the CUDA-graph decode of StaticLlama gives the eager model's greedy tokens (fp32)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = small_model("transformer++", num_key_value_heads=kv_heads).cuda()
+    dec = StaticLlama.from_model(model).setup(batch=1, max_len=64)
+    assert dec.graph is not None
+    prompt = torch.randint(3, 259, (1, 11), generator=torch.Generator().manual_seed(kv_heads))
+    got = dec.generate(prompt.cuda(), 32)[0].tolist()
+    want = generate_ids(model, prompt[0].tolist(), 32, temperature=0, device="cuda")
+    assert got == want
+    again = dec.generate(prompt.cuda(), 32)[0].tolist()  # replays from a reset state
+    assert again == want
