@@ -1107,6 +1107,9 @@ def table_rows(result: dict) -> list:
             row["tok/s"] = cell("decode_tokens_per_s", "{:.1f}")
             row["build s"] = cell("build_s", "{:.1f}")
             row["status"] = v["label"] if v["status"] != "measured" else "measured"
+            if v["status"] == "extrapolated":
+                row["status"] += (f" (needs {human_bytes(v['needs_bytes'])}, {human_bytes(v['available_bytes'])} "
+                                  "available)")
             rows.append(row)
         r = s.get("ratio_mmf_over_transformer++") or {}
         if r:
