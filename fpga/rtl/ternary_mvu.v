@@ -89,25 +89,37 @@ module ternary_mvu #(
     end
 
     // ---------------- ternary dot product of one word: adds and subtracts only ----------------
-    reg signed [ACC_BITS-1:0] word_sum;  // |sum| <= 128 * LANES: never wraps
-    reg                       word_bad;
-    reg [1:0]                 code;
-    reg signed [7:0]          xi;
-    integer e;
-    always @(*) begin
-        word_sum = 0;
-        word_bad = 1'b0;
-        for (e = 0; e < LANES; e = e + 1) begin
-            code = w_data[2*e +: 2];
-            xi = x_data[8*e +: 8];
-            if (code == 2'b10)
-                word_sum = word_sum + xi;
-            else if (code == 2'b00)
-                word_sum = word_sum - xi;
-            else if (code == 2'b11)
-                word_bad = 1'b1;
+    // Each lane contributes +x, -x or 0; a balanced adder tree (depth log2 LANES) sums the lanes.
+    function integer clog2;
+        input integer value;
+        integer v;
+        begin
+            clog2 = 0;
+            for (v = value - 1; v > 0; v = v >> 1) clog2 = clog2 + 1;
         end
-    end
+    endfunction
+    localparam LEAVES = 1 << clog2(LANES);          // lanes rounded up to a power of two
+    localparam SUM_BITS = 10 + clog2(LANES);         // |sum| <= 128 * LANES, with a spare bit
+    wire signed [SUM_BITS-1:0] tree [0:2*LEAVES-2];  // heap order: node i has children 2i+1, 2i+2
+    wire        [LANES-1:0]    lane_bad;
+    genvar g;
+    generate
+        for (g = 0; g < LEAVES; g = g + 1) begin : leaf
+            if (g < LANES) begin : lane
+                wire        [1:0]          c = w_data[2*g +: 2];
+                wire signed [SUM_BITS-1:0] xv = {{(SUM_BITS-8){x_data[8*g+7]}}, x_data[8*g +: 8]};
+                assign tree[LEAVES-1+g] = (c == 2'b10) ? xv : (c == 2'b00) ? -xv : {SUM_BITS{1'b0}};
+                assign lane_bad[g] = &c;
+            end else begin : pad
+                assign tree[LEAVES-1+g] = {SUM_BITS{1'b0}};
+            end
+        end
+        for (g = 0; g < LEAVES - 1; g = g + 1) begin : node
+            assign tree[g] = tree[2*g+1] + tree[2*g+2];
+        end
+    endgenerate
+    wire signed [SUM_BITS-1:0] word_sum = tree[0];
+    wire                       word_bad = |lane_bad;
 
     // ---------------- accumulation ----------------
     reg signed [ACC_BITS-1:0] acc;
