@@ -568,7 +568,7 @@ def build_image(checkpoint, out, opt: Optional[ImageOptions] = None, overwrite: 
             from .sim import verify_image
 
             report["verify"] = verify_image(tmp, checkpoint, rows=verify_rows, seed=seed, source=source,
-                                            progress=progress)
+                                            progress=progress, checksums=False)  # hashed a moment ago
             if not report["verify"]["passed"]:
                 from .sim import failure_summary
 
