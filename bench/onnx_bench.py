@@ -14,8 +14,13 @@ on the CPU, batch 1:
 Protocol: a random prompt of ``prompt_len`` tokens (one prefill, timed), then ``gen_len`` greedy
 decode steps (timed together); one untimed warm-up, then ``repeat`` timed repetitions; medians.
 Memory: resident set size growth of this process while loading the variant (psutil; a rough
-figure: allocator caching blurs it). Sizes: bytes on disk of the export and of the checkpoint in
-fp16 (``save_checkpoint(dtype=fp16)``) and, where ``mmf pack`` is available, packed.
+figure: allocator caching blurs it). Accuracy: median per-position relative error of the prompt's
+logits against torch, beside the torch model's own sensitivity (its logits with the embedding
+table moved by one ulp): a quantised model's logits jump wherever an fp32 rounding difference flips
+an int8 rounding decision (reference-semantics.md), so two correct implementations agree to 1e-7
+only until the first flip. Sizes: bytes on disk of the export and of the checkpoint in
+fp16 (``save_checkpoint(dtype=fp16)``), of its ``mmf pack`` (i2) and of the export of that packed
+checkpoint (its embeddings are fp16 values, which the export stores as fp16, losslessly).
 
 Run as a script it prints a table and writes JSON::
 
@@ -75,21 +80,35 @@ def _time_generation(model, prompt: torch.Tensor, gen_len: int, repeat: int) -> 
             "decode_tokens_per_s": gen_len / decode, "tokens": toks}
 
 
-def _packed_checkpoint_bytes(model, work: Path):
-    """Size of the `mmf pack` checkpoint of ``model`` (i2), or None where packing is not available."""
+def _median_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Median over positions of ||a - b|| / ||b|| of the logit vectors (reference-semantics.md)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).median().item()
+
+
+def _ulp_sensitivity(model, prompt: torch.Tensor, ref: torch.Tensor) -> float:
+    """The same torch model with its embedding table moved by one ulp: how far a quantised model's
+    logits move when any fp32 rounding differs (the yardstick for comparing two implementations)."""
+    emb = model.get_submodule("model.embeddings" if model.config.arch == "mmf" else "model.embed_tokens").weight
+    saved = emb.data.clone()
+    emb.data = torch.nextafter(saved, torch.full_like(saved, float("inf")))
     try:
-        from mmf.converters import packing
-    except ImportError:
-        return None
-    fn = getattr(packing, "pack_model", None) or getattr(packing, "save_packed", None)
-    if fn is None:
-        return None
-    try:
-        out = work / "packed"
-        fn(model, out)
-        return _dir_bytes(out)
-    except Exception:  # an API mismatch with the packing module: report no figure rather than a wrong one
-        return None
+        return _median_rel_err(model(prompt).logits, ref)
+    finally:
+        emb.data = saved
+
+
+def _packed_sizes(ck: Path, work: Path) -> dict:
+    """`mmf pack` (i2) of checkpoint ``ck`` and the export of that packed checkpoint: bytes on disk."""
+    from mmf.converters.onnx_export import export_onnx
+    from mmf.converters.packing import pack_checkpoint
+
+    packed = work / "packed"
+    pack_checkpoint(ck, packed)
+    manifest = export_onnx(packed, work / "onnx-from-packed", check=False)
+    return {"checkpoint_packed_bytes": _dir_bytes(packed),
+            "onnx_from_packed_bytes": sum(manifest["file_bytes"].values()),
+            "onnx_from_packed_files": manifest["file_bytes"]}
 
 
 def bench_preset(preset: str, prompt_len: int, gen_len: int, repeat: int, threads: int, work: Path,
@@ -109,7 +128,7 @@ def bench_preset(preset: str, prompt_len: int, gen_len: int, repeat: int, thread
         sizes["checkpoint_fp16_bytes"] = _dir_bytes(ck)
         model.freeze()
         if arch == "mmf":
-            sizes["checkpoint_packed_bytes"] = _packed_checkpoint_bytes(model, work / arch)
+            sizes.update(_packed_sizes(ck, work / arch))
         g = torch.Generator().manual_seed(1)
         prompt = torch.randint(3, min(cfg.vocab_size, 259), (1, prompt_len), generator=g)
         variants = [("torch", None, None)]
@@ -124,16 +143,21 @@ def bench_preset(preset: str, prompt_len: int, gen_len: int, repeat: int, thread
             variants.append((f"ort-{mode}", out, True))
             if mode == "packed":
                 variants.append(("ort-packed-nofold", out, False))
+        with torch.inference_mode():
+            ref_logits = model(prompt).logits
+            sizes["torch_1ulp_median_rel_err"] = _ulp_sensitivity(model, prompt, ref_logits)
         for variant, path, fold in variants:
             gc.collect()
             rss0 = _rss()
             t0 = time.perf_counter()
             runner = model if path is None else OnnxCausalLM(path, fold_constants=fold, threads=threads)
             load_s = time.perf_counter() - t0
-            res = _time_generation(runner, prompt, gen_len, repeat)
             rss = _rss() - rss0 if path is not None else None
+            res = _time_generation(runner, prompt, gen_len, repeat)
+            with torch.inference_mode():
+                err = _median_rel_err(runner(prompt).logits, ref_logits)
             rows.append({"preset": name, "arch": arch, "variant": variant, "load_s": load_s,
-                         "rss_growth_bytes": rss, **res})
+                         "rss_growth_at_load_bytes": rss, "prompt_logits_median_rel_err_vs_torch": err, **res})
             del runner
         ref = rows[-len(variants)]["tokens"]
         for r in rows[-len(variants):]:
@@ -175,7 +199,9 @@ def table_rows(result: dict) -> list[dict]:
             "vs torch": f"{r['decode_tokens_per_s'] / torch_row['decode_tokens_per_s']:.2f}x",
             "prefill tok/s": f"{r['prefill_tokens_per_s']:.0f}",
             "load s": f"{r['load_s']:.2f}",
-            "RSS growth MB": "-" if r["rss_growth_bytes"] is None else f"{r['rss_growth_bytes'] / 1e6:.0f}",
+            "load RSS MB": "-" if r["rss_growth_at_load_bytes"] is None else f"{r['rss_growth_at_load_bytes'] / 1e6:.0f}",
+            "median rel err": (f"{r['prompt_logits_median_rel_err_vs_torch']:.1e}" if r["variant"] != "torch"
+                               else f"1ulp: {r['torch_1ulp_median_rel_err']:.1e}"),
             "same tokens": r["same_tokens_as_torch"],
         })
     return out
@@ -200,7 +226,7 @@ def main(argv=None) -> None:
     for r in result["rows"]:
         if r["variant"] == "torch":
             sizes.append({"model": r["preset"], **{k: f"{v:,}" for k, v in r.items()
-                                                    if k.endswith("_bytes") and k != "rss_growth_bytes" and v}})
+                                                    if k.endswith("_bytes") and not k.startswith("rss") and v}})
     print()
     print(tabulate(sizes, headers="keys"))
     if a.out:
