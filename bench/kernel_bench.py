@@ -350,14 +350,20 @@ def main(argv=None):
     bw = copy_bandwidth()
     res["copy_bandwidth_GB_s"] = bw / 1e9
     log(f"{res['device']}  torch {res['torch']}  triton {res['triton']}  copy bandwidth {bw / 1e9:.0f} GB/s")
+    from mmf.kernels import ternary_gemv as tv
+
+    tv.TUNE = False  # correctness does not need tuned schedules (each tuning run compiles variants)
     res["correctness"] = check_kernels(args.smoke)
     table(res["correctness"], "correctness: Triton vs torch reference on the GPU")
     res["decoder_correctness"] = check_decoder(args.smoke)
     table(res["decoder_correctness"], "GraphDecoder vs eager model")
     log(f"[{time.time() - t0:.0f}s] correctness done")
+    tv.TUNE = True
+    tv._TUNED.clear()
 
     from mmf.kernels import ternary_gemm as tg
-    from mmf.kernels import ternary_gemv as tv
+
+    tg._TUNED.clear()
 
     def dump():
         res["tuned_gemv_configs"] = {str(k): v for k, v in tv._TUNED.items()}
@@ -397,7 +403,7 @@ def main(argv=None):
         for n, k, kind in shapes370:
             gemv_rows.append(dict(model="370m", **time_gemv(n, k, kind, 1, dtype, bw)))
         dump()
-        for batch in (4, 16):
+        for batch in (2, 4, 16):
             gemv_rows.append(dict(model="13b", **time_gemv(5120, 5120, "norm", batch, dtype, bw)))
             gemv_rows.append(dict(model="13b", **time_gemv(13824, 5120, "glu", batch, dtype, bw)))
     table(gemv_rows, "ternary projections (decode form: fused prologue/epilogue), back to back, no L2 reuse")

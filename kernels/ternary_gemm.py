@@ -101,10 +101,12 @@ def _gemm_configs(m: int):
     if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
         return [(16, 64, 32, 4, 1)]
     if m <= 16:
-        return [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4)]
+        return [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4),
+                (16, 32, 256, 4, 3)]
     if m <= 64:
-        return [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (32, 64, 128, 4, 4)]
-    return [(128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 64, 128, 4, 3), (128, 256, 64, 8, 3)]
+        return [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (32, 64, 128, 4, 4), (64, 32, 128, 4, 3)]
+    return [(128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 64, 128, 4, 3), (128, 256, 64, 8, 3),
+            (64, 64, 128, 4, 3), (128, 32, 128, 4, 3), (64, 32, 256, 4, 3)]
 
 
 _TUNED: dict = {}
@@ -136,7 +138,10 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     if cfg is None:
         cands = _gemm_configs(m)
         cfg = cands[0]
-        if not INTERPRET and out.is_cuda and not torch.cuda.is_current_stream_capturing() and len(cands) > 1:
+        from . import ternary_gemv
+
+        if (not INTERPRET and ternary_gemv.TUNE and out.is_cuda and not torch.cuda.is_current_stream_capturing()
+                and len(cands) > 1):
             best_t = float("inf")
             for c in cands:
                 try:

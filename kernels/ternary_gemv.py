@@ -1,6 +1,6 @@
 """Ternary GEMV for decoding (Triton): i2-packed weights x int8 activations, int32 accumulation.
 
-``y = (xq @ codes^T) / (s_x * s_w)`` for a few rows (batch 1-4), reading the i2 planar bytes of
+``y = (xq @ codes^T) / (s_x * s_w)`` for one or two rows (decode batch 1-2), reading the i2 planar bytes of
 ``converters/ternary_codes.py`` directly (element (n, k) is bits ``2*(k // P)`` of byte
 ``packed[n, k % P]``, ``P = ceil(K / 4)``, code = w + 1). Weights are never unpacked to memory.
 
@@ -12,8 +12,12 @@ about half an integer instruction per weight, far below the memory time. Codes a
 kernel subtracts ``sum(xq)`` once per row at the end: ``sum((c - 1) x) = sum(c x) - sum(x)``;
 padding positions hold code 1 and activation 0 and add nothing.
 
-Prologue (fused; ``PRO``), computed redundantly by every program (the row is small and sits in L2;
-the first weight tile is loaded before it, so the weight stream starts at once):
+Schedule: a persistent grid (a few programs per SM); each program owns row blocks pid, pid +
+NPROG, ... of BN whole rows (the whole packed row in one register tile), runs the prologue once,
+and loads its next block while reducing the current one. Its first block is issued before the
+prologue, so the weight stream starts at once.
+
+Prologue (fused; ``PRO``), computed redundantly by every program (the row is small and sits in L2):
 
 * ``PRO_PLAIN``  v = x
 * ``PRO_NORM``   v = rmsnorm(x) * nw, rounded to the model dtype (the block's attn/mlp norm)
@@ -52,7 +56,7 @@ else:  # pragma: no cover - only the interpreter path
 
 PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
 EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
-GEMV_MAX_ROWS = 4  # above this, the tensor-core GEMM wins (dp4a work grows with the rows)
+GEMV_MAX_ROWS = 2  # above this, the tensor-core GEMM wins (dp4a work grows with the rows; measured)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,10 +209,12 @@ def _load_words(Wp, rows, ww, P, PW, N_ROWS, BYTE_W: tl.constexpr):
 @triton.jit
 def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
                  XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m,
-                 M, N, K, P, PW,
+                 M, N, K, P, PW, NPROG,
                  PRO: tl.constexpr, EPI: tl.constexpr, HAS_LB: tl.constexpr, BYTE_W: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, BLOCK_W: tl.constexpr,
-                 ONE_SHOT: tl.constexpr, USE_ASM: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BLOCK_W: tl.constexpr, USE_ASM: tl.constexpr):
+    """Persistent: program pid of segment seg takes row blocks pid, pid + NPROG, ... of BN whole
+    rows. Its first block is in flight before the prologue (run once per program); each next
+    block is loaded while the current one is reduced."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
@@ -218,44 +224,53 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
         Wp = W1
     else:
         Wp = W2
+    wofs = tl.arange(0, BLOCK_W)
     rows = pid * BN + tl.arange(0, BN)
-    wofs = tl.arange(0, BW)
-    n_rows = 2 * N if EPI == 2 else N
-    # first weight tile in flight before the prologue
-    c = _load_words(Wp, rows, wofs, P, PW, n_rows, BYTE_W)
-    if EPI == 2:
-        c2 = _load_words(Wp, rows + N, wofs, P, PW, n_rows, BYTE_W)
-    # prologue: every program quantises the (few) rows itself
+    c = _load_words(Wp, rows, wofs, P, PW, N, BYTE_W)
+    if EPI == 2:  # GLU pair: rows n (gate) and N + n (up)
+        c2 = _load_words(Wp, rows + N, wofs, P, PW, 2 * N, BYTE_W)
     for m in range(M):
         _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                    eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False)
     tl.debug_barrier()
     rm = tl.arange(0, BM)
-    xbase = XQ + ((seg * M + rm[:, None]) * 4) * PW
-    acc = tl.zeros((BM, BN, BW), tl.int32)
-    acc2 = tl.zeros((BM, BN, BW), tl.int32)
-    xsum = tl.zeros((BM, BW), tl.int32)
-    ones = tl.full((BM, BW), 0x01010101, tl.int32)
-    for w0 in range(0, PW, BW):
-        ww = w0 + wofs
-        if not ONE_SHOT:  # next tile in flight while this one is used (masked past PW: no traffic)
-            c_next = _load_words(Wp, rows, ww + BW, P, PW, n_rows, BYTE_W)
-            if EPI == 2:
-                c2_next = _load_words(Wp, rows + N, ww + BW, P, PW, n_rows, BYTE_W)
-        xm = (rm[:, None] < M) & (ww < PW)[None, :]
-        for s in tl.static_range(4):
-            xw = tl.load(xbase + s * PW + ww[None, :], mask=xm, other=0)
-            xsum = _dp4a(ones, xw, xsum, USE_ASM)
-            xs = xw[:, None, :]
-            acc = _dp4a(((c >> (2 * s)) & 0x03030303)[None, :, :], xs, acc, USE_ASM)
-            if EPI == 2:
-                acc2 = _dp4a(((c2 >> (2 * s)) & 0x03030303)[None, :, :], xs, acc2, USE_ASM)
-        if not ONE_SHOT:
-            c = c_next
-            if EPI == 2:
-                c2 = c2_next
-    _epilogue(tl.sum(acc, 2), tl.sum(acc2, 2), tl.sum(xsum, 1), rm, rows, seg, SX, SW, OUT, RES, M, N, so_m, sr_m,
-              EPI, DT, USE_ASM)
+    xbase = XQ + ((seg * M + rm[:, None]) * 4) * PW + wofs[None, :]
+    xm = (rm[:, None] < M) & (wofs < PW)[None, :]
+    x0 = tl.load(xbase, mask=xm, other=0)
+    x1 = tl.load(xbase + PW, mask=xm, other=0)
+    x2 = tl.load(xbase + 2 * PW, mask=xm, other=0)
+    x3 = tl.load(xbase + 3 * PW, mask=xm, other=0)
+    ones = tl.full((BM, BLOCK_W), 0x01010101, tl.int32)
+    xs = _dp4a(ones, x0, tl.zeros((BM, BLOCK_W), tl.int32), USE_ASM)
+    xs = _dp4a(ones, x1, xs, USE_ASM)
+    xs = _dp4a(ones, x2, xs, USE_ASM)
+    sumx = tl.sum(_dp4a(ones, x3, xs, USE_ASM), 1)
+    x0 = x0[:, None, :]
+    x1 = x1[:, None, :]
+    x2 = x2[:, None, :]
+    x3 = x3[:, None, :]
+    nblocks = tl.cdiv(N, BN)
+    for blk in range(pid, nblocks, NPROG):
+        rows = blk * BN + tl.arange(0, BN)
+        nxt = rows + NPROG * BN
+        c_next = _load_words(Wp, nxt, wofs, P, PW, N, BYTE_W)  # masked past the last block: no traffic
+        acc = tl.zeros((BM, BN, BLOCK_W), tl.int32)
+        acc = _dp4a((c & 0x03030303)[None, :, :], x0, acc, USE_ASM)
+        acc = _dp4a(((c >> 2) & 0x03030303)[None, :, :], x1, acc, USE_ASM)
+        acc = _dp4a(((c >> 4) & 0x03030303)[None, :, :], x2, acc, USE_ASM)
+        acc = _dp4a(((c >> 6) & 0x03030303)[None, :, :], x3, acc, USE_ASM)
+        acc2 = acc
+        if EPI == 2:
+            c2_next = _load_words(Wp, nxt + N, wofs, P, PW, 2 * N, BYTE_W)
+            acc2 = tl.zeros((BM, BN, BLOCK_W), tl.int32)
+            acc2 = _dp4a((c2 & 0x03030303)[None, :, :], x0, acc2, USE_ASM)
+            acc2 = _dp4a(((c2 >> 2) & 0x03030303)[None, :, :], x1, acc2, USE_ASM)
+            acc2 = _dp4a(((c2 >> 4) & 0x03030303)[None, :, :], x2, acc2, USE_ASM)
+            acc2 = _dp4a(((c2 >> 6) & 0x03030303)[None, :, :], x3, acc2, USE_ASM)
+            c2 = c2_next
+        _epilogue(tl.sum(acc, 2), tl.sum(acc2, 2), sumx, rm, rows, seg, SX, SW, OUT, RES, M, N, so_m, sr_m,
+                  EPI, DT, USE_ASM)
+        c = c_next
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,44 +301,52 @@ class Scratch:
         self.sumx = torch.zeros(nseg, m, dtype=torch.int32, device=device)
 
 
-# rows -> (BN, BW, num_warps) candidates; BW = 0: the whole row in one tile ("one shot": the
-# program's whole weight slice is in flight before the prologue starts)
+# rows -> (BN, num_warps, programs per SM) candidates; the first is the interpreter's choice
 _GEMV_CONFIGS = {
-    1: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (4, 0, 4), (8, 0, 4), (8, 0, 8), (16, 0, 8)],
-    2: [(16, 64, 4), (8, 128, 4), (16, 64, 8), (4, 0, 4), (8, 0, 8), (2, 0, 4)],
-    4: [(16, 64, 8), (8, 64, 4), (8, 128, 8), (2, 0, 4), (4, 0, 8)],
+    1: [(8, 4, 2), (8, 8, 1), (4, 4, 2), (8, 4, 4), (16, 8, 1), (16, 8, 2), (4, 4, 4), (4, 8, 2)],
+    2: [(4, 4, 2), (8, 8, 1), (4, 8, 2), (2, 4, 4), (8, 8, 2)],
 }
 
 
 def _configs(bm: int, pw: int):
-    """Candidates whose register tiles fit (BM x BN x BW words <= 64 per thread)."""
-    out = []
-    for bn, bw, nw in _GEMV_CONFIGS[bm]:
-        w = bw or triton.next_power_of_2(pw)
-        if bm * bn * w <= 64 * 32 * nw:
-            out.append((bn, bw, nw))
-    return out
-
-
-_TUNED: dict = {}
+    """Candidates whose register tiles fit (BM x BN x BLOCK_W words <= 32 per thread)."""
+    w = triton.next_power_of_2(pw)
+    return [(bn, nw, ps) for bn, nw, ps in _GEMV_CONFIGS[bm] if bm * bn * w <= 32 * 32 * nw] or [(1, 8, 2)]
 
 
 def _bm(m: int) -> int:
-    return 1 if m == 1 else (2 if m == 2 else 4)
+    return 1 if m == 1 else 2
+
+
+_NUM_SM: dict = {}
+
+
+def _num_sm(device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 1
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _NUM_SM:
+        _NUM_SM[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _NUM_SM[i]
 
 
 def _launch_gemv(cfg, a):
-    bn, bw, nw = cfg
-    block_w = triton.next_power_of_2(a["scratch"].pw)
-    bw = bw or block_w
-    grid = (triton.cdiv(a["n"], bn), a["nseg"])
-    _gemv_kernel[grid](
+    bn, nw, per_sm = cfg
+    nblocks = triton.cdiv(a["n"], bn)
+    nprog = max(1, min(nblocks, (per_sm * _num_sm(a["out"].device) + a["nseg"] - 1) // a["nseg"]))
+    if INTERPRET:
+        nprog = min(nblocks, per_sm)
+    _gemv_kernel[(nprog, a["nseg"])](
         a["x"], a["sxm"], a["g"], a["sgm"], a["s_in"], a["s_out"], a["lb"], a["nw"], a["bwn"],
         a["eps_model"], a["eps_bl"], a["scratch"].xq, a["scratch"].sx, a["scratch"].sumx,
         a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"], a["so_m"], a["sr_m"],
-        a["m"], a["n"], a["k"], a["p"], a["scratch"].pw,
-        PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BYTE_W=a["byte_w"], BM=_bm(a["m"]), BN=bn, BW=bw,
-        BLOCK_W=block_w, ONE_SHOT=bw >= a["scratch"].pw, USE_ASM=not INTERPRET, num_warps=nw)
+        a["m"], a["n"], a["k"], a["p"], a["scratch"].pw, nprog,
+        PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BYTE_W=a["byte_w"], BM=_bm(a["m"]), BN=bn,
+        BLOCK_W=triton.next_power_of_2(a["scratch"].pw), USE_ASM=not INTERPRET, num_warps=nw)
+
+
+_TUNED: dict = {}
+TUNE = True  # False: take the first candidate (no timing runs)
 
 
 def _tune(key, a):
@@ -331,7 +354,7 @@ def _tune(key, a):
     if key in _TUNED:
         return _TUNED[key]
     cands = _configs(_bm(a["m"]), a["scratch"].pw)
-    if INTERPRET or not a["out"].is_cuda or torch.cuda.is_current_stream_capturing():
+    if INTERPRET or not TUNE or not a["out"].is_cuda or torch.cuda.is_current_stream_capturing():
         _TUNED[key] = cands[0]
         return cands[0]
     best, best_t = cands[0], float("inf")
@@ -362,7 +385,7 @@ def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=N
     p = packed_bytes(k)
     n0 = weights[0].shape[0]
     n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
-    assert m <= GEMV_MAX_ROWS, "gemv handles at most 4 rows; use ternary_gemm"
+    assert m <= GEMV_MAX_ROWS, "gemv handles at most 2 rows; use ternary_gemm"
     ws = [weight_operand(w) for w in weights]
     byte_w = ws[0].dtype != torch.int32
     ws = ws + [ws[0]] * (3 - nseg)
@@ -376,8 +399,8 @@ def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=N
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, k=k, p=p, nseg=nseg, pro=pro,
              epi=epi, has_lb=lower_bound is not None, byte_w=byte_w)
     key = ("gemv", m, n, k, nseg, pro, epi, byte_w, str(out.dtype))
-    if INTERPRET and config is None:  # few, large programs: the interpreter pays per operation
-        config = (min(triton.next_power_of_2(n), 32), min(triton.next_power_of_2(scratch.pw), 64), 4)
+    if INTERPRET and config is None:  # two programs, each looping over several row blocks
+        config = (8, 4, 2)
     cfg = config or _tune(key, a)
     _launch_gemv(cfg, a)
     return out

@@ -17,7 +17,7 @@ Usage::
 zeroes the recurrent state. The decoder gives the same tokens as the eager model
 (``model(ids, cache)``): same arithmetic, the integer products exact, fp32 state.
 
-What runs per layer and token (batch <= 4): four GEMV launches, each with its neighbours fused in
+What runs per layer and token (batch <= 2): four GEMV launches, each with its neighbours fused in
 (see ``mmf.kernels.ternary_gemv``):
 
 1. i/f/g projections in one launch, prologue = attn RMSNorm + three BitLinear quantisations;
@@ -26,7 +26,7 @@ What runs per layer and token (batch <= 4): four GEMV launches, each with its ne
 3. gate/up projection, prologue = mlp RMSNorm + quantisation, epilogue = ``silu(gate) * up``;
 4. down projection, prologue = quantisation, epilogue = residual add;
 
-then the LM head (final norm in its prologue). For batch 5-16 and for prefill, each projection is
+then the LM head (final norm in its prologue). For batch 3-16 and for prefill, each projection is
 a small pre-pass (same prologues) plus the int8 tensor-core GEMM of ``ternary_gemm``; prefill runs
 the recurrence as a chunked scan (``mlgru_step.mlgru_gated_scan``).
 

@@ -39,7 +39,7 @@ def check_rows(y, ref, dtype, max_bad_rows=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 37, 70), (3, 20, 64), (2, 9, 131), (6, 33, 77)])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 70), (3, 20, 64), (2, 9, 131), (6, 33, 77), (1, 5, 2)])
 def test_bitlinear_i2_matches_reference(dtype, m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     codes = rand_codes(n, k, g)
@@ -53,11 +53,11 @@ def test_bitlinear_i2_matches_reference(dtype, m, n, k):
     check_rows(y, ref, dtype)
 
 
-@pytest.mark.parametrize("config", [(8, 4, 4), (4, 0, 4)])
-def test_gemv_k_loop_and_one_shot(config):
-    """The GEMV's two schedules: a loop over K in tiles of BW words, and the whole row at once (BW 0)."""
+@pytest.mark.parametrize("config", [(8, 4, 1), (4, 4, 3)])
+def test_gemv_persistent_schedules(config):
+    """(BN, warps, programs): one program over every row block, and three programs in turn."""
     g = torch.Generator().manual_seed(5)
-    m, n, k = 2, 19, 141  # 36 bytes, 9 words per row: 3 tiles of 4 words, the last partial
+    m, n, k = 2, 19, 141  # 36 bytes, 9 words per row; 19 rows: a partial last block
     codes = rand_codes(n, k, g)
     x = torch.randn(m, k, generator=g).to(torch.float16)
     nw = (torch.rand(1, k, generator=g) + 0.5).to(torch.float16)
@@ -191,9 +191,9 @@ def _rel_rows(a, b):
     return ((a - b).norm(dim=-1) / b.norm(dim=-1))
 
 
-@pytest.mark.parametrize("batch,packed", [(2, False), (5, True)])
+@pytest.mark.parametrize("batch,packed", [(2, False), (3, True)])
 def test_graph_decoder_matches_eager_model(batch, packed):
-    """GraphDecoder (GEMV path for batch <= 4, GEMM path above) vs the eager reference model."""
+    """GraphDecoder (GEMV path for batch <= 2, GEMM path above) vs the eager reference model."""
     from conftest import small_model
 
     from mmf.converters.ternary_codes import pack_i2
@@ -214,7 +214,7 @@ def test_graph_decoder_matches_eager_model(batch, packed):
     assert _rel_rows(logits, ref.logits[:, -1]).max() < 1e-4
     cache, tokens, ref_tokens = ref.cache, [], []
     ref_logits = ref.logits[:, -1]
-    for _ in range(2 if batch <= 4 else 1):
+    for _ in range(2 if batch <= 2 else 1):
         nxt = ref_logits.argmax(-1)
         ref_tokens.append(nxt)
         tokens.append(logits.argmax(-1))
@@ -223,6 +223,6 @@ def test_graph_decoder_matches_eager_model(batch, packed):
         cache, ref_logits = out.cache, out.logits[:, -1]
         assert _rel_rows(logits, ref_logits).median() < 1e-4
     assert torch.equal(torch.stack(tokens), torch.stack(ref_tokens))
-    if batch <= 4:
+    if batch <= 2:
         gen = dec.generate(ids, 2)
         assert gen.shape == (batch, 9) and torch.equal(gen[:, 7:], torch.stack(ref_tokens, 1))
