@@ -285,9 +285,10 @@ def test_cli_llama_float_checkpoint(tiny_llama_ckpt, tmp_path):
 
 def test_packed_checkpoint_from_mmf_pack(tiny_mmf_ckpt, tmp_path):
     """A checkpoint written by `mmf pack` (i2): its bytes go into the graph; ORT equals the torch model."""
-    packing = pytest.importorskip("mmf.converters.packing")
+    from mmf.converters.packing import pack_checkpoint
+
     packed = tmp_path / "packed"
-    packing.pack_checkpoint(tiny_mmf_ckpt, packed)
+    pack_checkpoint(tiny_mmf_ckpt, packed)
     out = tmp_path / "onnx"
     manifest = onnx_export.export_onnx(packed, out)
     model = mmf.load_model(packed)
