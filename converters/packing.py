@@ -73,8 +73,20 @@ def absmean_scale(w: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> to
     if scratch is None or scratch.numel() < n:
         scratch = torch.empty(n, dtype=torch.float32)
     wf = scratch[:n].view(w.shape)
-    wf.copy_(w)
-    wf.abs_()
+    if w.dim() == 2 and w.is_contiguous():
+        rows = max(1, CHUNK_ELEMENTS // max(w.shape[1], 1))
+
+        def fill(r0: int, r1: int) -> None:  # elementwise, so chunking cannot change a bit
+            for a in range(r0, r1, rows):
+                b = min(a + rows, r1)
+                torch.abs(wf[a:b].copy_(w[a:b]), out=wf[a:b])
+
+        _parallel_rows(fill, w.shape[0], rows)
+    else:
+        wf.copy_(w)
+        wf.abs_()
+    # the reduction itself is torch's, over the whole tensor, as in weight_quant (its summation order
+    # depends on the tensor's size and the thread count, so it is not re-implemented here)
     return 1.0 / wf.mean().clamp(min=WEIGHT_CLAMP_MIN)
 
 
@@ -167,7 +179,9 @@ _DIGIT_TABLES = {f: _digit_table(f) for f in FORMATS}
 
 def code_counts(packed: torch.Tensor, k: int, fmt: str) -> tuple:
     """(n_minus, n_zero, n_plus) of a packed (N, P) tensor of logical width k, from a byte histogram."""
-    hist = torch.bincount(packed.reshape(-1), minlength=256)
+    import numpy as np
+
+    hist = torch.from_numpy(np.bincount(packed.reshape(-1).numpy(), minlength=256).astype(np.int64))
     c = hist @ _DIGIT_TABLES[fmt]
     pad = packed.shape[0] * (GROUP[fmt] * packed.shape[1] - k)
     return int(c[0]), int(c[1]) - pad, int(c[2])
@@ -1062,3 +1076,41 @@ def inspect_checkpoint(path, stats: bool = True) -> dict:
 def _shares(row: dict, counts) -> None:
     total = sum(counts) or 1
     row["share_-1"], row["share_0"], row["share_+1"] = (c / total for c in counts)
+
+
+# ---- one packed file from tensors in memory (the worked example of docs/formats.md, small tools) ----
+
+def write_packed_file(path, tensors: dict, fmt: str = "i2", keep_dtype: str = "fp32") -> dict:
+    """Write one packed safetensors file: every 2-D tensor whose name ends in ``.weight`` is packed
+    (``<name>`` U8 + ``<name>_scale`` F32 + metadata entry), every other tensor kept in ``keep_dtype``.
+
+    Same fields, order and code path as ``pack_checkpoint`` writes per shard. Returns the metadata.
+    """
+    keep = KEEP_DTYPES[keep_dtype]
+    plan, packed = [], {}
+    for name, t in tensors.items():
+        if t.dim() == 2 and name.endswith(".weight"):
+            plan += [(name, torch.uint8, (t.shape[0], packed_row_bytes(t.shape[1], fmt))),
+                     (name + SCALE_SUFFIX, torch.float32, ())]
+        else:
+            plan.append((name, keep, tuple(t.shape)))
+    meta = {"format": "pt", FORMAT_KEY: fmt, VERSION_KEY: FORMAT_VERSION, KEEP_DTYPE_KEY: _ST_OF[keep]}
+    template = dict(meta)
+    for name, t in tensors.items():
+        if t.dim() == 2 and name.endswith(".weight"):
+            template[TENSOR_KEY_PREFIX + name] = _tensor_meta(fmt, t.shape, -1.2345678901234567e-300, [10**15] * 3)
+    writer = SafetensorsWriter(Path(path), plan, template)
+    try:
+        for name, t in tensors.items():
+            if t.dim() == 2 and name.endswith(".weight"):
+                b, s_w, counts = quantize_pack(t, fmt, name)
+                writer.write(name, b)
+                writer.write(name + SCALE_SUFFIX, s_w.reshape(()))
+                meta[TENSOR_KEY_PREFIX + name] = _tensor_meta(fmt, t.shape, float(s_w), counts)
+            else:
+                writer.write(name, t.to(keep))
+        writer.close(meta)
+    except BaseException:
+        writer.abort()
+        raise
+    return meta
