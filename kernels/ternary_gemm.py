@@ -105,7 +105,7 @@ def _gemm_configs(m: int):
                 (16, 32, 256, 4, 3)]
     if m <= 64:
         return [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (32, 64, 128, 4, 4), (64, 32, 128, 4, 3)]
-    return [(128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 64, 128, 4, 3), (128, 256, 64, 8, 3),
+    return [(128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
             (64, 64, 128, 4, 3), (128, 32, 128, 4, 3), (64, 32, 256, 4, 3)]
 
 
@@ -151,7 +151,18 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
                 if t < best_t:
                     cfg, best_t = c, t
         _TUNED[key] = cfg
-    _launch(cfg, a)
+    try:
+        _launch(cfg, a)
+    except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device
+        for c in _gemm_configs(m)[1:]:
+            try:
+                _launch(c, a)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            _TUNED[key] = c
+            break
+        else:
+            raise
     return out
 
 
