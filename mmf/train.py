@@ -459,7 +459,11 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
         raise MMFError(f"train.batch_size {B} must be a multiple of world size {world.size} x grad_accum {A}")
     micro = B // (world.size * A)
 
-    mcfg = build_model_config(cfg.model, vocab_size=tokenizer.vocab_size)
+    vocab = cfg.model.get("vocab_size")  # a larger vocabulary than the tokenizer's may be asked for (padding)
+    if vocab is not None and (not isinstance(vocab, int) or vocab < tokenizer.vocab_size):
+        raise MMFError(f"[model] vocab_size = {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+                       "drop it (the tokenizer sets it) or raise it")
+    mcfg = build_model_config(cfg.model, vocab_size=vocab or tokenizer.vocab_size)
     mcfg.bos_token_id, mcfg.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
     if mcfg.arch == "transformer++":
         mcfg.max_position_embeddings = max(mcfg.max_position_embeddings, T)
@@ -467,6 +471,9 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
 
     base = build_model(mcfg).init_weights().to(device)
     n_params = sum(p.numel() for p in base.parameters())
+    lb = getattr(base.model, "lower_bounds", None)
+    if lb is not None and len(base.model.layers) == 1:
+        lb.requires_grad_(False)  # layer 0 has no lower bound: with one layer it gets no gradient (DDP would stall)
     model = base
     if world.distributed:
         if cfg.distributed.strategy == "fsdp":
