@@ -186,14 +186,19 @@ def save_training_checkpoint(world: World, base, optimizer, mcfg, tokenizer, out
         hf.update(torch_dtype="float32", mmf_version=__version__)
         from safetensors.torch import save_file
 
-        with atomic_directory(path, overwrite=True) as tmp:
-            write_safetensors_sharded(msd, tmp)
-            (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-            tokenizer.save(tmp)
-            save_file(otensors, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
-            save_file(rng, str(tmp / RNG_FILE), metadata={"format": "pt"})
-            (tmp / RUN_CONFIG).write_text(run_config)
-            (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": ometa}, indent=2) + "\n")
+        try:
+            with atomic_directory(path, overwrite=True) as tmp:
+                write_safetensors_sharded(msd, tmp)
+                (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+                tokenizer.save(tmp)
+                save_file(otensors, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
+                save_file(rng, str(tmp / RNG_FILE), metadata={"format": "pt"})
+                (tmp / RUN_CONFIG).write_text(run_config)
+                (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": ometa}, indent=2) + "\n")
+        except OSError as e:  # a full disk or a vanished directory: the earlier checkpoints are untouched
+            kept = list_checkpoints(out)
+            raise MMFError(f"could not write checkpoint {path} ({e.strerror or e}); "
+                           f"{'the last good one is ' + str(kept[-1]) if kept else 'no checkpoint was kept'}") from None
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(world)

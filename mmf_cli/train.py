@@ -54,6 +54,10 @@ def train(
     if r.interrupted:
         typer.echo(f"Continue with: mmf train --resume --out {shlex.quote(str(r.out))}")
         raise typer.Exit(130)
+    if math.isfinite(r.val_loss) and math.isfinite(r.unigram_entropy):
+        where = "below" if r.val_loss < r.unigram_entropy else "NOT below"
+        typer.echo(f"Validation loss {r.val_loss:.4f} nats/token is {where} the corpus's unigram entropy "
+                   f"{r.unigram_entropy:.4f} nats/token (what predicting token frequencies alone would give).")
     typer.echo(f"Loss curve: {r.out / 'loss_curve.png'}   metrics: {r.out / 'metrics.jsonl'}")
     typer.echo("Try it:")
     typer.echo(f"  mmf generate {shlex.quote(str(r.checkpoint))} --prompt \"Once upon a time\" --max-new-tokens 120 --seed 0")

@@ -190,3 +190,14 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys, case):
     lines = err.strip().splitlines()  # progress lines may come first (on stderr); then exactly one error line
     assert lines[-1].startswith("mmf: error: ") and sum("error" in l for l in lines) == 1, err
     assert "Traceback" not in err and expect in lines[-1], err
+
+
+def test_print_config_and_eval_errors(tmp_path, monkeypatch, capsys):
+    code, out, err = cli_main(monkeypatch, capsys, "train", "--config", "transformer++-tiny", "--print-config",
+                              "--set", "train.steps=5", "--data", "a.txt")
+    assert code == 0 and "steps = 5" in out and 'preset = "transformer++-tiny"' in out and 'paths = ["a.txt"]' in out
+    p = tmp_path / "c.toml"
+    p.write_text(out)
+    assert load_train_config(str(p)).train.steps == 5
+    code, _, err = cli_main(monkeypatch, capsys, "eval", tmp_path / "nope", "--data", p)
+    assert code == 2 and err.startswith("mmf: error: ") and "no such checkpoint" in err and len(err.splitlines()) == 1
