@@ -29,13 +29,15 @@ def checkpoint_info(path) -> dict:
         by_file.setdefault(p, []).append(k)
     for p, keys in by_file.items():
         with open_safetensors(p) as f:
+            meta = f.metadata() or {}
             for k in keys:
                 sl = f.get_slice(k)
                 n = 1
                 for s in sl.get_shape():
                     n *= s
                 dt = sl.get_dtype()
-                groups[tensor_group(cfg.arch, k)] += n
+                packed = meta.get(f"mmf.tensor.{k}")  # a packed ternary tensor: count its logical weights
+                groups[tensor_group(cfg.arch, k)] += _logical_numel(packed) if packed else n
                 bytes_by_dtype[dt] += n * _DTYPE_BYTES.get(dt, 4)
     total = sum(groups.values())
     return {
@@ -51,6 +53,16 @@ def checkpoint_info(path) -> dict:
         "bytes_by_dtype": dict(bytes_by_dtype),
         "files": sorted({p.name for p in files.values()}),
     }
+
+
+def _logical_numel(entry: str) -> int:
+    import json
+    import math
+
+    try:
+        return math.prod(int(x) for x in json.loads(entry)["shape"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
