@@ -180,7 +180,7 @@ def check_decoder(quick: bool):
 # ----------------------------------------------------------------------------------------------
 # GEMV bandwidth
 # ----------------------------------------------------------------------------------------------
-def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20):
+def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20, config=None, no_prologue=False):
     """One projection as the decoder runs it, back to back over distinct weight copies in a graph."""
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
@@ -198,11 +198,14 @@ def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20):
     gemv_path = batch <= tv.GEMV_MAX_ROWS
     sc = tv.Scratch(1, batch, k, "cuda")
     pro = tv.PRO_NORM if kind in ("norm", "glu") else tv.PRO_PLAIN
+    if no_prologue:  # quantise once up front; the timed kernels stream weights only
+        tv.gemv(x, [ws[0]], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc, config=config)
+        pro = tv.PRO_NONE
     epi = {"glu": tv.EPI_GLU, "res": tv.EPI_RESIDUAL}.get(kind, tv.EPI_STORE)
 
     def one(w):
         if gemv_path:
-            tv.gemv(x, [w], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc)
+            tv.gemv(x, [w], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc, config=config)
         else:
             tg.quantize(x, bn, sc, pro=pro, norm_weight=nw)
             tg.gemm(sc, [w], sw, out, k=k, epi=epi, residual=res if epi == tv.EPI_RESIDUAL else None)
@@ -217,8 +220,8 @@ def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20):
     del ws, graph
     torch.cuda.empty_cache()
     gbs = nbytes / (ms * 1e-3)
-    return dict(shape=f"{k}->{'2x' if kind == 'glu' else ''}{n}", kind=kind, batch=batch,
-                path="gemv" if gemv_path else "quantize+gemm", weight_MB=nbytes / 1e6, us=ms * 1e3,
+    return dict(shape=f"{k}->{'2x' if kind == 'glu' else ''}{n}", kind=kind + (" (no prologue)" if no_prologue else ""),
+                batch=batch, config=str(tuple(config)) if config else "tuned", path="gemv" if gemv_path else "quantize+gemm", weight_MB=nbytes / 1e6, us=ms * 1e3,
                 GB_s=gbs / 1e9, pct_copy_bw=100 * gbs / bw)
 
 
@@ -406,6 +409,18 @@ def main(argv=None):
         for batch in (2, 4, 16):
             gemv_rows.append(dict(model="13b", **time_gemv(5120, 5120, "norm", batch, dtype, bw)))
             gemv_rows.append(dict(model="13b", **time_gemv(13824, 5120, "glu", batch, dtype, bw)))
+    if not args.smoke:  # where the time goes: every schedule, with and without the fused prologue
+        sweep = []
+        for n, k, kind in [(5120, 5120, "norm"), (13824, 5120, "glu")]:
+            for cfg in tv._configs(1, tv.words_per_row(k)):
+                for nop in (True, False):
+                    try:
+                        sweep.append(time_gemv(n, k, kind, 1, dtype, bw, copies_bytes=256 << 20, config=cfg,
+                                               no_prologue=nop))
+                    except Exception as e:  # noqa: BLE001 - a schedule that does not fit is reported
+                        sweep.append(dict(shape=f"{k}->{n}", kind=kind, config=str(cfg), error=repr(e)[:80]))
+        res["gemv_sweep"] = sweep
+        table(sweep, "GEMV schedules (BN, warps, programs per SM), batch 1")
     table(gemv_rows, "ternary projections (decode form: fused prologue/epilogue), back to back, no L2 reuse")
     log(f"[{time.time() - t0:.0f}s] gemv done")
     dump()

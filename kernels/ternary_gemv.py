@@ -55,6 +55,7 @@ else:  # pragma: no cover - only the interpreter path
     libdevice = None
 
 PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
+PRO_NONE = 4  # activations already quantised in the scratch (benchmarks: the weight stream alone)
 EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
 GEMV_MAX_ROWS = 2  # above this, the tensor-core GEMM wins (dp4a work grows with the rows; measured)
 
@@ -229,10 +230,11 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
     c = _load_words(Wp, rows, wofs, P, PW, N, BYTE_W)
     if EPI == 2:  # GLU pair: rows n (gate) and N + n (up)
         c2 = _load_words(Wp, rows + N, wofs, P, PW, 2 * N, BYTE_W)
-    for m in range(M):
-        _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
-                   eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False)
-    tl.debug_barrier()
+    if PRO != 4:
+        for m in range(M):
+            _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
+                       eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False)
+        tl.debug_barrier()
     rm = tl.arange(0, BM)
     xbase = XQ + ((seg * M + rm[:, None]) * 4) * PW + wofs[None, :]
     xm = (rm[:, None] < M) & (wofs < PW)[None, :]
@@ -303,7 +305,8 @@ class Scratch:
 
 # rows -> (BN, num_warps, programs per SM) candidates; the first is the interpreter's choice
 _GEMV_CONFIGS = {
-    1: [(8, 4, 2), (8, 8, 1), (4, 4, 2), (8, 4, 4), (16, 8, 1), (16, 8, 2), (4, 4, 4), (4, 8, 2)],
+    1: [(8, 4, 2), (8, 8, 1), (4, 4, 2), (8, 4, 4), (16, 8, 1), (16, 8, 2), (4, 4, 4), (4, 8, 2),
+        (32, 16, 1), (16, 16, 1), (8, 16, 1)],
     2: [(4, 4, 2), (8, 8, 1), (4, 8, 2), (2, 4, 4), (8, 8, 2)],
 }
 
