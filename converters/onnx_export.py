@@ -12,9 +12,10 @@ reference-semantics.md, in the order the torch model does it.
   the tokenizer file of the checkpoint.
 
 BitLinear with ``--weights packed`` (the MatMul-free default): the ternary weights are the i2
-planar bytes of ``mmf.converters.ternary_codes.pack_i2`` in uint8 initializers (N x ceil(K/4)).
-Inside the graph ``BitShift``/``BitwiseAnd``/``Transpose``/``Reshape``/``Slice`` turn them into
-codes {0, 1, 2} and then int8 weights {-1, 0, 1} (K x N); the activations are rms-normed (eps
+planar bytes of ``mmf.converters.ternary_codes.pack_i2`` in uint8 initializers, stored transposed
+(``{name}.packed_t``: ceil(K/4) x N, byte (j, n) = ``pack_i2(w)[n, j]``). Inside the graph
+``BitShift``/``BitwiseAnd``/``Reshape``/``Cast``/``Sub`` turn them into int8 weights {-1, 0, 1}
+(4 ceil(K/4) x N; the activations are padded to that length when K % 4 != 0); the activations are rms-normed (eps
 1e-6), quantised per token to int8 (absmax, ``Round`` is half-to-even like torch.round), offered
 to ``MatMulInteger`` as uint8 ``xq + 128`` with zero point 128 (ONNX Runtime's fast u8 x s8 GEMM;
 s8 x u8 runs a kernel about 40x slower), which computes ``acc = xq @ w^T`` exactly in int32 (equal
@@ -172,8 +173,8 @@ def _mmf_weights(model, np_dtype, mode: str) -> tuple[dict, dict]:
                 raise MMFError(f"{prefix}: weights are not ternary (codes outside -1..1); "
                                "ONNX BitLinear export needs ternary codes")
             packed = pack_i2(codes.to(torch.int8)) if mode == "packed" else None
-        if mode == "packed":
-            W[f"{prefix}.packed"] = packed.numpy()
+        if mode == "packed":  # the pack_i2 bytes, stored transposed: (P, N), so no transpose in the graph
+            W[f"{prefix}.packed_t"] = packed.t().contiguous().numpy()
         else:
             W[f"{prefix}.codes_t"] = codes.t().contiguous().to(torch.float16 if np_dtype == np.float16
                                                                else torch.float32).numpy()
@@ -232,15 +233,16 @@ def _bitlinear(o: _Ops, x, prefix: str, lin: dict, mode: str):
     s_x = g.op("Div", g.f32(127.0), g.op("Max", amax, g.f32(1e-5)))
     xq = g.op("Clip", g.op("Round", g.op("Mul", xn, s_x)), g.f32(-128.0), g.f32(127.0))
     if mode == "packed":
-        packed = g.weight(f"{prefix}.packed")  # (N, P) uint8, planar i2
-        p = g.weights[packed].shape[1]
+        packed_t = g.weight(f"{prefix}.packed_t")  # (P, N) uint8: byte (j, n) holds k = j, P+j, 2P+j, 3P+j
+        p = g.weights[packed_t].shape[0]
         shifts = g.const(np.array([0, 2, 4, 6], np.uint8).reshape(4, 1, 1), np.uint8)
-        planes = g.op("BitwiseAnd", g.op("BitShift", packed, shifts, direction="RIGHT"), g.const(3, np.uint8))
-        codes_t = g.op("Slice", g.op("Reshape", g.op("Transpose", planes, perm=[0, 2, 1]), g.i64(4 * p, n)),
-                       g.i64(0), g.i64(k), g.i64(0))  # (K, N) codes in {0, 1, 2}
-        w_t = g.op("Sub", g.op("Cast", codes_t, to=3), g.const(1, np.int8))  # int8 -1..1, 1-byte temporaries
+        planes = g.op("BitwiseAnd", g.op("BitShift", packed_t, shifts, direction="RIGHT"), g.const(3, np.uint8))
+        # (4, P, N) -> (4P, N): row s*P + j is k = s*P + j, the planar order; rows k >= K hold code 1
+        w_t = g.op("Sub", g.op("Cast", g.op("Reshape", planes, g.i64(4 * p, n)), to=3), g.const(1, np.int8))
         # activations as uint8 xq + 128 with zero point 128: ONNX Runtime's fast u8 x s8 integer GEMM
         xu = g.op("Cast", g.op("Add", xq, g.f32(128.0)), to=2)
+        if 4 * p != k:  # pad the activations to 4P (the padding meets weight 0)
+            xu = g.op("Pad", xu, g.i64(0, 0, 0, 0, 0, 4 * p - k), g.const(128, np.uint8))
         acc = g.op("Cast", g.op("MatMulInteger", xu, w_t, g.const(128, np.uint8)), to=FLOAT)
     else:
         acc = g.op("MatMul", xq, o.up(g.weight(f"{prefix}.codes_t")))

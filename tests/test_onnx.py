@@ -55,6 +55,7 @@ def _with_packed_buffers(model):
 CASES = {  # name: (arch, weights, build)
     "mmf-packed": ("mmf", "packed", lambda: _model("mmf")),
     "mmf-float": ("mmf", "float", lambda: _model("mmf")),
+    "mmf-k-not-multiple-of-4": ("mmf", "packed", lambda: _model("mmf", hidden_size=66, intermediate_size=94)),
     "mmf-packed-buffers": ("mmf", "packed", lambda: _with_packed_buffers(_model("mmf"))),
     "llama": ("transformer++", "float", lambda: _model("transformer++")),
     "llama-tied": ("transformer++", "float", lambda: _model("transformer++", tie_word_embeddings=True)),
@@ -133,14 +134,14 @@ def test_packed_weights_are_the_i2_bytes_and_small(exported):
     graph = onnx.load(str(out / PREFILL_FILE), load_external_data=True).graph
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     codes = model.model.layers[1].attn.f_proj.ternary_codes()
-    packed = inits["model.layers.1.attn.f_proj.packed"]
-    assert packed.dtype == np.uint8 and packed.shape == (codes.shape[0], -(-codes.shape[1] // 4))
-    assert np.array_equal(packed, pack_i2(codes).numpy())
+    packed_t = inits["model.layers.1.attn.f_proj.packed_t"]
+    assert packed_t.dtype == np.uint8 and packed_t.shape == (-(-codes.shape[1] // 4), codes.shape[0])
+    assert np.array_equal(packed_t.T, pack_i2(codes).numpy())
     # no float copy of any ternary weight anywhere in the graph
     assert not any(name.endswith(("codes_t", ".weight")) and a.ndim == 2 and name != "model.embeddings.weight"
                    for name, a in inits.items())
     ternary = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, FrozenBitLinear))
-    packed_bytes = sum(a.nbytes for n, a in inits.items() if n.endswith(".packed"))
+    packed_bytes = sum(a.nbytes for n, a in inits.items() if n.endswith(".packed_t"))
     assert packed_bytes == sum(-(-m.in_features // 4) * m.out_features for m in model.modules()
                                if isinstance(m, FrozenBitLinear)) and packed_bytes < ternary / 3.9
     # the shared data file holds each weight once; both graphs point into it
@@ -300,8 +301,8 @@ def test_packed_checkpoint_from_mmf_pack(tiny_mmf_ckpt, tmp_path):
     prompt = [3 + b for b in b"hello"]
     assert generate_ids(ort_model, prompt, 10) == generate_ids(model, prompt, 10)
     graph = onnx.load(str(out / PREFILL_FILE), load_external_data=True).graph
-    got = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == "lm_head.packed")
-    assert np.array_equal(got, model.lm_head.packed.numpy())
+    got = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == "lm_head.packed_t")
+    assert np.array_equal(got.T, model.lm_head.packed.numpy())
     # the embeddings came as fp16 from the pack: stored as fp16 (lossless), so the data file is
     # the packed checkpoint's size give or take the small tensors
     ckpt_bytes = sum(p.stat().st_size for p in packed.iterdir())
