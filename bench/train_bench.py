@@ -376,6 +376,66 @@ def run_kernel_checks(device="cuda") -> dict:
     return out
 
 
+def run_profile(size="370m", device="cuda", batch=None, seq_len=2048, steps=3, stale_weights=False) -> dict:
+    """Where a fused training step spends its time: GPU busy time vs wall time, top kernels, top
+    host ops (torch.profiler). ``stale_weights``: skip the per-step weight re-quantisation
+    (diagnostic only: the weights the forward sees then go stale)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmf.kernels import bitlinear_fused as BF
+
+    dev = torch.device(device)
+    b = batch or DEFAULT_BATCH.get(size, 1)
+    cfg = model_preset(size)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = build_model(cfg)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, cfg.vocab_size, (b, seq_len + 1), device=dev)
+    inp, labels = tokens[:, :-1], tokens[:, 1:]
+    if stale_weights:
+        BF._STEP_HOOK.remove()
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(inp).logits.reshape(-1, cfg.vocab_size), labels.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(3):
+            step()
+        _sync(dev)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            _sync(dev)
+        wall = (time.perf_counter() - t0) / steps
+    finally:
+        if stale_weights:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            BF._STEP_HOOK = register_optimizer_step_post_hook(BF._after_optimizer_step)
+    ev = prof.key_averages()
+    dev_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+    kernels_ = sorted((e for e in ev if dev_time(e) > 0), key=dev_time, reverse=True)
+    gpu_busy = sum(dev_time(e) for e in kernels_) / steps / 1e3
+    host = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)
+    res = {"size": size, "batch": b, "stale_weights": stale_weights, "int8": BF.INT8_FORWARD,
+           "wall_ms_per_step": round(wall * 1e3, 2), "gpu_busy_ms_per_step": round(gpu_busy, 2),
+           "top_kernels_ms_per_step": [(e.key[:70], round(dev_time(e) / steps / 1e3, 2), e.count // steps)
+                                       for e in kernels_[:18]],
+           "top_host_ms_per_step": [(e.key[:70], round(e.self_cpu_time_total / steps / 1e3, 2), e.count // steps)
+                                    for e in host[:18]]}
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
 def _print_checks(res: dict) -> None:
     print(json.dumps(res["floors"]))
     for k, v in res["checks"].items():
@@ -395,10 +455,21 @@ def main(argv=None) -> int:
     ap.add_argument("--unfused-steps", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--check", action="store_true", help="GPU kernel checks and micro-timings instead")
+    ap.add_argument("--profile", action="store_true", help="profile fused steps of the first size instead")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     try:
-        if a.check:
+        if a.profile:
+            res = {"profiles": []}
+            for stale in (False, True):
+                r = run_profile(a.sizes[0], a.device, a.batch, a.seq_len, 3, stale)
+                res["profiles"].append(r)
+                print(json.dumps({k: v for k, v in r.items() if not k.startswith("top")}))
+                for k in ("top_kernels_ms_per_step", "top_host_ms_per_step"):
+                    print(k)
+                    for row in r[k]:
+                        print("   ", row)
+        elif a.check:
             res = run_kernel_checks(a.device)
             _print_checks(res)
         else:

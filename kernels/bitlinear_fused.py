@@ -67,9 +67,14 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
+_SMS: dict = {}
+
+
 def _num_programs(rows: int, device) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _SMS.get(device.index)
+        if sms is None:
+            sms = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(rows, 8 * sms))
     return max(1, min(rows, 4))
 
@@ -217,7 +222,7 @@ def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
                 nw = tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
                 gx = dwn * nw
                 xn = xhat * nw
-                part = tl.load(dnwp + cols, mask=m, other=0.0)
+                part = tl.load(dnwp + cols, mask=m & (it > 0), other=0.0)  # first row: no memset needed
                 tl.store(dnwp + cols, part + dwn * xhat, mask=m)
             else:
                 gx = dwn
@@ -241,11 +246,15 @@ def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
 
 
 @triton.jit
-def _weight_quant_kernel(W, Q, N, s_ptr, BLOCK: tl.constexpr, RINT: tl.constexpr, CODES: tl.constexpr = False):
-    """q = clamp(round(w * s_w), -1, 1) / s_w, cast first to w's dtype then to q's (CODES: q = the codes)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _weight_quant_kernel(W, Q, N, SUM, SW, BLOCK: tl.constexpr, RINT: tl.constexpr, CODES: tl.constexpr):
+    """s_w = 1 / max(sum|w| / N, 1e-5); q = clamp(round(w * s_w), -1, 1) / s_w, formed in w's dtype
+    then cast to q's (CODES: q = the codes). Program 0 also stores s_w."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    s = tl.load(s_ptr)
+    s = 1.0 / tl.maximum(tl.load(SUM) / N, 1e-5)
+    if pid == 0:
+        tl.store(SW, s)
     w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
     c = _rint(w * s, RINT)
     c = tl.minimum(tl.maximum(c, -1.0), 1.0)
@@ -272,7 +281,10 @@ def _dequant_kernel(C, Q, N, s_ptr, WDT, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------------
-INT8_FORWARD = os.environ.get("MMF_BITLINEAR_INT8", "auto")  # "1" always, "0" never, "auto": CUDA sm >= 8.0
+# "1" always, "0" never, "auto": CUDA sm >= 8.0. Off by default: the int8 product beats cuBLAS bf16 by
+# 18-41 % at 1.3b shapes on an H100, but the whole step measured slower (launch overhead of the
+# autotuned kernel and the backward's dequantisation; see bench/results/TRAINING.md).
+INT8_FORWARD = os.environ.get("MMF_BITLINEAR_INT8", "0")
 
 
 def _use_int8(x2: torch.Tensor) -> bool:
@@ -318,7 +330,7 @@ def _bwd(x2, nw, gate2, dy2, rstd, scale, quant, xq_dtype, need_dnw, glu=False):
     xq = torch.empty(M, K, dtype=xq_dtype, device=dev) if quant else None
     P = _num_programs(M, dev)
     has_nw = nw is not None
-    dnw = torch.zeros(P if has_nw else 1, K, dtype=torch.float32, device=dev)
+    dnw = torch.empty(P if has_nw else 1, K, dtype=torch.float32, device=dev)  # every program has >= 1 row
     if M > 0:
         bk = _block_k(K)
         _rownorm_bwd_kernel[(P,)](
@@ -348,12 +360,58 @@ _STEP = [0]  # bumped after every optimiser step (any torch.optim optimiser, fus
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """Count the step, then re-quantise at once every cached weight this optimiser updated (one
+    multi-tensor abs-sum for all of them, one launch each to quantise): cheaper on the host than
+    discovering them stale one forward call at a time."""
     _STEP[0] += 1
+    ws, modes = [], []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            m = [attr for attr in (_CACHE_ATTR, _CODES_ATTR) if getattr(p, attr, None) is not None]
+            if m:
+                ws.append(p)
+                modes.append(m)
+    if not ws:
+        return
+    with torch.no_grad():
+        try:
+            sums = torch._foreach_norm([w.detach() for w in ws], 1, dtype=torch.float32)
+        except (RuntimeError, TypeError):  # pragma: no cover - older torch: one reduction each
+            sums = [torch.linalg.vector_norm(w.detach(), 1, dtype=torch.float32) for w in ws]
+        for w, m, total in zip(ws, modes, sums):
+            if not w.is_contiguous():
+                continue  # quantised lazily on next use
+            for attr in m:
+                old = getattr(w, attr)
+                if attr == _CACHE_ATTR:
+                    dtype = old[0][3]
+                    q, _ = _quantize(w, dtype, codes=False, total=total)
+                    key = (w.data_ptr(), w._version, _STEP[0], dtype, tuple(w.shape), w.device)
+                    setattr(w, attr, (key, q))
+                else:
+                    out = _quantize(w, torch.int8, codes=True, total=total)
+                    setattr(w, attr, ((w.data_ptr(), w._version, _STEP[0], tuple(w.shape), w.device), out))
 
 
 # Fused optimisers (AdamW(fused=True)) update parameters in place WITHOUT bumping their autograd
 # version counters, so the version alone cannot tell that a weight changed: a global step hook can.
-register_optimizer_step_post_hook(_after_optimizer_step)
+_STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _quantize(weight: torch.Tensor, dtype, codes: bool, total=None):
+    """Two launches: the abs-sum (one reduction), then one pass that forms s_w from it and writes
+    ``codes / s_w`` in ``dtype`` (or the int8 codes) and s_w itself."""
+    with torch.no_grad():
+        w = weight.detach()
+        w = w if w.is_contiguous() else w.contiguous()
+        if total is None:
+            total = torch.linalg.vector_norm(w, 1, dtype=torch.float32)
+        q = torch.empty(w.shape, dtype=torch.int8 if codes else dtype, device=w.device)
+        s_w = torch.empty(1, dtype=torch.float32, device=w.device)
+        n = w.numel()
+        _weight_quant_kernel[(max(1, triton.cdiv(n, 4096)),)](w, q, n, total, s_w, BLOCK=4096, RINT=_use_rint(w),
+                                                               CODES=codes, num_warps=8)
+    return q, s_w
 
 
 def quantized_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -362,14 +420,7 @@ def quantized_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     hit = getattr(weight, _CACHE_ATTR, None)
     if hit is not None and hit[0] == key:
         return hit[1]
-    with torch.no_grad():
-        w = weight.detach()
-        w = w if w.is_contiguous() else w.contiguous()
-        s_w = (1.0 / w.float().abs().mean().clamp(min=reference.WEIGHT_CLAMP_MIN)).reshape(1)
-        q = torch.empty(w.shape, dtype=dtype, device=w.device)
-        n = w.numel()
-        if n:
-            _weight_quant_kernel[(triton.cdiv(n, 4096),)](w, q, n, s_w, BLOCK=4096, RINT=_use_rint(w), num_warps=8)
+    q, _ = _quantize(weight, dtype, codes=False)
     try:
         setattr(weight, _CACHE_ATTR, (key, q))
     except (AttributeError, TypeError):  # pragma: no cover - a tensor that refuses attributes: no caching
@@ -383,20 +434,12 @@ def quantized_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hit = getattr(weight, _CODES_ATTR, None)
     if hit is not None and hit[0] == key:
         return hit[1]
-    with torch.no_grad():
-        w = weight.detach()
-        w = w if w.is_contiguous() else w.contiguous()
-        s_w = (1.0 / w.float().abs().mean().clamp(min=reference.WEIGHT_CLAMP_MIN)).reshape(1)
-        codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-        n = w.numel()
-        if n:
-            _weight_quant_kernel[(triton.cdiv(n, 4096),)](w, codes, n, s_w, BLOCK=4096, RINT=_use_rint(w),
-                                                          CODES=True, num_warps=8)
+    out = _quantize(weight, torch.int8, codes=True)
     try:
-        setattr(weight, _CODES_ATTR, (key, (codes, s_w)))
+        setattr(weight, _CODES_ATTR, (key, out))
     except (AttributeError, TypeError):  # pragma: no cover
         pass
-    return codes, s_w
+    return out
 
 
 def _dequant(codes, s_w, w_dtype, dtype):

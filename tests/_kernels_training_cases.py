@@ -134,6 +134,8 @@ def weight_cache_case(results):
     BF.bitlinear_train_fused(x, nw, w).sum().backward()
     q1 = BF.quantized_weight(w, torch.float32)
     q1_again = BF.quantized_weight(w, torch.float32)
+    codes, s_w = BF.quantized_codes(w)
+    ref_codes, ref_sw = R.weight_quant(w.detach())
     torch.optim.SGD([w, nw], lr=0.5).step()  # in place: bumps the version counter
     y = BF.bitlinear_train_fused(x, nw, w)
     err_sgd = rel(y, R.bitlinear_train(x, nw, w))
@@ -149,6 +151,8 @@ def weight_cache_case(results):
         "recomputed_after_fused_adamw": float(q3 is not q2),
         "out_after_step": err_sgd,
         "out_after_fused_adamw": rel(y3, R.bitlinear_train(x, nw, w)),
+        "codes_differ": float((codes != ref_codes).sum()),
+        "s_w": rel(s_w, ref_sw.reshape(1)),
         "quantised_weight": rel(q3, (lambda c, s: c.float() / s)(*R.weight_quant(w.detach()))),
     }
 

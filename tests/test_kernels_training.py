@@ -83,7 +83,10 @@ def test_weight_quantised_once_per_step(results):
     assert r["recomputed_after_fused_adamw"] == 1.0
     assert r["out_after_step"] < 1e-5
     assert r["out_after_fused_adamw"] < 1e-5
-    assert r["quantised_weight"] == 0.0
+    # s_w from a different summation order than torch's mean: equal to rounding, same codes
+    assert r["quantised_weight"] < 1e-6
+    assert r["s_w"] < 1e-6
+    assert r["codes_differ"] == 0.0
 
 
 def test_rms_norms(results):
