@@ -252,7 +252,7 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
         raise CheckpointError(f"tensor {name}: scale {float(s_w)!r} is not a positive finite number")
     n = codes.numel()
     nz = codes != 0
-    nnz = int(nz.sum())
+    nnz = int(torch.count_nonzero(codes))
     clamp = _clamp_scale()
     if nnz == 0:
         if bool(s_w == clamp) or n == 0:
@@ -283,54 +283,57 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
     if b0 < 1 or b0 + 2 > _MAX_FINITE_BITS[dtype]:
         raise CheckpointError(f"tensor {name}: weights of magnitude {a:.3g} do not fit {dtype}; unpack to fp32")
     nz2 = nz.reshape(nz.shape[0], -1) if codes.dim() >= 2 else nz.reshape(1, -1)
+    u8 = nz2.view(torch.uint8)
+    rows_n, cols_n = nz2.shape
     absw = torch.empty(nz2.shape, dtype=torch.float32)
-
-    def fill_prefix(mask: torch.Tensor, cum: torch.Tensor, j: int, value: float) -> None:
-        """Set the first j True positions of ``mask`` (row-major) to ``value`` in absw."""
-        if j <= 0:
-            return
-        r = int(torch.searchsorted(cum, j, right=False))  # row holding the j-th True
-        if r:
-            absw[:r][mask[:r]] = value
-        before = int(cum[r - 1]) if r else 0
-        cols = mask[r].nonzero().flatten()[: j - before]
-        absw[r, cols] = value
-
-    cum_nz = nz2.sum(1).cumsum(0)
+    last = [None]
 
     def build(t: int) -> torch.Tensor:
-        base, j = b0 + t // nnz, t % nnz
-        torch.mul(nz2, _bits_value(base, dtype), out=absw)
-        fill_prefix(nz2, cum_nz, j, _bits_value(base + 1, dtype))  # raise the first j non-zeros one ulp
+        """Non-zeros at flat positions < t % n get the next value up: monotone in t."""
+        if last[0] == t:
+            return absw
+        base, pos = b0 + t // n, t % n
+        v0, v1 = _bits_value(base, dtype), _bits_value(base + 1, dtype)
+        r, c = divmod(pos, cols_n)
+        if r:
+            absw[:r].copy_(u8[:r]).mul_(v1)
+        absw[r:].copy_(u8[r:]).mul_(v0)
+        if c:
+            absw[r, :c].copy_(u8[r, :c]).mul_(v1)
+        last[0] = t
         return absw
 
     def ok(m: float) -> bool:
         return m_lo <= m <= m_hi and bool(_scale_of_mean(torch.tensor(m, dtype=torch.float32)) == s_w)
 
     ulp = _bits_value(b0 + 1, dtype) - _bits_value(b0, dtype)
-    t0 = round((m_c * n - nnz * _bits_value(b0, dtype)) / ulp)
-    valid = lambda t: 1 <= b0 + t // nnz and b0 + t // nnz + 2 <= _MAX_FINITE_BITS[dtype]  # noqa: E731
-    found, lo_t, hi_t = _bracket_search(lambda t: float(build(t).mean()), ok, t0, ulp / n, m_c, max_evals, valid)
+    t0 = round((m_c * n - nnz * _bits_value(b0, dtype)) / ulp * n / nnz)
+    valid = lambda t: 1 <= b0 + t // n and b0 + t // n + 2 <= _MAX_FINITE_BITS[dtype]  # noqa: E731
+    found, lo_t, hi_t = _bracket_search(lambda t: float(build(t).mean()), ok, t0, ulp * nnz / n / n, m_c,
+                                        max_evals, valid)
     tweak = None
     if found is None and lo_t is not None:
-        # The fp32 sum moved past the target in one step. Keep the largest prefix below the target and
-        # move ONE weight through every value of ``dtype`` in a range (the sum is monotone in it and
-        # changes by at most one ulp per step at the top of the reduction): a zero-coded weight within
-        # (-0.5/s_w, 0.5/s_w) if there is one, else a non-zero one up to 64 ulps higher.
-        zero_pos = (~nz2).view(-1).nonzero().flatten()
-        nz_pos = nz2.view(-1).nonzero().flatten()
+        # The fp32 sum moved past the target in one step. Keep a configuration below the target and
+        # move ONE weight through the values of ``dtype`` in a range (the mean is monotone in it): a
+        # zero-coded weight within (-0.5/s_w, 0.5/s_w) if there is one, else a non-zero one up to a few
+        # ulps higher. The lattice of reachable sums depends on the rest of the tensor (and on the lane
+        # of the vectorised reduction the weight falls in), so several prefixes and positions are tried.
+        use_zero = nnz < n
+        pick_rows = sorted({rows_n - 1, 0, rows_n // 2, rows_n // 3, (2 * rows_n) // 3, rows_n // 5})
+        picks = []
+        for r in pick_rows:
+            row_mask = ~nz2[r] if use_zero else nz2[r]
+            cols = row_mask.nonzero().flatten()
+            take = cols[-8:] if r == rows_n - 1 else cols[-1:]
+            picks += [r * cols_n + int(c) for c in take]
         absw_flat = absw.view(-1)
-        # the lattice of reachable sums depends on the rest of the tensor: try a few neighbouring prefixes
-        # and a few positions of the moving weight (different lanes of the vectorised reduction)
         for back in range(24):
-            if found is not None or not valid(lo_t - back):
+            if found is not None or not valid(lo_t - back * max(1, n // max(nnz, 1))):
                 break
-            snapshot = build(lo_t - back).clone()
-            pool = zero_pos if zero_pos.numel() else nz_pos
-            picks = {int(pool[i]) for i in range(-min(8, len(pool)), 0)}
-            picks |= {int(pool[(len(pool) * i) // 8]) for i in range(8)}
-            for e in sorted(picks):
-                if zero_pos.numel():
+            t_base = lo_t - back * max(1, n // max(nnz, 1))
+            snapshot = build(t_base).clone()
+            for e in sorted(set(picks)):
+                if use_zero:
                     lo_b, hi_b = 0, zero_threshold_bits(dtype, s_w)
                 else:
                     lo_b = _value_bits(float(snapshot.view(-1)[e]), dtype)
@@ -339,6 +342,7 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
                 def mean_e(bits: int, e=e, snapshot=snapshot) -> float:
                     absw.copy_(snapshot)
                     absw_flat[e] = _bits_value(bits, dtype)
+                    last[0] = None
                     return float(absw.mean())
 
                 lo, hi = lo_b, hi_b  # smallest bits with mean >= m_lo, by bisection
@@ -351,13 +355,13 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
                     else:
                         lo = mid
                 if ok(mean_e(hi)):
-                    found, tweak = lo_t - back, (mean_e, hi)
+                    found, tweak = t_base, (mean_e, hi)
                     break
     if found is None:
         hint = "unpack with --dtype fp32" if dtype != torch.float32 else "pack the latent checkpoint instead"
         raise CheckpointError(f"tensor {name}: found no {dtype} weights whose absmean reproduces scale "
                               f"{float(s_w)!r} exactly; {hint}")
-    base = b0 + found // nnz
+    base = b0 + found // n
     for bits in (base, base + 1):  # every non-zero magnitude must quantise to code +-1
         if not bool(_bits_value(bits, dtype) * s_w > 0.5):
             raise CheckpointError(f"tensor {name}: cannot place weights that quantise to +-1 with scale {float(s_w)!r}")
