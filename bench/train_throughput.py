@@ -90,8 +90,9 @@ def main(argv=None) -> int:
             except MMFError as e:
                 print(f"mmf: error: {e}", file=sys.stderr)
                 return 2
-            except torch.OutOfMemoryError as e:  # report and go on with the next preset
-                rows.append({"preset": preset, "device": a.device, "error": f"out of memory: {str(e).splitlines()[0]}"})
+            except Exception as e:  # out of memory or a kernel failure: report it and go on with the next preset
+                msg = str(e).splitlines()[0] if str(e) else ""
+                rows.append({"preset": preset, "device": a.device, "error": f"{type(e).__name__}: {msg}"})
             if a.device == "cuda":
                 torch.cuda.empty_cache()
     print_table([r for r in rows if "error" not in r])

@@ -67,7 +67,7 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
                 full = [r for r in rows if len(r) == L + 1]  # the last window may be shorter: scored alone
                 short = [r for r in rows if len(r) != L + 1 and len(r) > 1]
                 for group in ([np.stack(full)] if full else []) + [r[None] for r in short]:
-                    x = torch.from_numpy(group).to(device)
+                    x = torch.from_numpy(np.array(group, dtype=np.int64)).to(device)  # a writable copy
                     logits = model(x[:, :-1]).logits.float()
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
                     total += float(loss)
