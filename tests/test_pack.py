@@ -317,3 +317,13 @@ def test_unreachable_scale_is_a_clear_error():
         dequantize_exact(torch.zeros(3, 4, dtype=torch.int8), torch.tensor(7.0))
     zero = dequantize_exact(torch.zeros(3, 4, dtype=torch.int8), 1.0 / torch.tensor(0.0).clamp(min=1e-5))
     assert torch.equal(zero, torch.zeros(3, 4))
+
+
+def test_shape_that_does_not_match_the_config(odd_ckpt, tmp_path):
+    bad = _copy(odd_ckpt, tmp_path / "shape")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 44
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+(\.norm)?\.weight' has shape .* but config.json implies"):
+        pack_checkpoint(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
