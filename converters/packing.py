@@ -812,7 +812,7 @@ def load_packed_model(path, cfg, device="cpu", dtype=torch.float32):
                     packed = i2_from_packed(packed, bl.in_features, fmt)
                     _replace_module(model, mname, FrozenBitLinear(
                         bl.in_features, bl.out_features, packed=packed.to(device), weight_scale=s_w.to(device),
-                        norm_weight=torch.ones(bl.in_features, dtype=dtype, device=device)))
+                        norm_weight=torch.empty(bl.in_features, device="meta")))  # filled below; missing = error
                     done.add(name)
                     continue
                 if name not in params:
