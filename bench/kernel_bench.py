@@ -198,10 +198,10 @@ def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20, config=None,
     gemv_path = batch <= tv.GEMV_MAX_ROWS
     sc = tv.Scratch(1, batch, k, "cuda")
     pro = tv.PRO_NORM if kind in ("norm", "glu") else tv.PRO_PLAIN
+    epi = {"glu": tv.EPI_GLU, "res": tv.EPI_RESIDUAL}.get(kind, tv.EPI_STORE)
     if no_prologue:  # quantise once up front; the timed kernels stream weights only
         tv.gemv(x, [ws[0]], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc, config=config)
         pro = tv.PRO_NONE
-    epi = {"glu": tv.EPI_GLU, "res": tv.EPI_RESIDUAL}.get(kind, tv.EPI_STORE)
 
     def one(w):
         if gemv_path:
@@ -339,6 +339,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--smoke", action="store_true", help="compile and check everything on small shapes only")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--sweep", action="store_true", help="also time every GEMV schedule with and without prologue")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_bench: needs a CUDA GPU", file=sys.stderr)
@@ -409,7 +410,7 @@ def main(argv=None):
         for batch in (2, 4, 16):
             gemv_rows.append(dict(model="13b", **time_gemv(5120, 5120, "norm", batch, dtype, bw)))
             gemv_rows.append(dict(model="13b", **time_gemv(13824, 5120, "glu", batch, dtype, bw)))
-    if not args.smoke:  # where the time goes: every schedule, with and without the fused prologue
+    if args.sweep:  # where the time goes: every schedule, with and without the fused prologue
         sweep = []
         for n, k, kind in [(5120, 5120, "norm"), (13824, 5120, "glu")]:
             for cfg in tv._configs(1, tv.words_per_row(k)):

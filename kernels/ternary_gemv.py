@@ -235,44 +235,59 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
             _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                        eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False)
         tl.debug_barrier()
+    # activations of row 0 (and 1): 4 digit planes of words, loop-invariant, 2-D tiles only
+    xm = wofs < PW
+    xa = XQ + (seg * M * 4) * PW + wofs
+    a0 = tl.load(xa, mask=xm, other=0)
+    a1 = tl.load(xa + PW, mask=xm, other=0)
+    a2 = tl.load(xa + 2 * PW, mask=xm, other=0)
+    a3 = tl.load(xa + 3 * PW, mask=xm, other=0)
+    ones = tl.full((BLOCK_W,), 0x01010101, tl.int32)
+    zero = tl.zeros((BLOCK_W,), tl.int32)
+    suma = tl.sum(_dp4a(ones, a3, _dp4a(ones, a2, _dp4a(ones, a1, _dp4a(ones, a0, zero, USE_ASM), USE_ASM),
+                                                           USE_ASM), USE_ASM), 0)
+    if BM == 2:
+        xmb = xm & ((wofs * 0 + M) > 1)
+        xb = xa + 4 * PW
+        b0 = tl.load(xb, mask=xmb, other=0)
+        b1 = tl.load(xb + PW, mask=xmb, other=0)
+        b2 = tl.load(xb + 2 * PW, mask=xmb, other=0)
+        b3 = tl.load(xb + 3 * PW, mask=xmb, other=0)
+        sumb = tl.sum(_dp4a(ones, b3, _dp4a(ones, b2, _dp4a(ones, b1, _dp4a(ones, b0, zero, USE_ASM), USE_ASM),
+                                                               USE_ASM), USE_ASM), 0)
     rm = tl.arange(0, BM)
-    xbase = XQ + ((seg * M + rm[:, None]) * 4) * PW + wofs[None, :]
-    xm = (rm[:, None] < M) & (wofs < PW)[None, :]
-    x0 = tl.load(xbase, mask=xm, other=0)
-    x1 = tl.load(xbase + PW, mask=xm, other=0)
-    x2 = tl.load(xbase + 2 * PW, mask=xm, other=0)
-    x3 = tl.load(xbase + 3 * PW, mask=xm, other=0)
-    ones = tl.full((BM, BLOCK_W), 0x01010101, tl.int32)
-    xs = _dp4a(ones, x0, tl.zeros((BM, BLOCK_W), tl.int32), USE_ASM)
-    xs = _dp4a(ones, x1, xs, USE_ASM)
-    xs = _dp4a(ones, x2, xs, USE_ASM)
-    sumx = tl.sum(_dp4a(ones, x3, xs, USE_ASM), 1)
-    x0 = x0[:, None, :]
-    x1 = x1[:, None, :]
-    x2 = x2[:, None, :]
-    x3 = x3[:, None, :]
+    if BM == 2:
+        sumx = tl.where(rm == 0, suma, sumb)
+    else:
+        sumx = tl.zeros((BM,), tl.int32) + suma
     nblocks = tl.cdiv(N, BN)
     for blk in range(pid, nblocks, NPROG):
         rows = blk * BN + tl.arange(0, BN)
         nxt = rows + NPROG * BN
         c_next = _load_words(Wp, nxt, wofs, P, PW, N, BYTE_W)  # masked past the last block: no traffic
-        acc = tl.zeros((BM, BN, BLOCK_W), tl.int32)
-        acc = _dp4a((c & 0x03030303)[None, :, :], x0, acc, USE_ASM)
-        acc = _dp4a(((c >> 2) & 0x03030303)[None, :, :], x1, acc, USE_ASM)
-        acc = _dp4a(((c >> 4) & 0x03030303)[None, :, :], x2, acc, USE_ASM)
-        acc = _dp4a(((c >> 6) & 0x03030303)[None, :, :], x3, acc, USE_ASM)
-        acc2 = acc
         if EPI == 2:
             c2_next = _load_words(Wp, nxt + N, wofs, P, PW, 2 * N, BYTE_W)
-            acc2 = tl.zeros((BM, BN, BLOCK_W), tl.int32)
-            acc2 = _dp4a((c2 & 0x03030303)[None, :, :], x0, acc2, USE_ASM)
-            acc2 = _dp4a(((c2 >> 2) & 0x03030303)[None, :, :], x1, acc2, USE_ASM)
-            acc2 = _dp4a(((c2 >> 4) & 0x03030303)[None, :, :], x2, acc2, USE_ASM)
-            acc2 = _dp4a(((c2 >> 6) & 0x03030303)[None, :, :], x3, acc2, USE_ASM)
+        d = _dot_rows(c, a0, a1, a2, a3, USE_ASM)
+        if BM == 2:
+            d = tl.where(rm[:, None] == 0, d, _dot_rows(c, b0, b1, b2, b3, USE_ASM))
+        d2 = d
+        if EPI == 2:
+            d2 = _dot_rows(c2, a0, a1, a2, a3, USE_ASM)
+            if BM == 2:
+                d2 = tl.where(rm[:, None] == 0, d2, _dot_rows(c2, b0, b1, b2, b3, USE_ASM))
             c2 = c2_next
-        _epilogue(tl.sum(acc, 2), tl.sum(acc2, 2), sumx, rm, rows, seg, SX, SW, OUT, RES, M, N, so_m, sr_m,
-                  EPI, DT, USE_ASM)
+        _epilogue(d, d2, sumx, rm, rows, seg, SX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         c = c_next
+
+
+@triton.jit
+def _dot_rows(c, x0, x1, x2, x3, USE_ASM: tl.constexpr):
+    """(BN, W) code words . 4 planes of (W,) activation words -> (1, BN) int32 sums of codes * x."""
+    acc = _dp4a(c & 0x03030303, x0[None, :], tl.zeros_like(c), USE_ASM)
+    acc = _dp4a((c >> 2) & 0x03030303, x1[None, :], acc, USE_ASM)
+    acc = _dp4a((c >> 4) & 0x03030303, x2[None, :], acc, USE_ASM)
+    acc = _dp4a((c >> 6) & 0x03030303, x3[None, :], acc, USE_ASM)
+    return tl.sum(acc, 1)[None, :]
 
 
 # ----------------------------------------------------------------------------------------------
