@@ -13,8 +13,9 @@ on the CPU, batch 1:
 
 Protocol: a random prompt of ``prompt_len`` tokens (one prefill, timed), then ``gen_len`` greedy
 decode steps (timed together); one untimed warm-up, then ``repeat`` timed repetitions; medians.
-Memory: resident set size growth of this process while loading the variant (psutil; a rough
-figure: allocator caching blurs it). Accuracy: median per-position relative error of the prompt's
+Memory: for ONNX Runtime, the resident set of a fresh process after loading both sessions
+(``OnnxCausalLM``, which trims freed memory) and its peak during the load, less the process before
+the load (Linux ``/proc``); for torch, the bytes of the frozen model's parameters and buffers. Accuracy: median per-position relative error of the prompt's
 logits against torch, beside the torch model's own sensitivity (its logits with the embedding
 table moved by one ulp): a quantised model's logits jump wherever an fp32 rounding difference flips
 an int8 rounding decision (reference-semantics.md), so two correct implementations agree to 1e-7
@@ -47,10 +48,29 @@ from mmf.config import model_preset
 from mmf.models import build_model
 
 
-def _rss() -> int:
-    import psutil
+_MEMORY_PROBE = """
+import json, sys
+def status():
+    d = dict(l.split(":", 1) for l in open("/proc/self/status"))
+    return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
+from mmf.onnx_runtime import OnnxCausalLM
+import onnxruntime
+base, _ = status()
+m = OnnxCausalLM(sys.argv[1], fold_constants=sys.argv[2] == "1", threads=1)
+rss, peak = status()
+print(json.dumps({"rss_after_load_bytes": rss - base, "peak_rss_during_load_bytes": peak - base}))
+"""
 
-    return psutil.Process().memory_info().rss
+
+def _load_memory(path: Path, fold: bool) -> dict:
+    """Resident memory of loading an export (both sessions) in a fresh process (Linux /proc)."""
+    import subprocess
+
+    if not Path("/proc/self/status").exists():
+        return {}
+    r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), "1" if fold else "0"],
+                       capture_output=True, text=True, timeout=1800)
+    return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -148,16 +168,19 @@ def bench_preset(preset: str, prompt_len: int, gen_len: int, repeat: int, thread
             sizes["torch_1ulp_median_rel_err"] = _ulp_sensitivity(model, prompt, ref_logits)
         for variant, path, fold in variants:
             gc.collect()
-            rss0 = _rss()
             t0 = time.perf_counter()
             runner = model if path is None else OnnxCausalLM(path, fold_constants=fold, threads=threads)
             load_s = time.perf_counter() - t0
-            rss = _rss() - rss0 if path is not None else None
+            if path is None:
+                mem = {"weights_in_memory_bytes": sum(t.numel() * t.element_size() for t in
+                                                      list(model.parameters()) + list(model.buffers()))}
+            else:
+                mem = _load_memory(path, fold)
             res = _time_generation(runner, prompt, gen_len, repeat)
             with torch.inference_mode():
                 err = _median_rel_err(runner(prompt).logits, ref_logits)
-            rows.append({"preset": name, "arch": arch, "variant": variant, "load_s": load_s,
-                         "rss_growth_at_load_bytes": rss, "prompt_logits_median_rel_err_vs_torch": err, **res})
+            rows.append({"preset": name, "arch": arch, "variant": variant, "load_s": load_s, **mem,
+                         "prompt_logits_median_rel_err_vs_torch": err, **res})
             del runner
         ref = rows[-len(variants)]["tokens"]
         for r in rows[-len(variants):]:
@@ -189,6 +212,14 @@ def run_onnx_bench(presets=("tiny",), prompt_len: int = 32, gen_len: int = 64, r
     }
 
 
+def _mem_cell(r: dict) -> str:
+    if "weights_in_memory_bytes" in r:
+        return f"{r['weights_in_memory_bytes'] / 1e6:.0f} (weights)"
+    if "rss_after_load_bytes" in r:
+        return f"{r['rss_after_load_bytes'] / 1e6:.0f} (peak {r['peak_rss_during_load_bytes'] / 1e6:.0f})"
+    return "-"
+
+
 def table_rows(result: dict) -> list[dict]:
     out = []
     for r in result["rows"]:
@@ -199,7 +230,7 @@ def table_rows(result: dict) -> list[dict]:
             "vs torch": f"{r['decode_tokens_per_s'] / torch_row['decode_tokens_per_s']:.2f}x",
             "prefill tok/s": f"{r['prefill_tokens_per_s']:.0f}",
             "load s": f"{r['load_s']:.2f}",
-            "load RSS MB": "-" if r["rss_growth_at_load_bytes"] is None else f"{r['rss_growth_at_load_bytes'] / 1e6:.0f}",
+            "memory MB": _mem_cell(r),
             "median rel err": (f"{r['prompt_logits_median_rel_err_vs_torch']:.1e}" if r["variant"] != "torch"
                                else f"1ulp: {r['torch_1ulp_median_rel_err']:.1e}"),
             "same tokens": r["same_tokens_as_torch"],
@@ -226,7 +257,7 @@ def main(argv=None) -> None:
     for r in result["rows"]:
         if r["variant"] == "torch":
             sizes.append({"model": r["preset"], **{k: f"{v:,}" for k, v in r.items()
-                                                    if k.endswith("_bytes") and not k.startswith("rss") and v}})
+                                                    if k.endswith("_bytes") and "memory" not in k and v}})
     print()
     print(tabulate(sizes, headers="keys"))
     if a.out:
