@@ -6,7 +6,7 @@ on the CPU, batch 1:
 
 * ``torch``: the frozen torch model (plain-torch reference ops, what ``mmf generate --device cpu`` runs);
 * ``ort-packed``: the MatMul-free export with 2-bit weights, ONNX Runtime constant folding on (the
-  default: the in-graph unpacking runs once at load; uint8 codes held in memory);
+  default: the in-graph unpacking runs once at load; int8 weights held in memory);
 * ``ort-packed-nofold``: the same file with ``ConstantFolding`` disabled (2-bit bytes held in
   memory, unpacked at every call);
 * ``ort-float``: the ``--weights float`` export (Transformer++: its only export).
@@ -15,7 +15,8 @@ Protocol: a random prompt of ``prompt_len`` tokens (one prefill, timed), then ``
 decode steps (timed together); one untimed warm-up, then ``repeat`` timed repetitions; medians.
 Memory: for ONNX Runtime, the resident set of a fresh process after loading both sessions
 (``OnnxCausalLM``, which trims freed memory) and its peak during the load, less the process before
-the load (Linux ``/proc``); for torch, the bytes of the frozen model's parameters and buffers. Accuracy: median per-position relative error of the prompt's
+the load (Linux ``/proc``); for torch, the bytes of the frozen model's parameters and buffers.
+Accuracy: median per-position relative error of the prompt's
 logits against torch, beside the torch model's own sensitivity (its logits with the embedding
 table moved by one ulp): a quantised model's logits jump wherever an fp32 rounding difference flips
 an int8 rounding decision (reference-semantics.md), so two correct implementations agree to 1e-7

@@ -41,7 +41,8 @@ def read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{directory}: no {MANIFEST_FILE}; is this a directory written by `mmf export-onnx`?") from None
+        raise CheckpointError(f"{directory}: no {MANIFEST_FILE}; is this a directory written by "
+                              "`mmf export-onnx`?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); re-run `mmf export-onnx`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "mmf-onnx":

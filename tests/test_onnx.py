@@ -8,7 +8,6 @@ of the logits, and greedy generation token for token (prefill.onnx then decode.o
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
