@@ -104,6 +104,7 @@ def main(argv=None) -> int:
         "command": "python -m mmf.bench.train_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
