@@ -13,9 +13,15 @@ straight-through gradients), with less memory traffic and far fewer saved tensor
   keyed on its storage pointer, its autograd version counter (bumped by in-place updates such as
   ``load_state_dict``) and a global count of optimiser steps (a post-step hook on every
   ``torch.optim`` optimiser: fused AdamW updates in place without bumping version counters).
-  Gradient accumulation over micro-batches reuses the cache. Code that writes ``weight.data``
-  directly, or updates weights without a ``torch.optim`` optimiser, must call
-  ``clear_weight_cache()``.
+  The hook re-quantises, right after the step, every cached weight that optimiser updated, in one
+  batched pass (one multi-tensor abs-sum, one launch per weight). Gradient accumulation over
+  micro-batches reuses the cache. Code that writes ``weight.data`` directly, or updates weights
+  without a ``torch.optim`` optimiser, must call ``clear_weight_cache()``.
+* ``MMF_BITLINEAR_INT8=1``: the forward product runs as ternary x int8 on the integer tensor cores
+  (exact in int32, scales in the epilogue, ``int8_matmul.py``) and only the int8 codes are cached;
+  opt-in (see ``INT8_FORWARD`` below for why).
+* ``bitlinear_glu_train_fused(u, ...)``: the GLU's down projection, reading u = [gate | up] and
+  forming silu(gate) * up inside the row kernels, so that product is never stored.
 * backward: ``dxs = dy @ wq`` (tensor cores), then one row kernel recomputes the normalised and
   quantised activations from ``x`` and ``rstd`` (for ``dW = dy^T @ xq``) and applies the RMSNorm
   backward (``dx`` and the per-program partial sums of the norm weight's gradient) in the same
@@ -33,9 +39,9 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 import triton
 import triton.language as tl
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference
 
@@ -281,9 +287,10 @@ def _dequant_kernel(C, Q, N, s_ptr, WDT, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------------
-# "1" always, "0" never, "auto": CUDA sm >= 8.0. Off by default: the int8 product beats cuBLAS bf16 by
-# 18-41 % at 1.3b shapes on an H100, but the whole step measured slower (launch overhead of the
-# autotuned kernel and the backward's dequantisation; see bench/results/TRAINING.md).
+# "1" always, "0" never, "auto": CUDA sm >= 8.0. Off by default: the int8 product is 1.2-1.7x faster
+# than cuBLAS bf16 at 1.3b shapes on an H100, but a whole training step gained only 4 % at 1.3b and
+# lost 10 % at 370m (host-bound: the autotuned launch and the backward's dequantisation add
+# overhead); see bench/results/TRAINING.md.
 INT8_FORWARD = os.environ.get("MMF_BITLINEAR_INT8", "0")
 
 
