@@ -166,12 +166,15 @@ def test_manifest_names_inputs_outputs_and_config(exported):
     assert (out / on_disk["files"]["tokenizer"]).exists()
 
 
-def test_constant_folding_off_gives_identical_logits(exported):
+def test_folding_off_and_float_weights_give_identical_logits(exported):
+    """The same arithmetic three ways (int8 GEMM on folded weights, on weights unpacked per call,
+    fp32 GEMM on float codes: integer sums, exact in both): bit-equal logits."""
     _, out, _ = exported("mmf-packed")
+    _, out_f, _ = exported("mmf-float")
     ids = _ids(2, 9)
     a = OnnxCausalLM(out)(ids).logits
-    b = OnnxCausalLM(out, fold_constants=False)(ids).logits
-    assert torch.equal(a, b)
+    assert torch.equal(a, OnnxCausalLM(out, fold_constants=False)(ids).logits)
+    assert torch.equal(a, OnnxCausalLM(out_f)(ids).logits)
 
 
 @pytest.mark.parametrize("case,bound", [("llama", 3e-3), ("mmf-packed", 0.1)])
