@@ -9,7 +9,9 @@ on the CPU, batch 1:
   default: the in-graph unpacking runs once at load; int8 weights held in memory);
 * ``ort-packed-nofold``: the same file with ``ConstantFolding`` disabled (2-bit bytes held in
   memory, unpacked at every call);
-* ``ort-float``: the ``--weights float`` export (Transformer++: its only export).
+* ``ort-float``: the ``--weights float`` export (Transformer++: its only export);
+* ``ort-*-decode-only``: the default export with ``decode.onnx`` alone loaded (one session: half
+  the weight memory; the prompt goes through the decode graph token by token).
 
 Protocol: a random prompt of ``prompt_len`` tokens (one prefill, timed), then ``gen_len`` greedy
 decode steps (timed together); one untimed warm-up, then ``repeat`` timed repetitions; medians.
@@ -57,19 +59,20 @@ def status():
 from mmf.onnx_runtime import OnnxCausalLM
 import onnxruntime
 base, _ = status()
-m = OnnxCausalLM(sys.argv[1], fold_constants=sys.argv[2] == "1", threads=1)
+m = OnnxCausalLM(sys.argv[1], fold_constants=sys.argv[2] == "1", threads=1, decode_only=sys.argv[3] == "1")
 rss, peak = status()
 print(json.dumps({"rss_after_load_bytes": rss - base, "peak_rss_during_load_bytes": peak - base}))
 """
 
 
-def _load_memory(path: Path, fold: bool) -> dict:
+def _load_memory(path: Path, fold: bool, decode_only: bool) -> dict:
     """Resident memory of loading an export (both sessions) in a fresh process (Linux /proc)."""
     import subprocess
 
     if not Path("/proc/self/status").exists():
         return {}
-    r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), "1" if fold else "0"],
+    r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), "1" if fold else "0",
+                        "1" if decode_only else "0"],
                        capture_output=True, text=True, timeout=1800)
     return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {}
 
@@ -152,7 +155,7 @@ def bench_preset(preset: str, prompt_len: int, gen_len: int, repeat: int, thread
             sizes.update(_packed_sizes(ck, work / arch))
         g = torch.Generator().manual_seed(1)
         prompt = torch.randint(3, min(cfg.vocab_size, 259), (1, prompt_len), generator=g)
-        variants = [("torch", None, None)]
+        variants = [("torch", None, None, False)]
         modes = ("packed", "float") if arch == "mmf" else ("float",)
         for mode in modes:
             out = work / f"{arch}-{mode}"
@@ -161,22 +164,25 @@ def bench_preset(preset: str, prompt_len: int, gen_len: int, repeat: int, thread
             sizes[f"export_{mode}_s"] = time.perf_counter() - t0
             sizes[f"onnx_{mode}_bytes"] = sum(manifest["file_bytes"].values())
             sizes[f"onnx_{mode}_files"] = manifest["file_bytes"]
-            variants.append((f"ort-{mode}", out, True))
+            variants.append((f"ort-{mode}", out, True, False))
+            if mode == modes[0]:
+                variants.append((f"ort-{mode}-decode-only", out, True, True))
             if mode == "packed":
-                variants.append(("ort-packed-nofold", out, False))
+                variants.append(("ort-packed-nofold", out, False, False))
         with torch.inference_mode():
             ref_logits = model(prompt).logits
             sizes["torch_1ulp_median_rel_err"] = _ulp_sensitivity(model, prompt, ref_logits)
-        for variant, path, fold in variants:
+        for variant, path, fold, decode_only in variants:
             gc.collect()
             t0 = time.perf_counter()
-            runner = model if path is None else OnnxCausalLM(path, fold_constants=fold, threads=threads)
+            runner = model if path is None else OnnxCausalLM(path, fold_constants=fold, threads=threads,
+                                                             decode_only=decode_only)
             load_s = time.perf_counter() - t0
             if path is None:
                 mem = {"weights_in_memory_bytes": sum(t.numel() * t.element_size() for t in
                                                       list(model.parameters()) + list(model.buffers()))}
             else:
-                mem = _load_memory(path, fold)
+                mem = _load_memory(path, fold, decode_only)
             res = _time_generation(runner, prompt, gen_len, repeat)
             with torch.inference_mode():
                 err = _median_rel_err(runner(prompt).logits, ref_logits)

@@ -65,12 +65,16 @@ class OnnxCausalLM:
     """An exported model run by ONNX Runtime.
 
     ``fold_constants`` (default True) lets ONNX Runtime fold the in-graph unpacking of 2-bit weights
-    at load time: faster per token, but it then holds the unpacked uint8 codes (1 byte per weight).
+    at load time: faster per token, but it then holds the unpacked int8 weights (1 byte per weight).
     ``False`` keeps the 2-bit bytes in memory and unpacks them at every call.
+
+    ONNX Runtime sessions do not share weights: with both graphs loaded the weights are held twice.
+    ``decode_only=True`` loads ``decode.onnx`` alone (half the memory) and feeds the prompt through
+    it one token at a time, starting from an empty state (slower prefill, the same numbers).
     """
 
     def __init__(self, directory, providers: Optional[list] = None, fold_constants: bool = True,
-                 threads: int = 0):
+                 threads: int = 0, decode_only: bool = False):
         from .config import model_config_from_dict
 
         ort = _ort()
@@ -85,7 +89,7 @@ class OnnxCausalLM:
         disabled = [] if fold_constants else ["ConstantFolding"]
         providers = providers or ["CPUExecutionProvider"]
         self.sessions = {}
-        for kind in ("prefill", "decode"):
+        for kind in (("decode",) if decode_only else ("prefill", "decode")):
             path = self.directory / self.manifest["files"][kind]
             if not path.exists():
                 raise CheckpointError(f"{path}: missing; re-run `mmf export-onnx`")
@@ -103,6 +107,8 @@ class OnnxCausalLM:
         ids = ids.astype(np.int64, copy=False)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise MMFError(f"input_ids must be (batch, seq) with seq >= 1, got shape {ids.shape}")
+        if cache is None and "prefill" not in self.sessions:
+            cache = self.empty_cache(ids.shape[0])
         if cache is None:
             outs = self.sessions["prefill"].run(None, {"input_ids": ids})
             names = [o.name for o in self.sessions["prefill"].get_outputs()]
@@ -117,6 +123,15 @@ class OnnxCausalLM:
             cache = OnnxCache({s["decode_input"]: got[s["decode_output"]] for s in self.state}, cache.seen_tokens + 1)
             logits.append(got["logits"])
         return ModelOutput(torch.from_numpy(np.concatenate(logits, axis=1)), cache)
+
+    def empty_cache(self, batch: int) -> OnnxCache:
+        """The state before any token: MatMul-free zeros (batch, d); Transformer++ a KV cache of length 0."""
+        dtypes = {"float32": np.float32, "float16": np.float16}
+        tensors = {}
+        for spec in self.manifest["graphs"]["decode"]["inputs"][1:]:
+            shape = [batch if d == "batch" else 0 if isinstance(d, str) else d for d in spec["shape"]]
+            tensors[spec["name"]] = np.zeros(shape, dtypes[spec["dtype"]])
+        return OnnxCache(tensors, 0)
 
 
 def onnx_source(checkpoint: Optional[Path], onnx: Optional[Path]) -> Optional[Path]:

@@ -107,6 +107,18 @@ def test_checker_and_ort_match_torch(exported, case):
 
 
 @pytest.mark.parametrize("case", ["mmf-packed", "llama"])
+def test_decode_only_from_empty_state(exported, case):
+    """decode.onnx alone, from an empty state (zeros / a KV cache of length 0), gives the prefill's logits."""
+    model, out, _ = exported(case)
+    ids = _ids(2, 7)
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = OnnxCausalLM(out, decode_only=True)
+    assert "prefill" not in got.sessions
+    assert median_rel_err(got(ids).logits, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["mmf-packed", "llama"])
 def test_greedy_generation_token_for_token(exported, case):
     model, out, _ = exported(case)
     prompt = [3 + b for b in b"The quick brown fox"]
