@@ -70,7 +70,18 @@ def bitlinear_frozen(x, norm_weight, codes, s_w, bias=None):
 
 
 def bitlinear_i2(x, norm_weight, packed, k, s_w, bias=None):
+    if bias is None and not use_reference(x, packed):
+        from .ternary_gemm import bitlinear_i2 as bitlinear_i2_triton
+        return bitlinear_i2_triton(x, norm_weight, packed, k, s_w)
     return reference.bitlinear_i2(x, norm_weight, packed, k, s_w, bias)
+
+
+def mlgru_step(i_pre, f_pre, g_pre, state, lower_bound, g_norm_weight, eps):
+    """One fused MLGRU decode step on (B, D) inputs: (o in g_pre's dtype, new fp32 state)."""
+    if not use_reference(i_pre, f_pre, g_pre):
+        from .mlgru_step import mlgru_step as mlgru_step_triton
+        return mlgru_step_triton(i_pre, f_pre, g_pre, state, lower_bound, g_norm_weight, eps)
+    return reference.mlgru_step_ref(i_pre, f_pre, g_pre, state, lower_bound, g_norm_weight, eps)
 
 
 def mlgru_gates(i_pre, f_pre, lower_bound):

@@ -26,3 +26,26 @@ def test_inference_kernels_under_interpreter():
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def test_dispatch_cpu_takes_the_reference():
+    """CPU tensors go to the torch reference (the model never knows which ran)."""
+    import torch
+
+    from mmf import kernels
+    from mmf.converters.ternary_codes import pack_i2
+    from mmf.kernels import reference
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-1, 2, (7, 13), generator=g, dtype=torch.int8)
+    x, nw = torch.randn(3, 13, generator=g), torch.rand(13, generator=g) + 0.5
+    s_w = torch.tensor(1.3)
+    assert torch.equal(kernels.bitlinear_i2(x, nw, pack_i2(codes), 13, s_w),
+                       reference.bitlinear_frozen(x, nw, codes, s_w))
+    ip, fp, gp = (torch.randn(2, 9, generator=g) for _ in range(3))
+    st, lb, w = torch.randn(2, 9, generator=g), torch.rand(9, generator=g), torch.rand(9, generator=g) + 0.5
+    o, s = kernels.mlgru_step(ip, fp, gp, st, lb, w, 1e-6)
+    o_ref, s_ref = reference.mlgru_step_ref(ip, fp, gp, st, lb, w, 1e-6)
+    assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
+    i, f = reference.mlgru_gates(ip, fp, lb)
+    assert torch.allclose(s, f * st + i)  # the step is the recurrence with T = 1
