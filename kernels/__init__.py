@@ -99,7 +99,10 @@ def mlgru(i_pre, f_pre, lower_bound, state=None):
     """Gates and recurrence of the MLGRU in one op: (states (B, T, D), last state (B, D) fp32)."""
     if not use_reference(i_pre, f_pre):
         from .mlgru_fused import mlgru_fused
-        return mlgru_fused(i_pre, f_pre, lower_bound, state)
+        # without a gradient (inference) the states stay fp32 as in the reference and on the CPU;
+        # training keeps them in the activations' dtype (half the activation memory)
+        training = torch.is_grad_enabled() and (i_pre.requires_grad or f_pre.requires_grad)
+        return mlgru_fused(i_pre, f_pre, lower_bound, state, out_dtype=None if training else torch.float32)
     i, f = reference.mlgru_gates(i_pre, f_pre, lower_bound)
     return reference.mlgru_scan(i, f, state)
 
