@@ -112,7 +112,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     mmf.load_model(tmp_path / "run" / "step-0000004")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     args = [a for s in small(tmp_path, "train.steps=100000", "checkpoint.every=100000") for a in ("--set", s)]
     proc = subprocess.Popen([sys.executable, "-m", "mmf.cli.main", "train", "--out", str(out), *args],
@@ -125,8 +125,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted at step" in stderr and "Traceback" not in stderr and "--resume" in stdout
     (ckpt,) = list_checkpoints(out)
-    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 1
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert step >= 1
     mmf.load_model(ckpt)
+    code, stdout, err = cli_main(monkeypatch, capsys, "train", "--resume", "--out", out, "--set", f"train.steps={step + 2}")
+    assert code == 0 and f"resuming {out} from {ckpt.name}" in err, err
+    assert list_checkpoints(out)[-1].name == f"step-{step + 2:07d}"
 
 
 def test_ddp_and_fsdp_two_processes_match_one(tmp_path_factory):
@@ -201,3 +205,38 @@ def test_print_config_and_eval_errors(tmp_path, monkeypatch, capsys):
     assert load_train_config(str(p)).train.steps == 5
     code, _, err = cli_main(monkeypatch, capsys, "eval", tmp_path / "nope", "--data", p)
     assert code == 2 and err.startswith("mmf: error: ") and "no such checkpoint" in err and len(err.splitlines()) == 1
+
+
+def test_transformer_with_a_tokenizer_file_on_jsonl(tmp_path):
+    """The other architecture, a tokenizer.json and JSONL data, through the same config system."""
+    from mmf.data import train_bpe
+
+    docs = tmp_path / "docs.jsonl"
+    from mmf.corpus import iter_stories
+
+    stories = iter_stories(5)
+    docs.write_text("".join(json.dumps({"text": next(stories), "id": i}) + "\n" for i in range(150)))
+    train_bpe([docs], vocab_size=400).save(tmp_path)
+    cfg = load_train_config("transformer++-tiny", small(tmp_path, "model.num_attention_heads=4",
+                                                         "model.num_key_value_heads=2", "tokenizer.type=file",
+                                                         f"tokenizer.path={tmp_path / 'tokenizer.json'}"),
+                            data=[str(docs)])
+    r = train(cfg, tmp_path / "run")
+    model = mmf.load_model(r.checkpoint)
+    assert model.config.arch == "transformer++" and model.config.vocab_size <= 400
+    assert model.config.bos_token_id == 1 and (r.checkpoint / "tokenizer.json").exists()
+    assert r.losses[-1] < r.losses[0]
+    from mmf.generate import generate_text
+
+    assert isinstance(generate_text(r.checkpoint, "Once", 5, seed=0), str)
+
+
+def test_too_little_disk_is_reported_before_training(tmp_path, monkeypatch):
+    import shutil as sh
+
+    import mmf.train as T
+
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(MMFError, match="GiB free but 3 checkpoints need about"):
+        train(load_train_config("tiny", small(tmp_path)), tmp_path / "run")
+    assert not list_checkpoints(tmp_path / "run") and not (tmp_path / "cache").exists()  # failed before any work
