@@ -443,7 +443,6 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
     if not resume and not _fresh(out):
         raise MMFError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
     device = world.device
-    torch.manual_seed(cfg.train.seed)
 
     # Output directory first: an unwritable or full disk fails before any work.
     if world.is_main:
@@ -474,6 +473,7 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
         mcfg.max_position_embeddings = max(mcfg.max_position_embeddings, T)
     from .models import build_model
 
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights (FSDP does not broadcast them)
     base = build_model(mcfg).init_weights().to(device)
     n_params = sum(p.numel() for p in base.parameters())
     lb = getattr(base.model, "lower_bounds", None)
@@ -503,7 +503,11 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
     start = 0
     if resume:
         ckpt = list_checkpoints(out)[-1]
-        st = load_training_checkpoint(ckpt, base, optimizer)
+        try:
+            st = load_training_checkpoint(ckpt, base, optimizer)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise MMFError(f"{ckpt}: cannot restore the training state ({str(e).splitlines()[0][:200]}); "
+                           "resume with the run's own model and optimiser settings") from None
         start = st["step"]
         if st.get("world_batch") not in (None, B):
             raise MMFError(f"{ckpt}: saved with train.batch_size {st['world_batch']}, now {B}; keep the batch size to resume")
