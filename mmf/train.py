@@ -506,7 +506,7 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
         try:
             st = load_training_checkpoint(ckpt, base, optimizer)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise MMFError(f"{ckpt}: cannot restore the training state ({" ".join(str(e).split())[:240]}); "
+            raise MMFError(f"{ckpt}: cannot restore the training state ({' '.join(str(e).split())[:240]}); "
                            "resume with the run's own model and optimiser settings") from None
         start = st["step"]
         if st.get("world_batch") not in (None, B):
