@@ -234,7 +234,7 @@ def _value_bits(x: float, dtype: torch.dtype) -> int:
 
 
 def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype = torch.float32,
-                     name: str = "tensor", max_evals: int = 64) -> torch.Tensor:
+                     name: str = "tensor", max_evals: int = 64, keep_fp32: bool = False) -> torch.Tensor:
     """A float tensor W (``dtype``) with ``weight_quant(W) == (codes, s_w)``, both bit for bit.
 
     The naive ``codes / s_w`` re-quantises to the scale ``s_w / share_nonzero`` (the hazard of
@@ -243,7 +243,8 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
     prefix of the non-zero weights is raised by one ulp of ``dtype`` and the prefix length is searched
     (torch's sum is monotone in every element), each candidate checked with the same torch ops as
     ``weight_quant``. The check is exact for this torch build and thread count; another reduction
-    order (a GPU, another thread count) can move s_w by one ulp (relative 6e-8).
+    order (a GPU, another thread count) can move s_w by one ulp (relative 6e-8). ``keep_fp32`` returns
+    the same values still in fp32 (exactly representable in ``dtype``; the writer converts them in chunks).
     """
     s_w = s_w.detach().to(torch.float32).reshape(())
     if dtype not in _INT_VIEW:
@@ -367,12 +368,14 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
             raise CheckpointError(f"tensor {name}: cannot place weights that quantise to +-1 with scale {float(s_w)!r}")
     if tweak is not None:
         tweak[0](tweak[1])  # leaves the chosen configuration in absw
-        w = absw.to(dtype).reshape(codes.shape)
-        w.mul_(torch.where(nz, codes, torch.ones((), dtype=codes.dtype)).to(dtype))  # zero-coded: sign +
-        return w
-    w = build(found).view(codes.shape)
-    w.mul_(codes)  # in place: fp32 * int8 stays fp32; the signs
-    return w.to(dtype)
+        signs = torch.where(nz, codes, torch.ones((), dtype=codes.dtype))  # the moved zero-coded weight: +
+    else:
+        build(found)
+        signs = codes
+    del nz, nz2, u8
+    w = absw.view(codes.shape)
+    w.mul_(signs)  # in place: fp32 * int8 stays fp32; every value is exactly representable in ``dtype``
+    return w if keep_fp32 else w.to(dtype)
 
 
 def _bracket_search(mean_of, ok, t, unit: float, target: float, max_evals: int, valid):
@@ -937,7 +940,10 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
                             packed, s_w = read_packed(r, name, meta)
                             codes = unpack_codes(packed, meta["shape"][1], fmt)
                             del packed
-                            writer.write(name, dequantize_exact(codes, s_w, dt, f"{name} ({p.name})"))
+                            w = dequantize_exact(codes, s_w, dt, f"{name} ({p.name})", keep_fp32=True)
+                            del codes
+                            writer.write(name, w)  # converted to dt chunk by chunk: no second full copy
+                            del w
                         else:
                             writer.write(name, r.read(name))
                         prog.advance(task, heads[p][0][name].nbytes)

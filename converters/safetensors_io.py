@@ -203,13 +203,20 @@ class SafetensorsWriter:
         header.update(self._tensors)
         return json.dumps(header, separators=(",", ":")).encode("utf-8")
 
+    CONVERT_CHUNK = 1 << 22  # elements converted at a time when the tensor's dtype differs from the plan's
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor``; a floating tensor of another dtype is converted chunk by chunk as it is written."""
         want, dtype, shape, nbytes = self._order[self._next]
-        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        convert = tensor.dtype != dtype and tensor.is_floating_point() and dtype.is_floating_point
+        if name != want or (tensor.dtype != dtype and not convert) or tuple(tensor.shape) != shape:
             raise RuntimeError(f"writer expected {want} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         if nbytes:
-            self._f.write(memoryview(t.view(torch.uint8).numpy()))
+            step = self.CONVERT_CHUNK if convert else max(t.numel(), 1)
+            for a in range(0, t.numel(), step):
+                part = t[a:a + step].to(dtype) if convert else t
+                self._f.write(memoryview(part.view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self, metadata: Optional[dict] = None) -> None:
