@@ -19,7 +19,7 @@ def pack(
     fmt: str = typer.Option("i2", "--format", help="i2 (2 bits/weight) or tq1 (1.6 bits/weight)."),
     keep_dtype: str = typer.Option("fp16", "--keep-dtype", help="dtype of the tensors that stay unpacked: fp16, bf16, fp32."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
-    verify: bool = typer.Option(False, "--verify", help="Check the packed model's logits against the source model's."),
+    verify: bool = typer.Option(False, "--verify", help="Check the packed model's logits against the source model's (loads both models in fp32)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Quantise a checkpoint's BitLinear weights to ternary (absmean) and store them packed."""
