@@ -48,14 +48,6 @@ def bitlinear_train(x, norm_weight, weight, bias=None):
     return reference.bitlinear_train(x, norm_weight, weight, bias)
 
 
-def bitlinear_train_multi(x, norm_weights, weights):
-    """Several training-form BitLinears (no bias) of one input: a tuple of their outputs."""
-    if not use_reference(x, *weights):
-        from .bitlinear_fused import bitlinear_train_multi_fused
-        return bitlinear_train_multi_fused(x, norm_weights, weights)
-    return tuple(reference.bitlinear_train(x, nw, w) for nw, w in zip(norm_weights, weights))
-
-
 def bitlinear_glu_train(u, norm_weight, weight, bias=None):
     """BitLinear (training form) of silu(gate) * up with u = [gate | up]: the GLU's down projection."""
     if not use_reference(u, weight):

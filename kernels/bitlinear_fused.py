@@ -252,88 +252,6 @@ def _rownorm_bwd_kernel(X, NW, G, DY, RSTD, DX, DG, XQ, DNW, M, K,
 
 
 @triton.jit
-def _multi_fwd_kernel(X, NW, Y, RSTD, M, K, NP, stride_x, eps, RINT: tl.constexpr,
-                      NP_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
-    """NP BitLinears sharing one input row: rstd once, then per projection j (rows of a
-    [NP_PAD, BLOCK_K] tile) y[j] = fake-quantised x * rstd * nw[j], into Y (NP, M, K)."""
-    row = tl.program_id(0).to(tl.int64)
-    xp = X + row * stride_x
-    pj = tl.arange(0, NP_PAD)
-    pm = pj < NP
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(xp + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += x * x
-    rstd = tl.rsqrt(tl.sum(acc, axis=0) / K + eps)
-    tl.store(RSTD + row, rstd)
-    amax = tl.zeros([NP_PAD, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        m = cols < K
-        m2 = pm[:, None] & m[None, :]
-        xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
-        nw = tl.load(NW + pj[:, None] * K + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(xhat[None, :] * nw))
-    s = 127.0 / tl.maximum(tl.max(amax, axis=1), 1e-5)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        m = cols < K
-        m2 = pm[:, None] & m[None, :]
-        xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
-        nw = tl.load(NW + pj[:, None] * K + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        q = _rint(xhat[None, :] * nw * s[:, None], RINT)
-        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-        v = (q / s[:, None]).to(X.dtype.element_ty).to(Y.dtype.element_ty)
-        tl.store(Y + (pj[:, None] * M + row) * K + cols[None, :], v, mask=m2)
-
-
-@triton.jit
-def _multi_bwd_kernel(X, NW, DXS, RSTD, DX, XQ, DNW, M, K, NP, stride_x, RINT: tl.constexpr,
-                      NP_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Backward of ``_multi_fwd_kernel``: dx = sum_j rstd (gx_j - xhat c_j), gx_j = dxs_j * nw_j;
-    norm-weight partials into DNW (P, NP, K); quantised activations rewritten into XQ (NP, M, K)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    pid64 = pid.to(tl.int64)
-    pj = tl.arange(0, NP_PAD)
-    pm = pj < NP
-    for it in range(0, tl.cdiv(M - pid, nprog)):
-        row = pid64 + it * nprog
-        rstd = tl.load(RSTD + row)
-        xp = X + row * stride_x
-        dot = tl.zeros([NP_PAD, BLOCK_K], dtype=tl.float32)
-        amax = tl.zeros([NP_PAD, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            m = cols < K
-            m2 = pm[:, None] & m[None, :]
-            xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
-            nw = tl.load(NW + pj[:, None] * K + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            g = tl.load(DXS + (pj[:, None] * M + row) * K + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            dot += g * nw * xhat[None, :]
-            amax = tl.maximum(amax, tl.abs(xhat[None, :] * nw))
-        c = tl.sum(tl.sum(dot, axis=1), axis=0) / K
-        s = 127.0 / tl.maximum(tl.max(amax, axis=1), 1e-5)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            m = cols < K
-            m2 = pm[:, None] & m[None, :]
-            xhat = tl.load(xp + cols, mask=m, other=0.0).to(tl.float32) * rstd
-            nw = tl.load(NW + pj[:, None] * K + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            g = tl.load(DXS + (pj[:, None] * M + row) * K + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            pp = DNW + (pid64 * NP + pj[:, None]) * K + cols[None, :]
-            part = tl.load(pp, mask=m2 & (it > 0), other=0.0)
-            tl.store(pp, part + g * xhat[None, :], mask=m2)
-            dx = rstd * (tl.sum(g * nw, axis=0) - xhat * c)
-            tl.store(DX + row * K + cols, dx.to(DX.dtype.element_ty), mask=m)
-            q = _rint(xhat[None, :] * nw * s[:, None], RINT)
-            q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-            v = (q / s[:, None]).to(X.dtype.element_ty).to(XQ.dtype.element_ty)
-            tl.store(XQ + (pj[:, None] * M + row) * K + cols[None, :], v, mask=m2)
-
-
-@triton.jit
 def _weight_quant_kernel(W, Q, N, SUM, SW, BLOCK: tl.constexpr, RINT: tl.constexpr, CODES: tl.constexpr):
     """s_w = 1 / max(sum|w| / N, 1e-5); q = clamp(round(w * s_w), -1, 1) / s_w, formed in w's dtype
     then cast to q's (CODES: q = the codes). Program 0 also stores s_w."""
@@ -603,61 +521,6 @@ class _BitLinearTrain(torch.autograd.Function):
         return dx.view(ctx.x_shape), dnw, dw, db, None, None
 
 
-class _BitLinearMulti(torch.autograd.Function):
-    """Several BitLinears of one input (the MLGRU's i, f and g projections): one row kernel
-    forward and one backward for all, a single dx (no gradient additions), x read once per pass."""
-
-    @staticmethod
-    def forward(ctx, x, eps, *params):
-        cdtype = _compute_dtype(x)
-        x2 = _rows(x)
-        M, K = x2.shape
-        nws, ws = params[0::2], params[1::2]
-        n = len(ws)
-        nw = torch.stack([w.detach() for w in nws])
-        xq = torch.empty(n, M, K, dtype=cdtype, device=x2.device)
-        rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
-        bk = min(_block_k(K), 2048)
-        npad = triton.next_power_of_2(n)
-        if M:
-            _multi_fwd_kernel[(M,)](x2, nw, xq, rstd, M, K, n, x2.stride(0), float(eps), RINT=_use_rint(x2),
-                                    NP_PAD=npad, BLOCK_K=bk, num_warps=_num_warps(bk * npad))
-        ys = []
-        for j, w in enumerate(ws):
-            ys.append(torch.mm(xq[j], quantized_weight(w, cdtype).t()).view(*x.shape[:-1], w.shape[0]))
-        ctx.save_for_backward(x2, nw, rstd, *ws)
-        ctx.cdtype, ctx.x_shape, ctx.n, ctx.nw_dtypes = cdtype, x.shape, n, [w.dtype for w in nws]
-        return tuple(ys)
-
-    @staticmethod
-    def backward(ctx, *dys):
-        x2, nw, rstd, *ws = ctx.saved_tensors
-        cdtype, n = ctx.cdtype, ctx.n
-        M, K = x2.shape
-        dev = x2.device
-        dy2 = [(_rows(d) if d is not None else torch.zeros(M, w.shape[0], dtype=cdtype, device=dev)).to(cdtype)
-               for d, w in zip(dys, ws)]
-        dxs = torch.empty(n, M, K, dtype=cdtype, device=dev)
-        for j, w in enumerate(ws):
-            torch.mm(dy2[j], quantized_weight(w, cdtype), out=dxs[j])
-        dx = torch.empty(M, K, dtype=x2.dtype, device=dev)
-        xq = torch.empty(n, M, K, dtype=cdtype, device=dev)
-        P = _num_programs(M, dev)
-        dnw = torch.empty(P, n, K, dtype=torch.float32, device=dev)
-        bk = min(_block_k(K), 2048)
-        npad = triton.next_power_of_2(n)
-        if M:
-            _multi_bwd_kernel[(P,)](x2, nw, dxs, rstd, dx, xq, dnw, M, K, n, x2.stride(0), RINT=_use_rint(x2),
-                                    NP_PAD=npad, BLOCK_K=bk, num_warps=_num_warps(bk * npad))
-        del dxs
-        dnw = dnw.sum(0)
-        grads = [dx.view(ctx.x_shape), None]
-        for j, w in enumerate(ws):
-            grads.append(dnw[j].to(ctx.nw_dtypes[j]))
-            grads.append(torch.mm(dy2[j].t(), xq[j]).to(w.dtype))
-        return tuple(grads)
-
-
 class _RMSNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gate, eps, out_dtype):
@@ -694,15 +557,6 @@ def bitlinear_glu_train_ref(u, norm_weight, weight, bias=None, eps: float = refe
     """The plain-torch composition ``bitlinear_glu_train_fused`` must match (the model's GLU)."""
     gate, up = u.chunk(2, dim=-1)
     return reference.bitlinear_train(F.silu(gate) * up, norm_weight, weight, bias, eps)
-
-
-def bitlinear_train_multi_fused(x, norm_weights, weights, eps: float = reference.BITLINEAR_NORM_EPS):
-    """Several BitLinears of the same input x in one op; returns one output per weight, each equal to
-    ``reference.bitlinear_train(x, norm_weights[j], weights[j])`` (no biases)."""
-    params = []
-    for nw, w in zip(norm_weights, weights):
-        params += [nw, w]
-    return _BitLinearMulti.apply(x, eps, *params)
 
 
 def rms_norm_train(x, weight, eps, out_dtype=None):

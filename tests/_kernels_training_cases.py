@@ -73,16 +73,6 @@ def bitlinear_cases(results):
         w = (0.05 * torch.randn(11, 23, generator=g)).to(dt)
         results[f"bitlinear_glu/{dt}"] = run_pair(BF.bitlinear_glu_train_fused, BF.bitlinear_glu_train_ref,
                                                   [u, nw, w], 1, 10)
-    # several BitLinears of one input (the MLGRU's i, f, g projections) in one op
-    for dt in (torch.float32, torch.bfloat16):
-        g = torch.Generator().manual_seed(400)
-        x = torch.randn(2, 5, 40, generator=g).to(dt)
-        nws = [(1 + 0.2 * torch.randn(40, generator=g)).to(dt) for _ in range(3)]
-        ws = [(0.05 * torch.randn(n, 40, generator=g)).to(dt) for n in (13, 13, 7)]
-        results[f"bitlinear_multi/{dt}"] = run_pair(
-            lambda x, a, b, c, d, e, f: BF.bitlinear_train_multi_fused(x, [a, c, e], [b, d, f]),
-            lambda x, a, b, c, d, e, f: tuple(R.bitlinear_train(x, n, w) for n, w in ((a, b), (c, d), (e, f))),
-            [x, nws[0], ws[0], nws[1], ws[1], nws[2], ws[2]], 3, 16)
     # autocast: fp32 master weights, bf16 products (the training setup of the benchmark)
     g = torch.Generator().manual_seed(5)
     x, nw, w = torch.randn(6, 40, generator=g), 1 + 0.2 * torch.randn(40, generator=g), 0.05 * torch.randn(11, 40, generator=g)
@@ -103,10 +93,6 @@ def bitlinear_cases(results):
     BF.MAX_BLOCK_K = 16
     try:
         results["bitlinear/blocked-k"] = run_pair(BF.bitlinear_train_fused, R.bitlinear_train, [x, nw, w], 1, 5)
-        results["bitlinear_multi/blocked-k"] = run_pair(
-            lambda x, a, b, c, d: BF.bitlinear_train_multi_fused(x, [a, c], [b, d]),
-            lambda x, a, b, c, d: tuple(R.bitlinear_train(x, n, w) for n, w in ((a, b), (c, d))),
-            [x, nw, w, 1 + 0.1 * torch.randn(40, generator=g), 0.05 * torch.randn(5, 40, generator=g)], 2, 17)
         u = torch.randn(3, 80, generator=g)
         results["bitlinear_glu/blocked-k"] = run_pair(BF.bitlinear_glu_train_fused, BF.bitlinear_glu_train_ref,
                                                       [u, nw, w], 1, 5)

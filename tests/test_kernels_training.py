@@ -1,8 +1,7 @@
 """Triton training kernels vs their plain-torch references, on CPU through TRITON_INTERPRET=1.
 
 Fused BitLinear (forward + straight-through gradients for input, weight, norm weight, bias) and
-its GLU form (silu(gate) * up fed to the down projection without being stored) and its
-several-projections-of-one-input form (the MLGRU's i, f, g), the
+its GLU form (silu(gate) * up fed to the down projection without being stored), the
 weight-quantisation cache, RMSNorm and gated RMSNorm with backward, and the fused MLGRU
 (gates + scan; gradients for both pre-activations, the lower bound and the initial state) and the
 plain scan: fresh random inputs, odd shapes, fp32/bf16/fp16, relative-error bounds per precision.
@@ -63,14 +62,6 @@ def test_bitlinear_autocast_bias_and_blocked_rows(results):
     _check(results, "bitlinear/bias", 1e-5)
     assert "grad3" in results["bitlinear/bias"]
     _check(results, "bitlinear/blocked-k", 1e-5)
-
-
-def test_bitlinear_multi_projection(results):
-    names = _check(results, "bitlinear_multi/torch.")
-    assert len(names) == 2
-    # three outputs, then gradients of x and of each (norm weight, weight)
-    assert len(results["bitlinear_multi/torch.float32"]) == 3 + 7
-    _check(results, "bitlinear_multi/blocked-k", 1e-5)
 
 
 def test_bitlinear_glu_down_projection(results):

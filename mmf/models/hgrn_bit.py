@@ -108,14 +108,8 @@ class MLGRU(nn.Module):
         self.g_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
 
     def forward(self, h, lower_bound, state):
-        projs = (self.i_proj, self.f_proj, self.g_proj)
-        if all(isinstance(p, BitLinear) and p.bias is None for p in projs):  # training form: one op for all three
-            i_pre, f_pre, g_pre = kernels.bitlinear_train_multi(h, [p.norm.weight for p in projs],
-                                                                [p.weight for p in projs])
-        else:
-            i_pre, f_pre, g_pre = (p(h) for p in projs)
-        s, last = kernels.mlgru(i_pre, f_pre, lower_bound, state)
-        o = kernels.gated_rms_norm(g_pre, self.g_norm.weight, s, self.g_norm.eps)
+        s, last = kernels.mlgru(self.i_proj(h), self.f_proj(h), lower_bound, state)
+        o = kernels.gated_rms_norm(self.g_proj(h), self.g_norm.weight, s, self.g_norm.eps)
         return self.o_proj(o), last  # o in g's dtype: the BitLinear norms in fp32 whatever it gets
 
 
