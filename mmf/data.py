@@ -303,18 +303,20 @@ class TokenData:
         return (self.n_train - 1) // self.seq_len
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        """The window order of one epoch (the last one computed is kept: a large corpus has millions)."""
+        cached = self.__dict__.get("_order_cache")
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
+            self.__dict__["_order_cache"] = cached
+        return cached[1]
 
     def windows(self, indices) -> np.ndarray:
         """Global sample indices -> (len(indices), seq_len + 1) int64 windows (epochs reshuffled)."""
         nw, L = self.n_windows, self.seq_len
         out = np.empty((len(indices), L + 1), dtype=np.int64)
-        cache: dict = {}
         for row, g in enumerate(indices):
             epoch, pos = divmod(int(g), nw)
-            if epoch not in cache:
-                cache[epoch] = self._order(epoch)
-            start = int(cache[epoch][pos]) * L
+            start = int(self._order(epoch)[pos]) * L
             out[row] = self.tokens[start:start + L + 1]
         return out
 
