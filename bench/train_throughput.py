@@ -8,6 +8,7 @@ answers "how fast does `mmf train` go".
     python -m mmf.bench.train_throughput --presets tiny --device cpu --out bench/results/train_throughput_cpu.json
     python -m mmf.bench.train_throughput --presets 370m transformer++-370m --device cuda \\
         --batch 8 --seq-len 2048 --set model.vocab_size=32000 --out bench/results/train_throughput_gpu.json
+    OMP_NUM_THREADS=1 python -m mmf.bench.train_throughput --scan-share --out bench/results/train_scan_share_cpu.json
 """
 
 from __future__ import annotations
@@ -61,12 +62,57 @@ def run_case(preset: str, device: str, steps: int, every: int, batch, seq_len, o
     }
 
 
+def scan_share(preset: str = "tiny", batch: int = 16, seq_len: int = 128, vocab: int = 936, reps: int = 4) -> dict:
+    """CPU seconds of one training step of ``preset`` and of the MLGRU reference scan (a Python loop over
+    time, ``kernels.reference.mlgru_scan``) forward + backward on the same shapes, once per layer."""
+    from mmf.config import model_preset
+    from mmf.kernels import reference
+    from mmf.models import build_model
+
+    torch.manual_seed(0)
+    cfg = model_preset(preset)
+    cfg.vocab_size = vocab
+    model = build_model(cfg).init_weights()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x = torch.randint(3, vocab, (batch, seq_len + 1))
+
+    def step():
+        logits = model(x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def scans():
+        for _ in range(cfg.num_hidden_layers):
+            i = torch.randn(batch, seq_len, cfg.hidden_size, requires_grad=True)
+            f = torch.rand(batch, seq_len, cfg.hidden_size, requires_grad=True)
+            reference.mlgru_scan(i, f)[0].sum().backward()
+
+    def cpu_time(fn):
+        fn()
+        t = time.process_time()
+        for _ in range(reps):
+            fn()
+        return (time.process_time() - t) / reps
+
+    st, sc = cpu_time(step), cpu_time(scans)
+    return {"preset": preset, "batch": batch, "seq_len": seq_len, "threads": torch.get_num_threads(),
+            "step_cpu_s": round(st, 4), "scan_cpu_s": round(sc, 4), "scan_share": round(sc / st, 4)}
+
+
 def print_table(rows: list[dict]) -> None:
     from tabulate import tabulate
 
     cols = ["preset", "device", "dtype", "params", "batch", "seq_len", "tokens_per_s", "step_s", "final_loss",
             "peak_mem_gb"]
     print(tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".4g"))
+
+
+def print_table_plain(r: dict) -> None:
+    from tabulate import tabulate
+
+    print(tabulate([list(r.values())], headers=list(r)))
 
 
 def main(argv=None) -> int:
@@ -80,7 +126,17 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     ap.add_argument("--workdir", default=None, help="where runs and the token cache go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--scan-share", action="store_true",
+                    help="instead: the share of the MLGRU reference scan in a tiny CPU training step")
     a = ap.parse_args(argv)
+    if a.scan_share:
+        r = scan_share()
+        print_table_plain(r)
+        if a.out:
+            Path(a.out).write_text(json.dumps({**r, "command": "python -m mmf.bench.train_throughput "
+                                               + " ".join(argv if argv is not None else sys.argv[1:]),
+                                               "load_avg_at_end": os.getloadavg()}, indent=1))
+        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmf-train-bench-") as tmp:
         work = Path(a.workdir) if a.workdir else Path(tmp)
