@@ -231,11 +231,12 @@ def test_transformer_with_a_tokenizer_file_on_jsonl(tmp_path):
 
 
 def test_too_little_disk_is_reported_before_training(tmp_path, monkeypatch):
-    import shutil as sh
+    from collections import namedtuple
 
     import mmf.train as T
 
-    monkeypatch.setattr(T.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(MMFError, match="GiB free but 3 checkpoints need about"):
         train(load_train_config("tiny", small(tmp_path)), tmp_path / "run")
     assert not list_checkpoints(tmp_path / "run") and not (tmp_path / "cache").exists()  # failed before any work
