@@ -304,6 +304,7 @@ def load_train_config(spec: str | None = None, overrides: list[str] | None = Non
             d["model"] = {keys[1]: value}  # a new model replaces the preset's, it does not merge into it
         else:
             target[keys[-1]] = value
+    if overrides:
         where = f"{where} (with --set)"
     return dataclass_from_dict(TrainConfig, d, where)
 

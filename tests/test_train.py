@@ -240,3 +240,24 @@ def test_too_little_disk_is_reported_before_training(tmp_path, monkeypatch):
     with pytest.raises(MMFError, match="GiB free but 3 checkpoints need about"):
         train(load_train_config("tiny", small(tmp_path)), tmp_path / "run")
     assert not list_checkpoints(tmp_path / "run") and not (tmp_path / "cache").exists()  # failed before any work
+
+
+def test_ddp_matches_one_process_tightly_without_ternary_rounding(tmp_path):
+    """Transformer++ (no quantisation to amplify summation-order differences): DDP on two processes follows
+    one process to float rounding at every step."""
+    args = [a for s in small(tmp_path, "train.steps=5", "checkpoint.every=100", "model.preset=transformer++-tiny",
+                             "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+                             "model.num_key_value_heads=2", "model.intermediate_size=64", "logging.eval_every=100")
+            for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("one", [sys.executable, "-m", "mmf.cli.main"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2", "-m", "mmf.cli.main"])):
+        res = subprocess.run([*launcher, "train", "--out", str(tmp_path / name), *args],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(l)]
+    assert len(runs["one"]) == 5
+    assert all(x == pytest.approx(y, rel=1e-5) for x, y in zip(runs["one"], runs["two"])), runs
