@@ -51,7 +51,7 @@ def bench(
     variants = [v for v in model_bench.VARIANTS if not (no_hf and v == "hf-llama")]
     res = model_bench.run_bench(model, device=device, batch=batch or 1, prompt_len=prompt_len, gen_len=gen_len,
                                 dtype=dtype, fmt=fmt, repeat=repeat, variants=variants, command=command,
-                                progress=True, on_size_done=lambda r: _write_json(r, json_out, quiet=True))
+                                progress=True, on_size_done=lambda r: _write_partial(r, json_out, plot))
     p = res["protocol"]
     bw = res["copy_bandwidth"]["bytes_per_s"]
     print_table(model_bench.table_rows(res), title=(
@@ -66,6 +66,15 @@ def bench(
     if plot is not None:
         model_bench.write_plot(res, plot)
         typer.echo(f"wrote {plot}")
+
+
+def _write_partial(res, json_out: Optional[Path], plot: Optional[Path]) -> None:
+    """After each size: the JSON and chart so far (a run cut short keeps the sizes it measured)."""
+    from mmf.bench import model_bench
+
+    _write_json(res, json_out, quiet=True)
+    if plot is not None:
+        model_bench.write_plot(res, plot)
 
 
 def _write_json(res, path: Optional[Path], quiet: bool = False) -> None:
