@@ -781,7 +781,9 @@ def _headline(raw: dict, label: str, batch: int, gen_len: int, device: str, band
         f["bytes_per_decode_token"] = _fig(raw["bytes_per_decode_token"], "B", "computed" if label == "measured"
                                            else label)
         f["decode_floor_ms"] = _fig(1e3 * raw["decode_floor_s"], "ms",
-                                    "estimated (bytes per token / copy bandwidth measured in this run)")
+                                    "estimated (bytes per token / copy bandwidth measured in this run)" +
+                                    ("; on CPU not a lower bound: read-only streams beat a copy" if device == "cpu"
+                                     else ""))
     return f
 
 
@@ -807,6 +809,7 @@ def _extrapolate(a: dict, b: dict, L: int) -> dict:
     for m in ("prefill_s", "decode_s_per_token", "e2e_s"):
         st = out["timing"][m]
         st["median"] = lin(a["timing"][m]["median"], b["timing"][m]["median"])
+        st["min"], st["max"] = min(st["values"]), max(st["values"])  # of the extrapolated repetitions
     out["timing"]["decode_steps"] = b["timing"]["decode_steps"]
     out["layers"] = L
     out["path"] = b["path"]
@@ -817,6 +820,24 @@ def _extrapolate(a: dict, b: dict, L: int) -> dict:
     if "peak_rss_bytes" in mem:
         mem["peak_rss_bytes"] = mem["peak_rss_above_start_bytes"] + b["memory"]["rss_before_bytes"]
     return out
+
+
+def refit(result: dict) -> dict:
+    """Recompute every extrapolated variant of a saved result from its stored partial measurements."""
+    dev = result["protocol"]["device"]
+    bw = result["copy_bandwidth"]["bytes_per_s"]
+    batch, gen_len = result["protocol"]["batch"], result["protocol"]["gen_len"]
+    for s in result["sizes"].values():
+        for v in s["variants"].values():
+            if v.get("status") != "extrapolated":
+                continue
+            (k1, a), (k2, b) = sorted(v["partial"].items(), key=lambda kv: int(kv[0]))
+            raw = _extrapolate(a, b, v["num_layers"])
+            raw["weight_bytes"], raw["weight_label"] = v["raw"]["weight_bytes"], v["raw"].get("weight_label")
+            v["raw"] = raw
+            v["figures"] = _headline(raw, v["label"], batch, gen_len, dev, bw)
+        s["ratio_mmf_over_transformer++"] = _ratios(s["variants"])
+    return result
 
 
 def run_variant(variant, size, cfg_m, cfg_l, device, dtype, fmt, batch, prompt, gen_len, repeat, bandwidth,
