@@ -72,6 +72,12 @@ def generate_text(checkpoint, prompt: str, max_new_tokens: int = 200, temperatur
 
     model = load_model(checkpoint, device=device, dtype=dtype, frozen=True)
     tok = load_tokenizer(checkpoint, model.config.bos_token_id, model.config.eos_token_id)
+    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, device, write)
+
+
+def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                seed: Optional[int], device, write: Optional[Callable[[str], None]]) -> str:
+    """Tokenise ``prompt``, generate with ``model`` (torch or ONNX Runtime) and stream the decoded text."""
     prompt_ids = tok.encode(prompt)
     if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
         prompt_ids = [tok.bos_id] + prompt_ids

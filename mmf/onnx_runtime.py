@@ -162,7 +162,7 @@ def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temper
                        top_p: float = 1.0, seed: Optional[int] = None,
                        write: Optional[Callable[[str], None]] = None, fold_constants: bool = True) -> str:
     """`mmf generate --onnx DIR`: load the export and its tokenizer, generate through ONNX Runtime."""
-    from .generate import generate_ids
+    from .generate import stream_text
     from .tokenizer import load_tokenizer
 
     model = OnnxCausalLM(directory, fold_constants=fold_constants)
@@ -172,20 +172,4 @@ def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temper
     except CheckpointError:
         raise CheckpointError(f"{directory}: the export has no tokenizer (its checkpoint had none); copy the model's "
                               "tokenizer.json into it") from None
-    prompt_ids = tok.encode(prompt)
-    if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
-        prompt_ids = [tok.bos_id] + prompt_ids
-    feed = tok.stream_decoder()
-    pieces: list[str] = []
-
-    def on_token(t: int) -> None:
-        s = feed(t)
-        if s:
-            pieces.append(s)
-            if write is not None:
-                write(s)
-
-    eos = cfg.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, "cpu")
-    return "".join(pieces)
+    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, "cpu", write)
