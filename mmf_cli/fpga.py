@@ -28,8 +28,11 @@ def fpga_image(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the resource and verify report as JSON here."),
 ):
-    """Write FPGA memory images of a MatMul-free checkpoint: banks in .mem/.coe/.mif/.bin, manifest.json with the
-    address map and checksums, a Verilog header, and a resource report; --verify proves them in simulation."""
+    """FPGA memory images (.mem/.coe/.mif/.bin banks, address map, Verilog header); --verify simulates them.
+
+    Writes the banks of a MatMul-free checkpoint in every requested format, manifest.json with the address map
+    and checksums, a Verilog header and a resource report; --verify proves them with Icarus Verilog.
+    """
     from mmf.fpga.image import ImageOptions, build_image, parse_formats, resource_rows
 
     opt = ImageOptions(word_bits=word_bits, bank_words=bank_words, formats=parse_formats(formats), layers=layers,

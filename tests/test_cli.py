@@ -103,3 +103,18 @@ def test_generate_uses_checkpoint_tokenizer_json(tmp_path):
     res = run_cli("generate", tmp_path / "c", "-p", "the cat", "-n", "10", "-t", "0")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("the cat") and len(res.stdout) > len("the cat\n")
+
+
+def test_every_command_has_a_one_line_summary():
+    """`mmf --help` shows each command's first docstring paragraph: it must be a single line."""
+    from mmf.cli.main import app
+
+    names = []
+    for cmd in app.registered_commands:
+        doc = (cmd.callback.__doc__ or "").strip()
+        summary = doc.split("\n\n")[0]
+        assert summary and "\n" not in summary, (cmd.name or cmd.callback.__name__, summary)
+        names.append(cmd.name or cmd.callback.__name__.replace("_", "-"))
+    for expected in ("train", "generate", "pack", "unpack", "inspect", "export-onnx", "fpga-image", "bench", "info",
+                     "eval"):
+        assert expected in names
