@@ -42,7 +42,7 @@ def _tensor_plan(cfg) -> list:
 
 def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
     """A random fp16 checkpoint of ``cfg`` written tensor by tensor (never the whole model in memory)."""
-    from mmf.checkpoint import CONFIG_FILE, INDEX_FILE
+    from mmf.checkpoint import CONFIG_FILE, write_index
     from mmf.converters.packing import _plan_shards, _shard_names
     from mmf.converters.safetensors_io import SafetensorsWriter, fadvise_done
 
@@ -78,7 +78,7 @@ def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
         fadvise_done(out / fname)
     seconds = time.perf_counter() - t0
     if len(names) > 1:
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        write_index(out, weight_map, total)
     cfg_dict = cfg.to_hf_dict()
     cfg_dict["torch_dtype"] = "float16"
     (out / CONFIG_FILE).write_text(json.dumps(cfg_dict, indent=2))

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from mmf.checkpoint import (CONFIG_FILE, DEFAULT_SHARD_BYTES, IGNORED_KEY_SUFFIXES, INDEX_FILE, WEIGHTS_FILE,
-                            atomic_directory, load_config, parse_dtype)
+                            atomic_directory, load_config, parse_dtype, write_index)
 from mmf.errors import CheckpointError, MMFError
 from mmf.kernels.reference import WEIGHT_CLAMP_MIN
 
@@ -641,8 +641,7 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
                 r.close()
         if len(names) > 1:
             total = sum(it[3] for shard in shards for it in shard)
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total, FORMAT_KEY: fmt},
-                                                      "weight_map": weight_map}, indent=2) + "\n")
+            write_index(tmp, weight_map, total, **{FORMAT_KEY: fmt})
         config = json.loads((src / CONFIG_FILE).read_text())
         config[QUANT_CONFIG_KEY] = {"quant_method": QUANT_METHOD, "format": fmt, "version": int(FORMAT_VERSION),
                                     "keep_dtype": keep_dtype}
@@ -939,8 +938,7 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
                 r.close()
         if len(names) > 1:
             total = sum(it[3] for shard in shards for it in shard)
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2) + "\n")
+            write_index(tmp, weight_map, total)
         config = json.loads((src / CONFIG_FILE).read_text())
         config.pop(QUANT_CONFIG_KEY, None)
         if config.get("tie_word_embeddings"):

@@ -106,9 +106,14 @@ def write_safetensors_sharded(state: dict, directory: Path, max_shard_bytes: int
     for fname, shard in zip(names, shards):
         save_file(shard, str(Path(directory) / fname), metadata=meta)
         weight_map.update({k: fname for k in shard})
-    (Path(directory) / INDEX_FILE).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    write_index(directory, weight_map, total)
     return names
+
+
+def write_index(directory: Path, weight_map: dict, total_size: int, **metadata) -> None:
+    """Write ``model.safetensors.index.json`` (Hugging Face layout) for a sharded checkpoint."""
+    (Path(directory) / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total_size, **metadata}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def save_checkpoint(model, out: Path, tokenizer=None, overwrite: bool = False, dtype: Optional[torch.dtype] = None,
