@@ -23,7 +23,6 @@ full-precision 13B model is ever made.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -38,6 +37,7 @@ from mmf.converters.ternary_codes import pack_i2
 from mmf.kernels import reference
 from mmf.models import build_model
 from mmf.models.hgrn_bit import BitLinear, FrozenBitLinear, HGRNBitForCausalLM
+from mmf.bench import write_json
 
 
 def log(*a):
@@ -374,8 +374,7 @@ def main(argv=None):
         res["tuned_gemm_configs"] = {str(k): v for k, v in tg._TUNED.items()}
         res["wall_s"] = time.time() - t0
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
+            write_json(args.out, res, indent=1)
 
     dump()
     dec_rows = []

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import mmf
+from mmf.bench import write_json
 from mmf.config import model_preset
 from mmf.models import build_model
 
@@ -268,8 +269,7 @@ def main(argv=None) -> None:
     print()
     print(tabulate(sizes, headers="keys"))
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(a.out, result)
         print(f"wrote {a.out}")
 
 

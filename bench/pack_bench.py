@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from mmf.bench import write_json
 
 GB = 1e9
 
@@ -179,8 +180,7 @@ def main(argv=None) -> None:
                  "load average shows other processes sharing the CPUs during the run",
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
 
 

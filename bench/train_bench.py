@@ -480,13 +480,10 @@ def main(argv=None) -> int:
         print(f"mmf: error: {e}", file=sys.stderr)
         return 2
     if a.out:
-        import os
+        from mmf.bench import write_json
 
         res["command"] = "python -m mmf.bench.train_bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        tmp = a.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, a.out)
+        write_json(a.out, res, indent=1)
     return 0
 
 

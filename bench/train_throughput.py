@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mmf.errors import MMFError
+from mmf.bench import write_json
 
 
 def run_case(preset: str, device: str, steps: int, every: int, batch, seq_len, overrides: list, workdir: Path) -> dict:
@@ -133,9 +134,9 @@ def main(argv=None) -> int:
         r = scan_share()
         print_table_plain(r)
         if a.out:
-            Path(a.out).write_text(json.dumps({**r, "command": "python -m mmf.bench.train_throughput "
-                                               + " ".join(argv if argv is not None else sys.argv[1:]),
-                                               "load_avg_at_end": os.getloadavg()}, indent=1))
+            write_json(a.out, {**r, "command": "python -m mmf.bench.train_throughput "
+                               + " ".join(argv if argv is not None else sys.argv[1:]),
+                               "load_avg_at_end": os.getloadavg()}, indent=1)
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmf-train-bench-") as tmp:
@@ -165,11 +166,7 @@ def main(argv=None) -> int:
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        tmpf = a.out + ".tmp"
-        with open(tmpf, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmpf, a.out)
+        write_json(a.out, result, indent=1)
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Optional
 import typer
 
 from .app import app, print_table
+from mmf.bench import write_json
 
 
 @app.command()
@@ -80,9 +80,6 @@ def _write_partial(res, json_out: Optional[Path], plot: Optional[Path]) -> None:
 def _write_json(res, path: Optional[Path], quiet: bool = False) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, res)
     if not quiet:
         typer.echo(f"wrote {path}")
