@@ -39,32 +39,3 @@ def init_weights(model: nn.Module, num_layers: int, std: float = 0.02) -> None:
         s = std / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
         with torch.no_grad():
             p.normal_(0.0, s)
-
-
-def parameter_groups(model: nn.Module) -> dict:
-    """Parameter counts by group: embeddings, ternary (BitLinear) weights, dense weights, norms and other."""
-    from .hgrn_bit import BitLinear, FrozenBitLinear
-
-    groups = {"embeddings": 0, "ternary": 0, "dense": 0, "norms": 0, "other": 0}
-    ternary_ids = set()
-    for m in model.modules():
-        if isinstance(m, BitLinear):
-            ternary_ids.add(id(m.weight))
-        elif isinstance(m, FrozenBitLinear):
-            groups["ternary"] += m.in_features * m.out_features
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if id(p) in ternary_ids:
-            groups["ternary"] += p.numel()
-        elif "embed" in name:
-            groups["embeddings"] += p.numel()
-        elif "norm" in name:
-            groups["norms"] += p.numel()
-        elif p.dim() >= 2 and not name.endswith("lower_bounds"):
-            groups["dense"] += p.numel()
-        else:
-            groups["other"] += p.numel()
-    return groups
