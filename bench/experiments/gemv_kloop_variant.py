@@ -1,0 +1,502 @@
+"""Ternary GEMV for decoding (Triton): i2-packed weights x int8 activations, int32 accumulation.
+
+``y = (xq @ codes^T) / (s_x * s_w)`` for one or two rows (decode batch 1-2), reading the i2 planar bytes of
+``converters/ternary_codes.py`` directly (element (n, k) is bits ``2*(k // P)`` of byte
+``packed[n, k % P]``, ``P = ceil(K / 4)``, code = w + 1). Weights are never unpacked to memory.
+
+How it works. A 32-bit word of 4 packed bytes holds 16 weights: digit s of the 4 bytes holds the
+codes (0, 1, 2) of the 4 consecutive columns ``s*P + 4w .. s*P + 4w + 3``. The prologue writes the
+quantised activations in the same planar order, 4 int8 to a word, so one ``dp4a`` (4-way int8 dot
+product into int32) per digit and word does 4 multiply-adds. Digit s is not shifted down: the word
+is masked in place (``c & (0x03030303 << 2s)``, bytes ``4^s * code`` <= 128) and accumulated into
+its own accumulator, shifted back once per row block (exact): one AND and one dp4a per digit and
+word. Codes are w + 1, so the kernel subtracts ``sum(xq)`` once per row at the end:
+``sum((c - 1) x) = sum(c x) - sum(x)``; padding positions hold code 1 and activation 0 and add
+nothing.
+
+Schedule: a persistent grid (a few programs per SM); each program owns row blocks pid, pid +
+NPROG, ... of BN rows and walks each in chunks of BK words along K (no lanes wasted on padding to
+a power of two), loading the next tile while it reduces the current one. Its first tile is issued
+before the prologue, and with programmatic dependent launch (``PDL``, Hopper and later; launched
+with ``launch_pdl``) before the previous kernel has even finished: only the weight stream, which
+depends on nothing, runs ahead of ``gdc_wait``.
+
+Prologue (fused; ``PRO``), computed redundantly by every program (the row is small and sits in L2):
+
+* ``PRO_PLAIN``  v = x
+* ``PRO_NORM``   v = rmsnorm(x) * nw, rounded to the model dtype (the block's attn/mlp norm)
+* ``PRO_GATED``  v = rmsnorm(g) * gw * silu(s), rounded (MLGRU output; s given in fp32)
+* ``PRO_MLGRU``  the whole MLGRU step: f = lb + (1 - lb) sigmoid(f_pre), i = silu(i_pre)(1 - f),
+  s = f s_prev + i (written once, to a separate buffer), v = rmsnorm(g) * gw * silu(s), rounded
+
+then the BitLinear part, in fp32: ``xn = rmsnorm(v) * bw``, ``s_x = 127 / max(max|xn|, 1e-5)``,
+``xq = clamp(round_half_even(xn s_x), -128, 127)``. Several weight segments (``NSEG`` = 3 for the
+i, f, g projections, which share their input but not their norm weights) run in one launch.
+
+Epilogue (``EPI``): store ``y``; add a residual (``y`` rounded to the dtype, then added, as torch
+does); or the GLU pair: the program computes rows n and n + N of the gate projection and stores
+``silu(gate) * up`` (both rounded as torch rounds them), so the ``2m`` outputs never reach memory.
+
+``ternary_gemm.py`` holds the tensor-core (int8 ``tl.dot``) form for more rows and for prefill,
+and the stand-alone pre-pass (same prologue) that feeds it. The reference is
+``kernels.reference.bitlinear_i2`` (and the compositions named in ``mmf.decode_graph``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mmf.kernels import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not INTERPRET:  # libdevice is not available to the interpreter
+    from triton.language.extra import libdevice
+else:  # pragma: no cover - only the interpreter path
+    libdevice = None
+try:  # programmatic dependent launch (Hopper+): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
+PRO_NONE = 4  # activations already quantised in the scratch (benchmarks: the weight stream alone)
+EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
+GEMV_MAX_ROWS = 2  # above this, the tensor-core GEMM wins (dp4a work grows with the rows; measured)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rint(x, USE_ASM: tl.constexpr):
+    """Round half to even (torch.round), fp32."""
+    if USE_ASM:
+        r = libdevice.rint(x)
+    else:
+        r = (x + 12582912.0) - 12582912.0  # exact for |x| < 2^22 (the interpreter does no FMA)
+    return r
+
+
+@triton.jit
+def _to(x, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp32 -> DT, round to nearest even (the interpreter truncates to bf16: round it here)."""
+    if DT == tl.bfloat16 and not USE_ASM:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
+@triton.jit
+def _silu(x):
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum_i a.u8[i] * b.s8[i] over the 4 bytes of int32 words."""
+    if USE_ASM:
+        r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for i in tl.static_range(4):
+            r += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return r
+
+
+@triton.jit
+def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
+               eps_model, eps_bl, WRITE_STATE,
+               PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
+               USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr):
+    """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX.
+
+    The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
+    X/G hold the pre-activations with row stride sxm/sgm. For PRO_MLGRU, X points at
+    [i_pre | f_pre | g_pre] (three blocks of K columns) and G is unused.
+    """
+    s_i = tl.arange(0, 4)[:, None, None]
+    w_i = tl.arange(0, BLOCK_W)[None, :, None]
+    b_i = tl.arange(0, 4)[None, None, :]
+    j = 4 * w_i + b_i
+    k = s_i * P + j
+    valid = (j < P) & (k < K)
+    if PRO == 3:  # PRO_MLGRU
+        xrow = X + m * sxm
+        ip = tl.load(xrow + k, mask=valid, other=0.0).to(tl.float32)
+        fp = tl.load(xrow + K + k, mask=valid, other=0.0).to(tl.float32)
+        gp = tl.load(xrow + 2 * K + k, mask=valid, other=0.0).to(tl.float32)
+        f = tl.sigmoid(fp)
+        if HAS_LB:
+            lb = tl.load(LB + k, mask=valid, other=0.0)
+            f = lb + (1.0 - lb) * f
+        i = _silu(ip) * (1.0 - f)
+        s = f * tl.load(S_IN + m * K + k, mask=valid, other=0.0) + i
+        if WRITE_STATE:
+            tl.store(S_OUT + m * K + k, s, mask=valid)
+        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0) / K + eps_model)
+        gw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+        v = _to(gp * r * gw * _silu(s), DT, USE_ASM).to(tl.float32)
+    elif PRO == 2:  # PRO_GATED
+        gp = tl.load(G + m * sgm + k, mask=valid, other=0.0).to(tl.float32)
+        s = tl.load(S_IN + m * K + k, mask=valid, other=0.0)
+        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0) / K + eps_model)
+        gw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+        v = _to(gp * r * gw * _silu(s), DT, USE_ASM).to(tl.float32)
+    elif PRO == 1:  # PRO_NORM
+        x = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(x * x, 2), 1), 0) / K + eps_model)
+        nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+        v = _to(x * r * nw, DT, USE_ASM).to(tl.float32)
+    else:
+        v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
+    # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
+    r2 = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(v * v, 2), 1), 0) / K + eps_bl)
+    bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
+    xn = v * r2 * bw
+    amax = tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0)
+    sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
+    q = tl.minimum(tl.maximum(_rint(xn * sx, USE_ASM), -128.0), 127.0).to(tl.int32)
+    q = tl.where(valid, q, 0)
+    word = tl.sum((q & 0xFF) << (8 * b_i), 2)  # (4, BLOCK_W): the 4 bytes of each word
+    s2 = tl.arange(0, 4)[:, None]
+    w2 = tl.arange(0, BLOCK_W)[None, :]
+    tl.store(XQ + ((seg * M + m) * 4 + s2) * PW + w2, word, mask=w2 < PW)
+    tl.store(SX + seg * M + m, sx)
+    if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
+        tl.store(SUMX + seg * M + m, tl.sum(tl.sum(tl.sum(q, 2), 1), 0))
+
+
+@triton.jit
+def _epilogue(dot, dot2, sumx, rows_m, rows_n, seg, SX, SW, OUT, RES, M, N, so_m, sr_m,
+              EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """dot (BM, BN) int32 sums of c*x, sumx (BM,) -> y = (dot - sum x) / (s_x s_w), then the epilogue."""
+    mmask = rows_m < M
+    sx = tl.load(SX + seg * M + rows_m, mask=mmask, other=1.0)
+    sw = tl.load(SW + seg)
+    den = (sx * sw)[:, None]
+    y = tl.math.div_rn((dot - sumx[:, None]).to(tl.float32), den)
+    omask = mmask[:, None] & (rows_n < N)[None, :]
+    if EPI == 2:  # GLU pair: silu(gate) * up, rounded like torch
+        gate = _to(y, DT, USE_ASM).to(tl.float32)
+        up = _to(tl.math.div_rn((dot2 - sumx[:, None]).to(tl.float32), den), DT, USE_ASM).to(tl.float32)
+        out = _to(_to(_silu(gate), DT, USE_ASM).to(tl.float32) * up, DT, USE_ASM)
+        tl.store(OUT + rows_m[:, None] * so_m + rows_n[None, :], out, mask=omask)
+    else:
+        col = seg * N + rows_n
+        if EPI == 1:
+            res = tl.load(RES + rows_m[:, None] * sr_m + col[None, :], mask=omask, other=0.0)
+            out = _to(_to(y, DT, USE_ASM).to(tl.float32) + res.to(tl.float32), DT, USE_ASM)
+        else:
+            out = _to(y, DT, USE_ASM)
+        tl.store(OUT + rows_m[:, None] * so_m + col[None, :], out, mask=omask)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GEMV kernel
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_words(Wp, rows, ww, P, PW, N_ROWS, BYTE_W: tl.constexpr):
+    """(BN, BW) int32 words of packed rows (4 bytes each); bytes past P read as 0."""
+    rmask = (rows < N_ROWS)[:, None]
+    if BYTE_W:  # P % 4 != 0: rows are not word-aligned, assemble words from bytes
+        base = Wp + rows[:, None] * P + 4 * ww[None, :]
+        c = tl.zeros_like(rows[:, None] + ww[None, :])
+        for b in tl.static_range(4):
+            m = rmask & ((4 * ww + b) < P)[None, :]
+            c |= tl.load(base + b, mask=m, other=0).to(tl.int32) << (8 * b)
+    else:
+        c = tl.load(Wp + rows[:, None] * PW + ww[None, :], mask=rmask & (ww < PW)[None, :], other=0)
+    return c
+
+
+@triton.jit
+def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
+                 XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m,
+                 M, N, K, P, PW, NPROG,
+                 PRO: tl.constexpr, EPI: tl.constexpr, HAS_LB: tl.constexpr, BYTE_W: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_W: tl.constexpr,
+                 USE_ASM: tl.constexpr, PDL: tl.constexpr, NS: tl.constexpr, ACC1: tl.constexpr):
+    """Persistent: program pid of segment seg takes row blocks pid, pid + NPROG, ... of BN rows,
+    each in chunks of BK words along K. Its first tile is in flight before the prologue (and, with
+    PDL, before the previous kernel has finished); each next tile is loaded while the current one
+    is reduced."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    DT: tl.constexpr = OUT.dtype.element_ty
+    if seg == 0:
+        Wp = W0
+    elif seg == 1:
+        Wp = W1
+    else:
+        Wp = W2
+    kk = tl.arange(0, BK)
+    c = _load_words(Wp, pid * BN + tl.arange(0, BN), kk, P, PW, N, BYTE_W)
+    c2 = c
+    if EPI == 2:  # GLU pair: rows n (gate) and N + n (up)
+        c2 = _load_words(Wp, pid * BN + tl.arange(0, BN) + N, kk, P, PW, 2 * N, BYTE_W)
+    if PDL:  # programmatic dependent launch: everything above reads weights only
+        gdc_wait()
+        gdc_launch_dependents()
+    if PRO != 4:
+        for m in range(M):
+            _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
+                       eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True)
+        tl.debug_barrier()
+    rm = tl.arange(0, BM)
+    sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+    xa = XQ + (seg * M * 4) * PW
+    nblocks = tl.cdiv(N, BN)
+    KT = tl.cdiv(PW, BK)
+    zero = tl.zeros((BN, BK), tl.int32)
+    for blk in range(pid, nblocks, NPROG):
+        rows = blk * BN + tl.arange(0, BN)
+        a0, a1, a2, a3 = zero, zero, zero, zero  # digit accumulators of batch row 0 (gate rows)
+        b0, b1, b2, b3 = zero, zero, zero, zero  # batch row 1
+        g0, g1, g2, g3 = zero, zero, zero, zero  # up rows, batch row 0
+        h0, h1, h2, h3 = zero, zero, zero, zero  # up rows, batch row 1
+        if NS > 0:  # Triton's software pipeline (async copies through shared memory)
+            for j in tl.range(0, KT, num_stages=NS):
+                kw = j * BK + kk
+                c = _load_words(Wp, rows, kw, P, PW, N, BYTE_W)
+                if EPI == 2:
+                    c2 = _load_words(Wp, rows + N, kw, P, PW, 2 * N, BYTE_W)
+                a0, a1, a2, a3, b0, b1, b2, b3, g0, g1, g2, g3, h0, h1, h2, h3 = _chunk(
+                    c, c2, xa, PW, kw, a0, a1, a2, a3, b0, b1, b2, b3, g0, g1, g2, g3, h0, h1, h2, h3,
+                    EPI, BM, ACC1, USE_ASM)
+        else:  # manual prefetch, one tile ahead, across row blocks too
+            for j in range(KT):
+                nb = blk + NPROG * ((j + 1) // KT)  # the next tile: next chunk, or the next block's first
+                kn = ((j + 1) % KT) * BK + kk
+                c_next = _load_words(Wp, nb * BN + tl.arange(0, BN), kn, P, PW, N, BYTE_W)  # masked past the end
+                c2_next = c_next
+                if EPI == 2:
+                    c2_next = _load_words(Wp, nb * BN + tl.arange(0, BN) + N, kn, P, PW, 2 * N, BYTE_W)
+                a0, a1, a2, a3, b0, b1, b2, b3, g0, g1, g2, g3, h0, h1, h2, h3 = _chunk(
+                    c, c2, xa, PW, j * BK + kk, a0, a1, a2, a3, b0, b1, b2, b3, g0, g1, g2, g3, h0, h1, h2, h3,
+                    EPI, BM, ACC1, USE_ASM)
+                c = c_next
+                c2 = c2_next
+        d = _fold(a0, a1, a2, a3)
+        d2 = d
+        if EPI == 2:
+            d2 = _fold(g0, g1, g2, g3)
+        if BM == 2:
+            d = tl.where(rm[:, None] == 0, d, _fold(b0, b1, b2, b3))
+            if EPI == 2:
+                d2 = tl.where(rm[:, None] == 0, d2, _fold(h0, h1, h2, h3))
+        _epilogue(d, d2, sumx, rm, rows, seg, SX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+
+
+@triton.jit
+def _chunk(c, c2, xa, PW, kw, a0, a1, a2, a3, b0, b1, b2, b3, g0, g1, g2, g3, h0, h1, h2, h3,
+           EPI: tl.constexpr, BM: tl.constexpr, ACC1: tl.constexpr, USE_ASM: tl.constexpr):
+    """One K chunk: (BN, BK) code words (c; c2 the GLU's up rows) against batch rows 0 (and 1)."""
+    xm = kw < PW
+    x0 = tl.load(xa + kw, mask=xm, other=0)
+    x1 = tl.load(xa + PW + kw, mask=xm, other=0)
+    x2 = tl.load(xa + 2 * PW + kw, mask=xm, other=0)
+    x3 = tl.load(xa + 3 * PW + kw, mask=xm, other=0)
+    a0, a1, a2, a3 = _acc_digits(c, x0, x1, x2, x3, a0, a1, a2, a3, ACC1, USE_ASM)
+    if EPI == 2:
+        g0, g1, g2, g3 = _acc_digits(c2, x0, x1, x2, x3, g0, g1, g2, g3, ACC1, USE_ASM)
+    if BM == 2:  # BM == 2 only when M == 2
+        y0 = tl.load(xa + 4 * PW + kw, mask=xm, other=0)
+        y1 = tl.load(xa + 5 * PW + kw, mask=xm, other=0)
+        y2 = tl.load(xa + 6 * PW + kw, mask=xm, other=0)
+        y3 = tl.load(xa + 7 * PW + kw, mask=xm, other=0)
+        b0, b1, b2, b3 = _acc_digits(c, y0, y1, y2, y3, b0, b1, b2, b3, ACC1, USE_ASM)
+        if EPI == 2:
+            h0, h1, h2, h3 = _acc_digits(c2, y0, y1, y2, y3, h0, h1, h2, h3, ACC1, USE_ASM)
+    return a0, a1, a2, a3, b0, b1, b2, b3, g0, g1, g2, g3, h0, h1, h2, h3
+
+
+@triton.jit
+def _acc_digits(c, x0, x1, x2, x3, a0, a1, a2, a3, ACC1: tl.constexpr, USE_ASM: tl.constexpr):
+    """Accumulate one (BN, BK) tile of code words against the 4 digit planes of (BK,) activation words.
+
+    Digit s is masked in place (byte = 4^s * code, at most 128: an unsigned byte for dp4a) instead of
+    shifted down: one AND and one dp4a per digit and word. Accumulator s holds 4^s * sum(code * x);
+    ``_fold`` shifts each back once per row block (exact: the sums are multiples of 4^s).
+    """
+    if ACC1:  # one accumulator, digits shifted down (fewer registers, more instructions)
+        a0 = _dp4a(c & 0x03030303, x0[None, :], a0, USE_ASM)
+        a0 = _dp4a((c >> 2) & 0x03030303, x1[None, :], a0, USE_ASM)
+        a0 = _dp4a((c >> 4) & 0x03030303, x2[None, :], a0, USE_ASM)
+        a0 = _dp4a((c >> 6) & 0x03030303, x3[None, :], a0, USE_ASM)
+    else:
+        a0 = _dp4a(c & 0x03030303, x0[None, :], a0, USE_ASM)
+        a1 = _dp4a(c & 0x0C0C0C0C, x1[None, :], a1, USE_ASM)
+        a2 = _dp4a(c & 0x30303030, x2[None, :], a2, USE_ASM)
+        a3 = _dp4a(c & -1061109568, x3[None, :], a3, USE_ASM)  # 0xC0C0C0C0 as int32
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _fold(a0, a1, a2, a3):
+    """4 digit accumulators (BN, BK) -> (1, BN) int32 sums of codes * x."""
+    return tl.sum(a0 + (a1 >> 2) + (a2 >> 4) + (a3 >> 6), 1)[None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def words_per_row(k: int) -> int:
+    return -(-packed_bytes(k) // 4)
+
+
+def packed_bytes(k: int) -> int:
+    return -(-k // 4)
+
+
+def weight_operand(packed: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels read: an int32 view of the packed bytes when rows are word aligned."""
+    if packed.shape[1] % 4 == 0 and packed.is_contiguous():
+        return packed.view(torch.int32)
+    return packed
+
+
+class Scratch:
+    """Quantised activations (NSEG, M, 4, PW) int32 words + s_x (NSEG, M) + sum(xq) (NSEG, M)."""
+
+    def __init__(self, nseg: int, m: int, k: int, device):
+        self.pw = words_per_row(k)
+        self.xq = torch.zeros(nseg, m, 4, self.pw, dtype=torch.int32, device=device)
+        self.sx = torch.ones(nseg, m, dtype=torch.float32, device=device)
+        self.sumx = torch.zeros(nseg, m, dtype=torch.int32, device=device)
+
+
+# batch rows -> (BN rows, BK words per chunk, num_warps, programs per SM) candidates; the first is
+# the interpreter's choice
+_GEMV_CONFIGS = {
+    1: [(8, 64, 4, 2), (16, 64, 4, 2), (8, 128, 4, 2), (16, 32, 4, 4), (8, 64, 4, 4), (16, 128, 8, 2),
+        (32, 64, 8, 2), (4, 128, 4, 4), (16, 64, 8, 2), (8, 32, 4, 4), (32, 32, 8, 2), (16, 128, 4, 2)],
+    2: [(8, 64, 4, 2), (4, 64, 4, 4), (16, 64, 8, 2), (8, 32, 4, 4), (8, 128, 8, 2)],
+}
+
+
+def _configs(bm: int, pw: int):
+    """Candidates whose chunk fits the row and whose register tiles fit (BM x BN x BK words <= 16 per thread)."""
+    w = triton.next_power_of_2(pw)
+    return [cf for cf in _GEMV_CONFIGS[bm] if cf[1] <= max(w, 16) and bm * cf[0] * cf[1] <= 16 * 32 * cf[2]] \
+        or [(1, 16, 4, 2)]
+
+
+def _bm(m: int) -> int:
+    return 1 if m == 1 else 2
+
+
+_NUM_SM: dict = {}
+
+
+def _num_sm(device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 1
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _NUM_SM:
+        _NUM_SM[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _NUM_SM[i]
+
+
+# Programmatic dependent launch: each GEMV starts streaming its weights while the kernel before it
+# finishes (Hopper+, CUDA graphs included). MMF_PDL=0 switches it off.
+PDL = os.environ.get("MMF_PDL", "1") != "0"
+
+
+def _use_pdl(device) -> bool:
+    return (PDL and HAS_GDC and not INTERPRET and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _launch_gemv(cfg, a):
+    bn, bk, nw, per_sm = cfg[:4]
+    ns, acc1 = (tuple(cfg[4:]) + (0, 0))[:2]
+    nblocks = triton.cdiv(a["n"], bn)
+    nprog = max(1, min(nblocks, (per_sm * _num_sm(a["out"].device) + a["nseg"] - 1) // a["nseg"]))
+    if INTERPRET:
+        nprog = min(nblocks, per_sm)
+    pdl = _use_pdl(a["out"].device)
+    extra = {"launch_pdl": True} if pdl else {}
+    _gemv_kernel[(nprog, a["nseg"])](
+        a["x"], a["sxm"], a["g"], a["sgm"], a["s_in"], a["s_out"], a["lb"], a["nw"], a["bwn"],
+        a["eps_model"], a["eps_bl"], a["scratch"].xq, a["scratch"].sx, a["scratch"].sumx,
+        a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"], a["so_m"], a["sr_m"],
+        a["m"], a["n"], a["k"], a["p"], a["scratch"].pw, nprog,
+        PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BYTE_W=a["byte_w"], BM=_bm(a["m"]), BN=bn, BK=bk,
+        BLOCK_W=triton.next_power_of_2(a["scratch"].pw), USE_ASM=not INTERPRET, PDL=pdl, NS=ns, ACC1=acc1,
+        num_warps=nw, **extra)
+
+
+_TUNED: dict = {}
+TUNE = True  # False: take the first candidate (no timing runs)
+
+
+def _tune(key, a):
+    """Pick the fastest config once per shape (GPU only; tuning runs are side-effect free)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    cands = _configs(_bm(a["m"]), a["scratch"].pw)
+    if INTERPRET or not TUNE or not a["out"].is_cuda or torch.cuda.is_current_stream_capturing():
+        _TUNED[key] = cands[0]
+        return cands[0]
+    best, best_t = cands[0], float("inf")
+    for cfg in cands:
+        try:
+            t = triton.testing.do_bench(lambda: _launch_gemv(cfg, a), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config that does not fit (registers, shared memory) is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    _TUNED[key] = best
+    return best
+
+
+def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=None, n=None,
+         norm_weight=None, g=None, s_in=None, s_out=None, lower_bound=None, residual=None,
+         eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS, scratch=None, config=None):
+    """Launch the fused GEMV: ``out`` (M, NSEG*N) or (M, N) for the GLU pair.
+
+    ``weights``: list of 1-3 packed tensors (N, P) uint8 (or their int32 views), one per segment;
+    ``scales``: fp32 (NSEG,) s_w; ``bit_norm``: (NSEG, K) BitLinear norm weights.
+    ``x``: (M, K) input (for PRO_MLGRU, (M, 3K) = [i_pre | f_pre | g_pre]); ``g``/``s_in`` the
+    gated-norm inputs; ``norm_weight`` the block norm (PRO_NORM) or g_norm (PRO_GATED/PRO_MLGRU).
+    """
+    m = out.shape[0]
+    nseg = len(weights)
+    k = k if k is not None else bit_norm.shape[-1]
+    p = packed_bytes(k)
+    n0 = weights[0].shape[0]
+    n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
+    assert m <= GEMV_MAX_ROWS, "gemv handles at most 2 rows; use ternary_gemm"
+    ws = [weight_operand(w) for w in weights]
+    byte_w = ws[0].dtype != torch.int32
+    ws = ws + [ws[0]] * (3 - nseg)
+    scratch = scratch if scratch is not None else Scratch(nseg, m, k, x.device)
+    dummy = out
+    a = dict(x=x, sxm=x.stride(0), g=g if g is not None else dummy, sgm=g.stride(0) if g is not None else 0,
+             s_in=s_in if s_in is not None else dummy, s_out=s_out if s_out is not None else dummy,
+             lb=lower_bound if lower_bound is not None else dummy, nw=norm_weight if norm_weight is not None else bit_norm,
+             bwn=bit_norm, eps_model=float(eps_model), eps_bl=float(eps_bl), scratch=scratch, w=ws, sw=scales,
+             out=out, res=residual if residual is not None else dummy, so_m=out.stride(0),
+             sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, k=k, p=p, nseg=nseg, pro=pro,
+             epi=epi, has_lb=lower_bound is not None, byte_w=byte_w)
+    key = ("gemv", m, n, k, nseg, pro, epi, byte_w, str(out.dtype))
+    if INTERPRET and config is None:  # two programs, each looping over several row blocks and K chunks
+        config = (8, 16, 4, 2)
+    cfg = config or _tune(key, a)
+    _launch_gemv(cfg, a)
+    return out
