@@ -8,7 +8,10 @@
 2. runs ``pack`` in a fresh process and ``unpack`` (to ``--unpack-dtype``) in another, each reporting
    its wall time and its own peak resident set (``ru_maxrss``);
 3. prints a table and writes JSON with the figures and the load conditions (load average, cores,
-   torch threads), then deletes everything it wrote (``--keep`` keeps it).
+   torch threads), then deletes everything it wrote (``--keep`` keeps it);
+4. first measures the disk itself (``--disk-gib`` of scratch data, 0 skips): sequential write and
+   cold read bandwidth, with O_DIRECT (what pack/unpack use) and through the page cache, so the
+   JSON shows the physical floor (bytes / bandwidth) beside the pack and unpack figures.
 
 Disk: the input (13b: about 26 GB) and the packed copy exist together; the input is deleted before
 unpacking, so the peak is about max(input + packed, packed + unpacked). Free space is checked first.
@@ -86,6 +89,61 @@ def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
     return {"bytes": total, "files": len(names), "seconds": seconds}
 
 
+def measure_disk(directory: Path, gib: float) -> dict:
+    """Sequential write and cold-read bandwidth (GB/s) of the disk under ``directory``.
+
+    16 MiB blocks; O_DIRECT where the file system allows it (the reads and writes of pack/unpack),
+    and buffered (page cache; the write includes its fsync, the read starts after the file's pages
+    were dropped with posix_fadvise), each over ``gib`` GiB (the buffered write over half of it).
+    """
+    import mmap
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "disk-probe.bin"
+    block = 16 << 20
+    buf = mmap.mmap(-1, block)  # page aligned, as O_DIRECT needs
+    buf.write(os.urandom(block))
+    n = max(1, int(gib * (1 << 30)) // block)
+    out = {"probe_bytes": n * block, "block_bytes": block}
+
+    def drop() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+    def run(key: str, flags: int, blocks: int, write: bool) -> None:
+        try:
+            fd = os.open(path, flags | (os.O_WRONLY | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY), 0o644)
+        except OSError as e:
+            out[key] = f"unavailable ({e.strerror})"
+            return
+        t0 = time.perf_counter()
+        done = 0
+        try:
+            for _ in range(blocks):
+                got = os.write(fd, buf) if write else os.readv(fd, [buf])
+                if got <= 0:
+                    break
+                done += got
+            if write:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        out[key] = done / (time.perf_counter() - t0) / GB
+
+    try:
+        direct = getattr(os, "O_DIRECT", 0)
+        run("write_buffered_GBps", 0, max(1, n // 2), True)
+        run("write_direct_GBps", direct, n, True)  # leaves the n-block file for the reads
+        drop()
+        run("read_direct_GBps", direct, n, False)
+        drop()
+        run("read_buffered_GBps", 0, n, False)
+    finally:
+        path.unlink(missing_ok=True)
+    return out
+
+
 def _child(phase: str, src: str, out: str, fmt: str, dtype: str, shard_bytes: int) -> None:
     """One measured operation in this (fresh) process; prints a JSON line."""
     from mmf.converters.packing import pack_checkpoint, unpack_checkpoint
@@ -123,6 +181,7 @@ def main(argv=None) -> None:
     ap.add_argument("--unpack-dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     ap.add_argument("--json", default=None, help="Write the results here.")
     ap.add_argument("--keep", action="store_true", help="Keep the files written.")
+    ap.add_argument("--disk-gib", type=float, default=4.0, help="GiB written and read to measure the disk (0: skip).")
     ap.add_argument("--child", choices=["pack", "unpack"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -145,6 +204,13 @@ def main(argv=None) -> None:
     if free < need:
         raise SystemExit(f"need about {need / GB:.0f} GB free under {work.parent}, have {free / GB:.0f} GB")
     src, packed, flat = work / "latent-fp16", work / f"packed-{args.format}", work / f"unpacked-{args.unpack_dtype}"
+    disk = {}
+    if args.disk_gib > 0:
+        print(f"measuring the disk under {work} ({args.disk_gib:g} GiB) ...", flush=True)
+        disk = measure_disk(work / "disk", args.disk_gib)
+        shutil.rmtree(work / "disk", ignore_errors=True)
+        print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in disk.items()
+                               if k.endswith("GBps")), flush=True)
     try:
         print(f"writing a synthetic {args.preset} checkpoint ({params / 1e9:.2f} B parameters, fp16) to {src} ...",
               flush=True)
@@ -168,12 +234,21 @@ def main(argv=None) -> None:
     from tabulate import tabulate
 
     print(tabulate(rows, headers="keys"))
+    floor = {}
+    if isinstance(disk.get("read_direct_GBps"), float) and isinstance(disk.get("write_direct_GBps"), float):
+        # the disk alone, at its measured O_DIRECT bandwidth: pack reads the input and writes the packed copy,
+        # unpack the reverse (one device, so reads and writes add up)
+        for name, r in (("pack", pack), ("unpack", unpack)):
+            floor[name] = r["input_bytes"] / GB / disk["read_direct_GBps"] + r["output_bytes"] / GB / disk["write_direct_GBps"]
+        print("disk-only floor (bytes / measured O_DIRECT bandwidth): "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in floor.items()))
     result = {
         "command": "python -m mmf.bench.pack_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "preset": args.preset, "parameters": params, "format": args.format, "unpack_dtype": args.unpack_dtype,
         "shard_gb": args.shard_gb, "synthetic_input": written, "pack": pack, "unpack": unpack,
         "pack_input_GBps": pack["input_bytes"] / pack["wall_s"] / GB,
         "unpack_output_GBps": unpack["output_bytes"] / unpack["wall_s"] / GB,
+        "disk": disk, "disk_floor_s": floor,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "platform": platform.platform()},
         "notes": "input read cold from disk (page cache dropped with posix_fadvise after writing); "

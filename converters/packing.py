@@ -33,7 +33,8 @@ from mmf.checkpoint import (CONFIG_FILE, DEFAULT_SHARD_BYTES, IGNORED_KEY_SUFFIX
 from mmf.errors import CheckpointError, MMFError
 from mmf.kernels.reference import WEIGHT_CLAMP_MIN
 
-from .safetensors_io import ST_DTYPES, ST_SIZES, SafetensorsReader, SafetensorsWriter, read_header
+from .safetensors_io import (IO_ALIGN, ST_DTYPES, ST_SIZES, SafetensorsReader, SafetensorsWriter, prefetch_tensors,
+                             read_header)
 from .ternary_codes import GROUP, pack_i2, packed_row_bytes, unpack_i2, unpack_tq1
 
 # ---- format constants (docs/formats.md section 2) -------------------------------------------------
@@ -52,8 +53,10 @@ QUANT_CONFIG_KEY = "quantization_config"   # config.json entry of a packed check
 QUANT_METHOD = "mmf_ternary"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "mmf_tokenizer.json", "generation_config.json", "vocab.json", "merges.txt")
-CHUNK_ELEMENTS = 1 << 18                   # weights per step of the quantiser, on Python threads: on 2 idle
-                                           # cores 2^18 packs a 1.3b checkpoint at 230 MB/s, 2^15 at 152 MB/s
+CHUNK_ELEMENTS = 1 << 20                   # weights per step of the quantiser; each torch op on a chunk runs on
+                                           # torch's intra-op threads. 13b-shaped tensors, 2 idle cores, ns/weight:
+                                           # 2^18: 1.2, 2^20: 1.1, 2^22: 1.2; the same ops spread over Python
+                                           # threads (2^18 chunks) took 2.5-3.4 (GIL hand-offs between short ops)
 
 _SIGN_BIT = {torch.int16: -(1 << 15), torch.int32: -(1 << 31)}
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -75,13 +78,8 @@ def absmean_scale(w: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> to
     wf = scratch[:n].view(w.shape)
     if w.dim() == 2 and w.is_contiguous():
         rows = max(1, CHUNK_ELEMENTS // max(w.shape[1], 1))
-
-        def fill(r0: int, r1: int) -> None:  # elementwise, so chunking cannot change a bit
-            for a in range(r0, r1, rows):
-                b = min(a + rows, r1)
-                torch.abs(wf[a:b].copy_(w[a:b]), out=wf[a:b])
-
-        _parallel_rows(fill, w.shape[0], rows)
+        for a in range(0, w.shape[0], rows):  # elementwise, so chunking cannot change a bit
+            torch.abs(wf[a:a + rows].copy_(w[a:a + rows]), out=wf[a:a + rows])
     else:
         wf.copy_(w)
         wf.abs_()
@@ -136,53 +134,92 @@ def quantize_pack(w: torch.Tensor, fmt: str, name: str = "tensor", scratch: Opti
     g = GROUP[fmt]
     p = packed_row_bytes(k, fmt)
     tb = zero_threshold_bits(w.dtype, s_w)
+    out = torch.empty(n_rows, p, dtype=torch.uint8)
+    if _INT_VIEW[w.dtype] == torch.int16 and k % 2 == 0 and p % 2 == 0 and w.data_ptr() % 4 == 0:
+        n_plus, n_minus = _codes_pairwise(w, fmt, tb, out)
+    else:
+        n_plus, n_minus = _codes_compare(w, fmt, tb, out)
+    return out, s_w, (n_minus, n_rows * k - n_plus - n_minus, n_plus)
+
+
+def _codes_compare(w: torch.Tensor, fmt: str, tb: int, out: torch.Tensor) -> tuple:
+    """Codes by comparing each weight's bit pattern with the threshold (any float dtype, any K)."""
+    n_rows, k = w.shape
+    g, p = GROUP[fmt], out.shape[1]
     iv = w.view(_INT_VIEW[w.dtype])
     sign = _SIGN_BIT[iv.dtype]
-    out = torch.empty(n_rows, p, dtype=torch.uint8)
     rows = max(1, CHUNK_ELEMENTS // max(k, 1))
     weights = DIGIT_WEIGHT[fmt]
     base = BASE_CODE_BYTE[fmt]
     pad = g * p - k
-
-    def work(r0: int, r1: int) -> tuple:
-        n_pos = n_neg = 0
-        for a in range(r0, r1, rows):
-            b = min(a + rows, r1)
-            c = iv[a:b]
-            pos = c > tb
-            neg = torch.bitwise_xor(c, sign) > tb  # flips the sign bit: -|x| becomes +|x|, +x becomes negative
-            n_pos += int(pos.sum())
-            n_neg += int(neg.sum())
-            d = pos.view(torch.uint8) - neg.view(torch.uint8)  # code - 1 mod 256: 255, 0 or 1
-            if pad:
-                d = torch.nn.functional.pad(d, (0, pad))
-            d = d.view(-1, g, p)
-            o = out[a:b]
-            torch.add(d[:, 0], base, out=o)  # byte = base + sum_s (code_s - 1) * weight_s  (mod 256)
-            for s_ in range(1, g):
-                o.add_(d[:, s_], alpha=weights[s_])
-        return n_pos, n_neg
-
-    sums = _parallel_rows(work, n_rows, rows)  # code counts come from the same comparisons, no extra pass
-    n_plus, n_minus = sum(c[0] for c in sums), sum(c[1] for c in sums)
-    return out, s_w, (n_minus, n_rows * k - n_plus - n_minus, n_plus)
+    n_pos = n_neg = 0
+    for a in range(0, n_rows, rows):
+        b = min(a + rows, n_rows)
+        c = iv[a:b]
+        pos = c > tb
+        neg = torch.bitwise_xor(c, sign) > tb  # flips the sign bit: -|x| becomes +|x|, +x becomes negative
+        n_pos += int(pos.sum())  # code counts come from the same comparisons, no extra pass
+        n_neg += int(neg.sum())
+        d = pos.view(torch.uint8) - neg.view(torch.uint8)  # code - 1 mod 256: 255, 0 or 1
+        if pad:
+            d = torch.nn.functional.pad(d, (0, pad))
+        d = d.view(-1, g, p)
+        o = out[a:b]
+        torch.add(d[:, 0], base, out=o)  # byte = base + sum_s (code_s - 1) * weight_s  (mod 256)
+        for s_ in range(1, g):
+            o.add_(d[:, s_], alpha=weights[s_])
+    return n_pos, n_neg
 
 
-def _parallel_rows(work, n_rows: int, rows: int) -> list:
-    """Run ``work(r0, r1)`` over row blocks on up to torch.get_num_threads() Python threads.
+_PAIR = 0x00010001  # one in each 16-bit half of an int32 word
 
-    torch releases the GIL inside each op, and the ops are small enough to run inline, so this uses
-    every core without OpenMP's spin-waiting (which collapses when other processes share the CPU).
+
+def _codes_pairwise(w: torch.Tensor, fmt: str, tb: int, out: torch.Tensor) -> tuple:
+    """Codes of a 16-bit float tensor two weights at a time, as the halves of int32 words.
+
+    Integer ops only (torch's int16 comparisons and bool sums are 5-10x slower than its int32
+    arithmetic). Per half h of a word: magnitude bits |h| = h & 0x7FFF; |h| + (0x7FFF - tb) reaches
+    bit 15 exactly when |h| > tb (no carry leaves the half), which is ``round(clamp(x * s_w)) != 0``
+    (see ``zero_threshold_bits``); the sign is bit 15 of h. With nz, neg in {0, 1} per half the code
+    is nz - 2 * neg, and a packed byte is base + sum_s weight_s * code_s: every operation is linear in
+    the two halves and each final half lies in [0, 242], so borrows between the halves cancel out and
+    the int32 result holds two exact bytes.
+    Needs K and P = ceil(K / G) even (words must not straddle rows or planes).
     """
-    workers = max(1, min(torch.get_num_threads(), 8, n_rows // max(rows, 1)))
-    if workers == 1:
-        return [work(0, n_rows)]
-    from concurrent.futures import ThreadPoolExecutor
+    n_rows, k = w.shape
+    g, p = GROUP[fmt], out.shape[1]
+    kw, pw = k // 2, p // 2
+    x = w.view(torch.int16).view(torch.int32)  # (N, K / 2): element 2j in the low half, 2j + 1 in the high half
+    add = (0x7FFF - tb) * _PAIR
+    weights = DIGIT_WEIGHT[fmt]
+    base = BASE_CODE_BYTE[fmt] * _PAIR
+    rows = max(1, min(CHUNK_ELEMENTS // k, 16384))  # per-column counts of one chunk stay below 2^15 per half
+    m = torch.zeros(min(rows, n_rows), g * pw, dtype=torch.int32)  # the tail past kw stays 0: padding, code 0
+    neg = torch.empty(m.shape[0], kw, dtype=torch.int32)
+    o = torch.empty(m.shape[0], pw, dtype=torch.int32)
+    acc_nz = torch.zeros(k, dtype=torch.int64)
+    acc_neg = torch.zeros(k, dtype=torch.int64)
+    for a in range(0, n_rows, rows):
+        b = min(a + rows, n_rows)
+        xc, nz, ng = x[a:b], m[: b - a, :kw], neg[: b - a]
+        torch.bitwise_and(xc, 0x7FFF7FFF, out=nz)
+        nz.add_(add)
+        nz.bitwise_right_shift_(15)  # bit 15 of each half -> bit 0 (and bit 16); higher bits are masked next
+        nz.bitwise_and_(_PAIR)
+        torch.bitwise_right_shift(xc, 15, out=ng)
+        ng.bitwise_and_(nz)  # sign bit of a non-zero weight
+        acc_nz.add_(torch.sum(nz, dim=0, dtype=torch.int32).view(torch.int16))
+        acc_neg.add_(torch.sum(ng, dim=0, dtype=torch.int32).view(torch.int16))
+        nz.sub_(ng, alpha=2)  # code in {-1, 0, 1} per half
+        d = m[: b - a].view(b - a, g, pw)
+        oc = o[: b - a]
+        torch.add(d[:, 0], base, out=oc)
+        for s_ in range(1, g):
+            oc.add_(d[:, s_], alpha=weights[s_])
+        out[a:b].copy_(oc.view(torch.int16))  # each half is one byte value in [0, 242]
+    n_nz, n_neg = int(acc_nz.sum()), int(acc_neg.sum())
+    return n_nz - n_neg, n_neg
 
-    step = -(-n_rows // (workers * 4))
-    blocks = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
-    with ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(lambda ab: work(*ab), blocks))
 
 
 def i2_from_packed(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
@@ -194,6 +231,21 @@ def i2_from_packed(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
     return unpack_i2(packed, k) if fmt == "i2" else unpack_tq1(packed, k)
+
+
+def unpack_codes_chunked(packed: torch.Tensor, k: int, fmt: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``unpack_codes`` of a large (N, P) tensor by row blocks (its temporaries stay in cache: 2x faster),
+    into ``out`` (int8, at least N * K elements, reused across tensors) when given."""
+    n_rows = packed.shape[0]
+    if out is not None and out.dtype == torch.int8 and out.numel() >= n_rows * k:
+        codes = out.reshape(-1)[: n_rows * k].view(n_rows, k)
+    else:
+        codes = torch.empty(n_rows, k, dtype=torch.int8)
+    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+
+    for a in range(0, n_rows, rows):
+        codes[a:a + rows] = unpack_codes(packed[a:a + rows], k, fmt)
+    return codes
 
 
 # ---- the exact inverse: float weights that re-quantise to given codes AND scale -------------------
@@ -215,7 +267,8 @@ def _value_bits(x: float, dtype: torch.dtype) -> int:
 
 
 def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype = torch.float32,
-                     name: str = "tensor", max_evals: int = 64, keep_fp32: bool = False) -> torch.Tensor:
+                     name: str = "tensor", max_evals: int = 64, keep_fp32: bool = False,
+                     scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A float tensor W (``dtype``) with ``weight_quant(W) == (codes, s_w)``, both bit for bit.
 
     The naive ``codes / s_w`` re-quantises to the scale ``s_w / share_nonzero`` (the hazard of
@@ -226,6 +279,8 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
     ``weight_quant``. The check is exact for this torch build and thread count; another reduction
     order (a GPU, another thread count) can move s_w by one ulp (relative 6e-8). ``keep_fp32`` returns
     the same values still in fp32 (exactly representable in ``dtype``; the writer converts them in chunks).
+    ``scratch`` (fp32, at least ``codes.numel()``) is reused across tensors (no page faults); the result
+    may then be a view into it, valid until the next call with the same scratch.
     """
     s_w = s_w.detach().to(torch.float32).reshape(())
     if dtype not in _INT_VIEW:
@@ -233,7 +288,7 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
     if not torch.isfinite(s_w) or float(s_w) <= 0:
         raise CheckpointError(f"tensor {name}: scale {float(s_w)!r} is not a positive finite number")
     n = codes.numel()
-    nz = codes != 0
+    nz = torch.bitwise_and(codes, 1).view(torch.bool)  # codes -1, 0, 1 -> True, False, True (no comparison pass)
     nnz = int(torch.count_nonzero(codes))
     clamp = _clamp_scale()
     if nnz == 0:
@@ -267,21 +322,18 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
     nz2 = nz.reshape(nz.shape[0], -1) if codes.dim() >= 2 else nz.reshape(1, -1)
     u8 = nz2.view(torch.uint8)
     rows_n, cols_n = nz2.shape
-    absw = torch.empty(nz2.shape, dtype=torch.float32)
+    if scratch is not None and scratch.dtype == torch.float32 and scratch.numel() >= n:
+        absw = scratch.reshape(-1)[:n].view(nz2.shape)
+    else:
+        absw = torch.empty(nz2.shape, dtype=torch.float32)
     last = [None]
 
     def build(t: int) -> torch.Tensor:
         """Non-zeros at flat positions < t % n get the next value up: monotone in t."""
         if last[0] == t:
             return absw
-        base, pos = b0 + t // n, t % n
-        v0, v1 = _bits_value(base, dtype), _bits_value(base + 1, dtype)
-        r, c = divmod(pos, cols_n)
-        if r:
-            absw[:r].copy_(u8[:r]).mul_(v1)
-        absw[r:].copy_(u8[r:]).mul_(v0)
-        if c:
-            absw[r, :c].copy_(u8[r, :c]).mul_(v1)
+        base = b0 + t // n
+        _fill_scaled(absw, u8, t % n, _bits_value(base, dtype), _bits_value(base + 1, dtype))
         last[0] = t
         return absw
 
@@ -347,16 +399,43 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
     for bits in (base, base + 1):  # every non-zero magnitude must quantise to code +-1
         if not bool(_bits_value(bits, dtype) * s_w > 0.5):
             raise CheckpointError(f"tensor {name}: cannot place weights that quantise to +-1 with scale {float(s_w)!r}")
-    if tweak is not None:
-        tweak[0](tweak[1])  # leaves the chosen configuration in absw
-        signs = torch.where(nz, codes, torch.ones((), dtype=codes.dtype))  # the moved zero-coded weight: +
-    else:
-        build(found)
-        signs = codes
+    if tweak is None:  # signed values straight from the codes: code * value is exact in ``dtype``
+        del nz, nz2, u8
+        out_dtype = torch.float32 if keep_fp32 else dtype
+        flat = absw.view(-1).view(out_dtype)[:n]  # absw's storage is no longer needed: no new allocation
+        _fill_scaled(flat, codes.reshape(-1), found % n, _bits_value(base, dtype), _bits_value(base + 1, dtype))
+        return flat.view(codes.shape)
+    tweak[0](tweak[1])  # leaves the chosen configuration in absw
+    signs = torch.where(nz, codes, torch.ones((), dtype=codes.dtype))  # the moved zero-coded weight: +
     del nz, nz2, u8
     w = absw.view(codes.shape)
     w.mul_(signs)  # in place: fp32 * int8 stays fp32; every value is exactly representable in ``dtype``
     return w if keep_fp32 else w.to(dtype)
+
+
+def _fill_scaled(dst: torch.Tensor, src: torch.Tensor, pos: int, v0: float, v1: float) -> None:
+    """dst = src * (v1 at flat positions < pos, else v0), exactly (src in {-1, 0, 1}; v0, v1 exact in dst's
+    dtype), in cache-sized chunks: one conversion and one multiply per chunk instead of two passes over RAM."""
+    d, c = dst.reshape(-1), src.reshape(-1)
+    bits = d.dtype in (torch.float16, torch.bfloat16) and c.dtype == torch.int8
+    if bits:  # torch's int8 -> half conversion is slow: build sign | (code != 0) * bits(v) in int16
+        d = d.view(torch.int16)
+        tmp = torch.empty(min(CHUNK_ELEMENTS, d.numel()), dtype=torch.int16)
+        sign = torch.empty_like(tmp)
+        vb = {v: _value_bits(v, dst.dtype) for v in (v0, v1)}
+    for a in range(0, d.numel(), CHUNK_ELEMENTS):
+        b = min(a + CHUNK_ELEMENTS, d.numel())
+        for lo, hi, v in ((a, min(b, pos), v1), (max(a, pos), b, v0)):
+            if lo >= hi:
+                continue
+            if bits:
+                t, sg = tmp[: hi - lo], sign[: hi - lo]
+                t.copy_(c[lo:hi])  # -1, 0, 1 -> 0xFFFF, 0, 1
+                torch.bitwise_and(t, _SIGN_BIT[torch.int16], out=sg)
+                t.bitwise_and_(1).mul_(vb[v])
+                torch.bitwise_or(t, sg, out=d[lo:hi])
+            else:
+                d[lo:hi].copy_(c[lo:hi]).mul_(v)
 
 
 def _bracket_search(mean_of, ok, t, unit: float, target: float, max_evals: int, valid):
@@ -575,22 +654,16 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
     src_bytes = sum(headers[files[s]][s].nbytes for _, s, _ in jobs)
     largest = max(headers[files[s]][s].numel for _, s, k in jobs if k == "ternary")
     scratch = torch.empty(largest, dtype=torch.float32)  # reused: no page faults after the first tensor
-    readbuf = torch.empty(max(headers[files[s]][s].nbytes for _, s, _ in jobs), dtype=torch.uint8)
     summary = {"source": str(src), "out": str(out), "format": fmt, "keep_dtype": keep_dtype, "files": names,
                "tensors": 0, "ternary_tensors": 0, "input_bytes": src_bytes, "output_bytes": 0}
     counts_total = [0, 0, 0]
     base_meta = {"format": "pt", FORMAT_KEY: fmt, VERSION_KEY: FORMAT_VERSION, KEEP_DTYPE_KEY: _ST_OF[keep]}
     t0 = time.perf_counter()
-    readers: dict = {}
     prog, _, _ = _progress(progress, src_bytes, "pack")
-
-    def reader(path):
-        if path not in readers:
-            for r in readers.values():
-                r.close()
-            readers.clear()
-            readers[path] = SafetensorsReader(path)
-        return readers[path]
+    # every source tensor in write order, read one ahead on a background thread while this one is packed
+    reads = [(files[by_name[name][1]], by_name[name][1], name) for shard in shards for name, _, _, _ in shard
+             if name in by_name]
+    source = prefetch_tensors(reads, max(headers[p][s].nbytes for p, s, _ in reads) + 2 * IO_ALIGN)
 
     with atomic_directory(out, force) as tmp, prog:
         task = prog.add_task(f"pack {fmt}", total=src_bytes)
@@ -610,8 +683,7 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
                         if name.endswith(SCALE_SUFFIX) and name not in by_name:
                             continue  # written together with its weight
                         _, sname, kind = by_name[name]
-                        spath = files[sname]
-                        w = reader(spath).read(sname, out=readbuf)
+                        (spath, _, _), w = next(source)
                         if kind == "ternary":
                             packed, s_w, counts = quantize_pack(w, fmt, f"{sname} ({spath.name})", scratch)
                             writer.write(name, packed)
@@ -627,6 +699,7 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
                             if w.is_floating_point() and not _all_finite(kept):
                                 raise CheckpointError(f"tensor {sname}: values overflow {keep_dtype}; use --keep-dtype fp32")
                             writer.write(name, kept)
+                            del kept
                         summary["tensors"] += 1
                         prog.advance(task, headers[spath][sname].nbytes)
                         del w
@@ -637,8 +710,7 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
                 summary["output_bytes"] += writer.total_bytes
                 weight_map.update({nm: fname for nm, _, _, _ in shard})
         finally:
-            for r in readers.values():
-                r.close()
+            source.close()
         if len(names) > 1:
             total = sum(it[3] for shard in shards for it in shard)
             write_index(tmp, weight_map, total, **{FORMAT_KEY: fmt})
@@ -657,11 +729,11 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
     return summary
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    if t.dtype in _INT_VIEW:
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    if t.dtype in _INT_VIEW:  # in chunks: no temporary the size of an embedding matrix
         iv = t.reshape(-1).view(_INT_VIEW[t.dtype])
         mask = 0x7FFF if iv.dtype == torch.int16 else 0x7FFFFFFF
-        return t.numel() == 0 or int((iv & mask).max()) <= _MAX_FINITE_BITS[t.dtype]
+        return all(int((iv[a:a + chunk] & mask).max()) <= _MAX_FINITE_BITS[t.dtype] for a in range(0, iv.numel(), chunk))
     return bool(torch.isfinite(t).all())
 
 
@@ -719,23 +791,27 @@ def packed_tensor_meta(path: Path, name: str, metadata: dict, tensors: dict, fmt
 
 def read_packed(reader: SafetensorsReader, name: str, meta: dict) -> tuple:
     """Read and check one packed tensor: returns (packed bytes, s_w fp32 0-d). Bad codes -> CheckpointError."""
+    return check_packed(reader.path, name, meta, reader.read(name), reader.read(name + SCALE_SUFFIX))
+
+
+def check_packed(path: Path, name: str, meta: dict, packed: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """``read_packed``'s checks of tensors already read: returns (packed, s_w fp32 0-d, a copy)."""
     fmt, (n_rows, k) = meta["format"], meta["shape"]
-    packed = reader.read(name)
-    s_w = reader.read(name + SCALE_SUFFIX).reshape(()).clone()
+    s_w = scale.reshape(()).clone()
     if not bool(s_w == torch.tensor(meta["scale"], dtype=torch.float64).to(torch.float32)):
-        raise CheckpointError(f"{reader.path}: tensor {name}: scale tensor {float(s_w)!r} differs from the metadata "
+        raise CheckpointError(f"{path}: tensor {name}: scale tensor {float(s_w)!r} differs from the metadata "
                               f"scale {meta['scale']!r}")
     if fmt == "i2":
         bad = bool(((packed >> 1) & packed & 0x55).any())  # a 2-bit field equal to 3
     else:
         bad = bool((packed > MAX_BYTE["tq1"]).any())
     if bad:
-        raise CheckpointError(f"{reader.path}: tensor {name}: bytes that are not valid {fmt} codes; the file is corrupt")
+        raise CheckpointError(f"{path}: tensor {name}: bytes that are not valid {fmt} codes; the file is corrupt")
     g, p = GROUP[fmt], packed.shape[1]
     if g * p != k:  # row padding must hold code 1 (weight 0)
         tail = unpack_codes(packed, g * p, fmt)[:, k:]
         if bool((tail != 0).any()):
-            raise CheckpointError(f"{reader.path}: tensor {name}: padding digits are not code 1; the file is corrupt")
+            raise CheckpointError(f"{path}: tensor {name}: padding digits are not code 1; the file is corrupt")
     return packed, s_w
 
 
@@ -899,8 +975,17 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
                "tensors": len(jobs), "input_bytes": in_bytes, "output_bytes": 0}
     by_name = {j[0]: j for j in jobs}
     t0 = time.perf_counter()
-    readers: dict = {}
     prog, _, _ = _progress(progress, in_bytes, "unpack")
+    # the inputs in write order (a packed weight's scale first), read ahead while the previous one is unpacked
+    reads = []
+    for shard in shards:
+        for name, _, _, _ in shard:
+            _, p, meta = by_name[name]
+            reads += [(p, name + SCALE_SUFFIX), (p, name)] if meta else [(p, name)]
+    source = prefetch_tensors(reads)
+    largest = max((math.prod(meta["shape"]) for _, _, meta in jobs if meta), default=0)
+    scratch = torch.empty(largest, dtype=torch.float32)  # reused by every tensor: no page faults after the first
+    codes_buf = torch.empty(largest, dtype=torch.int8)
     with atomic_directory(out, force) as tmp, prog:
         task = prog.add_task("unpack", total=in_bytes)
         weight_map = {}
@@ -910,22 +995,17 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
                 try:
                     for name, dt, shape, _ in shard:
                         _, p, meta = by_name[name]
-                        if p not in readers:
-                            for r in readers.values():
-                                r.close()
-                            readers.clear()
-                            readers[p] = SafetensorsReader(p)
-                        r = readers[p]
                         if meta:
-                            packed, s_w = read_packed(r, name, meta)
-                            codes = unpack_codes(packed, meta["shape"][1], fmt)
+                            scale = next(source)[1].clone()
+                            packed, s_w = check_packed(p, name, meta, next(source)[1], scale)
+                            codes = unpack_codes_chunked(packed, meta["shape"][1], fmt, codes_buf)
                             del packed
-                            w = dequantize_exact(codes, s_w, dt, f"{name} ({p.name})", keep_fp32=True)
+                            w = dequantize_exact(codes, s_w, dt, f"{name} ({p.name})", scratch=scratch)
                             del codes
-                            writer.write(name, w)  # converted to dt chunk by chunk: no second full copy
+                            writer.write(name, w)
                             del w
                         else:
-                            writer.write(name, r.read(name))
+                            writer.write(name, next(source)[1])
                         prog.advance(task, heads[p][0][name].nbytes)
                     writer.close({"format": "pt"})
                 except BaseException:
@@ -934,8 +1014,7 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
                 summary["output_bytes"] += writer.total_bytes
                 weight_map.update({n: fname for n, _, _, _ in shard})
         finally:
-            for r in readers.values():
-                r.close()
+            source.close()
         if len(names) > 1:
             total = sum(it[3] for shard in shards for it in shard)
             write_index(tmp, weight_map, total)
