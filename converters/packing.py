@@ -982,7 +982,9 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
         for name, _, _, _ in shard:
             _, p, meta = by_name[name]
             reads += [(p, name + SCALE_SUFFIX), (p, name)] if meta else [(p, name)]
-    source = prefetch_tensors(reads)
+    # buffers sized for the packed weights; a larger float tensor (the embeddings) gets one of its own
+    packed_bytes = max((heads[p][0][n].nbytes for n, p, meta in jobs if meta), default=None)
+    source = prefetch_tensors(reads, packed_bytes and packed_bytes + 2 * IO_ALIGN)
     largest = max((math.prod(meta["shape"]) for _, _, meta in jobs if meta), default=0)
     scratch = torch.empty(largest, dtype=torch.float32)  # reused by every tensor: no page faults after the first
     codes_buf = torch.empty(largest, dtype=torch.int8)

@@ -245,8 +245,9 @@ def prefetch_tensors(items: Iterable, buffer_bytes: Optional[int] = None, big_bu
     background thread (O_DIRECT where possible) while the caller works on the current tensor.
 
     Large tensors are read into ``big_buffers`` reused buffers of ``buffer_bytes`` (default: the
-    largest tensor), so the thread runs at most ``big_buffers - 1`` large tensors ahead and any
-    number of small ones (norms between two weights never stall it). Each yielded tensor is valid
+    largest tensor; a larger one gets a buffer of its own, freed after use), so the thread runs at
+    most ``big_buffers - 1`` large tensors ahead and any number of small ones (norms between two
+    weights never stall it). Each yielded tensor is valid
     until the next item is requested (copy it to keep it). A read error (truncated file, I/O
     error) is raised when its item is reached, as the same one-line CheckpointError a plain read gives.
     """
@@ -277,7 +278,8 @@ def prefetch_tensors(items: Iterable, buffer_bytes: Optional[int] = None, big_bu
                         if reader is not None:
                             reader.close()
                         reader = SafetensorsReader(Path(it[0]))
-                    buf = bufs[slot] if slot is not None else aligned_empty(sizes[i] + 2 * IO_ALIGN)
+                    need = sizes[i] + 2 * IO_ALIGN
+                    buf = bufs[slot] if slot is not None and need <= buffer_bytes else aligned_empty(need)
                     done.put((slot, reader.read_into_aligned(it[1], buf), None))
                 except BaseException as e:  # delivered to the caller in order
                     done.put((slot, None, e))

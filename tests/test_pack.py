@@ -327,3 +327,143 @@ def test_shape_that_does_not_match_the_config(odd_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+(\.norm)?\.weight' has shape .* but config.json implies"):
         pack_checkpoint(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---- the fast paths of pack/unpack (pairwise quantiser, exact unpack in bits, O_DIRECT I/O) ---------------
+
+def _threshold_heavy(shape, dtype, seed):
+    """Random weights plus, in every row, weights exactly at and one bit either side of the zero threshold."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    k = min(shape[1], 8)
+    signs = torch.where(torch.rand(shape[0], k, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    for _ in range(20):  # the edge values move the mean, hence the threshold: iterate to the fixed point
+        tb = packing.zero_threshold_bits(dtype, weight_quant(w)[1])
+        edge = torch.tensor([tb - 1, tb, tb + 1, 0], dtype=torch.int16).view(dtype)
+        w[:, :k] = edge.repeat(2)[:k] * signs
+        w[0, 0] = -0.0
+        if packing.zero_threshold_bits(dtype, weight_quant(w)[1]) == tb:
+            return w
+    raise AssertionError("no fixed point")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,fmt", [((37, 40), "i2"), ((3, 6), "i2"), ((50, 18), "tq1"), ((7, 20), "tq1"),
+                                       ((33, 8), "i2")])
+def test_pairwise_quantiser_is_weight_quant_then_pack(monkeypatch, dtype, shape, fmt):
+    """The int32 two-weights-a-word path (taken for 16-bit floats with K and P even; padded rows included)
+    gives weight_quant's codes, packed, and the same counts; several chunks per tensor."""
+    monkeypatch.setattr(packing, "CHUNK_ELEMENTS", 64)
+    w = _threshold_heavy(shape, dtype, seed=shape[0])
+    codes, s_w = weight_quant(w)
+    ref = pack_i2 if fmt == "i2" else pack_tq1
+    k, p = shape[1], packing.packed_row_bytes(shape[1], fmt)
+    assert k % 2 == 0 and p % 2 == 0  # the pairwise path
+    out = torch.empty(shape[0], p, dtype=torch.uint8)
+    n_plus, n_minus = packing._codes_pairwise(w, fmt, packing.zero_threshold_bits(dtype, s_w), out)
+    assert torch.equal(out, ref(codes))
+    assert (n_minus, n_plus) == (int((codes == -1).sum()), int((codes == 1).sum()))
+    packed, scale, counts = quantize_pack(w, fmt)
+    assert torch.equal(packed, ref(codes)) and torch.equal(scale, s_w)
+    assert counts == tuple(int((codes == v).sum()) for v in (-1, 0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_exact_with_reused_scratch(dtype):
+    """unpack's form (signed values built from the codes, in a scratch reused across tensors) re-quantises exactly."""
+    scratch = torch.empty(64 * 200, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    for shape in ((64, 200), (30, 17)):  # the second call reuses the first one's scratch
+        w = torch.randn(shape, generator=g) * 0.02
+        codes, s_w = weight_quant(w)
+        flat = dequantize_exact(codes, s_w, dtype, scratch=scratch)
+        assert flat.dtype == dtype and flat.shape == shape
+        c2, s2 = weight_quant(flat)
+        assert torch.equal(c2, codes) and torch.equal(s2, s_w)
+        assert torch.equal(flat, dequantize_exact(codes, s_w, dtype))  # same values without the scratch
+
+
+def _mixed_file(path, seed=0):
+    """A file whose F16 tensors start at odd offsets (after a 3-byte U8 tensor) as well as aligned ones."""
+    from mmf.converters.safetensors_io import SafetensorsWriter
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"a": torch.randn(300, 40, generator=g).half(), "odd": torch.arange(3, dtype=torch.uint8),
+               "b": torch.randn(128, 96, generator=g).half(), "c": torch.randn(5, generator=g),
+               "d": torch.randn(1000, 9, generator=g).to(torch.bfloat16), "e": torch.zeros(0, 4)}
+    w = SafetensorsWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"})
+    for n, t in tensors.items():
+        w.write(n, t)
+    w.close({"format": "pt"})
+    return tensors
+
+
+@pytest.mark.parametrize("direct,buffer_bytes", [(True, None), (False, None), (True, 5000)])
+def test_prefetch_returns_the_tensors_a_plain_read_gives(monkeypatch, tmp_path, direct, buffer_bytes):
+    from mmf.converters import safetensors_io as sio
+    from safetensors import safe_open
+
+    monkeypatch.setattr(sio, "USE_DIRECT_IO", direct)
+    monkeypatch.setattr(sio, "PREFETCH_SMALL_BYTES", 1000)  # most tensors take one of the two reused buffers
+    files = {tmp_path / "x.safetensors": _mixed_file(tmp_path / "x.safetensors", 0),
+             tmp_path / "y.safetensors": _mixed_file(tmp_path / "y.safetensors", 1)}
+    items = [(p, n) for p, ts in files.items() for n in ts] + [(tmp_path / "x.safetensors", "a")]
+    got = 0
+    for (p, n), t in sio.prefetch_tensors(items, buffer_bytes):  # 5000: larger tensors get buffers of their own
+        assert torch.equal(t, files[p][n]) and t.dtype == files[p][n].dtype
+        got += 1
+    assert got == len(items)
+    with safe_open(str(tmp_path / "y.safetensors"), "pt") as f:  # the writer's files are standard safetensors
+        assert all(torch.equal(f.get_tensor(n), t) for n, t in files[tmp_path / "y.safetensors"].items())
+
+
+def test_prefetched_read_error_is_one_clear_line(monkeypatch, tmp_path):
+    """A file that goes bad while earlier tensors are being worked on: the error arrives at its tensor, naming the file."""
+    from mmf.converters import safetensors_io as sio
+
+    monkeypatch.setattr(sio, "PREFETCH_SMALL_BYTES", 0)
+    _mixed_file(tmp_path / "x.safetensors")
+    _mixed_file(tmp_path / "y.safetensors", 1)
+    items = [(tmp_path / "x.safetensors", n) for n in ("a", "b", "d")] + [(tmp_path / "y.safetensors", "b")]
+    it = sio.prefetch_tensors(items)
+    next(it)  # the thread is now at most one large tensor ahead: y is not open yet
+    with open(tmp_path / "y.safetensors", "r+b") as f:
+        f.truncate(200)
+    next(it), next(it)
+    with pytest.raises(CheckpointError, match=r"y\.safetensors: .*(truncated|corrupt)") as e:
+        next(it)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_writer_stages_converts_and_writes_behind(monkeypatch, tmp_path, direct):
+    """Staging buffers smaller than a tensor, dtype conversion at odd offsets, both I/O modes: the same file."""
+    from mmf.converters import safetensors_io as sio
+    from safetensors import safe_open
+
+    monkeypatch.setattr(sio, "USE_DIRECT_IO", direct)
+    monkeypatch.setattr(sio.SafetensorsWriter, "STAGE_BYTES", 2 * sio.IO_ALIGN)
+    monkeypatch.setattr(sio.SafetensorsWriter, "CONVERT_CHUNK", 1000)
+    g = torch.Generator().manual_seed(2)
+    src = {"odd": (torch.arange(5, dtype=torch.uint8), torch.uint8), "w": (torch.randn(70, 90, generator=g), torch.float16),
+           "v": (torch.randn(33, generator=g), torch.bfloat16), "x": (torch.randn(3001, generator=g), torch.float32)}
+    path = tmp_path / "out.safetensors"
+    w = sio.SafetensorsWriter(path, [(n, dt, tuple(t.shape)) for n, (t, dt) in src.items()], {"format": "pt", "k": "vvvv"})
+    for n, (t, _) in src.items():
+        w.write(n, t)
+    w.close({"format": "pt", "k": "v"})
+    assert path.stat().st_size == w.total_bytes
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
+        for n, (t, dt) in src.items():
+            assert torch.equal(f.get_tensor(n), t.to(dt))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_writer_background_error_is_raised():
+    from mmf.converters.safetensors_io import SafetensorsWriter
+
+    w = SafetensorsWriter("/dev/full", [("a", torch.float32, (1000,))])
+    with pytest.raises(OSError):
+        w.write("a", torch.zeros(1000))
+        w.close()
