@@ -251,8 +251,10 @@ def main(argv=None) -> None:
         "disk": disk, "disk_floor_s": floor,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "platform": platform.platform()},
-        "notes": "input read cold from disk (page cache dropped with posix_fadvise after writing); "
-                 "load average shows other processes sharing the CPUs during the run",
+        "notes": "input read cold from disk (page cache dropped with posix_fadvise after writing; pack/unpack read "
+                 "and write with O_DIRECT where the file system allows it); disk: bandwidths measured first on a "
+                 "scratch file in --workdir; disk_floor_s: input / read_direct + output / write_direct, the time "
+                 "the disk alone needs; load average shows other processes sharing the CPUs during the run",
     }
     if args.json:
         write_json(args.json, result)

@@ -13,8 +13,10 @@ and every other tensor (embeddings, norms, lower bounds) as F16/BF16/F32 (``--ke
 header ``__metadata__`` names the format and version and describes each packed tensor (logical
 shape, format, scale, code counts), so the file is self-describing.
 
-Everything streams: one tensor is read (plain ``readinto``, no mmap), quantised and written before
-the next is read, so peak memory is set by the largest tensor, not by the model.
+Everything streams: one tensor is quantised while the next is read (``prefetch_tensors``, O_DIRECT
+into two reused buffers, no mmap) and the previous one is written (``SafetensorsWriter``'s
+write-behind), so peak memory is set by the largest tensor, not by the model, and the disk and the
+CPU work at the same time.
 """
 
 from __future__ import annotations
