@@ -378,7 +378,7 @@ PDL = os.environ.get("MMF_PDL", "1") != "0"
 
 def use_pdl(device) -> bool:
     """Launch with programmatic dependent launch on this device?"""
-    return (PDL and HAS_GDC and not INTERPRET and device.type == "cuda"
+    return bool(PDL and HAS_GDC and not INTERPRET and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
