@@ -170,10 +170,26 @@ def check_decoder(quick: bool):
             cache, ref_logits = o.cache, o.logits[:, -1]
             errs.append(row_errs(logits, ref_logits))
         errs = torch.cat(errs)
+        # prefill graphs: the 2nd prefill of a length is captured, the 3rd replays it; new ids too
+        first = dec.prefill(ids).clone()
+        state1 = dec.state.clone()
+        for _ in range(2):
+            again = dec.prefill(ids)
+        graph_equal = bool(torch.equal(first, again) and torch.equal(state1, dec.state))
+        ids2 = torch.randint(3, 1003, (batch, 11), device="cuda")
+        replay = dec.prefill(ids2).clone()
+        replay_state = dec.state.clone()
+        dec.reset()
+        eager = dec._prefill_body(ids2)  # the same kernels without the graph
+        replay_same = bool(torch.equal(replay, eager) and torch.equal(replay_state, dec.state))
+        with torch.no_grad():
+            ref2 = model(ids2).logits[:, -1]
         out.append(dict(op="GraphDecoder vs eager", path="graph" if dec.graph is not None else "eager",
                         dtype=str(dtype)[6:], shape=f"batch {batch}, d 384, L 3, 9 positions",
                         median_rel_err=errs.median().item(), max_rel_err=errs.max().item(),
-                        same_greedy_tokens=same))
+                        same_greedy_tokens=same, prefill_graphs=len(dec._prefill_graphs),
+                        prefill_replay_bit_equal=graph_equal, prefill_replay_new_ids_equal_eager=replay_same,
+                        prefill_replay_new_ids_median_err=row_errs(replay, ref2).median().item()))
     return out
 
 
@@ -293,8 +309,8 @@ def decode_bench(size, dtype, bw, batch=1, steps=100):
 
 def prefill_bench(model, dec, cfg, dtype, tokens=128):
     ids = torch.randint(3, cfg.vocab_size, (1, tokens), device="cuda")
-    dec.prefill(ids)  # tune
-    ms = cuda_time(lambda: dec.prefill(ids), iters=5, warmup=1)
+    dec.prefill(ids)  # tunes the GEMMs (eager)
+    ms = cuda_time(lambda: dec.prefill(ids), iters=5, warmup=1)  # warm-up call captures the prefill graph
     return ms
 
 

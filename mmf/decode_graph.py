@@ -12,7 +12,9 @@ Usage::
         logits = dec.step(next_ids)             # one token for every row: a single CUDA-graph replay
     ids = dec.generate(prompt_ids, max_new_tokens=64)   # greedy, (batch, T + 64)
 
-``step`` returns a static buffer that the next ``step`` overwrites (``.clone()`` it to keep it).
+``step`` returns a static buffer that the next ``step`` overwrites (``.clone()`` it to keep it);
+so does a replayed ``prefill``: the second prefill of a prompt length is captured in a CUDA graph
+and later ones of that length replay it (host launch cost dominates eager prefill at batch 1).
 ``prefill`` starts a fresh sequence (``reset=False`` continues the current state); ``reset()``
 zeroes the recurrent state. The decoder gives the same tokens as the eager model
 (``model(ids, cache)``): same arithmetic, the integer products exact, fp32 state.
@@ -78,6 +80,8 @@ class _Lin:
 class GraphDecoder:
     """Greedy/step decoding of a frozen ``HGRNBitForCausalLM`` for a fixed batch size (see module doc)."""
 
+    PREFILL_GRAPHS = 4  # prompt lengths whose prefill is kept as a CUDA graph
+
     def __init__(self, model, batch: int, use_graph: bool | None = None):
         from mmf.kernels import ternary_gemv as tv
 
@@ -125,6 +129,8 @@ class GraphDecoder:
         self.sc_d = tv.Scratch(3, B, d, dev)
         self.sc_m = tv.Scratch(1, B, m, dev)
         self.graph = None
+        self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)
+        self._prefill_seen: dict = {}    # T -> eager prefills so far
         if self.use_graph:
             self._capture()
 
@@ -218,18 +224,51 @@ class GraphDecoder:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, reset: bool = True) -> torch.Tensor:
-        """Run a (batch, T) prompt through the model; returns the last position's (batch, vocab) logits."""
-        from mmf.kernels import ternary_gemm as tg
-        from mmf.kernels import ternary_gemv as tv
-        from mmf.kernels.mlgru_step import mlgru_gated_scan
+        """Run a (batch, T) prompt through the model; returns the last position's (batch, vocab) logits.
 
+        Prefill launches about nine Triton kernels per layer, and at batch 1 their host-side launch
+        cost exceeds their GPU time. So the second prefill of a given length T is captured in a CUDA
+        graph and later ones of that length replay it (at most ``PREFILL_GRAPHS`` lengths are kept;
+        the first two calls of a length run eagerly, the first also tunes the GEMMs). A replayed
+        prefill returns a static buffer that the next prefill of that length overwrites.
+        """
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch or input_ids.shape[1] < 1:
             raise MMFError(f"prefill expects ids of shape ({self.batch}, T >= 1), got {tuple(input_ids.shape)}")
         if reset:
             self.reset()
+        T = input_ids.shape[1]
+        graph = self._prefill_graphs.get(T)
+        if graph is not None:
+            g, ids_buf, logits = graph
+            ids_buf.copy_(input_ids)
+            g.replay()
+            return logits
+        ids = input_ids.to(self.device)
+        if not self.use_graph:
+            return self._prefill_body(ids)
+        seen = self._prefill_seen.get(T, 0)
+        self._prefill_seen[T] = seen + 1
+        if seen == 0 or len(self._prefill_graphs) >= self.PREFILL_GRAPHS:
+            return self._prefill_body(ids)
+        # second call of this length: capture (kernels compiled and tuned by the first), then replay
+        saved = self.state.clone()
+        ids_buf = ids.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            logits = self._prefill_body(ids_buf)
+        self.state.copy_(saved)  # capture records, but make sure nothing it touched leaks into the state
+        self._prefill_graphs[T] = (g, ids_buf, logits)
+        g.replay()
+        return logits
+
+    def _prefill_body(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from mmf.kernels import ternary_gemm as tg
+        from mmf.kernels import ternary_gemv as tv
+        from mmf.kernels.mlgru_step import mlgru_gated_scan
+
         B, T = input_ids.shape
         M, d, dev, dt = B * T, self.d, self.device, self.dtype
-        x = self.emb[input_ids.to(dev).reshape(-1)]
+        x = self.emb[input_ids.reshape(-1)]
         r = torch.empty_like(x)
         ifg = torch.empty(M, 3 * d, dtype=dt, device=dev)
         v = torch.empty(M, self.m, dtype=dt, device=dev)
