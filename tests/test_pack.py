@@ -467,3 +467,31 @@ def test_writer_background_error_is_raised():
     with pytest.raises(OSError):
         w.write("a", torch.zeros(1000))
         w.close()
+
+
+def test_elementwise_thread_choice_changes_no_bit(monkeypatch):
+    """One intra-op thread for the elementwise passes (what the tuner picks under load) gives the same bytes,
+    scale and exact unpack, and leaves torch's thread count as it was."""
+    before = torch.get_num_threads()
+    w = (torch.randn(300, 64, generator=torch.Generator().manual_seed(9)) * 0.02).half()
+    codes, s_w = weight_quant(w)
+    want = quantize_pack(w, "i2")
+    monkeypatch.setattr(packing, "_ELEMENTWISE_THREADS", 1)
+    got = quantize_pack(w, "i2")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+    flat = dequantize_exact(codes, s_w, torch.float16)
+    assert [torch.equal(a, b) for a, b in zip(weight_quant(flat), (codes, s_w))] == [True, True]
+    assert torch.get_num_threads() == before
+
+
+def test_thread_tuner_uses_the_faster_setting_and_retries_the_other():
+    tuner = packing._ThreadTuner()
+    tuner.full = 2
+    picks = []
+    for i in range(40):
+        with tuner.run("shape", 1000):
+            picks.append(packing._ELEMENTWISE_THREADS)
+        tuner.seconds_per_element[("shape", 1)] = 1.0  # one thread measured faster
+        tuner.seconds_per_element[("shape", 2)] = 2.0
+    assert picks[:2] == [2, 1] and picks.count(2) == 1 + sum(1 for k in range(3, 41) if k % tuner.RETRY == 0)
+    assert packing._ELEMENTWISE_THREADS is None
