@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import contextlib
 import functools
 import shutil
 import time
@@ -70,7 +71,7 @@ _TORCH_OF = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 # ---- torch threads for the elementwise passes ------------------------------------------------------
 
-_ELEMENTWISE_THREADS: Optional[int] = None  # set per tensor by _ThreadTuner in pack/unpack; None: torch's own
+_ELEMENTWISE_THREADS: Optional[int] = None  # set per tensor by pack's _ThreadTuner; None: torch's own
 
 
 def _elementwise(fn):
@@ -123,8 +124,6 @@ class _ThreadTuner:
 
     def run(self, key, elements: int):
         """Context manager: the elementwise passes of one tensor, timed."""
-        import contextlib
-
         @contextlib.contextmanager
         def ctx():
             global _ELEMENTWISE_THREADS

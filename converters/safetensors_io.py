@@ -197,13 +197,9 @@ class SafetensorsReader:
                 _fail(self.path, f"tensor {name!r}: read {got} of {info.nbytes} bytes")
         return buf.view(ST_DTYPES[info.dtype]).reshape(info.shape)
 
-    def aligned_bytes(self, name: str) -> int:
-        """Size of the ``read_into_aligned`` buffer that tensor ``name`` needs."""
-        return self.tensors[name].nbytes + 2 * IO_ALIGN
-
     def read_into_aligned(self, name: str, buf: torch.Tensor) -> torch.Tensor:
         """The tensor ``name`` read with O_DIRECT (page cache bypassed) into ``buf``, an ``aligned_empty``
-        buffer of at least ``aligned_bytes(name)`` bytes; the result is a view into ``buf``.
+        buffer of at least its size + 2 * IO_ALIGN bytes; the result is a view into ``buf``.
 
         Falls back to ``read`` (buffered) where O_DIRECT is refused or the tensor's offset is not a
         multiple of its item size. Short reads raise CheckpointError naming the file and tensor.
@@ -247,9 +243,9 @@ def prefetch_tensors(items: Iterable, buffer_bytes: Optional[int] = None, big_bu
     Large tensors are read into ``big_buffers`` reused buffers of ``buffer_bytes`` (default: the
     largest tensor; a larger one gets a buffer of its own, freed after use), so the thread runs at
     most ``big_buffers - 1`` large tensors ahead and any number of small ones (norms between two
-    weights never stall it). Each yielded tensor is valid
-    until the next item is requested (copy it to keep it). A read error (truncated file, I/O
-    error) is raised when its item is reached, as the same one-line CheckpointError a plain read gives.
+    weights never stall it). Each yielded tensor is valid until the next item is requested (copy it
+    to keep it). A read error (truncated file, I/O error) is raised when its item is reached, as the
+    same one-line CheckpointError a plain read gives.
     """
     items = list(items)
     if not items:
