@@ -227,6 +227,10 @@ class SafetensorsReader:
                     break
                 got += n
         except OSError as e:
+            if e.errno == errno.EINVAL:  # O_DIRECT accepted at open but refused at read: buffered from now on
+                os.close(self._dfd)
+                self._dfd = -1
+                return self.read(name, out=buf)
             _fail(self.path, f"tensor {name!r}: read failed ({e.strerror or e})")
         if got < head + info.nbytes:
             _fail(self.path, f"tensor {name!r}: read {max(got - head, 0)} of {info.nbytes} bytes")
