@@ -127,6 +127,28 @@ def check_kernels(quick: bool):
                          max_row_rel_err=max(row_errs(o, o_ref).max().item(), row_errs(s, s_ref).max().item()),
                          rows_over_tol=int((row_errs(o, o_ref) > TOL[dtype]).sum()), tol=TOL[dtype],
                          finite=bool(o.isfinite().all()), int_exact=None))
+    # every GEMM schedule the tuner may pick (both operand orders), plain and GLU pair, fp32 exact sums
+    from mmf.kernels import ternary_gemv
+
+    for m in (16, 128):
+        n, k = 300, 2050
+        codes = torch.randint(-1, 2, (2 * n, k), device="cuda", generator=g, dtype=torch.int8)
+        x = torch.randn(m, k, device="cuda", generator=g) * 3
+        nw = (torch.rand(1, k, device="cuda", generator=g) + 0.5)
+        s_w = torch.tensor([1.7], device="cuda")
+        sc = ternary_gemv.Scratch(1, m, k, "cuda")
+        ternary_gemm.quantize(x, nw, sc)
+        ref = reference.bitlinear_frozen(x, nw[0], codes, s_w[0])
+        glu_ref = torch.nn.functional.silu(ref[:, :n]) * ref[:, n:]
+        for cfg in ternary_gemm._gemm_configs(m):
+            y = torch.full((m, 2 * n), float("nan"), device="cuda")
+            ternary_gemm.gemm(sc, [pack_i2(codes)], s_w, y, k=k, config=cfg)
+            glu = torch.full((m, n), float("nan"), device="cuda")
+            ternary_gemm.gemm(sc, [pack_i2(codes)], s_w, glu, k=k, epi=ternary_gemv.EPI_GLU, config=cfg)
+            e = torch.maximum(row_errs(y, ref), row_errs(glu, glu_ref))
+            rows.append(dict(op="gemm schedule " + str(cfg), path="gemm", dtype="float32", shape=f"{m}x{k}->{n} +GLU",
+                             max_row_rel_err=e.max().item(), rows_over_tol=int((e > 1e-5).sum()), tol=1e-5,
+                             finite=bool(y.isfinite().all() and glu.isfinite().all()), int_exact=None))
     T = 37
     ifp = torch.randn(3, T, 3 * 1000, device="cuda", generator=g)
     S, last = mlgru_gated_scan(ifp[..., :1000], ifp[..., 1000:2000], lb[:1000], st[:3, :1000])

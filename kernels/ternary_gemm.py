@@ -53,7 +53,7 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
 @triton.jit
 def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr):
+                 USE_ASM: tl.constexpr, SWAP: tl.constexpr):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
@@ -77,6 +77,26 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     n_rows = 2 * N if EPI == 2 else N
+    if SWAP:  # weights as the left operand (kept in registers), activations transposed on the right
+        accT = tl.zeros((BN, BM), tl.int32)
+        acc2T = tl.zeros((BN, BM), tl.int32)
+        xcol = XQ + (seg * M + rm[None, :]) * 4 * PB
+        for k0 in range(0, P, BK):
+            kk = k0 + rk
+            wmask = (rn < n_rows)[:, None] & (kk < P)[None, :]
+            wb = tl.load(Wp + rn[:, None] * P + kk[None, :], mask=wmask, other=0)  # (BN, BK) uint8
+            if EPI == 2:
+                wb2 = tl.load(Wp + (rn + N)[:, None] * P + kk[None, :], mask=wmask, other=0)
+            xmask = (kk < P)[:, None] & (rm < M)[None, :]
+            for s in tl.static_range(4):
+                xs = tl.load(xcol + s * PB + kk[:, None], mask=xmask, other=0)  # (BK, BM) int8
+                accT = tl.dot(((wb >> (2 * s)) & 3).to(tl.int8), xs, accT, out_dtype=tl.int32)
+                if EPI == 2:
+                    acc2T = tl.dot(((wb2 >> (2 * s)) & 3).to(tl.int8), xs, acc2T, out_dtype=tl.int32)
+        sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+        _epilogue(tl.trans(accT), tl.trans(acc2T), sumx, rm, rn, seg, SX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT,
+                  USE_ASM)
+        return
     acc = tl.zeros((BM, BN), tl.int32)
     acc2 = tl.zeros((BM, BN), tl.int32)
     xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
@@ -97,27 +117,33 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
 
 
 def _gemm_configs(m: int):
-    """(BM, BN, BK, warps, stages) candidates by row count; the first is the interpreter's."""
+    """(BM, BN, BK, warps, stages[, swap]) candidates by row count; the first is the interpreter's.
+
+    swap = 1: the weights are the left operand of the products (out^T = W x^T)."""
     if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
         return [(16, 64, 32, 4, 1)]
     if m <= 16:
         return [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4),
-                (16, 32, 256, 4, 3)]
+                (16, 32, 256, 4, 3), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 3, 1), (16, 64, 256, 4, 3, 1)]
     if m <= 64:
         return [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (32, 64, 128, 4, 4), (64, 32, 128, 4, 3)]
     return [(128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-            (64, 64, 128, 4, 3), (128, 32, 128, 4, 3), (64, 32, 256, 4, 3)]
+            (64, 64, 128, 4, 3), (128, 32, 128, 4, 3), (64, 32, 256, 4, 3),
+            (128, 64, 128, 4, 3, 1), (128, 128, 128, 8, 3, 1), (64, 128, 128, 4, 3, 1), (128, 64, 64, 4, 4, 1),
+            (64, 64, 128, 4, 3, 1), (128, 128, 64, 8, 4, 1)]
 
 
 _TUNED: dict = {}
 
 
 def _launch(cfg, a):
-    bm, bn, bk, nw, ns = cfg
+    bm, bn, bk, nw, ns = cfg[:5]
+    swap = cfg[5] if len(cfg) > 5 else 0
     grid = (triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn), a["nseg"])
     _gemm_kernel[grid](a["xq8"], a["sx"], a["sumx"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
                        a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], EPI=a["epi"], BM=bm, BN=bn, BK=bk,
-                       GROUP=8, USE_ASM=not INTERPRET, num_warps=nw, num_stages=ns)
+                       GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, num_warps=nw,
+                       num_stages=ns)
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):

@@ -67,6 +67,28 @@ def test_gemv_persistent_schedules(config):
     check_rows(out, reference.bitlinear_frozen(x, nw[0], codes, s_w[0]), torch.float16)
 
 
+@pytest.mark.parametrize("swap", [0, 1])
+def test_gemm_operand_orders(swap):
+    """The GEMM with activations (swap 0) or weights (swap 1) as the left operand, against the
+    reference, plain and GLU pair; two K blocks (the second partial), partial row/column tiles."""
+    g = torch.Generator().manual_seed(21 + swap)
+    m, n, k = 5, 23, 150  # 38 bytes per row: two BK = 32 blocks
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    nw = (torch.rand(1, k, generator=g) + 0.5).to(torch.float16)
+    codes = rand_codes(2 * n, k, g)
+    sw = torch.tensor([0.9])
+    sc = ternary_gemv.Scratch(1, m, k, "cpu")
+    ternary_gemm.quantize(x, nw, sc)
+    cfg = (16, 64, 32, 4, 1, swap)
+    out = torch.full((m, 2 * n), float("nan"), dtype=torch.float16)
+    ternary_gemm.gemm(sc, [pack_i2(codes)], sw, out, k=k, config=cfg)
+    ref = reference.bitlinear_frozen(x, nw[0], codes, sw[0])
+    check_rows(out, ref, torch.float16)
+    glu = torch.full((m, n), float("nan"), dtype=torch.float16)
+    ternary_gemm.gemm(sc, [pack_i2(codes)], sw, glu, k=k, epi=ternary_gemv.EPI_GLU, config=cfg)
+    check_rows(glu, _glu_ref(ref, torch.float16), torch.float16)
+
+
 def test_integer_accumulation_is_exact():
     """In fp32 the whole chain is the reference's arithmetic: equal to rounding of the last divide."""
     g = torch.Generator().manual_seed(7)
