@@ -38,8 +38,8 @@ of size 3d + m + vocab, and two fp32 states (L, batch, d). Building the decoder 
 (one timing pass per projection shape) and captures the graph: seconds to a minute, once.
 
 Measured on an H100 (``bench/results/kernel_bench_h100.md``, random packed weights, fp16,
-batch 1, programmatic dependent launch): 370m 0.43 ms/token, 13b 2.34 ms/token (floor 1.08 ms) with
-3.87 GB allocated.
+batch 1, programmatic dependent launch): 370m 0.42-0.46 ms/token, 13b 2.30-2.39 ms/token (floor 1.08 ms)
+with 3.87 GB allocated; 13b prefill of 128 tokens 8.9 ms (graph replay).
 
 Needs a CUDA device (or ``TRITON_INTERPRET=1`` for CPU tests, without the graph).
 """
