@@ -376,10 +376,17 @@ def _num_sm(device) -> int:
 PDL = os.environ.get("MMF_PDL", "1") != "0"
 
 
+_PDL_DEVICE: dict = {}
+
+
 def use_pdl(device) -> bool:
-    """Launch with programmatic dependent launch on this device?"""
-    return bool(PDL and HAS_GDC and not INTERPRET and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    """Launch with programmatic dependent launch on this device? (Hopper and later; cached per device)"""
+    if not (PDL and HAS_GDC and not INTERPRET and device.type == "cuda"):
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _PDL_DEVICE:
+        _PDL_DEVICE[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return _PDL_DEVICE[i]
 
 
 def _launch_gemv(cfg, a, allow_pdl=True):
