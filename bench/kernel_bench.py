@@ -30,14 +30,13 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 from mmf.config import MMFConfig, model_preset
 from mmf.converters.ternary_codes import pack_i2
 from mmf.kernels import reference
 from mmf.models import build_model
-from mmf.models.hgrn_bit import BitLinear, FrozenBitLinear, HGRNBitForCausalLM
 from mmf.bench import write_json
+from mmf.bench.model_bench import build_mmf_random
 
 
 def log(*a):
@@ -266,31 +265,6 @@ def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20, config=None,
 # ----------------------------------------------------------------------------------------------
 # whole models
 # ----------------------------------------------------------------------------------------------
-def random_packed_model(cfg, dtype):
-    """A frozen HGRNBitForCausalLM with random i2 weights built directly on the GPU (no fp32 weights)."""
-    with torch.device("meta"):
-        model = HGRNBitForCausalLM(cfg)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, BitLinear):
-                k, n = child.in_features, child.out_features
-                nw = (torch.rand(k, device="cuda") + 0.5).to(dtype)
-                setattr(parent, name, FrozenBitLinear(k, n, weight_scale=torch.tensor(40.0, device="cuda"),
-                                                      norm_weight=nw, packed=rand_packed(n, k)))
-    for mod in model.modules():
-        for pname, p in list(mod._parameters.items()):
-            if p is not None and p.device.type == "meta":
-                t = torch.empty(p.shape, device="cuda", dtype=dtype)
-                if pname == "weight" and isinstance(mod, nn.Embedding):
-                    t.normal_(0, 1)
-                elif pname == "lower_bounds":
-                    t = torch.randn(p.shape, device="cuda", dtype=torch.float32)
-                else:
-                    t.uniform_(0.5, 1.5)
-                mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
-    return model.eval()
-
-
 def decode_bench(size, dtype, bw, batch=1, steps=100):
     from mmf.decode_graph import GraphDecoder
 
@@ -299,7 +273,7 @@ def decode_bench(size, dtype, bw, batch=1, steps=100):
     free0, total = torch.cuda.mem_get_info()
     cfg = model_preset(size)
     t0 = time.time()
-    model = random_packed_model(cfg, dtype)
+    model = build_mmf_random(cfg, "cuda", dtype)  # random i2 weights built in their final form
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()  # the random build's temporaries are the benchmark's, not the model's
