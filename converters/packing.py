@@ -642,6 +642,29 @@ def _shard_names(count: int) -> list:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+@contextlib.contextmanager
+def _shard_writer(path: Path, shard: list, header_meta: dict, summary: dict, weight_map: dict):
+    """A SafetensorsWriter for one planned shard ``[(name, dtype, shape, nbytes), ...]``.
+
+    The body writes every tensor and closes the writer (with its final metadata); on any error the
+    partial file is aborted. On success the shard's bytes and names are recorded.
+    """
+    writer = SafetensorsWriter(path, [(n, dt, shape) for n, dt, shape, _ in shard], header_meta)
+    try:
+        yield writer
+    except BaseException:
+        writer.abort()
+        raise
+    summary["output_bytes"] += writer.total_bytes
+    weight_map.update({n: path.name for n, _, _, _ in shard})
+
+
+def _write_shard_index(tmp: Path, shards: list, weight_map: dict, **metadata) -> None:
+    """The model.safetensors.index.json of a checkpoint written in more than one shard."""
+    if len(shards) > 1:
+        write_index(tmp, weight_map, sum(it[3] for shard in shards for it in shard), **metadata)
+
+
 def _tensor_meta(fmt: str, shape, scale: float, counts) -> str:
     return json.dumps({"format": fmt, "shape": [int(s) for s in shape], "scale": scale,
                        "counts": [int(c) for c in counts]}, separators=(",", ":"))
@@ -759,9 +782,7 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
                         template[TENSOR_KEY_PREFIX + name] = _tensor_meta(
                             fmt, ternary[name], -1.2345678901234567e-300, [10**15] * 3)
                 meta = dict(base_meta)
-                with_plan = [(nm, dt, shape) for nm, dt, shape, _ in shard]
-                writer = SafetensorsWriter(tmp / fname, with_plan, template)
-                try:
+                with _shard_writer(tmp / fname, shard, template, summary, weight_map) as writer:
                     for name, dt, shape, _ in shard:
                         if name.endswith(SCALE_SUFFIX) and name not in by_name:
                             continue  # written together with its weight
@@ -788,16 +809,9 @@ def pack_checkpoint(src, out, fmt: str = "i2", keep_dtype: str = "fp16", force: 
                         prog.advance(task, headers[spath][sname].nbytes)
                         del w
                     writer.close(meta)
-                except BaseException:
-                    writer.abort()
-                    raise
-                summary["output_bytes"] += writer.total_bytes
-                weight_map.update({nm: fname for nm, _, _, _ in shard})
         finally:
             source.close()
-        if len(names) > 1:
-            total = sum(it[3] for shard in shards for it in shard)
-            write_index(tmp, weight_map, total, **{FORMAT_KEY: fmt})
+        _write_shard_index(tmp, shards, weight_map, **{FORMAT_KEY: fmt})
         config = json.loads((src / CONFIG_FILE).read_text())
         config[QUANT_CONFIG_KEY] = {"quant_method": QUANT_METHOD, "format": fmt, "version": int(FORMAT_VERSION),
                                     "keep_dtype": keep_dtype}
@@ -1078,8 +1092,7 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
         weight_map = {}
         try:
             for fname, shard in zip(names, shards):
-                writer = SafetensorsWriter(tmp / fname, [(n, dt, s) for n, dt, s, _ in shard], {"format": "pt"})
-                try:
+                with _shard_writer(tmp / fname, shard, {"format": "pt"}, summary, weight_map) as writer:
                     for name, dt, shape, _ in shard:
                         _, p, meta = by_name[name]
                         if meta:
@@ -1095,16 +1108,9 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
                             writer.write(name, next(source)[1])
                         prog.advance(task, heads[p][0][name].nbytes)
                     writer.close({"format": "pt"})
-                except BaseException:
-                    writer.abort()
-                    raise
-                summary["output_bytes"] += writer.total_bytes
-                weight_map.update({n: fname for n, _, _, _ in shard})
         finally:
             source.close()
-        if len(names) > 1:
-            total = sum(it[3] for shard in shards for it in shard)
-            write_index(tmp, weight_map, total)
+        _write_shard_index(tmp, shards, weight_map)
         config = json.loads((src / CONFIG_FILE).read_text())
         config.pop(QUANT_CONFIG_KEY, None)
         if config.get("tie_word_embeddings"):
