@@ -46,9 +46,9 @@ def _tensor_plan(cfg) -> list:
 
 def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
     """A random fp16 checkpoint of ``cfg`` written tensor by tensor (never the whole model in memory)."""
-    from mmf.checkpoint import CONFIG_FILE, write_index
-    from mmf.converters.packing import _plan_shards, _shard_names
-    from mmf.converters.safetensors_io import SafetensorsWriter, fadvise_done
+    from mmf.checkpoint import CONFIG_FILE
+    from mmf.converters.packing import _plan_shards, _shard_names, _shard_writer, _write_shard_index
+    from mmf.converters.safetensors_io import fadvise_done
 
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
@@ -61,28 +61,26 @@ def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
         items.append((name, torch.float16, shape, 2 * n))
     shards = _plan_shards(items, shard_bytes)
     names = _shard_names(len(shards))
-    weight_map, total = {}, 0
+    weight_map, written = {}, {"output_bytes": 0}
+    total = sum(it[3] for it in items)
     t0 = time.perf_counter()
     for i, (fname, shard) in enumerate(zip(names, shards)):
-        w = SafetensorsWriter(out / fname, [(n, dt, s) for n, dt, s, _ in shard], {"format": "pt"})
-        for j, (name, _, shape, nbytes) in enumerate(shard):
-            n = nbytes // 2
-            t = torch.empty(n, dtype=torch.float16)
-            shift = (i * 7919 + j * 104729) % pool.numel()
-            src = torch.cat([pool[shift:], pool[:shift]])
-            for a in range(0, n, src.numel()):
-                b = min(a + src.numel(), n)
-                t[a:b] = src[: b - a]
-            if name.endswith("norm.weight"):
-                t.fill_(1.0).add_(src[:n].abs())
-            w.write(name, t.view(shape))
-            weight_map[name] = fname
-            total += nbytes
-        w.close({"format": "pt"})
+        with _shard_writer(out / fname, shard, {"format": "pt"}, written, weight_map) as w:
+            for j, (name, _, shape, nbytes) in enumerate(shard):
+                n = nbytes // 2
+                t = torch.empty(n, dtype=torch.float16)
+                shift = (i * 7919 + j * 104729) % pool.numel()
+                src = torch.cat([pool[shift:], pool[:shift]])
+                for a in range(0, n, src.numel()):
+                    b = min(a + src.numel(), n)
+                    t[a:b] = src[: b - a]
+                if name.endswith("norm.weight"):
+                    t.fill_(1.0).add_(src[:n].abs())
+                w.write(name, t.view(shape))
+            w.close({"format": "pt"})
         fadvise_done(out / fname)
     seconds = time.perf_counter() - t0
-    if len(names) > 1:
-        write_index(out, weight_map, total)
+    _write_shard_index(out, shards, weight_map)
     cfg_dict = cfg.to_hf_dict()
     cfg_dict["torch_dtype"] = "float16"
     (out / CONFIG_FILE).write_text(json.dumps(cfg_dict, indent=2))

@@ -122,19 +122,17 @@ class _ThreadTuner:
         best, other = (self.full, 1) if a <= b * self.MARGIN else (1, self.full)
         return other if k % self.RETRY == 0 else best
 
+    @contextlib.contextmanager
     def run(self, key, elements: int):
         """Context manager: the elementwise passes of one tensor, timed."""
-        @contextlib.contextmanager
-        def ctx():
-            global _ELEMENTWISE_THREADS
-            n = _ELEMENTWISE_THREADS = self._choose(key)
-            t0 = time.perf_counter()
-            try:
-                yield
-                self.seconds_per_element[(key, n)] = (time.perf_counter() - t0) / max(elements, 1)
-            finally:
-                _ELEMENTWISE_THREADS = None
-        return ctx()
+        global _ELEMENTWISE_THREADS
+        n = _ELEMENTWISE_THREADS = self._choose(key)
+        t0 = time.perf_counter()
+        try:
+            yield
+            self.seconds_per_element[(key, n)] = (time.perf_counter() - t0) / max(elements, 1)
+        finally:
+            _ELEMENTWISE_THREADS = None
 
 
 # ---- quantisation: exactly kernels.reference.weight_quant, streamed over row chunks ---------------
