@@ -242,7 +242,8 @@ def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20, config=None,
 
     def one(w):
         if gemv_path:
-            tv.gemv(x, [w], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc, config=config)
+            tv.gemv(x, [w], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc, config=config,
+                    tune_pool=[[c] for c in ws])  # schedules timed over the copies, as the decoder does
         else:
             tg.quantize(x, bn, sc, pro=pro, norm_weight=nw)
             tg.gemm(sc, [w], sw, out, k=k, epi=epi, residual=res if epi == tv.EPI_RESIDUAL else None)

@@ -126,6 +126,8 @@ class GraphDecoder:
         self.ifg = torch.zeros(B, 3 * d, dtype=dt, device=dev)
         self.v = torch.zeros(B, m, dtype=dt, device=dev)
         self.logits = torch.zeros(B, V, dtype=dt, device=dev)
+        self._tune_pools = {"ifg": [ly["ifg"] for ly in self.layers],
+                            **{k: [[ly[k].packed] for ly in self.layers] for k in ("o", "gu", "down")}}
         self.sc_d = tv.Scratch(3, B, d, dev)
         self.sc_m = tv.Scratch(1, B, m, dev)
         self.graph = None
@@ -160,19 +162,21 @@ class GraphDecoder:
 
         torch.index_select(self.emb, 0, self.ids, out=self.x)
         d = self.d
+        pool = self._tune_pools  # every layer's weights: schedules are timed as they run here
         for l, ly in enumerate(self.layers):
             o, gu, dn = ly["o"], ly["gu"], ly["down"]
             if self.gemv_path:
                 tv.gemv(self.x, ly["ifg"], ly["ifg_scale"], ly["ifg_norm"], self.ifg, pro=tv.PRO_NORM,
-                        norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], scratch=self.sc_d)
+                        norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], scratch=self.sc_d, tune_pool=pool["ifg"])
                 tv.gemv(self.ifg, [o.packed], o.scale, o.norm[None], self.r, pro=tv.PRO_MLGRU, k=d,
                         norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
                         s_out=self.state_next[l], lower_bound=ly["lb"], residual=self.x, epi=tv.EPI_RESIDUAL,
-                        scratch=self.sc_d)
+                        scratch=self.sc_d, tune_pool=pool["o"])
                 tv.gemv(self.r, [gu.packed], gu.scale, gu.norm[None], self.v, pro=tv.PRO_NORM,
-                        norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], epi=tv.EPI_GLU, scratch=self.sc_d)
+                        norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], epi=tv.EPI_GLU, scratch=self.sc_d,
+                        tune_pool=pool["gu"])
                 tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
-                        epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m)
+                        epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
             else:
                 tg.quantize(self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM, norm_weight=ly["attn_norm"],
                             eps_model=ly["eps_attn"])
