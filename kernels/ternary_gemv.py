@@ -15,8 +15,8 @@ padding positions hold code 1 and activation 0 and add nothing.
 Schedule: a persistent grid (a few programs per SM); each program owns row blocks pid, pid +
 NPROG, ... of BN whole rows, runs the prologue once, and loads its next block while reducing the
 current one. A packed row is held in registers as up to three power-of-two tiles (``row_pieces``:
-320 words = 256 + 64) rather than one tile padded to the next power of two, where 37.5 % of the
-lanes of a 5120-wide row did no work: profiled (ncu, H100), the kernel is bound by instruction
+320 words = 128 + 128 + 64) rather than one tile padded to the next power of two, where 37.5 % of
+the lanes of a 5120-wide row did no work: profiled (ncu, H100), the kernel is bound by instruction
 issue at low occupancy (2 warps per scheduler, 0.42 instructions per cycle), not by DRAM (45 %
 busy), so idle lanes cost time. Its first block is issued before the prologue, so the weight
 stream starts at once; with programmatic dependent launch (``PDL``, Hopper and later,
@@ -27,8 +27,9 @@ caller passes them (``tune_pool``; the decoder passes every layer's). (Measured 
 lost, on an H100: K-chunked tiles with one accumulator per digit, 1-4 programs per SM, Triton's
 software pipelining through shared memory: 8-40 % slower than whole-row tiles,
 ``bench/results/gemv_variants_h100.json``; a bulk L2 prefetch (``cp.async.bulk.prefetch.L2``) of
-each program's weights, and of the next projection's, at kernel start: 13b decode 2.22 -> 2.55 and
-2.85 ms/token, ``bench/results/l2_prefetch_h100.json``.)
+each program's weights, of its next 2-4 row blocks, or of the next projection's weights, at kernel
+start: 13b decode 2.22 -> 2.55 and 2.85 ms/token, 2.09 -> 2.31-2.34 ms/token,
+``bench/results/l2_prefetch_h100.json``, ``gemv_pieces128_pf_h100.json``.)
 
 Prologue (fused; ``PRO``), computed redundantly by every program (the row is small and sits in L2):
 
@@ -455,18 +456,29 @@ def use_pdl(device) -> bool:
     return PDL and HAS_GDC and not INTERPRET and device.type == "cuda" and _is_sm90_plus(device)
 
 
-def row_pieces(pw: int) -> tuple:
+PIECE_CAP = 128  # widest piece (words) when a row fits in three such pieces; see row_pieces
+
+
+def row_pieces(pw: int, cap=None) -> tuple:
     """Split a row of ``pw`` words into up to three power-of-two widths (the last may be padded):
-    320 -> (256, 64, 0), 864 -> (512, 256, 128). Register tiles must be powers of two; one tile of
-    next_power_of_2(pw) words would leave lanes idle on padding (37.5 % of them for 320)."""
+    320 -> (128, 128, 64), 864 -> (512, 256, 128). Register tiles must be powers of two; one tile
+    of next_power_of_2(pw) words would leave lanes idle on padding (37.5 % of them for 320). Pieces
+    of at most 128 words (4 per lane of one warp) are laid out with whole rows per warp, so their
+    row sums need no shared memory and no barrier; rows wider than three such pieces take wider
+    ones."""
+    cap = PIECE_CAP if cap is None else cap
+    if not cap or pw > 3 * cap:
+        cap = 1 << 30
     widths = []
     rest = pw
     while rest > 0 and len(widths) < 2:
-        w = 1 << (rest.bit_length() - 1)
+        w = min(cap, 1 << (rest.bit_length() - 1))
         widths.append(w)
         rest -= w
     if rest > 0:
         widths.append(triton.next_power_of_2(rest))
+    if cap < pw and sum(widths) > sum(row_pieces(pw, 0)):  # capping would add padding: 352 words
+        return row_pieces(pw, 0)
     return tuple(widths + [0] * (3 - len(widths)))
 
 

@@ -1,8 +1,9 @@
-# Experiment: the decode GEMV with each row split into power-of-two pieces (no lanes on padding),
-# schedules tuned one launch at a time (do_bench) or in a graph over every layer's weights (the
-# decoder's tune_pool), against the kernel before (OLD_GEMV: a copy of kernels/ternary_gemv.py at
-# commit 2b1dab4), all in one run.
-# On the device machine: pip install --no-deps . ; cd /tmp ; python <repo>/bench/experiments/gemv_ab.py
+# Experiment: variants of the decode GEMV A/B-tested in one run (SETUPS below): each row split into
+# power-of-two pieces (no lanes on padding; PIECE_CAP 128: pieces of at most 128 words, whole rows
+# per warp), schedules tuned one launch at a time (do_bench) or in a graph over every layer's
+# weights (the decoder's tune_pool), and the kernel before (OLD_GEMV: the path of a copy of it,
+# ``git show 2b1dab4:kernels/ternary_gemv.py > old_gemv.py``). VARIANTS=a,b,... picks them.
+# On the device machine: pip install --no-deps . ; cd /tmp ; OLD_GEMV=old_gemv.py python <repo>/bench/experiments/gemv_ab.py
 # Prints a table and writes $OUT/gemv_ab.json.
 import importlib.util
 import json
@@ -40,12 +41,19 @@ def _no_pool(*args, tune_pool=None, **kw):
     return NEW_GEMV(*args, **kw)
 
 
+# name -> (gemv the decoder calls, tv.PIECE_CAP); VARIANTS picks them (env, comma list). The
+# L2-prefetch variants of the run in bench/results/gemv_pieces128_pf_h100.json (PF_BLOCKS 2 and 4:
+# each program's next row blocks prefetched before the prologue) were removed with their code.
+def _old(*args, tune_pool=None, **kw):
+    return old.gemv(*args, **kw)
+
+
+SETUPS = {"old": (_old, 128), "pieces/do_bench": (_no_pool, 0), "pieces": (NEW_GEMV, 0), "pieces128": (NEW_GEMV, 128)}
+
+
 def variant(name):
-    """Switch the gemv the decoder calls; each switch tunes afresh."""
-    if name == "old":
-        tv.gemv = lambda *args, tune_pool=None, **kw: old.gemv(*args, **kw)
-    else:
-        tv.gemv = _no_pool if name == "pieces/do_bench" else NEW_GEMV
+    """Switch the gemv the decoder calls and the kernel options; each switch tunes afresh."""
+    tv.gemv, tv.PIECE_CAP = SETUPS[name]
     tv._TUNED.clear()
     if old:
         old._TUNED.clear()
@@ -57,9 +65,9 @@ read_ms = kb.cuda_time(lambda: a.sum(), iters=20)
 res["copy_GB_s"], res["read_sum_GB_s"] = bw / 1e9, a.numel() * 4 / (read_ms * 1e-3) / 1e9
 del a
 log(f"copy bandwidth {bw / 1e9:.0f} GB/s, read-only (torch sum, 1 GiB) {res['read_sum_GB_s']:.0f} GB/s")
-VARIANTS = (["old"] if old else []) + ["pieces/do_bench", "pieces"]
+VARIANTS = os.environ.get("VARIANTS", ",".join((["old"] if old else []) + ["pieces/do_bench", "pieces"])).split(",")
 
-# correctness: prefetch is a hint, so outputs must be bit-equal with and without, and match the reference
+# correctness: every variant computes the same integer sums, so outputs must be bit-equal, and match the reference
 g = torch.Generator(device="cuda").manual_seed(1)
 for (n, k, nseg, pro, epi, m) in [(1000, 1027, 1, tv.PRO_PLAIN, tv.EPI_STORE, 1), (515, 2050, 3, tv.PRO_NORM, tv.EPI_STORE, 2),
                                    (5120, 5120, 3, tv.PRO_NORM, tv.EPI_STORE, 1), (13824, 5120, 1, tv.PRO_NORM, tv.EPI_GLU, 1),
@@ -103,7 +111,7 @@ for size in SIZES:
     cfg = model_preset(size)
     model = build_mmf_random(cfg, "cuda", torch.float16)
     nxt = torch.full((1,), 7, device="cuda")
-    for name in VARIANTS + VARIANTS:  # twice: drift within the run, and how much a new tuning moves it
+    for name in VARIANTS + VARIANTS[:1]:  # the first again: drift within the run, and a new tuning
         variant(name)
         torch.cuda.empty_cache()
         dec = GraphDecoder(model, 1)
