@@ -104,6 +104,15 @@ def _load_x(xp, cols, m, K, GLU: tl.constexpr):
 
 
 @triton.jit
+def _normed(xp, NW, cols, m, K, rstd, GLU: tl.constexpr, HAS_NW: tl.constexpr):
+    """rmsnorm(x) * norm weight in fp32 for the columns ``cols`` of a row (``_load_x``'s input)."""
+    xn = _load_x(xp, cols, m, K, GLU) * rstd
+    if HAS_NW:
+        xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+    return xn
+
+
+@triton.jit
 def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, SX, K, stride_x, stride_g, stride_y, eps,
                         HAS_NW: tl.constexpr, QUANT: tl.constexpr, HAS_GATE: tl.constexpr, RINT: tl.constexpr,
                         GLU: tl.constexpr, INT8: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -128,21 +137,14 @@ def _rownorm_fwd_kernel(X, NW, G, Y, RSTD, SX, K, stride_x, stride_g, stride_y, 
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            m = cols < K
-            xn = _load_x(xp, cols, m, K, GLU) * rstd
-            if HAS_NW:
-                xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(xn))
+            amax = tl.maximum(amax, tl.abs(_normed(xp, NW, cols, cols < K, K, rstd, GLU, HAS_NW)))
         s = 127.0 / tl.maximum(tl.max(amax, axis=0), 1e-5)
         if INT8:
             tl.store(SX + row, s)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             m = cols < K
-            xn = _load_x(xp, cols, m, K, GLU) * rstd
-            if HAS_NW:
-                xn = xn * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
-            q = _rint(xn * s, RINT)
+            q = _rint(_normed(xp, NW, cols, m, K, rstd, GLU, HAS_NW) * s, RINT)
             q = tl.minimum(tl.maximum(q, -128.0), 127.0)
             if INT8:
                 v = q.to(tl.int8)

@@ -57,19 +57,30 @@ def _gates(ip, fp, lb, HAS_LB: tl.constexpr, GATES: tl.constexpr):
 
 
 @triton.jit
-def _mlgru_fwd_kernel(IP, FP, LB, H0, S, HT, CK, T, D, NC,
-                      HAS_LB: tl.constexpr, HAS_H0: tl.constexpr, GATES: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_or_zeros(PTR, offs, mask, HAS: tl.constexpr):
+    """fp32 values at PTR + offs, or zeros when the tensor is absent."""
+    v = tl.zeros(offs.shape, dtype=tl.float32)
+    if HAS:
+        v = tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _scan_program(LB, D, HAS_LB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sequence b, its BLOCK_D channels (and their mask), the time offsets of a
+    chunk, and the channels' lower bounds (fp32; zeros without them)."""
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = cols < D
-    rows = tl.arange(0, BLOCK_T)
-    lb = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_LB:
-        lb = tl.load(LB + cols, mask=cm, other=0.0).to(tl.float32)
-    h = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_H0:
-        h = tl.load(H0 + b * D + cols, mask=cm, other=0.0).to(tl.float32)
+    return b, cols, cm, tl.arange(0, BLOCK_T), _row_or_zeros(LB, cols, cm, HAS_LB)
+
+
+@triton.jit
+def _mlgru_fwd_kernel(IP, FP, LB, H0, S, HT, CK, T, D, NC,
+                      HAS_LB: tl.constexpr, HAS_H0: tl.constexpr, GATES: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, cols, cm, rows, lb = _scan_program(LB, D, HAS_LB, BLOCK_T, BLOCK_D)
+    h = _row_or_zeros(H0, b * D + cols, cm, HAS_H0)
     base = b * T * D
     for c in range(0, NC):
         tl.store(CK + (b * NC + c) * D + cols, h, mask=cm)
@@ -92,16 +103,8 @@ def _mlgru_fwd_kernel(IP, FP, LB, H0, S, HT, CK, T, D, NC,
 def _mlgru_bwd_kernel(IP, FP, LB, CK, DS, DHT, DIP, DFP, DLB, DH0, T, D, NC,
                       HAS_LB: tl.constexpr, HAS_DHT: tl.constexpr, GATES: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cm = cols < D
-    rows = tl.arange(0, BLOCK_T)
-    lb = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_LB:
-        lb = tl.load(LB + cols, mask=cm, other=0.0).to(tl.float32)
-    g_carry = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_DHT:
-        g_carry = tl.load(DHT + b * D + cols, mask=cm, other=0.0).to(tl.float32)
+    b, cols, cm, rows, lb = _scan_program(LB, D, HAS_LB, BLOCK_T, BLOCK_D)
+    g_carry = _row_or_zeros(DHT, b * D + cols, cm, HAS_DHT)
     dlb = tl.zeros([BLOCK_D], dtype=tl.float32)
     dh0 = tl.zeros([BLOCK_D], dtype=tl.float32)
     base = b * T * D

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import reference
 from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, Scratch, _epilogue,
-                           _quant_row, packed_bytes)
+                           _quant_row, packed_bytes, segment_weights)
 
 
 @triton.jit
@@ -72,12 +72,7 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
     gsize = tl.minimum(num_m - first_m, GROUP)
     pid_m = first_m + (pid % per_group) % gsize
     pid_n = (pid % per_group) // gsize
-    if seg == 0:
-        Wp = W0
-    elif seg == 1:
-        Wp = W1
-    else:
-        Wp = W2
+    Wp = segment_weights(W0, W1, W2, seg)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)

@@ -129,6 +129,18 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def segment_weights(W0, W1, W2, seg):
+    """The packed weights of segment ``seg`` (0-2) of a launch that fuses up to three projections."""
+    if seg == 0:
+        Wp = W0
+    elif seg == 1:
+        Wp = W1
+    else:
+        Wp = W2
+    return Wp
+
+
+@triton.jit
 def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                eps_model, eps_bl, WRITE_STATE,
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -309,12 +321,7 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
-    if seg == 0:
-        Wp = W0
-    elif seg == 1:
-        Wp = W1
-    else:
-        Wp = W2
+    Wp = segment_weights(W0, W1, W2, seg)
     rows = pid * BN + tl.arange(0, BN)
     c1, c2, c3 = _load_pieces(Wp, rows, P, PW, N, BYTE_W, PW1, PW2, PW3)
     if EPI == 2:  # GLU pair: rows n (gate) and N + n (up)
