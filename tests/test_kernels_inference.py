@@ -49,3 +49,22 @@ def test_dispatch_cpu_takes_the_reference():
     assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
     i, f = reference.mlgru_gates(ip, fp, lb)
     assert torch.allclose(s, f * st + i)  # the step is the recurrence with T = 1
+
+
+def test_gemv_row_pieces_cover_rows_without_waste():
+    """Each packed row is held as <= 3 power-of-two register tiles: they cover the row, only the
+    last may be padded, 5120-wide rows (320 words) have no padding, and rows that fit in three
+    128-word pieces take such pieces unless that would add padding."""
+    pytest.importorskip("triton")
+    from mmf.kernels.ternary_gemv import row_pieces
+
+    assert row_pieces(320) == (128, 128, 64)
+    assert row_pieces(320, 0) == (256, 64, 0)
+    assert row_pieces(864) == (512, 256, 128)
+    assert row_pieces(352) == (256, 64, 32)  # capped would be 128+128+128: padded, so not taken
+    for pw in range(1, 1500):
+        w = [x for x in row_pieces(pw) if x]
+        assert 1 <= len(w) <= 3 and all(x & (x - 1) == 0 for x in w), (pw, w)
+        assert sum(w[:-1]) < pw <= sum(w), (pw, w)  # every piece but the last is all row
+        assert sum(w) <= sum(row_pieces(pw, 0)), (pw, w)  # never more padding than uncapped
+        assert sum(w) - pw < w[-1], (pw, w)  # padding only inside the last piece
