@@ -252,8 +252,8 @@ def _load_words(Wp, rows, ww, P, PW, N_ROWS, BYTE_W: tl.constexpr):
 def _load_pieces(Wp, rows, P, PW, N_ROWS, BYTE_W: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                  W3: tl.constexpr):
     """Packed rows as up to three power-of-two pieces of words, [0, W1), [W1, W1 + W2) and
-    [W1 + W2, W1 + W2 + W3) (a 320-word row is 256 + 64: no lane idles on padding); an absent piece
-    (width 0) is returned as the first."""
+    [W1 + W2, W1 + W2 + W3) (``row_pieces``: a 320-word row is 128 + 128 + 64, no lane idles on
+    padding); an absent piece (width 0) is returned as the first."""
     c1 = _load_words(Wp, rows, tl.arange(0, W1), P, PW, N_ROWS, BYTE_W)
     c2 = c1
     c3 = c1
@@ -447,20 +447,17 @@ def _num_sm(device) -> int:
 PDL = os.environ.get("MMF_PDL", "1") != "0"
 
 
-_SM90: dict = {}
-
-
-def _is_sm90_plus(device) -> bool:
-    """Hopper or later (cached per device)."""
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM90:
-        _SM90[i] = torch.cuda.get_device_capability(i)[0] >= 9
-    return _SM90[i]
+_PDL_DEVICE: dict = {}
 
 
 def use_pdl(device) -> bool:
-    """Launch with programmatic dependent launch on this device? (Hopper and later)"""
-    return PDL and HAS_GDC and not INTERPRET and device.type == "cuda" and _is_sm90_plus(device)
+    """Launch with programmatic dependent launch on this device? (Hopper and later; cached per device)"""
+    if not (PDL and HAS_GDC and not INTERPRET and device.type == "cuda"):
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _PDL_DEVICE:
+        _PDL_DEVICE[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return _PDL_DEVICE[i]
 
 
 PIECE_CAP = 128  # widest piece (words) when a row fits in three such pieces; see row_pieces
@@ -516,7 +513,8 @@ def _chain_time(cfg, a, pool) -> float:
     (distinct weights of the same shape, e.g. every layer's: no L2 reuse), with programmatic
     dependent launch where the decoder uses it: the setting the decoder runs in. Timing single
     launches after an L2 flush (do_bench) ranks schedules by noise of the order of their
-    differences (measured: 13b decode 2.26 vs 2.35 ms/token from two tunings of one build)."""
+    differences (measured: 13b decode 2.26 vs 2.35 ms/token from two such tunings of one build,
+    ``bench/results/gemv_pieces_first_h100.json``)."""
     launches = max(8, min(64, -(-(128 << 20) // max(1, a["n"] * a["p"] * a["nseg"]))))
     _launch_gemv(cfg, a)  # compile, warm
     torch.cuda.synchronize()
