@@ -244,10 +244,12 @@ def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20, config=None,
         tv.gemv(x, [ws[0]], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc, config=config)
         pro = tv.PRO_NONE
 
+    pool = [[c] for c in ws]  # schedules are tuned over the copies, as the decoder tunes over its layers
+
     def one(w):
         if gemv_path:
             tv.gemv(x, [w], sw, bn, out, pro=pro, epi=epi, norm_weight=nw, residual=res, scratch=sc, config=config,
-                    tune_pool=[[c] for c in ws])  # schedules timed over the copies, as the decoder does
+                    tune_pool=pool)
         else:
             tg.quantize(x, bn, sc, pro=pro, norm_weight=nw)
             tg.gemm(sc, [w], sw, out, k=k, epi=epi, residual=res if epi == tv.EPI_RESIDUAL else None)
