@@ -94,8 +94,9 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
                 if EPI == 2:
                     acc2T = tl.dot(((wb2 >> (2 * s)) & 3).to(tl.int8), xs, acc2T, out_dtype=tl.int32)
         sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
-        _epilogue(tl.trans(accT), tl.trans(acc2T), sumx, rm, rn, seg, SX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT,
-                  USE_ASM)
+        sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
+        _epilogue(tl.trans(accT), tl.trans(acc2T), sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m,
+                  sr_m, EPI, DT, USE_ASM)
         return
     acc = tl.zeros((BM, BN), tl.int32)
     acc2 = tl.zeros((BM, BN), tl.int32)
@@ -113,7 +114,8 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
             if EPI == 2:
                 acc2 = tl.dot(xs, ((wb2 >> (2 * s)) & 3).to(tl.int8), acc2, out_dtype=tl.int32)
     sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
-    _epilogue(acc, acc2, sumx, rm, rn, seg, SX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+    sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
+    _epilogue(acc, acc2, sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
 
 
 def _gemm_configs(m: int):

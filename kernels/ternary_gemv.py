@@ -20,8 +20,12 @@ the lanes of a 5120-wide row did no work: profiled (ncu, H100), the kernel is bo
 issue at low occupancy (2 warps per scheduler, 0.42 instructions per cycle), not by DRAM (45 %
 busy), so idle lanes cost time. Its first block is issued before the prologue, so the weight
 stream starts at once; with programmatic dependent launch (``PDL``, Hopper and later,
-``launch_pdl``) it is issued before the previous kernel has even finished: only the weight loads,
-which depend on nothing, run ahead of ``gdc_wait``. The schedule (BN, warps, programs per SM) is
+``launch_pdl``) it is issued before the previous kernel has even finished, and so are the
+prologue's constant operands (norm weights, lower bound, the state of the step before): only
+loads that no kernel of this step writes run ahead of ``gdc_wait`` (``PARAMS_EARLY``; measured on
+an H100, 13b decode 2.09 -> 1.99-2.03 ms/token, ``bench/results/gemv_params_early_h100.json``: in
+the decoder the norm weights of 40 layers are not in L2, and their loads, issued after the
+prologue's first reductions, stalled it a second time). The schedule (BN, warps, programs per SM) is
 tuned per shape on first use, timed in a CUDA graph over distinct weights of that shape when the
 caller passes them (``tune_pool``; the decoder passes every layer's). (Measured alternatives that
 lost, on an H100: K-chunked tiles with one accumulator per digit, 1-4 programs per SM, Triton's
@@ -144,12 +148,16 @@ def segment_weights(W0, W1, W2, seg):
 def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                eps_model, eps_bl, WRITE_STATE,
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
-               USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr):
-    """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX.
+               USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr, WAIT: tl.constexpr = False):
+    """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX; returns s_x.
 
     The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
     X/G hold the pre-activations with row stride sxm/sgm. For PRO_MLGRU, X points at
-    [i_pre | f_pre | g_pre] (three blocks of K columns) and G is unused.
+    [i_pre | f_pre | g_pre] (three blocks of K columns) and G is unused. The operands that no
+    kernel of this decode step writes (norm weights, lower bound, the state of the step before)
+    are loaded first, all at once; with ``WAIT`` (programmatic dependent launch) the program then
+    waits for the previous kernel, whose output X/G is, so their loads overlap its tail. (Profiled:
+    loaded after the first reductions, their latency stalled the prologue a second time.)
     """
     s_i = tl.arange(0, 4)[:, None, None]
     w_i = tl.arange(0, BLOCK_W)[None, :, None]
@@ -157,6 +165,17 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     j = 4 * w_i + b_i
     k = s_i * P + j
     valid = (j < P) & (k < K)
+    bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
+    if PRO != 0:
+        nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+    if PRO >= 2:
+        s_prev = tl.load(S_IN + m * K + k, mask=valid, other=0.0)
+    if PRO == 3:
+        if HAS_LB:
+            lb = tl.load(LB + k, mask=valid, other=0.0)
+    if WAIT:  # everything above is this step's constants; X and G are the previous kernel's output
+        gdc_wait()
+        gdc_launch_dependents()
     if PRO == 3:  # PRO_MLGRU
         xrow = X + m * sxm
         ip = tl.load(xrow + k, mask=valid, other=0.0).to(tl.float32)
@@ -164,31 +183,25 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         gp = tl.load(xrow + 2 * K + k, mask=valid, other=0.0).to(tl.float32)
         f = tl.sigmoid(fp)
         if HAS_LB:
-            lb = tl.load(LB + k, mask=valid, other=0.0)
             f = lb + (1.0 - lb) * f
         i = _silu(ip) * (1.0 - f)
-        s = f * tl.load(S_IN + m * K + k, mask=valid, other=0.0) + i
+        s = f * s_prev + i
         if WRITE_STATE:
             tl.store(S_OUT + m * K + k, s, mask=valid)
         r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0) / K + eps_model)
-        gw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
-        v = _to(gp * r * gw * _silu(s), DT, USE_ASM).to(tl.float32)
+        v = _to(gp * r * nw * _silu(s), DT, USE_ASM).to(tl.float32)
     elif PRO == 2:  # PRO_GATED
         gp = tl.load(G + m * sgm + k, mask=valid, other=0.0).to(tl.float32)
-        s = tl.load(S_IN + m * K + k, mask=valid, other=0.0)
         r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0) / K + eps_model)
-        gw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
-        v = _to(gp * r * gw * _silu(s), DT, USE_ASM).to(tl.float32)
+        v = _to(gp * r * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
     elif PRO == 1:  # PRO_NORM
         x = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
         r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(x * x, 2), 1), 0) / K + eps_model)
-        nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
         v = _to(x * r * nw, DT, USE_ASM).to(tl.float32)
     else:
         v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
     r2 = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(v * v, 2), 1), 0) / K + eps_bl)
-    bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
     xn = v * r2 * bw
     amax = tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0)
     sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
@@ -201,15 +214,15 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     tl.store(SX + seg * M + m, sx)
     if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
         tl.store(SUMX + seg * M + m, tl.sum(tl.sum(tl.sum(q, 2), 1), 0))
+    return sx
 
 
 @triton.jit
-def _epilogue(dot, dot2, sumx, rows_m, rows_n, seg, SX, SW, OUT, RES, M, N, so_m, sr_m,
+def _epilogue(dot, dot2, sumx, sx, sw, rows_m, rows_n, seg, OUT, RES, M, N, so_m, sr_m,
               EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
-    """dot (BM, BN) int32 sums of c*x, sumx (BM,) -> y = (dot - sum x) / (s_x s_w), then the epilogue."""
+    """dot (BM, BN) int32 sums of c*x, sumx and s_x (BM,), s_w -> y = (dot - sum x) / (s_x s_w), then
+    the epilogue. (s_x and s_w come in registers: profiled, their loads here stalled the first block.)"""
     mmask = rows_m < M
-    sx = tl.load(SX + seg * M + rows_m, mask=mmask, other=1.0)
-    sw = tl.load(SW + seg)
     den = (sx * sw)[:, None]
     y = tl.math.div_rn((dot - sumx[:, None]).to(tl.float32), den)
     omask = mmask[:, None] & (rows_n < N)[None, :]
@@ -313,7 +326,8 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
                  M, N, K, P, PW, NPROG,
                  PRO: tl.constexpr, EPI: tl.constexpr, HAS_LB: tl.constexpr, BYTE_W: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BLOCK_W: tl.constexpr, PW1: tl.constexpr,
-                 PW2: tl.constexpr, PW3: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
+                 PW2: tl.constexpr, PW3: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+                 EARLY: tl.constexpr = True):
     """Persistent: program pid of segment seg takes row blocks pid, pid + NPROG, ... of BN whole
     rows, each row held as power-of-two pieces PW1 + PW2 + PW3 >= PW words. Its first block is in
     flight before the prologue (run once per program), with PDL even before the previous kernel
@@ -322,23 +336,34 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
     seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
     Wp = segment_weights(W0, W1, W2, seg)
+    sw = tl.load(SW + seg)
     rows = pid * BN + tl.arange(0, BN)
     c1, c2, c3 = _load_pieces(Wp, rows, P, PW, N, BYTE_W, PW1, PW2, PW3)
     if EPI == 2:  # GLU pair: rows n (gate) and N + n (up)
         u1, u2, u3 = _load_pieces(Wp, rows + N, P, PW, 2 * N, BYTE_W, PW1, PW2, PW3)
-    if PDL:  # programmatic dependent launch: everything above reads weights only
-        gdc_wait()
-        gdc_launch_dependents()
+    rm = tl.arange(0, BM)
     if PRO != 4:
-        for m in range(M):
-            _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
-                       eps_model, eps_bl, (pid == 0) & (seg == 0), PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False)
+        if PDL and not EARLY:  # programmatic dependent launch: everything above reads weights only
+            gdc_wait()
+            gdc_launch_dependents()
+        first = (pid == 0) & (seg == 0)  # writes the MLGRU state
+        sxv = tl.zeros((BM,), tl.float32) + _quant_row(
+            0, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M, eps_model, eps_bl,
+            first, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False, PDL and EARLY)
+        if BM == 2:
+            sxv = tl.where(rm == 0, sxv, _quant_row(
+                1, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M, eps_model, eps_bl,
+                first, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False, False))
         tl.debug_barrier()
+    else:  # activations already quantised (benchmarks: the weight stream alone)
+        if PDL:  # everything above reads weights only
+            gdc_wait()
+            gdc_launch_dependents()
+        sxv = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
     # activations of row 0 (and 1): 4 digit planes of words per piece, loop-invariant
     xa = XQ + (seg * M * 4) * PW
     a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, suma = _act_row(xa, PW, M, 0, PW1, PW2, PW3,
                                                                               USE_ASM)
-    rm = tl.arange(0, BM)
     if BM == 2:
         b10, b11, b12, b13, b20, b21, b22, b23, b30, b31, b32, b33, sumb = _act_row(xa + 4 * PW, PW, M, 1, PW1,
                                                                                   PW2, PW3, USE_ASM)
@@ -364,7 +389,7 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
                 d2 = tl.where(rm[:, None] == 0, d2, _dot_pieces(u1, u2, u3, b10, b11, b12, b13, b20, b21, b22,
                                                                 b23, b30, b31, b32, b33, PW2, PW3, USE_ASM))
             u1, u2, u3 = v1, v2, v3
-        _epilogue(d, d2, sumx, rm, rows, seg, SX, SW, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+        _epilogue(d, d2, sumx, sxv, sw, rm, rows, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         c1, c2, c3 = n1, n2, n3
 
 
@@ -460,6 +485,10 @@ def use_pdl(device) -> bool:
     return _PDL_DEVICE[i]
 
 
+# With PDL, the prologue's constant operands (norm weights, lower bound, previous state) are loaded
+# before the wait for the previous kernel (``_quant_row``); False waits first.
+PARAMS_EARLY = True
+
 PIECE_CAP = 128  # widest piece (words) when a row fits in three such pieces; see row_pieces
 
 
@@ -501,7 +530,7 @@ def _launch_gemv(cfg, a, allow_pdl=True):
         a["m"], a["n"], a["k"], a["p"], a["scratch"].pw, nprog,
         PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BYTE_W=a["byte_w"], BM=_bm(a["m"]), BN=bn,
         BLOCK_W=triton.next_power_of_2(a["scratch"].pw), PW1=pw1, PW2=pw2, PW3=pw3, USE_ASM=not INTERPRET,
-        PDL=pdl, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
+        PDL=pdl, EARLY=PARAMS_EARLY, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
 
 
 _TUNED: dict = {}

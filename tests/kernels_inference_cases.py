@@ -39,7 +39,9 @@ def check_rows(y, ref, dtype, max_bad_rows=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 37, 70), (3, 20, 64), (2, 9, 131), (6, 33, 77), (1, 5, 2)])
+# k = 100 and 228: GEMV rows of 7 and 15 words, three pieces (4 + 2 + 1; 8 + 4 + 4, the last padded)
+@pytest.mark.parametrize("m,n,k", [(1, 37, 70), (3, 20, 64), (2, 9, 131), (6, 33, 77), (1, 5, 2), (2, 7, 100),
+                                   (1, 9, 228)])
 def test_bitlinear_i2_matches_reference(dtype, m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     codes = rand_codes(n, k, g)
