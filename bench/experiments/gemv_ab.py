@@ -19,6 +19,8 @@ from mmf.decode_graph import GraphDecoder
 from mmf.kernels import reference
 from mmf.kernels import ternary_gemv as tv
 
+from decode_breakdown import decode_ms  # noqa: E402 - beside this script (bench/experiments)
+
 t0 = time.time()
 OUT = os.environ.get("OUT", "/tmp")
 SIZES = os.environ.get("SIZES", "13b,370m").split(",")
@@ -117,16 +119,7 @@ for size in SIZES:
         dec = GraphDecoder(model, 1)
         for _ in range(5):
             dec.step(nxt)
-        ts = []
-        for rep in range(3):
-            torch.cuda.synchronize()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(100):
-                dec.step(nxt)
-            e.record()
-            torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e) / 100)
+        ts = decode_ms(dec, nxt)
         floor = dec.bytes_per_token() / bw * 1e3
         r = dict(model=size, variant=name, ms_per_token=min(ts), runs=ts, floor_ms=floor,
                  tuned={str(k): v for k, v in (old._TUNED if name == "old" else tv._TUNED).items()})
