@@ -38,7 +38,7 @@ of size 3d + m + vocab, and two fp32 states (L, batch, d). Building the decoder 
 (one timing pass per projection shape) and captures the graph: seconds to a minute, once.
 
 Measured on an H100 (``bench/results/kernel_bench_h100.md``, random packed weights, fp16,
-batch 1): 370m 0.36-0.37 ms/token, 13b 2.09 ms/token (floor 1.09 ms) with 3.85 GB allocated;
+batch 1): 370m 0.31 ms/token, 13b 1.95-2.03 ms/token (floor 1.09 ms) with 3.85 GB allocated;
 13b prefill of 128 tokens 8.8 ms (graph replay). Building tunes each GEMV shape by timing its
 candidate schedules in a CUDA graph over every layer's weights of that shape (``tune_pool``).
 
