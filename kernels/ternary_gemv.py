@@ -535,7 +535,47 @@ def _launch_gemv(cfg, a, allow_pdl=True):
 
 
 _TUNED: dict = {}
+_RANKING: dict = {}  # key -> the candidates the tuner timed, fastest first
 TUNE = True  # False: take the first candidate (no timing runs)
+_SEEN = None  # a set while a caller records which shapes its launches use (``record_keys``)
+
+
+class record_keys:
+    """``with record_keys() as keys:``: the tuning keys of every GEMV launched inside."""
+
+    def __enter__(self):
+        global _SEEN
+        self.keys, _SEEN = set(), set()
+        return self.keys
+
+    def __exit__(self, *exc):
+        global _SEEN
+        self.keys |= _SEEN
+        _SEEN = None
+
+
+def refine_schedules(keys, measure, top: int = 3, margin: float = 0.01):
+    """Re-rank each shape's schedules by a measurement of the whole program that launches them.
+
+    The tuner times a shape's candidates in a chain of that shape alone; in a decode step the
+    neighbours differ, and so can the best schedule. For each key (in order), its next ``top - 1``
+    candidates by the tuner's ranking replace the chosen one in turn; ``measure()`` (ms of the
+    whole step, rebuilt with the current choices) decides, and a candidate is kept only if it is
+    faster by more than ``margin``. Returns [(key, schedule before, schedule after, ms before, ms after)]."""
+    changes = []
+    base = measure()
+    for key in keys:
+        before, ms_before = _TUNED[key], base
+        for cfg in [c for c in _RANKING.get(key, [])[:top] if c != before]:
+            kept = _TUNED[key]
+            _TUNED[key] = cfg
+            t = measure()
+            if t < base * (1 - margin):
+                base = t
+            else:
+                _TUNED[key] = kept
+        changes.append((key, before, _TUNED[key], ms_before, base))
+    return changes
 
 
 def _chain_time(cfg, a, pool) -> float:
@@ -577,6 +617,7 @@ def _tune(key, a, pool=None):
         _TUNED[key] = cands[0]
         return cands[0]
     best, best_t = cands[0], float("inf")
+    ranking = []
     for cfg in cands:
         try:
             if pool is not None and len(pool) >= 2:
@@ -588,9 +629,11 @@ def _tune(key, a, pool=None):
                                             return_mode="median")
         except Exception:  # a config that does not fit (registers, shared memory) is skipped
             continue
+        ranking.append((t, cfg))
         if t < best_t:
             best, best_t = cfg, t
     _TUNED[key] = best
+    _RANKING[key] = [cfg for _, cfg in sorted(ranking, key=lambda r: r[0])]
     return best
 
 
@@ -625,6 +668,8 @@ def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=N
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, k=k, p=p, nseg=nseg, pro=pro,
              epi=epi, has_lb=lower_bound is not None, byte_w=byte_w)
     key = ("gemv", m, n, k, nseg, pro, epi, byte_w, str(out.dtype))
+    if _SEEN is not None:
+        _SEEN.add(key)
     if INTERPRET and config is None:  # two programs, each looping over several row blocks
         config = (8, 4, 2)
     pool = [_operands(w) for w in tune_pool] if tune_pool is not None and key not in _TUNED else None

@@ -40,7 +40,11 @@ of size 3d + m + vocab, and two fp32 states (L, batch, d). Building the decoder 
 Measured on an H100 (``bench/results/kernel_bench_h100.md``, random packed weights, fp16,
 batch 1): 370m 0.31 ms/token, 13b 1.95-2.03 ms/token (floor 1.09 ms) with 3.85 GB allocated;
 13b prefill of 128 tokens 8.8 ms (graph replay). Building tunes each GEMV shape by timing its
-candidate schedules in a CUDA graph over every layer's weights of that shape (``tune_pool``).
+candidate schedules in a CUDA graph over every layer's weights of that shape (``tune_pool``), then
+tries each shape's two runners-up in the whole captured step and keeps one only if the step gets
+faster by more than 1 % (``_refine``; ``MMF_REFINE=0`` skips it). Measured on an H100
+(``bench/results/gemv_refine_ab_h100.json``): 370m 0.310 -> 0.305 ms/token (one shape changed),
+13b unchanged at 1.96 ms (every tuner choice kept); it added 1.0 and 3.7 s to the build.
 
 Needs a CUDA device (or ``TRITON_INTERPRET=1`` for CPU tests, without the graph).
 """
@@ -82,6 +86,8 @@ class GraphDecoder:
     """Greedy/step decoding of a frozen ``HGRNBitForCausalLM`` for a fixed batch size (see module doc)."""
 
     PREFILL_GRAPHS = 4  # prompt lengths whose prefill is kept as a CUDA graph
+    # re-rank each GEMV shape's best schedules by timing the whole captured step (``_refine``)
+    REFINE = os.environ.get("MMF_REFINE", "1") != "0"
 
     def __init__(self, model, batch: int, use_graph: bool | None = None):
         from mmf.kernels import ternary_gemv as tv
@@ -134,8 +140,11 @@ class GraphDecoder:
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)
         self._prefill_seen: dict = {}    # T -> eager prefills so far
+        self.refined = []  # (shape key, schedule before, after, ms/step before, after) of _refine
         if self.use_graph:
             self._capture()
+            if self.REFINE and tv.TUNE and self._keys:
+                self._refine()
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -202,17 +211,50 @@ class GraphDecoder:
         self.state.copy_(self.state_next)
 
     def _capture(self) -> None:
+        from mmf.kernels import ternary_gemv as tv
+
         saved = self.state.clone()
+        self.graph = None
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
-            for _ in range(2):  # compile, tune and warm every kernel outside the capture
+            with tv.record_keys() as keys:  # compile, tune and warm every kernel outside the capture
                 self._step_body()
+            self._step_body()
+        self._keys = sorted(keys, key=str)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step_body()
         self.state.copy_(saved)
+
+    def _step_ms(self, steps: int = 20, reps: int = 3) -> float:
+        """ms per replay of the captured step (best of ``reps`` runs of ``steps``); the state is kept."""
+        saved = self.state.clone()
+        self.graph.replay()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                self.graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / steps)
+        self.state.copy_(saved)
+        return min(times)
+
+    def _refine(self) -> None:
+        """Each GEMV shape was tuned in a chain of launches of that shape alone; here its runners-up
+        are tried in the whole captured step, which decides (``ternary_gemv.refine_schedules``)."""
+        from mmf.kernels import ternary_gemv as tv
+
+        def measure():
+            self._capture()
+            return self._step_ms()
+
+        self.refined = tv.refine_schedules(self._keys, measure)
+        self._capture()  # the graph of the schedules kept
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -68,3 +68,37 @@ def test_gemv_row_pieces_cover_rows_without_waste():
         assert sum(w[:-1]) < pw <= sum(w), (pw, w)  # every piece but the last is all row
         assert sum(w) <= sum(row_pieces(pw, 0)), (pw, w)  # never more padding than uncapped
         assert sum(w) - pw < w[-1], (pw, w)  # padding only inside the last piece
+
+
+def test_refine_schedules_keeps_what_the_whole_step_measures_faster(monkeypatch):
+    """Coordinate descent over each shape's tuner ranking, decided by a measurement of the whole step:
+    a runner-up replaces the tuner's choice only when the step gets faster by more than the margin."""
+    pytest.importorskip("triton")
+    from mmf.kernels import ternary_gemv as tv
+
+    monkeypatch.setattr(tv, "_TUNED", {"a": (8, 4, 2), "b": (16, 16, 1)})
+    monkeypatch.setattr(tv, "_RANKING", {"a": [(8, 4, 2), (16, 8, 1), (32, 16, 1), (4, 4, 4)],
+                                         "b": [(16, 16, 1), (8, 8, 1)]})
+    cost = {("a", (8, 4, 2)): 5.0, ("a", (16, 8, 1)): 4.0, ("a", (32, 16, 1)): 4.5, ("a", (4, 4, 4)): 1.0,
+            ("b", (16, 16, 1)): 3.0, ("b", (8, 8, 1)): 2.99}
+    calls = []
+
+    def measure():  # ms of the "step": the sum of its two shapes' costs
+        calls.append(dict(tv._TUNED))
+        return sum(cost[(k, c)] for k, c in tv._TUNED.items())
+
+    changes = tv.refine_schedules(["a", "b"], measure, top=3, margin=0.01)
+    # a: the 2nd candidate wins (8 -> 7 ms), the 3rd (7.5 ms) does not; the 4th is past top=3
+    # b: its runner-up saves 0.01 ms of 7, under the 1 % margin: the tuner's choice stays
+    assert tv._TUNED == {"a": (16, 8, 1), "b": (16, 16, 1)}
+    assert changes == [("a", (8, 4, 2), (16, 8, 1), 8.0, 7.0), ("b", (16, 16, 1), (16, 16, 1), 7.0, 7.0)]
+    assert len(calls) == 1 + 2 + 1  # the start, a's two runners-up, b's one
+
+
+def test_record_keys_collects_the_shapes_launched():
+    pytest.importorskip("triton")
+    from mmf.kernels import ternary_gemv as tv
+
+    with tv.record_keys() as keys:
+        tv._SEEN.add(("gemv", 1))
+    assert keys == {("gemv", 1)} and tv._SEEN is None
