@@ -48,6 +48,9 @@ for _mode in (1, 2):
 EXTRAS = {"extra:" + os.path.basename(p): p for p in filter(None, os.environ.get("EXTRA", "").split(","))}
 MODS = {}
 REAL_GEMV = tv.gemv
+# Every variant, "base" too, is a loaded copy of the kernel module running the schedules given to it
+# (``use``); the decoder's refinement would act on the installed module only, so it stays off.
+GraphDecoder.REFINE = False
 
 
 def log(*a):
