@@ -6,6 +6,8 @@
 #                  wrong; timing only): what the dependency between kernels costs
 #   nopro_nowait   both: the weight stream, launches and epilogues alone
 #   late           PARAMS_EARLY = False: the prologue's constant loads after the wait
+#   ahead2         AHEAD = 2: two row blocks in flight per program, both issued before the wait
+#                  (needs patches/gemv_ahead2.diff)
 #   pfM_dD         L2 prefetch of the next D row blocks, mode M (needs patches/gemv_l2_prefetch.diff)
 # EXTRA=path[,path] adds other kernel modules (e.g. an earlier ternary_gemv.py) as variants
 # "extra:<file name>", tuned afresh. CHECK=1 (default) first runs kernel_bench's quick correctness
@@ -41,6 +43,7 @@ NOPRO = [("    if PRO != 4:\n", "    if PRO == 99:\n"),  # kernels up to 346b7fb
 EDITS = {"base": [], "nopro": NOPRO, "nowait": [(re.compile(r"^(\s*)gdc_wait\(\)$", re.M), r"\1pass")],
          "late": [(re.compile(r"^PARAMS_EARLY = .*$", re.M), "PARAMS_EARLY = False")]}
 EDITS["nopro_nowait"] = EDITS["nopro"] + EDITS["nowait"]
+EDITS["ahead2"] = [(re.compile(r"^AHEAD = .*$", re.M), "AHEAD = 2")]
 for _mode in (1, 2):
     for _depth in (1, 2, 4):
         EDITS[f"pf{_mode}_d{_depth}"] = [(re.compile(r"^PF_MODE = .*$", re.M), f"PF_MODE = {_mode}"),
