@@ -3,11 +3,16 @@
 The model calls only the functions below. Each one picks an implementation: a Triton kernel for
 CUDA tensors when one exists, else the plain-torch reference in ``reference.py``. Setting the
 environment variable ``MMF_FORCE_REFERENCE=1`` (or calling ``force_reference(True)``) makes every
-operator use the reference; the model never knows which ran.
+operator use the reference; the model never knows which ran. ``MMF_REFERENCE_OPS=bitlinear``
+(or ``reference_ops({"bitlinear"})``) does so for one group of operators only: ``bitlinear`` (the
+training BitLinear and the GLU's down projection: norm, quantisers and product), ``norm`` (the
+block RMSNorm and the gated RMSNorm), ``mlgru`` (gates and recurrence); the training benchmark uses
+it to compare a model that differs from the fused one in its BitLinears alone.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -18,31 +23,66 @@ from . import reference
 _FORCE_REFERENCE = os.environ.get("MMF_FORCE_REFERENCE", "") not in ("", "0")
 
 
+OP_GROUPS = ("bitlinear", "norm", "mlgru")
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_ops_str(spec: str) -> frozenset:
+    return _parse_ops(spec)
+
+
+def _parse_ops(spec) -> frozenset:
+    names = {s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()}
+    bad = sorted(names - set(OP_GROUPS))
+    if bad:
+        from mmf.errors import MMFError
+        raise MMFError(f"unknown operator group {', '.join(bad)} in MMF_REFERENCE_OPS / reference_ops; "
+                       f"valid: {', '.join(OP_GROUPS)}")
+    return frozenset(names)
+
+
+_REFERENCE_OPS = frozenset()
+
+
 def force_reference(flag: bool = True) -> None:
     """Use the plain-torch reference for every operator (for debugging and comparisons)."""
     global _FORCE_REFERENCE
     _FORCE_REFERENCE = flag
 
 
-def use_reference(*tensors) -> bool:
+def reference_ops(groups=()) -> frozenset:
+    """Use the plain-torch reference for these operator groups only (see ``OP_GROUPS``); returns the
+    groups set before, so that a caller can restore them."""
+    global _REFERENCE_OPS
+    prev, _REFERENCE_OPS = _REFERENCE_OPS, _parse_ops(groups)
+    return prev
+
+
+def use_reference(*tensors, group: str | None = None) -> bool:
+    if group is not None and (group in _REFERENCE_OPS or group in _env_ops()):
+        return True
     return _FORCE_REFERENCE or not all(t.is_cuda for t in tensors if t is not None)
 
 
-def _train_kernels(*tensors) -> bool:
+def _env_ops() -> frozenset:
+    return _parse_ops_str(os.environ.get("MMF_REFERENCE_OPS", ""))
+
+
+def _train_kernels(*tensors, group: str | None = None) -> bool:
     """Triton training kernels (autograd-capable) for CUDA tensors when a gradient is wanted."""
-    return (not use_reference(*tensors) and torch.is_grad_enabled()
+    return (not use_reference(*tensors, group=group) and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors if t is not None))
 
 
 def rms_norm(x, weight, eps):
-    if _train_kernels(x, weight):
+    if _train_kernels(x, weight, group="norm"):
         from .bitlinear_fused import rms_norm_train
         return rms_norm_train(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
 def bitlinear_train(x, norm_weight, weight, bias=None):
-    if not use_reference(x, weight):
+    if not use_reference(x, weight, group="bitlinear"):
         from .bitlinear_fused import bitlinear_train_fused
         return bitlinear_train_fused(x, norm_weight, weight, bias)
     return reference.bitlinear_train(x, norm_weight, weight, bias)
@@ -50,7 +90,7 @@ def bitlinear_train(x, norm_weight, weight, bias=None):
 
 def bitlinear_glu_train(u, norm_weight, weight, bias=None):
     """BitLinear (training form) of silu(gate) * up with u = [gate | up]: the GLU's down projection."""
-    if not use_reference(u, weight):
+    if not use_reference(u, weight, group="bitlinear"):
         from .bitlinear_fused import bitlinear_glu_train_fused
         return bitlinear_glu_train_fused(u, norm_weight, weight, bias)
     gate, up = u.chunk(2, dim=-1)
@@ -81,7 +121,7 @@ def mlgru_gates(i_pre, f_pre, lower_bound):
 
 
 def mlgru_scan(i, f, state=None):
-    if not use_reference(i, f):
+    if not use_reference(i, f, group="mlgru"):
         from .mlgru_fused import mlgru_scan_fused
         return mlgru_scan_fused(i, f, state)
     return reference.mlgru_scan(i, f, state)
@@ -89,7 +129,7 @@ def mlgru_scan(i, f, state=None):
 
 def mlgru(i_pre, f_pre, lower_bound, state=None):
     """Gates and recurrence of the MLGRU in one op: (states (B, T, D), last state (B, D) fp32)."""
-    if not use_reference(i_pre, f_pre):
+    if not use_reference(i_pre, f_pre, group="mlgru"):
         from .mlgru_fused import mlgru_fused
         # without a gradient (inference) the states stay fp32 as in the reference and on the CPU;
         # training keeps them in the activations' dtype (half the activation memory)
@@ -100,7 +140,7 @@ def mlgru(i_pre, f_pre, lower_bound, state=None):
 
 
 def gated_rms_norm(g, weight, gate, eps):
-    if _train_kernels(g, weight, gate):
+    if _train_kernels(g, weight, gate, group="norm"):
         from .bitlinear_fused import gated_rms_norm_train
         return gated_rms_norm_train(g, weight, gate, eps)
     return reference.gated_rms_norm(g, weight, gate, eps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -258,3 +259,48 @@ def test_static_llama_cuda_graph_greedy_equals_eager(kv_heads):
     assert got == want
     again = dec.generate(prompt.cuda(), 32)[0].tolist()  # replays from a reset state
     assert again == want
+
+
+def test_reference_ops_select_one_operator_group(monkeypatch):
+    """`reference_ops` / MMF_REFERENCE_OPS send one operator group to the torch reference (the
+    training benchmark's unfused-BitLinear baseline); other groups keep their kernels; a bad name is
+    one clear error that lists the valid ones."""
+    from types import SimpleNamespace
+
+    from mmf import kernels
+    from mmf.errors import MMFError
+
+    gpu = SimpleNamespace(is_cuda=True)  # stands in for a CUDA tensor: only .is_cuda is read
+    prev = kernels.reference_ops({"bitlinear"})
+    try:
+        assert kernels.use_reference(gpu, group="bitlinear")
+        assert not kernels.use_reference(gpu, group="mlgru") and not kernels.use_reference(gpu, group="norm")
+        assert not kernels.use_reference(gpu)
+    finally:
+        kernels.reference_ops(prev)
+    assert not kernels.use_reference(gpu, group="bitlinear")
+    monkeypatch.setenv("MMF_REFERENCE_OPS", "mlgru")
+    assert kernels.use_reference(gpu, group="mlgru") and not kernels.use_reference(gpu, group="bitlinear")
+    monkeypatch.setenv("MMF_REFERENCE_OPS", "bitlinear,attention")
+    with pytest.raises(MMFError, match="attention.*valid: bitlinear, norm, mlgru"):
+        kernels.use_reference(gpu, group="bitlinear")
+    with pytest.raises(MMFError, match="valid"):
+        kernels.reference_ops({"matmul"})
+
+
+def test_train_bench_variants_and_ratios_on_cpu():
+    """Every training-benchmark variant runs (tiny model, CPU: all of them take the reference, so their
+    first losses agree exactly) and the ratios name both unfused baselines."""
+    from mmf.bench import train_bench
+
+    res = train_bench.run_train_bench(("tiny",), device="cpu", batch=2, seq_len=16, steps=1, warmup=1,
+                                      progress=False)
+    rows = {r["variant"]: r for r in res["results"]}
+    assert set(rows) == set(train_bench.VARIANTS) and not any("error" in r for r in rows.values())
+    losses = {rows[v]["loss_step0"] for v in ("fused", "unfused-bitlinear", "unfused")}
+    assert len(losses) == 1 and math.isfinite(losses.pop())
+    r = res["ratios"]["tiny"]
+    for base in ("unfused_bitlinear", "unfused"):
+        assert r[f"batch_compared_{base}"] == 2 and r[f"loss_step0_rel_diff_fused_vs_{base}"] == 0
+        assert -1 < r[f"step_time_reduction_vs_{base}"] < 1
+    assert r["tokens_per_s_fused_over_transformer++"] > 0
