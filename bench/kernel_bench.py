@@ -44,18 +44,13 @@ def log(*a):
 
 
 def cuda_time(fn, iters=20, warmup=3):
+    """Median ms of ``iters`` single calls, after ``warmup``."""
+    from mmf.kernels.ternary_gemv import event_times
+
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
+    ts = sorted(event_times(fn, iters))
     return ts[len(ts) // 2]
 
 
@@ -274,6 +269,7 @@ def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20, config=None,
 # ----------------------------------------------------------------------------------------------
 def decode_bench(size, dtype, bw, batch=1, steps=100):
     from mmf.decode_graph import GraphDecoder
+    from mmf.kernels import ternary_gemv as tv
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -292,13 +288,7 @@ def decode_bench(size, dtype, bw, batch=1, steps=100):
     for _ in range(5):
         dec.step(nxt)
     torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(steps):
-        dec.step(nxt)
-    e.record()
-    torch.cuda.synchronize()
-    ms = s.elapsed_time(e) / steps
+    ms = tv.event_times(lambda: dec.step(nxt), 1, steps)[0]
     free1, _ = torch.cuda.mem_get_info()
     need = dec.bytes_per_token()
     res = dict(model=size, dtype=str(dtype)[6:], batch=batch, ms_per_token=ms, tokens_per_s=batch * 1e3 / ms,

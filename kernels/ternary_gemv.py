@@ -578,6 +578,21 @@ def refine_schedules(keys, measure, top: int = 3, margin: float = 0.01):
     return changes
 
 
+def event_times(fn, runs: int, per: int = 1) -> list:
+    """ms per call of ``fn`` (GPU time between CUDA events) in each of ``runs`` runs of ``per`` calls;
+    the callers pick their statistic (the best run, the median)."""
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(per):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / per)
+    return times
+
+
 def _chain_time(cfg, a, pool) -> float:
     """ms per launch of ``cfg`` in a CUDA graph of back-to-back launches that cycle through ``pool``
     (distinct weights of the same shape, e.g. every layer's: no L2 reuse), with programmatic
@@ -593,16 +608,9 @@ def _chain_time(cfg, a, pool) -> float:
         for i in range(launches):
             _launch_gemv(cfg, dict(a, w=pool[i % len(pool)]))
     graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / launches)
+    times = event_times(graph.replay, 5)
     del graph
-    return sorted(times)[2]
+    return sorted(times)[2] / launches
 
 
 def _tune(key, a, pool=None):

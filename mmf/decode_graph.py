@@ -227,20 +227,21 @@ class GraphDecoder:
         with torch.cuda.graph(self.graph):
             self._step_body()
         self.state.copy_(saved)
+        self._graph_schedules = self._schedules()
+
+    def _schedules(self) -> dict:
+        """The GEMV schedules the step launches now (those a captured graph holds, if taken then)."""
+        from mmf.kernels import ternary_gemv as tv
+
+        return {k: tv._TUNED.get(k) for k in self._keys}
 
     def _step_ms(self, steps: int = 20, reps: int = 3) -> float:
         """ms per replay of the captured step (best of ``reps`` runs of ``steps``); the state is kept."""
+        from mmf.kernels.ternary_gemv import event_times
+
         saved = self.state.clone()
         self.graph.replay()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                self.graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / steps)
+        times = event_times(self.graph.replay, reps, steps)
         self.state.copy_(saved)
         return min(times)
 
@@ -249,12 +250,16 @@ class GraphDecoder:
         are tried in the whole captured step, which decides (``ternary_gemv.refine_schedules``)."""
         from mmf.kernels import ternary_gemv as tv
 
+        def current_graph():  # re-captured only when the schedules differ from the graph's
+            if self._schedules() != self._graph_schedules:
+                self._capture()
+
         def measure():
-            self._capture()
+            current_graph()
             return self._step_ms()
 
         self.refined = tv.refine_schedules(self._keys, measure)
-        self._capture()  # the graph of the schedules kept
+        current_graph()  # the graph of the schedules kept
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
