@@ -501,13 +501,25 @@ class _BitLinearTrain(torch.autograd.Function):
         ctx.int8 = int8
         if bias is not None:
             y = y + bias.to(cdtype)
-        ctx.save_for_backward(x2, norm_weight, weight, rstd)
+        src = _norm_source(x)
+        ctx.src = None
+        if src is not None:  # x is an RMSNorm's output: keep that norm's inputs (saved by it anyway)
+            src_x, src_w, src_gate, src_eps, src_dtype = src
+            ctx.src = (src_eps, src_dtype)
+            ctx.save_for_backward(src_x, src_w, src_gate, norm_weight, weight, rstd)
+        else:
+            ctx.save_for_backward(x2, norm_weight, weight, rstd)
         ctx.cdtype, ctx.eps, ctx.has_bias, ctx.x_shape, ctx.glu = cdtype, eps, bias is not None, x.shape, glu
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, nw, weight, rstd = ctx.saved_tensors
+        if ctx.src is not None:  # recompute the norm's output, bit for bit what forward was given
+            src_x, src_w, src_gate, nw, weight, rstd = ctx.saved_tensors
+            x2 = _fwd(_rows(src_x), src_w, _rows(src_gate) if src_gate is not None else None, ctx.src[1],
+                      ctx.src[0], quant=False)[0]
+        else:
+            x2, nw, weight, rstd = ctx.saved_tensors
         cdtype = ctx.cdtype
         dy2 = _rows(dy).to(cdtype)
         if ctx.int8:  # only the int8 codes are cached: the dequantised weight lives for this product
@@ -561,11 +573,34 @@ def bitlinear_glu_train_ref(u, norm_weight, weight, bias=None, eps: float = refe
     return reference.bitlinear_train(F.silu(gate) * up, norm_weight, weight, bias, eps)
 
 
+_SOURCE_ATTR = "_mmf_norm_source"
+# A BitLinear whose input is an RMSNorm's output saves that norm's inputs (which the norm saves
+# anyway) instead of the output, and recomputes the output in its backward: one row pass more per
+# norm, and per layer the attn and mlp norm outputs (fp32: the residual stream is fp32) and the
+# gated norm's output are not stored. MMF_RECOMPUTE_NORM=0 stores them (for A/B).
+RECOMPUTE_NORM = os.environ.get("MMF_RECOMPUTE_NORM", "1") != "0"
+
+
+def _with_source(y, x, weight, gate, eps, out_dtype):
+    """Tag a norm's output with what recomputes it (read by the BitLinear that consumes it)."""
+    if RECOMPUTE_NORM and torch.is_grad_enabled():
+        setattr(y, _SOURCE_ATTR, (x, weight, gate, eps, out_dtype))
+    return y
+
+
+def _norm_source(x):
+    src = getattr(x, _SOURCE_ATTR, None)
+    if src is None or not RECOMPUTE_NORM or src[0].shape[:-1] != x.shape[:-1]:
+        return None
+    return src
+
+
 def rms_norm_train(x, weight, eps, out_dtype=None):
     """Triton twin of ``reference.rms_norm`` with a backward that saves only x and rstd."""
-    return _RMSNormTrain.apply(x, weight, None, eps, out_dtype or x.dtype)
+    out_dtype = out_dtype or x.dtype
+    return _with_source(_RMSNormTrain.apply(x, weight, None, eps, out_dtype), x, weight, None, eps, out_dtype)
 
 
 def gated_rms_norm_train(g, weight, gate, eps):
     """Triton twin of ``reference.gated_rms_norm``: rmsnorm(g) * weight * silu(gate), in g's dtype."""
-    return _RMSNormTrain.apply(g, weight, gate, eps, g.dtype)
+    return _with_source(_RMSNormTrain.apply(g, weight, gate, eps, g.dtype), g, weight, gate, eps, g.dtype)

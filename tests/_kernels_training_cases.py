@@ -198,8 +198,64 @@ def mlgru_cases(results):
                 MS.CHUNK_T = old
 
 
+def _saved_storages(fn, leaves):
+    """Run fn under saved-tensor hooks: the storages (data pointers) autograd keeps for backward."""
+    ptrs = set()
+
+    def pack(t):
+        ptrs.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*leaves)
+    return out, ptrs
+
+
+def recompute_cases(results):
+    """A BitLinear fed by an RMSNorm (plain: fp32 residual stream; gated: the MLGRU output) recomputes
+    the norm's output in its backward instead of storing it: same outputs and gradients, bit for
+    bit, as with the output stored (BF.RECOMPUTE_NORM = False), and the output's storage is not kept."""
+    g = torch.Generator().manual_seed(300)
+    x = torch.randn(2, 5, 37, generator=g)
+    bw = 1 + 0.2 * torch.randn(37, generator=g)
+    nw = 1 + 0.2 * torch.randn(37, generator=g)
+    w = 0.05 * torch.randn(19, 37, generator=g)
+    gg = torch.randn(2, 5, 37, generator=g).to(torch.bfloat16)
+    s = torch.randn(2, 5, 37, generator=g).to(torch.bfloat16)
+
+    def plain(x, bw, nw, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = BF.rms_norm_train(x, bw, 1e-6)
+            return BF.bitlinear_train_fused(h, nw, w), h
+
+    def gated(gg, s, bw, nw, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = BF.gated_rms_norm_train(gg, bw, s, 1e-6)
+            return BF.bitlinear_train_fused(o, nw, w), o
+
+    for name, fn, inputs in (("plain", plain, [x, bw, nw, w]), ("gated", gated, [gg, s, bw, nw, w])):
+        runs = {}
+        for flag in (True, False):
+            BF.RECOMPUTE_NORM = flag
+            try:
+                leaves = [_leaf(t) for t in inputs]
+                (y, h), ptrs = _saved_storages(fn, leaves)
+                gen = torch.Generator().manual_seed(9)
+                loss = (y.float() * torch.randn(y.shape, generator=gen)).sum()
+                grads = torch.autograd.grad(loss, leaves)
+                runs[flag] = (y, grads, h.untyped_storage().data_ptr() in ptrs)
+            finally:
+                BF.RECOMPUTE_NORM = True
+        (y1, g1, kept1), (y0, g0, kept0) = runs[True], runs[False]
+        results[f"recompute/{name}"] = {
+            "out_max_abs_diff": (y1.float() - y0.float()).abs().max().item(),
+            "grad_max_abs_diff": max((a - b).abs().max().item() for a, b in zip(g1, g0)),
+            "norm_output_kept_with_recompute": float(kept1),
+            "norm_output_kept_without": float(kept0)}
+
+
 def main():
-    which = sys.argv[1:] or ["bitlinear", "int8", "cache", "norm", "mlgru"]
+    which = sys.argv[1:] or ["bitlinear", "int8", "cache", "norm", "mlgru", "recompute"]
     results = {}
     if "bitlinear" in which:
         bitlinear_cases(results)
@@ -211,6 +267,8 @@ def main():
         norm_cases(results)
     if "mlgru" in which:
         mlgru_cases(results)
+    if "recompute" in which:
+        recompute_cases(results)
     print(json.dumps(results))
 
 

@@ -107,3 +107,12 @@ def test_mlgru_fused_gates_and_scan(results):
 def test_mlgru_plain_scan(results):
     names = _check(results, "mlgru_scan/")
     assert len(names) == 8
+
+
+def test_bitlinear_recomputes_its_norm_input(results):
+    """A BitLinear fed by an RMSNorm (plain or gated) does not keep the norm's output for backward:
+    it recomputes it, and outputs and gradients are bit-equal to storing it."""
+    for name in ("recompute/plain", "recompute/gated"):
+        r = results[name]
+        assert r["out_max_abs_diff"] == 0 and r["grad_max_abs_diff"] == 0, (name, r)
+        assert r["norm_output_kept_with_recompute"] == 0 and r["norm_output_kept_without"] == 1, (name, r)
