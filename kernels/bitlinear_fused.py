@@ -504,8 +504,9 @@ class _BitLinearTrain(torch.autograd.Function):
         src = _norm_source(x)
         ctx.src = None
         if src is not None:  # x is an RMSNorm's output: keep that norm's inputs (saved by it anyway)
-            src_x, src_w, src_gate, src_eps, src_dtype = src
-            ctx.src = (src_eps, src_dtype)
+            src_x, src_w, src_gate, src_eps, src_dtype, shared = src
+            shared.uses += 1
+            ctx.src = (src_eps, src_dtype, shared)
             ctx.save_for_backward(src_x, src_w, src_gate, norm_weight, weight, rstd)
         else:
             ctx.save_for_backward(x2, norm_weight, weight, rstd)
@@ -516,8 +517,14 @@ class _BitLinearTrain(torch.autograd.Function):
     def backward(ctx, dy):
         if ctx.src is not None:  # recompute the norm's output, bit for bit what forward was given
             src_x, src_w, src_gate, nw, weight, rstd = ctx.saved_tensors
-            x2 = _fwd(_rows(src_x), src_w, _rows(src_gate) if src_gate is not None else None, ctx.src[1],
-                      ctx.src[0], quant=False)[0]
+            eps, dtype, shared = ctx.src
+            if shared.out is None:  # once for all the BitLinears that read it (i, f and g share one)
+                shared.out = _fwd(_rows(src_x), src_w, _rows(src_gate) if src_gate is not None else None, dtype,
+                                  eps, quant=False)[0]
+            x2 = shared.out
+            shared.uses -= 1
+            if shared.uses == 0:  # the last of them: drop it
+                shared.out = None
         else:
             x2, nw, weight, rstd = ctx.saved_tensors
         cdtype = ctx.cdtype
@@ -581,10 +588,20 @@ _SOURCE_ATTR = "_mmf_norm_source"
 RECOMPUTE_NORM = os.environ.get("MMF_RECOMPUTE_NORM", "1") != "0"
 
 
+class _Recomputed:
+    """The recomputed output of one norm, shared by the BitLinears that read it in backward, and how
+    many of their backwards are still to come (the last one drops it)."""
+
+    __slots__ = ("uses", "out")
+
+    def __init__(self):
+        self.uses, self.out = 0, None
+
+
 def _with_source(y, x, weight, gate, eps, out_dtype):
     """Tag a norm's output with what recomputes it (read by the BitLinear that consumes it)."""
     if RECOMPUTE_NORM and torch.is_grad_enabled():
-        setattr(y, _SOURCE_ATTR, (x, weight, gate, eps, out_dtype))
+        setattr(y, _SOURCE_ATTR, (x, weight, gate, eps, out_dtype, _Recomputed()))
     return y
 
 

@@ -116,3 +116,6 @@ def test_bitlinear_recomputes_its_norm_input(results):
         r = results[name]
         assert r["out_max_abs_diff"] == 0 and r["grad_max_abs_diff"] == 0, (name, r)
         assert r["norm_output_kept_with_recompute"] == 0 and r["norm_output_kept_without"] == 1, (name, r)
+        # recomputed once in backward, though three BitLinears read the plain norm's output
+        assert results[f"{name}/forward_passes_in_backward/True"]["count"] == 1
+        assert results[f"{name}/forward_passes_in_backward/False"]["count"] == 0
