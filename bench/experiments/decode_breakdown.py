@@ -8,6 +8,8 @@
 #   late           PARAMS_EARLY = False: the prologue's constant loads after the wait
 #   ahead2         AHEAD = 2: two row blocks in flight per program, both issued before the wait
 #                  (needs patches/gemv_ahead2.diff)
+#   pipeS          STAGES = S: batch-1 GEMVs as one software-pipelined loop of S stages, the
+#                  prologue in its first iteration (needs patches/gemv_pipelined.diff)
 #   pfM_dD         L2 prefetch of the next D row blocks, mode M (needs patches/gemv_l2_prefetch.diff)
 # EXTRA=path[,path] adds other kernel modules (e.g. an earlier ternary_gemv.py) as variants
 # "extra:<file name>", tuned afresh. CHECK=1 (default) first runs kernel_bench's quick correctness
@@ -44,6 +46,8 @@ EDITS = {"base": [], "nopro": NOPRO, "nowait": [(re.compile(r"^(\s*)gdc_wait\(\)
          "late": [(re.compile(r"^PARAMS_EARLY = .*$", re.M), "PARAMS_EARLY = False")]}
 EDITS["nopro_nowait"] = EDITS["nopro"] + EDITS["nowait"]
 EDITS["ahead2"] = [(re.compile(r"^AHEAD = .*$", re.M), "AHEAD = 2")]
+for _st in (2, 3, 4, 6):
+    EDITS[f"pipe{_st}"] = [(re.compile(r"^STAGES = .*$", re.M), f"STAGES = {_st}")]
 for _mode in (1, 2):
     for _depth in (1, 2, 4):
         EDITS[f"pf{_mode}_d{_depth}"] = [(re.compile(r"^PF_MODE = .*$", re.M), f"PF_MODE = {_mode}"),
