@@ -28,12 +28,17 @@ def generate(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Generate through ONNX Runtime from an `mmf export-onnx` "
                                         "directory (instead of CHECKPOINT)."),
+    graph: bool = typer.Option(False, "--graph", help="With --device cuda: each decode step is one CUDA-graph replay "
+                               "of a static decoder (MatMul-free: the fused Triton kernels, compiled and tuned at "
+                               "start, tens of seconds; pays off on long generations)."),
 ):
     """Sample text from a checkpoint, streaming it as it is produced (O(1) memory per token)."""
     from mmf.generate import generate_text
     from mmf.onnx_runtime import generate_onnx_text, onnx_source
 
     onnx = onnx_source(checkpoint, onnx)
+    if graph and onnx is not None:
+        raise MMFError("--graph and --onnx do not go together: ONNX Runtime runs its own graph; drop one")
     text = read_prompt(prompt, prompt_file)
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -45,7 +50,7 @@ def generate(
     if onnx is not None:
         generate_onnx_text(onnx, text, max_new_tokens, temperature, top_k, top_p, seed, write)
     else:
-        generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, write)
+        generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, write, graph)
     sys.stdout.write("\n")
 
 

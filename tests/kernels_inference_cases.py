@@ -250,3 +250,17 @@ def test_graph_decoder_matches_eager_model(batch, packed):
     if batch <= 2:
         gen = dec.generate(ids, 2)
         assert gen.shape == (batch, 9) and torch.equal(gen[:, 7:], torch.stack(ref_tokens, 1))
+
+
+def test_generate_graph_path_matmul_free():
+    """generate_ids(graph=True) on a frozen MatMul-free model drives GraphDecoder (its Triton kernels;
+    no graph on the CPU): with a seed, the eager path's sampled tokens (greedy agreement of the
+    decoder itself: test_graph_decoder_matches_eager_model)."""
+    from conftest import small_model
+
+    from mmf.generate import generate_ids
+
+    model = small_model("mmf", seed=4, intermediate_size=90).freeze()
+    prompt = torch.randint(3, 259, (3,), generator=torch.Generator().manual_seed(4)).tolist()
+    kw = dict(temperature=0.8, top_p=0.9, seed=1)
+    assert generate_ids(model, prompt, 2, graph=True, **kw) == generate_ids(model, prompt, 2, **kw)

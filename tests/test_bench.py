@@ -304,3 +304,14 @@ def test_train_bench_variants_and_ratios_on_cpu():
         assert r[f"batch_compared_{base}"] == 2 and r[f"loss_step0_rel_diff_fused_vs_{base}"] == 0
         assert -1 < r[f"step_time_reduction_vs_{base}"] < 1
     assert r["tokens_per_s_fused_over_transformer++"] > 0
+
+
+def test_generate_graph_path_gives_the_eager_tokens():
+    """generate_ids(graph=True) drives the static decoder (here StaticLlama, eager on the CPU) with the
+    eager path's sampling: same greedy tokens, and with a seed the same sampled ones."""
+    model = small_model("transformer++", num_key_value_heads=2)
+    prompt = torch.randint(3, 259, (11,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert generate_ids(model, prompt, 12, graph=True) == generate_ids(model, prompt, 12)
+    kw = dict(temperature=0.9, top_k=50, seed=3)
+    assert generate_ids(model, prompt, 12, graph=True, **kw) == generate_ids(model, prompt, 12, **kw)
+

@@ -77,6 +77,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_mmf_ckpt):
     prompt.write_bytes(b"caf\xe9 latin-1")
     assert_one_line_error(run_cli("generate", tiny_mmf_ckpt, "--prompt-file", prompt), "not UTF-8")
 
+    assert_one_line_error(run_cli("generate", tiny_mmf_ckpt, "-p", "x", "--graph"),
+                          "--graph replays CUDA graphs: it needs --device cuda")
+    assert_one_line_error(run_cli("generate", "-p", "x", "--graph", "--onnx", tmp_path), "--graph and --onnx")
+
     # --debug shows the traceback instead
     res = run_cli("--debug", "generate", tmp_path / "nope", "-p", "x")
     assert res.returncode != 0 and "Traceback" in res.stderr
