@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, schedule_cache
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not INTERPRET:  # libdevice is not available to the interpreter
@@ -624,6 +624,11 @@ def _tune(key, a, pool=None):
     if INTERPRET or not TUNE or not a["out"].is_cuda or torch.cuda.is_current_stream_capturing():
         _TUNED[key] = cands[0]
         return cands[0]
+    ctx = schedule_cache.context(a["out"].device, __file__)
+    stored = schedule_cache.lookup("gemv", key, ctx)
+    if stored in cands:  # tuned (and refined) by an earlier process for this GPU, software and kernel
+        _TUNED[key] = stored
+        return stored
     best, best_t = cands[0], float("inf")
     ranking = []
     for cfg in cands:
@@ -642,7 +647,15 @@ def _tune(key, a, pool=None):
             best, best_t = cfg, t
     _TUNED[key] = best
     _RANKING[key] = [cfg for _, cfg in sorted(ranking, key=lambda r: r[0])]
+    schedule_cache.store("gemv", {key: best}, ctx)
     return best
+
+
+def store_schedules(keys, device) -> None:
+    """Keep the current schedules of ``keys`` (e.g. after ``refine_schedules``) in the on-disk cache."""
+    if device.type == "cuda" and not INTERPRET:
+        schedule_cache.store("gemv", {k: _TUNED[k] for k in keys if k in _TUNED},
+                             schedule_cache.context(device, __file__))
 
 
 def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=None, n=None,

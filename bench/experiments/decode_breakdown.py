@@ -33,6 +33,7 @@ from mmf.bench import kernel_bench as kb
 from mmf.bench.model_bench import build_mmf_random
 from mmf.config import model_preset
 from mmf.decode_graph import GraphDecoder
+from mmf.kernels import schedule_cache
 from mmf.kernels import ternary_gemv as tv
 
 t0 = time.time()
@@ -58,6 +59,7 @@ REAL_GEMV = tv.gemv
 # Every variant, "base" too, is a loaded copy of the kernel module running the schedules given to it
 # (``use``); the decoder's refinement would act on the installed module only, so it stays off.
 GraphDecoder.REFINE = False
+schedule_cache.ENABLED = False  # every variant is tuned in this run, never read from an earlier one
 
 
 def log(*a):
