@@ -3,9 +3,9 @@
 The MatMul-free model decodes with its O(1) recurrent state, Transformer++ with its KV cache;
 both through the same ``model(input_ids, cache)`` call. With ``graph=True`` (``mmf generate
 --graph``) each decode step is instead one CUDA-graph replay of a static decoder: for a MatMul-free
-model ``mmf.decode_graph.GraphDecoder`` (the fused Triton kernels on the packed weights; building
-it compiles and tunes them, tens of seconds, once per process), for Transformer++
-``mmf.llama_static.StaticLlama`` (static KV cache sized for the prompt and the new tokens). Same
+model ``mmf.decode_graph.GraphDecoder`` (the fused Triton kernels on the packed weights; the first
+build on a machine compiles and tunes them, tens of seconds, and keeps the schedules on disk), for
+Transformer++ ``mmf.llama_static.StaticLlama`` (static KV cache sized for prompt and new tokens). Same
 tokens as the eager path up to rounding flips of the activation quantiser (reference-semantics.md);
 sampling runs on the host from the logits either way.
 """
@@ -58,7 +58,9 @@ class _StaticSteps:
         from types import SimpleNamespace
 
         if cache is None:  # the prompt
-            logits = self.dec.prefill(ids) if not self.llama else (self.dec.prefill(ids), self.dec.logits)[1]
+            logits = self.dec.prefill(ids)
+            if self.llama:  # StaticLlama's prefill returns its greedy pick; the logits stay in .logits
+                logits = self.dec.logits
         elif self.llama:
             self.dec.tok.copy_(ids.reshape(-1))  # the sampled token replaces the step's own greedy pick
             self.dec.step()
