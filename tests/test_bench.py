@@ -300,9 +300,11 @@ def test_train_bench_variants_and_ratios_on_cpu():
     losses = {rows[v]["loss_step0"] for v in ("fused", "unfused-bitlinear", "unfused")}
     assert len(losses) == 1 and math.isfinite(losses.pop())
     r = res["ratios"]["tiny"]
-    for base in ("unfused_bitlinear", "unfused"):
-        assert r[f"batch_compared_{base}"] == 2 and r[f"loss_step0_rel_diff_fused_vs_{base}"] == 0
-        assert -1 < r[f"step_time_reduction_vs_{base}"] < 1
+    for base in ("unfused-bitlinear", "unfused"):
+        sfx = base.replace("-", "_")
+        assert r[f"batch_compared_{sfx}"] == 2 and r[f"loss_step0_rel_diff_fused_vs_{sfx}"] == 0
+        # the same arithmetic on CPU, so only the definition is checked, not a speed-up
+        assert r[f"step_time_reduction_vs_{sfx}"] == round(1 - rows["fused"]["step_s"] / rows[base]["step_s"], 4)
     assert r["tokens_per_s_fused_over_transformer++"] > 0
 
 
