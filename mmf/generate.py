@@ -12,6 +12,7 @@ sampling runs on the host from the logits either way.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -55,8 +56,6 @@ class _StaticSteps:
             self.llama = True
 
     def __call__(self, ids: torch.Tensor, cache=None):
-        from types import SimpleNamespace
-
         if cache is None:  # the prompt
             logits = self.dec.prefill(ids)
             if self.llama:  # StaticLlama's prefill returns its greedy pick; the logits stay in .logits
