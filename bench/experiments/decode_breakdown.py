@@ -6,6 +6,10 @@
 #                  wrong; timing only): what the dependency between kernels costs
 #   nopro_nowait   both: the weight stream, launches and epilogues alone
 #   late           PARAMS_EARLY = False: the prologue's constant loads after the wait
+#   nostats        the decoder's ``Stats`` ignored: every prologue reduces its whole input row (only
+#                  meaningful with patches/gemv_stats_from_producer.diff applied)
+#   nostore        the prologue's scratch stores masked off (timing only); nostore_nobar also drops
+#                  the barrier after them
 #   ahead2         AHEAD = 2: two row blocks in flight per program, both issued before the wait
 #                  (needs patches/gemv_ahead2.diff)
 #   pipeS          STAGES = S: batch-1 GEMVs as one software-pipelined loop of S stages, the
@@ -46,6 +50,15 @@ NOPRO = [("    if PRO != 4:\n", "    if PRO == 99:\n"),  # kernels up to 346b7fb
 EDITS = {"base": [], "nopro": NOPRO, "nowait": [(re.compile(r"^(\s*)gdc_wait\(\)$", re.M), r"\1pass")],
          "late": [(re.compile(r"^PARAMS_EARLY = .*$", re.M), "PARAMS_EARLY = False")]}
 EDITS["nopro_nowait"] = EDITS["nopro"] + EDITS["nowait"]
+# nostore: the prologue computes everything but does not store its quantised activations (the main loop
+# reads the stale ones; timing only): what the round trip through the scratch costs; nostore_nobar also
+# drops the barrier between the prologue's stores and the loads
+EDITS["nostore"] = [("word, mask=w2 < PW)", "word, mask=(w2 < PW) & (M < 0))")]
+EDITS["nostore_nobar"] = EDITS["nostore"] + [("        tl.debug_barrier()\n", "")]
+# nostats: every prologue reduces its whole input row itself (no ``Stats`` from the previous GEMV;
+# patches/gemv_stats_from_producer.diff)
+EDITS["nostats"] = [("    m = out.shape[0]\n    nseg = len(weights)\n",
+                     "    stats_in = stats_out = next_norm = None\n    m = out.shape[0]\n    nseg = len(weights)\n")]
 EDITS["ahead2"] = [(re.compile(r"^AHEAD = .*$", re.M), "AHEAD = 2")]
 for _st in (2, 3, 4, 6):
     EDITS[f"pipe{_st}"] = [(re.compile(r"^STAGES = .*$", re.M), f"STAGES = {_st}")]
