@@ -353,6 +353,13 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("kernel_bench: needs a CUDA GPU", file=sys.stderr)
         return 2
+    from mmf.kernels.schedule_cache import disabled
+
+    with disabled():  # every run tunes afresh (its build times and schedules are results)
+        return _run(args)
+
+
+def _run(args) -> int:
     import triton
 
     dtype = getattr(torch, args.dtype)
@@ -363,10 +370,8 @@ def main(argv=None):
     bw = copy_bandwidth()
     res["copy_bandwidth_GB_s"] = bw / 1e9
     log(f"{res['device']}  torch {res['torch']}  triton {res['triton']}  copy bandwidth {bw / 1e9:.0f} GB/s")
-    from mmf.kernels import schedule_cache
     from mmf.kernels import ternary_gemv as tv
 
-    schedule_cache.ENABLED = False  # every run tunes afresh (its build times and schedules are results)
     tv.TUNE = False  # correctness does not need tuned schedules (each tuning run compiles variants)
     res["correctness"] = check_kernels(args.smoke)
     table(res["correctness"], "correctness: Triton vs torch reference on the GPU")

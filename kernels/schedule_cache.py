@@ -109,3 +109,25 @@ def store(table: str, entries: dict, ctx: str) -> None:
     except OSError:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def pick(table: str, key, device, source_file: str, candidates: list, time_of):
+    """The schedule of ``key``: the stored one if the kernel still offers it, else the fastest of
+    ``candidates`` by ``time_of(schedule)`` (a candidate that raises, e.g. one that does not fit in
+    registers or shared memory, is skipped), which is then stored. Returns ``(schedule, ranking)``:
+    ``ranking`` lists the candidates timed, fastest first (empty when the schedule was read back)."""
+    ctx = context(device, source_file)
+    stored = lookup(table, key, ctx)
+    if stored in candidates:
+        return stored, []
+    timed = []
+    for cfg in candidates:
+        try:
+            timed.append((time_of(cfg), cfg))
+        except Exception:  # noqa: BLE001 - any launch failure rules the candidate out
+            continue
+    ranking = [cfg for _, cfg in sorted(timed, key=lambda r: r[0])]
+    if not ranking:
+        return candidates[0], []
+    store(table, {key: ranking[0]}, ctx)
+    return ranking[0], ranking

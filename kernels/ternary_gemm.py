@@ -170,20 +170,10 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
 
         if (not INTERPRET and ternary_gemv.TUNE and out.is_cuda and not torch.cuda.is_current_stream_capturing()
                 and len(cands) > 1):
-            ctx = schedule_cache.context(out.device, __file__)
-            stored = schedule_cache.lookup("gemm", key, ctx)
-            if stored in cands:  # tuned by an earlier process for this GPU, software and kernel
-                cfg = stored
-            else:
-                best_t = float("inf")
-                for c in cands:
-                    try:
-                        t = triton.testing.do_bench(lambda: _launch(c, a), warmup=5, rep=20, return_mode="median")
-                    except Exception:
-                        continue
-                    if t < best_t:
-                        cfg, best_t = c, t
-                schedule_cache.store("gemm", {key: cfg}, ctx)
+            def time_of(c):
+                return triton.testing.do_bench(lambda: _launch(c, a), warmup=5, rep=20, return_mode="median")
+
+            cfg, _ = schedule_cache.pick("gemm", key, out.device, __file__, cands, time_of)
         _TUNED[key] = cfg
     try:
         _launch(cfg, a)

@@ -624,30 +624,20 @@ def _tune(key, a, pool=None):
     if INTERPRET or not TUNE or not a["out"].is_cuda or torch.cuda.is_current_stream_capturing():
         _TUNED[key] = cands[0]
         return cands[0]
-    ctx = schedule_cache.context(a["out"].device, __file__)
-    stored = schedule_cache.lookup("gemv", key, ctx)
-    if stored in cands:  # tuned (and refined) by an earlier process for this GPU, software and kernel
-        _TUNED[key] = stored
-        return stored
-    best, best_t = cands[0], float("inf")
-    ranking = []
-    for cfg in cands:
-        try:
-            if pool is not None and len(pool) >= 2:
-                t = _chain_time(cfg, a, pool)
-            else:
-                # without PDL: a PDL launch overlaps do_bench's cache-flush kernel and its timing
-                # events, which ranks schedules by how much they overlap instead of by their own time
-                t = triton.testing.do_bench(lambda: _launch_gemv(cfg, a, allow_pdl=False), warmup=5, rep=20,
-                                            return_mode="median")
-        except Exception:  # a config that does not fit (registers, shared memory) is skipped
-            continue
-        ranking.append((t, cfg))
-        if t < best_t:
-            best, best_t = cfg, t
+
+    def time_of(cfg):
+        if pool is not None and len(pool) >= 2:
+            return _chain_time(cfg, a, pool)
+        # without PDL: a PDL launch overlaps do_bench's cache-flush kernel and its timing events, which
+        # ranks schedules by how much they overlap instead of by their own time
+        return triton.testing.do_bench(lambda: _launch_gemv(cfg, a, allow_pdl=False), warmup=5, rep=20,
+                                       return_mode="median")
+
+    # a schedule read back was tuned (and refined) by an earlier process for this GPU, software and kernel
+    best, ranking = schedule_cache.pick("gemv", key, a["out"].device, __file__, cands, time_of)
     _TUNED[key] = best
-    _RANKING[key] = [cfg for _, cfg in sorted(ranking, key=lambda r: r[0])]
-    schedule_cache.store("gemv", {key: best}, ctx)
+    if ranking:
+        _RANKING[key] = ranking
     return best
 
 

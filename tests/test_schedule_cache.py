@@ -52,3 +52,31 @@ def test_cache_off(tmp_path, monkeypatch):
     monkeypatch.delenv("MMF_SCHEDULE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert sc.cache_path() == tmp_path / "xdg" / "mmf" / "schedules.json"
+
+
+def test_pick_times_once_then_reads_back(tmp_path, monkeypatch):
+    """``pick``: the first call times every candidate (one that fails is skipped) and stores the
+    fastest; a later call reads it back without timing; a stored schedule the kernel no longer
+    offers is timed afresh; if every candidate fails, the first is used and nothing is stored."""
+    path = tmp_path / "schedules.json"
+    monkeypatch.setenv("MMF_SCHEDULE_CACHE", str(path))
+    monkeypatch.setattr(sc, "context", lambda device, source: "GPU sm90 src")
+    sc._MEMORY.clear()
+    ms = {(8, 4, 2): 3.0, (16, 8, 1): 1.5, (4, 4, 4): 2.0}
+    timed = []
+
+    def time_of(cfg):
+        timed.append(cfg)
+        if cfg == (32, 16, 1):
+            raise RuntimeError("out of resources")
+        return ms[cfg]
+
+    cands = [(8, 4, 2), (32, 16, 1), (16, 8, 1), (4, 4, 4)]
+    best, ranking = sc.pick("gemv", "k", None, "src.py", cands, time_of)
+    assert best == (16, 8, 1) and ranking == [(16, 8, 1), (4, 4, 4), (8, 4, 2)] and timed == cands
+    timed.clear()
+    sc._MEMORY.clear()  # a new process
+    assert sc.pick("gemv", "k", None, "src.py", cands, time_of) == ((16, 8, 1), []) and not timed
+    assert sc.pick("gemv", "k", None, "src.py", [(8, 4, 2), (4, 4, 4)], time_of) == ((4, 4, 4), [(4, 4, 4), (8, 4, 2)])
+    assert sc.pick("gemm", "j", None, "src.py", [(32, 16, 1)], time_of) == ((32, 16, 1), [])
+    assert sc.lookup("gemm", "j", "GPU sm90 src") is None
