@@ -40,7 +40,8 @@ of size 3d + m + vocab, and two fp32 states (L, batch, d). Building the decoder 
 Measured on an H100 (``bench/results/kernel_bench_h100.md``, random packed weights, fp16,
 batch 1): 370m 0.31 ms/token, 13b 1.95-2.03 ms/token (floor 1.09 ms) with 3.85 GB allocated;
 13b prefill of 128 tokens 8.8 ms (graph replay). Building tunes each GEMV shape by timing its
-candidate schedules in a CUDA graph over every layer's weights of that shape (``tune_pool``), then
+candidate schedules in a CUDA graph over every layer's weights of that shape (``tune_pool``; the LM
+head, which has one, over stand-ins read from the embedding table's memory: ``_timing_pool``), then
 tries each shape's two runners-up in the whole captured step and keeps one only if the step gets
 faster by more than 1 % (``_refine``; ``MMF_REFINE=0`` skips it). Measured on an H100
 (``bench/results/gemv_refine_ab_h100.json``): 370m 0.310 -> 0.305 ms/token (one shape changed),
@@ -138,8 +139,10 @@ class GraphDecoder:
         self.ifg = torch.zeros(B, 3 * d, dtype=dt, device=dev)
         self.v = torch.zeros(B, m, dtype=dt, device=dev)
         self.logits = torch.zeros(B, V, dtype=dt, device=dev)
-        self._tune_pools = {"ifg": [ly["ifg"] for ly in self.layers],
-                            **{k: [[ly[k].packed] for ly in self.layers] for k in ("o", "gu", "down")}}
+        self._tune_pools = {k: self._timing_pool(v) for k, v in (
+            ("ifg", [ly["ifg"] for ly in self.layers]),
+            *((k, [[ly[k].packed] for ly in self.layers]) for k in ("o", "gu", "down")),
+            ("head", [[self.head.packed]]))}
         self.sc_d = tv.Scratch(3, B, d, dev)
         self.sc_m = tv.Scratch(1, B, m, dev)
         self.graph = None
@@ -152,6 +155,29 @@ class GraphDecoder:
             if self.REFINE and tv.TUNE and any(k in tv._RANKING for k in self._keys):
                 self._refine()
                 tv.store_schedules(self._keys, self.device)
+
+    TIMING_POOL = 4  # fewest weight sets a GEMV shape's schedules are timed over (``tune_pool``)
+
+    def _timing_pool(self, weight_lists: list) -> list:
+        """The weights a GEMV shape's candidate schedules are timed over, so that no launch of the
+        timing chain finds its weights in L2 (``ternary_gemv._chain_time``): every layer's weights of
+        that shape and, while there are fewer than ``TIMING_POOL`` sets (the LM head has one, a
+        one-layer model one per shape), distinct stretches of the embedding table's bytes viewed in
+        that shape. The timing only reads them (the kernel's time does not depend on the values) and
+        no memory is allocated for them."""
+        pool = list(weight_lists)
+        raw = self.emb.reshape(-1).view(torch.uint8) if self.emb.is_contiguous() else None
+        off = 0
+        while raw is not None and len(pool) < self.TIMING_POOL:
+            sizes = [w.numel() for w in weight_lists[0]]
+            if off + sum(sizes) > raw.numel():
+                break
+            entry = []
+            for w, n in zip(weight_lists[0], sizes):
+                entry.append(raw[off:off + n].view(w.shape))
+                off += n
+            pool.append(entry)
+        return pool
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -210,7 +236,7 @@ class GraphDecoder:
         h = self.head
         if self.gemv_path:
             tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
-                    norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d)
+                    norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
         else:
             tg.quantize(self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=self.final_norm,
                         eps_model=self.eps_final)

@@ -252,6 +252,37 @@ def test_graph_decoder_matches_eager_model(batch, packed):
         assert gen.shape == (batch, 9) and torch.equal(gen[:, 7:], torch.stack(ref_tokens, 1))
 
 
+def test_graph_decoder_timing_pools():
+    """Every GEMV shape is tuned over at least ``TIMING_POOL`` weight sets of its shape: the layers' own
+    and, for the LM head (one set) and shapes of fewer layers, disjoint views of the embedding
+    table's memory (nothing allocated)."""
+    from conftest import small_model
+
+    from mmf.decode_graph import GraphDecoder
+
+    dec = GraphDecoder(small_model("mmf", seed=4).freeze(), 1)
+    emb = dec.emb
+    lo, hi = emb.data_ptr(), emb.data_ptr() + emb.numel() * emb.element_size()
+    assert sorted(dec._tune_pools) == ["down", "gu", "head", "ifg", "o"]
+    spans = []
+    for key, pool in dec._tune_pools.items():
+        assert len(pool) == GraphDecoder.TIMING_POOL, key
+        own = 1 if key == "head" else dec.L
+        for entry in pool:
+            assert [w.shape for w in entry] == [w.shape for w in pool[0]]
+        if key == "head":
+            assert pool[0][0] is dec.head.packed
+        else:  # the layers' own weights first
+            assert all(pool[l][0] is (ly["ifg"][0] if key == "ifg" else ly[key].packed) for l, ly in enumerate(dec.layers))
+        for entry in pool[own:]:
+            for w in entry:
+                assert w.dtype == torch.uint8 and lo <= w.data_ptr() and w.data_ptr() + w.numel() <= hi
+                spans.append((key, w.data_ptr(), w.data_ptr() + w.numel()))
+    for key in {k for k, _, _ in spans}:  # within one shape's pool the stand-ins do not overlap
+        s = sorted((a, b) for k, a, b in spans if k == key)
+        assert all(b0 <= a1 for (_, b0), (a1, _) in zip(s, s[1:])), key
+
+
 def test_generate_graph_path_matmul_free():
     """generate_ids(graph=True) on a frozen MatMul-free model drives GraphDecoder (its Triton kernels;
     no graph on the CPU): with a seed, the eager path's sampled tokens (greedy agreement of the
