@@ -167,9 +167,9 @@ class GraphDecoder:
         no memory is allocated for them."""
         pool = list(weight_lists)
         raw = self.emb.reshape(-1).view(torch.uint8) if self.emb.is_contiguous() else None
+        sizes = [w.numel() for w in weight_lists[0]]
         off = 0
         while raw is not None and len(pool) < self.TIMING_POOL:
-            sizes = [w.numel() for w in weight_lists[0]]
             if off + sum(sizes) > raw.numel():
                 break
             entry = []
