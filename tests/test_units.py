@@ -1,0 +1,16 @@
+"""mmf.units.human_bytes: the unit follows the size (a 3 MB disk is not "0.00 GiB")."""
+
+from mmf.units import human_bytes
+
+
+def test_human_bytes_picks_the_unit():
+    assert human_bytes(3_000_000) == "3 MB"
+    assert human_bytes(3 * 2**20, binary=True) == "3 MiB"
+    assert human_bytes(3_210_000_000) == "3.21 GB"
+    assert human_bytes(12_400_000) == "12.4 MB"
+    assert human_bytes(812_000) == "812 kB"
+    assert human_bytes(17) == "17 B" and human_bytes(0) == "0 B"
+    assert human_bytes(999_700_000) == "1 GB"  # not "1000 MB"
+    assert human_bytes(26.5e12) == "26.5 TB" and human_bytes(2.5e15) == "2500 TB"
+    assert human_bytes(-5_000_000) == "-5 MB"
+    assert human_bytes(None) == "-"
