@@ -9,9 +9,6 @@ Nothing here unpickles anything; tensors are read one at a time through ``safe_o
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,6 +19,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, load_hf_config
 from .errors import CheckpointError, MMFError
+from .outputs import atomic_directory
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,33 +39,6 @@ def parse_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise MMFError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16") from None
-
-
-@contextmanager
-def atomic_directory(out: Path, overwrite: bool = False):
-    """Yield a temporary directory beside ``out``; on success it replaces ``out`` in one rename.
-
-    On any error the temporary directory is removed and ``out`` is untouched.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise MMFError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise MMFError(f"{out.parent} is not writable; choose another output directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def checkpoint_state_dict(model: torch.nn.Module) -> dict:

@@ -228,7 +228,8 @@ def prepare_tokens(files: list[Path], tok_cfg, cache_dir: Path, text_field: str 
         return out
     if log:
         log(f"tokenising {len(files)} file(s) into {out}")
-    with atomic_directory(out, overwrite=True) as tmp:
+    # an incomplete folder of this name (no meta.json) is this cache's own: replace it
+    with atomic_directory(out, overwrite=True, is_ours=lambda p: True) as tmp:
         if tok_cfg.type == "byte":
             tokenizer = ByteTokenizer()
         elif tok_cfg.type == "file":
