@@ -1,0 +1,281 @@
+"""Where a decode step's time goes: whole-model ``GraphDecoder`` decode timed with parts of the decode
+GEMV's work removed, on one CUDA GPU.
+
+    python -m mmf.bench.decode_breakdown [--sizes 13b] [--variants base nopro nowait nopro_nowait base]
+        [--extra OLD_KERNEL.py ...] [--sweep base ...] [--no-check] [--json-out decode_breakdown.json]
+
+Each variant is a copy of the installed kernel module (``mmf.kernels.ternary_gemv``) with a text edit;
+every edited variant runs the schedules tuned once on the real kernel, so only the edit differs:
+
+    base           the kernel as installed
+    nopro          no prologue: the activations already in the scratch are used (stale; timing only)
+    nowait         no ``gdc_wait``: each kernel starts without waiting for the previous one (results
+                   wrong; timing only): what the dependency between kernels costs
+    nopro_nowait   both: the weight stream, launches and epilogues alone
+    late           ``PARAMS_EARLY = False``: the prologue's constant loads after the wait
+    nostore        the prologue's scratch stores masked off (timing only): what the round trip
+                   through the scratch costs; nostore_nobar also drops the barrier after them
+
+``--extra FILE`` adds another kernel module (e.g. ``git show COMMIT:kernels/ternary_gemv.py``) as the
+variant ``extra:<file name>``, tuned afresh as the decoder would tune it. ``--sweep NAME`` first times
+every candidate schedule of that variant on the 13b shapes, with the compiled kernel's registers and
+spills. Every decode variant starts from the zero state, so its first step's logits are compared with
+the first variant's (equal unless the variant is a timing-only one). Before timing, the installed
+kernels are checked against the torch references on small shapes (``--no-check`` skips it).
+
+Install the package (``pip install --no-deps .``) and run from outside the source folder, so that the
+installed kernels are the ones edited. Prints a table and writes every figure as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+import time
+
+EDITED_VARIANTS = ("base", "nopro", "nowait", "nopro_nowait", "late", "nostore", "nostore_nobar")
+DEFAULT_VARIANTS = ("base", "nopro", "nowait", "nopro_nowait")
+SHAPES = [(5120, 5120, "norm"), (5120, 5120, "res"), (13824, 5120, "glu"), (5120, 13824, "res")]  # 13b (N, K)
+
+
+def _edits():
+    """Variant name -> list of (old text or regex, replacement) applied to the kernel module's source."""
+    nopro = [("    if PRO != 4:\n", "    if PRO == 99:\n"),
+             ("    if PRO == 4:  # already quantised", "    if True:  # already quantised")]  # older kernels
+    nowait = [(re.compile(r"^(\s*)gdc_wait\(\)$", re.M), r"\1pass")]
+    nostore = [("word, mask=w2 < PW)", "word, mask=(w2 < PW) & (M < 0))")]
+    return {"base": [], "nopro": nopro, "nowait": nowait, "nopro_nowait": nopro + nowait,
+            "late": [(re.compile(r"^PARAMS_EARLY = .*$", re.M), "PARAMS_EARLY = False")],
+            "nostore": nostore, "nostore_nobar": nostore + [("        tl.debug_barrier()\n", "")]}
+
+
+class _Variants:
+    """The kernel modules of the variants, each loaded from its (edited) source on first use."""
+
+    def __init__(self, tv, extras: dict[str, str]):
+        self.tv, self.extras, self.edits, self.mods = tv, extras, _edits(), {}
+        self.src = open(tv.__file__).read()
+
+    def _load(self, name, src):
+        ident = re.sub(r"[^A-Za-z0-9_]", "_", name)
+        path = os.path.join(tempfile.mkdtemp(), f"tv_{ident}.py")
+        with open(path, "w") as f:
+            f.write(src)
+        spec = importlib.util.spec_from_file_location(f"mmf.kernels.tv_{ident}", path)
+        mod = importlib.util.module_from_spec(spec)
+        mod.__package__ = "mmf.kernels"
+        spec.loader.exec_module(mod)
+        return mod
+
+    def module(self, name):
+        if name not in self.mods:
+            if name in self.extras:
+                with open(self.extras[name]) as f:
+                    self.mods[name] = self._load(name, f.read())
+            else:
+                src, n = self.src, 0
+                for old, new in self.edits[name]:
+                    if isinstance(old, str):
+                        n += src.count(old)
+                        src = src.replace(old, new)
+                    else:
+                        src, k = old.subn(new, src)
+                        n += k
+                if self.edits[name] and not n:
+                    raise SystemExit(f"decode_breakdown: variant {name}: its edits do not apply to "
+                                     f"{self.tv.__file__} (the kernel changed); drop the variant or update its edit")
+                self.mods[name] = self._load(name, src)
+        return self.mods[name]
+
+    def use(self, name, tuned):
+        """Make the decoder call variant ``name``: edited variants run the base's schedules, extra
+        kernels are tuned afresh."""
+        mod = self.module(name)
+        mod._TUNED.clear()
+        if name in self.edits:
+            mod._TUNED.update(tuned)
+        self.tv.gemv = mod.gemv
+
+
+class _Recorder:
+    """Stands in for a module's ``_gemv_kernel`` and keeps the compiled kernel of the last launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.last = kernel, None
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            self.last = launch(*args, **kw)
+            return self.last
+        return run
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="python -m mmf.bench.decode_breakdown",
+                                 description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                 epilog="Variants: " + ", ".join(EDITED_VARIANTS) + ", extra:<file name>.")
+    ap.add_argument("--sizes", nargs="+", default=["13b"], help="model presets to decode (default: 13b)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="variants timed in whole-model decode, in this order (default: "
+                         + " ".join(DEFAULT_VARIANTS) + ", the --extra modules, base again)")
+    ap.add_argument("--extra", nargs="+", default=[], metavar="FILE",
+                    help="other kernel modules to time as variants extra:<file name> (default: none)")
+    ap.add_argument("--sweep", nargs="+", default=[], metavar="VARIANT",
+                    help="variants whose every candidate schedule is timed on the 13b shapes first (default: none)")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness checks of the installed kernels")
+    ap.add_argument("--json-out", default="decode_breakdown.json", metavar="FILE",
+                    help="write every figure as JSON here (default: decode_breakdown.json)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    extras = {"extra:" + os.path.basename(p): p for p in args.extra}
+    names = args.variants or list(DEFAULT_VARIANTS) + list(extras) + ["base"]
+    known = set(EDITED_VARIANTS) | set(extras)
+    for n in set(names) | set(args.sweep):
+        if n not in known:
+            print(f"decode_breakdown: unknown variant {n!r}; use one of {', '.join(sorted(known))} "
+                  "(extra:<file name> needs --extra FILE)", file=sys.stderr)
+            return 2
+    for p in args.extra:
+        if not os.path.isfile(p):
+            print(f"decode_breakdown: --extra {p}: no such file; give the path of a kernel module", file=sys.stderr)
+            return 2
+    from mmf.config import MMFConfig, model_preset
+    from mmf.errors import MMFError
+
+    try:
+        configs = {size: model_preset(size) for size in args.sizes}
+    except MMFError as e:
+        print(f"decode_breakdown: --sizes: {e}", file=sys.stderr)
+        return 2
+    if not all(isinstance(c, MMFConfig) for c in configs.values()):
+        print("decode_breakdown: --sizes takes MatMul-free presets (370m, 1.3b, 2.7b, 13b)", file=sys.stderr)
+        return 2
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("decode_breakdown: needs a CUDA GPU; run it on a machine with one", file=sys.stderr)
+        return 2
+    from mmf.bench import kernel_bench as kb
+    from mmf.bench import write_json
+    from mmf.bench.model_bench import build_mmf_random
+    from mmf.decode_graph import GraphDecoder
+    from mmf.kernels import schedule_cache
+    from mmf.kernels import ternary_gemv as tv
+
+    t0 = time.time()
+
+    def log(*a):
+        print(f"[{time.time() - t0:5.0f}s]", *a, flush=True)
+
+    variants = _Variants(tv, extras)
+    real_gemv = tv.gemv
+    # Every variant, base too, is a loaded copy of the kernel module running the schedules given to it;
+    # the decoder's refinement would act on the installed module only, so it stays off, and every
+    # variant is tuned in this run, never read from an earlier one.
+    GraphDecoder.REFINE = False
+    schedule_cache.ENABLED = False
+    res = {"command": "python -m mmf.bench.decode_breakdown " + " ".join(sys.argv[1:] if argv is None else argv),
+           "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "copy_GB_s": None, "decode": [], "gemv": [], "sweep": []}
+    if not args.no_check:  # the installed kernels against the references, quick shapes
+        tv.TUNE = False
+        res["checks"] = kb.check_kernels(True) + kb.check_decoder(True)
+        kb.table(res["checks"], "correctness: Triton vs torch reference on the GPU (installed kernels)")
+        tv.TUNE = True
+        tv._TUNED.clear()
+    bw = kb.copy_bandwidth()
+    res["copy_GB_s"] = bw / 1e9
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+
+    for name in args.sweep:  # every candidate schedule of the variant on the 13b shapes
+        mod = variants.module(name)
+        rec = _Recorder(mod._gemv_kernel)
+        mod._gemv_kernel = rec
+        tv.gemv = mod.gemv
+        for n, k, kind in SHAPES:
+            for cfg in mod._configs(1, mod.words_per_row(k)):
+                row = dict(variant=name, shape=f"{k}->{n}", kind=kind, config=str(cfg))
+                try:
+                    r = kb.time_gemv(n, k, kind, 1, torch.float16, bw, copies_bytes=128 << 20, config=cfg)
+                    ck = rec.last
+                    row.update(us=r["us"], pct_copy_bw=r["pct_copy_bw"], regs=getattr(ck, "n_regs", None),
+                               spills=getattr(ck, "n_spills", None), smem=getattr(ck.metadata, "shared", None))
+                except Exception as e:  # noqa: BLE001 - a schedule that does not fit is reported, not fatal
+                    row["error"] = repr(e)[:120]
+                res["sweep"].append(row)
+                log(f"sweep {name:22s} {row['shape']:>11s} {kind:5s} {row['config']:12s} "
+                    + (f"{row['us']:7.2f} us {row['pct_copy_bw']:5.1f} % regs {row['regs']} spills {row['spills']}"
+                       if "us" in row else row["error"]))
+        mod._gemv_kernel = rec.kernel
+        tv.gemv = real_gemv
+
+    for size in args.sizes:
+        model = build_mmf_random(configs[size], "cuda", torch.float16)
+        nxt = torch.full((1,), 7, device="cuda")
+        tv.gemv = real_gemv  # tune on the real kernel, in the decoder's setting, once
+        tv._TUNED.clear()
+        dec = GraphDecoder(model, 1, use_graph=False)
+        dec.step(nxt)
+        if size == "13b":
+            for n, k, kind in SHAPES:
+                kb.time_gemv(n, k, kind, 1, torch.float16, bw, copies_bytes=256 << 20)
+        tuned = dict(tv._TUNED)
+        del dec
+        log(f"{size}: tuned " + "; ".join(f"{k[2]}x{k[3]}/{k[4]}/{k[5]}/{k[6]}: {v}" for k, v in tuned.items()))
+        ref_logits = None
+        for name in names:
+            variants.use(name, tuned)
+            torch.cuda.empty_cache()
+            dec = GraphDecoder(model, 1)
+            first = dec.step(nxt).clone()
+            ref_logits = first if ref_logits is None else ref_logits
+            for _ in range(4):
+                dec.step(nxt)
+            torch.cuda.synchronize()
+            ts = tv.event_times(lambda: dec.step(nxt), 3, 100)  # ms per token in each of 3 runs of 100 steps
+            floor = dec.bytes_per_token() / bw * 1e3
+            same = bool(torch.equal(first, ref_logits))
+            res["decode"].append(dict(model=size, variant=name, ms_per_token=min(ts), runs=ts, floor_ms=floor,
+                                      first_logits_equal_first_variant=same,
+                                      tuned={str(k): v for k, v in variants.module(name)._TUNED.items()}))
+            log(f"decode {size} {name:24s} {min(ts):.3f} ms/token (runs {', '.join(f'{t:.3f}' for t in ts)}; "
+                f"floor {floor:.3f}; first logits equal the first variant's: {same})")
+            del dec
+            if size == "13b":
+                for n, k, kind in SHAPES:
+                    r = kb.time_gemv(n, k, kind, 1, torch.float16, bw, copies_bytes=256 << 20)
+                    r["variant"] = name
+                    res["gemv"].append(r)
+                    log(f"  gemv {r['shape']:>14s} {kind:5s} {r['us']:7.2f} us {r['pct_copy_bw']:5.1f} %")
+        del model
+        torch.cuda.empty_cache()
+    tv.gemv = real_gemv
+
+    print(f"\n{'variant':26s} {'model':5s} {'ms/token':>9s}")
+    for r in res["decode"]:
+        print(f"{r['variant']:26s} {r['model']:5s} {r['ms_per_token']:9.3f}  floor {r['floor_ms']:.3f}")
+    for r in res["sweep"]:
+        print(f"{r['variant']:22s} {r['shape']:>11s} {r['kind']:5s} {r['config']:12s} "
+              + (f"{r['us']:7.2f} {r['pct_copy_bw']:5.1f} regs {r['regs']} spills {r['spills']}" if "us" in r
+                 else "error"))
+    if res["gemv"]:
+        print(f"{'variant':26s} {'shape':>14s} {'kind':5s} {'us':>7s} {'%bw':>5s}")
+    for r in res["gemv"]:
+        print(f"{r['variant']:26s} {r['shape']:>14s} {r['kind']:5s} {r['us']:7.2f} {r['pct_copy_bw']:5.1f}")
+    write_json(args.json_out, res, indent=1)
+    log(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
