@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from mmf._toplevel import defer_bare_import as _defer_bare_import
+
+_defer_bare_import(globals())  # imported as a top-level `bench` from the repository root: see mmf/_toplevel.py
+
 import json
 import os
 from pathlib import Path

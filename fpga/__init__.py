@@ -1,3 +1,7 @@
 """FPGA export: memory images with an address map (``image``), their word encodings and file formats
 (``formats``), and the reference ternary matrix-vector unit in ``rtl/`` proven by simulation (``sim``).
 docs/fpga.md is the specification."""
+
+from mmf._toplevel import defer_bare_import as _defer_bare_import
+
+_defer_bare_import(globals())  # imported as a top-level `fpga` from the repository root: see mmf/_toplevel.py

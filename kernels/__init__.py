@@ -12,6 +12,10 @@ it to compare a model that differs from the fused one in its BitLinears alone.
 
 from __future__ import annotations
 
+from mmf._toplevel import defer_bare_import as _defer_bare_import
+
+_defer_bare_import(globals())  # imported as a top-level `kernels` from the repository root: see mmf/_toplevel.py
+
 import functools
 import os
 

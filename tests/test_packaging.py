@@ -1,0 +1,126 @@
+"""Packaging: the repository's top-level folders (kernels/, converters/, bench/, fpga/, mmf_cli/ -> mmf.kernels,
+...) must not shadow installed packages of the same name when the repository root is on sys.path
+(``python -m pytest``, ``python -m mmf.cli.main``, torchrun's ``-m``); see mmf/_toplevel.py. Every check runs
+in a fresh interpreter started in the repository root, the way those commands run."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmf._toplevel import PACKAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, extra_path=None, env=None, timeout=300):
+    """``python -c code`` in the repository root (which Python puts first on sys.path, as with -m)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if extra_path is not None:
+        full_env["PYTHONPATH"] = str(extra_path)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+
+
+def stand_ins(tmp_path) -> Path:
+    """A folder of installed-looking packages named like our top-level folders, each with a marker and a
+    submodule of the same name as one of ours (kernels.reference), which must come from the stand-in."""
+    site = tmp_path / "site"
+    for name in PACKAGES:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"MARKER = 'stand-in {name}'\nfrom . import reference\n")
+        (site / name / "reference.py").write_text("STAND_IN = True\n")
+    return site
+
+
+def test_top_level_folders_are_exactly_the_guarded_packages():
+    """Every top-level package folder of ours (pyproject's package-dir) is in mmf._toplevel.PACKAGES, and its
+    __init__.py calls the guard before anything else runs."""
+    text = (ROOT / "pyproject.toml").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("package-dir"))
+    mapping = dict(ast.literal_eval("{" + line.split("{", 1)[1].replace(" = ", ": ")))
+    outside = {folder: pkg for pkg, folder in mapping.items() if "/" not in folder and folder != "mmf"}
+    assert outside == PACKAGES
+    for folder in PACKAGES:
+        tree = ast.parse((ROOT / folder / "__init__.py").read_text())
+        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+                and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+        assert isinstance(body[0], ast.ImportFrom) and body[0].module == "mmf._toplevel", folder
+        call = body[1].value
+        assert isinstance(call, ast.Call) and call.func.id == "_defer_bare_import", folder
+
+
+def test_our_code_never_imports_the_bare_top_level_names():
+    bad = []
+    for folder in ["mmf", "tests", *PACKAGES]:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in PACKAGES]
+    assert not bad
+
+
+@pytest.mark.parametrize("mmf_first", [False, True], ids=["stand-ins-first", "mmf-first"])
+def test_installed_packages_named_like_our_folders_win_from_the_repository_root(tmp_path, mmf_first):
+    code = """
+import importlib, json, sys
+names = %r
+order = ["mmf"] + names if %r else names + ["mmf"]
+for n in order:
+    importlib.import_module(n)
+out = {}
+for n in names:
+    bare, ours = sys.modules[n], importlib.import_module(%r[n])
+    out[n] = [bare.MARKER, bare.reference.STAND_IN, ours.__file__]
+import mmf.kernels, mmf.bench
+out["dispatch"] = [callable(mmf.kernels.rms_norm), mmf.kernels.reference.__name__, callable(mmf.bench.write_json)]
+out["stray"] = sorted(k for k, m in sys.modules.items() if k.split(".")[0] in names
+                      and (getattr(m, "__file__", None) or "").startswith(%r))
+print(json.dumps(out))
+""" % (list(PACKAGES), mmf_first, PACKAGES, str(ROOT))
+    r = run_python(code, extra_path=stand_ins(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, pkg in PACKAGES.items():
+        marker, stand_in_submodule, our_file = out[name]
+        assert marker == f"stand-in {name}" and stand_in_submodule is True
+        assert Path(our_file) == ROOT / name / "__init__.py", pkg
+    assert out["dispatch"] == [True, "mmf.kernels.reference", True]
+    assert out["stray"] == []  # nothing of ours was loaded under a bare name
+
+
+def test_bare_name_without_an_installed_package_is_a_clean_module_not_found():
+    r = run_python("""
+try:
+    import mmf_cli
+except ModuleNotFoundError as e:
+    print(e.name, "|", e)
+""")
+    assert r.returncode == 0, r.stderr
+    name, message = r.stdout.strip().split(" | ")
+    assert name == "mmf_cli" and "mmf.cli" in message and "sys.path" in message
+
+
+def test_transformers_llama_imports_from_the_repository_root():
+    """transformers >= 5.25 imports the PyPI package `kernels` (issue 16: it found our kernels/ instead)."""
+    pytest.importorskip("transformers")
+    r = run_python("from transformers import LlamaForCausalLM; import kernels; print(kernels.__file__)")
+    assert r.returncode == 0, r.stderr
+    assert not Path(r.stdout.strip()).is_relative_to(ROOT)
+
+
+def test_cli_help_runs_as_a_module_from_the_repository_root(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(stand_ins(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "mmf.cli.main", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout and "train" in r.stdout
