@@ -1,0 +1,1008 @@
+/* mmf native CPU kernel: the BitLinear inference form on i2-packed ternary weights.
+ *
+ * Torch-free C, built at first use by mmf/kernels/cpu_ternary.py (gcc, a per-user cache) and called
+ * through ctypes on tensors' data pointers. What it computes is kernels.reference.bitlinear_i2:
+ *
+ *   xn = rmsnorm(x) * norm_w                      fp32, eps as given (BITLINEAR_NORM_EPS)
+ *   s_x = 127 / max(amax|xn|, 1e-5)               per token
+ *   xq = clamp(round_half_even(xn * s_x), -128, 127)
+ *   acc[m, n] = sum_k w[n, k] * xq[m, k]          exact int32 (w in {-1, 0, 1})
+ *   y = (float)acc / (s_x * s_w)  (+ bias)        fp32
+ *
+ * The float prologue repeats torch's operations in torch's order (the sum of squares follows ATen's
+ * cascade_sum with the lane count the Python side measured; s_x = reciprocal(amax) * 127 as torch's
+ * `127 / t` does), so the quantised activations, and hence y, are normally bit-identical to the
+ * reference. Build with -ffp-contract=off: a fused multiply-add there would change the roundings.
+ *
+ * i2 layout (docs/formats.md): with P = ceil(K / 4) bytes per row, byte j of row n holds the code
+ * (w + 1 in {0, 1, 2}) of element k = s * P + j in bits 2s..2s+1; padding elements hold code 1.
+ * A run of bytes j..j+63 therefore expands (shift by 0/2/4/6, AND 3) into four u8 vectors that pair
+ * with four contiguous slices of the activations, x[s * P + j ..]. Activations are quantised into a
+ * buffer of four slices of Pp = roundup(P, 64) int8 each (zero padded), the u8 codes times s8
+ * activations are summed with vpdpbusd (AVX-512 VNNI / AVX-VNNI) or maddubs + madd (AVX2), giving
+ * sum (w + 1) x; subtracting sum x gives the exact sum w x.
+ *
+ * Threads: a small persistent pthread pool (no OpenMP: a second OpenMP runtime beside torch's slows
+ * both), workers spin briefly after a job, then sleep on a condition variable. Output rows are split
+ * across threads, so every output is computed by one thread in one order: results do not depend on
+ * the thread count.
+ */
+
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MMF_X86 1
+#else
+#define MMF_X86 0
+#endif
+
+#if MMF_X86 && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define MMF_HAVE_AVXVNNI 1
+#else
+#define MMF_HAVE_AVXVNNI 0
+#endif
+
+#define MMF_EXPORT __attribute__((visibility("default")))
+#define MMF_ABI_VERSION 1
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_COUNT = 4 };
+
+/* error codes returned by the entry points (the Python wrapper checks everything first) */
+enum { MMF_OK = 0, MMF_EARG = -1, MMF_ENOMEM = -2, MMF_EISA = -3 };
+
+#define RMAX 4 /* weight rows per micro-kernel call */
+#define TMAX 4 /* tokens per micro-kernel call */
+#define MAX_THREADS 256
+
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ------------------------------------------------------------------------------------------------
+ * Micro-kernels: out[r * TMAX + t] = sum_{j < P} sum_s code_s(w[r * ws + j]) * x[t * xs + s * Pp + j]
+ * for r < R, t < T. Codes are read as unsigned 2-bit fields; x is a quantised activation buffer.
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef void (*mk_fn)(const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
+                      int32_t *out);
+
+static inline __attribute__((always_inline)) void mk_scalar(int R, int T, const uint8_t *w, int64_t ws,
+                                                            const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
+                                                            int32_t *out) {
+    for (int r = 0; r < R; r++) {
+        const uint8_t *wr = w + r * ws;
+        for (int t = 0; t < T; t++) {
+            const int8_t *x0 = x + t * xs, *x1 = x0 + Pp, *x2 = x1 + Pp, *x3 = x2 + Pp;
+            int32_t acc = 0;
+            for (int64_t j = 0; j < P; j++) {
+                unsigned b = wr[j];
+                acc += (int32_t)(b & 3) * x0[j] + (int32_t)((b >> 2) & 3) * x1[j] +
+                       (int32_t)((b >> 4) & 3) * x2[j] + (int32_t)(b >> 6) * x3[j];
+            }
+            out[r * TMAX + t] = acc;
+        }
+    }
+}
+
+#if MMF_X86
+
+/* ---- AVX-512 VNNI: 64 bytes (256 weights) per step, vpdpbusd on zmm, masked tail load ---- */
+#define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+static inline __attribute__((always_inline)) TGT_AVX512 void
+mk_avx512(int R, int T, const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
+          int32_t *out) {
+    __m512i acc[RMAX][TMAX];
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < P; j += 64) {
+        const __mmask64 mask = P - j >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (P - j)) - 1);
+        __m512i xv[TMAX][4];
+        for (int t = 0; t < T; t++)
+            for (int s = 0; s < 4; s++) xv[t][s] = _mm512_loadu_si512((const void *)(x + t * xs + s * Pp + j));
+        for (int r = 0; r < R; r++) {
+            const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + r * ws + j);
+            const __m512i c0 = _mm512_and_si512(wv, m3);
+            const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(wv, 2), m3);
+            const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m3);
+            const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(wv, 6), m3);
+            for (int t = 0; t < T; t++) {
+                __m512i a = acc[r][t];
+                a = _mm512_dpbusd_epi32(a, c0, xv[t][0]);
+                a = _mm512_dpbusd_epi32(a, c1, xv[t][1]);
+                a = _mm512_dpbusd_epi32(a, c2, xv[t][2]);
+                a = _mm512_dpbusd_epi32(a, c3, xv[t][3]);
+                acc[r][t] = a;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[r * TMAX + t] = _mm512_reduce_add_epi32(acc[r][t]);
+}
+
+/* ---- AVX2 (and AVX-VNNI): 32 bytes (128 weights) per step; a tail shorter than 32 bytes is
+ * copied into a zeroed stack buffer (AVX2 has no byte-masked load; zero bytes are code 0). ---- */
+#define TGT_AVX2 __attribute__((target("avx2")))
+
+static inline __attribute__((always_inline)) TGT_AVX2 int64_t
+avx2_tail(int R, const uint8_t *w, int64_t ws, int64_t P, uint8_t tail[RMAX][32]) {
+    const int64_t jt = P / 32 * 32;
+    for (int r = 0; r < R; r++) {
+        memset(tail[r], 0, 32);
+        memcpy(tail[r], w + r * ws + jt, (size_t)(P - jt));
+    }
+    return jt;
+}
+
+static inline __attribute__((always_inline)) TGT_AVX2 int32_t hsum256(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* One 32-byte step of AVX2: per (row, token) the int16 sum of four maddubs. Each maddubs lane is
+ * c * x + c' * x' with codes <= 2 and |x| <= 128, so |lane| <= 512 and the step adds <= 2048:
+ * 16 steps stay within int16 (16 * 2048 = 32768, and -32768 is representable; 16 * 2032 = 32512). */
+#define AVX2_STEPS 16
+
+static inline __attribute__((always_inline)) TGT_AVX2 void
+avx2_step(int R, int T, const uint8_t *const wp[RMAX], const int8_t *x, int64_t xs, int64_t Pp, int64_t j,
+          __m256i acc16[RMAX][TMAX]) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256i xv[TMAX][4];
+    for (int t = 0; t < T; t++)
+        for (int s = 0; s < 4; s++) xv[t][s] = _mm256_loadu_si256((const __m256i *)(x + t * xs + s * Pp + j));
+    for (int r = 0; r < R; r++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)wp[r]);
+        const __m256i c0 = _mm256_and_si256(wv, m3);
+        const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);
+        const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m3);
+        const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), m3);
+        for (int t = 0; t < T; t++) {
+            const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, xv[t][0]), _mm256_maddubs_epi16(c1, xv[t][1]));
+            const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, xv[t][2]), _mm256_maddubs_epi16(c3, xv[t][3]));
+            acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_add_epi16(p01, p23));
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) TGT_AVX2 void
+mk_avx2(int R, int T, const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
+        int32_t *out) {
+    __m256i acc32[RMAX][TMAX], acc16[RMAX][TMAX];
+    const __m256i ones = _mm256_set1_epi16(1);
+    uint8_t tail[RMAX][32];
+    const uint8_t *wp[RMAX];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc32[r][t] = acc16[r][t] = _mm256_setzero_si256();
+    const int64_t jt = P / 32 * 32;
+    int64_t j = 0;
+    while (j < jt) {
+        const int64_t jend = min64(jt, j + 32 * AVX2_STEPS);
+        for (; j < jend; j += 32) {
+            for (int r = 0; r < R; r++) wp[r] = w + r * ws + j;
+            avx2_step(R, T, wp, x, xs, Pp, j, acc16);
+        }
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) {
+                acc32[r][t] = _mm256_add_epi32(acc32[r][t], _mm256_madd_epi16(acc16[r][t], ones));
+                acc16[r][t] = _mm256_setzero_si256();
+            }
+    }
+    if (jt < P) {
+        avx2_tail(R, w, ws, P, tail);
+        for (int r = 0; r < R; r++) wp[r] = tail[r];
+        avx2_step(R, T, wp, x, xs, Pp, jt, acc16);
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++)
+                acc32[r][t] = _mm256_add_epi32(acc32[r][t], _mm256_madd_epi16(acc16[r][t], ones));
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[r * TMAX + t] = hsum256(acc32[r][t]);
+}
+
+#if MMF_HAVE_AVXVNNI
+#define TGT_AVXVNNI __attribute__((target("avx2,avxvnni")))
+
+static inline __attribute__((always_inline)) TGT_AVXVNNI void
+avxvnni_step(int R, int T, const uint8_t *const wp[RMAX], const int8_t *x, int64_t xs, int64_t Pp, int64_t j,
+             __m256i acc[RMAX][TMAX]) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256i xv[TMAX][4];
+    for (int t = 0; t < T; t++)
+        for (int s = 0; s < 4; s++) xv[t][s] = _mm256_loadu_si256((const __m256i *)(x + t * xs + s * Pp + j));
+    for (int r = 0; r < R; r++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)wp[r]);
+        const __m256i c0 = _mm256_and_si256(wv, m3);
+        const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);
+        const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m3);
+        const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), m3);
+        for (int t = 0; t < T; t++) {
+            __m256i a = acc[r][t];
+            a = _mm256_dpbusd_avx_epi32(a, c0, xv[t][0]);
+            a = _mm256_dpbusd_avx_epi32(a, c1, xv[t][1]);
+            a = _mm256_dpbusd_avx_epi32(a, c2, xv[t][2]);
+            a = _mm256_dpbusd_avx_epi32(a, c3, xv[t][3]);
+            acc[r][t] = a;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) TGT_AVXVNNI void
+mk_avxvnni(int R, int T, const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
+           int32_t *out) {
+    __m256i acc[RMAX][TMAX];
+    uint8_t tail[RMAX][32];
+    const uint8_t *wp[RMAX];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    const int64_t jt = P / 32 * 32;
+    for (int64_t j = 0; j < jt; j += 32) {
+        for (int r = 0; r < R; r++) wp[r] = w + r * ws + j;
+        avxvnni_step(R, T, wp, x, xs, Pp, j, acc);
+    }
+    if (jt < P) {
+        avx2_tail(R, w, ws, P, tail);
+        for (int r = 0; r < R; r++) wp[r] = tail[r];
+        avxvnni_step(R, T, wp, x, xs, Pp, jt, acc);
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[r * TMAX + t] = hsum256(acc[r][t]);
+}
+#endif /* MMF_HAVE_AVXVNNI */
+#endif /* MMF_X86 */
+
+/* One function per (ISA, R, T) that the schedule uses (the loops above unroll fully with constant R
+ * and T): the full tile, and the tiles of one row and of one token for the edges of a matrix. Fewer
+ * instances keep the first-use build short. */
+#define MK_DEF(isa, attr, R, T)                                                                           \
+    static attr __attribute__((noinline)) void mk_##isa##_##R##_##T(const uint8_t *w, int64_t ws,          \
+                                                                    const int8_t *x, int64_t xs, int64_t P, \
+                                                                    int64_t Pp, int32_t *out) {            \
+        mk_##isa(R, T, w, ws, x, xs, P, Pp, out);                                                          \
+    }
+
+#define NOATTR
+MK_DEF(scalar, NOATTR, 1, 1) MK_DEF(scalar, NOATTR, 1, 2) MK_DEF(scalar, NOATTR, 2, 1) MK_DEF(scalar, NOATTR, 2, 2)
+static const mk_fn MK_SCALAR[RMAX][TMAX] = {{mk_scalar_1_1, mk_scalar_1_2}, {mk_scalar_2_1, mk_scalar_2_2}};
+#if MMF_X86
+MK_DEF(avx512, TGT_AVX512, 1, 1) MK_DEF(avx512, TGT_AVX512, 1, 2) MK_DEF(avx512, TGT_AVX512, 1, 3)
+MK_DEF(avx512, TGT_AVX512, 1, 4) MK_DEF(avx512, TGT_AVX512, 4, 1) MK_DEF(avx512, TGT_AVX512, 4, 2)
+MK_DEF(avx512, TGT_AVX512, 4, 3) MK_DEF(avx512, TGT_AVX512, 4, 4)
+static const mk_fn MK_AVX512[RMAX][TMAX] = {{mk_avx512_1_1, mk_avx512_1_2, mk_avx512_1_3, mk_avx512_1_4},
+                                            {NULL},
+                                            {NULL},
+                                            {mk_avx512_4_1, mk_avx512_4_2, mk_avx512_4_3, mk_avx512_4_4}};
+MK_DEF(avx2, TGT_AVX2, 1, 1) MK_DEF(avx2, TGT_AVX2, 1, 2) MK_DEF(avx2, TGT_AVX2, 2, 1)
+MK_DEF(avx2, TGT_AVX2, 2, 2) MK_DEF(avx2, TGT_AVX2, 4, 1)
+static const mk_fn MK_AVX2[RMAX][TMAX] = {{mk_avx2_1_1, mk_avx2_1_2}, {mk_avx2_2_1, mk_avx2_2_2}, {NULL},
+                                          {mk_avx2_4_1}};
+#if MMF_HAVE_AVXVNNI
+MK_DEF(avxvnni, TGT_AVXVNNI, 1, 1) MK_DEF(avxvnni, TGT_AVXVNNI, 1, 2) MK_DEF(avxvnni, TGT_AVXVNNI, 2, 1)
+MK_DEF(avxvnni, TGT_AVXVNNI, 2, 2) MK_DEF(avxvnni, TGT_AVXVNNI, 4, 1)
+static const mk_fn MK_AVXVNNI[RMAX][TMAX] = {{mk_avxvnni_1_1, mk_avxvnni_1_2}, {mk_avxvnni_2_1, mk_avxvnni_2_2},
+                                             {NULL}, {mk_avxvnni_4_1}};
+#endif
+#endif
+
+static const mk_fn (*mk_table(int isa))[TMAX] {
+    switch (isa) {
+#if MMF_X86
+    case ISA_AVX512VNNI: return MK_AVX512;
+    case ISA_AVX2: return MK_AVX2;
+#if MMF_HAVE_AVXVNNI
+    case ISA_AVXVNNI: return MK_AVXVNNI;
+#endif
+#endif
+    default: return MK_SCALAR;
+    }
+}
+
+/* the full tile (rows x tokens) of each path: zmm has 32 registers, ymm 16; the table above holds
+ * (R, t) and (1, t) for t <= T */
+static void tile_shape(int isa, int64_t M, int *R, int *T) {
+    if (isa == ISA_AVX512VNNI) {
+        *R = 4;
+        *T = M >= 4 ? 4 : (int)M;
+    } else if (isa == ISA_SCALAR) {
+        *R = 2;
+        *T = M >= 2 ? 2 : 1;
+    } else {
+        *R = M >= 2 ? 2 : 4;
+        *T = M >= 2 ? 2 : 1;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * CPU features
+ * ---------------------------------------------------------------------------------------------- */
+
+MMF_EXPORT int mmf_cpu_abi_version(void) { return MMF_ABI_VERSION; }
+
+MMF_EXPORT int mmf_cpu_isa_supported(int isa) {
+#if MMF_X86
+    __builtin_cpu_init();
+    switch (isa) {
+    case ISA_SCALAR: return 1;
+    case ISA_AVX2: return __builtin_cpu_supports("avx2") != 0;
+    case ISA_AVXVNNI:
+#if MMF_HAVE_AVXVNNI
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+#else
+        return 0;
+#endif
+    case ISA_AVX512VNNI:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vnni");
+    default: return 0;
+    }
+#else
+    return isa == ISA_SCALAR;
+#endif
+}
+
+MMF_EXPORT int mmf_cpu_best_isa(void) {
+    for (int isa = ISA_COUNT - 1; isa > 0; isa--)
+        if (mmf_cpu_isa_supported(isa)) return isa;
+    return ISA_SCALAR;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Thread pool: worker i (1..n) runs fn(ctx, i, nth) for each job; the caller runs tid 0.
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef void (*task_fn)(void *ctx, int tid, int nth);
+
+static struct {
+    pthread_mutex_t call_lock; /* one call at a time (scratch buffers and the job are shared) */
+    pthread_mutex_t lock;      /* sleeping and waking */
+    pthread_cond_t wake, done;
+    int nworkers;
+    _Atomic unsigned gen;     /* job generation */
+    _Atomic int pending;      /* workers that have not finished the current job */
+    _Atomic int sleepers;     /* workers waiting on `wake` */
+    _Atomic int main_waiting; /* the caller sleeps on `done` */
+    task_fn fn;
+    void *ctx;
+    int nth;
+    long spin_ns;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL, NULL, 1, 100000};
+
+static inline void cpu_relax(void) {
+#if MMF_X86
+    _mm_pause();
+#else
+    sched_yield();
+#endif
+}
+
+static inline long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+typedef struct {
+    int tid;
+    unsigned gen; /* the generation before the worker's first job (it may start after that job's) */
+} worker_arg;
+
+static void *worker_main(void *arg) {
+    const int tid = ((worker_arg *)arg)->tid;
+    unsigned seen = ((worker_arg *)arg)->gen;
+    free(arg);
+    for (;;) {
+        unsigned g = atomic_load_explicit(&pool.gen, memory_order_acquire);
+        if (g == seen) { /* spin a while: the next call usually follows within microseconds */
+            const long until = now_ns() + pool.spin_ns;
+            for (int i = 0; (g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen; i++) {
+                cpu_relax();
+                if ((i & 255) == 255 && now_ns() > until) break;
+            }
+        }
+        if (g == seen) { /* then sleep (sleepers is raised before the check: no lost wake-up) */
+            pthread_mutex_lock(&pool.lock);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = g;
+        if (tid < pool.nth) pool.fn(pool.ctx, tid, pool.nth);
+        if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1 && atomic_load(&pool.main_waiting)) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
+    }
+    return NULL;
+}
+
+static void pool_after_fork_child(void) {
+    /* the workers do not exist in a forked child: start afresh */
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    pool.call_lock = m;
+    pool.lock = m;
+    pool.wake = c;
+    pool.done = c;
+    pool.nworkers = 0;
+    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.main_waiting, 0);
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_init_once(void) {
+    const char *s = getenv("MMF_CPU_SPIN_US");
+    if (s && *s) pool.spin_ns = atol(s) * 1000L;
+    pthread_atfork(NULL, NULL, pool_after_fork_child);
+}
+
+/* run fn on nth threads (the caller is tid 0); call with call_lock held */
+static void pool_run(task_fn fn, void *ctx, int nth) {
+    if (nth > MAX_THREADS) nth = MAX_THREADS;
+    while (pool.nworkers < nth - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        worker_arg *wa = (worker_arg *)malloc(sizeof(worker_arg));
+        if (!wa) break;
+        wa->tid = pool.nworkers + 1;
+        wa->gen = atomic_load(&pool.gen);
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int ok = pthread_create(&th, &attr, worker_main, wa) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) {
+            free(wa);
+            break;
+        }
+        pool.nworkers++;
+    }
+    if (nth > pool.nworkers + 1) nth = pool.nworkers + 1;
+    if (nth <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.nth = nth;
+    atomic_store(&pool.pending, pool.nworkers); /* every worker acknowledges every job */
+    atomic_fetch_add(&pool.gen, 1);             /* seq_cst: pairs with the workers' sleepers count */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    fn(ctx, 0, nth);
+    const long until = now_ns() + pool.spin_ns;
+    for (int i = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) != 0; i++) {
+        cpu_relax();
+        if ((i & 255) == 255 && now_ns() > until) {
+            pthread_mutex_lock(&pool.lock);
+            atomic_store(&pool.main_waiting, 1);
+            while (atomic_load(&pool.pending) != 0) pthread_cond_wait(&pool.done, &pool.lock);
+            atomic_store(&pool.main_waiting, 0);
+            pthread_mutex_unlock(&pool.lock);
+            break;
+        }
+    }
+}
+
+static void call_begin(void) {
+    pthread_once(&pool_once, pool_init_once);
+    pthread_mutex_lock(&pool.call_lock);
+}
+static void call_end(void) { pthread_mutex_unlock(&pool.call_lock); }
+
+/* [lo, hi) of n items for thread tid of nth, in multiples of `align` */
+static void split(int64_t n, int64_t align, int tid, int nth, int64_t *lo, int64_t *hi) {
+    const int64_t chunk = round_up((n + nth - 1) / nth, align);
+    *lo = min64(n, chunk * tid);
+    *hi = min64(n, *lo + chunk);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Scratch (grown as needed; used under call_lock)
+ * ---------------------------------------------------------------------------------------------- */
+
+static struct {
+    void *buf;
+    size_t size;
+} scratch;
+
+static void *scratch_get(size_t size) {
+    if (size > scratch.size) {
+        free(scratch.buf);
+        scratch.size = 0;
+        scratch.buf = aligned_alloc(64, (size_t)round_up((int64_t)size, 64));
+        if (!scratch.buf) return NULL;
+        scratch.size = size;
+    }
+    return scratch.buf;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Activation prologue, in torch's order
+ * ---------------------------------------------------------------------------------------------- */
+
+static int sum_lanes = 8; /* Vectorized<float>::size() of the kernel ATen's sum runs (set from Python) */
+
+MMF_EXPORT int mmf_cpu_set_sum_lanes(int lanes) {
+    if (lanes != 1 && lanes != 4 && lanes != 8 && lanes != 16) return MMF_EARG;
+    sum_lanes = lanes;
+    return MMF_OK;
+}
+
+static int64_t ceil_log2(int64_t x) { return x <= 2 ? 1 : 64 - __builtin_clzll((unsigned long long)(x - 1)); }
+
+/* at::native::row_sum over nvec vectors of W lanes (cascade_sum's multi_row_sum with 4 rows and 4
+ * levels), of the squares of x: lanes[l] receives the lane sums. W is a constant in each caller, so
+ * the lane loops vectorise; lane-wise adds in the same order are exactly torch's vector adds. */
+static inline __attribute__((always_inline)) void torch_row_sum_sq(const float *x, const int W, int64_t nvec,
+                                                                   float lanes[16]) {
+    float acc[4][4][16];
+    memset(acc, 0, sizeof(acc));
+    const int64_t size = nvec / 4;
+    int64_t lp = ceil_log2(size) / 4;
+    if (lp < 4) lp = 4;
+    const int64_t step = (int64_t)1 << lp, mask = step - 1;
+    int64_t i = 0;
+#define ADD_GROUP(dst, gi)                                                      \
+    for (int k = 0; k < 4; k++)                                                 \
+        for (int l = 0; l < W; l++) {                                           \
+            const float v = x[((gi) * 4 + k) * W + l];                          \
+            dst[k][l] += v * v;                                                 \
+        }
+    for (; i + step <= size;) {
+        for (int64_t j = 0; j < step; ++j, ++i) { ADD_GROUP(acc[0], i) }
+        for (int lv = 1; lv < 4; ++lv) {
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < W; l++) {
+                    acc[lv][k][l] += acc[lv - 1][k][l];
+                    acc[lv - 1][k][l] = 0.0f;
+                }
+            if ((i & (mask << (lv * lp))) != 0) break;
+        }
+    }
+    for (; i < size; ++i) { ADD_GROUP(acc[0], i) }
+#undef ADD_GROUP
+    for (int lv = 1; lv < 4; ++lv)
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < W; l++) acc[0][k][l] += acc[lv][k][l];
+    for (int64_t v = size * 4; v < nvec; ++v)
+        for (int l = 0; l < W; l++) {
+            const float e = x[v * W + l];
+            acc[0][0][l] += e * e;
+        }
+    for (int k = 1; k < 4; k++)
+        for (int l = 0; l < W; l++) acc[0][0][l] += acc[0][k][l];
+    for (int l = 0; l < W; l++) lanes[l] = acc[0][0][l];
+}
+
+/* vectorized_inner_sum: W-lane row sum, then the scalar tail, then the lanes one by one */
+static inline __attribute__((always_inline)) float torch_inner_sum_sq(const float *x, int64_t K, const int W) {
+    float lanes[16];
+    const int64_t nvec = K / W;
+    torch_row_sum_sq(x, W, nvec, lanes);
+    float acc = 0.0f;
+    for (int64_t k = nvec * W; k < K; k++) acc += x[k] * x[k];
+    for (int l = 0; l < W; l++) acc += lanes[l];
+    return acc;
+}
+
+static __attribute__((noinline)) float sum_sq_w4(const float *x, int64_t K) { return torch_inner_sum_sq(x, K, 4); }
+static __attribute__((noinline)) float sum_sq_w8(const float *x, int64_t K) { return torch_inner_sum_sq(x, K, 8); }
+static __attribute__((noinline)) float sum_sq_w16(const float *x, int64_t K) { return torch_inner_sum_sq(x, K, 16); }
+
+/* x.pow(2).sum(-1) of one contiguous fp32 row as torch computes it: vectorized_inner_sum when
+ * K >= lanes, else scalar_inner_sum (row_sum of single floats) */
+static float torch_sum_sq(const float *x, int64_t K) {
+    const int W = sum_lanes;
+    if (K >= W && W > 1) {
+        if (W == 8) return sum_sq_w8(x, K);
+        if (W == 16) return sum_sq_w16(x, K);
+        return sum_sq_w4(x, K);
+    }
+    float lanes[16];
+    torch_row_sum_sq(x, 1, K, lanes);
+    return lanes[0];
+}
+
+#define ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 half to even */
+
+/* Quantise one token into 4 slices of Pp int8 (s * Pp + j holds x[s * P + j]); returns sum xq,
+ * stores s_x. A token whose normed values are not finite gets xq = 0 and s_x = NaN (the reference
+ * gives NaN outputs for it). */
+static int32_t quantize_token(const float *x, int64_t K, const float *nw, float eps, int64_t P, int64_t Pp,
+                              int8_t *dst, float *s_x_out) {
+    const float mean = torch_sum_sq(x, K) / (float)K;
+    const float r = 1.0f / sqrtf(mean + eps); /* torch.rsqrt: 1 / sqrt, both correctly rounded */
+    float amax = 0.0f;
+    int nan = 0;
+    for (int64_t k = 0; k < K; k++) {
+        const float v = fabsf((x[k] * r) * nw[k]);
+        amax = v > amax ? v : amax;
+        nan |= v != v;
+    }
+    memset(dst, 0, (size_t)(4 * Pp));
+    if (nan || !isfinite(amax)) {
+        *s_x_out = NAN;
+        return 0;
+    }
+    const float s_x = (1.0f / (amax < 1e-5f ? 1e-5f : amax)) * 127.0f; /* torch's 127 / t: reciprocal * 127 */
+    int32_t sum = 0;
+    for (int s = 0; s < 4; s++) {
+        const int64_t k0 = s * P, len = min64(P, K - k0);
+        const float *xs = x + k0, *ws = nw + k0;
+        int8_t *d = dst + s * Pp;
+        for (int64_t j = 0; j < len; j++) {
+            float q = ((xs[j] * r) * ws[j]) * s_x; /* |q| <= 127 * (1 + 2^-23): the magic rounding is exact */
+            q = (q + ROUND_MAGIC) - ROUND_MAGIC;
+            q = q < -128.0f ? -128.0f : q;
+            q = q > 127.0f ? 127.0f : q;
+            const int32_t qi = (int32_t)q;
+            d[j] = (int8_t)qi;
+            sum += qi;
+        }
+    }
+    *s_x_out = s_x;
+    return sum;
+}
+
+/* int8 activations (M, K) -> slices (for the integer entry point) */
+static int32_t slice_token(const int8_t *xq, int64_t K, int64_t P, int64_t Pp, int8_t *dst) {
+    memset(dst, 0, (size_t)(4 * Pp));
+    int32_t sum = 0;
+    for (int s = 0; s < 4; s++) {
+        const int64_t k0 = s * P, len = min64(P, K - k0);
+        for (int64_t j = 0; j < len; j++) {
+            dst[s * Pp + j] = xq[k0 + j];
+            sum += xq[k0 + j];
+        }
+    }
+    return sum;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * The product
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    /* inputs of the prologue */
+    const float *x;
+    const float *nw;
+    const int8_t *xq_in;
+    float eps;
+    int64_t K;
+    /* weights */
+    const uint8_t *w;
+    int64_t N, P, Pp;
+    /* quantised activations: M tokens, token t at xs + t * xstride */
+    int8_t *xs;
+    int64_t M, xstride;
+    int32_t *xsum;
+    float *denom; /* s_x * s_w per token (NaN: the token's output is NaN) */
+    float s_w;
+    /* outputs */
+    const float *bias;
+    float *y;
+    int32_t *acc_out;
+    /* schedule */
+    int isa, R, T;
+    int64_t nblock;
+} gemm_job;
+
+static void prologue_task(void *ctx, int tid, int nth) {
+    gemm_job *jb = (gemm_job *)ctx;
+    int64_t lo, hi;
+    split(jb->M, 1, tid, nth, &lo, &hi);
+    for (int64_t m = lo; m < hi; m++) {
+        int8_t *dst = jb->xs + m * jb->xstride;
+        if (jb->xq_in) {
+            jb->xsum[m] = slice_token(jb->xq_in + m * jb->K, jb->K, jb->P, jb->Pp, dst);
+        } else {
+            float s_x;
+            jb->xsum[m] = quantize_token(jb->x + m * jb->K, jb->K, jb->nw, jb->eps, jb->P, jb->Pp, dst, &s_x);
+            jb->denom[m] = s_x * jb->s_w;
+        }
+    }
+}
+
+static void gemm_rows(const gemm_job *jb, int64_t n0, int64_t n1) {
+    const mk_fn(*tab)[TMAX] = mk_table(jb->isa);
+    int32_t acc[RMAX * TMAX];
+    const int64_t N = jb->N, P = jb->P;
+    for (int64_t nb = n0; nb < n1; nb += jb->nblock) {
+        const int64_t ne = min64(n1, nb + jb->nblock);
+        for (int64_t t0 = 0; t0 < jb->M; t0 += jb->T) {
+            const int tt = (int)min64(jb->T, jb->M - t0);
+            for (int64_t n = nb; n < ne; n += jb->R) {
+                const int rr = (int)min64(jb->R, ne - n);
+                const int8_t *xt = jb->xs + t0 * jb->xstride;
+                if (rr == jb->R) {
+                    tab[rr - 1][tt - 1](jb->w + n * P, P, xt, jb->xstride, P, jb->Pp, acc);
+                } else { /* the last rows of a block: one at a time */
+                    int32_t one[RMAX * TMAX];
+                    for (int r = 0; r < rr; r++) {
+                        tab[0][tt - 1](jb->w + (n + r) * P, P, xt, jb->xstride, P, jb->Pp, one);
+                        for (int t = 0; t < tt; t++) acc[r * TMAX + t] = one[t];
+                    }
+                }
+                for (int t = 0; t < tt; t++) {
+                    const int64_t m = t0 + t;
+                    for (int r = 0; r < rr; r++) {
+                        const int32_t v = acc[r * TMAX + t] - jb->xsum[m];
+                        if (jb->acc_out) {
+                            jb->acc_out[m * N + n + r] = v;
+                        } else {
+                            float yv = (float)v / jb->denom[m];
+                            if (jb->bias) yv = yv + jb->bias[n + r];
+                            jb->y[m * N + n + r] = yv;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void gemm_task(void *ctx, int tid, int nth) {
+    const gemm_job *jb = (const gemm_job *)ctx;
+    int64_t lo, hi;
+    split(jb->N, RMAX, tid, nth, &lo, &hi);
+    if (lo < hi) gemm_rows(jb, lo, hi);
+}
+
+/* threads worth using: below ~64 KB of weight traffic per thread a wake-up costs more than it saves */
+static int64_t min_parallel_bytes = 64 * 1024;
+
+MMF_EXPORT void mmf_cpu_set_min_parallel_bytes(int64_t n) { min_parallel_bytes = n > 1 ? n : 1; }
+
+static int threads_for(int64_t N, int64_t P, int64_t M, int nthreads) {
+    const int64_t work = N * P * (1 + (M - 1) / TMAX);
+    int64_t useful = work / min_parallel_bytes;
+    if (useful < 1) useful = 1;
+    const int64_t by_rows = (N + RMAX - 1) / RMAX;
+    if (useful > by_rows) useful = by_rows;
+    return nthreads < useful ? nthreads : (int)useful;
+}
+
+static int run_gemm(gemm_job *jb, int nthreads) {
+    if (jb->isa < 0 || jb->isa >= ISA_COUNT || !mmf_cpu_isa_supported(jb->isa)) return MMF_EISA;
+    jb->Pp = round_up(jb->P, 64);
+    jb->xstride = 4 * jb->Pp;
+    tile_shape(jb->isa, jb->M, &jb->R, &jb->T);
+    /* rows per block: with several token groups, keep a block of weights (~256 KB) in L2 */
+    jb->nblock = jb->M <= jb->T ? jb->N : round_up(((int64_t)256 * 1024) / (jb->P > 0 ? jb->P : 1), RMAX);
+    if (jb->nblock < RMAX) jb->nblock = RMAX;
+    const size_t need = (size_t)(jb->M * jb->xstride) + (size_t)round_up(jb->M * 8, 64);
+    char *buf = (char *)scratch_get(need);
+    if (!buf) return MMF_ENOMEM;
+    jb->xs = (int8_t *)buf;
+    jb->xsum = (int32_t *)(buf + jb->M * jb->xstride);
+    jb->denom = (float *)(jb->xsum + jb->M);
+    const int nth = threads_for(jb->N, jb->P, jb->M, nthreads);
+    if (jb->M == 1 || nth == 1) prologue_task(jb, 0, 1);
+    else pool_run(prologue_task, jb, (int)min64(nth, jb->M));
+    pool_run(gemm_task, jb, nth);
+    return MMF_OK;
+}
+
+static int check_dims(int64_t M, int64_t K, int64_t N, int64_t P) {
+    if (M < 0 || K <= 0 || N < 0 || P != (K + 3) / 4) return 0;
+    if (K > ((int64_t)1 << 24)) return 0; /* int32 accumulators: |acc| <= 2 * 128 * K */
+    return 1;
+}
+
+/* y (M, N) fp32 = bitlinear_i2(x (M, K) fp32, norm_w (K), packed (N, P) u8, s_w, bias (N) or NULL) */
+MMF_EXPORT int mmf_i2_bitlinear(const float *x, int64_t M, int64_t K, const float *norm_w, float eps,
+                                const uint8_t *packed, int64_t N, int64_t P, float s_w, const float *bias,
+                                float *y, int nthreads, int isa) {
+    if (!check_dims(M, K, N, P) || nthreads < 1) return MMF_EARG;
+    if (M == 0 || N == 0) return MMF_OK;
+    gemm_job jb;
+    memset(&jb, 0, sizeof(jb));
+    jb.x = x;
+    jb.nw = norm_w;
+    jb.eps = eps;
+    jb.K = K;
+    jb.w = packed;
+    jb.N = N;
+    jb.P = P;
+    jb.M = M;
+    jb.s_w = s_w;
+    jb.bias = bias;
+    jb.y = y;
+    jb.isa = isa;
+    call_begin();
+    const int rc = run_gemm(&jb, nthreads);
+    call_end();
+    return rc;
+}
+
+/* acc (M, N) int32 = xq (M, K) int8 @ unpack(packed)^T: the exact integer product alone */
+MMF_EXPORT int mmf_i2_gemm_s8(const int8_t *xq, int64_t M, int64_t K, const uint8_t *packed, int64_t N, int64_t P,
+                              int32_t *acc, int nthreads, int isa) {
+    if (!check_dims(M, K, N, P) || nthreads < 1) return MMF_EARG;
+    if (M == 0 || N == 0) return MMF_OK;
+    gemm_job jb;
+    memset(&jb, 0, sizeof(jb));
+    jb.xq_in = xq;
+    jb.K = K;
+    jb.w = packed;
+    jb.N = N;
+    jb.P = P;
+    jb.M = M;
+    jb.acc_out = acc;
+    jb.isa = isa;
+    call_begin();
+    const int rc = run_gemm(&jb, nthreads);
+    call_end();
+    return rc;
+}
+
+/* xq (M, K) int8 and s_x (M) of the prologue alone (tests compare them with torch's) */
+MMF_EXPORT int mmf_quantize_rows(const float *x, int64_t M, int64_t K, const float *norm_w, float eps, int8_t *xq,
+                                 float *s_x) {
+    if (M < 0 || K <= 0) return MMF_EARG;
+    const int64_t P = (K + 3) / 4, Pp = round_up(P, 64);
+    int8_t *buf = (int8_t *)malloc((size_t)(4 * Pp));
+    if (!buf) return MMF_ENOMEM;
+    for (int64_t m = 0; m < M; m++) {
+        quantize_token(x + m * K, K, norm_w, eps, P, Pp, buf, s_x + m);
+        for (int64_t k = 0; k < K; k++) xq[m * K + k] = buf[(k / P) * Pp + k % P];
+    }
+    free(buf);
+    return MMF_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Validity of packed bytes: digits equal to 0b11, and padding digits that are not code 1
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const uint8_t *p;
+    int64_t N, P, K;
+    int64_t bad[MAX_THREADS];
+} check_job;
+
+static void check_task(void *ctx, int tid, int nth) {
+    check_job *cj = (check_job *)ctx;
+    int64_t lo, hi;
+    split(cj->N, 1, tid, nth, &lo, &hi);
+    int64_t bad = 0;
+    const uint8_t *p = cj->p + lo * cj->P;
+    const int64_t nbytes = (hi - lo) * cj->P;
+    for (int64_t i = 0; i < nbytes; i++) bad += ((p[i] >> 1) & p[i] & 0x55) != 0;
+    for (int64_t n = lo; n < hi; n++)
+        for (int64_t k = cj->K; k < 4 * cj->P; k++) {
+            const unsigned b = cj->p[n * cj->P + k % cj->P];
+            bad += ((b >> (2 * (k / cj->P))) & 3) != 1;
+        }
+    cj->bad[tid] = bad;
+}
+
+/* number of bad bytes or padding digits (0: valid i2 of logical shape (N, K)) */
+MMF_EXPORT int64_t mmf_i2_count_invalid(const uint8_t *packed, int64_t N, int64_t P, int64_t K, int nthreads) {
+    if (N < 0 || K <= 0 || P != (K + 3) / 4 || nthreads < 1) return MMF_EARG;
+    check_job cj;
+    memset(&cj, 0, sizeof(cj));
+    cj.p = packed;
+    cj.N = N;
+    cj.P = P;
+    cj.K = K;
+    int nth = (int)min64(nthreads, 1 + N * P / (1 << 20));
+    if (nth > MAX_THREADS) nth = MAX_THREADS;
+    call_begin();
+    pool_run(check_task, &cj, nth);
+    call_end();
+    int64_t bad = 0;
+    for (int i = 0; i < MAX_THREADS; i++) bad += cj.bad[i];
+    return bad;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Read bandwidth: a read-only stream over a buffer (the benchmark's reference for "memory-bound")
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const uint8_t *p;
+    int64_t n;
+    int isa;
+    uint64_t out[MAX_THREADS];
+} stream_job;
+
+#if MMF_X86
+static TGT_AVX512 uint64_t stream_avx512(const uint8_t *p, int64_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + i)));
+        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + i + 64)));
+        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + i + 128)));
+        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + i + 192)));
+    }
+    a0 = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+    uint64_t lanes[8], r = 0;
+    _mm512_storeu_si512((void *)lanes, a0);
+    for (int l = 0; l < 8; l++) r ^= lanes[l];
+    for (; i < n; i++) r ^= p[i];
+    return r;
+}
+
+static TGT_AVX2 uint64_t stream_avx2(const uint8_t *p, int64_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 128 <= n; i += 128) {
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
+        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(p + i + 64)));
+        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(p + i + 96)));
+    }
+    a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+    uint64_t lanes[4], r = 0;
+    _mm256_storeu_si256((__m256i *)lanes, a0);
+    for (int l = 0; l < 4; l++) r ^= lanes[l];
+    for (; i < n; i++) r ^= p[i];
+    return r;
+}
+#endif
+
+static uint64_t stream_scalar(const uint8_t *p, int64_t n) {
+    uint64_t r0 = 0, r1 = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        uint64_t a, b;
+        memcpy(&a, p + i, 8);
+        memcpy(&b, p + i + 8, 8);
+        r0 ^= a;
+        r1 ^= b;
+    }
+    for (; i < n; i++) r0 ^= p[i];
+    return r0 ^ r1;
+}
+
+static void stream_task(void *ctx, int tid, int nth) {
+    stream_job *sj = (stream_job *)ctx;
+    int64_t lo, hi;
+    split(sj->n, 4096, tid, nth, &lo, &hi);
+    uint64_t r = 0;
+    if (lo < hi) {
+#if MMF_X86
+        if (sj->isa == ISA_AVX512VNNI) r = stream_avx512(sj->p + lo, hi - lo);
+        else if (sj->isa != ISA_SCALAR) r = stream_avx2(sj->p + lo, hi - lo);
+        else
+#endif
+            r = stream_scalar(sj->p + lo, hi - lo);
+    }
+    sj->out[tid] = r;
+}
+
+/* xor of all 8-byte words of buf (a checksum nobody needs: it keeps the loads alive) */
+MMF_EXPORT uint64_t mmf_read_stream(const uint8_t *buf, int64_t n, int nthreads, int isa) {
+    if (n < 0 || nthreads < 1 || isa < 0 || isa >= ISA_COUNT || !mmf_cpu_isa_supported(isa)) return 0;
+    stream_job sj;
+    memset(&sj, 0, sizeof(sj));
+    sj.p = buf;
+    sj.n = n;
+    sj.isa = isa;
+    call_begin();
+    pool_run(stream_task, &sj, nthreads);
+    call_end();
+    uint64_t r = 0;
+    for (int i = 0; i < MAX_THREADS; i++) r ^= sj.out[i];
+    return r;
+}
