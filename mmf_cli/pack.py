@@ -17,15 +17,24 @@ def pack(
     checkpoint: Path = typer.Argument(..., help="Latent (training) MatMul-free checkpoint directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the packed checkpoint."),
     fmt: str = typer.Option("i2", "--format", help="i2 (2 bits/weight) or tq1 (1.6 bits/weight)."),
-    keep_dtype: str = typer.Option("fp16", "--keep-dtype", help="dtype of the tensors that stay unpacked: fp16, bf16, fp32."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
-    verify: bool = typer.Option(False, "--verify", help="Check the packed model's logits against the source model's (loads both models in fp32)."),
+    dtype: str = typer.Option(
+        "source", "--dtype", "--keep-dtype", help="dtype of the tensors that stay unpacked (embeddings, norms, "
+        "lower bounds): source (each keeps its dtype in CHECKPOINT, so the packed model gives the source's logits "
+        "exactly), fp32, bf16 or fp16 (smaller; rounds an fp32 source). --keep-dtype: old spelling."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file or "
+                               "another directory)."),
+    verify: bool = typer.Option(False, "--verify", help="Check the packed model against the source model after "
+                                "freeze() (both fp32, 48 random positions): codes and scales must be equal, logits "
+                                "bit-identical up to the --dtype rounding; prints the errors."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
-    """Quantise a checkpoint's BitLinear weights to ternary (absmean) and store them packed."""
+    """Quantise a checkpoint's BitLinear weights to ternary (absmean) and store them packed.
+
+    Sizes are those of the weight files on disk.
+    """
     from mmf.converters.packing import pack_checkpoint
 
-    summary = pack_checkpoint(checkpoint, out, fmt=fmt, keep_dtype=keep_dtype, force=force, verify=verify,
+    summary = pack_checkpoint(checkpoint, out, fmt=fmt, dtype=dtype, force=force, verify=verify,
                               progress=sys.stderr.isatty())
     _report(summary, as_json, f"mmf pack {checkpoint} -> {out}")
 
@@ -35,10 +44,14 @@ def unpack(
     packed: Path = typer.Argument(..., help="Packed checkpoint directory (written by `mmf pack`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the float checkpoint."),
     dtype: str = typer.Option("fp32", "--dtype", help="dtype of the ternary weights written: fp32 (always exact), bf16, fp16."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file or "
+                               "another directory)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
-    """Write a float checkpoint (published hgrn_bit layout) that re-quantises to exactly the packed model."""
+    """Write a float checkpoint (published hgrn_bit layout) that re-quantises to exactly the packed model.
+
+    Sizes are those of the weight files on disk.
+    """
     from mmf.converters.packing import unpack_checkpoint
 
     summary = unpack_checkpoint(packed, out, force=force, dtype=dtype, progress=sys.stderr.isatty())
@@ -62,7 +75,7 @@ def inspect(
     for t in data["tensors"]:
         rows.append({
             "tensor": t["name"], "shape": "x".join(str(s) for s in t["shape"]), "stored": t["stored"],
-            "bytes": f"{t['bytes']:,}",
+            "data bytes": f"{t['bytes']:,}",
             "-1": _pct(t.get("share_-1")), "0": _pct(t.get("share_0")), "+1": _pct(t.get("share_+1")),
             "scale": f"{t['scale']:.6g}" if "scale" in t else "",
         })
@@ -71,9 +84,10 @@ def inspect(
     tot = data["totals"]
     summary = [
         {"total": "parameters", "value": f"{tot['parameters']:,}"},
-        {"total": "bytes", "value": f"{tot['bytes']:,}"},
-        {"total": "bytes as fp16", "value": f"{tot['fp16_bytes']:,}"},
-        {"total": "compression vs fp16", "value": f"{tot['compression_vs_fp16']:.2f}x"},
+        {"total": "weight files on disk (bytes)", "value": _bytes(tot["file_bytes"])},
+        {"total": "tensor data (bytes)", "value": _bytes(tot["tensor_bytes"])},
+        {"total": "tensor data as fp16 (bytes)", "value": _bytes(tot["fp16_bytes"])},
+        {"total": "compression vs fp16 (tensor data)", "value": f"{tot['compression_vs_fp16']:.2f}x"},
         {"total": "ternary parameters", "value": f"{tot['ternary_parameters']:,}"},
         {"total": "bits per ternary weight", "value": "" if tot["bits_per_ternary_weight"] is None
          else f"{tot['bits_per_ternary_weight']:.3f}"},
@@ -85,17 +99,40 @@ def _pct(x: Optional[float]) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
+# labels of the summary fields whose name alone does not say what they measure
+_LABELS = {"input_bytes": "input weight files on disk", "output_bytes": "output weight files on disk",
+           "compression_vs_input": "compression (input / output files)",
+           "ternary_share": "share of ternary weights"}
+
+
+def _bytes(n: int) -> str:
+    from mmf.units import human_bytes
+
+    return f"{n:,} ({human_bytes(n)})"
+
+
+def _value(k: str, v) -> str:
+    if isinstance(v, bool) or v is None:
+        return {True: "yes", False: "no", None: "-"}[v]
+    if k.endswith("_bytes") and isinstance(v, int):
+        return _bytes(v)
+    if isinstance(v, float):
+        return f"{v:.3g}" + ("x" if k.startswith("compression") else "")
+    if isinstance(v, list):
+        return ", ".join(map(str, v)) if len(v) <= 3 else f"{v[0]} … {v[-1]} ({len(v)} files)"
+    return str(v)
+
+
 def _report(summary: dict, as_json: bool, title: str) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     rows = []
     for k, v in summary.items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}: {b:.4g}" if isinstance(b, float) else f"{a}: {b}" for a, b in v.items())
-        elif isinstance(v, list):
-            v = ", ".join(map(str, v)) if len(v) <= 3 else f"{v[0]} … {v[-1]} ({len(v)} files)"
-        elif isinstance(v, float):
-            v = f"{v:.4g}"
-        rows.append({"field": k, "value": v})
+        if k == "ternary_share" and v:
+            v = ", ".join(f"{a}: {100 * b:.1f}%" for a, b in v.items())
+        if isinstance(v, dict):  # --verify: one row per figure
+            rows += [{"field": f"{k}: {a.replace('_', ' ')}", "value": _value(a, b)} for a, b in v.items()]
+            continue
+        rows.append({"field": _LABELS.get(k, k), "value": _value(k, v)})
     print_table(rows, title=title)

@@ -84,7 +84,7 @@ def test_quantize_pack_rejects_nan_and_inf():
 
 def test_pack_verify_bit_identical_and_layout(odd_ckpt, packed_i2):
     out, summary = packed_i2
-    assert summary["verify"]["bit_identical"] and summary["verify"]["median_rel_error_vs_source"] == 0.0
+    assert summary["verify"]["bit_identical"] and summary["verify"]["median_rel_error"] == 0.0
     assert len(summary["files"]) > 1 and (out / "model.safetensors.index.json").exists()
     assert (out / "mmf_tokenizer.json").exists() and is_packed(out)
     config = json.loads((out / "config.json").read_text())
@@ -213,8 +213,10 @@ def test_llama_checkpoint_cannot_be_packed(capsys, tiny_llama_ckpt, tmp_path):
 def test_bad_options(odd_ckpt, tmp_path):
     with pytest.raises(MMFError, match="unknown --format 'q4'"):
         pack_checkpoint(odd_ckpt, tmp_path / "x", fmt="q4")
-    with pytest.raises(MMFError, match="keep-dtype"):
+    with pytest.raises(MMFError, match="--dtype 'int8'"):
         pack_checkpoint(odd_ckpt, tmp_path / "x", keep_dtype="int8")
+    with pytest.raises(MMFError, match="--dtype 'int8'; use one of source, fp32, bf16, fp16"):
+        pack_checkpoint(odd_ckpt, tmp_path / "x", dtype="int8")
     with pytest.raises(MMFError, match="is the input checkpoint"):
         pack_checkpoint(odd_ckpt, odd_ckpt, force=True)
     with pytest.raises(MMFError, match="not a packed checkpoint"):
@@ -495,3 +497,174 @@ def test_thread_tuner_uses_the_faster_setting_and_retries_the_other():
         tuner.seconds_per_element[("shape", 2)] = 2.0
     assert picks[:2] == [2, 1] and picks.count(2) == 1 + sum(1 for k in range(3, 41) if k % tuner.RETRY == 0)
     assert packing._ELEMENTWISE_THREADS is None
+
+
+# ---- issue 16: the default keeps the source's dtype, verify says what it compares, one size, safe outputs ----
+
+def _stored_dtypes(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update({n: t.dtype for n, t in read_header(f)[0].items()})
+    return out
+
+
+def test_default_dtype_keeps_the_source_dtype_and_its_logits(tiny_mmf_ckpt, odd_ckpt, tmp_path):
+    out = tmp_path / "p32"
+    summary = pack_checkpoint(tiny_mmf_ckpt, out, verify=True)  # an fp32 checkpoint, default --dtype
+    assert summary["dtype"] == "source" and summary["unpacked_dtype"] == "F32"
+    stored = _stored_dtypes(out)
+    assert stored["model.embeddings.weight"] == "F32" and stored["model.norm.weight"] == "F32"
+    assert read_header(out / "model.safetensors")[1]["mmf.keep_dtype"] == "F32"
+    ids = ids_for(load_model(tiny_mmf_ckpt).config, 7, (3, 17))
+    ref = load_model(tiny_mmf_ckpt, frozen=True)(ids).logits
+    assert torch.equal(mmf.load_model(out)(ids).logits, ref)  # fp16 embeddings/norms gave ~3e-2 here before
+    v = summary["verify"]
+    assert v["bit_identical"] and v["max_rel_error"] == 0 and v["same_next_token"] == v["positions"] == 48
+    assert v["unpacked_rounded_to"] is None and "exact_after_rounding" not in v
+    assert "after freeze()" in v["compared"] and "48 positions" in v["compared"]
+    assert 0 < v["median_rel_error_vs_unfrozen_source"] < 1e-3  # summation order only (reference-semantics.md)
+    half = tmp_path / "p16"  # an fp16 checkpoint stays fp16
+    pack_checkpoint(odd_ckpt, half)
+    assert _stored_dtypes(half)["model.embeddings.weight"] == "F16"
+
+
+def test_mixed_source_dtypes_are_kept_per_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "mixed"
+    mmf.save_checkpoint(small_model("mmf", seed=4, **ODD), src)
+    state = load_file(src / "model.safetensors")
+    state["model.embeddings.weight"] = state["model.embeddings.weight"].to(torch.bfloat16)
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "p"
+    summary = pack_checkpoint(src, out, verify=True)
+    stored = _stored_dtypes(out)
+    assert stored["model.embeddings.weight"] == "BF16" and stored["model.norm.weight"] == "F32"
+    assert summary["unpacked_dtype"] == "mixed" and summary["verify"]["bit_identical"]
+
+
+def test_verify_with_a_rounding_dtype_labels_what_differs(tiny_mmf_ckpt, tmp_path):
+    summary = pack_checkpoint(tiny_mmf_ckpt, tmp_path / "p", dtype="fp16", verify=True)
+    v = summary["verify"]
+    # not bit-identical to the fp32 source, and it says so; exact once the source is rounded the same way
+    assert v["bit_identical"] is False and v["unpacked_rounded_to"] == "fp16" and v["exact_after_rounding"] is True
+    assert 0 < v["median_rel_error"] <= v["max_rel_error"] and v["same_next_token"] <= v["positions"]
+
+
+def test_verify_failure_is_reported(tiny_mmf_ckpt, tmp_path, monkeypatch):
+    real = packing.load_packed_model
+
+    def damaged(*a, **k):
+        model = real(*a, **k)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(1.5)
+        return model
+
+    monkeypatch.setattr(packing, "load_packed_model", damaged)
+    with pytest.raises(MMFError, match="verify failed: the packed logits differ from the frozen source"):
+        pack_checkpoint(tiny_mmf_ckpt, tmp_path / "p", verify=True)
+    assert not (tmp_path / "p").exists()
+
+
+def test_cli_dtype_and_its_old_spelling(capsys, tiny_mmf_ckpt, tmp_path):
+    code, stdout, _ = cli(capsys, "pack", "--help")
+    assert code == 0 and "--dtype" in stdout and "--keep-dtype: old spelling" in stdout and "source" in stdout
+    code, stdout, err = cli(capsys, "pack", tiny_mmf_ckpt, "--out", tmp_path / "a", "--keep-dtype", "bf16", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["unpacked_dtype"] == "BF16"
+    code, stdout, err = cli(capsys, "pack", tiny_mmf_ckpt, "--out", tmp_path / "b", "--verify")
+    assert code == 0, err
+    assert "verify: compared" in stdout and "after freeze()" in stdout and "bit identical" in stdout
+    assert "input weight files on disk" in stdout
+
+
+def test_pack_inspect_unpack_report_one_size(capsys, tiny_mmf_ckpt, tmp_path):
+    def on_disk(d):
+        return sum(p.stat().st_size for p in d.glob("*.safetensors"))
+
+    out, flat = tmp_path / "p", tmp_path / "u"
+    packed = pack_checkpoint(tiny_mmf_ckpt, out, max_shard_bytes=20000)
+    assert len(packed["files"]) > 1
+    info = inspect_checkpoint(out)
+    unpacked = unpack_checkpoint(out, flat)
+    assert packed["input_bytes"] == on_disk(tiny_mmf_ckpt) == inspect_checkpoint(tiny_mmf_ckpt)["totals"]["file_bytes"]
+    assert packed["output_bytes"] == info["totals"]["file_bytes"] == unpacked["input_bytes"] == on_disk(out)
+    assert unpacked["output_bytes"] == on_disk(flat)
+    assert info["totals"]["tensor_bytes"] == sum(t["bytes"] for t in info["tensors"]) < info["totals"]["file_bytes"]
+    code, stdout, _ = cli(capsys, "inspect", out)
+    assert f"{packed['output_bytes']:,}" in stdout and "weight files on disk" in stdout and "data bytes" in stdout
+
+
+@pytest.mark.parametrize("command", ["pack", "unpack"])
+def test_force_never_deletes_a_file_or_a_foreign_directory(capsys, tiny_mmf_ckpt, tmp_path, command):
+    src = tiny_mmf_ckpt
+    if command == "unpack":
+        src = tmp_path / "packed"
+        pack_checkpoint(tiny_mmf_ckpt, src)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x\n")
+    code, _, err = cli(capsys, command, src, "--out", notes, "--force")
+    assert code == 2 and "is a file, not a directory that mmf wrote" in err and len(err.strip().splitlines()) == 1
+    assert notes.read_text() == "x\n"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "data.csv").write_text("1,2\n")
+    code, _, err = cli(capsys, command, src, "--out", theirs, "--force")
+    assert code == 2 and "mmf did not write" in err and (theirs / "data.csv").exists()
+    code, _, err = cli(capsys, command, src, "--out", tmp_path / "mine")
+    assert code == 0, err
+    code, _, err = cli(capsys, command, src, "--out", tmp_path / "mine", "--force")  # its own output: replaced
+    assert code == 0, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("command", ["pack", "unpack"])
+def test_full_disk_is_one_line_and_touches_nothing(capsys, monkeypatch, tiny_mmf_ckpt, tmp_path, command):
+    import errno
+    import hashlib
+
+    from mmf.converters import safetensors_io
+
+    src = tiny_mmf_ckpt
+    if command == "unpack":
+        src = tmp_path / "packed"
+        pack_checkpoint(tiny_mmf_ckpt, src)
+
+    def digest(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+    before = digest(src)
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", full)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, command, src, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err
+    assert f"no space left on device writing {out}" in err and "choose another --out" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert digest(src) == before
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_pack_and_unpack_outputs_follow_the_umask(tiny_mmf_ckpt, tmp_path, mask):
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        pack_checkpoint(tiny_mmf_ckpt, tmp_path / "p")
+        unpack_checkpoint(tmp_path / "p", tmp_path / "u")
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "p", tmp_path / "u"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask
+        for f in d.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_out_inside_the_input_is_refused(tiny_mmf_ckpt, tmp_path):
+    with pytest.raises(MMFError, match="overlaps the input checkpoint"):
+        pack_checkpoint(tiny_mmf_ckpt, tiny_mmf_ckpt / "packed")
+    assert not (tiny_mmf_ckpt / "packed").exists()
