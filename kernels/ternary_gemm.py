@@ -11,7 +11,7 @@ int32`` (ternary x int8 is exact). The epilogues (residual, GLU pair) are the GE
 Two operand orders, chosen per shape by the tuner: activations on the left (``x W^T``), or weights
 on the left (``(W x^T)^T``, ``SWAP``): then the unpacked codes stay in registers as the left operand
 and the activations reach the tensor cores through the pipelined shared-memory path. At 128 rows
-the second is the faster (13b prefill 8.9 vs 12.1 ms on an H100, ``bench/results/kernel_bench_h100.md``).
+the second is the faster (13b prefill 8.9 vs 12.1 ms on an H100, ``bench/results/EXPERIMENTS.md``).
 """
 
 from __future__ import annotations

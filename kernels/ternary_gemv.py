@@ -23,19 +23,19 @@ stream starts at once; with programmatic dependent launch (``PDL``, Hopper and l
 ``launch_pdl``) it is issued before the previous kernel has even finished, and so are the
 prologue's constant operands (norm weights, lower bound, the state of the step before): only
 loads that no kernel of this step writes run ahead of ``gdc_wait`` (``PARAMS_EARLY``; measured on
-an H100, 13b decode 2.09 -> 1.95-2.03 ms/token, ``bench/results/gemv_params_early_h100.json``: in
+an H100, 13b decode 2.09 -> 1.95-2.03 ms/token, ``bench/results/decode_breakdown_h100.json``: in
 the decoder the norm weights of 40 layers are not in L2, and their loads, issued after the
 prologue's first reductions, stalled it a second time). The schedule (BN, warps, programs per SM) is
 tuned per shape on first use, timed in a CUDA graph over distinct weights of that shape when the
 caller passes them (``tune_pool``; the decoder passes every layer's). (Measured alternatives that
 lost, on an H100: K-chunked tiles with one accumulator per digit, 1-4 programs per SM, Triton's
 software pipelining through shared memory: 8-40 % slower than whole-row tiles,
-``bench/results/gemv_variants_h100.json``; a bulk L2 prefetch (``cp.async.bulk.prefetch.L2``) of
+``bench/results/EXPERIMENTS.md``; a bulk L2 prefetch (``cp.async.bulk.prefetch.L2``) of
 each program's weights, of its next 2-4 row blocks, or of the next projection's weights, at kernel
 start: 13b decode 2.22 -> 2.55 and 2.85 ms/token, 2.09 -> 2.31-2.34 ms/token,
-``bench/results/l2_prefetch_h100.json``, ``gemv_pieces128_pf_h100.json``; each GEMV handing its
+``bench/results/EXPERIMENTS.md``; each GEMV handing its
 output's statistics to the next, so that a prologue runs one reduction instead of three: 13b
-unchanged, 370m 0.31 -> 0.34 ms/token, ``bench/results/gemv_stats_ab_h100.json``.)
+unchanged, 370m 0.31 -> 0.34 ms/token, ``bench/results/EXPERIMENTS.md``.)
 
 Prologue (fused; ``PRO``), computed redundantly by every program (the row is small and sits in L2):
 
@@ -601,7 +601,7 @@ def _chain_time(cfg, a, pool) -> float:
     dependent launch where the decoder uses it: the setting the decoder runs in. Timing single
     launches after an L2 flush (do_bench) ranks schedules by noise of the order of their
     differences (measured: 13b decode 2.26 vs 2.35 ms/token from two such tunings of one build,
-    ``bench/results/gemv_pieces_first_h100.json``)."""
+    ``bench/results/EXPERIMENTS.md``)."""
     launches = max(8, min(64, -(-(128 << 20) // max(1, a["n"] * a["p"] * a["nseg"]))))
     _launch_gemv(cfg, a)  # compile, warm
     torch.cuda.synchronize()

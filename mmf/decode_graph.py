@@ -44,7 +44,7 @@ candidate schedules in a CUDA graph over every layer's weights of that shape (``
 head, which has one, over stand-ins read from the embedding table's memory: ``_timing_pool``), then
 tries each shape's two runners-up in the whole captured step and keeps one only if the step gets
 faster by more than 1 % (``_refine``; ``MMF_REFINE=0`` skips it). Measured on an H100
-(``bench/results/gemv_refine_ab_h100.json``): 370m 0.310 -> 0.305 ms/token (one shape changed),
+(``bench/results/EXPERIMENTS.md``): 370m 0.310 -> 0.305 ms/token (one shape changed),
 13b unchanged at 1.96 ms (every tuner choice kept); it added 1.0 and 3.7 s to the build.
 
 The schedules (tuned and refined) are kept on disk (``mmf.kernels.schedule_cache``): a later
