@@ -12,12 +12,38 @@ sampling runs on the host from the logits either way.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
 
+from .devices import resolve_device
 from .errors import MMFError
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Refuse out-of-range sampling options with one line each (before anything is loaded)."""
+    if max_new_tokens < 0:
+        raise MMFError(f"--max-new-tokens {max_new_tokens}: must be >= 0 (the number of tokens to generate)")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise MMFError(f"--temperature {temperature}: must be a finite number >= 0 (0 = greedy, 1 = the model's "
+                       "own distribution)")
+    if top_k < 0:
+        raise MMFError(f"--top-k {top_k}: must be >= 0 (0 keeps every token, k keeps the k most likely)")
+    if not 0 < top_p <= 1:
+        raise MMFError(f"--top-p {top_p}: must be in (0, 1] (1 = off, 0.9 keeps the most likely tokens holding 90 % "
+                       "of the probability)")
+
+
+def check_prompt_ids(prompt_ids: list[int], vocab_size: Optional[int]) -> None:
+    """The tokenised prompt must be non-empty and inside the model's vocabulary."""
+    if not prompt_ids:
+        raise MMFError("the prompt is empty after tokenisation; give some text with --prompt")
+    if vocab_size is not None and max(prompt_ids) >= vocab_size:
+        raise MMFError(f"the tokenizer produced id {max(prompt_ids)} but the model's vocabulary has {vocab_size} "
+                       "entries; the checkpoint's tokenizer does not match its config")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -29,7 +55,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < top_p < 1:
+    if top_p < 1:  # check_sampling keeps it in (0, 1]
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
@@ -75,14 +101,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
                  on_token: Optional[Callable[[int], None]] = None, device="cpu", graph: bool = False) -> list[int]:
     """Prefill the prompt in one call, then decode one token at a time with the model's cache (with
     ``graph``, a static decoder's: see the module doc)."""
-    if not prompt_ids:
-        raise MMFError("the prompt is empty after tokenisation; give some text with --prompt")
-    if max_new_tokens < 0:
-        raise MMFError("--max-new-tokens must be >= 0")
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and max(prompt_ids) >= vocab:
-        raise MMFError(f"the tokenizer produced id {max(prompt_ids)} but the model's vocabulary has {vocab} entries; "
-                       "the checkpoint's tokenizer does not match its config")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_prompt_ids(prompt_ids, getattr(model.config, "vocab_size", None))
     gen = None
     if seed is not None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -103,26 +123,78 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     return new
 
 
+def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None, prompt: Optional[str] = None,
+                 prompt_file: Optional[Path] = None, max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, device: str = "cpu",
+                 dtype: Optional[str] = None, graph: bool = False,
+                 write: Optional[Callable[[str], None]] = None) -> str:
+    """`mmf generate`: from a CHECKPOINT or an ``--onnx`` export (exactly one), the prompt from ``prompt`` or
+    ``prompt_file``. Every option is checked and the model and tokenizer are loaded before anything is
+    written, so a failed call leaves no output; then the prompt and the generated text stream to ``write``.
+    Returns the generated text (without the prompt). ``dtype`` None: fp32, or the export's own dtype."""
+    from .onnx_runtime import generate_onnx_text, onnx_source
+
+    onnx = onnx_source(checkpoint, onnx)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if onnx is not None:
+        if graph:
+            raise MMFError("--graph and --onnx do not go together: ONNX Runtime runs its own graph; drop one")
+        if str(device).strip().lower() not in ("cpu", "auto"):
+            raise MMFError(f"--device {device} does not apply to --onnx: mmf runs exports on ONNX Runtime's CPU "
+                           "provider; drop --device, or give the CHECKPOINT instead of --onnx to run it on a GPU")
+        text = read_prompt(prompt, prompt_file)
+        return generate_onnx_text(onnx, text, max_new_tokens, temperature, top_k, top_p, seed, write,
+                                  dtype=dtype, echo_prompt=True)
+    text = read_prompt(prompt, prompt_file)
+    return generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype or "fp32",
+                         write, graph, echo_prompt=True)
+
+
+def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    """The prompt of `mmf generate`: ``--prompt TEXT`` or the UTF-8 text of ``--prompt-file PATH``."""
+    if prompt_file is not None:
+        if prompt is not None:
+            raise MMFError("give either --prompt or --prompt-file, not both")
+        try:
+            return Path(prompt_file).read_bytes().decode("utf-8")
+        except (FileNotFoundError, IsADirectoryError):
+            raise MMFError(f"{prompt_file}: no such prompt file") from None
+        except UnicodeDecodeError as e:
+            raise MMFError(f"{prompt_file}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
+    if prompt is None:
+        raise MMFError("no prompt: pass --prompt TEXT or --prompt-file PATH")
+    return prompt
+
+
 def generate_text(checkpoint, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
                   top_p: float = 1.0, seed: Optional[int] = None, device: str = "cpu", dtype="fp32",
-                  write: Optional[Callable[[str], None]] = None, graph: bool = False) -> str:
-    """Load ``checkpoint`` and its tokenizer, generate, and stream the text to ``write``."""
-    from .checkpoint import load_model
+                  write: Optional[Callable[[str], None]] = None, graph: bool = False,
+                  echo_prompt: bool = False) -> str:
+    """Check the options, load ``checkpoint`` and its tokenizer, generate, and stream the text to ``write``
+    (preceded by the prompt with ``echo_prompt``, once everything has loaded). Returns the generated text."""
+    from .checkpoint import load_model, parse_dtype
     from .tokenizer import load_tokenizer
 
-    if graph and torch.device(device).type != "cuda":
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    device = resolve_device(device)
+    if graph and device.type != "cuda":
         raise MMFError("--graph replays CUDA graphs: it needs --device cuda (drop --graph on the CPU)")
+    parse_dtype(dtype)
     model = load_model(checkpoint, device=device, dtype=dtype, frozen=True)
     tok = load_tokenizer(checkpoint, model.config.bos_token_id, model.config.eos_token_id)
-    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, device, write, graph)
+    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, device, write, graph,
+                       echo_prompt)
 
 
 def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                seed: Optional[int], device, write: Optional[Callable[[str], None]], graph: bool = False) -> str:
-    """Tokenise ``prompt``, generate with ``model`` (torch or ONNX Runtime) and stream the decoded text."""
+                seed: Optional[int], device, write: Optional[Callable[[str], None]], graph: bool = False,
+                echo_prompt: bool = False) -> str:
+    """Tokenise ``prompt``, generate with ``model`` (torch or ONNX Runtime) and stream the decoded text
+    (after the prompt itself with ``echo_prompt``, once the prompt's ids are known to be valid)."""
     prompt_ids = tok.encode(prompt)
     if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
         prompt_ids = [tok.bos_id] + prompt_ids
+    check_prompt_ids(prompt_ids, getattr(model.config, "vocab_size", None))
     feed = tok.stream_decoder()
     pieces: list[str] = []
 
@@ -133,7 +205,11 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float
             if write is not None:
                 write(s)
 
+    if graph:  # built (compiled and tuned) before the prompt is written: a failure here leaves no output
+        model = _StaticSteps(model, len(prompt_ids), max_new_tokens)
+    if echo_prompt and write is not None:
+        write(prompt)
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, device, graph)
+    generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, device)
     return "".join(pieces)

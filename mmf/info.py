@@ -55,6 +55,52 @@ def checkpoint_info(path) -> dict:
     }
 
 
+def info_rows(data: dict) -> list[dict]:
+    """``checkpoint_info``'s result as ``field``/``value`` rows for a table: counts with thousands separators and
+    a short form (370.1 M), shares as percentages, bytes also in MiB/GiB, lists joined (the JSON stays raw)."""
+    rows = []
+    for k, v in data.items():
+        if k == "parameters_by_group":
+            rows += [{"field": f"parameters[{g}]", "value": _count(n)} for g, n in v.items()]
+        elif k == "bytes_by_dtype":
+            rows += [{"field": f"bytes[{d}]", "value": _bytes(n)} for d, n in v.items()]
+        elif k == "ternary_share":
+            rows.append({"field": k, "value": f"{100 * v:.1f} %"})
+        elif k == "parameters":
+            rows.append({"field": k, "value": _count(v)})
+        else:
+            rows.append({"field": k, "value": _plain(v)})
+    return rows
+
+
+def _plain(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_plain(x) for x in v)
+    return str(v)
+
+
+def _count(n: int) -> str:
+    """1234567 -> '1,234,567 (1.235 M)'; below a thousand just the number."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n:,} ({n / div:.4g} {unit})"
+    return f"{n:,}"
+
+
+def _bytes(n: int) -> str:
+    """1234567 -> '1,234,567 (1.177 MiB)'."""
+    for div, unit in ((2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if n >= div:
+            return f"{n:,} ({n / div:.4g} {unit})"
+    return f"{n:,}"
+
+
 def _logical_numel(entry: str) -> int:
     import json
     import math

@@ -9,23 +9,26 @@ from typing import Optional
 
 import typer
 
-from mmf.errors import MMFError
-
 from .app import app, print_table
 
 
 @app.command()
 def generate(
-    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory (latent, float or packed)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a UTF-8 file."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = all)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory (latent, float or packed); or give "
+                                                "--onnx DIR instead."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (or --prompt-file)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a UTF-8 file "
+                                               "(instead of --prompt)."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate, >= 0."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help=">= 0; 0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens, >= 0 (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1] (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (default: random, so "
+                                       "sampled text differs between runs; greedy -t 0 needs none)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (cuda when a GPU is visible); "
+                               "--onnx runs on the CPU."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32; with --onnx the "
+                                        "export's own dtype)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Generate through ONNX Runtime from an `mmf export-onnx` "
                                         "directory (instead of CHECKPOINT)."),
     graph: bool = typer.Option(False, "--graph", help="With --device cuda: each decode step is one CUDA-graph replay "
@@ -33,55 +36,27 @@ def generate(
                                "start, tens of seconds; pays off on long generations)."),
 ):
     """Sample text from a checkpoint, streaming it as it is produced (O(1) memory per token)."""
-    from mmf.generate import generate_text
-    from mmf.onnx_runtime import generate_onnx_text, onnx_source
-
-    onnx = onnx_source(checkpoint, onnx)
-    if graph and onnx is not None:
-        raise MMFError("--graph and --onnx do not go together: ONNX Runtime runs its own graph; drop one")
-    text = read_prompt(prompt, prompt_file)
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    from mmf.generate import run_generate
 
     def write(s: str) -> None:
         sys.stdout.write(s)
         sys.stdout.flush()
 
-    if onnx is not None:
-        generate_onnx_text(onnx, text, max_new_tokens, temperature, top_k, top_p, seed, write)
-    else:
-        generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, write, graph)
-    sys.stdout.write("\n")
-
-
-def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
-    if prompt_file is not None:
-        if prompt is not None:
-            raise MMFError("give either --prompt or --prompt-file, not both")
-        try:
-            return prompt_file.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise MMFError(f"{prompt_file}: no such prompt file") from None
-        except UnicodeDecodeError as e:
-            raise MMFError(f"{prompt_file}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
-    if prompt is None:
-        raise MMFError("no prompt: pass --prompt TEXT or --prompt-file PATH")
-    return prompt
+    run_generate(checkpoint, onnx, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+                 graph, write)
+    write("\n")
 
 
 @app.command()
 def info(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (raw numbers) on stdout instead of the table."),
 ):
     """Architecture, parameter counts by group, ternary share and bytes by dtype of a checkpoint."""
-    from mmf.info import checkpoint_info
+    from mmf.info import checkpoint_info, info_rows
 
     data = checkpoint_info(checkpoint)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    rows = [{"field": k, "value": v} for k, v in data.items() if not isinstance(v, dict)]
-    rows += [{"field": f"parameters[{g}]", "value": f"{n:,}"} for g, n in data["parameters_by_group"].items()]
-    rows += [{"field": f"bytes[{d}]", "value": f"{n:,}"} for d, n in data["bytes_by_dtype"].items()]
-    print_table(rows, title=f"mmf info {checkpoint}")
+    print_table(info_rows(data), title=f"mmf info {checkpoint}")
