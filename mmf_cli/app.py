@@ -6,15 +6,60 @@ import sys
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from mmf import __version__
 
-app = typer.Typer(
+# `mmf --help` lists the commands in the order of the pipeline, whatever order their modules were imported in.
+PIPELINE_ORDER = ("train", "eval", "generate", "info", "pack", "unpack", "inspect", "export-onnx", "fpga-image", "bench")
+
+
+class _FlagsWithoutMetavar:
+    """Boolean flags take no value, so their help shows none.
+
+    Recent typer (0.29.2, what pip resolves today) carries its own copy of click (``typer._click``; the
+    separately installed click, 8.5.1, is not used) and its rich help panel
+    (``rich_utils._print_options_panel``) asks every option for its type label, flags included, so each
+    flag (``--help`` too) showed as ``--graph <bool>``; its plain-text help skips flags. An empty
+    metavar makes the rich panel print nothing there, under older typer versions too.
+    """
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if (getattr(p, "is_flag", False) or getattr(p, "count", False)) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class MMFCommand(_FlagsWithoutMetavar, TyperCommand):
+    """Every `mmf` command (see ``_FlagsWithoutMetavar``)."""
+
+
+class MMFGroup(_FlagsWithoutMetavar, TyperGroup):
+    """The `mmf` group: commands listed in pipeline order (``PIPELINE_ORDER``, then any others)."""
+
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        rank = {n: i for i, n in enumerate(PIPELINE_ORDER)}
+        return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+
+class _Typer(typer.Typer):
+    """``app.command()`` builds an ``MMFCommand`` unless told otherwise."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or MMFCommand, **kwargs)
+
+
+app = _Typer(
     name="mmf",
+    cls=MMFGroup,
     help="MatMul-free language models: train, generate, pack, export and benchmark ternary LMs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command's context
 )
 _state = {"debug": False}
 
@@ -28,7 +73,8 @@ def _version(value: bool):
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (accepted anywhere on the "
+                               "command line, e.g. `mmf generate ... --debug`)."),
 ):
     """MatMul-free language models: train, generate, pack, export and benchmark ternary LMs."""
     _state["debug"] = debug

@@ -6,22 +6,35 @@ Each command lives in its own module of this package and registers itself on ``a
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 from mmf.errors import MMFError
 
 from .app import app
+# Imported in pipeline order; `mmf --help` lists them in that order whatever the import order (app.PIPELINE_ORDER).
+from . import train  # noqa: F401  (registers train, eval)
 from . import generate  # noqa: F401  (registers generate, info)
 from . import pack  # noqa: F401  (registers pack, unpack, inspect)
-from . import train  # noqa: F401  (registers train, eval)
-from . import fpga  # noqa: F401  (registers fpga-image)
 from . import export_onnx  # noqa: F401
+from . import fpga  # noqa: F401  (registers fpga-image)
 from . import bench  # noqa: F401  (registers bench)
 
 
-def main() -> None:
-    debug = "--debug" in sys.argv[1:]
+def split_debug_flag(args: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` is accepted anywhere before a ``--`` (``mmf generate ... --debug`` as well as ``mmf --debug
+    generate ...``): returns the arguments with it moved to the front, where the root command parses it."""
+    end = args.index("--") if "--" in args else len(args)
+    debug = "--debug" in args[:end]
+    if not debug:
+        return list(args), False
+    rest = [a for a in args[:end] if a != "--debug"] + list(args[end:])
+    return ["--debug", *rest], True
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args, debug = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
     try:
-        app(prog_name="mmf")
+        app(args=args, prog_name="mmf")
     except MMFError as e:
         if debug:
             raise
@@ -34,7 +47,7 @@ def main() -> None:
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        sys.stderr.write(f"mmf: internal error: {type(e).__name__}: {msg} (run with --debug for the traceback)\n")
+        sys.stderr.write(f"mmf: internal error: {type(e).__name__}: {msg} (add --debug for the traceback)\n")
         sys.exit(1)
 
 

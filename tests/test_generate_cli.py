@@ -1,0 +1,169 @@
+"""`mmf generate` and `mmf info` as a user meets them, and the CLI conventions every command shares
+(issue 16 items 7, 8, 12, 14, 15): options checked before anything is written, --device names, --debug
+anywhere, -h, help without <bool>, pipeline order, a formatted info table."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from mmf.errors import CheckpointError, MMFError
+
+
+def _main(monkeypatch, capsys, *args):
+    """Run `mmf ARGS` in this process (fast); returns (exit code, stdout, stderr)."""
+    from mmf.cli.main import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _assert_one_line(code, out, err, *fragments):
+    assert code == 2, (code, err)
+    assert err.startswith("mmf: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+    assert out == "", f"a failed call wrote to stdout: {out!r}"
+
+
+def _bad_generate_options():
+    cases = [
+        (["--device", "tpu"], "--device 'tpu' is not a device"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "--device cpu"),
+        (["--top-k", "-3"], "--top-k -3: must be >= 0"),
+        (["-t", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+        (["-t", "nan"], "--temperature nan"),
+        (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+        (["--top-p", "0"], "(1 = off"),
+        (["-n", "-1"], "--max-new-tokens -1: must be >= 0"),
+        (["--dtype", "fp8"], "use one of fp32, bf16, fp16"),
+        (["--graph"], "--graph replays CUDA graphs"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "use --device cpu"))
+    return cases
+
+
+@pytest.mark.parametrize("extra,fragment", _bad_generate_options())
+def test_generate_refuses_bad_options_before_writing(tiny_mmf_ckpt, monkeypatch, capsys, extra, fragment):
+    """Each out-of-range option is one line with the fix and exit 2 (not "internal error"), and the prompt is not
+    written: a failed call leaves redirected output empty."""
+    _assert_one_line(*_main(monkeypatch, capsys, "generate", tiny_mmf_ckpt, "-p", "Hello", "-n", "3", *extra),
+                     fragment)
+
+
+def test_generate_checks_options_before_loading(tmp_path, monkeypatch, capsys):
+    """Options are checked before the checkpoint is read, so the option's own message comes first."""
+    _assert_one_line(*_main(monkeypatch, capsys, "generate", tmp_path / "missing", "-p", "x", "--top-k", "-1"),
+                     "--top-k -1")
+
+
+def test_generate_writes_nothing_when_loading_or_tokenising_fails(tiny_mmf_ckpt, tmp_path, monkeypatch, capsys):
+    _assert_one_line(*_main(monkeypatch, capsys, "generate", tmp_path / "missing", "-p", "Hello"),
+                     "no such checkpoint directory")
+    _assert_one_line(*_main(monkeypatch, capsys, "generate", tiny_mmf_ckpt, "-p", ""), "the prompt is empty")
+    _assert_one_line(*_main(monkeypatch, capsys, "generate", tiny_mmf_ckpt, "--prompt-file", tmp_path),
+                     "no such prompt file")
+    code, out, err = _main(monkeypatch, capsys, "generate", tiny_mmf_ckpt, "-p", "Hello", "-n", "4", "-t", "0")
+    assert code == 0 and out.startswith("Hello") and out.endswith("\n"), err
+
+
+def test_generate_onnx_refuses_device_and_foreign_dtype(tiny_mmf_ckpt, tmp_path, monkeypatch, capsys):
+    """--device was silently ignored with --onnx: the export runs on ONNX Runtime's CPU provider here."""
+    from mmf.converters.onnx_export import export_onnx
+
+    _assert_one_line(*_main(monkeypatch, capsys, "generate", "--onnx", tmp_path, "-p", "x", "--device", "cuda"),
+                     "--device cuda does not apply to --onnx")
+    _assert_one_line(*_main(monkeypatch, capsys, "generate", "--onnx", tmp_path, "-p", "x", "--top-p", "0"),
+                     "--top-p 0.0")
+    out = tmp_path / "onnx"
+    export_onnx(tiny_mmf_ckpt, out, check=False)
+    _assert_one_line(*_main(monkeypatch, capsys, "generate", "--onnx", out, "-p", "x", "--dtype", "fp16"),
+                     "--dtype fp16", "exported in fp32", "mmf export-onnx --dtype fp16")
+    code, text, err = _main(monkeypatch, capsys, "generate", "--onnx", out, "-p", "Hi", "-n", "3", "-t", "0",
+                            "--dtype", "fp32", "--device", "auto")
+    assert code == 0 and text.startswith("Hi"), err
+
+
+def test_resolve_device():
+    from mmf.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "cuda:", "cuda:x", "gpu", ""):
+        with pytest.raises(MMFError, match="cpu, cuda, cuda:N or auto"):
+            resolve_device(bad)
+    with pytest.raises(MMFError, match="use --device cpu|pick one of those"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    else:
+        with pytest.raises(MMFError, match="use --bench-device cpu"):
+            resolve_device("cuda", option="--bench-device")
+
+
+def test_debug_flag_anywhere_and_the_hint(tmp_path, monkeypatch, capsys):
+    """`mmf generate ... --debug` shows the traceback like `mmf --debug generate ...`; the internal-error hint
+    names a form that works."""
+    from mmf.cli.main import main, split_debug_flag
+
+    assert split_debug_flag(["generate", "ck", "--debug", "-p", "x"]) == (["--debug", "generate", "ck", "-p", "x"],
+                                                                        True)
+    assert split_debug_flag(["generate", "ck", "--", "--debug"]) == (["generate", "ck", "--", "--debug"], False)
+    for args in (["generate", tmp_path / "nope", "-p", "x", "--debug"], ["--debug", "generate", tmp_path / "nope", "-p", "x"]):
+        with pytest.raises(CheckpointError):
+            main([str(a) for a in args])
+    capsys.readouterr()
+
+    def broken(path):
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr("mmf.info.checkpoint_info", broken)
+    code, out, err = _main(monkeypatch, capsys, "info", tmp_path)
+    assert code == 1 and "internal error: RuntimeError: something unexpected" in err and "add --debug" in err, err
+    with pytest.raises(RuntimeError):
+        main(["info", str(tmp_path), "--debug"])
+
+
+def test_help_short_flag_no_bool_metavar_and_pipeline_order(monkeypatch, capsys):
+    from mmf.cli.app import PIPELINE_ORDER
+
+    code, top, _ = _main(monkeypatch, capsys, "-h")
+    assert code == 0 and "Usage: mmf" in top
+    listed = [name for name in re.findall(r"^│ ([a-z][a-z-]*)\s", top, flags=re.M)]
+    assert listed == list(PIPELINE_ORDER), listed
+    assert _main(monkeypatch, capsys, "--help")[1] == top
+    for cmd in PIPELINE_ORDER:
+        code, short, err = _main(monkeypatch, capsys, cmd, "-h")
+        assert code == 0 and f"Usage: mmf {cmd}" in short, (cmd, err)
+        assert short == _main(monkeypatch, capsys, cmd, "--help")[1]
+        assert "<bool>" not in short, (cmd, short)
+    assert "<bool>" not in top
+    gen = " ".join(re.sub(r"[│╭╮╰╯─]", " ", _main(monkeypatch, capsys, "generate", "-h")[1]).split())
+    assert "default: random" in gen and "default: fp32" in gen and "[default: 200]" in gen
+
+
+def test_info_table_is_formatted(tiny_mmf_ckpt, monkeypatch, capsys):
+    """Numbers get thousands separators, the ternary share a percentage, lists are joined; --json stays raw."""
+    code, raw, err = _main(monkeypatch, capsys, "info", tiny_mmf_ckpt, "--json")
+    assert code == 0, err
+    data = json.loads(raw)
+    assert isinstance(data["ternary_share"], float) and isinstance(data["files"], list)
+    code, table, err = _main(monkeypatch, capsys, "info", tiny_mmf_ckpt)
+    assert code == 0, err
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table.splitlines()[3:] if line.strip())
+    assert rows["parameters"].startswith(f"{data['parameters']:,} (") and data["parameters"] >= 1000
+    assert rows["ternary_share"] == f"{100 * data['ternary_share']:.1f} %"
+    assert rows["files"] == ", ".join(data["files"]) and "[" not in table.split("files", 1)[1]
+    for dtype, n in data["bytes_by_dtype"].items():
+        assert rows[f"bytes[{dtype}]"].startswith(f"{n:,} (") and "iB)" in rows[f"bytes[{dtype}]"]
+    assert not re.search(r"\d\.\d{5,}", table), table  # no raw floats
