@@ -470,16 +470,18 @@ def export_model(model, out, tokenizer=None, weights: Optional[str] = None, opse
                  dtype: str = "fp32", force: bool = False, check: bool = True, source: Optional[str] = None) -> dict:
     """Export an in-memory model (either architecture, training or frozen form) to directory ``out``.
 
-    Written atomically: on any error nothing is left at ``out``. Returns the manifest (a dict).
+    Written atomically: on any error nothing is left at ``out`` (a full disk is one MMFError line);
+    ``force`` replaces only a directory mmf wrote. Returns the manifest (a dict).
     """
     import onnx
 
     from mmf import __version__
-    from mmf.checkpoint import atomic_directory
+    from mmf.outputs import atomic_directory, check_output
 
     cfg = model.config
     arch = cfg.arch
     mode = check_options(arch, weights, opset, dtype)
+    check_output(Path(out), force)
     np_dtype = DTYPES[dtype]
     if arch == "mmf":
         if not getattr(model, "is_frozen", True):
@@ -496,7 +498,7 @@ def export_model(model, out, tokenizer=None, weights: Optional[str] = None, opse
     for kind, decode in (("prefill", False), ("decode", True)):
         graphs[kind] = build(decode)
     out = Path(out)
-    with atomic_directory(out, force) as tmp:
+    with atomic_directory(out, force, need_bytes=sum(a.nbytes for a in W.values())) as tmp:
         layout = write_shared_data(W, tmp, DATA_FILE)
         spec = {}
         for kind, fname in (("prefill", PREFILL_FILE), ("decode", DECODE_FILE)):
@@ -540,6 +542,7 @@ def export_onnx(checkpoint, out, weights: Optional[str] = None, opset: int = DEF
     """Load ``checkpoint`` (latent, float or packed; either architecture) and export it to ``out``."""
     from mmf.checkpoint import load_config, load_model
     from mmf.errors import CheckpointError
+    from mmf.outputs import check_output
     from mmf.tokenizer import load_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -548,8 +551,7 @@ def export_onnx(checkpoint, out, weights: Optional[str] = None, opset: int = DEF
     src, dst = checkpoint.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise MMFError(f"--out {out} overlaps the checkpoint {checkpoint}; write the export to a separate directory")
-    if out.exists() and not force:
-        raise MMFError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_output(out, force)  # before loading: a refused --out costs nothing
     model = load_model(checkpoint, device="cpu", dtype=torch.float32, frozen=True)
     try:
         tok = load_tokenizer(checkpoint, cfg.bos_token_id, cfg.eos_token_id)

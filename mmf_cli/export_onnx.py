@@ -15,11 +15,13 @@ def export_onnx(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (latent, float or packed; either architecture)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
     weights: Optional[str] = typer.Option(
-        None, "--weights", help="packed: 2-bit codes in uint8 initializers, unpacked in the graph (MatMul-free "
-        "default); float: plain float initializers (the only choice for Transformer++)."),
+        None, "--weights", show_default="packed for MatMul-free, float for Transformer++",
+        help="packed: 2-bit codes in uint8 initializers, unpacked in the graph (MatMul-free only); float: plain "
+        "float initializers (the only choice for Transformer++)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset, 18 to 21."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16 (embeddings, float weights, activations)."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file or "
+                               "another directory)."),
 ):
     """Export prefill.onnx and decode.onnx (+ shared weights, tokenizer, mmf_onnx.json) for ONNX Runtime."""
     from mmf.converters.onnx_export import export_onnx as run

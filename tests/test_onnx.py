@@ -317,8 +317,8 @@ def test_packed_checkpoint_from_mmf_pack(tiny_mmf_ckpt, tmp_path):
     graph = onnx.load(str(out / PREFILL_FILE), load_external_data=True).graph
     got = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == "lm_head.packed_t")
     assert np.array_equal(got.T, model.lm_head.packed.numpy())
-    # the embeddings came as fp16 from the pack: stored as fp16 (lossless), so the data file is
-    # the packed checkpoint's size give or take the small tensors
+    # the embeddings come in the pack's dtype (the source's fp32, `mmf pack`'s default) and are stored as
+    # fp32, so the data file is the packed checkpoint's size give or take the small tensors
     ckpt_bytes = sum(p.stat().st_size for p in packed.iterdir())
     assert manifest["file_bytes"][DATA_FILE] < 1.1 * ckpt_bytes
 
@@ -345,3 +345,70 @@ def test_ort_folds_the_unpacking_once(exported, tmp_path):
     int8 = onnx.TensorProto.INT8
     assert "BitShift" not in ops[True][0] and "MatMulInteger" in ops[True][0] and int8 in ops[True][1]
     assert "BitShift" in ops[False][0] and int8 not in ops[False][1]
+
+
+# ---- issue 16: help shows the defaults, --force replaces only mmf outputs, full disk, umask, bad options ----
+
+def test_help_shows_the_weights_default(monkeypatch, capsys):
+    code, stdout, _ = _main(monkeypatch, capsys, "export-onnx", "--help")
+    assert code == 0 and "packed for MatMul-free, float for Transformer++" in " ".join(stdout.replace("│", " ").split())
+
+
+def test_force_replaces_only_an_export(tiny_llama_ckpt, tmp_path, monkeypatch, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x\n")
+    code, _, err = _main(monkeypatch, capsys, "export-onnx", tiny_llama_ckpt, "--out", notes, "--force")
+    assert code == 2 and "is a file, not a directory that mmf wrote" in err and err.count("\n") == 1
+    assert notes.read_text() == "x\n"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.onnx").write_text("someone else's")
+    code, _, err = _main(monkeypatch, capsys, "export-onnx", tiny_llama_ckpt, "--out", theirs, "--force")
+    assert code == 2 and "mmf did not write" in err and (theirs / "model.onnx").exists()
+    out = tmp_path / "onnx"
+    onnx_export.export_onnx(tiny_llama_ckpt, out)
+    onnx_export.export_onnx(tiny_llama_ckpt, out, dtype="fp16", force=True)  # an export (mmf_onnx.json): replaced
+    assert json.loads((out / MANIFEST_FILE).read_text())["dtype"] == "fp16"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_full_disk_is_one_line(tiny_llama_ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+    import hashlib
+
+    def digest(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+    before = digest(tiny_llama_ckpt)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    out = tmp_path / "onnx"
+    code, _, err = _main(monkeypatch, capsys, "export-onnx", tiny_llama_ckpt, "--out", out)
+    assert code == 2 and err.count("\n") == 1 and "internal error" not in err
+    assert f"no space left on device writing {out}" in err and "choose another --out" in err
+    assert list(tmp_path.iterdir()) == [] and digest(tiny_llama_ckpt) == before
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_export_follows_the_umask(tiny_llama_ckpt, tmp_path, mask):
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        onnx_export.export_onnx(tiny_llama_ckpt, tmp_path / "onnx")
+    finally:
+        os.umask(old)
+    out = tmp_path / "onnx"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~mask}
+
+
+@pytest.mark.parametrize("opset", ["17", "22", "-1"])
+def test_opset_out_of_range(tiny_llama_ckpt, tmp_path, monkeypatch, capsys, opset):
+    code, _, err = _main(monkeypatch, capsys, "export-onnx", tiny_llama_ckpt, "--out", tmp_path / "o", "--opset", opset)
+    assert code == 2 and f"opset {opset} is not supported; use --opset 18 to 21" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
