@@ -7,7 +7,7 @@ answers "how fast does `mmf train` go".
 
     python -m mmf.bench.train_throughput --presets tiny --device cpu --out bench/results/train_throughput_cpu.json
     python -m mmf.bench.train_throughput --presets 370m transformer++-370m --device cuda \\
-        --batch 8 --seq-len 2048 --set model.vocab_size=32000 --out bench/results/train_throughput_gpu.json
+        --batch 8 --seq-len 2048 --set model.vocab_size=32000 --out bench/results/train_throughput_gpu_h100.json
     OMP_NUM_THREADS=1 python -m mmf.bench.train_throughput --scan-share --out bench/results/train_scan_share_cpu.json
 """
 
