@@ -1,0 +1,72 @@
+"""The GPU measurement scripts that reproduce committed figures (decode_breakdown, decoder_build_time,
+generate_graph_check) are runnable modules: ``--help`` works without a GPU, bad arguments are one line
+and exit 2 before any GPU work, and decode_breakdown's variants still apply to the installed kernel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmf.bench import decode_breakdown, decoder_build_time, generate_graph_check
+
+MODULES = {"decode_breakdown": decode_breakdown, "decoder_build_time": decoder_build_time,
+           "generate_graph_check": generate_graph_check}
+
+
+def test_help_runs_as_a_module():
+    p = subprocess.run([sys.executable, "-m", "mmf.bench.decode_breakdown", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: python -m mmf.bench.decode_breakdown")
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        MODULES[name].main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m mmf.bench.{name}") and "(default:" in out
+
+
+@pytest.mark.parametrize("name, argv, words", [
+    ("decode_breakdown", ["--variants", "base", "pipe4"], "unknown variant 'pipe4'"),
+    ("decode_breakdown", ["--extra", "/nonexistent/tv.py"], "no such file"),
+    ("decode_breakdown", ["--sizes", "transformer++-370m"], "MatMul-free presets"),
+    ("decoder_build_time", ["--model", "99b"], "unknown preset"),
+    ("generate_graph_check", ["--max-new-tokens", "0"], "give 1 or more"),
+    ("generate_graph_check", ["--models", "99b"], "unknown preset"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(name, argv, words, capsys):
+    assert MODULES[name].main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is visible")
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_without_a_gpu_says_so(name, capsys):
+    assert MODULES[name].main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_decode_breakdown_variants_apply_to_the_installed_kernel():
+    """Each variant is a text edit of kernels/ternary_gemv.py; an edit that no longer matches the kernel
+    would time the unedited kernel under the variant's name, so building it must fail instead."""
+    from mmf.kernels import ternary_gemv as tv
+
+    variants = decode_breakdown._Variants(tv, {})
+    sources = {}
+    for name in decode_breakdown.EDITED_VARIANTS:
+        mod = variants.module(name)  # raises SystemExit where an edit does not apply
+        assert callable(mod.gemv) and mod is not tv
+        sources[name] = open(mod.__file__).read()
+    assert sources["base"] == variants.src
+    assert len(set(sources.values())) == len(sources), "two variants built the same kernel source"
+    variants.src = "def gemv(): pass\n"  # a kernel the edits do not fit
+    variants.mods.clear()
+    with pytest.raises(SystemExit, match="edits do not apply"):
+        variants.module("nopro")
