@@ -30,12 +30,15 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import inspect
+import json
 import math
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -44,6 +47,7 @@ from torch import nn
 
 from mmf.config import LlamaConfig, MMFConfig, model_preset
 from mmf.errors import MMFError
+from mmf.units import human_bytes
 
 SCHEMA_VERSION = 1
 BENCH_SIZES = ("370m", "1.3b", "2.7b", "13b")
@@ -310,6 +314,18 @@ def _frozen_classes():
 
     class FrozenBitLinearTQ1(FrozenBitLinear):
         """Weights held as tq1 bytes; no kernel reads tq1, so each call unpacks (plain-torch reference)."""
+
+        def __init__(self, in_features, out_features, packed, weight_scale, norm_weight):
+            # the base class holds i2 bytes or int8 codes and checks which: build it with no codes, then
+            # hold the tq1 bytes under the same name ``packed``
+            super().__init__(in_features, out_features, codes=torch.empty(0, dtype=torch.int8, device=packed.device),
+                             weight_scale=weight_scale, norm_weight=norm_weight)
+            del self._buffers["codes"], self.packed
+            self.codes = None
+            self.register_buffer("packed", packed)
+
+        def ternary_codes(self):
+            return unpack_tq1(self.packed, self.in_features)
 
         def forward(self, x):
             codes = unpack_tq1(self.packed, self.in_features)
@@ -613,6 +629,9 @@ class HFRunner(Runner):
         self.batch = batch
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         attn = getattr(self.model.config, "_attn_implementation", None) or "default"
+        # transformers >= 5.25 renamed the cache argument and output `past_key_values` to `cache` and
+        # warns (FutureWarning + a log line) at every use of the old name: pass whichever this version takes
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.path = (f"transformers {__import__('transformers').__version__} LlamaForCausalLM, eager PyTorch "
                      f"(no graph), attention '{attn}', DynamicCache")
         return self
@@ -623,13 +642,13 @@ class HFRunner(Runner):
     @torch.no_grad()
     def prefill(self, ids):
         out = self.model(input_ids=ids, use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = out.get(self.cache_kw)
         self.tok = out.logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.no_grad()
     def step(self):
-        out = self.model(input_ids=self.tok, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=self.tok, use_cache=True, **{self.cache_kw: self.cache})
+        self.cache = out.get(self.cache_kw)
         self.tok = out.logits[:, -1].argmax(-1, keepdim=True)
 
     def weight_bytes(self):
@@ -927,25 +946,25 @@ def resolve_sizes(models) -> list:
     return out
 
 
-def run_bench(models=("370m",), device: str = "cuda", batch: int = 1, prompt_len: Optional[int] = None,
+def run_bench(models=("370m",), device: str = "auto", batch: int = 1, prompt_len: Optional[int] = None,
               gen_len: Optional[int] = None, dtype: str = "bf16", fmt: str = "i2", repeat: Optional[int] = None,
               variants=VARIANTS, memory_limit: Optional[int] = None, seed: int = 0, progress: bool = True,
               bandwidth_bytes: Optional[int] = None, command: Optional[str] = None,
               on_size_done: Optional[Callable[[dict], None]] = None) -> dict:
     """Benchmark both architectures at each size in ``models``; returns every raw figure as a dict.
 
-    Defaults: on CUDA prompt 128, 128 new tokens, 5 repetitions; on CPU prompt 8, 8 new tokens,
-    2 repetitions (so that 13B stays practical on a few cores). ``memory_limit`` (bytes) caps the
+    ``device``: cuda, cpu or auto (cuda when one is visible). Defaults: on CUDA prompt 128, 128 new
+    tokens, 5 repetitions; on CPU prompt 8, 8 new tokens, 2 repetitions (so that 13B stays practical
+    on a few cores). ``memory_limit`` (bytes) caps the
     memory the bench believes it may use (to exercise the extrapolation and does-not-fit paths).
     """
     from mmf.checkpoint import parse_dtype
 
+    from mmf.bench import resolve_device
+
     sizes = resolve_sizes(models)
+    device, device_choice = resolve_device(device)
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MMFError("--device cuda but no CUDA device is visible to PyTorch; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise MMFError(f"unknown device {device!r}; use cpu or cuda")
     tdtype = parse_dtype(dtype)
     if tdtype not in (torch.bfloat16, torch.float16):
         raise MMFError(f"--dtype must be bf16 or fp16 for the benchmark, got {dtype}")
@@ -955,7 +974,7 @@ def run_bench(models=("370m",), device: str = "cuda", batch: int = 1, prompt_len
     prompt_len = defaults["prompt_len"] if prompt_len is None else prompt_len
     gen_len = defaults["gen_len"] if gen_len is None else gen_len
     repeat = defaults["repeat"] if repeat is None else repeat
-    for name, v, lo in (("--batch", batch, 1), ("--prompt-len", prompt_len, 1), ("--gen-len", gen_len, 2),
+    for name, v, lo in (("--batch-size", batch, 1), ("--prompt-len", prompt_len, 1), ("--max-new-tokens", gen_len, 2),
                         ("--repeat", repeat, 1)):
         if v < lo:
             raise MMFError(f"{name} must be >= {lo}, got {v}")
@@ -973,8 +992,8 @@ def run_bench(models=("370m",), device: str = "cuda", batch: int = 1, prompt_len
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(device),
         "protocol": {
-            "device": device, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat,
-            "dtype": dtype, "format": fmt, "seed": seed, "variants": variants,
+            "device": device, "device_choice": device_choice, "batch": batch, "prompt_len": prompt_len,
+            "gen_len": gen_len, "repeat": repeat, "dtype": dtype, "format": fmt, "seed": seed, "variants": variants,
             "defaults_used": {k: defaults[k] for k in defaults},
             "description": (
                 f"Random weights (same shapes as the presets), batch {batch}, a random prompt of {prompt_len} tokens, "
@@ -1067,16 +1086,6 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def human_bytes(b) -> str:
-    """3.21 GB, 12.4 MB, 812 kB (decimal units)."""
-    if b is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(b) >= scale:
-            return f"{b / scale:.3g} {unit}" if abs(b) < 100 * scale else f"{b / scale:.0f} {unit}"
-    return f"{b:.0f} B"
-
-
 def _ms(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else (f"{x:.1f}" if x >= 10 else f"{x:.3f}")
 
@@ -1174,8 +1183,9 @@ def paths_summary(result: dict) -> list:
     return out
 
 
-def write_plot(result: dict, path) -> None:
-    """PNG: peak memory and decode latency by size, both architectures (log scale)."""
+def plot_figure(result: dict):
+    """The chart: peak memory, decode and prefill latency by size, every variant; linear axes, each bar
+    labelled with its value (a log axis with bars from the bottom makes a 3.9x gap look like 30x)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1184,22 +1194,24 @@ def write_plot(result: dict, path) -> None:
     sizes = list(result["sizes"])
     variants = result["protocol"]["variants"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    panels = (("peak_memory_bytes", 1 / GB, "peak memory (GB)"),
-              ("decode_ms_per_token", 1.0, "decode latency (ms / token)"),
-              ("prefill_ms", 1.0, f"prefill latency (ms, {result['protocol']['prompt_len']} tokens)"))
+    panels = (("peak_memory_bytes", 1 / GB, "peak memory (GB)", lambda gb: f"{gb:.3g}"),
+              ("decode_ms_per_token", 1.0, "decode latency (ms / token)", _ms),
+              ("prefill_ms", 1.0, f"prefill latency (ms, {result['protocol']['prompt_len']} tokens)", _ms))
     width = 0.8 / max(1, len(variants))
-    for ax, (key, scale, title) in zip(axes, panels):
+    for ax, (key, scale, title, text) in zip(axes, panels):
         for i, v in enumerate(variants):
-            xs, ys, hatch = [], [], []
+            xs, ys, hatch, labels = [], [], [], []
             for j, s in enumerate(sizes):
                 f = result["sizes"][s]["variants"].get(v, {}).get("figures")
                 if f and key in f:
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
                     ys.append(f[key]["value"] * scale)
                     hatch.append("//" if f[key]["label"].startswith("extrapolated") else "")
+                    labels.append(text(f[key]["value"] * scale))
             bars = ax.bar(xs, ys, width, label=v)
             for b, h in zip(bars, hatch):
                 b.set_hatch(h)
+            ax.bar_label(bars, labels=labels, fontsize=7, padding=2, rotation=90)
             if key == "decode_ms_per_token" and v != "hf-llama":
                 fl = [(x, result["sizes"][s]["variants"][v]["figures"].get("decode_floor_ms"))
                       for x, s in zip(xs, [s for s in sizes if "figures" in result["sizes"][s]["variants"].get(v, {})])]
@@ -1209,7 +1221,9 @@ def write_plot(result: dict, path) -> None:
                     ax.scatter(fx, fy, marker="_", s=300, color="black", zorder=3,
                                label="bandwidth floor" if v == "mmf" else None)
         ax.set_xticks(range(len(sizes)), sizes)
-        ax.set_yscale("log")
+        top = max([b.get_height() for b in ax.patches] + [y for c in ax.collections for _, y in c.get_offsets()]
+                  + [0.0])
+        ax.set_ylim(0, 1.2 * top if top > 0 else 1)  # linear from 0, with room for the labels above the bars
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -1218,11 +1232,45 @@ def write_plot(result: dict, path) -> None:
     fig.suptitle(f"mmf bench on {m.get('gpu') or m.get('cpu')} ({result['protocol']['device']}, batch "
                  f"{result['protocol']['batch']}, {result['protocol']['dtype']}, hatched = extrapolated)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def run_train(models=("370m", "1.3b"), device="cuda", batch=None, seq_len=2048, **kw) -> dict:
+def write_plot(result: dict, path) -> None:
+    """``plot_figure`` as a PNG: written to a temporary name beside ``path``, then renamed."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(result)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def table_title(result: dict) -> str:
+    p = result["protocol"]
+    bw = result["copy_bandwidth"]["bytes_per_s"]
+    chosen = f" ({p['device_choice']})" if p.get("device_choice", "").startswith("--device auto") else ""
+    return (f"mmf bench: {p['device']}{chosen}, batch {p['batch']}, prompt {p['prompt_len']}, {p['gen_len']} new "
+            f"tokens, {p['dtype']}, {p['format']}, median of {p['repeat']} (min-max in brackets); copy bandwidth "
+            f"{bw / 1e9:.1f} GB/s (measured); (x) extrapolated, (e) estimated, others measured")
+
+
+def print_results(result: dict) -> None:
+    """The table, which code path each variant ran, and the protocol, on stdout."""
+    from mmf.cli.app import print_table
+
+    print_table(table_rows(result), title=table_title(result))
+    print("paths:")
+    for line in paths_summary(result):
+        print(f"  {line}")
+    print("protocol: " + result["protocol"]["description"])
+
+
+def run_train(models=("370m", "1.3b"), device="auto", batch=None, seq_len=2048, **kw) -> dict:
     """``mmf bench --train``: the training benchmark of the kernels issue (bench/train_bench.py)."""
     try:
         from mmf.bench import train_bench
@@ -1234,6 +1282,113 @@ def run_train(models=("370m", "1.3b"), device="cuda", batch=None, seq_len=2048, 
 
 
 def print_train_results(res: dict) -> None:
-    from mmf.bench.train_bench import print_results
+    from mmf.bench.train_bench import print_results as print_train
 
-    print_results(res)
+    print_train(res)
+
+
+# ---------------------------------------------------------------------------------------------- `mmf bench`
+TRAIN_DEFAULTS = dict(seq_len=2048, steps=8)
+
+
+def bench_command(models="370m", device="auto", batch_size=None, prompt_len=None, max_new_tokens=None,
+                  dtype="bf16", fmt="i2", repeat=None, json_stdout=False, json_out=None, plot=None,
+                  no_hf=False, train=False, seq_len=None, steps=None, command=None) -> dict:
+    """``mmf bench`` whole: check the options and that every output can be written (before any
+    measurement), run the benchmark, print its table (or, with ``json_stdout``, the JSON document
+    instead), then write ``json_out`` (JSON) and ``plot`` (PNG). The table comes first, so that a
+    write failing after minutes of measurement loses nothing on screen; such a failure is then one
+    MMFError line. Returns the result dict."""
+    from mmf.bench import check_output_path
+
+    _check_bench_options(train, plot, prompt_len, max_new_tokens, repeat, no_hf, dtype, fmt, seq_len, steps)
+    outputs = [(opt, check_output_path(p, opt)) for opt, p in (("--json-out", json_out), ("--plot", plot))
+               if p is not None]
+    if len(outputs) == 2 and os.path.abspath(outputs[0][1]) == os.path.abspath(outputs[1][1]):
+        raise MMFError(f"--json-out and --plot both name {json_out}; give them different files")
+    if plot is not None and Path(plot).suffix.lower() != ".png":
+        raise MMFError(f"--plot {plot}: the chart is a PNG; name a .png file")
+    if train:
+        res = run_train(models if models != "all" else "370m,1.3b", device=device, batch=batch_size,
+                        seq_len=TRAIN_DEFAULTS["seq_len"] if seq_len is None else seq_len,
+                        steps=TRAIN_DEFAULTS["steps"] if steps is None else steps)
+        res["command"] = command
+    else:
+        variants = [v for v in VARIANTS if not (no_hf and v == "hf-llama")]
+        partial = _PartialWriter(json_out, plot)
+        res = run_bench(models, device=device, batch=1 if batch_size is None else batch_size, prompt_len=prompt_len, gen_len=max_new_tokens,
+                        dtype=dtype, fmt=fmt, repeat=repeat, variants=variants, command=command, progress=True,
+                        on_size_done=partial)
+    _say = (lambda m: print(m, file=sys.stderr)) if json_stdout else print
+    if json_stdout:
+        print(json.dumps(res, indent=2, default=str))
+    elif train:
+        print_train_results(res)
+    else:
+        print_results(res)
+    failed = []
+    for opt, path in outputs:
+        try:
+            if opt == "--json-out":
+                import mmf.bench as bench_pkg
+
+                bench_pkg.write_json(path, res)
+            else:
+                write_plot(res, path)
+            _say(f"wrote {path}")
+        except Exception as e:  # the figures are on screen already: say what failed, in one line
+            failed.append((f"could not write {opt} {path}: {_why(e)}", e))
+    if failed:
+        where = "JSON" if json_stdout else "table"
+        raise MMFError("; ".join(m for m, _ in failed) + f" (the figures are in the {where} above)") from failed[0][1]
+    return res
+
+
+def _check_bench_options(train, plot, prompt_len, max_new_tokens, repeat, no_hf, dtype, fmt, seq_len, steps):
+    """Refuse options that the chosen benchmark would ignore."""
+    if train:
+        given = [name for name, v in (("--plot", plot), ("--prompt-len", prompt_len), ("--max-new-tokens",
+                 max_new_tokens), ("--repeat", repeat), ("--no-hf", no_hf or None)) if v is not None]
+        if dtype != "bf16":
+            given.append("--dtype (training runs bf16 autocast)")
+        if fmt != "i2":
+            given.append("--format")
+        if given:
+            raise MMFError(f"{', '.join(given)}: for the inference benchmark only, not --train; drop "
+                           f"{'it' if len(given) == 1 else 'them'} or --train")
+    else:
+        given = [name for name, v in (("--seq-len", seq_len), ("--steps", steps)) if v is not None]
+        if given:
+            raise MMFError(f"{' and '.join(given)}: for --train only; add --train or drop "
+                           f"{'it' if len(given) == 1 else 'them'}")
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class _PartialWriter:
+    """After each size, the JSON and chart so far (a run cut short keeps the sizes it measured). A
+    failed write does not stop the measurements: it is said once on stderr, and tried again at the end."""
+
+    def __init__(self, json_out, plot):
+        self.json_out, self.plot = json_out, plot
+        self.warned = False
+
+    def __call__(self, res: dict) -> None:
+        import mmf.bench as bench_pkg
+
+        for opt, path, write in (("--json-out", self.json_out, lambda p: bench_pkg.write_json(p, res)),
+                                 ("--plot", self.plot, lambda p: write_plot(res, p))):
+            if path is None:
+                continue
+            try:
+                write(path)
+            except Exception as e:
+                if not self.warned:
+                    print(f"mmf: warning: could not write {opt} {path} ({_why(e)}); measuring goes on, the "
+                          "write is tried again at the end", file=sys.stderr)
+                    self.warned = True

@@ -121,7 +121,7 @@ def _bench_one(size: str, variant: str, device, batch: int, seq_len: int, steps:
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
             row.update(peak_gb=_gb(peak), activation_gb=_gb(peak - static),
-                       resident_between_steps_gb=_gb(base))
+                       resident_between_steps_gb=_gb(base), peak_bytes=peak, activation_bytes=peak - static)
     except torch.OutOfMemoryError as e:  # reported, not fatal: the other variants still run
         row["error"] = "out of memory: " + str(e).splitlines()[0][:160]
     finally:
@@ -164,35 +164,48 @@ def _ratios(rows: list) -> dict:
     return out
 
 
-def run_train_bench(sizes=("370m", "1.3b"), device="cuda", batch=None, seq_len=2048, steps=8,
+DRY_RUN_NOTE = ("dry run: without CUDA every variant but transformer++ runs the same plain-torch reference code "
+                "(the Triton kernels need a CUDA GPU), so fused vs unfused times and their ratios measure nothing; "
+                "this run only checks that each variant trains")
+
+
+def run_train_bench(sizes=("370m", "1.3b"), device="auto", batch=None, seq_len=2048, steps=8,
                     variants=VARIANTS, warmup=2, progress=True,
                     unfused_steps=3) -> dict:
-    """Time training steps of each (size, variant); returns {"env", "results": [rows], "ratios"}.
+    """Time training steps of each (size, variant); returns {"env", "results": [rows], "ratios",
+    "dry_run", "dry_run_note"}.
 
+    ``device``: cuda, cpu or auto (cuda when one is visible). On CPU it is a dry run (``dry_run``
+    True, with ``dry_run_note`` saying why): the fused and unfused variants run the same reference.
     ``batch``: one batch size for every size, or None for the issue's (370m: 8, 1.3b: 4). A variant
     that runs out of memory is recorded and retried at half the batch; when that happens to an
     unfused variant, ``fused`` is measured again at the same batch so that the ratios compare like
     with like. ``unfused_steps``: timed steps of the (slow, launch-bound) all-reference ``unfused``.
     """
+    from mmf.bench import resolve_device
+
+    device, device_choice = resolve_device(device)
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MMFError("the training benchmark needs a CUDA GPU (none is visible); pass device='cpu' for a dry run")
     for v in variants:
         if v not in VARIANTS:
             raise MMFError(f"unknown variant '{v}'; valid: {', '.join(VARIANTS)}")
+    for name, v in (("--batch-size", batch), ("--seq-len", seq_len), ("--steps", steps)):
+        if v is not None and v < 1:
+            raise MMFError(f"{name} must be >= 1, got {v}")
     env = {"torch": torch.__version__, "python": platform.python_version(), "seq_len": seq_len,
-           "steps": steps, "warmup": warmup, "autocast": "bfloat16", "optimizer": "AdamW(fused)"}
+           "steps": steps, "warmup": warmup, "autocast": "bfloat16", "optimizer": "AdamW(fused)",
+           "device_type": dev.type, "device_choice": device_choice}
     try:
         import triton
 
         env["triton"] = triton.__version__
     except ImportError:  # pragma: no cover
         env["triton"] = None
-    if dev.type == "cuda":
-        env["device"] = torch.cuda.get_device_name(dev)
-    from mmf.kernels import bitlinear_fused
+    if dev.type == "cuda":  # (triton, which the kernels need, is not installed on CPU-only machines)
+        from mmf.kernels import triton_kernels
 
-    env["bitlinear_int8_forward"] = bitlinear_fused.INT8_FORWARD
+        env["device"] = torch.cuda.get_device_name(dev)
+        env["bitlinear_int8_forward"] = triton_kernels("bitlinear_fused").INT8_FORWARD
     jobs = [(s, v) for s in sizes for v in variants]
     rows = []
     bar = None
@@ -223,20 +236,36 @@ def run_train_bench(sizes=("370m", "1.3b"), device="cuda", batch=None, seq_len=2
     finally:
         if bar:
             bar.stop()
-    return {"env": env, "results": rows, "ratios": _ratios(rows)}
+    dry = dev.type != "cuda"
+    return {"env": env, "results": rows, "ratios": _ratios(rows), "dry_run": dry,
+            "dry_run_note": DRY_RUN_NOTE if dry else None}
 
 
 def print_results(res: dict) -> None:
-    cols = ["size", "variant", "batch", "step_s", "tokens_per_s", "peak_gb", "activation_gb", "loss_step0", "error"]
-    rows = [{c: r.get(c, "") for c in cols} for r in res["results"]]
+    """The table; under it the dry-run note (on CPU), then the ratios per size."""
+    from mmf.units import human_bytes
+
+    cols = {"size": "size", "variant": "variant", "batch": "batch", "step_s": "step_s",
+            "tokens_per_s": "tokens_per_s", "peak_bytes": "peak mem", "activation_bytes": "activation mem",
+            "loss_step0": "loss_step0", "error": "error"}
+    cols = {c: head for c, head in cols.items() if any(c in r for r in res["results"])}  # CPU: no memory figures
+    rows = [{head: (human_bytes(r[c]) if c.endswith("_bytes") and c in r else r.get(c, ""))
+             for c, head in cols.items()} for r in res["results"]]
+    env = res.get("env", {})
+    where = env.get("device") or env.get("device_type", "")
+    if str(env.get("device_choice", "")).startswith("--device auto"):
+        where += f" ({env['device_choice']})"
+    title = "training step (bf16 autocast, fp32 master weights, fused AdamW)" + (f" on {where}" if where else "")
     try:
         from mmf.cli.app import print_table
 
-        print_table(rows, "training step (bf16 autocast, fp32 master weights, fused AdamW)")
+        print_table(rows, title)
     except Exception:  # pragma: no cover - plain fallback
-        print("\t".join(cols))
+        print("\t".join(cols.values()))
         for r in rows:
-            print("\t".join(str(r[c]) for c in cols))
+            print("\t".join(str(v) for v in r.values()))
+    if res.get("dry_run"):
+        print("note: " + res["dry_run_note"])
     for size, d in res.get("ratios", {}).items():
         print(size, json.dumps(d))
 
@@ -465,7 +494,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--unfused-steps", type=int, default=3)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu), cuda or cpu")
     ap.add_argument("--check", action="store_true", help="GPU kernel checks and micro-timings instead")
     ap.add_argument("--profile", action="store_true", help="profile fused steps of the first size instead")
     ap.add_argument("--out", default=None, help="write the results as JSON here")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,9 +135,14 @@ def _check_figures(figs: dict, expected: set):
         assert f["label"], name
 
 
-def test_run_bench_tiny_every_field(tmp_path):
-    res = mb.run_bench(["tiny"], device="cpu", **TINY)
-    res = json.loads(json.dumps(res))  # JSON-serialisable as it stands
+@pytest.fixture(scope="module")
+def tiny_result():
+    """One tiny CPU run of every variant, shared by the tests that only read it."""
+    return mb.run_bench(["tiny"], device="cpu", **TINY)
+
+
+def test_run_bench_tiny_every_field(tmp_path, tiny_result):
+    res = json.loads(json.dumps(tiny_result))  # JSON-serialisable as it stands
     assert res["schema_version"] == mb.SCHEMA_VERSION
     assert {"command", "started_utc", "finished_utc", "machine", "protocol", "copy_bandwidth", "sizes"} <= set(res)
     for key in ("torch", "python", "cpu", "ram_total_bytes", "mmf"):
@@ -162,6 +172,43 @@ def test_run_bench_tiny_every_field(tmp_path):
     png = tmp_path / "b.png"
     mb.write_plot(res, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_bars_are_linear_and_labelled(tiny_result):
+    """Each panel's bars stand on a linear axis from 0 and carry their values (a log axis with bars
+    from the bottom made a 3.9x gap look like 30x)."""
+    import matplotlib.pyplot as plt
+
+    res = tiny_result
+    variants = [v for v, x in res["sizes"]["tiny"]["variants"].items() if "figures" in x]
+    fig = mb.plot_figure(res)
+    try:
+        for ax in fig.axes:
+            assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+            heights = [b.get_height() for b in ax.patches]
+            assert len(heights) == len(variants) and max(heights) < ax.get_ylim()[1]
+        figs = {v: res["sizes"]["tiny"]["variants"][v]["figures"] for v in variants}
+        mem = [t.get_text() for t in fig.axes[0].texts]
+        assert mem == [f"{figs[v]['peak_memory_bytes']['value'] / 1e9:.3g}" for v in figs]
+        assert [t.get_text() for t in fig.axes[1].texts] == [mb._ms(figs[v]["decode_ms_per_token"]["value"])
+                                                            for v in figs]
+    finally:
+        plt.close(fig)
+
+
+def test_hf_runner_uses_the_cache_argument_of_this_transformers():
+    """The Hugging Face baseline passes its cache under the name this transformers takes (`cache`
+    since 5.25, `past_key_values` before): no FutureWarning on every bench, and the cache grows."""
+    pytest.importorskip("transformers")
+    cfg = mb.bench_configs("tiny")[1]
+    r = mb.HFRunner(mb.build_hf_llama_random(cfg, "cpu", torch.float32, num_layers=2), "cpu").setup(1, 8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r.prefill(torch.tensor([[5, 6, 7]]))
+        after_prefill = r.state_bytes()
+        r.step()
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
+    assert 0 < after_prefill < r.state_bytes()
 
 
 def test_run_bench_extrapolates_when_the_model_does_not_fit():
@@ -199,27 +246,134 @@ def test_bad_arguments_are_one_line_errors():
 
     with pytest.raises(MMFError, match="unknown model size"):
         mb.run_bench(["7b"], device="cpu")
-    with pytest.raises(MMFError, match="--gen-len"):
+    with pytest.raises(MMFError, match="--max-new-tokens"):
         mb.run_bench(["tiny"], device="cpu", gen_len=1)
+    with pytest.raises(MMFError, match="--device tpu: unknown device; use auto, cuda or cpu"):
+        mb.run_bench(["tiny"], device="tpu")
     with pytest.raises(MMFError, match="--format"):
         mb.run_bench(["tiny"], device="cpu", fmt="q4")
     assert mb.resolve_sizes("all") == list(mb.BENCH_SIZES)
     assert mb.resolve_sizes("13b,370m") == ["13b", "370m"]
 
 
-def test_cli_bench_writes_json_and_png(tmp_path):
-    from typer.testing import CliRunner
+def _mmf(monkeypatch, capsys, *args):
+    """Run `mmf ARGS` in this process through the real entry point (error lines, exit codes);
+    the bench's copy-bandwidth probe is shrunk to 1 MiB to keep the test fast."""
+    from mmf.cli.main import main
 
-    from mmf.cli.main import app
+    copy_bandwidth = mb.copy_bandwidth
+    monkeypatch.setattr(mb, "copy_bandwidth", lambda device, nbytes, iters=10: copy_bandwidth(device, 1 << 20, 2))
+    monkeypatch.setattr(sys, "argv", ["mmf", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out, err = capsys.readouterr()
+    return e.value.code or 0, out, err
 
-    js, png = tmp_path / "r.json", tmp_path / "r.png"
-    r = CliRunner().invoke(app, ["bench", "--model", "tiny", "--device", "cpu", "--prompt-len", "2", "--gen-len", "2",
-                                 "--repeat", "1", "--no-hf", "--json", str(js), "--plot", str(png)])
-    assert r.exit_code == 0, r.output
-    assert "mmf ÷ transformer++" in r.output and "paths:" in r.output and "protocol:" in r.output
-    data = json.loads(js.read_text())
+
+TINY_CLI = ("bench", "--model", "tiny", "--prompt-len", "2", "--repeat", "1", "--no-hf")
+
+
+def test_cli_bench_json_flag_json_out_png_and_device_auto(tmp_path, monkeypatch, capsys):
+    """`--json` prints the JSON document on stdout instead of the table (the "wrote" lines go to
+    stderr); `--json-out` writes the same document, creating a missing folder; `--plot` a PNG; no
+    temporary file is left. `--device` defaults to auto, which takes the CPU when no CUDA device is
+    visible and says so. Old spellings `--gen-len` and `--batch` still work."""
+    from mmf.bench import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    js, png = tmp_path / "new" / "r.json", tmp_path / "r.png"
+    code, out, err = _mmf(monkeypatch, capsys, *TINY_CLI, "--gen-len", "2", "--batch", "1", "--json",
+                          "--json-out", js, "--plot", png)
+    assert code == 0, err
+    data = json.loads(out)  # stdout is the document alone
+    assert json.loads(js.read_text()) == data
+    assert f"wrote {js}" in err and f"wrote {png}" in err
     assert isinstance(data["command"], str) and set(data["sizes"]["tiny"]["variants"]) == {"mmf", "transformer++"}
-    assert png.stat().st_size > 0
+    p = data["protocol"]
+    assert p["gen_len"] == 2 and p["batch"] == 1
+    assert p["device"] == "cpu" and p["device_choice"] == "--device auto: no CUDA device is visible"
+    assert mb.table_title(data).startswith("mmf bench: cpu (--device auto: no CUDA device is visible), batch 1")
+    assert resolve_device("auto")[0] == "cpu"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["r.json", "r.png"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--json-out", "{tmp}"], "--json-out {tmp}: is a directory; name a file in it"),
+    (["--plot", "{tmp}/notes.txt/r.png"], "--plot {tmp}/notes.txt/r.png: {tmp}/notes.txt is a file, not a folder"),
+    (["--plot", "{tmp}/r.txt"], "--plot {tmp}/r.txt: the chart is a PNG; name a .png file"),
+    (["--json-out", "{tmp}/r.png", "--plot", "{tmp}/r.png"], "--json-out and --plot both name"),
+    (["--train", "--plot", "{tmp}/r.png"], "--plot: for the inference benchmark only, not --train"),
+    (["--train", "--repeat", "2"], "--repeat: for the inference benchmark only"),
+    (["--steps", "3"], "--steps: for --train only; add --train or drop it"),
+])
+def test_cli_bench_refuses_bad_outputs_before_measuring(tmp_path, monkeypatch, capsys, args, message):
+    """An output that cannot be written (or an option the benchmark would ignore) is refused in one
+    line, exit 2, before anything is measured."""
+    from mmf.bench import train_bench
+
+    def measured(*a, **k):
+        raise AssertionError("measured before the outputs were checked")
+
+    monkeypatch.setattr(mb, "run_bench", measured)
+    monkeypatch.setattr(train_bench, "run_train_bench", measured)
+    (tmp_path / "notes.txt").write_text("x")
+    code, out, err = _mmf(monkeypatch, capsys, "bench", "--model", "tiny", "--device", "cpu",
+                          *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and out == ""
+    assert err.startswith("mmf: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1, err
+    assert (tmp_path / "notes.txt").read_text() == "x" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_check_output_path_probes_the_folder(tmp_path):
+    from mmf.bench import check_output_path
+    from mmf.errors import MMFError
+
+    assert check_output_path(tmp_path / "a" / "b" / "r.json", "--json-out") == tmp_path / "a" / "b" / "r.json"
+    assert os.listdir(tmp_path) == []  # probed where write_json would start; nothing created or left
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # root: modes do not bind; sysfs refuses new files even to root
+        ro = Path("/sys")
+    try:
+        with pytest.raises(MMFError, match=f"--plot {ro}/r.png: cannot write in {ro} .*choose a writable folder"):
+            check_output_path(ro / "r.png", "--plot")
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
+def test_cli_bench_late_write_failure_keeps_the_table(tmp_path, monkeypatch, capsys):
+    """A write that fails after measuring (disk full, a broken chart) comes after the table: the
+    figures are on screen, the failure is one line, exit non-zero; the JSON written after each size
+    is still there."""
+    import mmf.bench as bench_pkg
+
+    write_json = bench_pkg.write_json
+
+    def full_disk_at_the_end(path, data, **kw):
+        if "finished_utc" in data:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_json(path, data, **kw)
+
+    def broken_plot(result, path):
+        raise RuntimeError("no renderer")
+
+    monkeypatch.setattr(bench_pkg, "write_json", full_disk_at_the_end)
+    monkeypatch.setattr(mb, "write_plot", broken_plot)
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    code, out, err = _mmf(monkeypatch, capsys, *TINY_CLI, "--device", "cpu", "--max-new-tokens", "2",
+                          "--json-out", js, "--plot", png)
+    assert code == 2
+    assert "mmf ÷ transformer++" in out and "paths:" in out and "wrote" not in out  # the table, first
+    errors = [line for line in err.splitlines() if line.startswith("mmf: error:")]
+    assert errors == [f"mmf: error: could not write --json-out {js}: No space left on device; could not write "
+                      f"--plot {png}: RuntimeError: no renderer (the figures are in the table above)"]
+    assert f"mmf: warning: could not write --plot {png} (RuntimeError: no renderer); measuring goes on" in err
+    assert "internal error" not in err and "Traceback" not in err
+    partial = json.loads(js.read_text())  # written after the size, before the end
+    assert set(partial["sizes"]) == {"tiny"} and "finished_utc" not in partial
+    assert not png.exists()
 
 
 def test_cli_bench_train_calls_the_training_benchmark(tmp_path, monkeypatch):
@@ -239,7 +393,7 @@ def test_cli_bench_train_calls_the_training_benchmark(tmp_path, monkeypatch):
     monkeypatch.setattr(train_bench, "run_train_bench", fake)
     js = tmp_path / "t.json"
     r = CliRunner().invoke(app, ["bench", "--train", "--model", "370m", "--device", "cpu", "--batch", "2",
-                                 "--seq-len", "64", "--steps", "3", "--json", str(js)])
+                                 "--seq-len", "64", "--steps", "3", "--json-out", str(js)])
     assert r.exit_code == 0, r.output
     assert seen == dict(sizes=("370m",), device="cpu", batch=2, seq_len=64, steps=3)
     assert json.loads(js.read_text())["results"][0]["step_s"] == 0.5
@@ -288,13 +442,21 @@ def test_reference_ops_select_one_operator_group(monkeypatch):
         kernels.reference_ops({"matmul"})
 
 
-def test_train_bench_variants_and_ratios_on_cpu():
+def test_train_bench_variants_and_ratios_on_cpu(capsys):
     """Every training-benchmark variant runs (tiny model, CPU: all of them take the reference, so their
-    first losses agree exactly) and the ratios name both unfused baselines."""
+    first losses agree exactly) and the ratios name both unfused baselines; the run says, in the JSON
+    and under the table, that on CPU it is a dry run whose fused/unfused ratios measure nothing."""
     from mmf.bench import train_bench
 
     res = train_bench.run_train_bench(("tiny",), device="cpu", batch=2, seq_len=16, steps=1, warmup=1,
                                       progress=False)
+    assert res["dry_run"] is True and "same plain-torch reference" in res["dry_run_note"]
+    assert res["env"]["device_type"] == "cpu" and res["env"]["device_choice"] == "--device cpu"
+    train_bench.print_results(res)
+    lines = capsys.readouterr().out.splitlines()
+    note = lines.index("note: " + res["dry_run_note"])
+    assert any("unfused-bitlinear" in line for line in lines[:note])  # under the table
+    assert lines[note + 1].startswith("tiny {")  # the ratios follow it
     rows = {r["variant"]: r for r in res["results"]}
     assert set(rows) == set(train_bench.VARIANTS) and not any("error" in r for r in rows.values())
     losses = {rows[v]["loss_step0"] for v in ("fused", "unfused-bitlinear", "unfused")}
