@@ -133,7 +133,7 @@ def check_kernels(quick: bool):
         sc = ternary_gemv.Scratch(1, m, k, "cuda")
         ternary_gemm.quantize(x, nw, sc)
         # the reference products of the pre-pass's own int8 activations (exact in float64), so that
-        # a rounding flip of the quantiser (reference-semantics.md) is not charged to a GEMM schedule
+        # a rounding flip of the quantiser (docs/reference-semantics.md) is not charged to a GEMM schedule
         p = -(-k // 4)
         xq = sc.xq[0].view(torch.int8).reshape(m, 4, -1)[:, :, :p].reshape(m, 4 * p)[:, :k]
         ref = (xq.double() @ codes.double().T / (sc.sx[0].double()[:, None] * s_w.double())).float()

@@ -21,7 +21,7 @@ the load (Linux ``/proc``); for torch, the bytes of the frozen model's parameter
 Accuracy: median per-position relative error of the prompt's
 logits against torch, beside the torch model's own sensitivity (its logits with the embedding
 table moved by one ulp): a quantised model's logits jump wherever an fp32 rounding difference flips
-an int8 rounding decision (reference-semantics.md), so two correct implementations agree to 1e-7
+an int8 rounding decision (docs/reference-semantics.md), so two correct implementations agree to 1e-7
 only until the first flip. Sizes: bytes on disk of the export and of the checkpoint in
 fp16 (``save_checkpoint(dtype=fp16)``), of its ``mmf pack`` (i2) and of the export of that packed
 checkpoint (its embeddings are fp16 values, which the export stores as fp16, losslessly).
@@ -106,7 +106,7 @@ def _time_generation(model, prompt: torch.Tensor, gen_len: int, repeat: int) -> 
 
 
 def _median_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Median over positions of ||a - b|| / ||b|| of the logit vectors (reference-semantics.md)."""
+    """Median over positions of ||a - b|| / ||b|| of the logit vectors (docs/reference-semantics.md)."""
     a, b = a.double(), b.double()
     return ((a - b).norm(dim=-1) / b.norm(dim=-1)).median().item()
 

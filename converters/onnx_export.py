@@ -1,7 +1,7 @@
 """`mmf export-onnx`: prefill and decode-step ONNX graphs of either architecture, built op by op.
 
 The graphs are written directly with ``onnx.helper`` (no tracing): every op is the arithmetic of
-reference-semantics.md, in the order the torch model does it.
+docs/reference-semantics.md, in the order the torch model does it.
 
 * ``prefill.onnx``: ``input_ids`` (batch x seq) -> ``logits`` (batch x seq x vocab) and the state:
   MatMul-free: ``present.{l}.state`` (batch x d, fp32), the MLGRU recurrence run by an ONNX ``Scan``;
@@ -225,7 +225,7 @@ def _embed(o: _Ops, name: str, ids: str):
 
 
 def _bitlinear(o: _Ops, x, prefix: str, lin: dict, mode: str):
-    """y = (xq @ codes^T) / (s_x * s_w) of reference-semantics.md; x and y in the activation dtype."""
+    """y = (xq @ codes^T) / (s_x * s_w) of docs/reference-semantics.md; x and y in the activation dtype."""
     g = o.g
     k, n, has_bias = lin[prefix]
     xn = o.rms_norm(o.up(x), f"{prefix}.norm.weight", BITLINEAR_EPS)

@@ -7,7 +7,7 @@ an ordinary checkpoint directory whose ``model.safetensors`` (or shards) holds, 
 
 * ``X.weight``        U8, shape (N, ceil(K / G)): the ternary codes in the planar ``i2`` (G = 4) or
   ``tq1`` (G = 5) layout of ``mmf.converters.ternary_codes``;
-* ``X.weight_scale``  F32, shape (): s_w of reference-semantics.md (w ~= code / s_w);
+* ``X.weight_scale``  F32, shape (): s_w of docs/reference-semantics.md (w ~= code / s_w);
 
 and every other tensor (embeddings, norms, lower bounds) in the dtype it has in the source, or in
 F32/BF16/F16 (``--dtype``; ``--keep-dtype`` is its old spelling). The
@@ -356,7 +356,7 @@ def dequantize_exact(codes: torch.Tensor, s_w: torch.Tensor, dtype: torch.dtype 
     """A float tensor W (``dtype``) with ``weight_quant(W) == (codes, s_w)``, both bit for bit.
 
     The naive ``codes / s_w`` re-quantises to the scale ``s_w / share_nonzero`` (the hazard of
-    reference-semantics.md). Here every non-zero weight gets magnitude ~ ``1 / (s_w * share)`` so that
+    docs/reference-semantics.md). Here every non-zero weight gets magnitude ~ ``1 / (s_w * share)`` so that
     mean|W| = 1 / s_w; to make torch's fp32 mean land on a value whose reciprocal is exactly s_w, a
     prefix of the non-zero weights is raised by one ulp of ``dtype`` and the prefix length is searched
     (torch's sum is monotone in every element), each candidate checked with the same torch ops as
@@ -1170,7 +1170,7 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
 # ---- verify ---------------------------------------------------------------------------------------
 
 def median_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Median over (sequence, position) of ||a - b|| / ||b|| of the logit vectors (reference-semantics.md)."""
+    """Median over (sequence, position) of ||a - b|| / ||b|| of the logit vectors (docs/reference-semantics.md)."""
     return float(_rel_errors(a, b).median())
 
 
@@ -1185,7 +1185,7 @@ def verify_packed(src, packed, batch: int = 2, seq_len: int = 24, seed: int = 0)
     says how far the packed model is from the unrounded frozen source (non-zero only where ``--dtype``
     rounded the embeddings and norms) and, for orientation, from the source without ``freeze()``
     (quantised at every call; a different summation order, so rounding-level differences:
-    reference-semantics.md, "Comparing quantised models").
+    docs/reference-semantics.md, "Comparing quantised models").
     """
     from mmf.checkpoint import load_model
     from mmf.models.hgrn_bit import FrozenBitLinear

@@ -1,4 +1,4 @@
-"""Plain-torch references: the maths of reference-semantics.md in a few lines each.
+"""Plain-torch references: the maths of docs/reference-semantics.md in a few lines each.
 
 Every Triton kernel in this package must match the function here that it replaces; the tests
 compare them on fresh random inputs. The model never calls these directly: it calls the

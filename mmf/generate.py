@@ -6,7 +6,7 @@ both through the same ``model(input_ids, cache)`` call. With ``graph=True`` (``m
 model ``mmf.decode_graph.GraphDecoder`` (the fused Triton kernels on the packed weights; the first
 build on a machine compiles and tunes them, tens of seconds, and keeps the schedules on disk), for
 Transformer++ ``mmf.llama_static.StaticLlama`` (static KV cache sized for prompt and new tokens). Same
-tokens as the eager path up to rounding flips of the activation quantiser (reference-semantics.md);
+tokens as the eager path up to rounding flips of the activation quantiser (docs/reference-semantics.md);
 sampling runs on the host from the logits either way.
 """
 

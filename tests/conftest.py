@@ -33,7 +33,7 @@ def small_model(arch: str = "mmf", seed: int = 0, **overrides):
 
 
 def median_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Median over (sequence, position) of |a - b| / |b| of the logit vectors (reference-semantics.md)."""
+    """Median over (sequence, position) of |a - b| / |b| of the logit vectors (docs/reference-semantics.md)."""
     a, b = a.double(), b.double()
     return ((a - b).norm(dim=-1) / b.norm(dim=-1)).median().item()
 

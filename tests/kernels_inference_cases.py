@@ -32,7 +32,7 @@ def rand_codes(n, k, g):
 
 
 def check_rows(y, ref, dtype, max_bad_rows=0):
-    """Relative error per row; quantisation can flip one rounding in a rare row (reference-semantics.md)."""
+    """Relative error per row; quantisation can flip one rounding in a rare row (docs/reference-semantics.md)."""
     errs = ((y.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1).clamp_min(1e-30))
     bad = (errs > TOL[dtype]).sum().item()
     assert bad <= max_bad_rows, f"{bad} rows over {TOL[dtype]}: {errs.tolist()}"

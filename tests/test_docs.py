@@ -38,3 +38,54 @@ def test_markdown_tables_are_well_formed(path):
             assert row.strip().startswith("|") and row.strip().endswith("|"), \
                 f"{path.name}:{m + 1}: not a table row inside the table starting at line {n + 1}: {row!r}"
             assert _cells(row) == width, f"{path.name}:{m + 1}: {_cells(row)} cells, the header has {width}"
+
+
+SEMANTICS = ROOT / "docs" / "reference-semantics.md"
+CODE_DIRS = ("mmf", "mmf_cli", "converters", "kernels", "bench", "fpga", "tests", "docs")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_citation_of_the_semantics_document_resolves():
+    """The code, README and docs cite reference-semantics.md: it must exist at docs/, code must name it by that
+    path, and Markdown links into it must name one of its headings."""
+    assert SEMANTICS.is_file()
+    text = SEMANTICS.read_text(encoding="utf-8")
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    files = [ROOT / "README.md"] + [p for d in CODE_DIRS for p in (ROOT / d).rglob("*")
+                                    if p.suffix in (".py", ".md") and p not in (SEMANTICS, Path(__file__).resolve())]
+    cited = 0
+    for path in files:
+        src = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"[\w/.\-]*reference-semantics\.md(#[\w\-]+)?", src):
+            cited += 1
+            where = f"{path.relative_to(ROOT)}: {m.group(0)}"
+            if path.parent == ROOT / "docs":
+                assert m.group(0).split("#")[0] in ("reference-semantics.md", "docs/reference-semantics.md"), where
+            else:
+                assert m.group(0).split("#")[0] == "docs/reference-semantics.md", where
+            if m.group(1):
+                assert m.group(1)[1:] in anchors, where
+    assert cited >= 10
+    for section in ("Comparing quantised models", "Hazard: a dequantised ternary tensor", "Numbers the paper reports"):
+        assert re.search(rf"^#+ {re.escape(section)}", text, flags=re.M), section  # cited by name in code and README
+
+
+def test_the_documents_bitlinear_is_the_reference_bit_for_bit():
+    """The plain-torch BitLinear printed in reference-semantics.md equals kernels.reference.bitlinear_frozen."""
+    import torch
+
+    from mmf.kernels import reference as ref
+
+    block = re.search(r"```python\n(.*?)```", SEMANTICS.read_text(encoding="utf-8"), flags=re.S).group(1)
+    scope = {"torch": torch}
+    exec(block, scope)
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 96) * 2
+    w = torch.randn(40, 96) * 0.03
+    norm_weight = torch.rand(96) + 0.5
+    codes, s_w = ref.weight_quant(w)
+    assert torch.equal(scope["bitlinear"](x, norm_weight, w), ref.bitlinear_frozen(x, norm_weight, codes, s_w))

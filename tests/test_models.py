@@ -1,4 +1,4 @@
-"""The MatMul-free model and Transformer++ against the formulas of reference-semantics.md."""
+"""The MatMul-free model and Transformer++ against the formulas of docs/reference-semantics.md."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_bitlinear_forward_matches_the_formulas():
         m.weight.normal_(0, 0.05)
         m.norm.weight.uniform_(0.5, 1.5)
     y = m(x)
-    # Step by step as written in reference-semantics.md, in float64.
+    # Step by step as written in docs/reference-semantics.md, in float64.
     xd, wd = x.double(), m.weight.double()
     xn = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * m.norm.weight.double()
     s_x = 127 / xn.abs().amax(-1, keepdim=True).clamp(min=1e-5)

@@ -1,7 +1,7 @@
 """`mmf export-onnx` and `mmf generate --onnx`: graphs valid, ONNX Runtime equal to torch, bad input refused.
 
 Tiny random models of both architectures (conftest.small_model: d 64, 2 layers; Transformer++
-with grouped KV heads). Equality per reference-semantics.md: median per-position relative error
+with grouped KV heads). Equality per docs/reference-semantics.md: median per-position relative error
 of the logits, and greedy generation token for token (prefill.onnx then decode.onnx).
 """
 

@@ -522,7 +522,7 @@ def test_default_dtype_keeps_the_source_dtype_and_its_logits(tiny_mmf_ckpt, odd_
     assert v["bit_identical"] and v["max_rel_error"] == 0 and v["same_next_token"] == v["positions"] == 48
     assert v["unpacked_rounded_to"] is None and "exact_after_rounding" not in v
     assert "after freeze()" in v["compared"] and "48 positions" in v["compared"]
-    assert 0 < v["median_rel_error_vs_unfrozen_source"] < 1e-3  # summation order only (reference-semantics.md)
+    assert 0 < v["median_rel_error_vs_unfrozen_source"] < 1e-3  # summation order only (docs/reference-semantics.md)
     half = tmp_path / "p16"  # an fp16 checkpoint stays fp16
     pack_checkpoint(odd_ckpt, half)
     assert _stored_dtypes(half)["model.embeddings.weight"] == "F16"

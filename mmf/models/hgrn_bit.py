@@ -1,4 +1,4 @@
-"""The MatMul-free LM (HGRNBit), read top to bottom like reference-semantics.md.
+"""The MatMul-free LM (HGRNBit), read top to bottom like docs/reference-semantics.md.
 
 Module and parameter names reproduce the published ``hgrn_bit`` checkpoint keys exactly, so a
 published MMfreeLM directory loads with no conversion.
