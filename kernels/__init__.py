@@ -17,12 +17,13 @@ from mmf._toplevel import defer_bare_import as _defer_bare_import
 _defer_bare_import(globals())  # imported as a top-level `kernels` from the repository root: see mmf/_toplevel.py
 
 import functools
+import importlib
 import os
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import cpu_ternary, reference
 
 _FORCE_REFERENCE = os.environ.get("MMF_FORCE_REFERENCE", "") not in ("", "0")
 
@@ -78,16 +79,30 @@ def _train_kernels(*tensors, group: str | None = None) -> bool:
             and any(t.requires_grad for t in tensors if t is not None))
 
 
+@functools.lru_cache(maxsize=None)
+def triton_kernels(module: str):
+    """The Triton kernel module ``mmf.kernels.<module>``, imported when a CUDA tensor first needs it. triton
+    comes with CUDA builds of torch and is not installed on CPU-only machines: without it, one MMFError line."""
+    try:
+        return importlib.import_module(f"mmf.kernels.{module}")
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "triton":
+            raise
+        from mmf.errors import MMFError
+        raise MMFError(f"CUDA tensors run mmf's Triton kernels, but triton cannot be imported ({e}): install it "
+                       "(pip install triton) or set MMF_FORCE_REFERENCE=1 for the plain-torch reference") from None
+
+
 def rms_norm(x, weight, eps):
     if _train_kernels(x, weight, group="norm"):
-        from .bitlinear_fused import rms_norm_train
+        rms_norm_train = triton_kernels("bitlinear_fused").rms_norm_train
         return rms_norm_train(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
 def bitlinear_train(x, norm_weight, weight, bias=None):
     if not use_reference(x, weight, group="bitlinear"):
-        from .bitlinear_fused import bitlinear_train_fused
+        bitlinear_train_fused = triton_kernels("bitlinear_fused").bitlinear_train_fused
         return bitlinear_train_fused(x, norm_weight, weight, bias)
     return reference.bitlinear_train(x, norm_weight, weight, bias)
 
@@ -95,7 +110,7 @@ def bitlinear_train(x, norm_weight, weight, bias=None):
 def bitlinear_glu_train(u, norm_weight, weight, bias=None):
     """BitLinear (training form) of silu(gate) * up with u = [gate | up]: the GLU's down projection."""
     if not use_reference(u, weight, group="bitlinear"):
-        from .bitlinear_fused import bitlinear_glu_train_fused
+        bitlinear_glu_train_fused = triton_kernels("bitlinear_fused").bitlinear_glu_train_fused
         return bitlinear_glu_train_fused(u, norm_weight, weight, bias)
     gate, up = u.chunk(2, dim=-1)
     return reference.bitlinear_train(F.silu(gate) * up, norm_weight, weight, bias)
@@ -105,17 +120,31 @@ def bitlinear_frozen(x, norm_weight, codes, s_w, bias=None):
     return reference.bitlinear_frozen(x, norm_weight, codes, s_w, bias)
 
 
+def cpu_native(x, weights) -> bool:
+    """True when the native CPU kernel (``cpu_ternary``) serves these tensors: both on the CPU, no
+    gradient wanted, the reference not forced, and the kernel built (it says once why not)."""
+    if _FORCE_REFERENCE or x.device.type != "cpu" or weights.device.type != "cpu":
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
+        return False
+    return cpu_ternary.available()
+
+
 def bitlinear_i2(x, norm_weight, packed, k, s_w, bias=None):
     if bias is None and not use_reference(x, packed):
-        from .ternary_gemm import bitlinear_i2 as bitlinear_i2_triton
+        bitlinear_i2_triton = triton_kernels("ternary_gemm").bitlinear_i2
         return bitlinear_i2_triton(x, norm_weight, packed, k, s_w)
+    if cpu_native(x, packed):
+        return cpu_ternary.bitlinear_i2(x, norm_weight, packed, k, s_w, bias)
+    if not _FORCE_REFERENCE and x.device.type == "cpu":  # no native kernel: the exact table lookup
+        return reference.bitlinear_i2_lut(x, norm_weight, packed, k, s_w, bias)
     return reference.bitlinear_i2(x, norm_weight, packed, k, s_w, bias)
 
 
 def mlgru_step(i_pre, f_pre, g_pre, state, lower_bound, g_norm_weight, eps):
     """One fused MLGRU decode step on (B, D) inputs: (o in g_pre's dtype, new fp32 state)."""
     if not use_reference(i_pre, f_pre, g_pre):
-        from .mlgru_step import mlgru_step as mlgru_step_triton
+        mlgru_step_triton = triton_kernels("mlgru_step").mlgru_step
         return mlgru_step_triton(i_pre, f_pre, g_pre, state, lower_bound, g_norm_weight, eps)
     return reference.mlgru_step_ref(i_pre, f_pre, g_pre, state, lower_bound, g_norm_weight, eps)
 
@@ -126,7 +155,7 @@ def mlgru_gates(i_pre, f_pre, lower_bound):
 
 def mlgru_scan(i, f, state=None):
     if not use_reference(i, f, group="mlgru"):
-        from .mlgru_fused import mlgru_scan_fused
+        mlgru_scan_fused = triton_kernels("mlgru_fused").mlgru_scan_fused
         return mlgru_scan_fused(i, f, state)
     return reference.mlgru_scan(i, f, state)
 
@@ -134,7 +163,7 @@ def mlgru_scan(i, f, state=None):
 def mlgru(i_pre, f_pre, lower_bound, state=None):
     """Gates and recurrence of the MLGRU in one op: (states (B, T, D), last state (B, D) fp32)."""
     if not use_reference(i_pre, f_pre, group="mlgru"):
-        from .mlgru_fused import mlgru_fused
+        mlgru_fused = triton_kernels("mlgru_fused").mlgru_fused
         # without a gradient (inference) the states stay fp32 as in the reference and on the CPU;
         # training keeps them in the activations' dtype (half the activation memory)
         training = torch.is_grad_enabled() and (i_pre.requires_grad or f_pre.requires_grad)
@@ -145,7 +174,7 @@ def mlgru(i_pre, f_pre, lower_bound, state=None):
 
 def gated_rms_norm(g, weight, gate, eps):
     if _train_kernels(g, weight, gate, group="norm"):
-        from .bitlinear_fused import gated_rms_norm_train
+        gated_rms_norm_train = triton_kernels("bitlinear_fused").gated_rms_norm_train
         return gated_rms_norm_train(g, weight, gate, eps)
     return reference.gated_rms_norm(g, weight, gate, eps)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from mmf import kernels
 from mmf.config import MMFConfig
+from mmf.errors import CheckpointError
 
 from .common import ModelOutput, RMSNorm, init_weights
 
@@ -49,6 +50,10 @@ class FrozenBitLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         if packed is not None:
+            want = (out_features, -(-in_features // 4))
+            if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
+                raise CheckpointError(f"packed i2 weights of shape {tuple(packed.shape)} ({packed.dtype}) do not fit a "
+                                      f"BitLinear of {in_features} -> {out_features}: expected uint8 {want}")
             self.register_buffer("packed", packed)
             self.codes = None
         else:
@@ -75,10 +80,22 @@ class FrozenBitLinear(nn.Module):
         return kernels.reference.unpack_i2_ref(self.packed, self.in_features)
 
     def forward(self, x):
-        if self.packed is not None:
-            return kernels.bitlinear_i2(x, self.norm.weight, self.packed, self.in_features, self.weight_scale,
-                                        self.bias)
+        packed = self.packed if self.packed is not None else self._i2_for_cpu(x)
+        if packed is not None:
+            return kernels.bitlinear_i2(x, self.norm.weight, packed, self.in_features, self.weight_scale, self.bias)
         return kernels.bitlinear_frozen(x, self.norm.weight, self.codes, self.weight_scale, self.bias)
+
+    def _i2_for_cpu(self, x):
+        """int8 codes on the CPU run through the native kernel, which reads i2 bytes: packed once,
+        kept beside the codes (a quarter of their size; not in the state dict) while they are unchanged."""
+        if not kernels.cpu_native(x, self.codes):
+            return None
+        key = (self.codes.data_ptr(), self.codes._version)
+        if self.__dict__.get("_i2_key") != key:
+            from mmf.converters.ternary_codes import pack_i2  # the codec lives in converters for now (issue 17)
+
+            self.__dict__["_i2"], self.__dict__["_i2_key"] = pack_i2(self.codes), key
+        return self.__dict__["_i2"]
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, {'i2' if self.packed is not None else 'int8'}"
