@@ -13,6 +13,7 @@ Presets (``tiny``, ``370m``, ``1.3b``, ``2.7b``, ``13b``) exist for both; a pres
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import sys
@@ -20,7 +21,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 from .errors import ConfigError
 
@@ -29,15 +31,80 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Keys Hugging Face writes into every config.json that say nothing about the maths.
-HF_BOOKKEEPING_KEYS = frozenset(
-    {
-        "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
-        "initializer_range", "auto_map", "return_dict", "output_hidden_states", "output_attentions",
-        "pretraining_tp", "fuse_cross_entropy", "fuse_norm", "fuse_swiglu", "is_decoder",
-        "mmf_version", "quantization_config", "generation_config",
-    }
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json keys: two tables, read by `model_config_from_dict` and nowhere else.
+# ---------------------------------------------------------------------------------------------
+
+# Keys that say nothing about the model's arithmetic, dropped on load: every generic
+# ``PretrainedConfig`` attribute that transformers 4.x and 5.x write (a full ``to_dict()`` or
+# ``to_json_file(use_diff=False)``), and the inert keys of the HGRNBit and Llama configs. Keys that
+# are fields of ``MMFConfig`` / ``LlamaConfig`` (token ids, ``tie_word_embeddings``, ...) are read as fields.
+HF_INERT_KEYS = frozenset({
+    # bookkeeping and provenance
+    "_name_or_path", "name_or_path", "_commit_hash", "architectures", "transformers_version", "auto_map",
+    "custom_pipelines", "tokenizer_class", "finetuning_task", "task_specific_params", "prefix",
+    "mmf_version", "generation_config",
+    # storage dtype (mmf computes in the dtype it is asked for)
+    "dtype", "torch_dtype", "use_bfloat16",
+    # what forward returns, and kernel choices with the same maths
+    "return_dict", "output_hidden_states", "output_attentions", "_output_attentions", "use_cache", "torchscript",
+    "attn_implementation", "_attn_implementation", "_attn_implementation_internal", "_attn_implementation_autoset",
+    "experts_implementation", "_experts_implementation", "_experts_implementation_internal",
+    "chunk_size_feed_forward", "pretraining_tp", "fuse_cross_entropy", "fuse_norm", "fuse_swiglu",
+    "gradient_checkpointing",
+    # heads and structure flags that a causal LM's forward does not read
+    "id2label", "label2id", "num_labels", "problem_type", "is_encoder_decoder", "is_decoder",
+    "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size", "sep_token_id",
+    "decoder_start_token_id", "tf_legacy_loss",
+    # training-only settings
+    "initializer_range", "attention_dropout",
+    # generation defaults (mmf generate takes its own options)
+    "max_length", "min_length", "max_new_tokens", "min_new_tokens", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "epsilon_cutoff",
+    "eta_cutoff", "repetition_penalty", "encoder_repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "num_assistant_tokens",
+    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
+})
+
+
+def _rope_type(value) -> str:
+    return str(value.get("rope_type", value.get("type", "default"))) if isinstance(value, dict) else "default"
+
+
+# Settings that change the arithmetic: (model types or None for both, key, accepted(value), what mmf
+# supports). A value outside is refused with one line naming the key, its value and what mmf supports.
+# Absent keys are never checked.
+UNSUPPORTED_SETTINGS = (
+    (None, "quantization_config",
+     lambda v: v is None or (isinstance(v, dict) and v.get("quant_method") == "mmf_ternary"),
+     "no quantisation, or the packed formats `mmf pack` writes (quant_method 'mmf_ternary'); "
+     "load the unquantised checkpoint"),
+    (None, "pruned_heads", lambda v: not v, "no pruned heads ({})"),
+    (None, "per_layer_config", lambda v: not v, "the same settings in every layer (null)"),
+    (("hgrn_bit",), "use_short_conv", lambda v: v is False,
+     "false (no short convolution; the released MMfreeLM models use none)"),
+    (("hgrn_bit",), "expand_ratio", lambda v: v == 1 and v is not True, "1 (the released models' value)"),
+    (("hgrn_bit",), "hidden_act", lambda v: v in ("swish", "silu"), "'swish' (silu)"),
+    (("llama",), "hidden_act", lambda v: v in ("silu", "swish"), "'silu' (SwiGLU)"),
+    (("llama",), "rope_scaling", lambda v: _rope_type(v) == "default", "null or rope_type 'default' (plain RoPE)"),
+    (("llama",), "rope_parameters", lambda v: _rope_type(v) == "default", "null or rope_type 'default' (plain RoPE)"),
 )
+
+
+def check_supported(data: dict, model_type: str, where: str) -> None:
+    """Refuse the first setting of ``data`` that changes the arithmetic in a way mmf does not implement."""
+    for types_, key, accepted, supported in UNSUPPORTED_SETTINGS:
+        if key in data and (types_ is None or model_type in types_) and not accepted(data[key]):
+            raise ConfigError(f"{where}: {key} = {_show(data[key])} is not supported; mmf supports {supported}")
+
+
+def _show(value) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -136,8 +203,10 @@ class MMFConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[int] = 2
+    eos_token_id: Optional[Union[int, list[int]]] = 2
     pad_token_id: Optional[int] = None
+    # Keys of a config.json that mmf read past (not settings of this model): see model_config_from_dict.
+    ignored_keys: ClassVar[Mapping] = MappingProxyType({})
 
     @property
     def arch(self) -> str:
@@ -155,14 +224,9 @@ class MMFConfig:
                 raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError(f"{where}: intermediate_size must be positive or null")
-        if self.use_short_conv:
-            raise ConfigError(f"{where}: use_short_conv = true is not supported (no released MMfreeLM uses it); set it to false")
-        if self.expand_ratio != 1:
-            raise ConfigError(f"{where}: expand_ratio must be 1 (the released models' value), got {self.expand_ratio}")
-        if self.hidden_act not in ("swish", "silu"):
-            raise ConfigError(f"{where}: hidden_act must be 'swish' (silu), got {self.hidden_act!r}")
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"{where}: rms_norm_eps must be > 0")
+        check_supported(dataclasses.asdict(self), self.model_type, where)
 
     def to_hf_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -195,6 +259,7 @@ class LlamaConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[Union[int, list[int]]] = 2
     pad_token_id: Optional[int] = None
+    ignored_keys: ClassVar[Mapping] = MappingProxyType({})
 
     @property
     def arch(self) -> str:
@@ -231,14 +296,7 @@ class LlamaConfig:
             raise ConfigError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
         if self.dim_head % 2:
             raise ConfigError(f"{where}: the head dimension must be even for rotary embeddings")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"{where}: hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
-        for key in ("rope_scaling", "rope_parameters"):
-            rs = getattr(self, key)
-            if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
-                raise ConfigError(
-                    f"{where}: {key} type {rs.get('rope_type', rs.get('type'))!r} is not supported; only plain RoPE"
-                )
+        check_supported(dataclasses.asdict(self), self.model_type, where)
 
     def to_hf_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -296,8 +354,15 @@ def model_preset(name: str) -> ModelConfig:
     )
 
 
-def model_config_from_dict(data: dict, where: str) -> ModelConfig:
-    """Pick the architecture from ``model_type`` (or ``arch``) and validate strictly."""
+def model_config_from_dict(data: dict, where: str, hf: bool = False) -> ModelConfig:
+    """Pick the architecture from ``model_type`` (or ``arch``) and validate.
+
+    Keys in ``HF_INERT_KEYS`` are dropped and settings in ``UNSUPPORTED_SETTINGS`` refused either
+    way. Any other unknown key is an error for mmf's own configs (``hf=False``: a TOML ``[model]``
+    table) and, as transformers does, accepted for a Hugging Face ``config.json`` (``hf=True``):
+    those keys are kept in the config's ``ignored_keys``, and a key spelled like a field is named on
+    stderr (a likely typo whose setting would otherwise be lost silently).
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table of settings")
     data = dict(data)
@@ -313,11 +378,38 @@ def model_config_from_dict(data: dict, where: str) -> ModelConfig:
             f"{where}: model_type {mt!r} is not supported; valid: {', '.join(MODEL_TYPES)} "
             "(set model_type or arch = 'mmf' | 'transformer++')"
         )
-    return dataclass_from_dict(MODEL_TYPES[mt], data, where, ignore=HF_BOOKKEEPING_KEYS)
+    cls = MODEL_TYPES[mt]
+    check_supported(data, mt, where)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    checked = {key for _, key, _, _ in UNSUPPORTED_SETTINGS}
+    ignored = {}
+    for key in list(data):
+        if key in fields:
+            continue
+        if key in HF_INERT_KEYS or key in checked:
+            del data[key]
+        elif hf:
+            ignored[key] = data.pop(key)
+    cfg = dataclass_from_dict(cls, data, where)
+    cfg.ignored_keys = MappingProxyType(ignored)
+    for key in ignored:
+        near = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+        if near:
+            _warn_once(f"{where}: key '{key}' is not a {mt} setting and is ignored (did you mean '{near[0]}'?)")
+    return cfg
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        sys.stderr.write(f"mmf: warning: {message}\n")
 
 
 def load_hf_config(path: Path) -> ModelConfig:
-    """Load a Hugging Face style ``config.json`` (hgrn_bit or llama)."""
+    """Load a Hugging Face style ``config.json`` (hgrn_bit or llama), as transformers reads it."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -325,7 +417,7 @@ def load_hf_config(path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: no such file; a checkpoint directory needs config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); fix or regenerate the file") from None
-    return model_config_from_dict(data, str(path))
+    return model_config_from_dict(data, str(path), hf=True)
 
 
 def load_toml(path: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -160,7 +161,105 @@ def test_load_errors_name_the_problem(tmp_path, tiny_mmf_ckpt):
     with pytest.raises(CheckpointError, match="has shape"):
         mmf.load_model(shape)
     cfg["hidden_size"] = 64
-    cfg["hiden_size"] = 64
+    cfg["use_short_conv"] = True
     (shape / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="unknown key 'hiden_size'; valid keys: .*hidden_size"):
+    with pytest.raises(ConfigError, match="use_short_conv = true is not supported; mmf supports false"):
         mmf.load_model(shape)
+
+
+# --- config.json as transformers writes it in full (issue 16 item 2) -------------------------------------------
+
+def _original_hgrn_bit_config_class(transformers):
+    """HGRNBitConfig as the released code defines it (ridger/MMfreeLM, fla/models/hgrn_bit), on transformers."""
+
+    class HGRNBitConfig(transformers.PretrainedConfig):
+        model_type = "hgrn_bit"
+        keys_to_ignore_at_inference = ["past_key_values"]
+
+        def __init__(self, vocab_size=32000, hidden_size=2048, num_hidden_layers=24, attn_mode="fused_recurrent",
+                     num_heads=1, expand_ratio=1, use_short_conv=False, conv_size=4, share_conv_kernel=True,
+                     use_lower_bound=True, hidden_ratio=4, intermediate_size=None, hidden_act="swish",
+                     max_position_embeddings=2048, rms_norm_eps=1e-6, use_cache=True, pad_token_id=None,
+                     bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, initializer_range=0.02,
+                     fuse_cross_entropy=True, **kwargs):
+            self.vocab_size = vocab_size
+            self.max_position_embeddings = max_position_embeddings
+            self.hidden_size = hidden_size
+            self.num_hidden_layers = num_hidden_layers
+            self.attn_mode = attn_mode
+            self.num_heads = num_heads
+            self.expand_ratio = expand_ratio
+            self.use_short_conv = use_short_conv
+            self.conv_size = conv_size
+            self.share_conv_kernel = share_conv_kernel
+            self.use_lower_bound = use_lower_bound
+            self.hidden_ratio = hidden_ratio
+            self.intermediate_size = intermediate_size
+            self.hidden_act = hidden_act
+            self.rms_norm_eps = rms_norm_eps
+            self.use_cache = use_cache
+            self.initializer_range = initializer_range
+            self.fuse_cross_entropy = fuse_cross_entropy
+            super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                             tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    return HGRNBitConfig
+
+
+@pytest.mark.parametrize("arch", ["mmf", "transformer++"])
+def test_full_transformers_config_json_loads_with_identical_logits(tmp_path, arch):
+    """transformers' full config.json (4.x generic keys merged in, 5.x written by the installed version) beside
+    mmf's own weights: `mmf info/generate/pack` read it, and the logits are bit-identical."""
+    transformers = pytest.importorskip("transformers")
+    from test_config import TRANSFORMERS_4_GENERIC
+
+    from mmf.info import checkpoint_info
+
+    model = small_model(arch, seed=21)
+    save_checkpoint(model, tmp_path / "mmf", tokenizer=mmf.ByteTokenizer())
+    c = model.config
+    if arch == "mmf":
+        hf_cfg = _original_hgrn_bit_config_class(transformers)(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+            intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps, architectures=["HGRNBitForCausalLM"])
+    else:
+        hf_cfg = transformers.LlamaConfig(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+            intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+            max_position_embeddings=c.max_position_embeddings, architectures=["LlamaForCausalLM"])
+    full = tmp_path / "full"
+    shutil.copytree(tmp_path / "mmf", full)
+    hf_cfg.to_json_file(str(full / "config.json"), use_diff=False)
+    written = json.loads((full / "config.json").read_text())
+    assert "chunk_size_feed_forward" in written and "id2label" in written  # what used to be refused
+    (full / "config.json").write_text(json.dumps({**TRANSFORMERS_4_GENERIC, **written}, indent=2))
+
+    loaded = mmf.load_model(full)
+    if arch == "mmf":
+        assert loaded.config == model.config
+    else:  # 5.x spells out head_dim and rope_parameters; same values
+        assert (loaded.config.dim_head, loaded.config.theta) == (c.dim_head, c.theta)
+    ids = torch.randint(0, c.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert checkpoint_info(full)["hidden_size"] == c.hidden_size
+    if arch == "mmf":
+        from mmf.converters.packing import pack_checkpoint
+
+        pack_checkpoint(full, tmp_path / "packed")
+        assert mmf.load_model(tmp_path / "packed").config == model.config
+
+
+def test_published_hgrn_bit_full_config_gives_original_logits(tmp_path):
+    """The released code's config written in full by transformers, with the original forward as reference."""
+    transformers = pytest.importorskip("transformers")
+    path, sd = published_hgrn_bit_dir(tmp_path, torch.float32)
+    kwargs = {k: v for k, v in PUBLISHED_HGRN_BIT_CONFIG.items() if k not in ("model_type", "transformers_version")}
+    _original_hgrn_bit_config_class(transformers)(**kwargs).to_json_file(str(path / "config.json"), use_diff=False)
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        ours = mmf.load_model(path)(ids).logits
+        original = hgrn_bit_logits(sd, PUBLISHED_HGRN_BIT_CONFIG, ids)
+    assert median_rel_err(ours, original) < 1e-3
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mmf.config import (LlamaConfig, MMFConfig, model_config_from_dict, model_preset, preset_names,
@@ -54,3 +56,89 @@ def test_floats_accept_ints_and_bookkeeping_keys_are_ignored():
     cfg = model_config_from_dict({"model_type": "llama", "rope_theta": 500000, "torch_dtype": "bfloat16",
                                   "transformers_version": "4.40"}, "x")
     assert cfg.rope_theta == 500000.0 and isinstance(cfg.rope_theta, float)
+
+
+# The generic attributes transformers 4.x writes into a full config.json (`to_json_file(use_diff=False)`),
+# with their default values (PretrainedConfig.__init__ of 4.40-4.55); 5.x writes a subset plus `dtype`.
+TRANSFORMERS_4_GENERIC = {
+    "return_dict": True, "output_hidden_states": False, "output_attentions": False, "torchscript": False,
+    "torch_dtype": "float32", "use_bfloat16": False, "tf_legacy_loss": False, "pruned_heads": {},
+    "tie_word_embeddings": False, "chunk_size_feed_forward": 0, "is_encoder_decoder": False, "is_decoder": False,
+    "cross_attention_hidden_size": None, "add_cross_attention": False, "tie_encoder_decoder": False,
+    "max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0,
+    "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "num_return_sequences": 1, "output_scores": False, "return_dict_in_generate": False,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "architectures": None, "finetuning_task": None, "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "tokenizer_class": None, "prefix": None, "bos_token_id": 1,
+    "pad_token_id": None, "eos_token_id": 2, "sep_token_id": None, "decoder_start_token_id": None,
+    "task_specific_params": None, "problem_type": None, "_name_or_path": "", "_commit_hash": None,
+    "_attn_implementation_internal": None, "_attn_implementation_autoset": True, "transformers_version": "4.48.0",
+    "use_cache": True, "initializer_range": 0.02, "quantization_config": None,
+}
+
+
+def _generic_keys() -> dict:
+    keys = dict(TRANSFORMERS_4_GENERIC)
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - transformers comes with the test extra
+        return keys
+    return {**keys, **transformers.PretrainedConfig().to_dict()}
+
+
+@pytest.mark.parametrize("model_type", ["hgrn_bit", "llama"])
+def test_every_generic_transformers_key_is_known_and_inert(model_type, capsys):
+    small = {"model_type": model_type, "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2}
+    generic = {k: v for k, v in _generic_keys().items() if k != "model_type"}
+    plain = model_config_from_dict(small, "plain.json", hf=True)
+    full = model_config_from_dict({**generic, **small}, "full.json", hf=True)
+    assert full == plain and dict(full.ignored_keys) == {}  # every key known: none left over as unknown
+    # mmf's own TOML configs drop them too but stay strict about anything else
+    assert model_config_from_dict({**generic, **small}, "m.toml [model]") == plain
+    assert capsys.readouterr().err == ""
+
+
+def test_unknown_config_json_keys_are_accepted_and_recorded_as_transformers_does(capsys):
+    data = {"model_type": "hgrn_bit", "hidden_size": 64, "my_fork_setting": [1, 2], "hiden_size": 32}
+    cfg = model_config_from_dict(data, "c.json", hf=True)
+    assert cfg.hidden_size == 64 and dict(cfg.ignored_keys) == {"my_fork_setting": [1, 2], "hiden_size": 32}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'hiden_size'" in err and "did you mean 'hidden_size'" in err
+    with pytest.raises(ConfigError, match="unknown key 'my_fork_setting'; valid keys:"):
+        model_config_from_dict(data, "m.toml [model]")  # mmf's own configs stay strict
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
+    ({"model_type": "hgrn_bit", "quantization_config": {"quant_method": "bitnet"}}, "quantization_config"),
+    ({"model_type": "llama", "pruned_heads": {"0": [1]}}, "pruned_heads"),
+    ({"model_type": "llama", "per_layer_config": {"0": {"intermediate_size": 64}}}, "per_layer_config"),
+    ({"model_type": "hgrn_bit", "use_short_conv": True}, "use_short_conv"),
+    ({"model_type": "hgrn_bit", "expand_ratio": 2}, "expand_ratio"),
+    ({"model_type": "hgrn_bit", "hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_parameters"),
+])
+@pytest.mark.parametrize("hf", [True, False])
+def test_settings_that_change_the_arithmetic_are_refused_in_one_line(data, key, hf):
+    with pytest.raises(ConfigError) as e:
+        model_config_from_dict(data, "c.json", hf=hf)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"c.json: {key} = {json.dumps(data[key])} is not supported; mmf supports ")
+
+
+def test_accepted_values_of_checked_settings():
+    ok = [
+        {"model_type": "hgrn_bit", "quantization_config": {"quant_method": "mmf_ternary", "format": "i2"}},
+        {"model_type": "hgrn_bit", "use_short_conv": False, "conv_size": 8, "share_conv_kernel": False},
+        {"model_type": "llama", "hidden_act": "swish", "pretraining_tp": 2, "rope_scaling": None,
+         "quantization_config": None, "pruned_heads": {}, "per_layer_config": None},
+        {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    ]
+    for data in ok:
+        model_config_from_dict(data, "c.json", hf=True)
+    assert model_config_from_dict(ok[-1], "c.json", hf=True).theta == 5e5
