@@ -1194,7 +1194,10 @@ def plot_figure(result: dict):
     sizes = list(result["sizes"])
     variants = result["protocol"]["variants"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    panels = (("peak_memory_bytes", 1 / GB, "peak memory (GB)", lambda gb: f"{gb:.3g}"),
+    peaks = [v["figures"]["peak_memory_bytes"]["value"] for s in result["sizes"].values()
+             for v in s["variants"].values() if "peak_memory_bytes" in v.get("figures", {})]
+    mem_unit, mem_scale = ("GB", GB) if max(peaks, default=GB) >= GB else ("MB", 1e6)
+    panels = (("peak_memory_bytes", 1 / mem_scale, f"peak memory ({mem_unit})", lambda x: f"{x:.3g}"),
               ("decode_ms_per_token", 1.0, "decode latency (ms / token)", _ms),
               ("prefill_ms", 1.0, f"prefill latency (ms, {result['protocol']['prompt_len']} tokens)", _ms))
     width = 0.8 / max(1, len(variants))

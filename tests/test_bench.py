@@ -189,7 +189,8 @@ def test_plot_bars_are_linear_and_labelled(tiny_result):
             assert len(heights) == len(variants) and max(heights) < ax.get_ylim()[1]
         figs = {v: res["sizes"]["tiny"]["variants"][v]["figures"] for v in variants}
         mem = [t.get_text() for t in fig.axes[0].texts]
-        assert mem == [f"{figs[v]['peak_memory_bytes']['value'] / 1e9:.3g}" for v in figs]
+        assert mem == [f"{figs[v]['peak_memory_bytes']['value'] / 1e6:.3g}" for v in figs]  # tiny: in MB
+        assert fig.axes[0].get_title() == "peak memory (MB)"
         assert [t.get_text() for t in fig.axes[1].texts] == [mb._ms(figs[v]["decode_ms_per_token"]["value"])
                                                             for v in figs]
     finally:
