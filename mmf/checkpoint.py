@@ -196,7 +196,10 @@ def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
     if cfg.arch == "mmf" and is_packed(path):
         from mmf.converters.packing import load_packed_model
 
-        return load_packed_model(path, cfg, device=device, dtype=dtype)
+        model = load_packed_model(path, cfg, device=device, dtype=dtype)
+        for name, tensor in model.state_dict().items():  # norms, embeddings and scales: one pass
+            check_finite(path, name, tensor)
+        return model
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.to_empty(device=device).to(dtype)
@@ -215,8 +218,11 @@ def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
                 f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies {tuple(target.shape)}")
+        check_finite(path, name, tensor)
         with torch.no_grad():
             target.copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        if tensor.is_floating_point() and torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:
+            check_finite(path, name, target, overflow=(tensor.dtype, dtype))
         found.add(name)
     missing = sorted(expected - found)
     if missing:
@@ -226,6 +232,38 @@ def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
     if frozen:
         model.freeze()
     return model
+
+
+def check_finite(path: Path, name: str, tensor: torch.Tensor, overflow=None) -> None:
+    """Raise CheckpointError naming ``name`` if the floating tensor holds NaN or inf.
+
+    NaN and inf survive a sum, so a finite sum proves there are none: one pass at memory speed
+    (``torch.isfinite`` is many times slower on CPUs). Only if the sum is not finite (damage, or a
+    large fp16 sum overflowing) are slices of 16M elements summed in fp64, which cannot overflow,
+    and the bad ones counted. ``overflow = (stored dtype, load dtype)`` words the message for values
+    that only became inf when converted to a narrower dtype.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    flat = tensor.detach().reshape(-1)
+    if bool(torch.isfinite(flat.sum())):
+        return
+    step = 1 << 24
+    bad = 0
+    for i in range(0, flat.numel(), step):
+        part = flat[i:i + step]
+        if not bool(torch.isfinite(part.sum(dtype=torch.float64))):
+            bad += int((~torch.isfinite(part)).sum())
+    if not bad:
+        return
+    if overflow is not None:
+        src, dst = (str(t).replace("torch.", "") for t in overflow)
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has {bad} values beyond the range of {dst} (stored as {src}); "
+            "load it with --dtype fp32 or bf16")
+    raise CheckpointError(
+        f"{path}: tensor {name!r} holds {bad} NaN or inf values of {flat.numel()}; the weights are damaged "
+        "(a diverged run or a corrupt copy): use an earlier checkpoint or re-download it")
 
 
 def checkpoint_state_dict_names(model) -> list[str]:

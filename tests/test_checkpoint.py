@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mmf
@@ -262,4 +263,47 @@ def test_published_hgrn_bit_full_config_gives_original_logits(tmp_path):
         ours = mmf.load_model(path)(ids).logits
         original = hgrn_bit_logits(sd, PUBLISHED_HGRN_BIT_CONFIG, ids)
     assert median_rel_err(ours, original) < 1e-3
+
+
+# --- silent damage (issue 16 item 10) ---------------------------------------------------------------------------
+
+def _damaged_copy(src, dst, name, value):
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    sd = load_file(str(f))
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[3] = value
+    save_file(sd, str(f), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_weights_are_refused_at_load(tmp_path, tiny_mmf_ckpt, tiny_llama_ckpt, value):
+    from mmf.generate import generate_text
+
+    for ck, name in ((tiny_mmf_ckpt, "model.layers.1.attn.f_proj.weight"), (tiny_llama_ckpt, "model.norm.weight")):
+        bad = _damaged_copy(ck, tmp_path / f"bad-{ck.name}", name, value)
+        with pytest.raises(CheckpointError, match=f"tensor '{name}' holds 1 NaN or inf values .*earlier checkpoint"):
+            mmf.load_model(bad)
+        with pytest.raises(CheckpointError, match=f"tensor '{name}'"):  # generate and eval load through it
+            generate_text(bad, "hi", max_new_tokens=2)
+
+
+def test_nan_in_a_packed_checkpoint_is_refused_at_load(tmp_path, tiny_mmf_ckpt):
+    from mmf.converters.packing import pack_checkpoint
+
+    pack_checkpoint(tiny_mmf_ckpt, tmp_path / "packed")
+    bad = _damaged_copy(tmp_path / "packed", tmp_path / "bad", "model.norm.weight", float("nan"))
+    with pytest.raises(CheckpointError, match="tensor 'model.norm.weight' holds 1 NaN"):
+        mmf.load_model(bad)
+
+
+def test_values_that_overflow_the_load_dtype_are_refused_with_the_fix(tmp_path, tiny_llama_ckpt):
+    big = _damaged_copy(tiny_llama_ckpt, tmp_path / "big", "model.norm.weight", 1e6)
+    assert torch.isfinite(mmf.load_model(big).model.norm.weight).all()  # fine in fp32 and bf16
+    mmf.load_model(big, dtype="bf16")
+    with pytest.raises(CheckpointError, match="beyond the range of float16 .*--dtype fp32 or bf16"):
+        mmf.load_model(big, dtype="fp16")
 
