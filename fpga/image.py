@@ -27,8 +27,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from mmf.checkpoint import atomic_directory, is_packed, load_config, open_safetensors, weight_files
+from mmf.checkpoint import is_packed, load_config, open_safetensors, weight_files
 from mmf.errors import MMFError
+from mmf.outputs import atomic_directory, check_output, check_output_file, write_text_output
 
 from . import formats as fmt
 
@@ -74,11 +75,22 @@ class ImageOptions:
         if not isinstance(self.bank_words, int) or self.bank_words < 1:
             raise MMFError(f"--bank-words {self.bank_words}: a bank needs at least one word (4096 is one UltraRAM deep)")
         if self.param_encoding not in fmt.VALUE_ENCODINGS:
-            raise MMFError(f"--param-encoding {self.param_encoding!r}: use one of {', '.join(fmt.VALUE_ENCODINGS)}")
+            raise MMFError(f"--dtype {self.param_encoding!r}: use one of {', '.join(fmt.VALUE_ENCODINGS)} "
+                           "(the encoding of the non-ternary parameters)")
         if not self.formats:
             raise MMFError("--formats is empty; give one or more of mem,coe,mif,bin")
-        if self.on_chip_mib < 0:
-            raise MMFError("--on-chip-mib must be >= 0")
+        if not (math.isfinite(self.on_chip_mib) and self.on_chip_mib >= 0):
+            raise MMFError(f"--on-chip-mib {self.on_chip_mib}: give the on-chip memory budget in MiB, a number >= 0 "
+                           "(0 places every region off-chip)")
+
+
+def check_verify_options(verify_rows: int, seed: int) -> None:
+    """--verify-rows: rows per tensor, >= 1, or 0 for every row; --seed: 0 <= seed < 2**32."""
+    if not isinstance(verify_rows, int) or verify_rows < 0:
+        raise MMFError(f"--verify-rows {verify_rows}: give the number of rows to simulate per tensor (1 or more), "
+                       "or 0 to simulate every row")
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise MMFError(f"--seed {seed}: give a seed from 0 to {2**32 - 1}")
 
 
 def parse_formats(spec: str) -> tuple:
@@ -447,7 +459,7 @@ def _write_tensors(source: CheckpointSource, layout: dict, tmp: Path, opt: Image
                     big = t.float().abs().max().item() if t.numel() else 0.0
                     if x["encoding"] == "fp16" and big > 65504.0:
                         raise MMFError(f"{name} has values up to {big:g}, beyond fp16's 65504; "
-                                       "use --param-encoding bf16 or fp32")
+                                       "use --dtype bf16 or fp32")
                 f.seek(x["base_address"] * bpw)
                 f.write(fmt.encode_values(t, x["encoding"], w).tobytes())
                 x["scale"] = None
@@ -521,22 +533,28 @@ def verilog_header(manifest: dict) -> str:
 
 
 def build_image(checkpoint, out, opt: Optional[ImageOptions] = None, overwrite: bool = False,
-                verify: bool = False, verify_rows: int = 64, seed: int = 0) -> dict:
+                verify: bool = False, verify_rows: int = 64, seed: int = 0, json_out: Optional[Path] = None) -> dict:
     """Write the image directory ``out`` from ``checkpoint``; returns the manifest (and the verify report).
 
     With ``verify`` the reference RTL is simulated on the image before it is moved into place, so a
-    failed verification leaves nothing behind.
+    failed verification leaves nothing behind. ``overwrite`` replaces only a directory mmf wrote.
+    ``json_out``: also write ``report_document`` there (checked before any work).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     opt = opt or ImageOptions()
     opt.validate()
+    check_verify_options(verify_rows, seed)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise MMFError(f"{out} already exists; choose another --out or pass --force to replace it")
     checkpoint = Path(checkpoint)
-    if out.resolve() == checkpoint.resolve():
+    src, dst = checkpoint.resolve(), out.resolve()
+    if dst == src:
         raise MMFError(f"--out {out} is the checkpoint itself; choose another directory")
+    if src in dst.parents or dst in src.parents:
+        raise MMFError(f"--out {out} overlaps the checkpoint {checkpoint}; write the image to a separate directory")
+    check_output(out, overwrite)
+    if json_out is not None:
+        check_output_file(json_out)
     source = CheckpointSource(checkpoint)
     names = select_names(source, opt.layers)
     layout = plan_layout(source, names, opt)
@@ -546,7 +564,7 @@ def build_image(checkpoint, out, opt: Optional[ImageOptions] = None, overwrite: 
         find_simulator()  # fail before any work when the simulator is missing
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         transient=True, disable=not sys.stderr.isatty())
-    with atomic_directory(out, overwrite) as tmp, progress:
+    with atomic_directory(out, overwrite, need_bytes=image_bytes_estimate(layout, opt)) as tmp, progress:
         _write_tensors(source, layout, tmp, opt, progress)
         _write_bank_texts(layout, tmp, opt, progress)
         if "bin" not in opt.formats:
@@ -573,7 +591,22 @@ def build_image(checkpoint, out, opt: Optional[ImageOptions] = None, overwrite: 
                 from .sim import failure_summary
 
                 raise MMFError(failure_summary(report["verify"]) + "; nothing was written")
+    if json_out is not None:
+        write_text_output(json_out, json.dumps(report_document(report, out), indent=2) + "\n")
     return report
+
+
+def report_document(report: dict, out) -> dict:
+    """The JSON document of a build (``--json`` prints it, ``--json-out`` writes it): resources, verify, out."""
+    return {"resources": report["manifest"]["resources"], "verify": report["verify"], "out": str(out)}
+
+
+def image_bytes_estimate(layout: dict, opt: ImageOptions) -> int:
+    """A lower bound of the bytes the image takes on disk: the raw region images (always written first) and,
+    per text format, one line of hex digits per word."""
+    words = sum(r.words for r in layout["regions"].values())
+    texts = sum(1 for f in opt.formats if f in fmt.TEXT_FORMATS)
+    return words * fmt.bytes_per_word(opt.word_bits) + texts * words * (-(-opt.word_bits // 4) + 1)
 
 
 def _manifest(source: CheckpointSource, layout: dict, opt: ImageOptions) -> dict:

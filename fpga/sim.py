@@ -124,8 +124,9 @@ def verify_image(image_dir, checkpoint, rows: int = 64, seed: int = 0, source=No
 
     ``rows`` rows of every ternary tensor are simulated (half from the start, half from the end; 0 = all).
     """
-    from .image import MANIFEST, CheckpointSource
+    from .image import MANIFEST, CheckpointSource, check_verify_options
 
+    check_verify_options(rows, seed)
     iverilog, vvp = find_simulator()
     image_dir = Path(image_dir)
     try:

@@ -158,7 +158,7 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def disk_full_error(out: Path, need_bytes: Optional[int] = None) -> DiskFullError:
+def disk_full_error(out: Path, need_bytes: Optional[int] = None, option: str = "--out") -> DiskFullError:
     """The one-line error for a full disk while writing ``out`` (after its partial output was removed)."""
     free = _free_bytes(Path(out))
     have = f"{human_bytes(free)} free now" if free is not None else "free space unknown"
@@ -166,7 +166,7 @@ def disk_full_error(out: Path, need_bytes: Optional[int] = None) -> DiskFullErro
         fix = f"free {human_bytes(need_bytes - free)} (it needs about {human_bytes(need_bytes)}, {have})"
     else:
         fix = f"free space ({have}{f', it needs about {human_bytes(need_bytes)}' if need_bytes else ''})"
-    return DiskFullError(f"no space left on device writing {out}: {fix} or choose another --out; "
+    return DiskFullError(f"no space left on device writing {out}: {fix} or choose another {option}; "
                          "the partial output was removed and the input is untouched")
 
 
@@ -178,6 +178,45 @@ def _free_bytes(out: Path) -> Optional[int]:
         return shutil.disk_usage(p).free
     except OSError:
         return None
+
+
+def check_output_file(path: Path, option: str = "--json-out") -> None:
+    """Refuse, before any work, a file output that cannot be written: a directory, or a parent that is a file
+    or not writable. (An existing file is replaced: that is what naming it asks for.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise MMFError(f"{option} {path} is a directory; give a file name such as {path / 'report.json'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MMFError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MMFError(f"{option} {path}: {parent} is not writable; choose another path")
+
+
+def write_text_output(path: Path, text: str, option: str = "--json-out") -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary name beside it, then one rename), creating parent
+    folders; the file gets the umask's mode like any ``open``, a full disk is one line, and on any error
+    ``path`` is untouched."""
+    path = Path(path)
+    check_output_file(path, option)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode 0666 & ~umask
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(path, option=option) from None
+        raise
+    return path
 
 
 @contextmanager

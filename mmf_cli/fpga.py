@@ -20,24 +20,34 @@ def fpga_image(
     formats: str = typer.Option("mem,coe,mif,bin", "--formats", help="Comma list of mem, coe, mif, bin."),
     layers: str = typer.Option("all", "--layers", help="all, or a comma list of layer numbers (3), ranges (0-2), lm_head, embeddings."),
     split_rows: bool = typer.Option(False, "--split-rows", help="Let a weight row continue into the next bank."),
-    param_encoding: str = typer.Option("fp16", "--param-encoding", help="Encoding of non-ternary parameters: fp16, bf16, fp32."),
+    dtype: str = typer.Option("fp16", "--dtype", "--param-encoding", help="Encoding of the non-ternary parameters "
+                              "(embeddings, norms, lower bounds): fp16, bf16, fp32. --param-encoding: old spelling."),
     on_chip_mib: float = typer.Option(32.0, "--on-chip-mib", help="Regions larger than this are placed off-chip (DDR/HBM)."),
     verify: bool = typer.Option(False, "--verify", help="Simulate the reference RTL on the image (Icarus Verilog) before keeping it."),
-    verify_rows: int = typer.Option(64, "--verify-rows", help="Rows simulated per tensor, half from each end (0 = all)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random int8 activations used by --verify."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the resource and verify report as JSON here."),
+    verify_rows: int = typer.Option(64, "--verify-rows", help="Rows simulated per tensor, half from each end: 1 or "
+                                    "more, or 0 for every row."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random int8 activations used by --verify (0 to 2^32-1)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file or "
+                               "another directory)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the resource and verify report as JSON on stdout "
+                                 "instead of the tables."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", show_default="not written", help="Also write that JSON "
+                                            "report to this file (was --json FILE before)."),
 ):
     """FPGA memory images (.mem/.coe/.mif/.bin banks, address map, Verilog header); --verify simulates them.
 
     Writes the banks of a MatMul-free checkpoint in every requested format, manifest.json with the address map
     and checksums, a Verilog header and a resource report; --verify proves them with Icarus Verilog.
     """
-    from mmf.fpga.image import ImageOptions, build_image, parse_formats, resource_rows
+    from mmf.fpga.image import ImageOptions, build_image, parse_formats, report_document, resource_rows
 
     opt = ImageOptions(word_bits=word_bits, bank_words=bank_words, formats=parse_formats(formats), layers=layers,
-                       split_rows=split_rows, param_encoding=param_encoding, on_chip_mib=on_chip_mib)
-    report = build_image(checkpoint, out, opt, overwrite=force, verify=verify, verify_rows=verify_rows, seed=seed)
+                       split_rows=split_rows, param_encoding=dtype, on_chip_mib=on_chip_mib)
+    report = build_image(checkpoint, out, opt, overwrite=force, verify=verify, verify_rows=verify_rows, seed=seed,
+                         json_out=json_out)
+    if as_json:
+        typer.echo(json.dumps(report_document(report, out), indent=2))
+        return
     manifest = report["manifest"]
     print_table(resource_rows(manifest), title=f"mmf fpga-image {out}: {manifest['word_bits']}-bit words, "
                                                f"{manifest['bank_words']} words per bank (estimates)")
@@ -48,6 +58,3 @@ def fpga_image(
         print_table(rows, title=f"verify: {v['simulator']}, seed {v['seed']}, {v['seconds']} s")
         n = sum(r["simulated_rows"] for r in v["tensors"])
         typer.echo(f"verified: {n} accumulators of {len(rows)} tensors equal the torch reference bit for bit")
-    if json_out is not None:
-        data = {"resources": manifest["resources"], "verify": report["verify"], "out": str(out)}
-        json_out.write_text(json.dumps(data, indent=2) + "\n")

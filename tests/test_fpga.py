@@ -355,7 +355,7 @@ def test_cli_verify_end_to_end(tiny_mmf_ckpt, tmp_path):
     need_iverilog()
     out = tmp_path / "img"
     r = run_cli("fpga-image", tiny_mmf_ckpt, "--out", out, "--word-bits", "128", "--bank-words", "32",
-                "--layers", "0", "--verify", "--verify-rows", "0", "--json", tmp_path / "rep.json")
+                "--layers", "0", "--verify", "--verify-rows", "0", "--json-out", tmp_path / "rep.json")
     assert r.returncode == 0, r.stderr
     assert "verified: " in r.stdout and "BRAM36" in r.stdout
     rep = json.loads((tmp_path / "rep.json").read_text())
@@ -394,3 +394,107 @@ def test_docs_verilog_example_compiles_against_an_image(image64, tmp_path):
     r = subprocess.run(["iverilog", "-g2001", "-I", str(image64), "-s", "l0_i_proj_bank0", "-o",
                         str(tmp_path / "ex.vvp"), *files], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ issue 16
+
+
+def _main(monkeypatch, capsys, *args):
+    """Run the `mmf` entry point in-process; returns (exit code, stdout, stderr)."""
+    from mmf.cli.main import main
+
+    monkeypatch.setattr("sys.argv", ["mmf", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--verify-rows", "-1"), "--verify-rows -1: give the number of rows to simulate per tensor (1 or more), or 0"),
+    (("--seed", "-1"), "--seed -1: give a seed from 0 to 4294967295"),
+    (("--on-chip-mib", "nan"), "--on-chip-mib nan: give the on-chip memory budget in MiB"),
+    (("--on-chip-mib", "-1"), "--on-chip-mib -1.0"),
+    (("--bank-words", "0"), "--bank-words 0: a bank needs at least one word"),
+    (("--word-bits", "8"), "--word-bits 8"),
+    (("--dtype", "fp8"), "--dtype 'fp8': use one of"),
+    (("--bank-words", str(2**40)), "no space left on device for"),  # the image would not fit: refused before writing
+])
+def test_out_of_range_options_are_refused(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path, args, message):
+    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img", *args)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dtype_json_and_json_out(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path):
+    rep = tmp_path / "reports" / "rep.json"
+    code, stdout, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img",
+                              "--param-encoding", "bf16", "--formats", "bin", "--json", "--json-out", rep)
+    assert code == 0, err
+    printed = json.loads(stdout)  # --json: the document alone on stdout, no table
+    assert printed == json.loads(rep.read_text()) and printed["verify"] is None
+    assert {r["region"] for r in printed["resources"]["regions"]} == {"ternary", "params"}
+    def encoding(img):
+        tensors = json.loads((img / "manifest.json").read_text())["tensors"]
+        return next(t["encoding"] for t in tensors if t["name"] == "model.norm.weight")
+
+    assert encoding(tmp_path / "img") == "bf16"  # --param-encoding: the old spelling of --dtype
+    code, stdout, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img2",
+                              "--dtype", "fp32", "--formats", "bin")
+    assert code == 0, err
+    assert "BRAM36" in stdout and encoding(tmp_path / "img2") == "fp32"
+    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img3",
+                         "--json-out", tmp_path)  # a directory: refused before any work
+    assert code == 2 and "--json-out" in err and "is a directory" in err and not (tmp_path / "img3").exists()
+    code, stdout, _ = _main(monkeypatch, capsys, "fpga-image", "--help")
+    text = " ".join(stdout.replace("│", " ").split())
+    assert "--param-encoding: old spelling" in text and "was --json FILE before" in text
+
+
+def test_force_replaces_only_an_image(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x\n")
+    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", notes, "--force")
+    assert code == 2 and "is a file, not a directory that mmf wrote" in err and notes.read_text() == "x\n"
+    theirs = tmp_path / "vivado"
+    theirs.mkdir()
+    (theirs / "top.xpr").write_text("project")
+    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", theirs, "--force")
+    assert code == 2 and "mmf did not write" in err and (theirs / "top.xpr").exists()
+    out = tmp_path / "img"
+    build_image(tiny_mmf_ckpt, out, ImageOptions(formats=("bin",)))
+    build_image(tiny_mmf_ckpt, out, ImageOptions(formats=("bin",), word_bits=128), overwrite=True)
+    assert json.loads((out / "manifest.json").read_text())["word_bits"] == 128
+
+
+def test_full_disk_is_one_line(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path):
+    import errno
+
+    from mmf.fpga import image
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(image, "sha256_file", full)
+    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img")
+    assert code == 2 and "no space left on device writing" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_image_follows_the_umask(tiny_mmf_ckpt, tmp_path, mask):
+    import stat
+
+    old = os.umask(mask)
+    try:
+        build_image(tiny_mmf_ckpt, tmp_path / "img", ImageOptions(word_bits=64, bank_words=256))
+    finally:
+        os.umask(old)
+    seen = set()
+    for root, dirs, files in os.walk(tmp_path / "img"):
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o777 & ~mask
+        seen.update(stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) for f in files)
+    assert seen == {0o666 & ~mask}
