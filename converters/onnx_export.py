@@ -543,7 +543,7 @@ def export_onnx(checkpoint, out, weights: Optional[str] = None, opset: int = DEF
     from mmf.checkpoint import load_config, load_model
     from mmf.errors import CheckpointError
     from mmf.outputs import check_output
-    from mmf.tokenizer import load_tokenizer
+    from mmf.tokenizer import load_tokenizer, warn_if_no_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
     cfg = load_config(checkpoint)
@@ -557,4 +557,6 @@ def export_onnx(checkpoint, out, weights: Optional[str] = None, opset: int = DEF
         tok = load_tokenizer(checkpoint, cfg.bos_token_id, cfg.eos_token_id)
     except CheckpointError:
         tok = None
-    return export_model(model, out, tok, weights, opset, dtype, force, check, source=str(checkpoint))
+    manifest = export_model(model, out, tok, weights, opset, dtype, force, check, source=str(checkpoint))
+    warn_if_no_tokenizer(checkpoint, out)
+    return manifest

@@ -38,6 +38,7 @@ from mmf.checkpoint import (CONFIG_FILE, DEFAULT_SHARD_BYTES, IGNORED_KEY_SUFFIX
 from mmf.errors import CheckpointError, MMFError
 from mmf.kernels.reference import WEIGHT_CLAMP_MIN
 from mmf.outputs import check_output
+from mmf.tokenizer import warn_if_no_tokenizer
 
 from .safetensors_io import (IO_ALIGN, ST_DTYPES, ST_NAMES, ST_SIZES, SafetensorsReader, SafetensorsWriter,
                              prefetch_tensors, read_header)
@@ -863,6 +864,7 @@ def pack_checkpoint(src, out, fmt: str = "i2", dtype: str = "source", force: boo
         summary["seconds"] = time.perf_counter() - t0
         if verify:
             summary["verify"] = verify_packed(src, tmp)
+    warn_if_no_tokenizer(src, out)
     total = sum(counts_total)
     summary["ternary_share"] = {"-1": counts_total[0] / total, "0": counts_total[1] / total,
                                 "+1": counts_total[2] / total} if total else {}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .checkpoint import load_config, load_model
 from .data import TOKENS_FILE, encode_pieces, iter_documents, resolve_files
 from .errors import MMFError
+from .tokenizer import check_tokenizer_fits, has_tokenizer, missing_tokenizer_error
 
 
 def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, batch_size: int = 8,
@@ -29,11 +30,14 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
     from .data import load_saved_tokenizer
 
     checkpoint = Path(checkpoint)
-    load_config(checkpoint)  # one clear error for a missing or broken checkpoint
+    cfg = load_config(checkpoint)  # one clear error for a missing or broken checkpoint
     if seq_len < 2 or batch_size < 1:
         raise MMFError("--seq-len must be >= 2 and --batch-size >= 1")
     files = resolve_files(data)
+    if not has_tokenizer(checkpoint):
+        raise missing_tokenizer_error(checkpoint)
     tokenizer = load_saved_tokenizer(checkpoint)
+    check_tokenizer_fits(tokenizer, cfg.vocab_size, checkpoint)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="mmf-eval-") as tmp:
         path = Path(tmp) / TOKENS_FILE

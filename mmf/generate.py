@@ -21,6 +21,7 @@ import torch
 
 from .devices import resolve_device
 from .errors import MMFError
+from .tokenizer import check_tokenizer_fits
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -191,6 +192,7 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float
                 echo_prompt: bool = False) -> str:
     """Tokenise ``prompt``, generate with ``model`` (torch or ONNX Runtime) and stream the decoded text
     (after the prompt itself with ``echo_prompt``, once the prompt's ids are known to be valid)."""
+    check_tokenizer_fits(tok, getattr(model.config, "vocab_size", None))
     prompt_ids = tok.encode(prompt)
     if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
         prompt_ids = [tok.bos_id] + prompt_ids

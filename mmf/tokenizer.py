@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import sys
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -71,7 +72,9 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size()
+        """Ids the tokenizer can produce: one more than its largest id, added tokens included."""
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        return max(vocab.values()) + 1 if vocab else 0
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -98,14 +101,44 @@ class HFTokenizer:
         self.tok.save(str(Path(directory) / HF_TOKENIZER_FILE))
 
 
+def has_tokenizer(directory: Path) -> bool:
+    directory = Path(directory)
+    return (directory / HF_TOKENIZER_FILE).is_file() or (directory / BYTE_TOKENIZER_FILE).is_file()
+
+
+def missing_tokenizer_error(directory: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{directory}: no tokenizer found (expected {HF_TOKENIZER_FILE} or {BYTE_TOKENIZER_FILE}); "
+        "copy the model's tokenizer.json into the directory"
+    )
+
+
 def load_tokenizer(directory: Path, bos_id=None, eos_id=None):
-    """The tokenizer saved in a checkpoint directory: ``tokenizer.json`` or the byte tokenizer."""
+    """The tokenizer saved in a checkpoint directory: ``tokenizer.json``, else ``mmf_tokenizer.json``
+    (the byte tokenizer). A directory with neither is refused: guessing would give garbage text."""
     directory = Path(directory)
     if (directory / HF_TOKENIZER_FILE).exists():
         return HFTokenizer.from_file(directory / HF_TOKENIZER_FILE, bos_id, eos_id)
     if (directory / BYTE_TOKENIZER_FILE).exists():
         return ByteTokenizer()
-    raise CheckpointError(
-        f"{directory}: no tokenizer found (expected {HF_TOKENIZER_FILE} or {BYTE_TOKENIZER_FILE}); "
-        "copy the model's tokenizer.json into the checkpoint directory"
-    )
+    raise missing_tokenizer_error(directory)
+
+
+def check_tokenizer_fits(tokenizer, model_vocab_size, where=None) -> None:
+    """Refuse a tokenizer that can produce ids outside the model's embedding table (garbage otherwise)."""
+    n = tokenizer.vocab_size
+    if model_vocab_size is not None and n > model_vocab_size:
+        raise CheckpointError(
+            f"{f'{where}: ' if where else ''}tokenizer vocab {n} > model vocab_size {model_vocab_size}: the "
+            "tokenizer was not made for this model; put the model's own tokenizer.json beside its weights"
+        )
+
+
+def warn_if_no_tokenizer(source: Path, out: Path) -> None:
+    """One line on stderr when ``out`` is written from ``source`` without a tokenizer (`mmf pack`, `mmf
+    export-onnx`): `mmf generate` and `mmf eval` need one beside the weights."""
+    if not has_tokenizer(source):
+        sys.stderr.write(
+            f"mmf: warning: {source} has no tokenizer ({HF_TOKENIZER_FILE} or {BYTE_TOKENIZER_FILE}), so {out} has "
+            f"none either; `mmf generate` and `mmf eval` need one: copy the model's {HF_TOKENIZER_FILE} into {out}\n"
+        )

@@ -307,3 +307,56 @@ def test_values_that_overflow_the_load_dtype_are_refused_with_the_fix(tmp_path, 
     with pytest.raises(CheckpointError, match="beyond the range of float16 .*--dtype fp32 or bf16"):
         mmf.load_model(big, dtype="fp16")
 
+
+def _wordlevel_tokenizer(n: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, tiny_mmf_ckpt):
+    from mmf.evaluate import evaluate_checkpoint
+    from mmf.generate import generate_text
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_mmf_ckpt, ck)
+    (ck / "mmf_tokenizer.json").unlink()
+    data = tmp_path / "d.txt"
+    data.write_text("w1 w2 w3 w4 " * 20)
+    _wordlevel_tokenizer(300).save(str(ck / "tokenizer.json"))  # ids up to 299, model vocab 259
+    msg = "tokenizer vocab 300 > model vocab_size 259: .*own tokenizer.json"
+    with pytest.raises(CheckpointError, match=msg):
+        generate_text(ck, "w1 w2", max_new_tokens=2)  # although this prompt's ids would fit
+    with pytest.raises(CheckpointError, match=msg):
+        evaluate_checkpoint(ck, [str(data)], seq_len=8)
+    _wordlevel_tokenizer(259).save(str(ck / "tokenizer.json"))  # as large as the model: fine
+    assert isinstance(generate_text(ck, "w1 w2", max_new_tokens=2, temperature=0), str)
+    assert evaluate_checkpoint(ck, [str(data)], seq_len=8)["tokens"] > 0
+
+
+def test_outputs_without_a_tokenizer_warn_at_write_and_are_refused_with_the_fix(tmp_path, tiny_mmf_ckpt, capfd):
+    from mmf.converters.onnx_export import export_onnx
+    from mmf.converters.packing import pack_checkpoint
+    from mmf.evaluate import evaluate_checkpoint
+    from mmf.generate import generate_text
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_mmf_ckpt, bare)
+    (bare / "mmf_tokenizer.json").unlink()
+    pack_checkpoint(bare, tmp_path / "packed")
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "warning:" in err and f"so {tmp_path / 'packed'} has none" in err
+    assert "copy the model's tokenizer.json into" in err
+    export_onnx(bare, tmp_path / "onnx", check=False)
+    assert f"so {tmp_path / 'onnx'} has none" in capfd.readouterr().err
+    data = tmp_path / "d.txt"
+    data.write_text("hello " * 10)
+    for run in (lambda: generate_text(tmp_path / "packed", "hi", max_new_tokens=2),
+                lambda: evaluate_checkpoint(tmp_path / "packed", [str(data)])):
+        with pytest.raises(CheckpointError, match="no tokenizer found .*copy the model's tokenizer.json"):
+            run()
+    # with a tokenizer nothing is said
+    pack_checkpoint(tiny_mmf_ckpt, tmp_path / "packed2")
+    assert capfd.readouterr().err == ""
