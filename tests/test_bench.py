@@ -394,10 +394,11 @@ def test_cli_bench_train_calls_the_training_benchmark(tmp_path, monkeypatch):
     monkeypatch.setattr(train_bench, "run_train_bench", fake)
     js = tmp_path / "t.json"
     r = CliRunner().invoke(app, ["bench", "--train", "--model", "370m", "--device", "cpu", "--batch", "2",
-                                 "--seq-len", "64", "--steps", "3", "--json-out", str(js)])
+                                 "--seq-len", "64", "--steps", "3", "--json-out", str(js), "--json"])
     assert r.exit_code == 0, r.output
     assert seen == dict(sizes=("370m",), device="cpu", batch=2, seq_len=64, steps=3)
     assert json.loads(js.read_text())["results"][0]["step_s"] == 0.5
+    assert json.loads(r.stdout) == json.loads(js.read_text())  # --json: the document instead of the table
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
