@@ -96,7 +96,9 @@ class GraphDecoder:
     REFINE = os.environ.get("MMF_REFINE", "1") != "0"
 
     def __init__(self, model, batch: int, use_graph: bool | None = None):
-        from mmf.kernels import ternary_gemv as tv
+        from mmf.kernels import triton_kernels
+
+        tv = triton_kernels("ternary_gemv")  # without triton installed: one MMFError line
 
         cfg = model.config
         if getattr(model, "arch", None) != "mmf":
