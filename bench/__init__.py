@@ -27,20 +27,19 @@ def write_json(path, data, indent: int = 2) -> Path:
 
 
 def check_output_path(path, option: str) -> Path:
-    """Refuse, before any work, an output file that could not be written later: ``path`` is a directory,
-    or its folder (or the nearest existing folder above it, where ``write_json`` would create the rest)
-    is not a directory or refuses a file. Probes by creating and removing a temporary file there."""
+    """Refuse, before any work, an output file that could not be written later (``mmf.outputs.check_output_file``:
+    a directory, or a parent that is a file), a path that exists but is not a regular file, and a folder
+    that refuses a new file: probed by creating and removing a temporary file in the folder (or the
+    nearest existing one above it, where ``write_json`` would create the rest)."""
+    from mmf.outputs import check_output_file
+
     path = Path(path)
-    if path.is_dir():
-        example = path / ("bench.png" if option == "--plot" else "bench.json")
-        raise MMFError(f"{option} {path}: is a directory; name a file in it, e.g. {example}")
+    check_output_file(path, option)
     if path.exists() and not path.is_file():
         raise MMFError(f"{option} {path}: exists and is not a regular file; name a file")
     folder = path.parent
-    while not folder.exists():  # write_json creates missing folders: check where it would start
+    while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    if not folder.is_dir():
-        raise MMFError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
     probe = folder / f".{path.name}.probe-{os.getpid()}"
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -51,22 +50,13 @@ def check_output_path(path, option: str) -> Path:
     return path
 
 
-def resolve_device(device: str) -> tuple[str, str]:
-    """``auto``: cuda when PyTorch sees a CUDA device, else cpu. Returns (device, how it was chosen);
-    an unknown device, or cuda without one, is one MMFError line."""
-    import torch
+def resolve_device(device: str = "auto") -> tuple[str, str]:
+    """``mmf.devices.resolve_device`` (auto: cuda when PyTorch sees a CUDA device, else cpu; an unknown
+    device, or cuda without one, is one MMFError line), and how it was chosen, for the table title."""
+    from mmf.devices import resolve_device as resolve
 
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda", "--device auto: a CUDA device is visible"
-        return "cpu", "--device auto: no CUDA device is visible"
-    try:
-        kind = torch.device(name).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise MMFError(f"--device {device}: unknown device; use auto, cuda or cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise MMFError(f"--device {device} but no CUDA device is visible to PyTorch; use --device cpu (or auto)")
-    return name, f"--device {name}"
+    dev = resolve(device)
+    if str(device).strip().lower() == "auto":
+        return str(dev), "--device auto: " + ("a CUDA device is visible" if dev.type == "cuda"
+                                              else "no CUDA device is visible")
+    return str(dev), f"--device {dev}"

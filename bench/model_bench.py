@@ -965,6 +965,8 @@ def run_bench(models=("370m",), device: str = "auto", batch: int = 1, prompt_len
     sizes = resolve_sizes(models)
     device, device_choice = resolve_device(device)
     dev = torch.device(device)
+    if dev.index is not None:  # cuda:N: the runners place tensors on "cuda", the current device
+        torch.cuda.set_device(dev)
     tdtype = parse_dtype(dtype)
     if tdtype not in (torch.bfloat16, torch.float16):
         raise MMFError(f"--dtype must be bf16 or fp16 for the benchmark, got {dtype}")
@@ -1367,6 +1369,8 @@ def _check_bench_options(train, plot, prompt_len, max_new_tokens, repeat, no_hf,
 
 
 def _why(e: BaseException) -> str:
+    if isinstance(e, MMFError):
+        return str(e)
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     text = str(e).splitlines()[0] if str(e) else ""
