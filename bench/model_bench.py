@@ -1321,9 +1321,9 @@ def bench_command(models="370m", device="auto", batch_size=None, prompt_len=None
     else:
         variants = [v for v in VARIANTS if not (no_hf and v == "hf-llama")]
         partial = _PartialWriter(json_out, plot)
-        res = run_bench(models, device=device, batch=1 if batch_size is None else batch_size, prompt_len=prompt_len, gen_len=max_new_tokens,
-                        dtype=dtype, fmt=fmt, repeat=repeat, variants=variants, command=command, progress=True,
-                        on_size_done=partial)
+        res = run_bench(models, device=device, batch=1 if batch_size is None else batch_size, prompt_len=prompt_len,
+                        gen_len=max_new_tokens, dtype=dtype, fmt=fmt, repeat=repeat, variants=variants,
+                        command=command, progress=True, on_size_done=partial)
     _say = (lambda m: print(m, file=sys.stderr)) if json_stdout else print
     if json_stdout:
         print(json.dumps(res, indent=2, default=str))
