@@ -122,3 +122,26 @@ def test_every_command_has_a_one_line_summary():
     for expected in ("train", "generate", "pack", "unpack", "inspect", "export-onnx", "fpga-image", "bench", "info",
                      "eval"):
         assert expected in names
+
+
+def test_force_never_deletes_a_file_and_outputs_follow_the_umask(tiny_mmf_ckpt, tmp_path):
+    """Issue 16 items 9 and 11, verbatim: `echo x > notes.txt; mmf pack CK --out notes.txt --force`."""
+    import os
+    import stat
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x\n")
+    res = run_cli("pack", tiny_mmf_ckpt, "--out", notes, "--force")
+    assert res.returncode == 2
+    assert_one_line_error(res, "is a file, not a directory that mmf wrote", "choose another --out")
+    assert notes.read_text() == "x\n"
+    old = os.umask(0o022)  # inherited by the command
+    try:
+        res = run_cli("pack", tiny_mmf_ckpt, "--out", tmp_path / "packed")
+    finally:
+        os.umask(old)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "packed"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644, "mmf_tokenizer.json": 0o644}
