@@ -349,3 +349,21 @@ def test_build_into_a_fresh_cache_from_two_threads(tmp_path, monkeypatch):
     import ctypes
 
     assert ctypes.CDLL(str(paths[0])).mmf_cpu_abi_version() == ct.ABI_VERSION
+
+
+def test_cpu_kernel_bench_smoke(tmp_path, capsys):
+    from mmf.bench import cpu_kernel_bench
+
+    out = tmp_path / "r.json"
+    assert cpu_kernel_bench.main(["--model", "tiny", "--threads", "1,2", "--isa", "best", "--pool-mb", "2",
+                                  "--stream-mb", "4", "--repeats", "1", "--json-out", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert {r["shape"] for r in res["shapes"]} == {"i/f/g/o", "gate_proj (gate|up)", "down_proj", "lm_head"}
+    assert all(r["weight_gbs"] > 0 and r["isa"] == PATHS[-1] for r in res["shapes"])
+    assert len(res["per_token"]) == 2 and set(res["read_bandwidth_gbs"]) == {"1", "2"}
+    assert "% read BW" in capsys.readouterr().out
+    assert cpu_kernel_bench.main(["--model", "transformer++-tiny"]) == 2
+    assert cpu_kernel_bench.main(["--isa", "sse9", "--model", "tiny"]) == 2
+    assert "not available on this CPU" in capsys.readouterr().err
