@@ -37,7 +37,8 @@ def _assert_one_line(code, out, err, *fragments):
 def _bad_generate_options():
     cases = [
         (["--device", "tpu"], "--device 'tpu' is not a device"),
-        (["--device", f"cuda:{torch.cuda.device_count()}"], "--device cpu"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"],
+         "pick one of those" if torch.cuda.is_available() else "--device cpu"),
         (["--top-k", "-3"], "--top-k -3: must be >= 0"),
         (["-t", "-1"], "--temperature -1.0: must be a finite number >= 0"),
         (["-t", "nan"], "--temperature nan"),
