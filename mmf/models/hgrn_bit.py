@@ -16,6 +16,7 @@ from torch import nn
 from mmf import kernels
 from mmf.config import MMFConfig
 from mmf.errors import CheckpointError
+from mmf.ternary_codes import pack_i2
 
 from .common import ModelOutput, RMSNorm, init_weights
 
@@ -42,7 +43,7 @@ class FrozenBitLinear(nn.Module):
     (s_w, so that ``w ~= codes / s_w``).
 
     Weights are held either as int8 ``codes`` (N, K) or, for packed checkpoints, as i2 planar
-    bytes ``packed`` (N, ceil(K/4)) that the GPU kernels read directly (converters/ternary_codes.py).
+    bytes ``packed`` (N, ceil(K/4)) that the GPU kernels read directly (mmf/ternary_codes.py).
     """
 
     def __init__(self, in_features: int, out_features: int, codes=None, weight_scale=None, norm_weight=None,
@@ -92,8 +93,6 @@ class FrozenBitLinear(nn.Module):
             return None
         key = (self.codes.data_ptr(), self.codes._version)
         if self.__dict__.get("_i2_key") != key:
-            from mmf.converters.ternary_codes import pack_i2  # the codec lives in converters for now (issue 17)
-
             self.__dict__["_i2"], self.__dict__["_i2_key"] = pack_i2(self.codes), key
         return self.__dict__["_i2"]
 
