@@ -32,7 +32,7 @@ import time
 import torch
 
 from mmf.config import MMFConfig, model_preset
-from mmf.converters.ternary_codes import pack_i2
+from mmf.ternary_codes import pack_i2
 from mmf.kernels import reference
 from mmf.models import build_model
 from mmf.bench import write_json

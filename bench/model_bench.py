@@ -286,7 +286,7 @@ def _valid_i2_bytes() -> torch.Tensor:
 @torch.no_grad()
 def random_packed(n: int, k: int, fmt: str, device, gen: torch.Generator) -> torch.Tensor:
     """Random ternary weights (each code uniform in {-1, 0, 1}) built packed, row chunk by row chunk."""
-    from mmf.converters.ternary_codes import pack_i2, pack_tq1
+    from mmf.ternary_codes import pack_i2, pack_tq1
 
     g = 4 if fmt == "i2" else 5
     p = -(-k // g)
@@ -307,7 +307,7 @@ def random_packed(n: int, k: int, fmt: str, device, gen: torch.Generator) -> tor
 
 
 def _frozen_classes():
-    from mmf.converters.ternary_codes import unpack_tq1
+    from mmf.ternary_codes import unpack_tq1
     from mmf.kernels import reference
     from mmf.models import FrozenBitLinear
     from mmf import kernels
@@ -1042,7 +1042,7 @@ def run_bench(models=("370m",), device: str = "auto", batch: int = 1, prompt_len
 def _preimport(variants, device):
     import importlib
 
-    mods = ["mmf.models", "mmf.llama_static", "mmf.converters.ternary_codes", "mmf.kernels.reference"]
+    mods = ["mmf.models", "mmf.llama_static", "mmf.ternary_codes", "mmf.kernels.reference"]
     if device == "cuda":
         mods += ["mmf.decode_graph", "mmf.kernels.ternary_gemv", "mmf.kernels.ternary_gemm", "mmf.kernels.mlgru_step"]
     if "hf-llama" in variants:

@@ -12,7 +12,7 @@ docs/reference-semantics.md, in the order the torch model does it.
   the tokenizer file of the checkpoint.
 
 BitLinear with ``--weights packed`` (the MatMul-free default): the ternary weights are the i2
-planar bytes of ``mmf.converters.ternary_codes.pack_i2`` in uint8 initializers, stored transposed
+planar bytes of ``mmf.ternary_codes.pack_i2`` in uint8 initializers, stored transposed
 (``{name}.packed_t``: ceil(K/4) x N, byte (j, n) = ``pack_i2(w)[n, j]``). Inside the graph
 ``BitShift``/``BitwiseAnd``/``Reshape``/``Cast``/``Sub`` turn them into int8 weights {-1, 0, 1}
 (4 ceil(K/4) x N; the activations are padded to that length when K % 4 != 0); the activations are rms-normed (eps
@@ -46,7 +46,7 @@ import torch
 from mmf.errors import MMFError
 
 from .onnx_graph import NP_TO_ONNX, GraphBuilder, make_model, value_info, write_shared_data
-from .ternary_codes import pack_i2
+from mmf.ternary_codes import pack_i2
 
 SUPPORTED_OPSETS = (18, 19, 20, 21)
 DEFAULT_OPSET = 18

@@ -6,7 +6,7 @@ an ordinary checkpoint directory whose ``model.safetensors`` (or shards) holds, 
 ``X`` of the MatMul-free model,
 
 * ``X.weight``        U8, shape (N, ceil(K / G)): the ternary codes in the planar ``i2`` (G = 4) or
-  ``tq1`` (G = 5) layout of ``mmf.converters.ternary_codes``;
+  ``tq1`` (G = 5) layout of ``mmf.ternary_codes``;
 * ``X.weight_scale``  F32, shape (): s_w of docs/reference-semantics.md (w ~= code / s_w);
 
 and every other tensor (embeddings, norms, lower bounds) in the dtype it has in the source, or in
@@ -42,7 +42,8 @@ from mmf.tokenizer import warn_if_no_tokenizer
 
 from .safetensors_io import (IO_ALIGN, ST_DTYPES, ST_NAMES, ST_SIZES, SafetensorsReader, SafetensorsWriter,
                              prefetch_tensors, read_header)
-from .ternary_codes import GROUP, pack_i2, packed_row_bytes, unpack_i2, unpack_tq1
+from mmf.ternary_codes import (BASE_CODE_BYTE, DIGIT_WEIGHT, GROUP, MAX_BYTE, i2_from_packed, packed_row_bytes,
+                               unpack_codes)
 
 # ---- format constants (docs/formats.md section 2) -------------------------------------------------
 FORMAT_KEY = "mmf.packed_format"          # "i2" | "tq1"; its presence marks a packed file (checkpoint.is_packed)
@@ -53,9 +54,6 @@ TENSOR_KEY_PREFIX = "mmf.tensor."         # + "<module>.weight" -> JSON {"format
 SCALE_SUFFIX = "_scale"                   # "<module>.weight" + "_scale" = "<module>.weight_scale"
 FORMAT_VERSION = "1"
 FORMATS = ("i2", "tq1")
-BASE_CODE_BYTE = {"i2": 0x55, "tq1": 121}  # a byte whose every digit is code 1 (weight 0)
-DIGIT_WEIGHT = {"i2": (1, 4, 16, 64), "tq1": (1, 3, 9, 27, 81)}
-MAX_BYTE = {"i2": 0xAA, "tq1": 242}
 KEEP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PACK_DTYPES = ("source", "fp32", "bf16", "fp16")  # --dtype of pack: "source" keeps each tensor's own dtype
 _NAME_OF = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -304,17 +302,6 @@ def _codes_pairwise(w: torch.Tensor, fmt: str, tb: int, out: torch.Tensor) -> tu
     n_nz, n_neg = int(acc_nz.sum()), int(acc_neg.sum())
     return n_nz - n_neg, n_neg
 
-
-
-def i2_from_packed(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
-    """Any packed format -> i2 planar bytes (the layout FrozenBitLinear holds)."""
-    if fmt == "i2":
-        return packed
-    return pack_i2(unpack_codes(packed, k, fmt))
-
-
-def unpack_codes(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
-    return unpack_i2(packed, k) if fmt == "i2" else unpack_tq1(packed, k)
 
 
 @_elementwise

@@ -6,7 +6,7 @@ least significant byte first; bits above ``word_bits`` are zero. In the text for
 
 Ternary words hold ``word_bits // 2`` codes; lane ``e`` is bits ``[2e+1:2e]`` and holds
 ``code = w + 1`` (0 = -1, 1 = 0, 2 = +1, 3 reserved), the value convention of the ``i2`` codec in
-converters/ternary_codes.py. Value words hold ``word_bits // b`` little-endian values of ``b`` bits
+mmf/ternary_codes.py. Value words hold ``word_bits // b`` little-endian values of ``b`` bits
 (fp16, bf16 or fp32); lane ``e`` is bits ``[b(e+1)-1 : b e]``.
 """
 

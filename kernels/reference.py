@@ -97,7 +97,7 @@ def mlgru_gates(i_pre: torch.Tensor, f_pre: torch.Tensor, lower_bound: torch.Ten
 
 
 def unpack_i2_ref(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """i2 planar bytes (N, ceil(K/4)) -> int8 codes (N, K) in {-1,0,1} (see converters/ternary_codes.py)."""
+    """i2 planar bytes (N, ceil(K/4)) -> int8 codes (N, K) in {-1,0,1} (see mmf/ternary_codes.py)."""
     planes = [((packed >> (2 * s)) & 3) for s in range(4)]
     return torch.cat(planes, dim=1)[:, :k].to(torch.int8) - 1
 

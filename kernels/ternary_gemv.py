@@ -1,7 +1,7 @@
 """Ternary GEMV for decoding (Triton): i2-packed weights x int8 activations, int32 accumulation.
 
 ``y = (xq @ codes^T) / (s_x * s_w)`` for one or two rows (decode batch 1-2), reading the i2 planar bytes of
-``converters/ternary_codes.py`` directly (element (n, k) is bits ``2*(k // P)`` of byte
+``mmf/ternary_codes.py`` directly (element (n, k) is bits ``2*(k // P)`` of byte
 ``packed[n, k % P]``, ``P = ceil(K / 4)``, code = w + 1). Weights are never unpacked to memory.
 
 How it works. A 32-bit word of 4 packed bytes holds 16 weights: for digit s, ``(word >> 2s) &

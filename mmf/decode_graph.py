@@ -70,7 +70,7 @@ class _Lin:
     """One BitLinear's packed weights (N, ceil(K/4)) uint8, s_w and norm weight."""
 
     def __init__(self, mod, device):
-        from mmf.converters.ternary_codes import pack_i2
+        from mmf.ternary_codes import pack_i2
         from mmf.models.hgrn_bit import FrozenBitLinear
 
         if not isinstance(mod, FrozenBitLinear):

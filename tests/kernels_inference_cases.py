@@ -15,7 +15,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - guarded by the wrapper
     pytest.skip("run through test_kernels_inference.py (needs TRITON_INTERPRET=1)", allow_module_level=True)
 
-from mmf.converters.ternary_codes import pack_i2  # noqa: E402
+from mmf.ternary_codes import pack_i2  # noqa: E402
 from mmf.kernels import reference  # noqa: E402
 from mmf.kernels import ternary_gemm, ternary_gemv  # noqa: E402
 from mmf.kernels.mlgru_step import mlgru_gated_scan, mlgru_step  # noqa: E402
@@ -220,7 +220,7 @@ def test_graph_decoder_matches_eager_model(batch, packed):
     """GraphDecoder (GEMV path for batch <= 2, GEMM path above) vs the eager reference model."""
     from conftest import small_model
 
-    from mmf.converters.ternary_codes import pack_i2
+    from mmf.ternary_codes import pack_i2
     from mmf.decode_graph import GraphDecoder
     from mmf.models.hgrn_bit import FrozenBitLinear
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mmf.bench import model_bench as mb
-from mmf.converters.ternary_codes import pack_i2, unpack_i2, unpack_tq1
+from mmf.ternary_codes import pack_i2, unpack_i2, unpack_tq1
 from mmf.generate import generate_ids
 from mmf.kernels import reference
 from mmf.llama_static import StaticLlama

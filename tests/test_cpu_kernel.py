@@ -17,7 +17,7 @@ import torch
 
 from conftest import median_rel_err, small_model
 from mmf import kernels
-from mmf.converters.ternary_codes import pack_i2, unpack_i2
+from mmf.ternary_codes import pack_i2, unpack_i2
 from mmf.errors import CheckpointError, MMFError
 from mmf.kernels import cpu_ternary as ct
 from mmf.kernels import reference as ref
@@ -301,7 +301,7 @@ def test_model_native_path_equals_reference_path(monkeypatch):
 FALLBACK_SCRIPT = """
 import torch
 from mmf import kernels
-from mmf.converters.ternary_codes import pack_i2
+from mmf.ternary_codes import pack_i2
 from mmf.kernels import reference
 torch.manual_seed(0)
 packed = pack_i2((torch.randint(0, 3, (9, 40)) - 1).to(torch.int8))

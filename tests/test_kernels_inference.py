@@ -33,7 +33,7 @@ def test_dispatch_cpu_takes_the_reference():
     import torch
 
     from mmf import kernels
-    from mmf.converters.ternary_codes import pack_i2
+    from mmf.ternary_codes import pack_i2
     from mmf.kernels import reference
 
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 import mmf
 from mmf.converters import onnx_export
 from mmf.converters.onnx_export import DATA_FILE, DECODE_FILE, MANIFEST_FILE, PREFILL_FILE, export_model
-from mmf.converters.ternary_codes import pack_i2
+from mmf.ternary_codes import pack_i2
 from mmf.errors import MMFError
 from mmf.generate import generate_ids
 from mmf.models import FrozenBitLinear

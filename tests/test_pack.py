@@ -17,7 +17,7 @@ from mmf.converters import packing
 from mmf.converters.packing import (FORMAT_KEY, TENSOR_KEY_PREFIX, VERSION_KEY, dequantize_exact, inspect_checkpoint,
                                     load_packed_model, pack_checkpoint, quantize_pack, unpack_checkpoint)
 from mmf.converters.safetensors_io import SafetensorsReader, read_header
-from mmf.converters.ternary_codes import pack_i2, pack_tq1
+from mmf.ternary_codes import pack_i2, pack_tq1
 from mmf.errors import CheckpointError, MMFError
 from mmf.kernels.reference import weight_quant
 from mmf.models.hgrn_bit import FrozenBitLinear

@@ -8,7 +8,11 @@ lives in byte ``packed[n, k % P]`` as digit ``k // P``:
 * i2:  ``byte = sum_s code[n, s*P + j] << (2*s)``,   code = w + 1 in {0, 1, 2}
 * tq1: ``byte = sum_s code[n, s*P + j] * 3**s``,     code = w + 1 in {0, 1, 2}, byte <= 242
 
-Positions k >= K (row padding) hold code 1 (weight 0). docs/formats.md is the byte-level spec.
+Positions k >= K (row padding) hold code 1 (weight 0). docs/formats.md is the byte-level spec
+(section 5); ``mmf.packed_format`` is the file format around these bytes.
+
+The core (the packed-model loader, the frozen model, CUDA graphs), the kernels' tests, ONNX and the
+FPGA export all read this one definition of the layout.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ import torch
 
 I2_PER_BYTE = 4
 TQ1_PER_BYTE = 5
-GROUP = {"i2": I2_PER_BYTE, "tq1": TQ1_PER_BYTE}
+GROUP = {"i2": I2_PER_BYTE, "tq1": TQ1_PER_BYTE}  # weights per byte
+# byte = sum_s code_s * DIGIT_WEIGHT[fmt][s], code = w + 1 in {0, 1, 2}
+DIGIT_WEIGHT = {"i2": (1, 4, 16, 64), "tq1": (1, 3, 9, 27, 81)}
+BASE_CODE_BYTE = {"i2": 0x55, "tq1": 121}  # the byte whose every digit is code 1 (weight 0)
+MAX_BYTE = {"i2": 0xAA, "tq1": 242}  # the largest valid byte (every digit code 2)
 
 
 def packed_row_bytes(k: int, fmt: str) -> int:
@@ -49,7 +57,7 @@ def unpack_i2(packed: torch.Tensor, k: int) -> torch.Tensor:
     return codes.to(torch.int8) - 1
 
 
-_POW3 = [1, 3, 9, 27, 81]
+_POW3 = DIGIT_WEIGHT["tq1"]
 
 
 def pack_tq1(w: torch.Tensor) -> torch.Tensor:
@@ -67,3 +75,15 @@ def unpack_tq1(packed: torch.Tensor, k: int) -> torch.Tensor:
     planes = [((v // _POW3[s]) % 3) for s in range(TQ1_PER_BYTE)]
     codes = torch.cat(planes, dim=1)[:, :k]
     return codes.to(torch.int8) - 1
+
+
+def unpack_codes(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
+    """(N, P) uint8 in format ``fmt`` -> (N, K) int8 in {-1,0,1}."""
+    return unpack_i2(packed, k) if fmt == "i2" else unpack_tq1(packed, k)
+
+
+def i2_from_packed(packed: torch.Tensor, k: int, fmt: str) -> torch.Tensor:
+    """Any packed format -> i2 planar bytes (the layout FrozenBitLinear holds)."""
+    if fmt == "i2":
+        return packed
+    return pack_i2(unpack_codes(packed, k, fmt))
