@@ -48,7 +48,7 @@ def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
     """A random fp16 checkpoint of ``cfg`` written tensor by tensor (never the whole model in memory)."""
     from mmf.checkpoint import CONFIG_FILE
     from mmf.converters.packing import _plan_shards, _shard_names, _shard_writer, _write_shard_index
-    from mmf.converters.safetensors_io import fadvise_done
+    from mmf.safetensors_io import fadvise_done
 
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)

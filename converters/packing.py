@@ -40,7 +40,7 @@ from mmf.kernels.reference import WEIGHT_CLAMP_MIN
 from mmf.outputs import check_output
 from mmf.tokenizer import warn_if_no_tokenizer
 
-from .safetensors_io import (IO_ALIGN, ST_DTYPES, ST_NAMES, ST_SIZES, SafetensorsReader, SafetensorsWriter,
+from mmf.safetensors_io import (IO_ALIGN, ST_DTYPES, ST_NAMES, ST_SIZES, SafetensorsReader, SafetensorsWriter,
                              prefetch_tensors, read_header)
 from mmf.ternary_codes import (BASE_CODE_BYTE, DIGIT_WEIGHT, GROUP, MAX_BYTE, i2_from_packed, packed_row_bytes,
                                unpack_codes)

@@ -12,7 +12,7 @@ import torch
 from mmf.converters import packing
 from mmf.converters.packing import (FORMAT_KEY, KEEP_DTYPE_KEY, SCALE_SUFFIX, TENSOR_KEY_PREFIX, VERSION_KEY,
                                     packed_tensor_meta, quantize_pack, read_packed, unpack_codes, write_packed_file)
-from mmf.converters.safetensors_io import MAX_HEADER_BYTES, SafetensorsReader, read_header
+from mmf.safetensors_io import MAX_HEADER_BYTES, SafetensorsReader, read_header
 from mmf.kernels.reference import weight_quant
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "formats.md"

@@ -16,7 +16,7 @@ from mmf.checkpoint import is_packed, load_model
 from mmf.converters import packing
 from mmf.converters.packing import (FORMAT_KEY, TENSOR_KEY_PREFIX, VERSION_KEY, dequantize_exact, inspect_checkpoint,
                                     load_packed_model, pack_checkpoint, quantize_pack, unpack_checkpoint)
-from mmf.converters.safetensors_io import SafetensorsReader, read_header
+from mmf.safetensors_io import SafetensorsReader, read_header
 from mmf.ternary_codes import pack_i2, pack_tq1
 from mmf.errors import CheckpointError, MMFError
 from mmf.kernels.reference import weight_quant
@@ -387,7 +387,7 @@ def test_dequantize_exact_with_reused_scratch(dtype):
 
 def _mixed_file(path, seed=0):
     """A file whose F16 tensors start at odd offsets (after a 3-byte U8 tensor) as well as aligned ones."""
-    from mmf.converters.safetensors_io import SafetensorsWriter
+    from mmf.safetensors_io import SafetensorsWriter
 
     g = torch.Generator().manual_seed(seed)
     tensors = {"a": torch.randn(300, 40, generator=g).half(), "odd": torch.arange(3, dtype=torch.uint8),
@@ -402,7 +402,7 @@ def _mixed_file(path, seed=0):
 
 @pytest.mark.parametrize("direct,buffer_bytes", [(True, None), (False, None), (True, 5000)])
 def test_prefetch_returns_the_tensors_a_plain_read_gives(monkeypatch, tmp_path, direct, buffer_bytes):
-    from mmf.converters import safetensors_io as sio
+    from mmf import safetensors_io as sio
     from safetensors import safe_open
 
     monkeypatch.setattr(sio, "USE_DIRECT_IO", direct)
@@ -421,7 +421,7 @@ def test_prefetch_returns_the_tensors_a_plain_read_gives(monkeypatch, tmp_path, 
 
 def test_prefetched_read_error_is_one_clear_line(monkeypatch, tmp_path):
     """A file that goes bad while earlier tensors are being worked on: the error arrives at its tensor, naming the file."""
-    from mmf.converters import safetensors_io as sio
+    from mmf import safetensors_io as sio
 
     monkeypatch.setattr(sio, "PREFETCH_SMALL_BYTES", 0)
     _mixed_file(tmp_path / "x.safetensors")
@@ -440,7 +440,7 @@ def test_prefetched_read_error_is_one_clear_line(monkeypatch, tmp_path):
 @pytest.mark.parametrize("direct", [True, False])
 def test_writer_stages_converts_and_writes_behind(monkeypatch, tmp_path, direct):
     """Staging buffers smaller than a tensor, dtype conversion at odd offsets, both I/O modes: the same file."""
-    from mmf.converters import safetensors_io as sio
+    from mmf import safetensors_io as sio
     from safetensors import safe_open
 
     monkeypatch.setattr(sio, "USE_DIRECT_IO", direct)
@@ -463,7 +463,7 @@ def test_writer_stages_converts_and_writes_behind(monkeypatch, tmp_path, direct)
 
 @pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
 def test_writer_background_error_is_raised():
-    from mmf.converters.safetensors_io import SafetensorsWriter
+    from mmf.safetensors_io import SafetensorsWriter
 
     w = SafetensorsWriter("/dev/full", [("a", torch.float32, (1000,))])
     with pytest.raises(OSError):
@@ -623,7 +623,7 @@ def test_full_disk_is_one_line_and_touches_nothing(capsys, monkeypatch, tiny_mmf
     import errno
     import hashlib
 
-    from mmf.converters import safetensors_io
+    from mmf import safetensors_io
 
     src = tiny_mmf_ckpt
     if command == "unpack":

@@ -1,5 +1,8 @@
 """A validating, streaming safetensors reader and writer (no mmap, no pickle, no whole-model buffers).
 
+The container of docs/formats.md (section 2): ``mmf.packed_format`` reads and writes packed checkpoints
+with it, in the core (the loader) and in ``mmf pack`` / ``unpack`` / ``inspect`` alike.
+
 Why not ``safetensors.safe_open`` / ``save_file`` for packing: ``safe_open`` maps the whole file,
 so every page a pass touches counts in the process's resident set until the file is closed (a 10 GB
 shard shows as 10 GB RSS), and ``save_file`` needs every tensor of a shard in memory at once.
@@ -16,7 +19,7 @@ works on the current one. Where ``O_DIRECT`` is refused (tmpfs, some network fil
 fall back to ordinary buffered I/O.
 
 The byte layout is the standard one (https://github.com/huggingface/safetensors), repeated in
-docs/formats.md section 1: ``u64 little-endian N`` | ``N bytes of UTF-8 JSON header`` (padded with
+docs/formats.md section 2: ``u64 little-endian N`` | ``N bytes of UTF-8 JSON header`` (padded with
 spaces to a multiple of 8) | data. Files written here load with ``safetensors.safe_open`` too.
 """
 
