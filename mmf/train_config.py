@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,11 +265,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k.strip() for k in key.strip().split(".")]
     if not all(keys):
         raise ConfigError(f"--set {item!r}: bad key {key!r}; expected SECTION.KEY=VALUE")
+    raw = raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw.strip()  # bare words: --set schedule.type=two_stage
+        fixed = _toml_number_spelling(raw)
+        if fixed is not None:
+            raise ConfigError(f"--set {item!r}: TOML numbers need a digit on both sides of the decimal point; "
+                              f"write {key.strip()}={fixed}") from None
+        value = raw  # bare words: --set schedule.type=two_stage
     return keys, value
+
+
+def _toml_number_spelling(raw: str):
+    """``'.001'`` -> ``'0.001'``, ``'1.'`` -> ``'1.0'``, ``'[.9, .95]'`` -> ``'[0.9, 0.95]'``: the TOML spelling
+    of numbers written as Python or C would accept them; None if ``raw`` is not such a value."""
+    fixed = re.sub(r"(?<![\w.])([+-]?)\.(\d)", r"\g<1>0.\2", raw)  # .5 -> 0.5
+    fixed = re.sub(r"(\d)\.(?![\d])", r"\1.0", fixed)  # 1. -> 1.0, 1.e3 -> 1.0e3
+    if fixed == raw:
+        return None
+    try:
+        value = tomllib.loads(f"v = {fixed}")["v"]
+    except tomllib.TOMLDecodeError:
+        return None
+    numbers = value if isinstance(value, list) else [value]
+    return fixed if numbers and all(isinstance(v, float) for v in numbers) else None
 
 
 def load_train_config(spec: str | None = None, overrides: list[str] | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mmf.config import LlamaConfig, MMFConfig
@@ -68,3 +70,14 @@ def test_print_config_round_trips(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text(config_to_toml(cfg))
     assert load_train_config(str(p)) == cfg
+
+
+def test_set_values_toml_cannot_read_get_the_toml_spelling():
+    """Issue 16 item 12: `--set optim.lr=.001` was explained as a type error; TOML has no leading-dot floats."""
+    for raw, fixed in ((".001", "0.001"), ("1.", "1.0"), ("-.5", "-0.5"), ("[.9, .95]", "[0.9, 0.95]")):
+        key = "optim.betas" if raw.startswith("[") else "optim.lr"
+        with pytest.raises(ConfigError, match="decimal point; write " + re.escape(f"{key}={fixed}") + "$"):
+            load_train_config("tiny", [f"{key}={raw}"])
+    cfg = load_train_config("tiny", ["optim.lr=1e-3", "schedule.type=two_stage", "data.cache_dir=./a.b"])
+    assert cfg.optim.lr == 0.001 and cfg.schedule.type == "two_stage" and cfg.data.cache_dir == "./a.b"
+    assert load_train_config("tiny", ["optim.lr=0.001"]).optim.lr == 0.001
