@@ -123,19 +123,17 @@ def bitlinear_frozen(x, norm_weight, codes, s_w, bias=None):
 def cpu_native(x, weights) -> bool:
     """True when the native CPU kernel (``cpu_ternary``) serves these tensors: both on the CPU, no
     gradient wanted, the reference not forced, and the kernel built (it says once why not)."""
-    if _FORCE_REFERENCE or x.device.type != "cpu" or weights.device.type != "cpu":
-        return False
-    if x.requires_grad and torch.is_grad_enabled():
+    if _FORCE_REFERENCE or not (x.is_cpu and weights.is_cpu) or (x.requires_grad and torch.is_grad_enabled()):
         return False
     return cpu_ternary.available()
 
 
 def bitlinear_i2(x, norm_weight, packed, k, s_w, bias=None):
+    if cpu_native(x, packed):  # first: a decode step calls this a few hundred times
+        return cpu_ternary.bitlinear_i2(x, norm_weight, packed, k, s_w, bias)
     if bias is None and not use_reference(x, packed):
         bitlinear_i2_triton = triton_kernels("ternary_gemm").bitlinear_i2
         return bitlinear_i2_triton(x, norm_weight, packed, k, s_w)
-    if cpu_native(x, packed):
-        return cpu_ternary.bitlinear_i2(x, norm_weight, packed, k, s_w, bias)
     if not _FORCE_REFERENCE and x.device.type == "cpu":  # no native kernel: the exact table lookup
         return reference.bitlinear_i2_lut(x, norm_weight, packed, k, s_w, bias)
     return reference.bitlinear_i2(x, norm_weight, packed, k, s_w, bias)

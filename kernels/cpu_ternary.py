@@ -15,7 +15,7 @@ on ``tensor.data_ptr()``: no torch headers, so no ABI tie to the installed torch
 takes about a second. Where it cannot be built or loaded, ``available()`` is False after one line on
 stderr, and ``mmf.kernels`` runs the torch path instead.
 
-Environment: ``MMF_CPU_ISA=avx512vnni|avxvnni|avx2|scalar`` forces one instruction path (an
+Environment: ``MMF_CPU_ISA=avx512vnni|avxvnni|avx2|scalar`` (read at the first call) forces one path (an
 error if this CPU lacks it); ``MMF_FORCE_REFERENCE=1`` bypasses this module altogether (see
 ``mmf.kernels``); ``MMF_CPU_SPIN_US`` sets how long idle workers spin before sleeping (default 100).
 """
@@ -44,7 +44,7 @@ SOURCE_DIR = Path(__file__).with_name("cpu")
 SOURCES = ("ternary_cpu.c",)
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden",
           "-ffp-contract=off", "-fno-fast-math")  # no contraction: the float prologue repeats torch's roundings
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_K = 1 << 24  # int32 accumulators: |acc| <= 2 * 128 * K
 
 _lock = threading.Lock()
@@ -127,7 +127,7 @@ _SIGNATURES = {
     "mmf_cpu_set_min_parallel_bytes": (None, (_I64,)),
     "mmf_i2_bitlinear": (_INT, (_P, _I64, _I64, _P, _F32, _P, _I64, _I64, _F32, _P, _P, _INT, _INT)),
     "mmf_i2_gemm_s8": (_INT, (_P, _I64, _I64, _P, _I64, _I64, _P, _INT, _INT)),
-    "mmf_quantize_rows": (_INT, (_P, _I64, _I64, _P, _F32, _P, _P)),
+    "mmf_quantize_rows": (_INT, (_P, _I64, _I64, _P, _F32, _P, _P, _INT)),
     "mmf_i2_count_invalid": (_I64, (_P, _I64, _I64, _I64, _INT)),
     "mmf_read_stream": (ctypes.c_uint64, (_P, _I64, _INT, _INT)),
 }
@@ -159,7 +159,7 @@ def _torch_sum_lanes(lib) -> int:
         lib.mmf_cpu_set_sum_lanes(lanes)
         s_x = torch.empty(6)
         xq = torch.empty(6, 1000, dtype=torch.int8)
-        lib.mmf_quantize_rows(x.data_ptr(), 6, 1000, nw.data_ptr(), _F32(0.0), xq.data_ptr(), s_x.data_ptr())
+        lib.mmf_quantize_rows(x.data_ptr(), 6, 1000, nw.data_ptr(), _F32(0.0), xq.data_ptr(), s_x.data_ptr(), 0)
         # with eps 0 and unit weights, s_x is a function of the mean of squares: compare via torch
         ref = torch.rsqrt(want / 1000)[:, None] * x
         ref_sx = 127.0 / ref.abs().amax(-1).clamp(min=1e-5)
@@ -198,9 +198,10 @@ def _require():
 
 
 def _reset_for_tests() -> None:
-    """Forget the loaded library (tests of the build and fallback route)."""
+    """Forget the loaded library and the chosen path (tests of the build, fallback and MMF_CPU_ISA)."""
     with _lock:
         _state.update(lib=None, tried=False, reason=None, path=None)
+        _ISA[0] = None
 
 
 # ---- instruction paths ---------------------------------------------------------------------------
@@ -223,13 +224,16 @@ def _check_isa(name: str, source: str) -> int:
     return code
 
 
+_ISA: list = [None]  # the resolved path, cached for the per-call fast path (cleared by set_isa)
+
+
 def _isa_code() -> int:
     if _isa_override[0] is not None:
         return _isa_override[0]
     env = os.environ.get("MMF_CPU_ISA", "").strip().lower()
-    if env:
-        return _check_isa(env, "MMF_CPU_ISA")
-    return _require().mmf_cpu_best_isa()
+    code = _check_isa(env, "MMF_CPU_ISA") if env else _require().mmf_cpu_best_isa()
+    _ISA[0] = code
+    return code
 
 
 def isa() -> str:
@@ -242,6 +246,7 @@ def set_isa(name: str | None) -> str | None:
     setting. An unknown path, or one this CPU lacks, raises MMFError."""
     prev = None if _isa_override[0] is None else ISAS[_isa_override[0]]
     _isa_override[0] = None if name is None else _check_isa(name, "set_isa")
+    _ISA[0] = _isa_override[0]
     return prev
 
 
@@ -290,27 +295,40 @@ def _cpu_float(t: torch.Tensor, what: str, numel: int) -> torch.Tensor:
 
 
 def bitlinear_i2(x, norm_weight, packed, k: int, s_w, bias=None, eps: float = BITLINEAR_NORM_EPS, threads=None):
-    """``kernels.reference.bitlinear_i2`` on CPU tensors: (..., k) -> (..., N) in x's dtype."""
-    lib = _require()
-    n, p, packed = _check_packed(packed, k)
-    if x.device.type != "cpu":
-        raise ValueError(f"the native CPU kernel needs CPU tensors; x is on {x.device}")
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {k}")
-    if not (x.is_floating_point() and norm_weight.is_floating_point()):
-        raise ValueError(f"x and the norm weight must be float tensors, got {x.dtype} and {norm_weight.dtype}")
-    nw = _cpu_float(norm_weight, "the norm weight", k)
+    """``kernels.reference.bitlinear_i2`` on CPU tensors: (..., k) -> (..., N) in x's dtype.
+
+    Shapes, dtypes, devices and strides are checked before the C code sees a pointer; x, the norm
+    weight and the bias are converted to contiguous fp32 where they are not (a decode step's common
+    case, fp32 and contiguous, takes no copy: this wrapper is most of a small projection's time)."""
+    lib = _state["lib"] or _require()
+    if (packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_cpu or not 0 < k <= MAX_K
+            or packed.shape[1] != (k + 3) // 4):
+        _check_packed(packed, k)  # raises, naming the problem
+    n, p = packed.shape
+    if not packed.is_contiguous():
+        packed = packed.contiguous()
+    if not x.is_cpu or x.dim() == 0 or x.shape[-1] != k or not x.is_floating_point():
+        _check_x(x, k)
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    nw = norm_weight
+    if not (nw.dtype == torch.float32 and nw.is_cpu and nw.is_contiguous() and nw.numel() == k):
+        nw = _cpu_float(nw, "the norm weight", k)
     b = None if bias is None else _cpu_float(bias, "the bias", n)
-    xf = x.reshape(-1, k).to(torch.float32).contiguous()
-    m = xf.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.mmf_i2_bitlinear(xf.data_ptr(), m, k, nw.data_ptr(), float(eps), packed.data_ptr(), n, p,
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    rc = lib.mmf_i2_bitlinear(xf.data_ptr(), xf.numel() // k, k, nw.data_ptr(), eps, packed.data_ptr(), n, p,
                               float(s_w), None if b is None else b.data_ptr(), out.data_ptr(),
-                              _threads(threads), _isa_code())
+                              threads or torch.get_num_threads(), _ISA[0] if _ISA[0] is not None else _isa_code())
     if rc != 0:
         raise RuntimeError(f"mmf_i2_bitlinear failed with code {rc}")
-    y = out.view(*x.shape[:-1], n)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _check_x(x, k: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not x.is_cpu:
+        raise ValueError(f"the native CPU kernel needs CPU tensors; x is on {x.device}")
+    raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {k}")
 
 
 def i2_gemm_int(xq: torch.Tensor, packed: torch.Tensor, k: int, threads=None) -> torch.Tensor:
@@ -336,7 +354,8 @@ def quantize(x: torch.Tensor, norm_weight: torch.Tensor, eps: float = BITLINEAR_
     nw = _cpu_float(norm_weight, "the norm weight", k)
     xq = torch.empty(xf.shape, dtype=torch.int8)
     s_x = torch.empty(xf.shape[0], dtype=torch.float32)
-    if lib.mmf_quantize_rows(xf.data_ptr(), xf.shape[0], k, nw.data_ptr(), float(eps), xq.data_ptr(), s_x.data_ptr()):
+    if lib.mmf_quantize_rows(xf.data_ptr(), xf.shape[0], k, nw.data_ptr(), float(eps), xq.data_ptr(), s_x.data_ptr(),
+                             _isa_code()):
         raise RuntimeError("mmf_quantize_rows failed")
     return xq, s_x
 

@@ -118,7 +118,8 @@ def test_bitlinear_model_shapes_dtypes_and_batches():
         assert torch.equal(got, want), (k, n, lead, dtype)
 
 
-def test_prologue_bit_identical_to_torch():
+@pytest.mark.parametrize("isa_path", ALL_PATHS, indirect=True)
+def test_prologue_bit_identical_to_torch(isa_path):
     """RMSNorm in fp32 (torch's cascade sum order), absmax scale, round half to even: same int8 and s_x."""
     gen = torch.Generator().manual_seed(4)
     for k in (1, 2, 7, 8, 9, 64, 1000, 2048, 5120, 13824):

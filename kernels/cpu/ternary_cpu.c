@@ -53,7 +53,7 @@
 #endif
 
 #define MMF_EXPORT __attribute__((visibility("default")))
-#define MMF_ABI_VERSION 1
+#define MMF_ABI_VERSION 2
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_COUNT = 4 };
 
@@ -70,12 +70,16 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 /* ------------------------------------------------------------------------------------------------
  * Micro-kernels: out[r * TMAX + t] = sum_{j < P} sum_s code_s(w[r * ws + j]) * x[t * xs + s * Pp + j]
  * for r < R, t < T. Codes are read as unsigned 2-bit fields; x is a quantised activation buffer.
+ *
+ * Each body is an always-inline function of constant R, T (and S, independent accumulator chains
+ * per output) called from a wrapper that owns accumulator arrays of exactly R * T * S vectors: with
+ * the loops unrolled, gcc keeps them in registers (arrays sized for the largest tile stay in memory).
  * ---------------------------------------------------------------------------------------------- */
 
 typedef void (*mk_fn)(const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
                       int32_t *out);
 
-static inline __attribute__((always_inline)) void mk_scalar(int R, int T, const uint8_t *w, int64_t ws,
+static inline __attribute__((always_inline)) void mk_scalar(const int R, const int T, const uint8_t *w, int64_t ws,
                                                             const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
                                                             int32_t *out) {
     for (int r = 0; r < R; r++) {
@@ -92,6 +96,11 @@ static inline __attribute__((always_inline)) void mk_scalar(int R, int T, const 
         }
     }
 }
+#define MK_DEF_SCALAR(R, T)                                                                                 \
+    static __attribute__((noinline)) void mk_scalar_##R##_##T(const uint8_t *w, int64_t ws, const int8_t *x,  \
+                                                              int64_t xs, int64_t P, int64_t Pp, int32_t *out) { \
+        mk_scalar(R, T, w, ws, x, xs, P, Pp, out);                                                          \
+    }
 
 #if MMF_X86
 
@@ -99,50 +108,54 @@ static inline __attribute__((always_inline)) void mk_scalar(int R, int T, const 
 #define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
 static inline __attribute__((always_inline)) TGT_AVX512 void
-mk_avx512(int R, int T, const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
-          int32_t *out) {
-    __m512i acc[RMAX][TMAX];
+avx512_step(const int R, const int T, const int S, __m512i *acc, const uint8_t *w, int64_t ws, const int8_t *x,
+            int64_t xs, int64_t Pp, int64_t j, __mmask64 mask, int full) {
     const __m512i m3 = _mm512_set1_epi8(3);
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
-    for (int64_t j = 0; j < P; j += 64) {
-        const __mmask64 mask = P - j >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (P - j)) - 1);
-        __m512i xv[TMAX][4];
+    __m512i xv[TMAX * 4];
+    for (int t = 0; t < T; t++)
+        for (int s = 0; s < 4; s++) xv[t * 4 + s] = _mm512_loadu_si512((const void *)(x + t * xs + s * Pp + j));
+    for (int r = 0; r < R; r++) {
+        const __m512i wv = full ? _mm512_loadu_si512((const void *)(w + r * ws + j))
+                                : _mm512_maskz_loadu_epi8(mask, w + r * ws + j);
+        __m512i c[4];
+        c[0] = _mm512_and_si512(wv, m3);
+        c[1] = _mm512_and_si512(_mm512_srli_epi16(wv, 2), m3);
+        c[2] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m3);
+        c[3] = _mm512_and_si512(_mm512_srli_epi16(wv, 6), m3);
         for (int t = 0; t < T; t++)
-            for (int s = 0; s < 4; s++) xv[t][s] = _mm512_loadu_si512((const void *)(x + t * xs + s * Pp + j));
-        for (int r = 0; r < R; r++) {
-            const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + r * ws + j);
-            const __m512i c0 = _mm512_and_si512(wv, m3);
-            const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(wv, 2), m3);
-            const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m3);
-            const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(wv, 6), m3);
-            for (int t = 0; t < T; t++) {
-                __m512i a = acc[r][t];
-                a = _mm512_dpbusd_epi32(a, c0, xv[t][0]);
-                a = _mm512_dpbusd_epi32(a, c1, xv[t][1]);
-                a = _mm512_dpbusd_epi32(a, c2, xv[t][2]);
-                a = _mm512_dpbusd_epi32(a, c3, xv[t][3]);
-                acc[r][t] = a;
+            for (int s = 0; s < 4; s++) {
+                __m512i *a = &acc[(r * T + t) * S + s % S];
+                *a = _mm512_dpbusd_epi32(*a, c[s], xv[t * 4 + s]);
             }
-        }
     }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[r * TMAX + t] = _mm512_reduce_add_epi32(acc[r][t]);
 }
+
+static inline __attribute__((always_inline)) TGT_AVX512 void
+mk_avx512(const int R, const int T, const int S, __m512i *acc, const uint8_t *w, int64_t ws, const int8_t *x,
+          int64_t xs, int64_t P, int64_t Pp, int32_t *out) {
+    for (int i = 0; i < R * T * S; i++) acc[i] = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + 64 <= P; j += 64) avx512_step(R, T, S, acc, w, ws, x, xs, Pp, j, 0, 1);
+    if (j < P) avx512_step(R, T, S, acc, w, ws, x, xs, Pp, j, ((__mmask64)1 << (P - j)) - 1, 0);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            __m512i a = acc[(r * T + t) * S];
+            for (int s = 1; s < S; s++) a = _mm512_add_epi32(a, acc[(r * T + t) * S + s]);
+            out[r * TMAX + t] = _mm512_reduce_add_epi32(a);
+        }
+}
+/* one accumulator per output: measured on Zen 4/5 (one thread, weights in L2), 4 rows x 1 token ran
+ * at 137 G weights/s with one chain per row, 75 with one chain per slice (more registers, spills) */
+#define MK_DEF_AVX512(R, T)                                                                                 \
+    static TGT_AVX512 __attribute__((noinline)) void mk_avx512_##R##_##T(                                  \
+        const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp, int32_t *out) {   \
+        __m512i acc[(R) * (T)];                                                                             \
+        mk_avx512(R, T, 1, acc, w, ws, x, xs, P, Pp, out);                                                  \
+    }
 
 /* ---- AVX2 (and AVX-VNNI): 32 bytes (128 weights) per step; a tail shorter than 32 bytes is
  * copied into a zeroed stack buffer (AVX2 has no byte-masked load; zero bytes are code 0). ---- */
 #define TGT_AVX2 __attribute__((target("avx2")))
-
-static inline __attribute__((always_inline)) TGT_AVX2 int64_t
-avx2_tail(int R, const uint8_t *w, int64_t ws, int64_t P, uint8_t tail[RMAX][32]) {
-    const int64_t jt = P / 32 * 32;
-    for (int r = 0; r < R; r++) {
-        memset(tail[r], 0, 32);
-        memcpy(tail[r], w + r * ws + jt, (size_t)(P - jt));
-    }
-    return jt;
-}
 
 static inline __attribute__((always_inline)) TGT_AVX2 int32_t hsum256(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -157,140 +170,135 @@ static inline __attribute__((always_inline)) TGT_AVX2 int32_t hsum256(__m256i v)
 #define AVX2_STEPS 16
 
 static inline __attribute__((always_inline)) TGT_AVX2 void
-avx2_step(int R, int T, const uint8_t *const wp[RMAX], const int8_t *x, int64_t xs, int64_t Pp, int64_t j,
-          __m256i acc16[RMAX][TMAX]) {
+avx2_step(const int R, const int T, __m256i *acc16, const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs,
+          int64_t Pp, int64_t j) {
     const __m256i m3 = _mm256_set1_epi8(3);
-    __m256i xv[TMAX][4];
-    for (int t = 0; t < T; t++)
-        for (int s = 0; s < 4; s++) xv[t][s] = _mm256_loadu_si256((const __m256i *)(x + t * xs + s * Pp + j));
     for (int r = 0; r < R; r++) {
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)wp[r]);
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * ws));
         const __m256i c0 = _mm256_and_si256(wv, m3);
         const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);
         const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m3);
         const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), m3);
         for (int t = 0; t < T; t++) {
-            const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, xv[t][0]), _mm256_maddubs_epi16(c1, xv[t][1]));
-            const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, xv[t][2]), _mm256_maddubs_epi16(c3, xv[t][3]));
-            acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_add_epi16(p01, p23));
+            const int8_t *xt = x + t * xs + j;
+            const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)xt)),
+                                                 _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xt + Pp))));
+            const __m256i p23 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xt + 2 * Pp))),
+                _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xt + 3 * Pp))));
+            acc16[r * T + t] = _mm256_add_epi16(acc16[r * T + t], _mm256_add_epi16(p01, p23));
         }
     }
 }
 
 static inline __attribute__((always_inline)) TGT_AVX2 void
-mk_avx2(int R, int T, const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
-        int32_t *out) {
-    __m256i acc32[RMAX][TMAX], acc16[RMAX][TMAX];
+avx2_widen(const int R, const int T, __m256i *acc16, __m256i *acc32) {
     const __m256i ones = _mm256_set1_epi16(1);
-    uint8_t tail[RMAX][32];
-    const uint8_t *wp[RMAX];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc32[r][t] = acc16[r][t] = _mm256_setzero_si256();
+    for (int i = 0; i < R * T; i++) {
+        acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(acc16[i], ones));
+        acc16[i] = _mm256_setzero_si256();
+    }
+}
+
+/* the last P % 32 bytes of R rows, zero-filled to 32 (rows ws apart) -> tail (rows 32 apart) */
+static inline __attribute__((always_inline)) void copy_tail(const int R, const uint8_t *w, int64_t ws, int64_t j,
+                                                            int64_t P, uint8_t *tail) {
+    memset(tail, 0, (size_t)(32 * R));
+    for (int r = 0; r < R; r++) memcpy(tail + 32 * r, w + r * ws + j, (size_t)(P - j));
+}
+
+static inline __attribute__((always_inline)) TGT_AVX2 void
+mk_avx2(const int R, const int T, __m256i *acc16, __m256i *acc32, const uint8_t *w, int64_t ws, const int8_t *x,
+        int64_t xs, int64_t P, int64_t Pp, int32_t *out) {
+    for (int i = 0; i < R * T; i++) acc32[i] = acc16[i] = _mm256_setzero_si256();
     const int64_t jt = P / 32 * 32;
-    int64_t j = 0;
-    while (j < jt) {
+    for (int64_t j = 0; j < jt;) {
         const int64_t jend = min64(jt, j + 32 * AVX2_STEPS);
-        for (; j < jend; j += 32) {
-            for (int r = 0; r < R; r++) wp[r] = w + r * ws + j;
-            avx2_step(R, T, wp, x, xs, Pp, j, acc16);
-        }
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < T; t++) {
-                acc32[r][t] = _mm256_add_epi32(acc32[r][t], _mm256_madd_epi16(acc16[r][t], ones));
-                acc16[r][t] = _mm256_setzero_si256();
-            }
+        for (; j < jend; j += 32) avx2_step(R, T, acc16, w + j, ws, x, xs, Pp, j);
+        avx2_widen(R, T, acc16, acc32);
     }
     if (jt < P) {
-        avx2_tail(R, w, ws, P, tail);
-        for (int r = 0; r < R; r++) wp[r] = tail[r];
-        avx2_step(R, T, wp, x, xs, Pp, jt, acc16);
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < T; t++)
-                acc32[r][t] = _mm256_add_epi32(acc32[r][t], _mm256_madd_epi16(acc16[r][t], ones));
+        uint8_t tail[RMAX * 32];
+        copy_tail(R, w, ws, jt, P, tail);
+        avx2_step(R, T, acc16, tail, 32, x, xs, Pp, jt);
+        avx2_widen(R, T, acc16, acc32);
     }
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[r * TMAX + t] = hsum256(acc32[r][t]);
+        for (int t = 0; t < T; t++) out[r * TMAX + t] = hsum256(acc32[r * T + t]);
 }
+#define MK_DEF_AVX2(R, T)                                                                                   \
+    static TGT_AVX2 __attribute__((noinline)) void mk_avx2_##R##_##T(                                      \
+        const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp, int32_t *out) {   \
+        __m256i acc16[(R) * (T)], acc32[(R) * (T)];                                                         \
+        mk_avx2(R, T, acc16, acc32, w, ws, x, xs, P, Pp, out);                                              \
+    }
 
 #if MMF_HAVE_AVXVNNI
 #define TGT_AVXVNNI __attribute__((target("avx2,avxvnni")))
 
 static inline __attribute__((always_inline)) TGT_AVXVNNI void
-avxvnni_step(int R, int T, const uint8_t *const wp[RMAX], const int8_t *x, int64_t xs, int64_t Pp, int64_t j,
-             __m256i acc[RMAX][TMAX]) {
+avxvnni_step(const int R, const int T, const int S, __m256i *acc, const uint8_t *w, int64_t ws, const int8_t *x,
+             int64_t xs, int64_t Pp, int64_t j) {
     const __m256i m3 = _mm256_set1_epi8(3);
-    __m256i xv[TMAX][4];
-    for (int t = 0; t < T; t++)
-        for (int s = 0; s < 4; s++) xv[t][s] = _mm256_loadu_si256((const __m256i *)(x + t * xs + s * Pp + j));
     for (int r = 0; r < R; r++) {
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)wp[r]);
-        const __m256i c0 = _mm256_and_si256(wv, m3);
-        const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);
-        const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m3);
-        const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), m3);
-        for (int t = 0; t < T; t++) {
-            __m256i a = acc[r][t];
-            a = _mm256_dpbusd_avx_epi32(a, c0, xv[t][0]);
-            a = _mm256_dpbusd_avx_epi32(a, c1, xv[t][1]);
-            a = _mm256_dpbusd_avx_epi32(a, c2, xv[t][2]);
-            a = _mm256_dpbusd_avx_epi32(a, c3, xv[t][3]);
-            acc[r][t] = a;
-        }
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * ws));
+        __m256i c[4];
+        c[0] = _mm256_and_si256(wv, m3);
+        c[1] = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);
+        c[2] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m3);
+        c[3] = _mm256_and_si256(_mm256_srli_epi16(wv, 6), m3);
+        for (int t = 0; t < T; t++)
+            for (int s = 0; s < 4; s++) {
+                __m256i *a = &acc[(r * T + t) * S + s % S];
+                *a = _mm256_dpbusd_avx_epi32(*a, c[s], _mm256_loadu_si256((const __m256i *)(x + t * xs + s * Pp + j)));
+            }
     }
 }
 
 static inline __attribute__((always_inline)) TGT_AVXVNNI void
-mk_avxvnni(int R, int T, const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp,
-           int32_t *out) {
-    __m256i acc[RMAX][TMAX];
-    uint8_t tail[RMAX][32];
-    const uint8_t *wp[RMAX];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+mk_avxvnni(const int R, const int T, const int S, __m256i *acc, const uint8_t *w, int64_t ws, const int8_t *x,
+           int64_t xs, int64_t P, int64_t Pp, int32_t *out) {
+    for (int i = 0; i < R * T * S; i++) acc[i] = _mm256_setzero_si256();
     const int64_t jt = P / 32 * 32;
-    for (int64_t j = 0; j < jt; j += 32) {
-        for (int r = 0; r < R; r++) wp[r] = w + r * ws + j;
-        avxvnni_step(R, T, wp, x, xs, Pp, j, acc);
-    }
+    for (int64_t j = 0; j < jt; j += 32) avxvnni_step(R, T, S, acc, w + j, ws, x, xs, Pp, j);
     if (jt < P) {
-        avx2_tail(R, w, ws, P, tail);
-        for (int r = 0; r < R; r++) wp[r] = tail[r];
-        avxvnni_step(R, T, wp, x, xs, Pp, jt, acc);
+        uint8_t tail[RMAX * 32];
+        copy_tail(R, w, ws, jt, P, tail);
+        avxvnni_step(R, T, S, acc, tail, 32, x, xs, Pp, jt);
     }
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[r * TMAX + t] = hsum256(acc[r][t]);
+        for (int t = 0; t < T; t++) {
+            __m256i a = acc[(r * T + t) * S];
+            for (int s = 1; s < S; s++) a = _mm256_add_epi32(a, acc[(r * T + t) * S + s]);
+            out[r * TMAX + t] = hsum256(a);
+        }
 }
+/* as AVX-512: one accumulator per output (a tile of one row and token: one per slice) */
+#define MK_DEF_AVXVNNI(R, T)                                                                                \
+    static TGT_AVXVNNI __attribute__((noinline)) void mk_avxvnni_##R##_##T(                                \
+        const uint8_t *w, int64_t ws, const int8_t *x, int64_t xs, int64_t P, int64_t Pp, int32_t *out) {   \
+        __m256i acc[(R) * (T) * ((R) * (T) == 1 ? 4 : 1)];                                                  \
+        mk_avxvnni(R, T, (R) * (T) == 1 ? 4 : 1, acc, w, ws, x, xs, P, Pp, out);                            \
+    }
 #endif /* MMF_HAVE_AVXVNNI */
 #endif /* MMF_X86 */
 
-/* One function per (ISA, R, T) that the schedule uses (the loops above unroll fully with constant R
- * and T): the full tile, and the tiles of one row and of one token for the edges of a matrix. Fewer
- * instances keep the first-use build short. */
-#define MK_DEF(isa, attr, R, T)                                                                           \
-    static attr __attribute__((noinline)) void mk_##isa##_##R##_##T(const uint8_t *w, int64_t ws,          \
-                                                                    const int8_t *x, int64_t xs, int64_t P, \
-                                                                    int64_t Pp, int32_t *out) {            \
-        mk_##isa(R, T, w, ws, x, xs, P, Pp, out);                                                          \
-    }
-
-#define NOATTR
-MK_DEF(scalar, NOATTR, 1, 1) MK_DEF(scalar, NOATTR, 1, 2) MK_DEF(scalar, NOATTR, 2, 1) MK_DEF(scalar, NOATTR, 2, 2)
+/* One function per (ISA, R, T) that the schedule uses: the full tile, and the tiles of one row for
+ * the last rows of a block. Fewer instances keep the first-use build short. */
+MK_DEF_SCALAR(1, 1) MK_DEF_SCALAR(1, 2) MK_DEF_SCALAR(2, 1) MK_DEF_SCALAR(2, 2)
 static const mk_fn MK_SCALAR[RMAX][TMAX] = {{mk_scalar_1_1, mk_scalar_1_2}, {mk_scalar_2_1, mk_scalar_2_2}};
 #if MMF_X86
-MK_DEF(avx512, TGT_AVX512, 1, 1) MK_DEF(avx512, TGT_AVX512, 1, 2) MK_DEF(avx512, TGT_AVX512, 1, 3)
-MK_DEF(avx512, TGT_AVX512, 1, 4) MK_DEF(avx512, TGT_AVX512, 4, 1) MK_DEF(avx512, TGT_AVX512, 4, 2)
-MK_DEF(avx512, TGT_AVX512, 4, 3) MK_DEF(avx512, TGT_AVX512, 4, 4)
+MK_DEF_AVX512(1, 1) MK_DEF_AVX512(1, 2) MK_DEF_AVX512(1, 3) MK_DEF_AVX512(1, 4)
+MK_DEF_AVX512(4, 1) MK_DEF_AVX512(4, 2) MK_DEF_AVX512(4, 3) MK_DEF_AVX512(4, 4)
 static const mk_fn MK_AVX512[RMAX][TMAX] = {{mk_avx512_1_1, mk_avx512_1_2, mk_avx512_1_3, mk_avx512_1_4},
                                             {NULL},
                                             {NULL},
                                             {mk_avx512_4_1, mk_avx512_4_2, mk_avx512_4_3, mk_avx512_4_4}};
-MK_DEF(avx2, TGT_AVX2, 1, 1) MK_DEF(avx2, TGT_AVX2, 1, 2) MK_DEF(avx2, TGT_AVX2, 2, 1)
-MK_DEF(avx2, TGT_AVX2, 2, 2) MK_DEF(avx2, TGT_AVX2, 4, 1)
+MK_DEF_AVX2(1, 1) MK_DEF_AVX2(1, 2) MK_DEF_AVX2(2, 1) MK_DEF_AVX2(2, 2) MK_DEF_AVX2(4, 1)
 static const mk_fn MK_AVX2[RMAX][TMAX] = {{mk_avx2_1_1, mk_avx2_1_2}, {mk_avx2_2_1, mk_avx2_2_2}, {NULL},
                                           {mk_avx2_4_1}};
 #if MMF_HAVE_AVXVNNI
-MK_DEF(avxvnni, TGT_AVXVNNI, 1, 1) MK_DEF(avxvnni, TGT_AVXVNNI, 1, 2) MK_DEF(avxvnni, TGT_AVXVNNI, 2, 1)
-MK_DEF(avxvnni, TGT_AVXVNNI, 2, 2) MK_DEF(avxvnni, TGT_AVXVNNI, 4, 1)
+MK_DEF_AVXVNNI(1, 1) MK_DEF_AVXVNNI(1, 2) MK_DEF_AVXVNNI(2, 1) MK_DEF_AVXVNNI(2, 2) MK_DEF_AVXVNNI(4, 1)
 static const mk_fn MK_AVXVNNI[RMAX][TMAX] = {{mk_avxvnni_1_1, mk_avxvnni_1_2}, {mk_avxvnni_2_1, mk_avxvnni_2_2},
                                              {NULL}, {mk_avxvnni_4_1}};
 #endif
@@ -623,13 +631,8 @@ static float torch_sum_sq(const float *x, int64_t K) {
 
 #define ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 half to even */
 
-/* Quantise one token into 4 slices of Pp int8 (s * Pp + j holds x[s * P + j]); returns sum xq,
- * stores s_x. A token whose normed values are not finite gets xq = 0 and s_x = NaN (the reference
- * gives NaN outputs for it). */
-static int32_t quantize_token(const float *x, int64_t K, const float *nw, float eps, int64_t P, int64_t Pp,
-                              int8_t *dst, float *s_x_out) {
-    const float mean = torch_sum_sq(x, K) / (float)K;
-    const float r = 1.0f / sqrtf(mean + eps); /* torch.rsqrt: 1 / sqrt, both correctly rounded */
+/* The prologue in portable C: amax |(x * r) * nw| (NaN flagged), then the int8 codes of one slice. */
+static void amax_scalar(const float *x, const float *nw, int64_t K, float r, float *amax_out, int *nan_out) {
     float amax = 0.0f;
     int nan = 0;
     for (int64_t k = 0; k < K; k++) {
@@ -637,6 +640,128 @@ static int32_t quantize_token(const float *x, int64_t K, const float *nw, float 
         amax = v > amax ? v : amax;
         nan |= v != v;
     }
+    *amax_out = amax;
+    *nan_out = nan;
+}
+
+static int32_t quant_scalar(const float *xs, const float *ws, int64_t len, float r, float s_x, int8_t *d) {
+    int32_t sum = 0;
+    for (int64_t j = 0; j < len; j++) {
+        float q = ((xs[j] * r) * ws[j]) * s_x; /* |q| <= 127 * (1 + 2^-23): the magic rounding is exact */
+        q = (q + ROUND_MAGIC) - ROUND_MAGIC;
+        q = q < -128.0f ? -128.0f : q;
+        q = q > 127.0f ? 127.0f : q;
+        const int32_t qi = (int32_t)q;
+        d[j] = (int8_t)qi;
+        sum += qi;
+    }
+    return sum;
+}
+
+#if MMF_X86
+/* The same operations 8 lanes at a time (AVX2 without FMA: every product rounds as torch's does). */
+static TGT_AVX2 float sum_sq8_avx2(const float *x, int64_t K) {
+    const int64_t nvec = K / 8, size = nvec / 4;
+    __m256 acc[4][4];
+    for (int lv = 0; lv < 4; lv++)
+        for (int k = 0; k < 4; k++) acc[lv][k] = _mm256_setzero_ps();
+    int64_t lp = ceil_log2(size) / 4;
+    if (lp < 4) lp = 4;
+    const int64_t step = (int64_t)1 << lp, mask = step - 1;
+    int64_t i = 0;
+#define ADD_GROUP8(gi)                                                          \
+    for (int k = 0; k < 4; k++) {                                               \
+        const __m256 v = _mm256_loadu_ps(x + ((gi) * 4 + k) * 8);              \
+        acc[0][k] = _mm256_add_ps(acc[0][k], _mm256_mul_ps(v, v));              \
+    }
+    for (; i + step <= size;) {
+        for (int64_t j = 0; j < step; ++j, ++i) { ADD_GROUP8(i) }
+        for (int lv = 1; lv < 4; ++lv) {
+            for (int k = 0; k < 4; k++) {
+                acc[lv][k] = _mm256_add_ps(acc[lv][k], acc[lv - 1][k]);
+                acc[lv - 1][k] = _mm256_setzero_ps();
+            }
+            if ((i & (mask << (lv * lp))) != 0) break;
+        }
+    }
+    for (; i < size; ++i) { ADD_GROUP8(i) }
+#undef ADD_GROUP8
+    for (int lv = 1; lv < 4; ++lv)
+        for (int k = 0; k < 4; k++) acc[0][k] = _mm256_add_ps(acc[0][k], acc[lv][k]);
+    for (int64_t v = size * 4; v < nvec; ++v) {
+        const __m256 e = _mm256_loadu_ps(x + v * 8);
+        acc[0][0] = _mm256_add_ps(acc[0][0], _mm256_mul_ps(e, e));
+    }
+    for (int k = 1; k < 4; k++) acc[0][0] = _mm256_add_ps(acc[0][0], acc[0][k]);
+    float lanes[8], a = 0.0f;
+    _mm256_storeu_ps(lanes, acc[0][0]);
+    for (int64_t k = nvec * 8; k < K; k++) a += x[k] * x[k];
+    for (int l = 0; l < 8; l++) a += lanes[l];
+    return a;
+}
+
+static TGT_AVX2 void amax_avx2(const float *x, const float *nw, int64_t K, float r, float *amax_out, int *nan_out) {
+    const __m256 rv = _mm256_set1_ps(r), absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps(), un = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_and_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), rv), _mm256_loadu_ps(nw + k)),
+                                       absmask);
+        un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        m = _mm256_max_ps(m, v);
+    }
+    float lanes[8], amax;
+    int nan;
+    amax_scalar(x + k, nw + k, K - k, r, &amax, &nan);
+    _mm256_storeu_ps(lanes, m);
+    for (int l = 0; l < 8; l++) amax = lanes[l] > amax ? lanes[l] : amax;
+    *amax_out = amax;
+    *nan_out = nan | (_mm256_movemask_ps(un) != 0);
+}
+
+static TGT_AVX2 int32_t quant_avx2(const float *xs, const float *ws, int64_t len, float r, float s_x, int8_t *d) {
+    const __m256 rv = _mm256_set1_ps(r), sv = _mm256_set1_ps(s_x);
+    const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i sum = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        __m256 q = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xs + j), rv), _mm256_loadu_ps(ws + j)), sv);
+        q = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* half to even */
+        q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+        const __m256i qi = _mm256_cvtps_epi32(q); /* integral values: exact */
+        sum = _mm256_add_epi32(sum, qi);
+        const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+        _mm_storel_epi64((__m128i *)(d + j), _mm_packs_epi16(p16, p16));
+    }
+    int32_t lanes[8], total = quant_scalar(xs + j, ws + j, len - j, r, s_x, d + j);
+    _mm256_storeu_si256((__m256i *)lanes, sum);
+    for (int l = 0; l < 8; l++) total += lanes[l];
+    return total;
+}
+#endif
+
+/* Quantise one token into 4 slices of Pp int8 (s * Pp + j holds x[s * P + j]); returns sum xq,
+ * stores s_x. A token whose normed values are not finite gets xq = 0 and s_x = NaN (the reference
+ * gives NaN outputs for it). `vec`: use the AVX2 code (same results, faster). */
+static int32_t quantize_token(const float *x, int64_t K, const float *nw, float eps, int64_t P, int64_t Pp,
+                              int8_t *dst, float *s_x_out, int vec) {
+#if !MMF_X86
+    vec = 0;
+#endif
+    float amax, ss;
+    int nan;
+#if MMF_X86
+    if (vec && sum_lanes == 8 && K >= 8) ss = sum_sq8_avx2(x, K);
+    else
+#endif
+        ss = torch_sum_sq(x, K);
+    const float mean = ss / (float)K;
+    const float r = 1.0f / sqrtf(mean + eps); /* torch.rsqrt: 1 / sqrt, both correctly rounded */
+#if MMF_X86
+    if (vec) amax_avx2(x, nw, K, r, &amax, &nan);
+    else
+#endif
+        amax_scalar(x, nw, K, r, &amax, &nan);
     memset(dst, 0, (size_t)(4 * Pp));
     if (nan || !isfinite(amax)) {
         *s_x_out = NAN;
@@ -646,17 +771,12 @@ static int32_t quantize_token(const float *x, int64_t K, const float *nw, float 
     int32_t sum = 0;
     for (int s = 0; s < 4; s++) {
         const int64_t k0 = s * P, len = min64(P, K - k0);
-        const float *xs = x + k0, *ws = nw + k0;
-        int8_t *d = dst + s * Pp;
-        for (int64_t j = 0; j < len; j++) {
-            float q = ((xs[j] * r) * ws[j]) * s_x; /* |q| <= 127 * (1 + 2^-23): the magic rounding is exact */
-            q = (q + ROUND_MAGIC) - ROUND_MAGIC;
-            q = q < -128.0f ? -128.0f : q;
-            q = q > 127.0f ? 127.0f : q;
-            const int32_t qi = (int32_t)q;
-            d[j] = (int8_t)qi;
-            sum += qi;
-        }
+        if (len <= 0) break;
+#if MMF_X86
+        if (vec) sum += quant_avx2(x + k0, nw + k0, len, r, s_x, dst + s * Pp);
+        else
+#endif
+            sum += quant_scalar(x + k0, nw + k0, len, r, s_x, dst + s * Pp);
     }
     *s_x_out = s_x;
     return sum;
@@ -715,7 +835,8 @@ static void prologue_task(void *ctx, int tid, int nth) {
             jb->xsum[m] = slice_token(jb->xq_in + m * jb->K, jb->K, jb->P, jb->Pp, dst);
         } else {
             float s_x;
-            jb->xsum[m] = quantize_token(jb->x + m * jb->K, jb->K, jb->nw, jb->eps, jb->P, jb->Pp, dst, &s_x);
+            jb->xsum[m] = quantize_token(jb->x + m * jb->K, jb->K, jb->nw, jb->eps, jb->P, jb->Pp, dst, &s_x,
+                                         jb->isa != ISA_SCALAR);
             jb->denom[m] = s_x * jb->s_w;
         }
     }
@@ -854,16 +975,19 @@ MMF_EXPORT int mmf_i2_gemm_s8(const int8_t *xq, int64_t M, int64_t K, const uint
     return rc;
 }
 
-/* xq (M, K) int8 and s_x (M) of the prologue alone (tests compare them with torch's) */
+/* xq (M, K) int8 and s_x (M) of the prologue alone, as path `isa` computes them (tests compare them
+ * with torch's) */
 MMF_EXPORT int mmf_quantize_rows(const float *x, int64_t M, int64_t K, const float *norm_w, float eps, int8_t *xq,
-                                 float *s_x) {
+                                 float *s_x, int isa) {
     if (M < 0 || K <= 0) return MMF_EARG;
+    if (isa < 0 || isa >= ISA_COUNT || !mmf_cpu_isa_supported(isa)) return MMF_EISA;
     const int64_t P = (K + 3) / 4, Pp = round_up(P, 64);
     int8_t *buf = (int8_t *)malloc((size_t)(4 * Pp));
     if (!buf) return MMF_ENOMEM;
     for (int64_t m = 0; m < M; m++) {
-        quantize_token(x + m * K, K, norm_w, eps, P, Pp, buf, s_x + m);
-        for (int64_t k = 0; k < K; k++) xq[m * K + k] = buf[(k / P) * Pp + k % P];
+        quantize_token(x + m * K, K, norm_w, eps, P, Pp, buf, s_x + m, isa != ISA_SCALAR);
+        for (int s = 0; s < 4; s++)
+            for (int64_t j = 0; j < P && s * P + j < K; j++) xq[m * K + s * P + j] = buf[s * Pp + j];
     }
     free(buf);
     return MMF_OK;
