@@ -43,8 +43,10 @@ BUILTIN_PREFIX = "builtin:"  # data path naming the embedded corpus, e.g. builti
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
-def resolve_files(paths: list[str]) -> list[Path]:
-    """Files to read, in a fixed order; directories are searched recursively for text and JSONL."""
+def resolve_files(paths: list[str], what: str = "training") -> list[Path]:
+    """Files to read, in a fixed order; directories are searched recursively for text and JSONL.
+
+    ``what`` names the data in messages ("training", "evaluation")."""
     files: list[Path] = []
     for spec in paths:
         p = Path(spec).expanduser()
@@ -59,16 +61,18 @@ def resolve_files(paths: list[str]) -> list[Path]:
         else:
             files.append(p)
     if not files:
-        raise MMFError("no training data given; pass --data PATH (text, directory or .jsonl)")
+        raise MMFError(f"no {what} data given; pass --data PATH (text, directory or .jsonl)")
     if all(f.stat().st_size == 0 for f in files):
-        raise MMFError(f"the training data is empty ({', '.join(str(f) for f in files[:3])}); give files with text")
+        raise MMFError(f"the {what} data is empty ({', '.join(str(f) for f in files[:3])}); give files with text")
     return files
 
 
-def iter_documents(path: Path, text_field: str = "text") -> Iterator[tuple[str, bool, bool]]:
+def iter_documents(path: Path, text_field: str = "text",
+                   field_option: str = "data.text_field") -> Iterator[tuple[str, bool, bool]]:
     """Yield ``(text, starts_document, ends_document)`` pieces of one file, each at most ~1 MB.
 
-    Text files: a blank line ends a document. JSONL: each line's ``text_field`` is a document.
+    Text files: a blank line ends a document. JSONL: each line's ``text_field`` is a document;
+    ``field_option`` is how the running command sets it (``mmf eval``: ``--text-field``), for messages.
     """
     if path.suffix.lower() == ".jsonl":
         with open(path, "rb") as f:
@@ -82,8 +86,9 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[tuple[str, 
                                    "JSONL needs one JSON object per line") from None
                 text = obj.get(text_field) if isinstance(obj, dict) else None
                 if not isinstance(text, str):
-                    raise MMFError(f"{path}:{lineno}: no string field {text_field!r}; "
-                                   "set data.text_field to the field holding the text")
+                    fix = (f"give {field_option} FIELD, the field holding the text" if field_option.startswith("-")
+                           else f"set {field_option} to the field holding the text")
+                    raise MMFError(f"{path}:{lineno}: no string field {text_field!r}; {fix}")
                 for i in range(0, max(len(text), 1), PIECE_CHARS):
                     yield text[i:i + PIECE_CHARS], i == 0, i + PIECE_CHARS >= len(text)
         return
@@ -154,14 +159,16 @@ def load_tokenizer_file(path: Path) -> HFTokenizer:
     return tok
 
 
-def load_saved_tokenizer(directory: Path):
-    """The tokenizer stored in a token cache or checkpoint directory, with its bos/eos ids."""
+def load_saved_tokenizer(directory: Path, fix: str = "give a checkpoint saved with its tokenizer"):
+    """The tokenizer stored in a token cache or checkpoint directory, with its bos/eos ids.
+
+    ``fix`` ends the message when there is none (a token cache: delete it to rebuild it)."""
     directory = Path(directory)
     if (directory / HF_TOKENIZER_FILE).exists():
         return load_tokenizer_file(directory / HF_TOKENIZER_FILE)
     if (directory / BYTE_TOKENIZER_FILE).exists():
         return ByteTokenizer()
-    raise MMFError(f"{directory}: no tokenizer saved; delete the directory to rebuild it")
+    raise MMFError(f"{directory}: no tokenizer saved (neither {HF_TOKENIZER_FILE} nor {BYTE_TOKENIZER_FILE}); {fix}")
 
 
 def encode_pieces(tokenizer, pieces: list[tuple[str, bool, bool]]) -> np.ndarray:
@@ -212,8 +219,12 @@ def builtin_corpus_file(cache_dir: Path, n_bytes: int, seed: int) -> tuple[Path,
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        corpus.write_corpus(tmp, n_bytes, seed)
-        os.replace(tmp, path)
+        try:
+            corpus.write_corpus(tmp, n_bytes, seed)
+            os.replace(tmp, path)
+        except BaseException:  # Ctrl-C or a full disk: no partial corpus left behind
+            tmp.unlink(missing_ok=True)
+            raise
     return path, source
 
 

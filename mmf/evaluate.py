@@ -33,7 +33,10 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
     cfg = load_config(checkpoint)  # one clear error for a missing or broken checkpoint
     if seq_len < 2 or batch_size < 1:
         raise MMFError("--seq-len must be >= 2 and --batch-size >= 1")
-    files = resolve_files(data)
+    if max_tokens is not None and max_tokens < 1:
+        raise MMFError(f"--max-tokens {max_tokens}: give a positive number of tokens to score, "
+                       "or leave it out to score all the data")
+    files = resolve_files(data, "evaluation")
     if not has_tokenizer(checkpoint):
         raise missing_tokenizer_error(checkpoint)
     tokenizer = load_saved_tokenizer(checkpoint)
@@ -45,7 +48,7 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
         n_bytes = 0
         with open(path, "wb") as f:
             for file in files:
-                for piece in iter_documents(file, text_field):
+                for piece in iter_documents(file, text_field, "--text-field"):
                     n_bytes += len(piece[0].encode("utf-8"))
                     ids = encode_pieces(tokenizer, [piece]).astype(np.int64)
                     ids.tofile(f)

@@ -145,3 +145,25 @@ def test_force_never_deletes_a_file_and_outputs_follow_the_umask(tiny_mmf_ckpt, 
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
         "config.json": 0o644, "model.safetensors": 0o644, "mmf_tokenizer.json": 0o644}
+
+
+def test_eval_bad_options_and_data_are_one_line_naming_evals_own_options(tiny_mmf_ckpt, tmp_path):
+    """Issue 16 items 7 and 13: `eval --max-tokens 0` / `-1` were an internal error; eval's messages name
+    the evaluation data and its own --text-field option."""
+    text = tmp_path / "a.txt"
+    text.write_text("The cat sat on the mat.\n" * 20)
+    for bad in ("0", "-1"):
+        res = run_cli("eval", tiny_mmf_ckpt, "--data", text, "--max-tokens", bad)
+        assert res.returncode == 2
+        assert_one_line_error(res, f"--max-tokens {bad}: give a positive number", "leave it out")
+    from mmf.errors import MMFError
+    from mmf.evaluate import evaluate_checkpoint
+
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(MMFError, match="the evaluation data is empty"):
+        evaluate_checkpoint(tiny_mmf_ckpt, [str(tmp_path / "empty.txt")])
+    (tmp_path / "d.jsonl").write_text('{"body": "The cat."}\n')
+    with pytest.raises(MMFError, match="no string field 'text'; give --text-field FIELD"):
+        evaluate_checkpoint(tiny_mmf_ckpt, [str(tmp_path / "d.jsonl")])
+    assert evaluate_checkpoint(tiny_mmf_ckpt, [str(tmp_path / "d.jsonl")], text_field="body")["tokens"] > 0
+    assert evaluate_checkpoint(tiny_mmf_ckpt, [str(text)], seq_len=16, max_tokens=1)["tokens"] == 1

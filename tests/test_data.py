@@ -106,3 +106,24 @@ def test_bpe_tokenizer_trains_saves_and_round_trips(tmp_path):
     tok.save(tmp_path)
     again = load_saved_tokenizer(tmp_path)
     assert again.encode(text) == tok.encode(text) and again.eos_id == 2
+
+
+def test_messages_name_the_running_commands_data_and_option(tmp_path):
+    """Issue 16 item 13: eval's messages speak of evaluation data and --text-field; a directory without a
+    tokenizer is not told to delete itself unless it is a token cache."""
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(MMFError, match="the evaluation data is empty"):
+        resolve_files([str(tmp_path / "empty.txt")], "evaluation")
+    with pytest.raises(MMFError, match="the training data is empty"):
+        resolve_files([str(tmp_path / "empty.txt")])
+    j = tmp_path / "b.jsonl"
+    j.write_text('{"body": "z"}\n')
+    with pytest.raises(MMFError, match=r"no string field 'text'; give --text-field FIELD, the field holding the text"):
+        list(iter_documents(j, "text", "--text-field"))
+    with pytest.raises(MMFError, match=r"no string field 'text'; set data.text_field to the field holding the text"):
+        list(iter_documents(j))
+    with pytest.raises(MMFError, match="no tokenizer saved") as e:
+        load_saved_tokenizer(tmp_path)
+    assert "delete" not in str(e.value)
+    with pytest.raises(MMFError, match="; delete it to rebuild it$"):
+        load_saved_tokenizer(tmp_path, fix="delete it to rebuild it")
