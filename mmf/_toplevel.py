@@ -9,8 +9,10 @@ imports the PyPI package ``kernels``) would find our folder before the installed
 Each of those folders' ``__init__.py`` therefore starts with ``defer_bare_import(globals())``. Under the
 package's own name (``mmf.kernels``) that does nothing. Under a bare top-level name (``kernels``) it loads
 the installed package of that name from ``sys.path`` without the repository root and puts it in
-``sys.modules``, which is what the import statement then returns; with no such package it raises
-ModuleNotFoundError, as the import would outside the repository. The rest of our ``__init__.py`` still
+``sys.modules``, which is what the import statement then returns. With no such package it gives what Python
+gives for a folder without ``__init__.py``: an empty namespace package (no ``__file__``, no submodules), which
+availability checks read as "not installed" (transformers' does: it finds the folder with find_spec, then
+imports it; raising there would break ``import transformers``). The rest of our ``__init__.py`` still
 runs once in the discarded module object (Python cannot end a module early); its relative imports are
 pointed at ``mmf.<name>``, so that run only repeats the file's definitions.
 """
@@ -35,15 +37,13 @@ def defer_bare_import(module_globals: dict) -> None:
         return
     folder = os.path.dirname(os.path.realpath(module_globals["__file__"]))
     spec = _installed_spec(name, folder)
-    if spec is None:
-        raise ModuleNotFoundError(
-            f"No module named {name!r} (the folder {folder} holds the package {PACKAGES[name]}, found as "
-            f"{name!r} only because the repository root is on sys.path)", name=name)
+    if spec is None:  # nothing installed: an empty namespace package
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     if spec.loader is not None:
         spec.loader.exec_module(module)
-    # The import of `name` returns sys.modules[name] (the installed package). What follows the call in our
+    # The import of `name` returns sys.modules[name] (the installed package or the namespace). What follows the call in our
     # __init__.py runs in the discarded module: send its relative imports to our package.
     module_globals["__package__"] = PACKAGES[name]
     module_globals["__spec__"] = importlib.util.find_spec(PACKAGES[name])

@@ -97,16 +97,33 @@ print(json.dumps(out))
     assert out["stray"] == []  # nothing of ours was loaded under a bare name
 
 
-def test_bare_name_without_an_installed_package_is_a_clean_module_not_found():
+def test_bare_name_without_an_installed_package_is_an_empty_namespace():
+    """As for a folder without __init__.py: no __file__, no submodules of ours; availability checks that
+    find the folder with find_spec and then import it (transformers' does) read it as not installed."""
     r = run_python("""
+import importlib, importlib.util, json
+m = importlib.import_module("mmf_cli")
+out = {"file": getattr(m, "__file__", None), "path": list(m.__path__), "version": hasattr(m, "__version__")}
 try:
-    import mmf_cli
-except ModuleNotFoundError as e:
-    print(e.name, "|", e)
+    from mmf_cli import app
+    out["app"] = "imported"
+except ImportError as e:
+    out["app"] = type(e).__name__
+try:
+    from transformers.utils.import_utils import _is_package_available
+except ImportError:
+    pass
+else:
+    out["transformers_check"] = [_is_package_available(n, return_version=True)[0] for n in ("fpga", "converters")]
+import mmf.cli.app
+out["ours"] = mmf.cli.app.__name__
+print(json.dumps(out))
 """)
     assert r.returncode == 0, r.stderr
-    name, message = r.stdout.strip().split(" | ")
-    assert name == "mmf_cli" and "mmf.cli" in message and "sys.path" in message
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["file"] is None and out["path"] == [] and out["version"] is False and out["app"] == "ImportError"
+    assert out.get("transformers_check", [False, False]) == [False, False]
+    assert out["ours"] == "mmf.cli.app"
 
 
 def test_transformers_llama_imports_from_the_repository_root():
@@ -183,7 +200,8 @@ def test_cli_pipeline_runs_without_triton(tmp_path):
     (blocker / "sitecustomize.py").write_text(NO_TRITON)
     check = run_python("import importlib.util; print(importlib.util.find_spec('triton'))", extra_path=blocker)
     assert check.stdout.strip() == "None", check.stderr  # the blocker works
-    r = run_python(f"import sys; sys.argv[1:] = [{str(tmp_path)!r}]\n" + PIPELINE, extra_path=blocker, timeout=600)
+    r = run_python(f"import sys; sys.argv[1:] = [{str(tmp_path)!r}]\n" + PIPELINE, extra_path=blocker, timeout=600,
+                   env={"CUDA_VISIBLE_DEVICES": ""})  # a CPU-only machine, also where CI has a GPU
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == "pipeline ok"
