@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-mb", type=int, default=1024, help="MiB of the read-bandwidth buffer")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes; the best is kept")
     ap.add_argument("--json", action="store_true", help="print the JSON on stdout instead of the table")
-    ap.add_argument("--json-out", metavar="FILE", default=None, help="also write the JSON to FILE (default: none)")
+    ap.add_argument("--json-out", metavar="FILE", default=None, help="also write the JSON to FILE (None: not written)")
     a = ap.parse_args(argv)
     try:
         from mmf.bench import check_output_path, write_json
