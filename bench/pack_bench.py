@@ -46,8 +46,7 @@ def _tensor_plan(cfg) -> list:
 
 def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
     """A random fp16 checkpoint of ``cfg`` written tensor by tensor (never the whole model in memory)."""
-    from mmf.checkpoint import CONFIG_FILE
-    from mmf.converters.packing import _plan_shards, _shard_names, _shard_writer, _write_shard_index
+    from mmf.checkpoint_layout import CONFIG_FILE, plan_shards, shard_names, shard_writer, write_shard_index
     from mmf.safetensors_io import fadvise_done
 
     out.mkdir(parents=True)
@@ -59,13 +58,13 @@ def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
         for s in shape:
             n *= s
         items.append((name, torch.float16, shape, 2 * n))
-    shards = _plan_shards(items, shard_bytes)
-    names = _shard_names(len(shards))
+    shards = plan_shards(items, shard_bytes)
+    names = shard_names(len(shards))
     weight_map, written = {}, {"output_bytes": 0}
     total = sum(it[3] for it in items)
     t0 = time.perf_counter()
     for i, (fname, shard) in enumerate(zip(names, shards)):
-        with _shard_writer(out / fname, shard, {"format": "pt"}, written, weight_map) as w:
+        with shard_writer(out / fname, shard, {"format": "pt"}, written, weight_map) as w:
             for j, (name, _, shape, nbytes) in enumerate(shard):
                 n = nbytes // 2
                 t = torch.empty(n, dtype=torch.float16)
@@ -80,7 +79,7 @@ def write_synthetic(cfg, out: Path, shard_bytes: int) -> dict:
             w.close({"format": "pt"})
         fadvise_done(out / fname)
     seconds = time.perf_counter() - t0
-    _write_shard_index(out, shards, weight_map)
+    write_shard_index(out, shards, weight_map)
     cfg_dict = cfg.to_hf_dict()
     cfg_dict["torch_dtype"] = "float16"
     (out / CONFIG_FILE).write_text(json.dumps(cfg_dict, indent=2))

@@ -3,7 +3,9 @@
 A checkpoint directory holds ``config.json``, ``model.safetensors`` (or shards
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``) and tokenizer files.
 Keys are the published layouts (``hgrn_bit``, ``llama``): no conversion step either way.
-Nothing here unpickles anything; tensors are read one at a time through ``safe_open``.
+Nothing here unpickles anything; tensors are read one at a time through ``safe_open``, and packed
+checkpoints (docs/formats.md, ``mmf.packed_format``) through the validating reader of
+``mmf.safetensors_io`` (``load_packed_model``).
 """
 
 from __future__ import annotations
@@ -17,19 +19,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checkpoint_layout import (CONFIG_FILE, DEFAULT_SHARD_BYTES, IGNORED_KEY_SUFFIXES, INDEX_FILE, WEIGHTS_FILE,
+                                files_in_order, shard_names, write_index)
 from .config import ModelConfig, load_hf_config
 from .errors import CheckpointError, MMFError
 from .outputs import atomic_directory
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_SHARD_BYTES = 4 * 1024**3
+from .packed_format import (FORMAT_KEY, SCALE_SUFFIX, TENSOR_KEY_PREFIX, is_packed_weight, packed_files,
+                            packed_tensor_meta, read_packed)
+from .safetensors_io import SafetensorsReader
+from .ternary_codes import i2_from_packed
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-# Keys some published checkpoints carry that hold no parameters (recomputed at run time).
-IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -72,19 +73,13 @@ def write_safetensors_sharded(state: dict, directory: Path, max_shard_bytes: int
     if len(shards) == 1:
         save_file(shards[0], str(Path(directory) / WEIGHTS_FILE), metadata=meta)
         return [WEIGHTS_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = shard_names(len(shards))
     weight_map = {}
     for fname, shard in zip(names, shards):
         save_file(shard, str(Path(directory) / fname), metadata=meta)
         weight_map.update({k: fname for k in shard})
     write_index(directory, weight_map, total)
     return names
-
-
-def write_index(directory: Path, weight_map: dict, total_size: int, **metadata) -> None:
-    """Write ``model.safetensors.index.json`` (Hugging Face layout) for a sharded checkpoint."""
-    (Path(directory) / INDEX_FILE).write_text(
-        json.dumps({"metadata": {"total_size": total_size, **metadata}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def save_checkpoint(model, out: Path, tokenizer=None, overwrite: bool = False, dtype: Optional[torch.dtype] = None,
@@ -179,7 +174,7 @@ def load_config(path: Path) -> ModelConfig:
 def is_packed(path: Path) -> bool:
     """True for a checkpoint written by `mmf pack` (its safetensors metadata says so)."""
     files = sorted(set(weight_files(path).values()))
-    return bool(files) and "mmf.packed_format" in file_metadata(files[0])
+    return bool(files) and FORMAT_KEY in file_metadata(files[0])
 
 
 def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
@@ -194,8 +189,6 @@ def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
     cfg = load_config(path)
     dtype = parse_dtype(dtype)
     if cfg.arch == "mmf" and is_packed(path):
-        from mmf.converters.packing import load_packed_model
-
         model = load_packed_model(path, cfg, device=device, dtype=dtype)
         for name, tensor in model.state_dict().items():  # norms, embeddings and scales: one pass
             check_finite(path, name, tensor)
@@ -232,6 +225,91 @@ def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
     if frozen:
         model.freeze()
     return model
+
+
+def load_packed_model(path, cfg, device="cpu", dtype=torch.float32):
+    """A frozen ``HGRNBitForCausalLM`` (eval mode) from a packed checkpoint directory.
+
+    Built on the meta device and filled tensor by tensor; every BitLinear becomes a
+    ``FrozenBitLinear`` holding i2 bytes in its ``packed`` buffer (tq1 files are converted at load
+    time) and s_w in ``weight_scale`` (fp32). The fp32 latent model is never materialised.
+    """
+    from .models import build_model
+    from .models.hgrn_bit import BitLinear, FrozenBitLinear
+
+    path = Path(path)
+    dtype = parse_dtype(dtype)
+    if cfg.arch != "mmf":
+        raise CheckpointError(f"{path}: packed checkpoints hold MatMul-free models; config.json says {cfg.model_type}")
+    files, heads, fmt = packed_files(path)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    bitlinears = {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    done = set()
+    readers = {}
+    try:
+        for p in files_in_order(files):
+            tensors, metadata = heads[p]
+            r = readers.setdefault(p, SafetensorsReader(p))
+            for name, info in sorted(tensors.items(), key=lambda kv: kv[1].begin):
+                if name.endswith(IGNORED_KEY_SUFFIXES) or name.endswith(".weight" + SCALE_SUFFIX):
+                    continue
+                mname = name[: -len(".weight")] if name.endswith(".weight") else None
+                if mname in bitlinears:
+                    if not is_packed_weight(name, metadata):
+                        raise CheckpointError(f"{p}: tensor {name} is a BitLinear weight but has no "
+                                              f"{TENSOR_KEY_PREFIX}{name} metadata; the file is not a valid packed file")
+                    meta = packed_tensor_meta(p, name, metadata, tensors, fmt)
+                    bl = bitlinears[mname]
+                    if tuple(meta["shape"]) != (bl.out_features, bl.in_features):
+                        raise CheckpointError(f"{p}: tensor {name} has logical shape {tuple(meta['shape'])} but "
+                                              f"config.json implies {(bl.out_features, bl.in_features)}")
+                    packed, s_w = read_packed(r, name, meta)
+                    packed = i2_from_packed(packed, bl.in_features, fmt)
+                    _replace_module(model, mname, FrozenBitLinear(
+                        bl.in_features, bl.out_features, packed=packed.to(device), weight_scale=s_w.to(device),
+                        norm_weight=torch.empty(bl.in_features, device="meta")))  # filled below; missing = error
+                    done.add(name)
+                    continue
+                if name not in params:
+                    raise CheckpointError(f"{p}: unexpected tensor {name!r} for a hgrn_bit model with this config.json")
+                if tuple(info.shape) != tuple(params[name].shape):
+                    raise CheckpointError(f"{p}: tensor {name!r} has shape {tuple(info.shape)} but config.json implies "
+                                          f"{tuple(params[name].shape)}")
+                if info.dtype not in ("F16", "BF16", "F32", "F64"):
+                    raise CheckpointError(f"{p}: tensor {name!r} has dtype {info.dtype}; expected a float tensor")
+                done.add(name)
+        # second pass: float tensors (norms of BitLinears need their FrozenBitLinear to exist)
+        for p in files_in_order(files):
+            tensors, _ = heads[p]
+            r = readers[p]
+            for name, info in sorted(tensors.items(), key=lambda kv: kv[1].begin):
+                if name in done and not is_packed_weight(name, heads[p][1]):
+                    _set_tensor(model, name, r.read(name).to(device=device, dtype=dtype))
+    finally:
+        for r in readers.values():
+            r.close()
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        more = f" and {len(leftover) - 3} more" if len(leftover) > 3 else ""
+        raise CheckpointError(f"{path}: missing tensors {', '.join(leftover[:3])}{more}")
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _replace_module(model, dotted: str, new) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _set_tensor(model, dotted: str, value: torch.Tensor) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, torch.nn.Parameter(value, requires_grad=False))
+
 
 
 def check_finite(path: Path, name: str, tensor: torch.Tensor, overflow=None) -> None:

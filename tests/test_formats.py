@@ -9,10 +9,13 @@ from pathlib import Path
 
 import torch
 
-from mmf.converters import packing
-from mmf.converters.packing import (FORMAT_KEY, KEEP_DTYPE_KEY, SCALE_SUFFIX, TENSOR_KEY_PREFIX, VERSION_KEY,
-                                    packed_tensor_meta, quantize_pack, read_packed, unpack_codes, write_packed_file)
+from mmf import packed_format
+from mmf.converters.ternary_quantization import quantize_pack
+from mmf.packed_format import (FORMAT_KEY, KEEP_DTYPE_KEY, SCALE_SUFFIX, TENSOR_KEY_PREFIX, VERSION_KEY,
+                               packed_tensor_meta, read_packed)
 from mmf.safetensors_io import MAX_HEADER_BYTES, SafetensorsReader, read_header
+from mmf.ternary_codes import unpack_codes
+from packed_file import write_packed_file
 from mmf.kernels.reference import weight_quant
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
@@ -90,7 +93,7 @@ def test_doc_names_the_code_constants():
     for const, value in [("FORMAT_KEY", FORMAT_KEY), ("VERSION_KEY", VERSION_KEY), ("KEEP_DTYPE_KEY", KEEP_DTYPE_KEY),
                          ("TENSOR_KEY_PREFIX", TENSOR_KEY_PREFIX), ("SCALE_SUFFIX", SCALE_SUFFIX)]:
         assert f"`{value.rstrip('.')}" in doc and f"(`{const}`" in doc, const
-    assert f'`"{packing.FORMAT_VERSION}"` (`FORMAT_VERSION`)' in doc
+    assert f'`"{packed_format.FORMAT_VERSION}"` (`FORMAT_VERSION`)' in doc
     assert "100 MiB" in doc and MAX_HEADER_BYTES == 100 * 1024 * 1024
-    assert json.dumps(packing.QUANT_METHOD) in doc
+    assert json.dumps(packed_format.QUANT_METHOD) in doc
     assert all(f"`{name}`" in doc for name in ("block_tq1_0", "block_tq2_0", "TQ1_0", "TQ2_0"))

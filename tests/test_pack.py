@@ -12,12 +12,14 @@ import torch
 
 import mmf
 from conftest import median_rel_err, small_model
-from mmf.checkpoint import is_packed, load_model
-from mmf.converters import packing
-from mmf.converters.packing import (FORMAT_KEY, TENSOR_KEY_PREFIX, VERSION_KEY, dequantize_exact, inspect_checkpoint,
-                                    load_packed_model, pack_checkpoint, quantize_pack, unpack_checkpoint)
+from mmf import packed_format
+from mmf.checkpoint import is_packed, load_model, load_packed_model
+from mmf.converters import packing, ternary_quantization
+from mmf.converters.packing import inspect_checkpoint, pack_checkpoint, unpack_checkpoint
+from mmf.converters.ternary_quantization import dequantize_exact, quantize_pack
+from mmf.packed_format import FORMAT_KEY, TENSOR_KEY_PREFIX, VERSION_KEY
 from mmf.safetensors_io import SafetensorsReader, read_header
-from mmf.ternary_codes import pack_i2, pack_tq1
+from mmf.ternary_codes import pack_i2, pack_tq1, packed_row_bytes
 from mmf.errors import CheckpointError, MMFError
 from mmf.kernels.reference import weight_quant
 from mmf.models.hgrn_bit import FrozenBitLinear
@@ -144,7 +146,7 @@ def test_unpack_load_and_repack_are_exact(packed_i2, tmp_path):
 
 
 def _packed_tensors(path):
-    files, heads, _ = packing.packed_files(path)
+    files, heads, _ = packed_format.packed_files(path)
     tensors = {}
     for p in set(files.values()):
         with SafetensorsReader(p) as r:
@@ -340,11 +342,11 @@ def _threshold_heavy(shape, dtype, seed):
     k = min(shape[1], 8)
     signs = torch.where(torch.rand(shape[0], k, generator=g) < 0.5, -1.0, 1.0).to(dtype)
     for _ in range(20):  # the edge values move the mean, hence the threshold: iterate to the fixed point
-        tb = packing.zero_threshold_bits(dtype, weight_quant(w)[1])
+        tb = ternary_quantization.zero_threshold_bits(dtype, weight_quant(w)[1])
         edge = torch.tensor([tb - 1, tb, tb + 1, 0], dtype=torch.int16).view(dtype)
         w[:, :k] = edge.repeat(2)[:k] * signs
         w[0, 0] = -0.0
-        if packing.zero_threshold_bits(dtype, weight_quant(w)[1]) == tb:
+        if ternary_quantization.zero_threshold_bits(dtype, weight_quant(w)[1]) == tb:
             return w
     raise AssertionError("no fixed point")
 
@@ -355,14 +357,14 @@ def _threshold_heavy(shape, dtype, seed):
 def test_pairwise_quantiser_is_weight_quant_then_pack(monkeypatch, dtype, shape, fmt):
     """The int32 two-weights-a-word path (taken for 16-bit floats with K and P even; padded rows included)
     gives weight_quant's codes, packed, and the same counts; several chunks per tensor."""
-    monkeypatch.setattr(packing, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(ternary_quantization, "CHUNK_ELEMENTS", 64)
     w = _threshold_heavy(shape, dtype, seed=shape[0])
     codes, s_w = weight_quant(w)
     ref = pack_i2 if fmt == "i2" else pack_tq1
-    k, p = shape[1], packing.packed_row_bytes(shape[1], fmt)
+    k, p = shape[1], packed_row_bytes(shape[1], fmt)
     assert k % 2 == 0 and p % 2 == 0  # the pairwise path
     out = torch.empty(shape[0], p, dtype=torch.uint8)
-    n_plus, n_minus = packing._codes_pairwise(w, fmt, packing.zero_threshold_bits(dtype, s_w), out)
+    n_plus, n_minus = ternary_quantization._codes_pairwise(w, fmt, ternary_quantization.zero_threshold_bits(dtype, s_w), out)
     assert torch.equal(out, ref(codes))
     assert (n_minus, n_plus) == (int((codes == -1).sum()), int((codes == 1).sum()))
     packed, scale, counts = quantize_pack(w, fmt)
@@ -478,7 +480,7 @@ def test_elementwise_thread_choice_changes_no_bit(monkeypatch):
     w = (torch.randn(300, 64, generator=torch.Generator().manual_seed(9)) * 0.02).half()
     codes, s_w = weight_quant(w)
     want = quantize_pack(w, "i2")
-    monkeypatch.setattr(packing, "_ELEMENTWISE_THREADS", 1)
+    monkeypatch.setattr(ternary_quantization, "_ELEMENTWISE_THREADS", 1)
     got = quantize_pack(w, "i2")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
     flat = dequantize_exact(codes, s_w, torch.float16)
@@ -487,16 +489,16 @@ def test_elementwise_thread_choice_changes_no_bit(monkeypatch):
 
 
 def test_thread_tuner_uses_the_faster_setting_and_retries_the_other():
-    tuner = packing._ThreadTuner()
+    tuner = ternary_quantization.ThreadTuner()
     tuner.full = 2
     picks = []
     for i in range(40):
         with tuner.run("shape", 1000):
-            picks.append(packing._ELEMENTWISE_THREADS)
+            picks.append(ternary_quantization._ELEMENTWISE_THREADS)
         tuner.seconds_per_element[("shape", 1)] = 1.0  # one thread measured faster
         tuner.seconds_per_element[("shape", 2)] = 2.0
     assert picks[:2] == [2, 1] and picks.count(2) == 1 + sum(1 for k in range(3, 41) if k % tuner.RETRY == 0)
-    assert packing._ELEMENTWISE_THREADS is None
+    assert ternary_quantization._ELEMENTWISE_THREADS is None
 
 
 # ---- issue 16: the default keeps the source's dtype, verify says what it compares, one size, safe outputs ----

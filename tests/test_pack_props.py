@@ -10,9 +10,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mmf.converters.packing import FORMATS, dequantize_exact, quantize_pack, unpack_codes
+from mmf.converters.ternary_quantization import dequantize_exact, quantize_pack
+from mmf.packed_format import FORMATS
 from mmf.safetensors_io import SafetensorsReader, SafetensorsWriter, read_header
-from mmf.ternary_codes import pack_i2, pack_tq1, unpack_i2, unpack_tq1
+from mmf.ternary_codes import pack_i2, pack_tq1, unpack_codes, unpack_i2, unpack_tq1
 from mmf.errors import MMFError
 from mmf.kernels.reference import weight_quant
 
