@@ -23,9 +23,9 @@
  * sum (w + 1) x; subtracting sum x gives the exact sum w x.
  *
  * Threads: a small persistent pthread pool (no OpenMP: a second OpenMP runtime beside torch's slows
- * both), workers spin briefly after a job, then sleep on a condition variable. Output rows are split
- * across threads, so every output is computed by one thread in one order: results do not depend on
- * the thread count.
+ * both), workers spin briefly after a job, then sleep on a condition variable. Threads take chunks of
+ * output rows from a shared counter; every output is computed by one thread in one order, so results
+ * do not depend on the thread count or on which thread took which chunk.
  */
 
 #define _GNU_SOURCE
@@ -367,10 +367,13 @@ MMF_EXPORT int mmf_cpu_best_isa(void) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Thread pool: worker i (1..n) runs fn(ctx, i, nth) for each job; the caller runs tid 0.
+ * Thread pool. A job is nchunks independent chunks; the caller and the workers take chunk indices
+ * from one atomic counter until none is left, so a worker that the OS has not scheduled (a loaded or
+ * oversubscribed machine) delays nothing: the caller does its share. The caller then closes the job
+ * and waits only for workers inside it (`active`), never for workers that did not come.
  * ---------------------------------------------------------------------------------------------- */
 
-typedef void (*task_fn)(void *ctx, int tid, int nth);
+typedef void (*chunk_fn)(void *ctx, int64_t chunk);
 
 static struct {
     pthread_mutex_t call_lock; /* one call at a time (scratch buffers and the job are shared) */
@@ -378,15 +381,18 @@ static struct {
     pthread_cond_t wake, done;
     int nworkers;
     _Atomic unsigned gen;     /* job generation */
-    _Atomic int pending;      /* workers that have not finished the current job */
+    _Atomic int open;         /* the current job admits workers */
+    _Atomic int active;       /* workers inside a job */
     _Atomic int sleepers;     /* workers waiting on `wake` */
     _Atomic int main_waiting; /* the caller sleeps on `done` */
-    task_fn fn;
+    _Atomic int64_t next;     /* the next chunk to take */
+    chunk_fn fn;
     void *ctx;
+    int64_t nchunks;
     int nth;
     long spin_ns;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, NULL, NULL, 1, 100000};
+          PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 1, 100000};
 
 static inline void cpu_relax(void) {
 #if MMF_X86
@@ -400,6 +406,14 @@ static inline long now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static void take_chunks(void) {
+    for (;;) {
+        const int64_t c = atomic_fetch_add_explicit(&pool.next, 1, memory_order_relaxed);
+        if (c >= pool.nchunks) return;
+        pool.fn(pool.ctx, c);
+    }
 }
 
 typedef struct {
@@ -428,8 +442,10 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&pool.lock);
         }
         seen = g;
-        if (tid < pool.nth) pool.fn(pool.ctx, tid, pool.nth);
-        if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1 && atomic_load(&pool.main_waiting)) {
+        /* enter, then check that job g is still open (seq_cst: the caller closes, then reads active) */
+        atomic_fetch_add(&pool.active, 1);
+        if (atomic_load(&pool.open) && atomic_load(&pool.gen) == g && tid < pool.nth) take_chunks();
+        if (atomic_fetch_sub(&pool.active, 1) == 1 && atomic_load(&pool.main_waiting)) {
             pthread_mutex_lock(&pool.lock);
             pthread_cond_signal(&pool.done);
             pthread_mutex_unlock(&pool.lock);
@@ -447,7 +463,8 @@ static void pool_after_fork_child(void) {
     pool.wake = c;
     pool.done = c;
     pool.nworkers = 0;
-    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.open, 0);
+    atomic_store(&pool.active, 0);
     atomic_store(&pool.sleepers, 0);
     atomic_store(&pool.main_waiting, 0);
 }
@@ -459,8 +476,9 @@ static void pool_init_once(void) {
     pthread_atfork(NULL, NULL, pool_after_fork_child);
 }
 
-/* run fn on nth threads (the caller is tid 0); call with call_lock held */
-static void pool_run(task_fn fn, void *ctx, int nth) {
+/* run fn(ctx, c) for c < nchunks on up to nth threads (the caller included); call with call_lock held */
+static void pool_run(chunk_fn fn, void *ctx, int64_t nchunks, int nth) {
+    if (nth > nchunks) nth = (int)nchunks;
     if (nth > MAX_THREADS) nth = MAX_THREADS;
     while (pool.nworkers < nth - 1) {
         pthread_t th;
@@ -481,27 +499,30 @@ static void pool_run(task_fn fn, void *ctx, int nth) {
     }
     if (nth > pool.nworkers + 1) nth = pool.nworkers + 1;
     if (nth <= 1) {
-        fn(ctx, 0, 1);
+        for (int64_t c = 0; c < nchunks; c++) fn(ctx, c);
         return;
     }
     pool.fn = fn;
     pool.ctx = ctx;
+    pool.nchunks = nchunks;
     pool.nth = nth;
-    atomic_store(&pool.pending, pool.nworkers); /* every worker acknowledges every job */
-    atomic_fetch_add(&pool.gen, 1);             /* seq_cst: pairs with the workers' sleepers count */
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.open, 1);
+    atomic_fetch_add(&pool.gen, 1); /* seq_cst: pairs with the workers' sleepers count */
     if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.lock);
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.lock);
     }
-    fn(ctx, 0, nth);
+    take_chunks();
+    atomic_store(&pool.open, 0); /* workers that have not entered yet will not */
     const long until = now_ns() + pool.spin_ns;
-    for (int i = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) != 0; i++) {
+    for (int i = 0; atomic_load(&pool.active) != 0; i++) { /* those inside finish their last chunk */
         cpu_relax();
         if ((i & 255) == 255 && now_ns() > until) {
             pthread_mutex_lock(&pool.lock);
             atomic_store(&pool.main_waiting, 1);
-            while (atomic_load(&pool.pending) != 0) pthread_cond_wait(&pool.done, &pool.lock);
+            while (atomic_load(&pool.active) != 0) pthread_cond_wait(&pool.done, &pool.lock);
             atomic_store(&pool.main_waiting, 0);
             pthread_mutex_unlock(&pool.lock);
             break;
@@ -514,13 +535,6 @@ static void call_begin(void) {
     pthread_mutex_lock(&pool.call_lock);
 }
 static void call_end(void) { pthread_mutex_unlock(&pool.call_lock); }
-
-/* [lo, hi) of n items for thread tid of nth, in multiples of `align` */
-static void split(int64_t n, int64_t align, int tid, int nth, int64_t *lo, int64_t *hi) {
-    const int64_t chunk = round_up((n + nth - 1) / nth, align);
-    *lo = min64(n, chunk * tid);
-    *hi = min64(n, *lo + chunk);
-}
 
 /* ------------------------------------------------------------------------------------------------
  * Scratch (grown as needed; used under call_lock)
@@ -822,14 +836,12 @@ typedef struct {
     int32_t *acc_out;
     /* schedule */
     int isa, R, T;
-    int64_t nblock;
+    int64_t nblock, chunk_rows;
 } gemm_job;
 
-static void prologue_task(void *ctx, int tid, int nth) {
+static void prologue_chunk(void *ctx, int64_t m) { /* one token */
     gemm_job *jb = (gemm_job *)ctx;
-    int64_t lo, hi;
-    split(jb->M, 1, tid, nth, &lo, &hi);
-    for (int64_t m = lo; m < hi; m++) {
+    {
         int8_t *dst = jb->xs + m * jb->xstride;
         if (jb->xq_in) {
             jb->xsum[m] = slice_token(jb->xq_in + m * jb->K, jb->K, jb->P, jb->Pp, dst);
@@ -880,25 +892,21 @@ static void gemm_rows(const gemm_job *jb, int64_t n0, int64_t n1) {
     }
 }
 
-static void gemm_task(void *ctx, int tid, int nth) {
+static void gemm_chunk(void *ctx, int64_t c) { /* rows [c * chunk_rows, ...) */
     const gemm_job *jb = (const gemm_job *)ctx;
-    int64_t lo, hi;
-    split(jb->N, RMAX, tid, nth, &lo, &hi);
-    if (lo < hi) gemm_rows(jb, lo, hi);
+    const int64_t n0 = c * jb->chunk_rows;
+    gemm_rows(jb, n0, min64(jb->N, n0 + jb->chunk_rows));
 }
 
-/* threads worth using: below ~64 KB of weight traffic per thread a wake-up costs more than it saves */
+/* Work per chunk (and per thread at least): below ~64 KB of weights a thread's wake-up costs more
+ * than it saves; tests lower it to run tiny shapes on several threads. */
 static int64_t min_parallel_bytes = 64 * 1024;
 
 MMF_EXPORT void mmf_cpu_set_min_parallel_bytes(int64_t n) { min_parallel_bytes = n > 1 ? n : 1; }
 
-static int threads_for(int64_t N, int64_t P, int64_t M, int nthreads) {
-    const int64_t work = N * P * (1 + (M - 1) / TMAX);
-    int64_t useful = work / min_parallel_bytes;
-    if (useful < 1) useful = 1;
-    const int64_t by_rows = (N + RMAX - 1) / RMAX;
-    if (useful > by_rows) useful = by_rows;
-    return nthreads < useful ? nthreads : (int)useful;
+static int threads_for(int64_t work_bytes, int nthreads) {
+    const int64_t useful = work_bytes / min_parallel_bytes;
+    return useful < 1 ? 1 : (useful < nthreads ? (int)useful : nthreads);
 }
 
 static int run_gemm(gemm_job *jb, int nthreads) {
@@ -906,19 +914,21 @@ static int run_gemm(gemm_job *jb, int nthreads) {
     jb->Pp = round_up(jb->P, 64);
     jb->xstride = 4 * jb->Pp;
     tile_shape(jb->isa, jb->M, &jb->R, &jb->T);
-    /* rows per block: with several token groups, keep a block of weights (~256 KB) in L2 */
-    jb->nblock = jb->M <= jb->T ? jb->N : round_up(((int64_t)256 * 1024) / (jb->P > 0 ? jb->P : 1), RMAX);
-    if (jb->nblock < RMAX) jb->nblock = RMAX;
+    /* Chunks: one token group streams ~32 KB of weights per chunk (many chunks balance threads);
+     * several token groups take ~256 KB blocks (kept in L2 while every group passes over them). */
+    const int64_t P = jb->P > 0 ? jb->P : 1;
+    const int64_t chunk_bytes = min64(jb->M <= jb->T ? 32 * 1024 : 256 * 1024, min_parallel_bytes);
+    jb->chunk_rows = round_up((chunk_bytes + P - 1) / P, RMAX);
+    jb->nblock = jb->chunk_rows;
     const size_t need = (size_t)(jb->M * jb->xstride) + (size_t)round_up(jb->M * 8, 64);
     char *buf = (char *)scratch_get(need);
     if (!buf) return MMF_ENOMEM;
     jb->xs = (int8_t *)buf;
     jb->xsum = (int32_t *)(buf + jb->M * jb->xstride);
     jb->denom = (float *)(jb->xsum + jb->M);
-    const int nth = threads_for(jb->N, jb->P, jb->M, nthreads);
-    if (jb->M == 1 || nth == 1) prologue_task(jb, 0, 1);
-    else pool_run(prologue_task, jb, (int)min64(nth, jb->M));
-    pool_run(gemm_task, jb, nth);
+    const int nth = threads_for(jb->N * jb->P * (1 + (jb->M - 1) / TMAX), nthreads);
+    pool_run(prologue_chunk, jb, jb->M, jb->M == 1 ? 1 : nth);
+    pool_run(gemm_chunk, jb, (jb->N + jb->chunk_rows - 1) / jb->chunk_rows, nth);
     return MMF_OK;
 }
 
@@ -999,14 +1009,13 @@ MMF_EXPORT int mmf_quantize_rows(const float *x, int64_t M, int64_t K, const flo
 
 typedef struct {
     const uint8_t *p;
-    int64_t N, P, K;
-    int64_t bad[MAX_THREADS];
+    int64_t N, P, K, chunk_rows;
+    _Atomic int64_t bad;
 } check_job;
 
-static void check_task(void *ctx, int tid, int nth) {
+static void check_chunk(void *ctx, int64_t c) {
     check_job *cj = (check_job *)ctx;
-    int64_t lo, hi;
-    split(cj->N, 1, tid, nth, &lo, &hi);
+    const int64_t lo = c * cj->chunk_rows, hi = min64(cj->N, lo + cj->chunk_rows);
     int64_t bad = 0;
     const uint8_t *p = cj->p + lo * cj->P;
     const int64_t nbytes = (hi - lo) * cj->P;
@@ -1016,7 +1025,7 @@ static void check_task(void *ctx, int tid, int nth) {
             const unsigned b = cj->p[n * cj->P + k % cj->P];
             bad += ((b >> (2 * (k / cj->P))) & 3) != 1;
         }
-    cj->bad[tid] = bad;
+    atomic_fetch_add(&cj->bad, bad);
 }
 
 /* number of bad bytes or padding digits (0: valid i2 of logical shape (N, K)) */
@@ -1028,25 +1037,24 @@ MMF_EXPORT int64_t mmf_i2_count_invalid(const uint8_t *packed, int64_t N, int64_
     cj.N = N;
     cj.P = P;
     cj.K = K;
-    int nth = (int)min64(nthreads, 1 + N * P / (1 << 20));
-    if (nth > MAX_THREADS) nth = MAX_THREADS;
+    cj.chunk_rows = 1 + (1 << 20) / P; /* ~1 MB per chunk */
     call_begin();
-    pool_run(check_task, &cj, nth);
+    pool_run(check_chunk, &cj, (N + cj.chunk_rows - 1) / cj.chunk_rows, nthreads);
     call_end();
-    int64_t bad = 0;
-    for (int i = 0; i < MAX_THREADS; i++) bad += cj.bad[i];
-    return bad;
+    return atomic_load(&cj.bad);
 }
 
 /* ------------------------------------------------------------------------------------------------
  * Read bandwidth: a read-only stream over a buffer (the benchmark's reference for "memory-bound")
  * ---------------------------------------------------------------------------------------------- */
 
+#define STREAM_CHUNK ((int64_t)1 << 20)
+
 typedef struct {
     const uint8_t *p;
     int64_t n;
     int isa;
-    uint64_t out[MAX_THREADS];
+    _Atomic uint64_t out;
 } stream_job;
 
 #if MMF_X86
@@ -1099,10 +1107,9 @@ static uint64_t stream_scalar(const uint8_t *p, int64_t n) {
     return r0 ^ r1;
 }
 
-static void stream_task(void *ctx, int tid, int nth) {
+static void stream_chunk(void *ctx, int64_t c) {
     stream_job *sj = (stream_job *)ctx;
-    int64_t lo, hi;
-    split(sj->n, 4096, tid, nth, &lo, &hi);
+    const int64_t lo = c * STREAM_CHUNK, hi = min64(sj->n, lo + STREAM_CHUNK);
     uint64_t r = 0;
     if (lo < hi) {
 #if MMF_X86
@@ -1112,7 +1119,7 @@ static void stream_task(void *ctx, int tid, int nth) {
 #endif
             r = stream_scalar(sj->p + lo, hi - lo);
     }
-    sj->out[tid] = r;
+    atomic_fetch_xor(&sj->out, r);
 }
 
 /* xor of all 8-byte words of buf (a checksum nobody needs: it keeps the loads alive) */
@@ -1124,9 +1131,7 @@ MMF_EXPORT uint64_t mmf_read_stream(const uint8_t *buf, int64_t n, int nthreads,
     sj.n = n;
     sj.isa = isa;
     call_begin();
-    pool_run(stream_task, &sj, nthreads);
+    pool_run(stream_chunk, &sj, (n + STREAM_CHUNK - 1) / STREAM_CHUNK, nthreads);
     call_end();
-    uint64_t r = 0;
-    for (int i = 0; i < MAX_THREADS; i++) r ^= sj.out[i];
-    return r;
+    return atomic_load(&sj.out);
 }
