@@ -8,43 +8,37 @@ Two regions, each one linear word address space split into banks of ``bank_words
 * ``params``: everything else (embeddings, norm weights, lower bounds) as fp16 (or bf16/fp32) and
   the per-tensor weight scales s_w as fp32, each tensor starting on a word boundary.
 
-The build streams the checkpoint one tensor at a time (float and latent checkpoints through
+The build streams the checkpoint one tensor at a time (``fpga.source``: float and latent checkpoints through
 ``iter_tensors``; packed checkpoints through the frozen model), writes each region's raw ``.bin``
 image in place, then cuts the banks' ``.mem``/``.coe``/``.mif`` files from it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from mmf.checkpoint import is_packed, load_config, open_safetensors, weight_files
 from mmf.errors import MMFError
 from mmf.outputs import atomic_directory, check_output, check_output_file, write_text_output
 
 from . import formats as fmt
+from .manifest import CHECKSUMS, FORMAT_NAME, FORMAT_VERSION, HEADER, MANIFEST, RESOURCES, sha256_file
+from .sim import check_verify_options, failure_summary, find_simulator, verify_image
+from .source import DERIVED_LB, CheckpointSource, is_ternary_name, layer_of
 
-FORMAT_NAME = "mmf-fpga-image"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-HEADER = "mmf_image.vh"
-RESOURCES = "resources.json"
-CHECKSUMS = "SHA256SUMS"
 WORD_BITS_MIN, WORD_BITS_MAX = 32, 4096
 DEFAULT_WORD_BITS = 64
 DEFAULT_BANK_WORDS = 4096  # one UltraRAM (4096 x 72) deep; 8 BRAM36 at 64 bits
 DEFAULT_ON_CHIP_MIB = 32.0  # about the BRAM + UltraRAM of a large Alveo/Versal card
 SCALE_SUFFIX = "_scale"  # "<tensor>.weight" -> "<tensor>.weight_scale", FrozenBitLinear's buffer name
-DERIVED_LB = "model.layer_lower_bounds"
 ELEMENT_ORDER_TERNARY = ("row-major; row n starts at word base + (n // rows_per_bank) * bank_words + "
                          "(n % rows_per_bank) * words_per_row; column k is in word k // codes_per_word of its row, "
                          "lane k % codes_per_word = bits [2*lane+1 : 2*lane]; code = w + 1 (0:-1, 1:0, 2:+1, "
@@ -52,10 +46,6 @@ ELEMENT_ORDER_TERNARY = ("row-major; row n starts at word base + (n // rows_per_
 ELEMENT_ORDER_VALUES = ("row-major (C order) flattening; element i is in word base + i // values_per_word, "
                         "lane i % values_per_word = bits [b*(lane+1)-1 : b*lane] with b bits per value, "
                         "little-endian IEEE encoding")
-
-_PROJ_ORDER = ["attn_norm.weight", "attn.i_proj", "attn.f_proj", "attn.g_proj", "attn.g_norm.weight", "attn.o_proj",
-               "mlp_norm.weight", "mlp.gate_proj", "mlp.down_proj"]
-
 
 @dataclass
 class ImageOptions:
@@ -82,15 +72,6 @@ class ImageOptions:
         if not (math.isfinite(self.on_chip_mib) and self.on_chip_mib >= 0):
             raise MMFError(f"--on-chip-mib {self.on_chip_mib}: give the on-chip memory budget in MiB, a number >= 0 "
                            "(0 places every region off-chip)")
-
-
-def check_verify_options(verify_rows: int, seed: int) -> None:
-    """--verify-rows: rows per tensor, >= 1, or 0 for every row; --seed: 0 <= seed < 2**32."""
-    if not isinstance(verify_rows, int) or verify_rows < 0:
-        raise MMFError(f"--verify-rows {verify_rows}: give the number of rows to simulate per tensor (1 or more), "
-                       "or 0 to simulate every row")
-    if not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise MMFError(f"--seed {seed}: give a seed from 0 to {2**32 - 1}")
 
 
 def parse_formats(spec: str) -> tuple:
@@ -125,149 +106,11 @@ def parse_layers(spec: str, num_layers: int) -> tuple[set, bool, bool]:
     return layers, lm_head, emb
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reading the checkpoint: names and shapes first (headers only), then tensors one at a time.
-
-
-def _layer_of(name: str) -> Optional[int]:
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-def is_ternary_name(name: str) -> bool:
-    return name.endswith("_proj.weight") or name == "lm_head.weight"
-
-
-def _order_key(name: str, num_layers: int):
-    layer = _layer_of(name)
-    if layer is not None:
-        rest = name.split(".", 3)[3]
-        rank = next((i for i, p in enumerate(_PROJ_ORDER) if rest.startswith(p)), len(_PROJ_ORDER))
-        norm_first = 0 if rest.endswith("norm.weight") and "_proj" in rest else 1  # a BitLinear's norm, then it
-        return (1, layer, rank, norm_first, rest)
-    head = {"model.embeddings.weight": 0, "model.lower_bounds": 1, DERIVED_LB: 2}
-    if name in head:
-        return (0, head[name], 0, 0, name)
-    tail = {"model.norm.weight": 0, "lm_head.norm.weight": 1, "lm_head.weight": 2}
-    return (2, tail.get(name, 3), 0, 0, name)
-
-
-class CheckpointSource:
-    """The tensors of an mmf checkpoint as the image needs them: ternary (codes, s_w) or dense values."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.cfg = load_config(self.path)
-        if self.cfg.arch != "mmf":
-            raise MMFError(f"{self.path}: a {self.cfg.model_type} (Transformer++) checkpoint has no ternary weights; "
-                           "fpga-image needs a MatMul-free (hgrn_bit) checkpoint")
-        self.packed = is_packed(self.path)
-        self._model = None
-        self.shapes: dict = {}
-        self.dtypes: dict = {}
-        if self.packed:
-            self.kind = "packed"
-            model = self.model()
-            for name, shape, dtype in self._model_entries(model):
-                self.shapes[name], self.dtypes[name] = shape, dtype
-        else:
-            files = weight_files(self.path)
-            by_file: dict = {}
-            for k, p in files.items():
-                by_file.setdefault(p, []).append(k)
-            for p, keys in by_file.items():
-                with open_safetensors(p) as f:
-                    for k in keys:
-                        if k.endswith("rotary_emb.inv_freq"):
-                            continue
-                        sl = f.get_slice(k)
-                        self.shapes[k] = tuple(sl.get_shape())
-                        self.dtypes[k] = sl.get_dtype()
-            self.kind = "float" if all(d in ("F16", "BF16", "F32") for d in self.dtypes.values()) else "mixed"
-            self.tied_head = "lm_head.weight" not in self.shapes and "model.embeddings.weight" in self.shapes
-            if self.tied_head:
-                self.shapes["lm_head.weight"] = self.shapes["model.embeddings.weight"]
-                self.dtypes["lm_head.weight"] = self.dtypes["model.embeddings.weight"]
-        if "model.lower_bounds" in self.shapes:
-            self.shapes[DERIVED_LB] = self.shapes["model.lower_bounds"]
-            self.dtypes[DERIVED_LB] = "derived"
-        for name in list(self.shapes):
-            if is_ternary_name(name) and len(self.shapes[name]) != 2:
-                raise MMFError(f"{self.path}: tensor {name} has shape {self.shapes[name]}, expected a 2-D weight")
-
-    def model(self):
-        if self._model is None:
-            from mmf.checkpoint import load_model
-
-            self._model = load_model(self.path, frozen=True)
-        return self._model
-
-    @staticmethod
-    def _model_entries(model):
-        from mmf.models.hgrn_bit import FrozenBitLinear
-
-        skip = set()
-        for mname, m in model.named_modules():
-            if isinstance(m, FrozenBitLinear):
-                yield f"{mname}.weight", (m.out_features, m.in_features), "ternary"
-                skip.update({f"{mname}.codes", f"{mname}.packed", f"{mname}.weight_scale"})
-        for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if pname not in skip and p is not None and p.is_floating_point():
-                yield pname, tuple(p.shape), str(p.dtype).replace("torch.", "")
-
-    def names(self) -> list:
-        return sorted(self.shapes, key=lambda n: _order_key(n, self.cfg.num_hidden_layers))
-
-    def iter(self, wanted: set) -> Iterator[tuple[str, object]]:
-        """Yield (name, (codes int8, s_w fp32)) for ternary names and (name, float tensor) for the others."""
-        from mmf.kernels.reference import weight_quant
-
-        if self.packed:
-            from mmf.models.hgrn_bit import FrozenBitLinear
-
-            model = self.model()
-            mods = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, FrozenBitLinear)}
-            tensors = dict(model.named_parameters())
-            tensors.update(dict(model.named_buffers()))
-            for name in self.names():
-                if name not in wanted:
-                    continue
-                if name in mods:
-                    m = mods[name]
-                    yield name, (m.ternary_codes().to(torch.int8).cpu(), m.weight_scale.float().cpu())
-                elif name == DERIVED_LB:
-                    yield name, derived_lower_bounds(tensors["model.lower_bounds"])
-                else:
-                    yield name, tensors[name].detach().cpu()
-            return
-        need = set(wanted)
-        if DERIVED_LB in need:
-            need.add("model.lower_bounds")
-        if self.tied_head and "lm_head.weight" in need:
-            need.add("model.embeddings.weight")
-        from mmf.checkpoint import iter_tensors
-
-        for name, t in iter_tensors(self.path, need):
-            if name == "model.embeddings.weight" and self.tied_head and "lm_head.weight" in wanted:
-                yield "lm_head.weight", weight_quant(t)
-            if name == "model.lower_bounds" and DERIVED_LB in wanted:
-                yield DERIVED_LB, derived_lower_bounds(t)
-            if name not in wanted:
-                continue
-            yield name, (weight_quant(t) if is_ternary_name(name) else t)
-
-
-def derived_lower_bounds(lower_bounds: torch.Tensor) -> torch.Tensor:
-    """The lower bound each layer's forget gate uses: softmax over layers, cumsum, minus row 0 (row 0 is 0)."""
-    lb = lower_bounds.float().softmax(0)
-    return lb.cumsum(0) - lb[0]
-
-
 def select_names(source: CheckpointSource, layers_spec: str) -> list:
     layers, lm_head, emb = parse_layers(layers_spec, source.cfg.num_hidden_layers)
     out = []
     for name in source.names():
-        layer = _layer_of(name)
+        layer = layer_of(name)
         if layer is not None:
             keep = layer in layers
         elif name.startswith("lm_head."):
@@ -401,14 +244,6 @@ def resource_report(regions: dict, entries: list, opt: ImageOptions) -> list:
 
 def bank_file(region: str, bank: int, ext: str) -> str:
     return f"{region}/bank{bank:05d}.{ext}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_tensors(source: CheckpointSource, layout: dict, tmp: Path, opt: ImageOptions, progress) -> None:
@@ -559,8 +394,6 @@ def build_image(checkpoint, out, opt: Optional[ImageOptions] = None, overwrite: 
     names = select_names(source, opt.layers)
     layout = plan_layout(source, names, opt)
     if verify:
-        from .sim import find_simulator
-
         find_simulator()  # fail before any work when the simulator is missing
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         transient=True, disable=not sys.stderr.isatty())
@@ -583,13 +416,9 @@ def build_image(checkpoint, out, opt: Optional[ImageOptions] = None, overwrite: 
         (tmp / CHECKSUMS).write_text("".join(f"{v['sha256']}  {k}\n" for k, v in sorted(sums.items())))
         report = {"manifest": manifest, "verify": None}
         if verify:
-            from .sim import verify_image
-
             report["verify"] = verify_image(tmp, checkpoint, rows=verify_rows, seed=seed, source=source,
                                             progress=progress, checksums=False)  # hashed a moment ago
             if not report["verify"]["passed"]:
-                from .sim import failure_summary
-
                 raise MMFError(failure_summary(report["verify"]) + "; nothing was written")
     if json_out is not None:
         write_text_output(json_out, json.dumps(report_document(report, out), indent=2) + "\n")

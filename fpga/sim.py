@@ -27,6 +27,8 @@ import torch
 from mmf.errors import MMFError
 
 from . import formats as fmt
+from .manifest import MANIFEST, check_checksums
+from .source import CheckpointSource
 
 INSTALL_HINT = ("Icarus Verilog (iverilog, vvp) is not installed; install it with `apt-get install iverilog` "
                 "(macOS: `brew install icarus-verilog`) and re-run")
@@ -44,18 +46,6 @@ def find_simulator() -> tuple[str, str]:
     if not iverilog or not vvp:
         raise MMFError(INSTALL_HINT)
     return iverilog, vvp
-
-
-def check_checksums(image_dir: Path, manifest: dict) -> None:
-    from .image import sha256_file
-
-    for rel, info in manifest["files"].items():
-        path = Path(image_dir) / rel
-        if not path.is_file():
-            raise MMFError(f"{path}: listed in manifest.json but missing; rebuild the image with mmf fpga-image")
-        if sha256_file(path) != info["sha256"]:
-            raise MMFError(f"{path}: sha256 differs from manifest.json (the file was changed or truncated); "
-                           "rebuild the image with mmf fpga-image")
 
 
 def random_activations(k: int, seed: int, name: str) -> torch.Tensor:
@@ -118,14 +108,21 @@ def _run_job(args: list, jobdir: Path, timeout_s: float) -> tuple:
     return m.group(1), m.group(2).strip(), [g - (1 << 32) if g >= 1 << 31 else g for g in got]
 
 
+def check_verify_options(verify_rows: int, seed: int) -> None:
+    """--verify-rows: rows per tensor, >= 1, or 0 for every row; --seed: 0 <= seed < 2**32."""
+    if not isinstance(verify_rows, int) or verify_rows < 0:
+        raise MMFError(f"--verify-rows {verify_rows}: give the number of rows to simulate per tensor (1 or more), "
+                       "or 0 to simulate every row")
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise MMFError(f"--seed {seed}: give a seed from 0 to {2**32 - 1}")
+
+
 def verify_image(image_dir, checkpoint, rows: int = 64, seed: int = 0, source=None, progress=None,
                  checksums: bool = True, timeout_s: float = 600.0, workers: Optional[int] = None) -> dict:
     """Simulate the reference RTL on the image's ternary banks; returns a report (``passed`` and rows per tensor).
 
     ``rows`` rows of every ternary tensor are simulated (half from the start, half from the end; 0 = all).
     """
-    from .image import MANIFEST, CheckpointSource, check_verify_options
-
     check_verify_options(rows, seed)
     iverilog, vvp = find_simulator()
     image_dir = Path(image_dir)

@@ -2,19 +2,22 @@
 
 The core (every module under mmf/) and the kernels (kernels/, which the core calls) must never import
 from converters/, bench/, fpga/ or mmf_cli/ (installed as mmf.converters, mmf.bench, mmf.fpga, mmf.cli),
-neither at the top of a file nor inside a function. Read from the source with ``ast``, relative imports
-resolved, so an import that only runs on some code path is caught too.
+neither at the top of a file nor inside a function; and the modules of converters/, fpga/ and kernels/
+import each other one way (no circle such as fpga/image.py <-> fpga/sim.py). Read from the source with
+``ast``, relative imports resolved, so an import that only runs on some code path is caught too.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> the package it is installed as (pyproject.toml's package-dir)
+PACKAGES = {"mmf": "mmf", "kernels": "mmf.kernels", "converters": "mmf.converters", "fpga": "mmf.fpga"}
 LOWER = {"mmf": "mmf", "kernels": "mmf.kernels"}
 UPPER = ("converters", "bench", "fpga", "cli")
 FORBIDDEN = tuple(f"mmf.{name}" for name in UPPER) + ("converters", "bench", "fpga", "mmf_cli")
@@ -24,7 +27,7 @@ def module_name(path: Path, folder: str) -> str:
     parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join([LOWER[folder], *parts])
+    return ".".join([PACKAGES[folder], *parts])
 
 
 def imported_modules(source: str, module: str, is_package: bool = False) -> list:
@@ -105,3 +108,49 @@ def test_the_check_catches_upward_imports(source, module, is_package):
 ])
 def test_the_check_allows_imports_within_the_core(source, module):
     assert upward_imports(source, module) == []
+
+
+def import_cycles(folder: str) -> list:
+    """The circles of imports among the modules of ``folder`` (strongly connected components > 1 module)."""
+    modules = {module_name(p, folder): p for p in sorted((ROOT / folder).rglob("*.py")) if p.name != "__init__.py"}
+    graph = {name: {m for _, m in imported_modules(p.read_text(encoding="utf-8"), name) if m in modules and m != name}
+             for name, p in modules.items()}
+    cycles, index, low, stack, on_stack = [], {}, {}, [], set()
+
+    def visit(v):  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+@pytest.mark.parametrize("folder", ["converters", "fpga", "kernels"])
+def test_no_import_circles(folder):
+    assert import_cycles(folder) == []
+
+
+def test_the_circle_check_finds_a_circle(tmp_path, monkeypatch):
+    pkg = tmp_path / "fpga"
+    pkg.mkdir()
+    (pkg / "image.py").write_text("def build():\n    from .sim import verify_image\n")
+    (pkg / "sim.py").write_text("from .image import build\n")
+    (pkg / "formats.py").write_text("import numpy\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert import_cycles("fpga") == [["mmf.fpga.image", "mmf.fpga.sim"]]
