@@ -28,6 +28,89 @@ CPU_FIGURES = {
     "e2e_tokens_per_s", "peak_rss_bytes", "peak_rss_above_start_bytes", "peak_memory_bytes", "bytes_per_decode_token",
     "decode_floor_ms",
 }
+TABLE_COLUMNS = ["size", "model", "weights", "peak mem", "state", "prefill ms", "decode ms/tok", "floor ms", "e2e s",
+                 "tok/s", "build s", "status"]
+
+
+# --------------------------------------------------------------------------------------- the JSON's shape
+# The JSON document of `mmf bench` on a CPU, key by key, as written down from a run of the single-file
+# bench/model_bench.py before its split into protocol, variants and report (issue 17 item 2): the
+# split, and any later change that is not meant to change the document, keeps it. Values differ run
+# to run; the shape does not. `a/{b,c}` stands for `a/b` and `a/c`; `x[]` for the items of a list.
+def _expand(pattern: str) -> list[str]:
+    i = pattern.find("{")
+    if i < 0:
+        return [pattern]
+    j = pattern.index("}", i)
+    return [x for alt in pattern[i + 1:j].split(",") for x in _expand(pattern[:i] + alt + pattern[j + 1:])]
+
+
+def _paths(*patterns: str, under: str = "") -> set[str]:
+    return {under + p for pattern in patterns for p in _expand(pattern)}
+
+
+def _leaf_paths(x, prefix: str = "") -> set[str]:
+    """The path to every value of a JSON document (its shape): `a/b` for a key, `a[]` for a list's items."""
+    if isinstance(x, dict) and x:
+        return set().union(*(_leaf_paths(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in x.items()))
+    if isinstance(x, list) and x:
+        return set().union(*(_leaf_paths(v, prefix + "[]") for v in x))
+    return {prefix + ("{}" if x == {} else "[]" if x == [] else "")}
+
+
+DOC_HEAD = _paths(
+    "{schema_version,command,started_utc,finished_utc}",
+    "machine/{hostname,platform,python,torch,cpu,cpu_cores_logical,cpu_threads_torch,ram_total_bytes,"
+    "ram_available_bytes_at_start,load_average_at_start[],triton,transformers,mmf}",
+    "protocol/{device,device_choice,batch,prompt_len,gen_len,repeat,dtype,format,seed,variants[],description,"
+    "memory_limit_bytes}",
+    "protocol/defaults_used/{prompt_len,gen_len,repeat}",
+    "copy_bandwidth/{bytes_per_s,buffer_bytes,iters,median_s,label}")
+VARIANT_HEAD = _paths("{variant,size,num_layers,status,label,available_bytes,memory_safety}",
+                      "memory_estimate/{fixed_bytes,per_layer_bytes,cache_per_layer_bytes,workspace_bytes,total_bytes,"
+                      "layers}")
+RAW_TIMING = _paths("timing/decode_steps", "timing/{prefill_s,decode_s_per_token,e2e_s}/{median,min,max,values[]}")
+RAW_MEASURED = RAW_TIMING | _paths(
+    "{layers,path,build_s,setup_s,weight_bytes,state_bytes_end,bytes_per_decode_token,decode_floor_s}",
+    "memory/{peak_rss_bytes,rss_before_bytes,peak_rss_above_start_bytes,method}")
+RAW_EXTRAPOLATED = RAW_TIMING | _paths(
+    "{layers,path,build_s,weight_bytes,weight_label,state_bytes_end,bytes_per_decode_token,decode_floor_s}",
+    "memory/{peak_rss_bytes,rss_before_bytes,peak_rss_above_start_bytes,method}")
+
+
+def _figure_paths(names, under="figures/", keys="{value,unit,label}") -> set[str]:
+    return {p for n in names for p in _paths(f"{n}/{keys}", under=under)}
+
+
+def variant_shape(variant: str, status: str = "measured") -> set[str]:
+    """The paths of one variant's entry on a CPU: the Transformer++ static cache adds what it allocated."""
+    if status == "does_not_fit":
+        return VARIANT_HEAD
+    static = variant == "transformer++"
+    allocated = {"state_bytes_allocated"} if static else set()
+    shape = VARIANT_HEAD | _figure_paths(CPU_FIGURES | allocated)
+    if status == "measured":
+        return shape | {"raw/" + p for p in RAW_MEASURED | allocated}
+    partial = {f"partial/{k}/{p}" for k in ("1", "2") for p in RAW_MEASURED | allocated}
+    return shape | {"needs_bytes"} | partial | {"raw/" + p for p in RAW_EXTRAPOLATED | allocated}
+
+
+def document_shape(variants) -> set[str]:
+    """The paths of a whole CPU document at size tiny, every variant measured, the configs left out."""
+    size = "sizes/tiny/"
+    shape = DOC_HEAD | _figure_paths(CPU_FIGURES, under=size + "ratio_mmf_over_transformer++/", keys="{value,label}")
+    return shape | {f"{size}variants/{v}/{p}" for v in variants for p in variant_shape(v)}
+
+
+def shape_of(doc: dict) -> set[str]:
+    """``_leaf_paths`` of a document, less the two config dicts, which must be the presets' configs whole."""
+    import dataclasses
+
+    for size, s in doc["sizes"].items():
+        cfg_m, cfg_l = mb.bench_configs(size)
+        assert s["config_mmf"] == json.loads(json.dumps(dataclasses.asdict(cfg_m)))
+        assert s["config_transformer++"] == json.loads(json.dumps(dataclasses.asdict(cfg_l)))
+    return {p for p in _leaf_paths(doc) if "/config_" not in p}
 
 
 # --------------------------------------------------------------------------------------- static baseline
@@ -174,6 +257,24 @@ def test_run_bench_tiny_every_field(tmp_path, tiny_result):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_document_and_table_keep_their_shape(tiny_result, capsys):
+    """The JSON document has exactly the keys it had before the split of bench/model_bench.py (see
+    DOC_HEAD), and the table the same columns and rows, whatever the figures."""
+    res = json.loads(json.dumps(tiny_result))
+    variants = res["protocol"]["variants"]
+    with_hf = res["machine"]["transformers"] is not None
+    assert variants == ["mmf", "transformer++"] + (["hf-llama"] if with_hf else [])
+    assert shape_of(res) == document_shape(variants)
+    rows = mb.table_rows(res)
+    assert [list(r) for r in rows] == [TABLE_COLUMNS] * len(rows)
+    assert [r["model"] for r in rows] == variants + ["mmf ÷ transformer++"] and {r["size"] for r in rows} == {"tiny"}
+    mb.print_results(res)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == mb.table_title(res) and lines[0].startswith("mmf bench: cpu, batch 1, prompt 3, 3 new tokens")
+    assert lines[1].split() == " ".join(TABLE_COLUMNS).split()
+    assert lines[3 + len(rows)] == "paths:" and lines[-1].startswith("protocol: Random weights")
+
+
 def test_plot_bars_are_linear_and_labelled(tiny_result):
     """Each panel's bars stand on a linear axis from 0 and carry their values (a log axis with bars
     from the bottom made a 3.9x gap look like 30x)."""
@@ -229,6 +330,8 @@ def test_run_bench_extrapolates_when_the_model_does_not_fit():
     assert figs["state_bytes_end"]["value"] == 2 * 4 * cfg_l.hidden_size * 2 * 5  # exact: linear in layers
     assert all(f["value"] > 0 for f in figs.values())
     assert "(x)" in mb.table_rows(res)[0]["decode ms/tok"]
+    assert _leaf_paths(json.loads(json.dumps(v))) == variant_shape("transformer++", "extrapolated")
+    assert list(mb.table_rows(res)[0]) == TABLE_COLUMNS
 
 
 def test_run_bench_does_not_fit_says_so():
@@ -240,6 +343,9 @@ def test_run_bench_does_not_fit_says_so():
     assert res["sizes"]["tiny"]["ratio_mmf_over_transformer++"] == {}
     rows = mb.table_rows(res)
     assert rows[0]["status"].startswith("does not fit")
+    for name, v in res["sizes"]["tiny"]["variants"].items():
+        assert _leaf_paths(json.loads(json.dumps(v))) == variant_shape(name, "does_not_fit")
+    assert [list(r) for r in rows] == [["size", "model", "status"]] * 2
 
 
 def test_bad_arguments_are_one_line_errors():
@@ -290,6 +396,7 @@ def test_cli_bench_json_flag_json_out_png_and_device_auto(tmp_path, monkeypatch,
     assert json.loads(js.read_text()) == data
     assert f"wrote {js}" in err and f"wrote {png}" in err
     assert isinstance(data["command"], str) and set(data["sizes"]["tiny"]["variants"]) == {"mmf", "transformer++"}
+    assert shape_of(data) == document_shape(["mmf", "transformer++"])  # `mmf bench`'s document keeps its shape
     p = data["protocol"]
     assert p["gen_len"] == 2 and p["batch"] == 1
     assert p["device"] == "cpu" and p["device_choice"] == "--device auto: no CUDA device is visible"
