@@ -99,7 +99,6 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-
 def _progress(enabled: bool, total: int, description: str):
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
@@ -110,7 +109,6 @@ def _progress(enabled: bool, total: int, description: str):
 
 def _dtype_numbytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
 
 
 # ---- pack -----------------------------------------------------------------------------------------

@@ -171,7 +171,6 @@ def quantize_pack(w: torch.Tensor, fmt: str, name: str = "tensor", scratch: Opti
     if not (bool(torch.isfinite(s_w)) and float(s_w) > 0):
         raise CheckpointError(f"tensor {name}: contains NaN or inf (mean|W| is not finite); "
                               "the checkpoint is damaged, retrain or re-export it")
-    g = GROUP[fmt]
     p = packed_row_bytes(k, fmt)
     tb = zero_threshold_bits(w.dtype, s_w)
     out = torch.empty(n_rows, p, dtype=torch.uint8)
@@ -261,7 +260,6 @@ def _codes_pairwise(w: torch.Tensor, fmt: str, tb: int, out: torch.Tensor) -> tu
         out[a:b].copy_(oc.view(torch.int16))  # each half is one byte value in [0, 242]
     n_nz, n_neg = int(acc_nz.sum()), int(acc_neg.sum())
     return n_nz - n_neg, n_neg
-
 
 
 @_elementwise

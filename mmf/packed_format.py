@@ -159,7 +159,7 @@ def read_packed(reader: SafetensorsReader, name: str, meta: dict) -> tuple:
 
 def check_packed(path: Path, name: str, meta: dict, packed: torch.Tensor, scale: torch.Tensor) -> tuple:
     """``read_packed``'s checks of tensors already read: returns (packed, s_w fp32 0-d, a copy)."""
-    fmt, (n_rows, k) = meta["format"], meta["shape"]
+    fmt, k = meta["format"], meta["shape"][1]
     s_w = scale.reshape(()).clone()
     if not bool(s_w == torch.tensor(meta["scale"], dtype=torch.float64).to(torch.float32)):
         raise CheckpointError(f"{path}: tensor {name}: scale tensor {float(s_w)!r} differs from the metadata "
