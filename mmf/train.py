@@ -37,6 +37,7 @@ from .data import (BUILTIN_PREFIX, TokenData, batch_indices, builtin_corpus_file
                    prepare_tokens, resolve_files)
 from .distributed import World, all_mean, all_sum, any_flag, barrier, broadcast_object, init_world, shutdown
 from .errors import MMFError
+from .units import human_bytes
 from .train_config import TrainConfig, build_model_config, config_to_toml, load_train_config
 
 CKPT_PREFIX = "step-"
@@ -54,7 +55,8 @@ class TrainResult:
     checkpoint: Optional[Path]
     step: int
     losses: list = field(default_factory=list)  # this process's per-step training losses (global mean)
-    val_loss: float = float("nan")
+    val_loss: float = float("nan")  # the last validation of this run; nan if none ran (interrupted early)
+    val_step: int = 0  # the step at which val_loss was measured
     unigram_entropy: float = float("nan")
     tokens: int = 0
     seconds: float = 0.0
@@ -62,6 +64,20 @@ class TrainResult:
     interrupted: bool = False
     params: int = 0
     is_main: bool = True  # rank 0 (the process that prints and writes)
+
+    def summary(self) -> dict:
+        """The run's figures, raw (``mmf train --json``); a validation loss not measured is None."""
+        measured = math.isfinite(self.val_loss)
+        return {
+            "out": str(self.out), "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "steps": self.step, "interrupted": self.interrupted,
+            "train_loss_last_step": self.losses[-1] if self.losses else None,
+            "val_loss": self.val_loss if measured else None, "val_step": self.val_step if measured else None,
+            "val_perplexity": math.exp(min(self.val_loss, 50)) if measured else None,
+            "unigram_entropy": self.unigram_entropy if math.isfinite(self.unigram_entropy) else None,
+            "tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s,
+            "parameters": self.params,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,19 +111,57 @@ def schedule(cfg: TrainConfig, step: int) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 # Output directory and checkpoints
 
-def default_out(cfg: TrainConfig) -> Path:
-    """``runs/<name>-<YYYYmmdd-HHMMSS>``, with a suffix if that exists already (two runs in one second)."""
-    stem = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, n = stem, 1
-    while out.exists():
-        n += 1
-        out = Path(f"{stem}-{n}")
-    return out
+def make_run_dir(cfg: TrainConfig, clock: Callable[[], float] = time.time) -> Path:
+    """Create and return ``runs/<name>-<YYYYmmdd-HHMMSS>``; ``-2``, ``-3``, ... when it exists already.
+
+    Created with ``os.mkdir`` (never ``exist_ok``), so two runs started in the same second, in one
+    process or two, never share a directory: the one that loses the race takes the next suffix.
+    """
+    stem = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(clock()))}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        out = stem if n == 1 else Path(f"{stem}-{n}")
+        try:
+            os.mkdir(out)
+            return out
+        except FileExistsError:
+            n += 1
+        except OSError as e:
+            raise MMFError(f"cannot create run directory {out} ({e.strerror}); choose a writable --out") from None
 
 
 def _fresh(out: Path) -> bool:
     """True if ``out`` is absent, empty, or holds only what a run that failed before training leaves."""
     return not out.exists() or all(p.name == RUN_CONFIG for p in out.iterdir())
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """One clear line for an ``--out`` that cannot be a run directory."""
+    if out.exists() and not out.is_dir():
+        raise MMFError(f"--out {out} is a file, not a directory; give a directory path for the run "
+                       "(it is created if absent)")
+    if not resume and not _fresh(out):
+        raise MMFError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
+
+
+def _discard_failed_run(out: Path, created: bool) -> None:
+    """After a run that failed or stopped before its first checkpoint: remove what it wrote.
+
+    Only the files a run writes are removed (the run config, metrics, the plot, a write probe); the
+    directory goes too if this run created it and it is then empty. A directory with a checkpoint,
+    or with files of the user's, is left as it is.
+    """
+    if not out.is_dir() or list_checkpoints(out):
+        return
+    for p in out.iterdir():
+        if p.is_file() and (p.name in (RUN_CONFIG, METRICS_FILE, PLOT_FILE) or p.name.startswith(".write-test-")):
+            p.unlink(missing_ok=True)
+    if created:
+        try:
+            out.rmdir()
+        except OSError:
+            pass  # something else is in it: keep it
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -137,8 +191,79 @@ def preflight(out: Path, n_params: int, keep: int) -> None:
     need = per_ckpt * (keep + 1)
     free = shutil.disk_usage(out).free
     if free < need:
-        raise MMFError(f"{out}: only {free / 2**30:.2f} GiB free but {keep + 1} checkpoints need about "
-                       f"{need / 2**30:.2f} GiB; free space, lower checkpoint.keep or choose another --out")
+        raise MMFError(f"{out}: only {human_bytes(free)} free but {keep + 1} checkpoints need about "
+                       f"{human_bytes(need)}; free space, lower checkpoint.keep or choose another --out")
+
+
+def _planned_model(cfg: TrainConfig):
+    """The model config and parameter count a run will build, before its tokenizer exists: the
+    vocabulary is the one asked for, else the tokenizer's (byte: 259, bpe: its vocab_size), else the preset's."""
+    from .models import build_model
+    from .tokenizer import ByteTokenizer
+
+    vocab = cfg.model.get("vocab_size")
+    if not isinstance(vocab, int):
+        vocab = {"byte": ByteTokenizer.vocab_size, "bpe": cfg.tokenizer.vocab_size}.get(cfg.tokenizer.type)
+    mcfg = build_model_config(cfg.model, vocab_size=vocab)
+    if mcfg.arch == "transformer++":
+        mcfg.max_position_embeddings = max(mcfg.max_position_embeddings, cfg.train.seq_len)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(mcfg).parameters())
+    return mcfg, n
+
+
+def check_training_memory(world: World, cfg: TrainConfig, log: Callable = print) -> None:
+    """Refuse, with the fix, a run whose step would not fit in memory; warn when a GPU-sized model
+    trains on the CPU, with the estimated time. The estimate is ``mmf.memory.training_memory``'s."""
+    from .memory import (GPU_SIZED_PARAMS, available_bytes, human_seconds, local_processes, training_memory,
+                         training_seconds)
+
+    if os.environ.get("MMF_MEMORY_CHECK", "1") == "0":
+        return
+    T, B, A, W = cfg.train.seq_len, cfg.train.batch_size, cfg.train.grad_accum, world.size
+    micro = B // (W * A)
+    mcfg, n_params = _planned_model(cfg)
+    dev = world.device.type
+    use_bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "auto" and dev == "cuda")
+    procs = local_processes() if dev == "cpu" else 1
+
+    def estimate(micro_batch: int, seq_len: int):
+        return training_memory(mcfg, n_params, micro_batch, seq_len, dev, fp32_on_cuda=not use_bf16,
+                               world_size=W, strategy=cfg.distributed.strategy, processes=procs)
+
+    est = estimate(micro, T)
+    where = "this CPU" if dev == "cpu" else f"GPU {world.device}"
+    if dev == "cpu" and n_params >= GPU_SIZED_PARAMS and world.is_main:
+        secs = training_seconds(mcfg, n_params, T, cfg.train.steps * B * T) / W
+        log(f"warning: {n_params / 1e6:,.0f}M parameters is a GPU-sized model; on {where} "
+            f"{cfg.train.steps:,} steps x {B * T:,} tokens would take about {human_seconds(secs)} "
+            "(an estimate from this CPU's measured matrix-product rate)")
+    avail = available_bytes(world.device)
+    if not any_flag(world, est.total > avail):
+        return
+    need = human_bytes(est.total)
+    parts = (f"weights, gradients and AdamW state {human_bytes(est.state * est.processes)}, activations of "
+             f"{micro} x {T} tokens per micro-step {human_bytes(est.activations * est.processes)}")
+    fixes = []
+    # the fewest micro-steps (a larger grad_accum, same train.batch_size) whose micro-batch fits
+    fit_k = next((k for k in range(A, B // W + 1) if B % (W * k) == 0 and estimate(B // (W * k), T).total <= avail),
+                 None)
+    if fit_k is not None:
+        fixes.append(f"split each step into more micro-steps with --set train.grad_accum={fit_k} "
+                     f"({B // (W * fit_k)} sequences each, same train.batch_size {B})")
+    else:
+        seq = T
+        while seq > 16 and estimate(1, seq).total > avail:
+            seq //= 2
+        if estimate(1, seq).total <= avail and seq >= 16:
+            fixes.append(f"use one sequence per micro-step and shorter sequences: --set train.grad_accum={B // W} "
+                         f"--set train.seq_len={seq}")
+    fixes.append("train a smaller model (e.g. --config tiny)" if n_params >= GPU_SIZED_PARAMS
+                 else "train a smaller model")
+    if dev == "cpu":
+        fixes.append("train on a GPU")
+    raise MMFError(f"training needs about {need} of memory ({parts}) but {human_bytes(avail)} is available on "
+                   f"{where}; {'; or '.join(fixes)} (MMF_MEMORY_CHECK=0 skips this check)")
 
 
 def _flatten_optimizer(osd: dict) -> tuple[dict, dict]:
@@ -296,9 +421,10 @@ class Reporter:
 
             self.bar = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s{task.fields[over]}"
+                           "  lr {task.fields[lr]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", over="")
             self.bar.start()
         self.plain = progress and self.bar is None
 
@@ -307,13 +433,21 @@ class Reporter:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def step(self, step: int, total: int, loss: float, lr: float, tps: float, eta: float, logged: bool) -> None:
+    def step(self, step: int, total: int, eta: float, record: Optional[dict]) -> None:
+        """Progress after ``step``; ``record`` is the metrics.jsonl line just written, if any: the console
+        shows its figures, so the two agree (loss and tok/s over the steps since the previous record)."""
         if not self.on:
             return
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-        elif self.plain and logged:
-            self.log(f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s  ETA {eta:,.0f} s")
+            fields = {}
+            if record is not None:
+                fields = dict(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                              tps=f"{record['tokens_per_s']:,.0f}",
+                              over=f" (means over {record['steps_averaged']} steps)")
+            self.bar.update(self.task, completed=step, **fields)
+        elif self.plain and record is not None:
+            self.log(f"step {step}/{total}  loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s "
+                     f"(means over {record['steps_averaged']} steps)  lr {record['lr']:.2e}  ETA {eta:,.0f} s")
 
     def message(self, text: str) -> None:
         if self.on:
@@ -438,9 +572,34 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
             raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
         if not list_checkpoints(Path(out)):
             raise MMFError(f"{out}: no checkpoint to resume from (expected {CKPT_PREFIX}NNNNNNN/ with {STATE_FILE})")
-    out = Path(broadcast_object(world, str(out if out is not None else default_out(cfg))))
-    if not resume and not _fresh(out):
-        raise MMFError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
+    if out is not None:
+        _check_out(Path(out), resume)
+    B, A = cfg.train.batch_size, cfg.train.grad_accum
+    if B % (world.size * A):
+        raise MMFError(f"train.batch_size {B} must be a multiple of world size {world.size} x grad_accum {A}")
+    # Memory before anything is written or tokenised: a run that cannot fit stops here with the fix.
+    check_training_memory(world, cfg, log)
+    created = False
+    if world.is_main:
+        if out is None:
+            out, created = make_run_dir(cfg), True
+        else:
+            created = not Path(out).exists()
+    out = Path(broadcast_object(world, str(out)))
+    try:
+        return _train_in(world, cfg, out, resume, log, stop_after, t_start)
+    except BaseException as e:
+        if world.is_main and not resume:  # nothing of value (no checkpoint): leave no empty run folder behind
+            _discard_failed_run(out, created)
+        if isinstance(e, KeyboardInterrupt):  # before the loop (data preparation) or a second Ctrl-C in it
+            kept = list_checkpoints(out) if out.is_dir() else []
+            log(f"interrupted; the last checkpoint is {kept[-1]}. Continue with: mmf train --resume --out {out}"
+                if kept else "interrupted before the first checkpoint; nothing was saved (run the command again)")
+        raise
+
+
+def _train_in(world: World, cfg: TrainConfig, out: Path, resume: bool, log: Callable, stop_after: Optional[int],
+              t_start: float) -> TrainResult:
     device = world.device
 
     # Output directory first: an unwritable or full disk fails before any work.
@@ -455,11 +614,9 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
     barrier(world)
 
     tokens_dir, data_desc = _prepare_data(cfg, out, world, log)
-    tokenizer = load_saved_tokenizer(tokens_dir)
+    tokenizer = load_saved_tokenizer(tokens_dir, fix="delete that token cache directory to rebuild it")
     data = TokenData.open(tokens_dir, cfg.train.seq_len, cfg.data.val_fraction, cfg.train.seed)
     T, B, A = cfg.train.seq_len, cfg.train.batch_size, cfg.train.grad_accum
-    if B % (world.size * A):
-        raise MMFError(f"train.batch_size {B} must be a multiple of world size {world.size} x grad_accum {A}")
     micro = B // (world.size * A)
 
     vocab = cfg.model.get("vocab_size")  # a larger vocabulary than the tokenizer's may be asked for (padding)
@@ -527,7 +684,7 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
     losses: list = []
     interrupted = False
     last_ckpt = list_checkpoints(out)[-1] if resume else None
-    val_loss = float("nan")
+    val_loss, val_step = float("nan"), 0  # nan: not measured in this run (yet)
     t_loop = time.time()
     t_log, tok_log, window = time.time(), 0, []
     step = start
@@ -535,7 +692,8 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
     def state(step_done: int) -> dict:
         return {"step": step_done, "samples_seen": step_done * B, "tokens_seen": step_done * B * T,
                 "world_batch": B, "seq_len": T, "epoch": step_done * B / max(1, data.n_windows),
-                "world_size": world.size, "val_loss": val_loss, "tokens_dir": str(tokens_dir),
+                "world_size": world.size, "val_loss": val_loss if math.isfinite(val_loss) else None,
+                "tokens_dir": str(tokens_dir),
                 "unigram_entropy": data.unigram_entropy, "mmf_version": __version__}
 
     def checkpoint(step_done: int) -> Path:
@@ -572,16 +730,17 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
                 tok_log += B * T
                 logged = done % cfg.logging.every == 0 or done == total
                 now = time.time()
-                tps = (done - start) * B * T / max(now - t_loop, 1e-9)
                 eta = (total - done) * (now - t_loop) / max(done - start, 1)
-                if logged:
-                    reporter.write({"step": done, "loss": sum(window) / len(window), "lr": lr,
-                                    "tokens": done * B * T, "tokens_per_s": tok_log / max(now - t_log, 1e-9),
-                                    "time": now - t_start})
+                record = None
+                if logged:  # loss and tokens_per_s: means over the steps since the previous record
+                    record = {"step": done, "loss": sum(window) / len(window), "steps_averaged": len(window),
+                              "lr": lr, "tokens": done * B * T, "tokens_per_s": tok_log / max(now - t_log, 1e-9),
+                              "time": now - t_start}
+                    reporter.write(record)
                     t_log, tok_log, window = now, 0, []
-                reporter.step(done, total, step_loss, lr, tps, eta, logged)
+                reporter.step(done, total, eta, record)
                 if done % cfg.logging.eval_every == 0 and done != total:
-                    val_loss = evaluate(world, model, data, cfg.logging.eval_tokens, micro, autocast)
+                    val_loss, val_step = evaluate(world, model, data, cfg.logging.eval_tokens, micro, autocast), done
                     reporter.write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                                     "tokens": done * B * T, "time": time.time() - t_start})
                     reporter.message(f"step {done}: validation loss {val_loss:.4f} "
@@ -597,7 +756,7 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
                 if done % cfg.checkpoint.every == 0 and done != total:
                     last_ckpt = checkpoint(done)
         if not interrupted:
-            val_loss = evaluate(world, model, data, cfg.logging.eval_tokens, micro, autocast)
+            val_loss, val_step = evaluate(world, model, data, cfg.logging.eval_tokens, micro, autocast), total
             reporter.write({"step": total, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                             "tokens": total * B * T, "time": time.time() - t_start})
             last_ckpt = checkpoint(total)
@@ -608,7 +767,8 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
     if world.is_main and cfg.logging.plot and (out / METRICS_FILE).exists():
         plot_metrics(out / METRICS_FILE, out / PLOT_FILE, data.unigram_entropy)
     return TrainResult(out=out, checkpoint=last_ckpt, step=start + done_steps, losses=losses, val_loss=val_loss,
-                       unigram_entropy=data.unigram_entropy, tokens=done_steps * B * T, seconds=seconds,
+                       val_step=val_step, unigram_entropy=data.unigram_entropy, tokens=done_steps * B * T,
+                       seconds=seconds,
                        tokens_per_s=done_steps * B * T / max(seconds, 1e-9), interrupted=interrupted,
                        params=n_params, is_main=world.is_main)
 
