@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         return 2
     from mmf.bench import kernel_bench as kb
     from mmf.bench import write_json
-    from mmf.bench.model_bench import build_mmf_random
+    from mmf.bench.model_variants import build_mmf_random
     from mmf.decode_graph import GraphDecoder
     from mmf.kernels import schedule_cache
     from mmf.kernels import ternary_gemv as tv

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("decoder_build_time: needs a CUDA GPU; run it on a machine with one", file=sys.stderr)
         return 2
-    from mmf.bench.model_bench import build_mmf_random
+    from mmf.bench.model_variants import build_mmf_random
     from mmf.decode_graph import GraphDecoder
     from mmf.kernels import ternary_gemv as tv
 

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         print("generate_graph_check: needs a CUDA GPU; run it on a machine with one", file=sys.stderr)
         return 2
     from mmf.bench import write_json
-    from mmf.bench.model_bench import build_mmf_random
+    from mmf.bench.model_variants import build_mmf_random
     from mmf.generate import generate_ids
     from mmf.models import build_model
 

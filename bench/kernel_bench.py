@@ -36,7 +36,7 @@ from mmf.ternary_codes import pack_i2
 from mmf.kernels import reference
 from mmf.models import build_model
 from mmf.bench import write_json
-from mmf.bench.model_bench import build_mmf_random
+from mmf.bench.model_variants import build_mmf_random
 
 
 def log(*a):

@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from mmf.bench import model_bench as mb
+from mmf.bench import model_bench_protocol as protocol
+from mmf.bench import model_bench_report as report
+from mmf.bench import model_variants
 from mmf.ternary_codes import pack_i2, unpack_i2, unpack_tq1
 from mmf.generate import generate_ids
 from mmf.kernels import reference
@@ -107,7 +110,7 @@ def shape_of(doc: dict) -> set[str]:
     import dataclasses
 
     for size, s in doc["sizes"].items():
-        cfg_m, cfg_l = mb.bench_configs(size)
+        cfg_m, cfg_l = model_variants.bench_configs(size)
         assert s["config_mmf"] == json.loads(json.dumps(dataclasses.asdict(cfg_m)))
         assert s["config_transformer++"] == json.loads(json.dumps(dataclasses.asdict(cfg_l)))
     return {p for p in _leaf_paths(doc) if "/config_" not in p}
@@ -139,7 +142,7 @@ def test_static_llama_batch_rows_independent():
 
 
 def test_static_llama_random_is_built_in_dtype():
-    cfg = mb.bench_configs("tiny")[1]
+    cfg = model_variants.bench_configs("tiny")[1]
     dec = StaticLlama.random(cfg, "cpu", torch.bfloat16, num_layers=2)
     assert dec.num_layers == 2 and dec.embed.dtype == torch.bfloat16
     assert all(t.dtype == torch.bfloat16 for layer in dec.layers for t in layer.values())
@@ -166,10 +169,10 @@ def test_bitlinear_i2_lut_equals_frozen(n, k, shape, dtype):
 def test_random_packed_holds_valid_uniform_codes():
     g = torch.Generator().manual_seed(0)
     for k in (64, 30):  # 30: row padding goes through pack_i2
-        codes = unpack_i2(mb.random_packed(200, k, "i2", "cpu", g), k)
+        codes = unpack_i2(model_variants.random_packed(200, k, "i2", "cpu", g), k)
         assert set(codes.unique().tolist()) == {-1, 0, 1}
         assert abs((codes == 0).float().mean().item() - 1 / 3) < 0.03
-    codes = unpack_tq1(mb.random_packed(200, 65, "tq1", "cpu", g), 65)
+    codes = unpack_tq1(model_variants.random_packed(200, 65, "tq1", "cpu", g), 65)
     assert set(codes.unique().tolist()) == {-1, 0, 1}
 
 
@@ -177,8 +180,8 @@ def test_random_packed_holds_valid_uniform_codes():
 def test_build_mmf_random_is_packed_final_form(fmt):
     from mmf.models import BitLinear, FrozenBitLinear
 
-    cfg = mb.bench_configs("tiny")[0]
-    model = mb.build_mmf_random(cfg, "cpu", torch.bfloat16, fmt)
+    cfg = model_variants.bench_configs("tiny")[0]
+    model = model_variants.build_mmf_random(cfg, "cpu", torch.bfloat16, fmt)
     assert not any(isinstance(m, BitLinear) for m in model.modules())
     frozen = [m for m in model.modules() if isinstance(m, FrozenBitLinear)]
     assert len(frozen) == 6 * cfg.num_hidden_layers + 1
@@ -189,18 +192,18 @@ def test_build_mmf_random_is_packed_final_form(fmt):
     big_float = [n for n, p in model.named_parameters() if p.dim() == 2 and "embeddings" not in n and
                  "lower_bounds" not in n]
     assert big_float == []
-    est = mb.estimate_bytes("mmf", cfg, cfg.num_hidden_layers, 2, fmt, 1, 8, 4)
-    assert est["fixed_bytes"] + cfg.num_hidden_layers * est["per_layer_bytes"] == mb._module_bytes(model)
+    est = model_variants.estimate_bytes("mmf", cfg, cfg.num_hidden_layers, 2, fmt, 1, 8, 4)
+    assert est["fixed_bytes"] + cfg.num_hidden_layers * est["per_layer_bytes"] == model_variants._module_bytes(model)
     out = model(torch.tensor([[5, 6, 7]]))
     assert out.logits.shape == (1, 3, cfg.vocab_size) and torch.isfinite(out.logits).all()
 
 
 def test_mmf_runner_decodes_like_the_model():
     """The runner's prefill + steps give the model's own greedy tokens."""
-    cfg = mb.bench_configs("tiny")[0]
-    model = mb.build_mmf_random(cfg, "cpu", torch.float32, "i2", num_layers=2)
+    cfg = model_variants.bench_configs("tiny")[0]
+    model = model_variants.build_mmf_random(cfg, "cpu", torch.float32, "i2", num_layers=2)
     prompt = torch.randint(3, 259, (1, 5), generator=torch.Generator().manual_seed(1))
-    r = mb.MMFRunner(model, "cpu").setup(1, 12)
+    r = model_variants.MMFRunner(model, "cpu").setup(1, 12)
     r.prefill(prompt)
     got = [int(r.tok)]
     for _ in range(4):
@@ -242,7 +245,7 @@ def test_run_bench_tiny_every_field(tmp_path, tiny_result):
         assert raw["path"] and raw["timing"]["decode_steps"] == 2
         assert len(raw["timing"]["decode_s_per_token"]["values"]) == 1
     # state at the end: mmf holds L x d fp32 per sequence, the static cache the written positions
-    cfg_m, cfg_l = mb.bench_configs("tiny")
+    cfg_m, cfg_l = model_variants.bench_configs("tiny")
     mmf_state = s["variants"]["mmf"]["figures"]["state_bytes_end"]["value"]
     assert mmf_state == cfg_m.num_hidden_layers * cfg_m.hidden_size * 4
     kv = s["variants"]["transformer++"]["figures"]["state_bytes_end"]["value"]
@@ -250,10 +253,10 @@ def test_run_bench_tiny_every_field(tmp_path, tiny_result):
     ratios = s["ratio_mmf_over_transformer++"]
     assert ratios["weight_bytes"]["value"] < 0.5 and ratios["weight_bytes"]["label"] == "measured"
     assert "lut" in s["variants"]["mmf"]["raw"]["path"]
-    rows = mb.table_rows(res)
+    rows = report.table_rows(res)
     assert len(rows) == len(s["variants"]) + 1 and len({tuple(r) for r in rows}) == 1
     png = tmp_path / "b.png"
-    mb.write_plot(res, png)
+    report.write_plot(res, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -265,12 +268,13 @@ def test_bench_document_and_table_keep_their_shape(tiny_result, capsys):
     with_hf = res["machine"]["transformers"] is not None
     assert variants == ["mmf", "transformer++"] + (["hf-llama"] if with_hf else [])
     assert shape_of(res) == document_shape(variants)
-    rows = mb.table_rows(res)
+    rows = report.table_rows(res)
     assert [list(r) for r in rows] == [TABLE_COLUMNS] * len(rows)
     assert [r["model"] for r in rows] == variants + ["mmf ÷ transformer++"] and {r["size"] for r in rows} == {"tiny"}
-    mb.print_results(res)
+    report.print_results(res)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == mb.table_title(res) and lines[0].startswith("mmf bench: cpu, batch 1, prompt 3, 3 new tokens")
+    assert lines[0] == report.table_title(res)
+    assert lines[0].startswith("mmf bench: cpu, batch 1, prompt 3, 3 new tokens")
     assert lines[1].split() == " ".join(TABLE_COLUMNS).split()
     assert lines[3 + len(rows)] == "paths:" and lines[-1].startswith("protocol: Random weights")
 
@@ -282,7 +286,7 @@ def test_plot_bars_are_linear_and_labelled(tiny_result):
 
     res = tiny_result
     variants = [v for v, x in res["sizes"]["tiny"]["variants"].items() if "figures" in x]
-    fig = mb.plot_figure(res)
+    fig = report.plot_figure(res)
     try:
         for ax in fig.axes:
             assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
@@ -292,7 +296,7 @@ def test_plot_bars_are_linear_and_labelled(tiny_result):
         mem = [t.get_text() for t in fig.axes[0].texts]
         assert mem == [f"{figs[v]['peak_memory_bytes']['value'] / 1e6:.3g}" for v in figs]  # tiny: in MB
         assert fig.axes[0].get_title() == "peak memory (MB)"
-        assert [t.get_text() for t in fig.axes[1].texts] == [mb._ms(figs[v]["decode_ms_per_token"]["value"])
+        assert [t.get_text() for t in fig.axes[1].texts] == [report._ms(figs[v]["decode_ms_per_token"]["value"])
                                                             for v in figs]
     finally:
         plt.close(fig)
@@ -302,8 +306,9 @@ def test_hf_runner_uses_the_cache_argument_of_this_transformers():
     """The Hugging Face baseline passes its cache under the name this transformers takes (`cache`
     since 5.25, `past_key_values` before): no FutureWarning on every bench, and the cache grows."""
     pytest.importorskip("transformers")
-    cfg = mb.bench_configs("tiny")[1]
-    r = mb.HFRunner(mb.build_hf_llama_random(cfg, "cpu", torch.float32, num_layers=2), "cpu").setup(1, 8)
+    cfg = model_variants.bench_configs("tiny")[1]
+    model = model_variants.build_hf_llama_random(cfg, "cpu", torch.float32, num_layers=2)
+    r = model_variants.HFRunner(model, "cpu").setup(1, 8)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         r.prefill(torch.tensor([[5, 6, 7]]))
@@ -314,9 +319,9 @@ def test_hf_runner_uses_the_cache_argument_of_this_transformers():
 
 
 def test_run_bench_extrapolates_when_the_model_does_not_fit():
-    cfg_m, cfg_l = mb.bench_configs("tiny")
-    est = mb.estimate_bytes("transformer++", cfg_l, 2, 2, "i2", 1, 6, 3)
-    limit = int(est["total_bytes"] / mb.MEMORY_SAFETY) + 1000  # room for 2 of the 4 layers, not 4
+    cfg_m, cfg_l = model_variants.bench_configs("tiny")
+    est = model_variants.estimate_bytes("transformer++", cfg_l, 2, 2, "i2", 1, 6, 3)
+    limit = int(est["total_bytes"] / protocol.MEMORY_SAFETY) + 1000  # room for 2 of the 4 layers, not 4
     res = mb.run_bench(["tiny"], device="cpu", variants=("transformer++",), memory_limit=limit, **TINY)
     v = res["sizes"]["tiny"]["variants"]["transformer++"]
     assert v["status"] == "extrapolated" and v["label"] == "extrapolated from 1,2/4 layers"
@@ -325,13 +330,13 @@ def test_run_bench_extrapolates_when_the_model_does_not_fit():
     figs = v["figures"]
     assert figs["decode_ms_per_token"]["label"] == "extrapolated from 1,2/4 layers"
     assert figs["weight_bytes"]["label"] == "computed from shapes"
-    full = mb.estimate_bytes("transformer++", cfg_l, 4, 2, "i2", 1, 6, 3)
+    full = model_variants.estimate_bytes("transformer++", cfg_l, 4, 2, "i2", 1, 6, 3)
     assert figs["weight_bytes"]["value"] == full["fixed_bytes"] + 4 * full["per_layer_bytes"]
     assert figs["state_bytes_end"]["value"] == 2 * 4 * cfg_l.hidden_size * 2 * 5  # exact: linear in layers
     assert all(f["value"] > 0 for f in figs.values())
-    assert "(x)" in mb.table_rows(res)[0]["decode ms/tok"]
+    assert "(x)" in report.table_rows(res)[0]["decode ms/tok"]
     assert _leaf_paths(json.loads(json.dumps(v))) == variant_shape("transformer++", "extrapolated")
-    assert list(mb.table_rows(res)[0]) == TABLE_COLUMNS
+    assert list(report.table_rows(res)[0]) == TABLE_COLUMNS
 
 
 def test_run_bench_does_not_fit_says_so():
@@ -341,7 +346,7 @@ def test_run_bench_does_not_fit_says_so():
         assert v["label"].startswith("does not fit: needs ") and "available" in v["label"]
         assert v["memory_estimate"]["total_bytes"] > v["available_bytes"] == 100_000
     assert res["sizes"]["tiny"]["ratio_mmf_over_transformer++"] == {}
-    rows = mb.table_rows(res)
+    rows = report.table_rows(res)
     assert rows[0]["status"].startswith("does not fit")
     for name, v in res["sizes"]["tiny"]["variants"].items():
         assert _leaf_paths(json.loads(json.dumps(v))) == variant_shape(name, "does_not_fit")
@@ -400,7 +405,7 @@ def test_cli_bench_json_flag_json_out_png_and_device_auto(tmp_path, monkeypatch,
     p = data["protocol"]
     assert p["gen_len"] == 2 and p["batch"] == 1
     assert p["device"] == "cpu" and p["device_choice"] == "--device auto: no CUDA device is visible"
-    assert mb.table_title(data).startswith("mmf bench: cpu (--device auto: no CUDA device is visible), batch 1")
+    assert report.table_title(data).startswith("mmf bench: cpu (--device auto: no CUDA device is visible), batch 1")
     assert resolve_device("auto")[0] == "cpu"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["r.json", "r.png"]
@@ -468,7 +473,7 @@ def test_cli_bench_late_write_failure_keeps_the_table(tmp_path, monkeypatch, cap
         raise RuntimeError("no renderer")
 
     monkeypatch.setattr(bench_pkg, "write_json", full_disk_at_the_end)
-    monkeypatch.setattr(mb, "write_plot", broken_plot)
+    monkeypatch.setattr(report, "write_plot", broken_plot)
     js, png = tmp_path / "r.json", tmp_path / "r.png"
     code, out, err = _mmf(monkeypatch, capsys, *TINY_CLI, "--device", "cpu", "--max-new-tokens", "2",
                           "--json-out", js, "--plot", png)
