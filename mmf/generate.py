@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .devices import resolve_device
-from .errors import MMFError
+from .errors import CheckpointError, MMFError
 from .tokenizer import check_tokenizer_fits
 
 
@@ -133,7 +133,7 @@ def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None,
     ``prompt_file``. Every option is checked and the model and tokenizer are loaded before anything is
     written, so a failed call leaves no output; then the prompt and the generated text stream to ``write``.
     Returns the generated text (without the prompt). ``dtype`` None: fp32, or the export's own dtype."""
-    from .onnx_runtime import generate_onnx_text, onnx_source
+    from .onnx_runtime import onnx_source
 
     onnx = onnx_source(checkpoint, onnx)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -185,6 +185,32 @@ def generate_text(checkpoint, prompt: str, max_new_tokens: int = 200, temperatur
     tok = load_tokenizer(checkpoint, model.config.bos_token_id, model.config.eos_token_id)
     return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, device, write, graph,
                        echo_prompt)
+
+
+def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
+                       top_p: float = 1.0, seed: Optional[int] = None,
+                       write: Optional[Callable[[str], None]] = None, fold_constants: bool = True,
+                       dtype: Optional[str] = None, echo_prompt: bool = False) -> str:
+    """`mmf generate --onnx DIR`: check the options, load the export and its tokenizer, then generate through
+    ONNX Runtime (after writing the prompt with ``echo_prompt``). ``dtype``, if given, must be the export's
+    own (fp32 or fp16, fixed by `mmf export-onnx --dtype`)."""
+    from .onnx_runtime import OnnxCausalLM, read_manifest
+    from .tokenizer import load_tokenizer
+
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    manifest = read_manifest(directory)
+    if dtype is not None and dtype != manifest["dtype"]:
+        raise MMFError(f"--dtype {dtype}: {directory} was exported in {manifest['dtype']} and ONNX Runtime runs it so; "
+                       f"drop --dtype, or re-export with `mmf export-onnx --dtype {dtype}`")
+    model = OnnxCausalLM(directory, fold_constants=fold_constants)
+    cfg = model.config
+    try:
+        tok = load_tokenizer(directory, cfg.bos_token_id, cfg.eos_token_id)
+    except CheckpointError:
+        raise CheckpointError(f"{directory}: the export has no tokenizer (its checkpoint had none); copy the model's "
+                              "tokenizer.json into it") from None
+    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, "cpu", write,
+                       echo_prompt=echo_prompt)
 
 
 def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,

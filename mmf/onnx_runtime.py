@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -157,28 +157,3 @@ def _release_freed_memory() -> None:
     except (OSError, AttributeError):
         pass
 
-
-def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
-                       top_p: float = 1.0, seed: Optional[int] = None,
-                       write: Optional[Callable[[str], None]] = None, fold_constants: bool = True,
-                       dtype: Optional[str] = None, echo_prompt: bool = False) -> str:
-    """`mmf generate --onnx DIR`: check the options, load the export and its tokenizer, then generate through
-    ONNX Runtime (after writing the prompt with ``echo_prompt``). ``dtype``, if given, must be the export's
-    own (fp32 or fp16, fixed by `mmf export-onnx --dtype`)."""
-    from .generate import check_sampling, stream_text
-    from .tokenizer import load_tokenizer
-
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    manifest = read_manifest(directory)
-    if dtype is not None and dtype != manifest["dtype"]:
-        raise MMFError(f"--dtype {dtype}: {directory} was exported in {manifest['dtype']} and ONNX Runtime runs it so; "
-                       f"drop --dtype, or re-export with `mmf export-onnx --dtype {dtype}`")
-    model = OnnxCausalLM(directory, fold_constants=fold_constants)
-    cfg = model.config
-    try:
-        tok = load_tokenizer(directory, cfg.bos_token_id, cfg.eos_token_id)
-    except CheckpointError:
-        raise CheckpointError(f"{directory}: the export has no tokenizer (its checkpoint had none); copy the model's "
-                              "tokenizer.json into it") from None
-    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, "cpu", write,
-                       echo_prompt=echo_prompt)

@@ -141,7 +141,7 @@ def import_cycles(folder: str) -> list:
     return cycles
 
 
-@pytest.mark.parametrize("folder", ["converters", "fpga", "kernels"])
+@pytest.mark.parametrize("folder", ["mmf", "converters", "fpga", "kernels"])
 def test_no_import_circles(folder):
     assert import_cycles(folder) == []
 
