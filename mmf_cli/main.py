@@ -31,9 +31,25 @@ def split_debug_flag(args: list[str]) -> tuple[list[str], bool]:
     return ["--debug", *rest], True
 
 
+#: commands whose ``--json`` took a file before it became the stdout flag that every command shares
+JSON_WAS_A_PATH = ("bench", "fpga-image")
+
+
+def check_old_json_path(args: list[str]) -> None:
+    """``mmf bench --json FILE`` (the old spelling) would otherwise be Typer's "unexpected extra argument"."""
+    end = args.index("--") if "--" in args else len(args)
+    if not any(a in JSON_WAS_A_PATH for a in args[:end]):
+        return
+    for opt, value in zip(args[:end], args[1:end]):
+        if opt == "--json" and not value.startswith("-"):
+            raise MMFError(f"--json {value}: --json is now a flag that prints the JSON on stdout; write it to a file "
+                           f"with --json-out {value}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args, debug = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
     try:
+        check_old_json_path(args)
         app(args=args, prog_name="mmf")
     except MMFError as e:
         if debug:

@@ -168,3 +168,16 @@ def test_info_table_is_formatted(tiny_mmf_ckpt, monkeypatch, capsys):
     for dtype, n in data["bytes_by_dtype"].items():
         assert rows[f"bytes[{dtype}]"].startswith(f"{n:,} (") and "iB)" in rows[f"bytes[{dtype}]"]
     assert not re.search(r"\d\.\d{5,}", table), table  # no raw floats
+
+
+@pytest.mark.parametrize("args", [["bench", "--model", "370m", "--json", "r.json"],
+                                  ["fpga-image", "ck", "--out", "img", "--json", "report.json"]])
+def test_old_json_file_spelling_names_json_out(monkeypatch, capsys, args):
+    """`--json FILE` of bench and fpga-image became `--json-out FILE`: the old spelling says so (one line, exit 2)
+    instead of Typer's "unexpected extra argument"; `--json` as the flag still parses."""
+    code, out, err = _main(monkeypatch, capsys, *args)
+    _assert_one_line(code, out, err, f"--json-out {args[-1]}")
+    from mmf.cli.main import check_old_json_path
+
+    check_old_json_path(["info", "--json", "ck"])  # a flag followed by the positional argument: not the old form
+    check_old_json_path(["bench", "--json", "--model", "370m"])
