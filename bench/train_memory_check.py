@@ -20,8 +20,8 @@ from pathlib import Path
 def main(argv: list[str]) -> dict:
     import torch
 
-    from mmf.memory import available_bytes, training_memory
-    from mmf.train import _planned_model, train
+    from mmf.memory import available_bytes, planned_model, training_memory
+    from mmf.train import train
     from mmf.train_config import load_train_config
 
     spec, micro, T = argv[0], int(argv[1]), int(argv[2])
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> dict:
             "checkpoint.every=1000", "logging.eval_every=1000", "logging.eval_tokens=2048", "logging.plot=false",
             "logging.progress=false", "data.cache_dir=/tmp/mmfcache", "model.vocab_size=32000"]
     cfg = load_train_config(spec, sets)
-    mcfg, n = _planned_model(cfg)
+    mcfg, n = planned_model(cfg)
     est = training_memory(mcfg, n, micro, T, "cuda")
     avail = available_bytes("cuda")
     torch.cuda.reset_peak_memory_stats()

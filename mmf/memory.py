@@ -71,9 +71,14 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from .distributed import World, any_flag
+from .errors import MMFError
+from .train_config import TrainConfig, build_model_config
+from .units import human_bytes
 
 # (a, b, h, g, C) per (device type, arch); see the module docstring
 COEFFICIENTS = {
@@ -191,3 +196,74 @@ def local_processes() -> int:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The check before a run
+
+def planned_model(cfg: TrainConfig):
+    """The model config and parameter count a run will build, before its tokenizer exists: the
+    vocabulary is the one asked for, else the tokenizer's (byte: 259, bpe: its vocab_size), else the preset's."""
+    from .models import build_model
+    from .tokenizer import ByteTokenizer
+
+    vocab = cfg.model.get("vocab_size")
+    if not isinstance(vocab, int):
+        vocab = {"byte": ByteTokenizer.vocab_size, "bpe": cfg.tokenizer.vocab_size}.get(cfg.tokenizer.type)
+    mcfg = build_model_config(cfg.model, vocab_size=vocab)
+    if mcfg.arch == "transformer++":
+        mcfg.max_position_embeddings = max(mcfg.max_position_embeddings, cfg.train.seq_len)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(mcfg).parameters())
+    return mcfg, n
+
+
+def check_training_memory(world: World, cfg: TrainConfig, log: Callable = print) -> None:
+    """Refuse, with the fix, a run whose step would not fit in memory; warn when a GPU-sized model
+    trains on the CPU, with the estimated time. The estimate is ``training_memory``'s."""
+    if os.environ.get("MMF_MEMORY_CHECK", "1") == "0":
+        return
+    T, B, A, W = cfg.train.seq_len, cfg.train.batch_size, cfg.train.grad_accum, world.size
+    micro = B // (W * A)
+    mcfg, n_params = planned_model(cfg)
+    dev = world.device.type
+    use_bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "auto" and dev == "cuda")
+    procs = local_processes() if dev == "cpu" else 1
+
+    def estimate(micro_batch: int, seq_len: int):
+        return training_memory(mcfg, n_params, micro_batch, seq_len, dev, fp32_on_cuda=not use_bf16,
+                               world_size=W, strategy=cfg.distributed.strategy, processes=procs)
+
+    est = estimate(micro, T)
+    where = "this CPU" if dev == "cpu" else f"GPU {world.device}"
+    if dev == "cpu" and n_params >= GPU_SIZED_PARAMS and world.is_main:
+        secs = training_seconds(mcfg, n_params, T, cfg.train.steps * B * T) / W
+        log(f"warning: {n_params / 1e6:,.0f}M parameters is a GPU-sized model; on {where} "
+            f"{cfg.train.steps:,} steps x {B * T:,} tokens would take about {human_seconds(secs)} "
+            "(an estimate from this CPU's measured matrix-product rate)")
+    avail = available_bytes(world.device)
+    if not any_flag(world, est.total > avail):
+        return
+    need = human_bytes(est.total)
+    parts = (f"weights, gradients and AdamW state {human_bytes(est.state * est.processes)}, activations of "
+             f"{micro} x {T} tokens per micro-step {human_bytes(est.activations * est.processes)}")
+    fixes = []
+    # the fewest micro-steps (a larger grad_accum, same train.batch_size) whose micro-batch fits
+    fit_k = next((k for k in range(A, B // W + 1) if B % (W * k) == 0 and estimate(B // (W * k), T).total <= avail),
+                 None)
+    if fit_k is not None:
+        fixes.append(f"split each step into more micro-steps with --set train.grad_accum={fit_k} "
+                     f"({B // (W * fit_k)} sequences each, same train.batch_size {B})")
+    else:
+        seq = T
+        while seq > 16 and estimate(1, seq).total > avail:
+            seq //= 2
+        if estimate(1, seq).total <= avail and seq >= 16:
+            fixes.append(f"use one sequence per micro-step and shorter sequences: --set train.grad_accum={B // W} "
+                         f"--set train.seq_len={seq}")
+    fixes.append("train a smaller model (e.g. --config tiny)" if n_params >= GPU_SIZED_PARAMS
+                 else "train a smaller model")
+    if dev == "cpu":
+        fixes.append("train on a GPU")
+    raise MMFError(f"training needs about {need} of memory ({parts}) but {human_bytes(avail)} is available on "
+                   f"{where}; {'; or '.join(fixes)} (MMF_MEMORY_CHECK=0 skips this check)")

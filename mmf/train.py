@@ -1,15 +1,16 @@
 """Training loop: one process, or many under torchrun (DDP or FSDP), for both architectures.
 
-Read top to bottom: ``train`` prepares the output directory (checked for space and write access
-before anything else), the token cache, the model and the optimiser, then runs the loop. Every
-``checkpoint.every`` steps, at the end, on Ctrl-C and on ``stop_after`` it writes
-``OUT/step-NNNNNNN/``, atomically, keeping the last ``checkpoint.keep``. A checkpoint directory is
-a normal model checkpoint (``config.json``, ``model.safetensors``, the tokenizer) that
-``mmf generate`` and ``mmf.load_model`` read, plus the training state, without pickle:
+Read top to bottom: the learning-rate schedule, the optimiser, the loss and validation, then
+``train``, which checks the output directory and the memory before anything else, prepares the
+token cache, the model and the optimiser, then runs the loop. Every ``checkpoint.every`` steps, at
+the end, on Ctrl-C and on ``stop_after`` it writes ``OUT/step-NNNNNNN/``, atomically, keeping the
+last ``checkpoint.keep``.
 
-* ``optimizer.safetensors``: AdamW moments and step counts, keyed ``state.<param>.<name>``;
-* ``trainer_state.json``: step, samples and tokens seen (the data position), optimiser param
-  groups, the run's metrics so far; ``rng.safetensors``: the torch RNG states.
+Around the loop, one module per job: ``mmf.run_dir`` (the run directory: its files, creating and
+checking it, cleaning up after a run that failed before its first checkpoint), ``mmf.memory``
+(whether a step fits, checked first), ``mmf.train_checkpoint`` (what a checkpoint holds beside the
+model, without pickle, and restoring it), ``mmf.train_report`` (progress, ``metrics.jsonl``, the
+loss curve), ``mmf.data`` (the token cache and the order of the windows).
 
 The data order is a pure function of the global sample index (``mmf.data``), the learning rate a
 pure function of the step, so ``--resume`` continues bit-identically to an uninterrupted run.
@@ -17,10 +18,7 @@ pure function of the step, so ``--resume`` continues bit-identically to an unint
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -32,21 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import CONFIG_FILE, atomic_directory, write_safetensors_sharded
 from .data import (BUILTIN_PREFIX, TokenData, batch_indices, builtin_corpus_file, load_saved_tokenizer,
                    prepare_tokens, resolve_files)
 from .distributed import World, all_mean, all_sum, any_flag, barrier, broadcast_object, init_world, shutdown
 from .errors import MMFError
-from .units import human_bytes
+from .memory import check_training_memory
+from .run_dir import (CKPT_PREFIX, METRICS_FILE, PLOT_FILE, RUN_CONFIG, STATE_FILE, check_out_dir, discard_failed_run,
+                      list_checkpoints, make_run_dir, preflight, resume_config)
+from .train_checkpoint import load_training_checkpoint, save_training_checkpoint
 from .train_config import TrainConfig, build_model_config, config_to_toml, load_train_config
-
-CKPT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
-OPTIM_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-RUN_CONFIG = "train_config.toml"
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss_curve.png"
+from .train_report import Reporter, drop_metrics_after, plot_metrics
 
 
 @dataclass
@@ -109,250 +102,6 @@ def schedule(cfg: TrainConfig, step: int) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Output directory and checkpoints
-
-def make_run_dir(cfg: TrainConfig, clock: Callable[[], float] = time.time) -> Path:
-    """Create and return ``runs/<name>-<YYYYmmdd-HHMMSS>``; ``-2``, ``-3``, ... when it exists already.
-
-    Created with ``os.mkdir`` (never ``exist_ok``), so two runs started in the same second, in one
-    process or two, never share a directory: the one that loses the race takes the next suffix.
-    """
-    stem = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(clock()))}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        out = stem if n == 1 else Path(f"{stem}-{n}")
-        try:
-            os.mkdir(out)
-            return out
-        except FileExistsError:
-            n += 1
-        except OSError as e:
-            raise MMFError(f"cannot create run directory {out} ({e.strerror}); choose a writable --out") from None
-
-
-def _fresh(out: Path) -> bool:
-    """True if ``out`` is absent, empty, or holds only what a run that failed before training leaves."""
-    return not out.exists() or all(p.name == RUN_CONFIG for p in out.iterdir())
-
-
-def _check_out(out: Path, resume: bool) -> None:
-    """One clear line for an ``--out`` that cannot be a run directory."""
-    if out.exists() and not out.is_dir():
-        raise MMFError(f"--out {out} is a file, not a directory; give a directory path for the run "
-                       "(it is created if absent)")
-    if not resume and not _fresh(out):
-        raise MMFError(f"{out} already exists and is not empty; pass --resume to continue it or choose another --out")
-
-
-def _discard_failed_run(out: Path, created: bool) -> None:
-    """After a run that failed or stopped before its first checkpoint: remove what it wrote.
-
-    Only the files a run writes are removed (the run config, metrics, the plot, a write probe); the
-    directory goes too if this run created it and it is then empty. A directory with a checkpoint,
-    or with files of the user's, is left as it is.
-    """
-    if not out.is_dir() or list_checkpoints(out):
-        return
-    for p in out.iterdir():
-        if p.is_file() and (p.name in (RUN_CONFIG, METRICS_FILE, PLOT_FILE) or p.name.startswith(".write-test-")):
-            p.unlink(missing_ok=True)
-    if created:
-        try:
-            out.rmdir()
-        except OSError:
-            pass  # something else is in it: keep it
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in ``out``, oldest first."""
-    if not out.is_dir():
-        return []
-    found = []
-    for p in out.iterdir():
-        if p.is_dir() and p.name.startswith(CKPT_PREFIX) and (p / STATE_FILE).exists():
-            try:
-                found.append((int(p.name[len(CKPT_PREFIX):]), p))
-            except ValueError:
-                continue
-    return [p for _, p in sorted(found)]
-
-
-def preflight(out: Path, n_params: int, keep: int) -> None:
-    """Fail before training if ``out`` cannot be written or the disk cannot hold the checkpoints."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise MMFError(f"cannot write to output directory {out} ({e.strerror}); choose another --out") from None
-    per_ckpt = n_params * 4 * 3 + (1 << 20)  # fp32 weights + two AdamW moments
-    need = per_ckpt * (keep + 1)
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise MMFError(f"{out}: only {human_bytes(free)} free but {keep + 1} checkpoints need about "
-                       f"{human_bytes(need)}; free space, lower checkpoint.keep or choose another --out")
-
-
-def _planned_model(cfg: TrainConfig):
-    """The model config and parameter count a run will build, before its tokenizer exists: the
-    vocabulary is the one asked for, else the tokenizer's (byte: 259, bpe: its vocab_size), else the preset's."""
-    from .models import build_model
-    from .tokenizer import ByteTokenizer
-
-    vocab = cfg.model.get("vocab_size")
-    if not isinstance(vocab, int):
-        vocab = {"byte": ByteTokenizer.vocab_size, "bpe": cfg.tokenizer.vocab_size}.get(cfg.tokenizer.type)
-    mcfg = build_model_config(cfg.model, vocab_size=vocab)
-    if mcfg.arch == "transformer++":
-        mcfg.max_position_embeddings = max(mcfg.max_position_embeddings, cfg.train.seq_len)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in build_model(mcfg).parameters())
-    return mcfg, n
-
-
-def check_training_memory(world: World, cfg: TrainConfig, log: Callable = print) -> None:
-    """Refuse, with the fix, a run whose step would not fit in memory; warn when a GPU-sized model
-    trains on the CPU, with the estimated time. The estimate is ``mmf.memory.training_memory``'s."""
-    from .memory import (GPU_SIZED_PARAMS, available_bytes, human_seconds, local_processes, training_memory,
-                         training_seconds)
-
-    if os.environ.get("MMF_MEMORY_CHECK", "1") == "0":
-        return
-    T, B, A, W = cfg.train.seq_len, cfg.train.batch_size, cfg.train.grad_accum, world.size
-    micro = B // (W * A)
-    mcfg, n_params = _planned_model(cfg)
-    dev = world.device.type
-    use_bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "auto" and dev == "cuda")
-    procs = local_processes() if dev == "cpu" else 1
-
-    def estimate(micro_batch: int, seq_len: int):
-        return training_memory(mcfg, n_params, micro_batch, seq_len, dev, fp32_on_cuda=not use_bf16,
-                               world_size=W, strategy=cfg.distributed.strategy, processes=procs)
-
-    est = estimate(micro, T)
-    where = "this CPU" if dev == "cpu" else f"GPU {world.device}"
-    if dev == "cpu" and n_params >= GPU_SIZED_PARAMS and world.is_main:
-        secs = training_seconds(mcfg, n_params, T, cfg.train.steps * B * T) / W
-        log(f"warning: {n_params / 1e6:,.0f}M parameters is a GPU-sized model; on {where} "
-            f"{cfg.train.steps:,} steps x {B * T:,} tokens would take about {human_seconds(secs)} "
-            "(an estimate from this CPU's measured matrix-product rate)")
-    avail = available_bytes(world.device)
-    if not any_flag(world, est.total > avail):
-        return
-    need = human_bytes(est.total)
-    parts = (f"weights, gradients and AdamW state {human_bytes(est.state * est.processes)}, activations of "
-             f"{micro} x {T} tokens per micro-step {human_bytes(est.activations * est.processes)}")
-    fixes = []
-    # the fewest micro-steps (a larger grad_accum, same train.batch_size) whose micro-batch fits
-    fit_k = next((k for k in range(A, B // W + 1) if B % (W * k) == 0 and estimate(B // (W * k), T).total <= avail),
-                 None)
-    if fit_k is not None:
-        fixes.append(f"split each step into more micro-steps with --set train.grad_accum={fit_k} "
-                     f"({B // (W * fit_k)} sequences each, same train.batch_size {B})")
-    else:
-        seq = T
-        while seq > 16 and estimate(1, seq).total > avail:
-            seq //= 2
-        if estimate(1, seq).total <= avail and seq >= 16:
-            fixes.append(f"use one sequence per micro-step and shorter sequences: --set train.grad_accum={B // W} "
-                         f"--set train.seq_len={seq}")
-    fixes.append("train a smaller model (e.g. --config tiny)" if n_params >= GPU_SIZED_PARAMS
-                 else "train a smaller model")
-    if dev == "cpu":
-        fixes.append("train on a GPU")
-    raise MMFError(f"training needs about {need} of memory ({parts}) but {human_bytes(avail)} is available on "
-                   f"{where}; {'; or '.join(fixes)} (MMF_MEMORY_CHECK=0 skips this check)")
-
-
-def _flatten_optimizer(osd: dict) -> tuple[dict, dict]:
-    tensors, scalars = {}, {}
-    for fqn, st in osd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{fqn}.{k}"] = v.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{fqn}.{k}"] = v
-    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    for key, t in tensors.items():
-        fqn, k = key[len("state."):].rsplit(".", 1)
-        state.setdefault(fqn, {})[k] = t
-    for key, v in meta.get("scalars", {}).items():
-        fqn, k = key.rsplit(".", 1)
-        state.setdefault(fqn, {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_training_checkpoint(world: World, base, optimizer, mcfg, tokenizer, out: Path, step: int,
-                             state: dict, run_config: str, keep: int) -> Optional[Path]:
-    """Gather full state on every rank; rank 0 writes ``out/step-NNNNNNN`` atomically and prunes old ones."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(base, options=opts)
-    osd = get_optimizer_state_dict(base, optimizer, options=opts)
-    path = out / f"{CKPT_PREFIX}{step:07d}"
-    if world.is_main:
-        msd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in msd.items()}
-        if mcfg.tie_word_embeddings:
-            msd.pop("lm_head.weight", None)
-        otensors, ometa = _flatten_optimizer(osd)
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if world.device.type == "cuda":
-            rng["torch_cuda"] = torch.cuda.get_rng_state(world.device)
-        hf = mcfg.to_hf_dict()
-        hf.update(torch_dtype="float32", mmf_version=__version__)
-        from safetensors.torch import save_file
-
-        try:
-            with atomic_directory(path, overwrite=True) as tmp:
-                write_safetensors_sharded(msd, tmp)
-                (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-                tokenizer.save(tmp)
-                save_file(otensors, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
-                save_file(rng, str(tmp / RNG_FILE), metadata={"format": "pt"})
-                (tmp / RUN_CONFIG).write_text(run_config)
-                (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": ometa}, indent=2) + "\n")
-        except OSError as e:  # a full disk or a vanished directory: the earlier checkpoints are untouched
-            kept = list_checkpoints(out)
-            raise MMFError(f"could not write checkpoint {path} ({e.strerror or e}); "
-                           f"{'the last good one is ' + str(kept[-1]) if kept else 'no checkpoint was kept'}") from None
-        for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(world)
-    return path
-
-
-def load_training_checkpoint(path: Path, base, optimizer) -> dict:
-    """Restore model, optimiser and RNG state from ``path`` (every rank reads it)."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    from .checkpoint import iter_tensors
-
-    state = json.loads((path / STATE_FILE).read_text())
-    msd = dict(iter_tensors(path))
-    if getattr(base.config, "tie_word_embeddings", False) and "lm_head.weight" not in msd:
-        msd["lm_head.weight"] = msd["model.embeddings.weight"]
-    set_model_state_dict(base, msd, options=StateDictOptions(full_state_dict=True))
-    osd = _unflatten_optimizer(load_file(str(path / OPTIM_FILE)), state["optimizer"])
-    # strict=False: a parameter that never had a gradient (layer 0's MLGRU lower bound) has no AdamW state
-    set_optimizer_state_dict(base, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
-    rng = load_file(str(path / RNG_FILE))
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["torch_cuda"])
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
 # Model, optimiser, evaluation
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -400,102 +149,6 @@ def evaluate(world: World, model, data: TokenData, max_tokens: int, batch: int, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Reporting
-
-class Reporter:
-    """Rank 0's progress bar (or plain lines when not on a terminal) and metrics.jsonl."""
-
-    def __init__(self, world: World, out: Path, total: int, start: int, progress: bool, log: Callable):
-        self.on = world.is_main
-        self.log = log
-        self.metrics = out / METRICS_FILE
-        self.bar = None
-        if not self.on:
-            return
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if progress and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s{task.fields[over]}"
-                           "  lr {task.fields[lr]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", over="")
-            self.bar.start()
-        self.plain = progress and self.bar is None
-
-    def write(self, record: dict) -> None:
-        if self.on:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def step(self, step: int, total: int, eta: float, record: Optional[dict]) -> None:
-        """Progress after ``step``; ``record`` is the metrics.jsonl line just written, if any: the console
-        shows its figures, so the two agree (loss and tok/s over the steps since the previous record)."""
-        if not self.on:
-            return
-        if self.bar is not None:
-            fields = {}
-            if record is not None:
-                fields = dict(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                              tps=f"{record['tokens_per_s']:,.0f}",
-                              over=f" (means over {record['steps_averaged']} steps)")
-            self.bar.update(self.task, completed=step, **fields)
-        elif self.plain and record is not None:
-            self.log(f"step {step}/{total}  loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s "
-                     f"(means over {record['steps_averaged']} steps)  lr {record['lr']:.2e}  ETA {eta:,.0f} s")
-
-    def message(self, text: str) -> None:
-        if self.on:
-            if self.bar is not None:
-                self.bar.console.print(text)
-            else:
-                self.log(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
-def plot_metrics(metrics: Path, png: Path, unigram: float) -> None:
-    """Training and validation loss against tokens seen, as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, val = [], []
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
-        if "val_loss" in r:
-            val.append((r["tokens"], r["val_loss"]))
-        elif "loss" in r:
-            train.append((r["tokens"], r["loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
-    if math.isfinite(unigram):
-        ax.axhline(unigram, color="grey", ls="--", lw=1, label=f"unigram entropy {unigram:.2f}")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(metrics.parent.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 class _StopFlag:
@@ -523,6 +176,7 @@ class _StopFlag:
 
 
 def _prepare_data(cfg: TrainConfig, out: Path, world: World, log: Callable) -> tuple[Path, str]:
+    """The token cache every rank reads (rank 0 builds it) and a description of the data for the log."""
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out.parent / ".mmf-cache"
     paths = cfg.data.paths
     source = None
@@ -551,21 +205,16 @@ def train(cfg: TrainConfig, out: Optional[Path] = None, resume: bool = False, lo
     """
     world = init_world(cfg.precision.device)
     try:
-        return _train(world, cfg, out, resume, log if world.is_main else (lambda *a, **k: None), stop_after)
+        return _check_and_train(world, cfg, out, resume, log if world.is_main else (lambda *a, **k: None), stop_after)
     finally:
         shutdown(world)
 
 
-def resume_config(out: Path, overrides: Optional[list] = None) -> TrainConfig:
-    """The config saved in a run directory, with ``--set`` overrides (e.g. more steps)."""
-    out = Path(out)
-    if not (out / RUN_CONFIG).exists():
-        raise MMFError(f"{out}: not a training run directory (no {RUN_CONFIG}); give the --out of the run to resume")
-    return load_train_config(str(out / RUN_CONFIG), overrides)
-
-
-def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, log: Callable,
-           stop_after: Optional[int]) -> TrainResult:
+def _check_and_train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, log: Callable,
+                     stop_after: Optional[int]) -> TrainResult:
+    """Refuse what can be refused before any work (the run to resume, ``--out``, the batch split, the
+    memory), make the run directory and train in it; a run that fails before its first checkpoint
+    leaves nothing behind."""
     t_start = time.time()
     if resume:
         if out is None:
@@ -573,7 +222,7 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
         if not list_checkpoints(Path(out)):
             raise MMFError(f"{out}: no checkpoint to resume from (expected {CKPT_PREFIX}NNNNNNN/ with {STATE_FILE})")
     if out is not None:
-        _check_out(Path(out), resume)
+        check_out_dir(Path(out), resume)
     B, A = cfg.train.batch_size, cfg.train.grad_accum
     if B % (world.size * A):
         raise MMFError(f"train.batch_size {B} must be a multiple of world size {world.size} x grad_accum {A}")
@@ -587,10 +236,10 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
             created = not Path(out).exists()
     out = Path(broadcast_object(world, str(out)))
     try:
-        return _train_in(world, cfg, out, resume, log, stop_after, t_start)
+        return _train_in_dir(world, cfg, out, resume, log, stop_after, t_start)
     except BaseException as e:
         if world.is_main and not resume:  # nothing of value (no checkpoint): leave no empty run folder behind
-            _discard_failed_run(out, created)
+            discard_failed_run(out, created)
         if isinstance(e, KeyboardInterrupt):  # before the loop (data preparation) or a second Ctrl-C in it
             kept = list_checkpoints(out) if out.is_dir() else []
             log(f"interrupted; the last checkpoint is {kept[-1]}. Continue with: mmf train --resume --out {out}"
@@ -598,8 +247,10 @@ def _train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, lo
         raise
 
 
-def _train_in(world: World, cfg: TrainConfig, out: Path, resume: bool, log: Callable, stop_after: Optional[int],
-              t_start: float) -> TrainResult:
+def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: Callable,
+                  stop_after: Optional[int], t_start: float) -> TrainResult:
+    """The run in its directory ``out``: disk check, token cache, model, optimiser, the state to resume
+    from, the loop, the last validation and checkpoint, the loss curve."""
     device = world.device
 
     # Output directory first: an unwritable or full disk fails before any work.
@@ -668,9 +319,8 @@ def _train_in(world: World, cfg: TrainConfig, out: Path, resume: bool, log: Call
         if st.get("world_batch") not in (None, B):
             raise MMFError(f"{ckpt}: saved with train.batch_size {st['world_batch']}, now {B}; keep the batch size to resume")
         log(f"resuming {out} from {ckpt.name} (step {start})")
-        if world.is_main and (out / METRICS_FILE).exists():  # drop records past the checkpoint
-            lines = [l for l in (out / METRICS_FILE).read_text().splitlines() if json.loads(l).get("step", 0) <= start]
-            (out / METRICS_FILE).write_text("".join(l + "\n" for l in lines))
+        if world.is_main:
+            drop_metrics_after(out / METRICS_FILE, start)
     total = cfg.train.steps
     if start >= total:
         raise MMFError(f"{out} already reached step {start} of {total}; raise it with --set train.steps=N to continue")

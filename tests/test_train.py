@@ -17,7 +17,8 @@ import torch
 
 import mmf
 from mmf.errors import MMFError
-from mmf.train import list_checkpoints, schedule, train
+from mmf.run_dir import list_checkpoints
+from mmf.train import schedule, train
 from mmf.train_config import load_train_config
 
 
@@ -72,7 +73,7 @@ def test_resume_is_bit_exact(tmp_path):
     full = train(load_train_config("tiny", small(tmp_path, "train.grad_accum=2")), tmp_path / "a")
     first = train(load_train_config("tiny", small(tmp_path, "train.grad_accum=2")), tmp_path / "b", stop_after=3)
     assert first.interrupted and [c.name for c in list_checkpoints(tmp_path / "b")] == ["step-0000003"]
-    from mmf.train import resume_config
+    from mmf.run_dir import resume_config
 
     rest = train(resume_config(tmp_path / "b"), tmp_path / "b", resume=True)
     assert first.losses + rest.losses == full.losses  # bit-identical
@@ -234,10 +235,10 @@ def test_transformer_with_a_tokenizer_file_on_jsonl(tmp_path):
 def test_too_little_disk_is_reported_before_training(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    import mmf.train as T
+    import mmf.run_dir
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(T.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(mmf.run_dir.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(MMFError, match=r"only 1 kB free but 3 checkpoints need about [\d.]+ MB"):  # not "0.00 GiB"
         train(load_train_config("tiny", small(tmp_path)), tmp_path / "run")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # failed before any work
@@ -269,7 +270,7 @@ def test_ddp_matches_one_process_tightly_without_ternary_rounding(tmp_path):
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     """Item 5: two runs in one second shared runs/<name>-<time>/; the directory is now made exclusively."""
-    from mmf.train import make_run_dir
+    from mmf.run_dir import make_run_dir
 
     monkeypatch.chdir(tmp_path)
     cfg = load_train_config("tiny")
@@ -277,7 +278,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     a, b, c = make_run_dir(cfg, frozen), make_run_dir(cfg, frozen), make_run_dir(cfg, frozen)
     assert a.is_dir() and b == Path(f"{a}-2") and c == Path(f"{a}-3") and b.is_dir() and c.is_dir()
     # two processes racing for the same names: every directory goes to exactly one of them
-    code = ("import os, sys, time; from mmf.train import make_run_dir; from mmf.train_config import load_train_config; "
+    code = ("import os, sys, time; from mmf.run_dir import make_run_dir; from mmf.train_config import load_train_config; "
             "cfg = load_train_config('tiny'); open(sys.argv[1], 'w').close(); "
             "[time.sleep(0.005) for _ in iter(lambda: os.path.exists('go'), True)]; "
             "print(' '.join(str(make_run_dir(cfg, lambda: 1_600_000_000.0)) for _ in range(20)))")
@@ -318,11 +319,10 @@ def test_a_run_that_cannot_fit_is_refused_before_any_work_with_the_fix(tmp_path,
     """Item 4: the 370m preset was OOM-killed after 71 s on a 24 GiB CPU. Memory is checked first; the
     refusal names what is needed and available and a setting that fits, which then passes the check."""
     from mmf.distributed import World
-    from mmf.memory import training_memory
-    from mmf.train import _planned_model, check_training_memory
+    from mmf.memory import check_training_memory, planned_model, training_memory
 
     cfg = load_train_config("tiny", small(tmp_path, "train.batch_size=8", "train.seq_len=64"))
-    mcfg, n = _planned_model(cfg)
+    mcfg, n = planned_model(cfg)
     assert n == sum(p.numel() for p in mmf.models.build_model(mcfg).parameters()) and mcfg.vocab_size == 259
     need = lambda micro, seq=64: training_memory(mcfg, n, micro, seq).total  # noqa: E731
     _fake_memory(monkeypatch, (need(2) + need(4)) / 2)  # 8 sequences per micro-step do not fit, 2 do
@@ -342,7 +342,7 @@ def test_a_run_that_cannot_fit_is_refused_before_any_work_with_the_fix(tmp_path,
 def test_gpu_sized_preset_on_the_cpu_warns_with_the_time_and_is_refused_on_24_gib(monkeypatch):
     """Item 4 as reported: `mmf train --config 370m` on a 24 GiB CPU."""
     from mmf.distributed import World
-    from mmf.train import check_training_memory
+    from mmf.memory import check_training_memory
 
     lines = []
     _fake_memory(monkeypatch, 24 * 2**30)

@@ -1,0 +1,118 @@
+"""A training checkpoint: a model checkpoint plus the state that ``--resume`` needs, without pickle.
+
+``OUT/step-NNNNNNN/`` is a normal model checkpoint (``config.json``, ``model.safetensors``, the
+tokenizer) that ``mmf generate`` and ``mmf.load_model`` read, plus:
+
+* ``optimizer.safetensors``: AdamW moments and step counts, keyed ``state.<param>.<name>``;
+* ``trainer_state.json``: step, samples and tokens seen (the data position), optimiser param
+  groups, the run's metrics so far; ``rng.safetensors``: the torch RNG states;
+* ``train_config.toml``: the run's config.
+
+It is written atomically (a temporary directory, then a rename); the oldest beyond
+``checkpoint.keep`` are then removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .checkpoint import CONFIG_FILE, iter_tensors, write_safetensors_sharded
+from .distributed import World, barrier
+from .errors import MMFError
+from .outputs import atomic_directory
+from .run_dir import RUN_CONFIG, STATE_FILE, checkpoint_dir, list_checkpoints
+
+OPTIM_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+
+
+def _flatten_optimizer(osd: dict) -> tuple[dict, dict]:
+    """A full optimiser state dict -> (its tensors for ``optimizer.safetensors``, the rest as JSON)."""
+    tensors, scalars = {}, {}
+    for fqn, st in osd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{fqn}.{k}"] = v.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{fqn}.{k}"] = v
+    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    """The inverse of ``_flatten_optimizer``."""
+    state: dict = {}
+    for key, t in tensors.items():
+        fqn, k = key[len("state."):].rsplit(".", 1)
+        state.setdefault(fqn, {})[k] = t
+    for key, v in meta.get("scalars", {}).items():
+        fqn, k = key.rsplit(".", 1)
+        state.setdefault(fqn, {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training_checkpoint(world: World, base, optimizer, mcfg, tokenizer, out: Path, step: int,
+                             state: dict, run_config: str, keep: int) -> Optional[Path]:
+    """Gather full state on every rank; rank 0 writes ``out/step-NNNNNNN`` atomically and prunes old ones."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(base, options=opts)
+    osd = get_optimizer_state_dict(base, optimizer, options=opts)
+    path = checkpoint_dir(out, step)
+    if world.is_main:
+        msd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in msd.items()}
+        if mcfg.tie_word_embeddings:
+            msd.pop("lm_head.weight", None)
+        otensors, ometa = _flatten_optimizer(osd)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if world.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(world.device)
+        hf = mcfg.to_hf_dict()
+        hf.update(torch_dtype="float32", mmf_version=__version__)
+        from safetensors.torch import save_file
+
+        try:
+            with atomic_directory(path, overwrite=True) as tmp:
+                write_safetensors_sharded(msd, tmp)
+                (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+                tokenizer.save(tmp)
+                save_file(otensors, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
+                save_file(rng, str(tmp / RNG_FILE), metadata={"format": "pt"})
+                (tmp / RUN_CONFIG).write_text(run_config)
+                (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": ometa}, indent=2) + "\n")
+        except OSError as e:  # a full disk or a vanished directory: the earlier checkpoints are untouched
+            kept = list_checkpoints(out)
+            raise MMFError(f"could not write checkpoint {path} ({e.strerror or e}); "
+                           f"{'the last good one is ' + str(kept[-1]) if kept else 'no checkpoint was kept'}") from None
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+    return path
+
+
+def load_training_checkpoint(path: Path, base, optimizer) -> dict:
+    """Restore model, optimiser and RNG state from ``path`` (every rank reads it)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = json.loads((path / STATE_FILE).read_text())
+    msd = dict(iter_tensors(path))
+    if getattr(base.config, "tie_word_embeddings", False) and "lm_head.weight" not in msd:
+        msd["lm_head.weight"] = msd["model.embeddings.weight"]
+    set_model_state_dict(base, msd, options=StateDictOptions(full_state_dict=True))
+    osd = _unflatten_optimizer(load_file(str(path / OPTIM_FILE)), state["optimizer"])
+    # strict=False: a parameter that never had a gradient (layer 0's MLGRU lower bound) has no AdamW state
+    set_optimizer_state_dict(base, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
+    rng = load_file(str(path / RNG_FILE))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    return state
