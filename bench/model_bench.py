@@ -196,14 +196,16 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------- `mmf bench`
 def bench_command(models="370m", device="auto", batch_size=None, prompt_len=None, max_new_tokens=None,
                   dtype="bf16", fmt="i2", repeat=None, json_stdout=False, json_out=None, plot=None,
-                  no_hf=False, train=False, seq_len=None, steps=None, command=None) -> dict:
+                  no_hf=False, train=False, seq_len=None, steps=None, threads=None, command=None) -> dict:
     """``mmf bench`` whole: check the options and that every output can be written (before any
     measurement), run the benchmark, print its table (or, with ``json_stdout``, the JSON document
     instead), then write ``json_out`` (JSON) and ``plot`` (PNG). The table comes first, so that a
     write failing after minutes of measurement loses nothing on screen; such a failure is then one
     MMFError line. Returns the result dict."""
     from mmf.bench import check_output_path
+    from mmf.devices import set_threads
 
+    set_threads(threads)
     _check_bench_options(train, plot, prompt_len, max_new_tokens, repeat, no_hf, dtype, fmt, seq_len, steps)
     outputs = [(opt, check_output_path(p, opt)) for opt, p in (("--json-out", json_out), ("--plot", plot))
                if p is not None]

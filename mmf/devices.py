@@ -8,13 +8,26 @@ build does not have; torch itself would fail later with an AssertionError or a R
 from __future__ import annotations
 
 import re
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from .errors import MMFError
 
 DEVICE_NAMES = "cpu, cuda, cuda:N or auto"
+
+
+def set_threads(threads: Optional[int], option: str = "--threads") -> int:
+    """Apply ``--threads N``: ``torch.set_num_threads(N)``, which the native CPU kernel follows too (ONNX
+    Runtime is given the same count by its callers). None keeps torch's default. Returns the count in
+    effect; N < 1 is one MMFError line."""
+    if threads is None:
+        return torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise MMFError(f"{option} {threads}: give a number of CPU threads >= 1, or leave it out for torch's "
+                       f"default ({torch.get_num_threads()} here)")
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device(name: Union[str, torch.device], option: str = "--device") -> torch.device:

@@ -3,6 +3,12 @@
 The data is tokenised with the checkpoint's own tokenizer into a temporary token file (streamed,
 as for training; nothing is written beside the checkpoint), then scored in non-overlapping
 windows of ``seq_len`` tokens, each window scored from an empty state.
+
+On the CPU a MatMul-free checkpoint is scored in its inference form (``load_model(frozen=True)``, as
+`mmf generate` runs it), so its BitLinears run the native CPU kernel: the same arithmetic as the
+training form, whose integer products are exact in both, up to the order of the fp32 operations
+(docs/reference-semantics.md: a rounding flip of the activation quantiser now and then; the loss
+agrees to about 1e-5 relative). On a GPU the training form is scored, through its fused kernels.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from .tokenizer import check_tokenizer_fits, has_tokenizer, missing_tokenizer_er
 
 def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, batch_size: int = 8,
                         max_tokens: Optional[int] = None, device: str = "cpu", dtype: str = "fp32",
-                        text_field: str = "text") -> dict:
-    """Mean next-token loss (nats/token), perplexity and bits per byte of ``checkpoint`` on ``data``."""
+                        text_field: str = "text", threads: Optional[int] = None) -> dict:
+    """Mean next-token loss (nats/token), perplexity and bits per byte of ``checkpoint`` on ``data``.
+    ``threads``: CPU threads (``torch.set_num_threads``; None keeps torch's default)."""
     from .data import load_saved_tokenizer
+    from .devices import resolve_device, set_threads
 
     checkpoint = Path(checkpoint)
     cfg = load_config(checkpoint)  # one clear error for a missing or broken checkpoint
@@ -36,6 +44,8 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
     if max_tokens is not None and max_tokens < 1:
         raise MMFError(f"--max-tokens {max_tokens}: give a positive number of tokens to score, "
                        "or leave it out to score all the data")
+    dev = resolve_device(device)
+    set_threads(threads)
     files = resolve_files(data, "evaluation")
     if not has_tokenizer(checkpoint):
         raise missing_tokenizer_error(checkpoint)
@@ -60,7 +70,7 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
         tokens = np.memmap(path, dtype=np.int64, mode="r", shape=(n,))
         if max_tokens is not None:
             tokens = tokens[:max_tokens + 1]
-        model = load_model(checkpoint, device=device, dtype=dtype)
+        model = load_model(checkpoint, device=dev, dtype=dtype, frozen=dev.type == "cpu")
         vocab = model.config.vocab_size
         if int(tokens.max()) >= vocab:
             raise MMFError(f"{checkpoint}: its tokenizer produced id {int(tokens.max())} >= the model's vocab {vocab}; "
@@ -74,7 +84,7 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
                 full = [r for r in rows if len(r) == L + 1]  # the last window may be shorter: scored alone
                 short = [r for r in rows if len(r) != L + 1 and len(r) > 1]
                 for group in ([np.stack(full)] if full else []) + [r[None] for r in short]:
-                    x = torch.from_numpy(np.array(group, dtype=np.int64)).to(device)  # a writable copy
+                    x = torch.from_numpy(np.array(group, dtype=np.int64)).to(dev)  # a writable copy
                     logits = model(x[:, :-1]).logits.float()
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
                     total += float(loss)

@@ -128,15 +128,18 @@ def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None,
                  prompt_file: Optional[Path] = None, max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, device: str = "cpu",
                  dtype: Optional[str] = None, graph: bool = False,
-                 write: Optional[Callable[[str], None]] = None) -> str:
+                 write: Optional[Callable[[str], None]] = None, threads: Optional[int] = None) -> str:
     """`mmf generate`: from a CHECKPOINT or an ``--onnx`` export (exactly one), the prompt from ``prompt`` or
     ``prompt_file``. Every option is checked and the model and tokenizer are loaded before anything is
     written, so a failed call leaves no output; then the prompt and the generated text stream to ``write``.
-    Returns the generated text (without the prompt). ``dtype`` None: fp32, or the export's own dtype."""
+    Returns the generated text (without the prompt). ``dtype`` None: fp32, or the export's own dtype.
+    ``threads``: CPU threads for torch, the native CPU kernel and ONNX Runtime (None: torch's default)."""
+    from .devices import set_threads
     from .onnx_runtime import onnx_source
 
     onnx = onnx_source(checkpoint, onnx)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    set_threads(threads)
     if onnx is not None:
         if graph:
             raise MMFError("--graph and --onnx do not go together: ONNX Runtime runs its own graph; drop one")
@@ -145,7 +148,7 @@ def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None,
                            "provider; drop --device, or give the CHECKPOINT instead of --onnx to run it on a GPU")
         text = read_prompt(prompt, prompt_file)
         return generate_onnx_text(onnx, text, max_new_tokens, temperature, top_k, top_p, seed, write,
-                                  dtype=dtype, echo_prompt=True)
+                                  dtype=dtype, echo_prompt=True, threads=threads or 0)
     text = read_prompt(prompt, prompt_file)
     return generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype or "fp32",
                          write, graph, echo_prompt=True)
@@ -190,10 +193,11 @@ def generate_text(checkpoint, prompt: str, max_new_tokens: int = 200, temperatur
 def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
                        top_p: float = 1.0, seed: Optional[int] = None,
                        write: Optional[Callable[[str], None]] = None, fold_constants: bool = True,
-                       dtype: Optional[str] = None, echo_prompt: bool = False) -> str:
+                       dtype: Optional[str] = None, echo_prompt: bool = False, threads: int = 0) -> str:
     """`mmf generate --onnx DIR`: check the options, load the export and its tokenizer, then generate through
     ONNX Runtime (after writing the prompt with ``echo_prompt``). ``dtype``, if given, must be the export's
-    own (fp32 or fp16, fixed by `mmf export-onnx --dtype`)."""
+    own (fp32 or fp16, fixed by `mmf export-onnx --dtype`). ``threads``: ONNX Runtime's intra-op threads
+    (0: its default)."""
     from .onnx_runtime import OnnxCausalLM, read_manifest
     from .tokenizer import load_tokenizer
 
@@ -202,7 +206,7 @@ def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temper
     if dtype is not None and dtype != manifest["dtype"]:
         raise MMFError(f"--dtype {dtype}: {directory} was exported in {manifest['dtype']} and ONNX Runtime runs it so; "
                        f"drop --dtype, or re-export with `mmf export-onnx --dtype {dtype}`")
-    model = OnnxCausalLM(directory, fold_constants=fold_constants)
+    model = OnnxCausalLM(directory, fold_constants=fold_constants, threads=threads)
     cfg = model.config
     try:
         tok = load_tokenizer(directory, cfg.bos_token_id, cfg.eos_token_id)

@@ -38,6 +38,10 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", show_default=False,
                                         help="Write a PNG chart, memory and latency by size (default: none)."),
     no_hf: bool = typer.Option(False, "--no-hf", help="Skip the Hugging Face Llama baseline."),
+    threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
+                                          help="CPU threads, >= 1 (torch, the native CPU kernel, the read-bandwidth "
+                                          "stream and ONNX Runtime; default: torch's own, usually the number of "
+                                          "physical cores)."),
     train: bool = typer.Option(False, "--train", help="Benchmark training steps instead (fused vs unfused BitLinear "
                                "vs Transformer++; on CPU a dry run: every variant runs the same torch code)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", show_default=False,
@@ -56,4 +60,4 @@ def bench(
     model_bench.bench_command(
         model, device=device, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
         dtype=dtype, fmt=fmt, repeat=repeat, json_stdout=as_json, json_out=json_out, plot=plot, no_hf=no_hf,
-        train=train, seq_len=seq_len, steps=steps, command="mmf " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        train=train, seq_len=seq_len, steps=steps, threads=threads, command="mmf " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

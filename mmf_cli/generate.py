@@ -34,6 +34,9 @@ def generate(
     graph: bool = typer.Option(False, "--graph", help="With --device cuda: each decode step is one CUDA-graph replay "
                                "of a static decoder (MatMul-free: the fused Triton kernels, compiled and tuned at "
                                "start, tens of seconds; pays off on long generations)."),
+    threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
+                                          help="CPU threads, >= 1 (torch, the native CPU kernel and ONNX Runtime; "
+                                          "default: torch's own, usually the number of physical cores)."),
 ):
     """Sample text from a checkpoint, streaming it as it is produced (O(1) memory per token)."""
     from mmf.generate import run_generate
@@ -43,7 +46,7 @@ def generate(
         sys.stdout.flush()
 
     run_generate(checkpoint, onnx, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                 graph, write)
+                 graph, write, threads=threads)
     write("\n")
 
 

@@ -92,12 +92,15 @@ def eval_cmd(
     text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
+                                          help="CPU threads, >= 1 (torch and the native CPU kernel; default: "
+                                          "torch's own, usually the number of physical cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of the table."),
 ):
     """Loss (nats/token) and perplexity of a checkpoint on text."""
     from mmf.evaluate import evaluate_checkpoint
 
-    r = evaluate_checkpoint(checkpoint, data, seq_len, batch_size, max_tokens, device, dtype, text_field)
+    r = evaluate_checkpoint(checkpoint, data, seq_len, batch_size, max_tokens, device, dtype, text_field, threads)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return

@@ -1,0 +1,131 @@
+"""The native CPU kernel is the default wherever a CPU decodes or scores (issue 18 item 4): mmf.load_model on
+the CPU (packed and frozen), `mmf generate` (a float checkpoint frozen at load), `mmf eval` (the inference form,
+whose loss equals the training form's to rounding), and `--threads` on each command. Each test counts the calls
+that reach kernels/cpu_ternary.py, so that a path which silently fell back to torch fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mmf
+from conftest import median_rel_err, small_model
+from mmf import kernels
+from mmf.kernels import cpu_ternary as ct
+
+pytestmark = pytest.mark.skipif(not ct.available(), reason="native CPU kernel unavailable")
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Count the calls of the native kernel (the reference is un-forced: CI also runs with MMF_FORCE_REFERENCE=1),
+    and give torch's thread count back after a test that set it."""
+    calls = []
+    native = ct.bitlinear_i2
+    monkeypatch.setattr(ct, "bitlinear_i2", lambda *a, **kw: calls.append(a[2].shape) or native(*a, **kw))
+    prev, threads = kernels._FORCE_REFERENCE, torch.get_num_threads()
+    kernels.force_reference(False)
+    yield calls
+    kernels.force_reference(prev)
+    torch.set_num_threads(threads)
+
+
+def _main(capsys, *args):
+    from mmf.cli.main import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A float (latent) MatMul-free checkpoint with a tokenizer, and its `mmf pack` (i2)."""
+    from mmf.converters.packing import pack_checkpoint
+
+    root = tmp_path_factory.mktemp("wiring")
+    model = small_model("mmf", seed=4, intermediate_size=90)
+    mmf.save_checkpoint(model, root / "float", tokenizer=mmf.ByteTokenizer())
+    pack_checkpoint(root / "float", root / "packed")
+    (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["packed", "frozen"])
+def test_load_model_on_cpu_runs_the_native_kernel(checkpoints, native_calls, kind):
+    """Every BitLinear of a packed or frozen model loaded on the CPU goes through the native kernel (one call
+    each per forward), and the logits are the torch reference path's."""
+    model = mmf.load_model(checkpoints / ("packed" if kind == "packed" else "float"), device="cpu",
+                           frozen=kind == "frozen")
+    n_bitlinears = 6 * model.config.num_hidden_layers + 1
+    ids = torch.randint(3, 259, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits = model(ids).logits
+        assert len(native_calls) == n_bitlinears, "a BitLinear did not run the native kernel"
+        kernels.force_reference(True)
+        ref = model(ids).logits
+    assert len(native_calls) == n_bitlinears  # the reference did not call it
+    assert median_rel_err(logits, ref) <= 1e-6
+
+
+def test_generate_on_cpu_freezes_a_float_checkpoint_and_runs_native(checkpoints, native_calls, capsys):
+    """`mmf generate` on the CPU from a float checkpoint: frozen at load, so every token runs the native kernel;
+    `--threads 1` sets torch's (and so the kernel's) thread count."""
+    code, out, err = _main(capsys, "generate", checkpoints / "float", "-p", "Hello", "-n", "4", "-t", "0",
+                           "--threads", "1")
+    assert code == 0, err
+    assert out.startswith("Hello")
+    cfg = mmf.load_model(checkpoints / "float").config
+    per_call = 6 * cfg.num_hidden_layers + 1
+    assert len(native_calls) == 5 * per_call  # the prompt's prefill and a step per new token, every BitLinear
+    assert torch.get_num_threads() == 1
+
+
+def test_eval_on_cpu_scores_the_inference_form_natively(checkpoints, native_calls, capsys, monkeypatch):
+    """`mmf eval` on the CPU scores the frozen form through the native kernel; its loss is the training
+    form's up to the order of fp32 operations (docs/reference-semantics.md), far below 1e-5 relative."""
+    from mmf import evaluate
+
+    code, out, err = _main(capsys, "eval", checkpoints / "float", "--data", checkpoints / "text.txt",
+                           "--seq-len", "64", "--batch-size", "4", "--threads", "1", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert native_calls and torch.get_num_threads() == 1
+    load = evaluate.load_model
+    seen = []
+
+    def latent(*a, frozen=False, **kw):  # the training form, as eval scored before
+        seen.append(frozen)
+        return load(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "load_model", latent)
+    n = len(native_calls)
+    want = evaluate.evaluate_checkpoint(checkpoints / "float", [str(checkpoints / "text.txt")], seq_len=64,
+                                        batch_size=4)
+    assert seen == [True] and len(native_calls) == n  # eval asked for the frozen form; the latent one ran in torch
+    assert got["tokens"] == want["tokens"] > 1000
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got["loss"], want["loss"])
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "bench"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_threads_below_one_is_one_line(checkpoints, capsys, monkeypatch, command, value):
+    """`--threads N` with N < 1 is one line naming the fix, exit 2, before any work."""
+    from mmf.bench import model_bench
+
+    monkeypatch.setattr(model_bench, "run_bench", lambda *a, **k: pytest.fail("measured before checking --threads"))
+    args = {"generate": ["generate", checkpoints / "float", "-p", "Hi", "-n", "2"],
+            "eval": ["eval", checkpoints / "float", "--data", checkpoints / "text.txt"],
+            "bench": ["bench", "--model", "tiny", "--device", "cpu"]}[command]
+    threads = torch.get_num_threads()
+    code, out, err = _main(capsys, *args, "--threads", value)
+    assert code == 2 and out == "", (code, out, err)
+    assert err == f"mmf: error: --threads {value}: give a number of CPU threads >= 1, or leave it out for torch's " \
+                  f"default ({threads} here)\n"
+    assert torch.get_num_threads() == threads
