@@ -27,9 +27,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .checkpoint import atomic_directory
 from .errors import MMFError
-from .tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILE, ByteTokenizer, HFTokenizer
+from .outputs import atomic_directory
+from .tokenizer import HF_TOKENIZER_FILE, ByteTokenizer, load_tokenizer_file, train_bpe
+from .tokenizer import load_saved_tokenizer  # noqa: F401 (mmf.evaluate imports it from here; its home is mmf.tokenizer)
 
 CACHE_FORMAT = 1  # bump when the token file layout or document rules change
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
@@ -126,50 +127,7 @@ def iter_text(files: list[Path], text_field: str = "text") -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizers
-
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the presets' pad, bos and eos
-
-
-def train_bpe(files: list[Path], vocab_size: int, min_frequency: int = 2, text_field: str = "text") -> HFTokenizer:
-    """A byte-level BPE (GPT-2 style pre-tokenisation) trained on the data with ``tokenizers``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(iter_text(files, text_field), trainer)
-    return HFTokenizer(tok, bos_id=1, eos_id=2)
-
-
-def load_tokenizer_file(path: Path) -> HFTokenizer:
-    """A ``tokenizer.json`` (or a directory holding one); bos/eos found among common special tokens."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / HF_TOKENIZER_FILE
-    if not path.exists():
-        raise MMFError(f"{path}: no such tokenizer file; set tokenizer.path to a tokenizer.json")
-    tok = HFTokenizer.from_file(path)
-    find = tok.tok.token_to_id
-    tok.bos_id = next((i for t in ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]") if (i := find(t)) is not None), None)
-    tok.eos_id = next((i for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
-                       if (i := find(t)) is not None), None)
-    return tok
-
-
-def load_saved_tokenizer(directory: Path, fix: str = "give a checkpoint saved with its tokenizer"):
-    """The tokenizer stored in a token cache or checkpoint directory, with its bos/eos ids.
-
-    ``fix`` ends the message when there is none (a token cache: delete it to rebuild it)."""
-    directory = Path(directory)
-    if (directory / HF_TOKENIZER_FILE).exists():
-        return load_tokenizer_file(directory / HF_TOKENIZER_FILE)
-    if (directory / BYTE_TOKENIZER_FILE).exists():
-        return ByteTokenizer()
-    raise MMFError(f"{directory}: no tokenizer saved (neither {HF_TOKENIZER_FILE} nor {BYTE_TOKENIZER_FILE}); {fix}")
-
+# Token ids
 
 def encode_pieces(tokenizer, pieces: list[tuple[str, bool, bool]]) -> np.ndarray:
     """Token ids of document pieces, with bos at each document start and eos at each end."""
@@ -246,7 +204,7 @@ def prepare_tokens(files: list[Path], tok_cfg, cache_dir: Path, text_field: str 
         elif tok_cfg.type == "file":
             tokenizer = load_tokenizer_file(Path(tok_cfg.path))
         else:
-            tokenizer = train_bpe(files, tok_cfg.vocab_size, tok_cfg.min_frequency, text_field)
+            tokenizer = train_bpe(iter_text(files, text_field), tok_cfg.vocab_size, tok_cfg.min_frequency)
         tokenizer.save(tmp)
         vocab = tokenizer.vocab_size
         dtype = np.uint16 if vocab <= 65536 else np.uint32

@@ -2,6 +2,10 @@
 
 Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``bos_id``,
 ``eos_id``, ``save(dir)`` and an incremental ``stream_decoder()`` for printing while generating.
+
+Loading: ``load_tokenizer`` reads a model checkpoint's tokenizer with the bos/eos ids its config
+gives; ``load_saved_tokenizer`` (a token cache or training checkpoint) and ``load_tokenizer_file``
+(``tokenizer.path``) find bos/eos among common special tokens. ``train_bpe`` trains a byte-level BPE.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ import codecs
 import json
 import sys
 from pathlib import Path
+from typing import Iterable
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MMFError
 
 BYTE_TOKENIZER_FILE = "mmf_tokenizer.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -124,6 +129,33 @@ def load_tokenizer(directory: Path, bos_id=None, eos_id=None):
     raise missing_tokenizer_error(directory)
 
 
+def load_tokenizer_file(path: Path) -> HFTokenizer:
+    """A ``tokenizer.json`` (or a directory holding one); bos/eos found among common special tokens."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / HF_TOKENIZER_FILE
+    if not path.exists():
+        raise MMFError(f"{path}: no such tokenizer file; set tokenizer.path to a tokenizer.json")
+    tok = HFTokenizer.from_file(path)
+    find = tok.tok.token_to_id
+    tok.bos_id = next((i for t in ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]") if (i := find(t)) is not None), None)
+    tok.eos_id = next((i for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
+                       if (i := find(t)) is not None), None)
+    return tok
+
+
+def load_saved_tokenizer(directory: Path, fix: str = "give a checkpoint saved with its tokenizer"):
+    """The tokenizer stored in a token cache or checkpoint directory, with its bos/eos ids.
+
+    ``fix`` ends the message when there is none (a token cache: delete it to rebuild it)."""
+    directory = Path(directory)
+    if (directory / HF_TOKENIZER_FILE).exists():
+        return load_tokenizer_file(directory / HF_TOKENIZER_FILE)
+    if (directory / BYTE_TOKENIZER_FILE).exists():
+        return ByteTokenizer()
+    raise MMFError(f"{directory}: no tokenizer saved (neither {HF_TOKENIZER_FILE} nor {BYTE_TOKENIZER_FILE}); {fix}")
+
+
 def check_tokenizer_fits(tokenizer, model_vocab_size, where=None) -> None:
     """Refuse a tokenizer that can produce ids outside the model's embedding table (garbage otherwise)."""
     n = tokenizer.vocab_size
@@ -142,3 +174,20 @@ def warn_if_no_tokenizer(source: Path, out: Path) -> None:
             f"mmf: warning: {source} has no tokenizer ({HF_TOKENIZER_FILE} or {BYTE_TOKENIZER_FILE}), so {out} has "
             f"none either; `mmf generate` and `mmf eval` need one: copy the model's {HF_TOKENIZER_FILE} into {out}\n"
         )
+
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the presets' pad, bos and eos
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
+    """A byte-level BPE (GPT-2 style pre-tokenisation) trained on ``texts`` with ``tokenizers``
+    (``mmf.data.iter_text`` gives the text of training files)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer(tok, bos_id=1, eos_id=2)

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import (BUILTIN_PREFIX, TokenData, batch_indices, builtin_corpus_file, load_saved_tokenizer,
-                   prepare_tokens, resolve_files)
+from .data import BUILTIN_PREFIX, TokenData, batch_indices, builtin_corpus_file, prepare_tokens, resolve_files
 from .distributed import World, all_mean, all_sum, any_flag, barrier, broadcast_object, init_world, shutdown
 from .errors import MMFError
 from .memory import check_training_memory
 from .run_dir import (CKPT_PREFIX, METRICS_FILE, PLOT_FILE, RUN_CONFIG, STATE_FILE, check_out_dir, discard_failed_run,
                       list_checkpoints, make_run_dir, preflight, resume_config)
+from .tokenizer import load_saved_tokenizer
 from .train_checkpoint import load_training_checkpoint, save_training_checkpoint
 from .train_config import TrainConfig, build_model_config, config_to_toml, load_train_config
 from .train_report import Reporter, drop_metrics_after, plot_metrics

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from mmf.data import (TokenData, batch_indices, iter_documents, load_saved_tokenizer, prepare_tokens,
-                      resolve_files, train_bpe)
+from mmf.data import TokenData, batch_indices, iter_documents, iter_text, prepare_tokens, resolve_files
 from mmf.errors import MMFError
+from mmf.tokenizer import load_saved_tokenizer, train_bpe
 from mmf.train_config import TokenizerConfig
 
 BYTE = TokenizerConfig(type="byte")
@@ -97,7 +97,7 @@ def test_split_windows_and_sharding(tmp_path):
 def test_bpe_tokenizer_trains_saves_and_round_trips(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("the cat sat on the mat. the dog sat on the log.\n\n" * 50)
-    tok = train_bpe([f], vocab_size=300)
+    tok = train_bpe(iter_text([f]), vocab_size=300)
     assert tok.vocab_size <= 300 and (tok.bos_id, tok.eos_id) == (1, 2)
     assert tok.tok.id_to_token(0) == "<pad>"
     text = "the cat sat on the log."

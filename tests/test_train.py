@@ -210,14 +210,15 @@ def test_print_config_and_eval_errors(tmp_path, monkeypatch, capsys):
 
 def test_transformer_with_a_tokenizer_file_on_jsonl(tmp_path):
     """The other architecture, a tokenizer.json and JSONL data, through the same config system."""
-    from mmf.data import train_bpe
+    from mmf.data import iter_text
+    from mmf.tokenizer import train_bpe
 
     docs = tmp_path / "docs.jsonl"
     from mmf.corpus import iter_stories
 
     stories = iter_stories(5)
     docs.write_text("".join(json.dumps({"text": next(stories), "id": i}) + "\n" for i in range(150)))
-    train_bpe([docs], vocab_size=400).save(tmp_path)
+    train_bpe(iter_text([docs]), vocab_size=400).save(tmp_path)
     cfg = load_train_config("transformer++-tiny", small(tmp_path, "model.num_attention_heads=4",
                                                          "model.num_key_value_heads=2", "tokenizer.type=file",
                                                          f"tokenizer.path={tmp_path / 'tokenizer.json'}"),
