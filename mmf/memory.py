@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -78,7 +77,7 @@ import torch
 from .distributed import World, any_flag
 from .errors import MMFError
 from .train_config import TrainConfig, build_model_config
-from .units import human_bytes
+from .units import human_bytes, human_seconds
 
 # (a, b, h, g, C) per (device type, arch); see the module docstring
 COEFFICIENTS = {
@@ -178,16 +177,6 @@ def training_seconds(mcfg, n_params: int, seq_len: int, tokens: int, rate: Optio
     """Estimated CPU seconds to train on ``tokens`` tokens: FLOPs / (measured matmul rate x CPU_EFFICIENCY)."""
     rate = rate if rate is not None else matmul_flops()
     return tokens * training_flops_per_token(mcfg, n_params, seq_len) / (rate * CPU_EFFICIENCY[mcfg.arch])
-
-
-def human_seconds(s: float) -> str:
-    """``42 s``, ``12 min``, ``5.2 hours``, ``3.1 days``, ``2.4 years``."""
-    if not math.isfinite(s):
-        return "-"
-    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600)):
-        if s >= size:
-            return f"{s / size:.2g} {unit}" if s / size < 10 else f"{s / size:,.0f} {unit}"
-    return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
 
 
 def local_processes() -> int:

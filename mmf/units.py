@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 _DECIMAL = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
@@ -21,3 +22,13 @@ def human_bytes(n: Optional[float], binary: bool = False) -> str:
             x = n / scale
             return f"{x:.0f} {unit}" if abs(x) >= 99.95 else f"{x:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def human_seconds(s: float) -> str:
+    """``42 s``, ``12 min``, ``5.2 hours``, ``3.1 days``, ``2.4 years``."""
+    if not math.isfinite(s):
+        return "-"
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600)):
+        if s >= size:
+            return f"{s / size:.2g} {unit}" if s / size < 10 else f"{s / size:,.0f} {unit}"
+    return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
