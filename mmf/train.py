@@ -124,7 +124,7 @@ def loss_of(model, x: torch.Tensor, autocast) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(world: World, model, data: TokenData, max_tokens: int, batch: int, autocast) -> float:
+def validation_loss(world: World, model, data: TokenData, max_tokens: int, batch: int, autocast) -> float:
     """Mean validation loss (nats/token) over the first ``max_tokens`` of the validation split."""
     was = model.training
     model.eval()
@@ -390,7 +390,7 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
                     t_log, tok_log, window = now, 0, []
                 reporter.step(done, total, eta, record)
                 if done % cfg.logging.eval_every == 0 and done != total:
-                    val_loss, val_step = evaluate(world, model, data, cfg.logging.eval_tokens, micro, autocast), done
+                    val_loss, val_step = validation_loss(world, model, data, cfg.logging.eval_tokens, micro, autocast), done
                     reporter.write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                                     "tokens": done * B * T, "time": time.time() - t_start})
                     reporter.message(f"step {done}: validation loss {val_loss:.4f} "
@@ -406,7 +406,7 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
                 if done % cfg.checkpoint.every == 0 and done != total:
                     last_ckpt = checkpoint(done)
         if not interrupted:
-            val_loss, val_step = evaluate(world, model, data, cfg.logging.eval_tokens, micro, autocast), total
+            val_loss, val_step = validation_loss(world, model, data, cfg.logging.eval_tokens, micro, autocast), total
             reporter.write({"step": total, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                             "tokens": total * B * T, "time": time.time() - t_start})
             last_ckpt = checkpoint(total)
