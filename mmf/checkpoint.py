@@ -55,6 +55,16 @@ def checkpoint_state_dict(model: torch.nn.Module) -> dict:
     return state
 
 
+def checkpoint_state_dict_names(model) -> list[str]:
+    """Names a complete checkpoint of ``model`` must hold (tied weights once)."""
+    names, seen = [], set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            names.append(name)
+    return names
+
+
 def write_safetensors_sharded(state: dict, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                               metadata: Optional[dict] = None) -> list[str]:
     """Write ``state`` as one file or as shards with an index; returns the file names."""
@@ -141,7 +151,8 @@ def open_safetensors(path: Path):
         yield f
 
 
-def file_metadata(path: Path) -> dict:
+def read_file_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of one safetensors file ({} if it has none)."""
     with open_safetensors(path) as f:
         return f.metadata() or {}
 
@@ -174,7 +185,7 @@ def load_config(path: Path) -> ModelConfig:
 def is_packed(path: Path) -> bool:
     """True for a checkpoint written by `mmf pack` (its safetensors metadata says so)."""
     files = sorted(set(weight_files(path).values()))
-    return bool(files) and FORMAT_KEY in file_metadata(files[0])
+    return bool(files) and FORMAT_KEY in read_file_metadata(files[0])
 
 
 def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
@@ -311,7 +322,6 @@ def _set_tensor(model, dotted: str, value: torch.Tensor) -> None:
     setattr(parent, attr, torch.nn.Parameter(value, requires_grad=False))
 
 
-
 def check_finite(path: Path, name: str, tensor: torch.Tensor, overflow=None) -> None:
     """Raise CheckpointError naming ``name`` if the floating tensor holds NaN or inf.
 
@@ -342,13 +352,3 @@ def check_finite(path: Path, name: str, tensor: torch.Tensor, overflow=None) -> 
     raise CheckpointError(
         f"{path}: tensor {name!r} holds {bad} NaN or inf values of {flat.numel()}; the weights are damaged "
         "(a diverged run or a corrupt copy): use an earlier checkpoint or re-download it")
-
-
-def checkpoint_state_dict_names(model) -> list[str]:
-    """Names a complete checkpoint of ``model`` must hold (tied weights once)."""
-    names, seen = [], set()
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            names.append(name)
-    return names
