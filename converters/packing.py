@@ -320,7 +320,7 @@ def unpack_checkpoint(src, out, force: bool = False, dtype: Optional[str] = None
     largest = max((math.prod(meta["shape"]) for _, _, meta in jobs if meta), default=0)
     scratch = torch.empty(largest, dtype=torch.float32)  # reused by every tensor: no page faults after the first
     codes_buf = torch.empty(largest, dtype=torch.int8)
-    # no _ThreadTuner here: on idle cores it cost 12% (13b: 0.407 vs 0.463 GB/s), its gain under load unmeasured
+    # no ThreadTuner here: on idle cores it cost 12% (13b: 0.407 vs 0.463 GB/s), its gain under load unmeasured
     with atomic_directory(out, force, need_bytes=sum(it[3] for it in items)) as tmp, prog:
         task = prog.add_task("unpack", total=in_bytes)
         weight_map = {}
