@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from . import __version__
-from .checkpoint import CONFIG_FILE, iter_tensors, write_safetensors_sharded
+from .checkpoint import iter_tensors, write_safetensors_sharded
+from .checkpoint_layout import CONFIG_FILE
 from .distributed import World, barrier
 from .errors import MMFError
 from .outputs import atomic_directory

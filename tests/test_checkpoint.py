@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mmf
-from mmf.checkpoint import INDEX_FILE, save_checkpoint
+from mmf.checkpoint import save_checkpoint
+from mmf.checkpoint_layout import INDEX_FILE
 from mmf.errors import CheckpointError, ConfigError
 
 from conftest import median_rel_err, small_model

@@ -1,6 +1,6 @@
-"""mmf.units.human_bytes: the unit follows the size (a 3 MB disk is not "0.00 GiB")."""
+"""mmf.units: the unit follows the size (a 3 MB disk is not "0.00 GiB", a week is not "168 hours")."""
 
-from mmf.units import human_bytes
+from mmf.units import human_bytes, human_seconds
 
 
 def test_human_bytes_picks_the_unit():
@@ -14,3 +14,10 @@ def test_human_bytes_picks_the_unit():
     assert human_bytes(26.5e12) == "26.5 TB" and human_bytes(2.5e15) == "2500 TB"
     assert human_bytes(-5_000_000) == "-5 MB"
     assert human_bytes(None) == "-"
+
+
+def test_human_seconds_picks_the_unit():
+    assert human_seconds(42) == "42 s" and human_seconds(720) == "12 min"
+    assert human_seconds(5.2 * 3600) == "5.2 hours" and human_seconds(7 * 86400) == "7 days"
+    assert human_seconds(12 * 86400) == "12 days" and human_seconds(2.4 * 365.25 * 86400) == "2.4 years"
+    assert human_seconds(float("inf")) == "-"
