@@ -44,6 +44,8 @@ from .train_report import Reporter, drop_metrics_after, plot_metrics
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns: where the run is, its last checkpoint and its figures."""
+
     out: Path
     checkpoint: Optional[Path]
     step: int
@@ -102,7 +104,7 @@ def schedule(cfg: TrainConfig, step: int) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, optimiser, evaluation
+# Optimiser, loss, validation
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not norms, biases, the MLGRU lower bounds)."""
@@ -118,6 +120,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 
 def loss_of(model, x: torch.Tensor, autocast) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token) of windows ``x`` (batch, seq_len + 1)."""
     with autocast():
         logits = model(x[:, :-1]).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
