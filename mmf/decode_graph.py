@@ -66,7 +66,7 @@ from mmf.errors import MMFError
 __all__ = ["GraphDecoder"]
 
 
-class _Lin:
+class _PackedLinear:
     """One BitLinear's packed weights (N, ceil(K/4)) uint8, s_w and norm weight."""
 
     def __init__(self, mod, device):
@@ -120,8 +120,8 @@ class GraphDecoder:
         with torch.no_grad():
             for layer, lb in zip(model.model.layers, lbs):
                 a, p = layer.attn, layer.mlp
-                i, f, g, o = (_Lin(x, self.device) for x in (a.i_proj, a.f_proj, a.g_proj, a.o_proj))
-                gu, dn = _Lin(p.gate_proj, self.device), _Lin(p.down_proj, self.device)
+                i, f, g, o = (_PackedLinear(x, self.device) for x in (a.i_proj, a.f_proj, a.g_proj, a.o_proj))
+                gu, dn = _PackedLinear(p.gate_proj, self.device), _PackedLinear(p.down_proj, self.device)
                 self.layers.append(dict(
                     attn_norm=layer.attn_norm.weight.detach(), eps_attn=layer.attn_norm.eps,
                     ifg=[i.packed, f.packed, g.packed], ifg_scale=torch.cat([i.scale, f.scale, g.scale]),
@@ -130,7 +130,7 @@ class GraphDecoder:
                     gu=gu, down=dn, lb=None if lb is None else lb.detach().float().contiguous(),
                     bytes=sum(x.nbytes for x in (i, f, g, o, gu, dn))))
             self.final_norm, self.eps_final = model.model.norm.weight.detach(), model.model.norm.eps
-            self.head = _Lin(model.lm_head, self.device)
+            self.head = _PackedLinear(model.lm_head, self.device)
         B, dev, dt = batch, self.device, self.dtype
         self.gemv_path = B <= tv.GEMV_MAX_ROWS
         self.state = torch.zeros(L, B, d, dtype=torch.float32, device=dev)
