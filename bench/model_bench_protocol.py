@@ -4,8 +4,10 @@ Protocol (the paper's: batch 1): random token prompt of ``prompt_len``, greedy d
 ``gen_len`` tokens (one prefill that yields the first token, then ``gen_len - 1`` decode steps);
 one untimed warm-up, then ``repeat`` timed repetitions (``time_generation``); medians and min/max
 over repetitions. Peak memory covers the build and generation of one variant alone (``MemoryMeter``).
-The decode floor is the bytes a decode step must move over the device's copy bandwidth, measured
-at the start of the run (``copy_bandwidth``).
+The decode floor is the bytes a decode step must move over a bandwidth measured at the start of
+the run: on CPU the read bandwidth of a read-only stream at the run's thread count
+(``read_bandwidth``: a decode step reads its weights and writes almost nothing), on CUDA, or on a
+CPU without the native kernel, the device's copy bandwidth (``copy_bandwidth``).
 
 Each figure carries a label: ``measured``, ``computed`` (counted from tensor shapes), ``estimated``
 (derived from measured figures, e.g. the bandwidth floor) or ``extrapolated from k1,k2/L layers``
@@ -27,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mmf.bench.model_variants import Runner, build_runner, estimate_bytes
+from mmf.bench.model_variants import ONNX_VARIANT, Runner, build_runner, estimate_bytes
 from mmf.units import human_bytes
 
 BASELINE = "transformer++"
@@ -35,7 +37,15 @@ MEMORY_SAFETY = 0.85  # build only if the estimate is below this share of the av
 
 
 # ---------------------------------------------------------------------------------------------- protocol
-def protocol_description(batch: int, prompt_len: int, gen_len: int, repeat: int) -> str:
+FLOOR_BASES = {  # how the decode floor's bandwidth was measured, by the result's ``decode_floor_basis``
+    "copy_bandwidth": "copy bandwidth (read + write) measured at the start of this run",
+    "read_bandwidth": "read bandwidth (a read-only stream over a buffer larger than the caches, at this run's "
+                      "thread count) measured at the start of this run",
+}
+
+
+def protocol_description(batch: int, prompt_len: int, gen_len: int, repeat: int,
+                         floor_basis: str = "copy_bandwidth", onnx: bool = False) -> str:
     """The protocol in one paragraph, for the JSON document and under the table."""
     return (f"Random weights (same shapes as the presets), batch {batch}, a random prompt of {prompt_len} tokens, "
             f"greedy generation of {gen_len} tokens: one prefill (yields the first token) then {gen_len - 1} "
@@ -43,8 +53,9 @@ def protocol_description(batch: int, prompt_len: int, gen_len: int, repeat: int)
             "(min and max kept). Host timer with a device synchronisation after prefill and after the last "
             "decode step only. Peak memory covers build and generation of that variant alone. "
             "Decode floor = bytes a decode step must read and write (all weights but the embedding table, "
-            "one embedding row per sequence, the recurrent state or the KV cache) / copy bandwidth "
-            "(read + write) measured at the start of this run.")
+            "one embedding row per sequence, the recurrent state or the KV cache"
+            + ("; for ONNX Runtime its int8 weights as folded at load" if onnx else "")
+            + f") / {FLOOR_BASES[floor_basis]}.")
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -112,6 +123,21 @@ def copy_bandwidth(device: str, nbytes: int = 2 * 1024**3, iters: int = 10) -> d
     del src, dst
     return {"bytes_per_s": 2 * n * 4 / t, "buffer_bytes": n * 4, "iters": iters, "median_s": t,
             "label": "measured"}
+
+
+def read_bandwidth(nbytes: int = 512 * 1024**2, threads: Optional[int] = None, repeats: int = 3) -> dict:
+    """CPU read bandwidth (bytes/s): the best of ``repeats`` read-only passes of the native kernel's stream
+    (``kernels.cpu_ternary.read_bandwidth``) over a fresh ``nbytes`` buffer, at ``threads`` (None: torch's
+    count). Without the native kernel: ``bytes_per_s`` None and a label saying why."""
+    from mmf.kernels import cpu_ternary
+
+    threads = torch.get_num_threads() if threads is None else threads
+    if not cpu_ternary.available():
+        return {"bytes_per_s": None, "label": "not measured: the native CPU kernel is unavailable "
+                f"({cpu_ternary.info()['reason']}); the floor uses the copy bandwidth"}
+    gbps = cpu_ternary.read_bandwidth(int(nbytes), threads=threads, repeats=repeats)
+    return {"bytes_per_s": gbps * 1e9, "buffer_bytes": int(nbytes), "threads": threads, "repeats": repeats,
+            "statistic": "best", "isa": cpu_ternary.isa(), "label": "measured"}
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -270,14 +296,17 @@ def measure_variant(variant, cfg_m, cfg_l, device, dtype, fmt, layers, batch, pr
         timing = time_generation(runner, prompt, gen_len, repeat, device, tick=tick)
         mem = meter.read()
     out = {
-        "layers": layers, "path": runner.path, "build_s": build_s, "setup_s": setup_s, "timing": timing,
-        "memory": mem, "weight_bytes": runner.weight_bytes(), "state_bytes_end": runner.state_bytes(),
+        "layers": layers, "path": runner.path, "path_name": runner.path_name, "build_s": build_s, "setup_s": setup_s,
+        "timing": timing, "memory": mem, "weight_bytes": runner.weight_bytes(), "state_bytes_end": runner.state_bytes(),
         "bytes_per_decode_token": runner.bytes_per_decode_token(prompt.shape[1], gen_len),
     }
     if hasattr(runner, "state_bytes_allocated"):
         out["state_bytes_allocated"] = runner.state_bytes_allocated()
+    if variant == ONNX_VARIANT:
+        out["weight_label"] = "computed: the export's weight file (2-bit); ONNX Runtime holds int8 once folded"
     if bandwidth:
         out["decode_floor_s"] = out["bytes_per_decode_token"] / bandwidth
+    runner.close()
     del runner
     gc.collect()
     if dev.type == "cuda":
@@ -287,7 +316,8 @@ def measure_variant(variant, cfg_m, cfg_l, device, dtype, fmt, layers, batch, pr
     return out
 
 
-def _headline(raw: dict, label: str, batch: int, gen_len: int, device: str, bandwidth) -> dict:
+def _headline(raw: dict, label: str, batch: int, gen_len: int, device: str, bandwidth,
+              floor_basis: str = "copy_bandwidth") -> dict:
     """The labelled figures of one variant from its raw measurement (or extrapolation)."""
     t = raw["timing"]
     dec = t["decode_s_per_token"]["median"]
@@ -320,10 +350,11 @@ def _headline(raw: dict, label: str, batch: int, gen_len: int, device: str, band
     if bandwidth:
         f["bytes_per_decode_token"] = _fig(raw["bytes_per_decode_token"], "B", "computed" if label == "measured"
                                            else label)
+        what = "read" if floor_basis == "read_bandwidth" else "copy"
         f["decode_floor_ms"] = _fig(1e3 * raw["decode_floor_s"], "ms",
-                                    "estimated (bytes per token / copy bandwidth measured in this run)" +
-                                    ("; on CPU not a lower bound: read-only streams beat a copy" if device == "cpu"
-                                     else ""))
+                                    f"estimated (bytes per token / {what} bandwidth measured in this run)" +
+                                    ("; on CPU not a lower bound: read-only streams beat a copy"
+                                     if device == "cpu" and what == "copy" else ""))
     return f
 
 
@@ -353,6 +384,8 @@ def _extrapolate(a: dict, b: dict, L: int) -> dict:
     out["timing"]["decode_steps"] = b["timing"]["decode_steps"]
     out["layers"] = L
     out["path"] = b["path"]
+    if "path_name" in b:
+        out["path_name"] = b["path_name"]
     mem = out["memory"]
     for k in ("rss_before_bytes", "allocated_before_bytes", "method"):
         if k in b["memory"]:
@@ -365,7 +398,8 @@ def _extrapolate(a: dict, b: dict, L: int) -> dict:
 def refit(result: dict) -> dict:
     """Recompute every extrapolated variant of a saved result from its stored partial measurements."""
     dev = result["protocol"]["device"]
-    bw = result["copy_bandwidth"]["bytes_per_s"]
+    basis = result.get("decode_floor_basis", "copy_bandwidth")
+    bw = result[basis]["bytes_per_s"]
     batch, gen_len = result["protocol"]["batch"], result["protocol"]["gen_len"]
     for s in result["sizes"].values():
         for v in s["variants"].values():
@@ -375,15 +409,36 @@ def refit(result: dict) -> dict:
             raw = _extrapolate(a, b, v["num_layers"])
             raw["weight_bytes"], raw["weight_label"] = v["raw"]["weight_bytes"], v["raw"].get("weight_label")
             v["raw"] = raw
-            v["figures"] = _headline(raw, v["label"], batch, gen_len, dev, bw)
-        s["ratio_mmf_over_transformer++"] = ratios_mmf_over_baseline(s["variants"])
+            v["figures"] = _headline(raw, v["label"], batch, gen_len, dev, bw, basis)
+        for key in [k for k in s if k.startswith(RATIO_PREFIX)]:
+            s[key] = ratios_mmf_over_baseline(s["variants"], key[len(RATIO_PREFIX):])
     return result
 
 
+def onnx_skip_reason(est: dict, budget: float, avail: int) -> Optional[str]:
+    """Why the ONNX Runtime row is not measured, or None: onnxruntime missing, or the export (memory while
+    ONNX Runtime folds it, or its files in the temporary folder) would not fit."""
+    import importlib.util
+    import shutil
+    import tempfile
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return "skipped: onnxruntime is not installed (pip install onnxruntime onnx; mmf's test extra has them)"
+    if est["total_bytes"] > budget:
+        return (f"skipped: needs {human_bytes(est['total_bytes'])} (estimated: ONNX Runtime folds the 2-bit weights "
+                f"at load), {human_bytes(avail)} available")
+    tmp = tempfile.gettempdir()
+    free = shutil.disk_usage(tmp).free
+    if est["disk_bytes"] > 0.9 * free:
+        return f"skipped: the export needs {human_bytes(est['disk_bytes'])} of disk in {tmp}, {human_bytes(free)} free"
+    return None
+
+
 def run_variant(variant, size, cfg_m, cfg_l, device, dtype, fmt, batch, prompt, gen_len, repeat, bandwidth,
-                memory_limit=None, seed=0, tick=lambda: None) -> dict:
-    """Measure a variant whole when it fits; else k1 and k2 of its layers and extrapolate; else say so."""
-    cfg = cfg_m if variant == "mmf" else cfg_l
+                memory_limit=None, seed=0, tick=lambda: None, floor_basis: str = "copy_bandwidth") -> dict:
+    """Measure a variant whole when it fits; else k1 and k2 of its layers and extrapolate; else say so. The
+    ONNX Runtime row is measured whole or skipped, with the reason."""
+    cfg = cfg_l if variant in ("transformer++", "hf-llama") else cfg_m
     L = cfg.num_hidden_layers
     elt = torch.empty((), dtype=dtype).element_size()
     est = estimate_bytes(variant, cfg, L, elt, fmt, batch, prompt.shape[1] + gen_len, prompt.shape[1])
@@ -393,12 +448,18 @@ def run_variant(variant, size, cfg_m, cfg_l, device, dtype, fmt, batch, prompt, 
     budget = MEMORY_SAFETY * avail
     res = {"variant": variant, "size": size, "num_layers": L, "memory_estimate": est,
            "available_bytes": avail, "memory_safety": MEMORY_SAFETY}
+    if variant == ONNX_VARIANT:
+        why = onnx_skip_reason(est, budget, avail)
+        if why is not None:
+            res.update(status="skipped", label=why)
+            tick(), tick()
+            return res
     try:
         if est["total_bytes"] <= budget:
             raw = measure_variant(variant, cfg_m, cfg_l, device, dtype, fmt, None, batch, prompt, gen_len, repeat,
                                   bandwidth, seed, tick)
             res.update(status="measured", label="measured", raw=raw,
-                       figures=_headline(raw, "measured", batch, gen_len, device, bandwidth))
+                       figures=_headline(raw, "measured", batch, gen_len, device, bandwidth, floor_basis))
             return res
         per = est["per_layer_bytes"] + est["cache_per_layer_bytes"]
         k_fit = int((budget - est["fixed_bytes"] - est["workspace_bytes"]) // per)
@@ -422,7 +483,7 @@ def run_variant(variant, size, cfg_m, cfg_l, device, dtype, fmt, batch, prompt, 
         raw["weight_label"] = "computed from shapes" if variant != "hf-llama" else label
         res.update(status="extrapolated", label=label, raw=raw, partial={str(k1): a, str(k2): b},
                    needs_bytes=est["total_bytes"],
-                   figures=_headline(raw, label, batch, gen_len, device, bandwidth))
+                   figures=_headline(raw, label, batch, gen_len, device, bandwidth, floor_basis))
         return res
     except torch.cuda.OutOfMemoryError as e:
         res.update(status="error", label=f"out of memory: {str(e).splitlines()[0][:200]}")
@@ -435,9 +496,12 @@ def run_variant(variant, size, cfg_m, cfg_l, device, dtype, fmt, batch, prompt, 
 
 
 # ---------------------------------------------------------------------------------------------- ratios
-def ratios_mmf_over_baseline(by_variant: dict) -> dict:
-    """MatMul-free ÷ Transformer++ (static) for each headline figure both have."""
-    a, b = by_variant.get("mmf", {}), by_variant.get(BASELINE, {})
+RATIO_PREFIX = "ratio_mmf_over_"
+
+
+def ratios_mmf_over_baseline(by_variant: dict, baseline: str = BASELINE) -> dict:
+    """MatMul-free ÷ ``baseline`` (default Transformer++, static) for each headline figure both have."""
+    a, b = by_variant.get("mmf", {}), by_variant.get(baseline, {})
     if "figures" not in a or "figures" not in b:
         return {}
     out = {}

@@ -36,9 +36,25 @@ def table_title(result: dict) -> str:
     p = result["protocol"]
     bw = result["copy_bandwidth"]["bytes_per_s"]
     chosen = f" ({p['device_choice']})" if p.get("device_choice", "").startswith("--device auto") else ""
+    bandwidth = f"copy bandwidth {bw / 1e9:.1f} GB/s (measured)"
+    rb = result.get("read_bandwidth")
+    if rb is not None:
+        threads = p.get("threads")
+        if rb.get("bytes_per_s"):
+            bandwidth = (f"read bandwidth {rb['bytes_per_s'] / 1e9:.1f} GB/s (measured, {rb['threads']} thread"
+                         f"{'s' if rb['threads'] != 1 else ''}; the floor's), copy {bw / 1e9:.1f} GB/s")
+        else:
+            bandwidth += " (the floor's: read bandwidth not measured, no native kernel)"
+        bandwidth = f"{threads} thread{'s' if threads != 1 else ''}; " + bandwidth
     return (f"mmf bench: {p['device']}{chosen}, batch {p['batch']}, prompt {p['prompt_len']}, {p['gen_len']} new "
-            f"tokens, {p['dtype']}, {p['format']}, median of {p['repeat']} (min-max in brackets); copy bandwidth "
-            f"{bw / 1e9:.1f} GB/s (measured); (x) extrapolated, (e) estimated, others measured")
+            f"tokens, {p['dtype']}, {p['format']}, median of {p['repeat']} (min-max in brackets); {bandwidth}; "
+            "(x) extrapolated, (e) estimated, others measured")
+
+
+def model_cell(variant: str, v: dict) -> str:
+    """The table's model column: the variant and, where known, the code path it ran, short."""
+    name = (v.get("raw") or {}).get("path_name")
+    return f"{variant} ({name})" if name else variant
 
 
 def table_rows(result: dict) -> list:
@@ -50,7 +66,7 @@ def table_rows(result: dict) -> list:
     cuda = result["protocol"]["device"] == "cuda"
     for size, s in result["sizes"].items():
         for variant, v in s["variants"].items():
-            row = {"size": size, "model": variant}
+            row = {"size": size, "model": model_cell(variant, v)}
             if "figures" not in v:
                 row.update({"status": v["label"]})
                 rows.append(row)
@@ -70,7 +86,8 @@ def table_rows(result: dict) -> list:
             if cuda:
                 row["reserved"] = bcell("peak_reserved_bytes")
             row["state"] = bcell("state_bytes_end")
-            row["prefill ms"] = _ms(f["prefill_ms"]["value"]) + _mark(f["prefill_ms"]["label"])
+            row["prefill ms"] = _ms(f["prefill_ms"]["value"]) + _mark(f["prefill_ms"]["label"]) \
+                if "prefill_ms" in f else "-"
             d = f["decode_ms_per_token"]
             row["decode ms/tok"] = (f"{_ms(d['value'])} [{_ms(f['decode_ms_per_token_min']['value'])}-"
                                     f"{_ms(f['decode_ms_per_token_max']['value'])}]" + _mark(d["label"]))
@@ -84,9 +101,11 @@ def table_rows(result: dict) -> list:
                 row["status"] += (f" (needs {human_bytes(v['needs_bytes'])}, {human_bytes(v['available_bytes'])} "
                                   "available)")
             rows.append(row)
-        r = s.get("ratio_mmf_over_transformer++") or {}
-        if r:
-            row = {"size": size, "model": "mmf ÷ transformer++"}
+        for key in [k for k in s if k.startswith("ratio_mmf_over_")]:
+            r = s[key] or {}
+            if not r:
+                continue
+            row = {"size": size, "model": f"mmf ÷ {key[len('ratio_mmf_over_'):]}"}
 
             def rc(key):
                 return f"{r[key]['value']:.3f}" if key in r else "-"

@@ -3,9 +3,14 @@ form, the bytes each holds counted from its shapes, and the runner that decodes 
 
 * ``mmf``: the MatMul-free model, ternary weights held packed (``i2``: 2 bits per weight; ``tq1``:
   1.6 bits), fp32 scales, embeddings and norms in ``dtype``; decoding through ``mmf.kernels``
-  (Triton on CUDA) inside one CUDA graph per token; on CPU through the table-lookup GEMV
-  ``kernels.reference.bitlinear_i2_lut`` (exact, reads the packed bytes, no unpacked copy kept).
-  Built by ``build_mmf_random``, run by ``MMFRunner``.
+  (Triton on CUDA) inside one CUDA graph per token; on CPU the plain ``FrozenBitLinear`` through
+  ``kernels.bitlinear_i2``, i.e. what ``mmf generate`` runs: the native kernel (``kernels/cpu_ternary.py``)
+  where it is built, else the exact table-lookup GEMV ``kernels.reference.bitlinear_i2_lut``
+  (``cpu_ternary_path`` names which). Built by ``build_mmf_random``, run by ``MMFRunner``.
+* ``mmf-onnxruntime`` (CPU only): the same random MatMul-free model exported with ``mmf export-onnx``'s
+  library function (2-bit weights, fp32) into a temporary directory and decoded by
+  ``mmf.onnx_runtime.OnnxCausalLM`` as ``mmf generate --onnx`` runs it (both graphs, constant folding
+  on, ONNX Runtime's CPU provider at the run's thread count). Run by ``OnnxRunner``.
 * ``transformer++``: ``mmf.llama_static.StaticLlama``: bf16/fp16 weights, fused QKV and gate-up,
   SDPA, static KV cache, one CUDA graph per token (eager on CPU). Run by ``StaticLlamaRunner``.
 * ``hf-llama`` (when ``transformers`` is installed): Hugging Face ``LlamaForCausalLM``, eager
@@ -31,6 +36,11 @@ from torch import nn
 from mmf.config import LlamaConfig, MMFConfig, model_preset
 
 W_SCALE = 41.7  # s_w of the random ternary layers: w = code / s_w has mean |w| ~ 0.016, like N(0, 0.02)
+ONNX_VARIANT = "mmf-onnxruntime"
+# ONNX Runtime's peak resident memory while it loads an export with constant folding on (both sessions: the
+# 2-bit initializers unpacked to int8 through temporaries), per ternary weight. bench/results/onnx_cpu.json, 370m:
+# 2.32 GB peak for 341 M ternary weights and two fp32 copies of the embedding table, ~6.0 B/weight; 7 leaves room.
+ORT_LOAD_PEAK_BYTES_PER_WEIGHT = 7
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -54,10 +64,33 @@ def _packed_bytes(n: int, k: int, fmt: str) -> int:
     return n * -(-k // (4 if fmt == "i2" else 5))
 
 
+def ternary_weights(cfg: MMFConfig, layers: Optional[int] = None) -> int:
+    """The number of ternary weights of a MatMul-free model (every BitLinear, the LM head included)."""
+    mats, (nh, kh) = mmf_matrices(cfg)
+    return (cfg.num_hidden_layers if layers is None else layers) * sum(n * k for n, k in mats) + nh * kh
+
+
 def estimate_bytes(variant: str, cfg, layers: int, elt: int, fmt: str, batch: int, max_len: int,
                    prompt_len: int) -> dict:
-    """Bytes a variant needs, from shapes: weights (fixed part + per layer), cache, workspace."""
+    """Bytes a variant needs, from shapes: weights (fixed part + per layer), cache, workspace.
+
+    ``mmf-onnxruntime``: the larger of the export (the random model, its initializers copied out) and
+    ONNX Runtime's load (``ORT_LOAD_PEAK_BYTES_PER_WEIGHT``), plus ``disk_bytes``, the export's files."""
     d, V = cfg.hidden_size, cfg.vocab_size
+    if variant == ONNX_VARIANT:
+        mats, head = mmf_matrices(cfg)
+        per_weight = ORT_LOAD_PEAK_BYTES_PER_WEIGHT
+        per_layer = sum(n * k for n, k in mats) * per_weight + 4 * d * 4
+        fixed = head[0] * head[1] * per_weight + 2 * V * d * 4  # each session holds the fp32 embedding table
+        export = 2 * (layers * sum(_packed_bytes(n, k, "i2") for n, k in mats) + _packed_bytes(*head, "i2")) + \
+            V * d * (elt + 4)
+        cache_per_layer = 2 * batch * d * 4
+        workspace = 2 * batch * prompt_len * (V + 4 * cfg.ffn_size) * 4
+        total = max(fixed + layers * (per_layer + cache_per_layer) + workspace, export)
+        disk = layers * sum(_packed_bytes(n, k, "i2") + 4 * k for n, k in mats) + _packed_bytes(*head, "i2") + \
+            V * d * 4
+        return {"fixed_bytes": fixed, "per_layer_bytes": per_layer, "cache_per_layer_bytes": cache_per_layer,
+                "workspace_bytes": workspace, "total_bytes": total, "layers": layers, "disk_bytes": disk}
     if variant == "mmf":
         mats, head = mmf_matrices(cfg)
         per_layer = sum(_packed_bytes(n, k, fmt) + k * elt + 4 for n, k in mats) + 4 * d * elt
@@ -117,7 +150,6 @@ def random_packed(n: int, k: int, fmt: str, device, gen: torch.Generator) -> tor
 
 def _frozen_classes():
     from mmf.ternary_codes import unpack_tq1
-    from mmf.kernels import reference
     from mmf.models import FrozenBitLinear
     from mmf import kernels
 
@@ -143,25 +175,37 @@ def _frozen_classes():
         def extra_repr(self):
             return f"in={self.in_features}, out={self.out_features}, tq1"
 
-    class FrozenBitLinearLUT(FrozenBitLinear):
-        """i2 weights on CPU through the exact table-lookup GEMV of ``kernels.reference``."""
-
-        def forward(self, x):
-            return reference.bitlinear_i2_lut(x, self.norm.weight, self.packed, self.in_features,
-                                              self.weight_scale, self.bias)
-
-    return FrozenBitLinear, FrozenBitLinearTQ1, FrozenBitLinearLUT
+    return FrozenBitLinear, FrozenBitLinearTQ1
 
 
-def cpu_ternary_path() -> str:
-    from mmf.kernels import reference
+def cpu_ternary_path(fmt: str = "i2", threads: Optional[int] = None) -> dict:
+    """What runs the MatMul-free model's BitLinears on this CPU, as ``kernels.bitlinear_i2`` dispatches:
+    ``kind`` native | lut | reference, ``name`` (short, for the table), ``detail`` (for the paths list)."""
+    from mmf import kernels
+    from mmf.kernels import cpu_ternary
 
-    return "lut" if hasattr(reference, "bitlinear_i2_lut") else "reference"
+    threads = torch.get_num_threads() if threads is None else threads
+    if fmt == "tq1":
+        return {"kind": "reference", "name": "tq1, unpacked per call (torch reference)",
+                "detail": "tq1 unpacked per call (plain-torch reference; no tq1 kernel)"}
+    if kernels._FORCE_REFERENCE:
+        return {"kind": "reference", "name": "i2, torch reference (MMF_FORCE_REFERENCE=1)",
+                "detail": "kernels.reference.bitlinear_i2 (unpacks each matrix per call) [MMF_FORCE_REFERENCE=1]"}
+    info = cpu_ternary.info()
+    if not info["available"]:
+        return {"kind": "lut", "name": f"i2, torch table lookup (native kernel unavailable: {info['reason']})",
+                "detail": "kernels.reference.bitlinear_i2_lut (table-lookup GEMV on the packed bytes, exact): the "
+                          f"native CPU kernel is unavailable ({info['reason']})"}
+    many = "s" if threads != 1 else ""
+    return {"kind": "native", "isa": info["isa"], "threads": threads,
+            "name": f"i2, native {info['isa']}, {threads} thread{many}",
+            "detail": f"kernels.cpu_ternary: native {info['isa']} kernel (kernels/cpu/ternary_cpu.c, fused norm, int8 "
+                      f"quantisation, exact ternary product) on the i2 bytes, {threads} thread{many}"}
 
 
 @torch.no_grad()
 def build_mmf_random(cfg: MMFConfig, device="cpu", dtype=torch.bfloat16, fmt: str = "i2",
-                     num_layers: Optional[int] = None, seed: int = 0, cpu_path: Optional[str] = None):
+                     num_layers: Optional[int] = None, seed: int = 0):
     """A frozen HGRNBit model with random packed ternary weights, built in its final form.
 
     The module tree is made on the meta device (no memory), then every BitLinear is replaced by a
@@ -174,13 +218,8 @@ def build_mmf_random(cfg: MMFConfig, device="cpu", dtype=torch.bfloat16, fmt: st
         cfg = dataclasses.replace(cfg, num_hidden_layers=num_layers)
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    Plain, TQ1, LUT = _frozen_classes()
-    if fmt == "tq1":
-        cls = TQ1
-    elif device.type == "cpu" and (cpu_path or cpu_ternary_path()) == "lut":
-        cls = LUT
-    else:
-        cls = Plain
+    Plain, TQ1 = _frozen_classes()
+    cls = TQ1 if fmt == "tq1" else Plain
     with torch.device("meta"):
         model = build_model(cfg)
     for parent in list(model.modules()):
@@ -240,7 +279,11 @@ class Runner:
     """Common interface: ``setup``, ``reset``, ``prefill(ids)``, ``step()``; figures of the model."""
 
     name = ""
-    path = ""
+    path = ""  # the code path, in a sentence (the list under the table)
+    path_name = ""  # the same, short (the table's model column)
+
+    def close(self) -> None:
+        """Release what the runner holds beyond its memory (files)."""
 
     def weight_bytes(self) -> int: ...
 
@@ -285,16 +328,19 @@ class MMFRunner(Runner):
         self.states = [torch.zeros(batch, d, dtype=torch.float32, device=dev) for _ in range(L)]
         self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
         self.logits = torch.zeros(batch, self.cfg.vocab_size, dtype=torch.float32, device=dev)
-        layer_kind = type(self.model.lm_head).__name__
-        kern = "mmf.kernels dispatch (Triton on CUDA)" if dev.type == "cuda" else "plain torch"
-        if layer_kind.endswith("LUT"):
-            kern = "kernels.reference.bitlinear_i2_lut (table-lookup GEMV on the packed bytes, exact)"
-        elif layer_kind.endswith("TQ1"):
+        fmt = fmt_of(self.model)
+        if dev.type == "cpu":
+            cpu = cpu_ternary_path(fmt)
+            self.path, self.path_name = f"{cpu['detail']}; eager step", cpu["name"]
+            return self
+        kern = "mmf.kernels dispatch (Triton on CUDA)"
+        self.path_name = f"{fmt}, Triton"
+        if fmt == "tq1":
             kern = "tq1 unpacked per call (plain-torch reference; no tq1 kernel)"
-        elif dev.type == "cpu":
-            kern = "kernels.reference.bitlinear_i2 (unpacks each matrix per call)"
+            self.path_name = "tq1, unpacked per call (torch reference)"
         if os.environ.get("MMF_FORCE_REFERENCE", "") not in ("", "0"):
             kern += " [MMF_FORCE_REFERENCE=1: reference ops]"
+            self.path_name = f"{fmt}, torch reference (MMF_FORCE_REFERENCE=1)"
         self.path = f"{kern}; eager step"
         if dev.type == "cuda" and fmt_of(self.model) == "i2":
             try:
@@ -304,6 +350,7 @@ class MMFRunner(Runner):
                 graph = "one CUDA graph per token" if self.engine.graph is not None else "no graph"
                 self.path = (f"mmf.decode_graph.GraphDecoder: fused Triton GEMV/GEMM on i2 bytes, {graph}; "
                              "prefill: int8 tensor-core GEMM + chunked MLGRU scan")
+                self.path_name = "i2, Triton GraphDecoder"
                 return self
             except Exception as e:  # fall back to the model's own forward in a graph, and say why
                 self.engine = None
@@ -392,8 +439,11 @@ class StaticLlamaRunner(Runner):
         self.batch = batch
         self.dec.setup(batch, max_len)
         graph = "one CUDA graph per token" if self.dec.graph is not None else "eager step (no CUDA graph on CPU)"
+        dt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(self.dec.dtype).replace("torch.", ""),
+                                                                          str(self.dec.dtype))
         self.path = (f"mmf.llama_static.StaticLlama: {str(self.dec.dtype).replace('torch.', '')} weights, fused "
                      f"QKV and gate-up, SDPA, static KV cache, {graph}")
+        self.path_name = f"{dt}, StaticLlama" + (f", {_threads_text()}" if self.device.type == "cpu" else "")
         return self
 
     def reset(self):
@@ -443,6 +493,7 @@ class HFRunner(Runner):
         self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.path = (f"transformers {__import__('transformers').__version__} LlamaForCausalLM, eager PyTorch "
                      f"(no graph), attention '{attn}', DynamicCache")
+        self.path_name = "transformers, eager" + (f", {_threads_text()}" if self.device.type == "cpu" else "")
         return self
 
     def reset(self):
@@ -475,6 +526,85 @@ class HFRunner(Runner):
         return w + _kv_read_bytes(per_pos, prompt_len, gen_len)
 
 
+def _threads_text(threads: Optional[int] = None) -> str:
+    n = torch.get_num_threads() if threads is None else threads
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
+class OnnxRunner(Runner):
+    """The MatMul-free model exported to ONNX (``mmf export-onnx``'s library function, 2-bit weights, fp32) into
+    a temporary directory, decoded by ``mmf.onnx_runtime.OnnxCausalLM`` as ``mmf generate --onnx`` runs it: both
+    graphs loaded (prefill.onnx for the prompt, decode.onnx per token), constant folding on (the in-graph
+    unpacking runs once at load, int8 weights held), the CPU provider at torch's thread count."""
+
+    name = ONNX_VARIANT
+
+    def __init__(self, model, dtype: str = "fp32"):
+        import tempfile
+
+        from mmf.converters.onnx_export import export_model
+
+        self.cfg = model.config
+        self.dtype = dtype
+        self.tmp = tempfile.TemporaryDirectory(prefix="mmf-bench-onnx-")
+        self.dir = os.path.join(self.tmp.name, "export")
+        try:
+            self.manifest = export_model(model, self.dir, weights="packed", dtype=dtype, check=False)
+        except BaseException:
+            self.tmp.cleanup()
+            raise
+        self.lm = None
+
+    def setup(self, batch, max_len):
+        import onnxruntime
+
+        from mmf.onnx_runtime import OnnxCausalLM
+
+        self.batch = batch
+        self.threads = torch.get_num_threads()
+        self.lm = OnnxCausalLM(self.dir, threads=self.threads)  # mmf generate --onnx's defaults
+        self.cache = None
+        self.tok = torch.zeros(batch, dtype=torch.long)
+        self.path = (f"mmf.onnx_runtime.OnnxCausalLM (what mmf generate --onnx runs): ONNX Runtime "
+                     f"{onnxruntime.__version__} CPUExecutionProvider, {_threads_text(self.threads)}; {self.dtype} "
+                     "export of the same random weights (2-bit initializers, unpacked to int8 by constant folding "
+                     "at load); prefill.onnx for the prompt, decode.onnx per token")
+        self.path_name = f"ONNX Runtime {onnxruntime.__version__}, {self.dtype} export, {_threads_text(self.threads)}"
+        return self
+
+    def reset(self):
+        self.cache = None
+
+    def _take(self, out):
+        self.cache = out.cache
+        self.tok = out.logits[:, -1].float().argmax(-1)
+
+    def prefill(self, ids):
+        self._take(self.lm(ids))
+
+    def step(self):
+        self._take(self.lm(self.tok[:, None], self.cache))
+
+    def weight_bytes(self):
+        """The export's weight file (2-bit ternary initializers, embeddings, norms, scales)."""
+        return self.manifest["file_bytes"][self.manifest["files"]["data"]]
+
+    def state_bytes(self):
+        return 0 if self.cache is None else self.cache.nbytes()
+
+    def bytes_per_decode_token(self, prompt_len, gen_len):
+        """What decode.onnx reads per token once folded: one byte per ternary weight, the fp32 norms, one
+        embedding row per sequence, the state in and out."""
+        d, L = self.cfg.hidden_size, self.cfg.num_hidden_layers
+        mats, _ = mmf_matrices(self.cfg)
+        norms = L * (sum(k for _, k in mats) + 3 * d) + d + self.cfg.hidden_size
+        return ternary_weights(self.cfg) + 4 * norms + self.batch * d * 4 + 2 * self.batch * L * d * 4
+
+    def close(self):
+        self.lm = None
+        self.tmp.cleanup()
+
+
 def _hf_cache_bytes(cache) -> int:
     if cache is None:
         return 0
@@ -491,10 +621,12 @@ def _hf_cache_bytes(cache) -> int:
 
 def build_runner(variant: str, cfg_m: MMFConfig, cfg_l: LlamaConfig, device, dtype, fmt: str,
                  layers: Optional[int], seed: int) -> Runner:
-    """The runner of ``variant`` (mmf, transformer++ or hf-llama) around a random model of ``layers`` layers
-    (None: the config's)."""
+    """The runner of ``variant`` (mmf, mmf-onnxruntime, transformer++ or hf-llama) around a random model of
+    ``layers`` layers (None: the config's)."""
     if variant == "mmf":
         return MMFRunner(build_mmf_random(cfg_m, device, dtype, fmt, layers, seed), device)
+    if variant == ONNX_VARIANT:  # the same random weights as ``mmf``'s (i2 bytes, same seed), exported
+        return OnnxRunner(build_mmf_random(cfg_m, "cpu", dtype, "i2", layers, seed))
     if variant == "transformer++":
         from mmf.llama_static import StaticLlama
 

@@ -38,6 +38,14 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", show_default=False,
                                         help="Write a PNG chart, memory and latency by size (default: none)."),
     no_hf: bool = typer.Option(False, "--no-hf", help="Skip the Hugging Face Llama baseline."),
+    no_onnx: bool = typer.Option(False, "--no-onnx", help="CPU: skip the ONNX Runtime row (the MatMul-free model "
+                                 "exported with mmf export-onnx, decoded as mmf generate --onnx does)."),
+    llamacpp_python: Optional[Path] = typer.Option(None, "--llamacpp-python", show_default=False,
+                                                   help="CPU, with 1.3b in --model: add llama.cpp TQ2_0 on a Llama of "
+                                                   "the 1.3b shape as a row, run by this interpreter of a separate "
+                                                   "environment holding numpy, gguf and llama-cpp-python "
+                                                   "(bench/llamacpp_anchor.py says how to make it; default: no "
+                                                   "anchor)."),
     threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
                                           help="CPU threads, >= 1 (torch, the native CPU kernel, the read-bandwidth "
                                           "stream and ONNX Runtime; default: torch's own, usually the number of "
@@ -53,11 +61,13 @@ def bench(
 
     Random weights in final form (packed ternary; bf16 Transformer++). Prints a table (and which code
     path ran); optionally writes JSON with the machine, versions and protocol, and a PNG chart. The
-    output files are checked before anything is measured.
+    output files are checked before anything is measured. On the CPU the decode floor is the weight
+    bytes over a read-only stream's bandwidth, and the ONNX Runtime export is a row of its own.
     """
     from mmf.bench import model_bench
 
     model_bench.bench_command(
         model, device=device, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
         dtype=dtype, fmt=fmt, repeat=repeat, json_stdout=as_json, json_out=json_out, plot=plot, no_hf=no_hf,
-        train=train, seq_len=seq_len, steps=steps, threads=threads, command="mmf " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        train=train, seq_len=seq_len, steps=steps, threads=threads, no_onnx=no_onnx, llamacpp_python=llamacpp_python,
+        command="mmf " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

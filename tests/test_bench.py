@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mmf.bench import model_bench as mb
+from mmf.bench.anchor import DEFAULT_VENV_PYTHON
 from mmf.bench import model_bench_protocol as protocol
 from mmf.bench import model_bench_report as report
 from mmf.bench import model_variants
@@ -80,6 +81,17 @@ RAW_EXTRAPOLATED = RAW_TIMING | _paths(
     "{layers,path,build_s,weight_bytes,weight_label,state_bytes_end,bytes_per_decode_token,decode_floor_s}",
     "memory/{peak_rss_bytes,rss_before_bytes,peak_rss_above_start_bytes,method}")
 
+# Added on purpose by issue 18 items 4-5 (CPU runs; a CUDA document is unchanged): the read bandwidth measured
+# at the start (the floor's basis, with the thread count), the short name of each variant's code path (the
+# table's model column), the ONNX Runtime row (its memory estimate adds the export's disk bytes, its raw the
+# label of its weight bytes) and the mmf ÷ mmf-onnxruntime ratios.
+DOC_HEAD_CPU = _paths("read_bandwidth/{bytes_per_s,buffer_bytes,threads,repeats,statistic,isa,label}",
+                      "decode_floor_basis", "protocol/threads")
+RAW_MEASURED |= {"path_name"}
+RAW_EXTRAPOLATED |= {"path_name"}
+ONNX = model_variants.ONNX_VARIANT
+ONNX_EXTRA = {"memory_estimate/disk_bytes", "raw/weight_label"}
+
 
 def _figure_paths(names, under="figures/", keys="{value,unit,label}") -> set[str]:
     return {p for n in names for p in _paths(f"{n}/{keys}", under=under)}
@@ -87,22 +99,36 @@ def _figure_paths(names, under="figures/", keys="{value,unit,label}") -> set[str
 
 def variant_shape(variant: str, status: str = "measured") -> set[str]:
     """The paths of one variant's entry on a CPU: the Transformer++ static cache adds what it allocated."""
-    if status == "does_not_fit":
-        return VARIANT_HEAD
+    if status in ("does_not_fit", "skipped"):
+        return VARIANT_HEAD | ({"memory_estimate/disk_bytes"} if variant == ONNX else set())
     static = variant == "transformer++"
     allocated = {"state_bytes_allocated"} if static else set()
     shape = VARIANT_HEAD | _figure_paths(CPU_FIGURES | allocated)
     if status == "measured":
-        return shape | {"raw/" + p for p in RAW_MEASURED | allocated}
+        return shape | {"raw/" + p for p in RAW_MEASURED | allocated} | (ONNX_EXTRA if variant == ONNX else set())
     partial = {f"partial/{k}/{p}" for k in ("1", "2") for p in RAW_MEASURED | allocated}
     return shape | {"needs_bytes"} | partial | {"raw/" + p for p in RAW_EXTRAPOLATED | allocated}
 
 
-def document_shape(variants) -> set[str]:
-    """The paths of a whole CPU document at size tiny, every variant measured, the configs left out."""
+def document_shape(variants, statuses=None) -> set[str]:
+    """The paths of a whole CPU document at size tiny, every variant measured (or as ``statuses`` says), the
+    configs left out."""
+    statuses = statuses or {}
     size = "sizes/tiny/"
-    shape = DOC_HEAD | _figure_paths(CPU_FIGURES, under=size + "ratio_mmf_over_transformer++/", keys="{value,label}")
-    return shape | {f"{size}variants/{v}/{p}" for v in variants for p in variant_shape(v)}
+    shape = DOC_HEAD | DOC_HEAD_CPU
+    shape |= _figure_paths(CPU_FIGURES, under=size + "ratio_mmf_over_transformer++/", keys="{value,label}")
+    if ONNX in variants:
+        measured = statuses.get(ONNX, "measured") == "measured"
+        shape |= _figure_paths(CPU_FIGURES, under=size + f"ratio_mmf_over_{ONNX}/", keys="{value,label}") \
+            if measured else {size + f"ratio_mmf_over_{ONNX}{{}}"}
+    return shape | {f"{size}variants/{v}/{p}" for v in variants for p in variant_shape(v, statuses.get(v, "measured"))}
+
+
+def onnx_status() -> str:
+    """What the ONNX Runtime row is on this machine: measured, or skipped without onnxruntime (the test extra)."""
+    import importlib.util
+
+    return "measured" if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx") else "skipped"
 
 
 def shape_of(doc: dict) -> set[str]:
@@ -237,8 +263,11 @@ def test_run_bench_tiny_every_field(tmp_path, tiny_result):
     assert res["copy_bandwidth"]["bytes_per_s"] > 0
     s = res["sizes"]["tiny"]
     assert list(s["variants"]) == list(res["protocol"]["variants"])
-    assert {"mmf", "transformer++"} <= set(s["variants"])
+    assert {"mmf", ONNX, "transformer++"} <= set(s["variants"])
     for name, v in s["variants"].items():
+        if name == ONNX and onnx_status() == "skipped":
+            assert v["status"] == "skipped" and v["label"].startswith("skipped: onnxruntime is not installed")
+            continue
         assert v["status"] == "measured" and v["label"] == "measured", (name, v["label"])
         _check_figures(v["figures"], CPU_FIGURES | ({"state_bytes_allocated"} if name == "transformer++" else set()))
         raw = v["raw"]
@@ -252,12 +281,94 @@ def test_run_bench_tiny_every_field(tmp_path, tiny_result):
     assert kv == 2 * cfg_l.num_hidden_layers * cfg_l.hidden_size * 2 * (3 + 2)  # prompt 3 + 2 decode steps
     ratios = s["ratio_mmf_over_transformer++"]
     assert ratios["weight_bytes"]["value"] < 0.5 and ratios["weight_bytes"]["label"] == "measured"
-    assert "lut" in s["variants"]["mmf"]["raw"]["path"]
     rows = report.table_rows(res)
-    assert len(rows) == len(s["variants"]) + 1 and len({tuple(r) for r in rows}) == 1
+    ratio_rows = 1 + (onnx_status() == "measured")
+    assert len(rows) == len(s["variants"]) + ratio_rows and len({tuple(r) for r in rows}) == 1
     png = tmp_path / "b.png"
     report.write_plot(res, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_run_names_its_path_and_floors_on_read_bandwidth(tiny_result):
+    """On CPU the MatMul-free row runs the plain FrozenBitLinear through kernels.bitlinear_i2 (the native kernel
+    where it is built) and the table names it, with the thread count; the floor is bytes per token over the read
+    bandwidth measured at the start (with the same threads), labelled estimated."""
+    from mmf import kernels
+    from mmf.kernels import cpu_ternary
+
+    res = tiny_result
+    threads = res["protocol"]["threads"]
+    assert threads == res["machine"]["cpu_threads_torch"] >= 1
+    mmf_row = res["sizes"]["tiny"]["variants"]["mmf"]
+    want = model_variants.cpu_ternary_path("i2", threads)
+    assert mmf_row["raw"]["path_name"] == want["name"] and mmf_row["raw"]["path"].startswith(want["detail"])
+    if cpu_ternary.available() and not kernels._FORCE_REFERENCE:
+        assert want["name"] == f"i2, native {cpu_ternary.isa()}, {threads} thread{'s' if threads != 1 else ''}"
+    rows = report.table_rows(res)
+    assert rows[0]["model"] == f"mmf ({want['name']})"
+    rb = res["read_bandwidth"]
+    if cpu_ternary.available():
+        assert rb["label"] == "measured" and rb["bytes_per_s"] > 0 and rb["threads"] == threads
+        assert res["decode_floor_basis"] == "read_bandwidth"
+        bw, what = rb["bytes_per_s"], "read"
+        assert f"read bandwidth {rb['bytes_per_s'] / 1e9:.1f} GB/s (measured, {threads} thread" in \
+            report.table_title(res)
+    else:
+        assert rb["bytes_per_s"] is None and rb["label"].startswith("not measured")
+        bw, what = res["copy_bandwidth"]["bytes_per_s"], "copy"
+    raw, floor = mmf_row["raw"], mmf_row["figures"]["decode_floor_ms"]
+    assert raw["decode_floor_s"] == raw["bytes_per_decode_token"] / bw
+    assert floor["label"].startswith(f"estimated (bytes per token / {what} bandwidth") and "(e)" in rows[0]["floor ms"]
+    assert f"/ {what} bandwidth" in res["protocol"]["description"]
+
+
+def test_onnx_runtime_row_decodes_the_same_weights():
+    """The ONNX Runtime row exports the mmf row's random weights (same seed) and decodes them through
+    OnnxCausalLM with mmf generate --onnx's settings: its greedy tokens are the torch model's."""
+    pytest.importorskip("onnxruntime")
+    cfg_m, cfg_l = model_variants.bench_configs("tiny")
+    prompt = torch.randint(3, 259, (1, 4), generator=torch.Generator().manual_seed(2))
+    runners = [model_variants.build_runner(v, cfg_m, cfg_l, "cpu", torch.float32, "i2", 2, 0) for v in ("mmf", ONNX)]
+    tokens = []
+    for r in runners:
+        r.setup(1, 12)
+        r.prefill(prompt)
+        got = [int(r.tok)]
+        for _ in range(4):
+            r.step()
+            got.append(int(r.tok))
+        tokens.append(got)
+    onnx = runners[1]
+    assert tokens[0] == tokens[1]
+    assert onnx.lm.sessions.keys() == {"prefill", "decode"} and onnx.threads == torch.get_num_threads()
+    assert onnx.path_name.startswith("ONNX Runtime ") and onnx.weight_bytes() > 0
+    folder = onnx.tmp.name
+    onnx.close()
+    assert not os.path.exists(folder)
+
+
+def test_onnx_runtime_row_is_skipped_with_the_reason(monkeypatch):
+    """Without onnxruntime, or where its load would not fit, the row says so instead of being measured."""
+    import importlib.util
+
+    cfg_m = model_variants.bench_configs("370m")[0]
+    est = model_variants.estimate_bytes(ONNX, cfg_m, cfg_m.num_hidden_layers, 2, "i2", 1, 16, 8)
+    assert est["total_bytes"] > model_variants.ORT_LOAD_PEAK_BYTES_PER_WEIGHT * model_variants.ternary_weights(cfg_m)
+    why = protocol.onnx_skip_reason(est, budget=est["total_bytes"] / 2, avail=int(est["total_bytes"] / 1.7))
+    assert why.startswith(f"skipped: needs {protocol.human_bytes(est['total_bytes'])} (estimated")
+    res = mb.run_bench(["tiny"], device="cpu", variants=(ONNX,), memory_limit=1_000_000, **TINY)
+    v = res["sizes"]["tiny"]["variants"][ONNX]
+    assert v["status"] == "skipped" and v["label"].startswith("skipped: needs ") and "figures" not in v
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else
+                        find_spec(name, *a))
+    res = mb.run_bench(["tiny"], device="cpu", variants=("mmf", ONNX), **TINY)
+    v = res["sizes"]["tiny"]["variants"][ONNX]
+    assert v["label"] == ("skipped: onnxruntime is not installed (pip install onnxruntime onnx; mmf's test extra "
+                          "has them)")
+    assert _leaf_paths(json.loads(json.dumps(v))) == variant_shape(ONNX, "skipped")
+    rows = report.table_rows(res)
+    assert rows[1]["model"] == ONNX and rows[1]["status"] == v["label"] and len(rows) == 2  # no ratio row
 
 
 def test_bench_document_and_table_keep_their_shape(tiny_result, capsys):
@@ -266,11 +377,14 @@ def test_bench_document_and_table_keep_their_shape(tiny_result, capsys):
     res = json.loads(json.dumps(tiny_result))
     variants = res["protocol"]["variants"]
     with_hf = res["machine"]["transformers"] is not None
-    assert variants == ["mmf", "transformer++"] + (["hf-llama"] if with_hf else [])
-    assert shape_of(res) == document_shape(variants)
+    assert variants == ["mmf", ONNX, "transformer++"] + (["hf-llama"] if with_hf else [])
+    assert shape_of(res) == document_shape(variants, {ONNX: onnx_status()})
     rows = report.table_rows(res)
     assert [list(r) for r in rows] == [TABLE_COLUMNS] * len(rows)
-    assert [r["model"] for r in rows] == variants + ["mmf ÷ transformer++"] and {r["size"] for r in rows} == {"tiny"}
+    named = [report.model_cell(v, res["sizes"]["tiny"]["variants"][v]) for v in variants]
+    assert all(n.startswith(f"{v} (") for n, v in zip(named, variants) if v != ONNX or onnx_status() == "measured")
+    ratios = ["mmf ÷ transformer++"] + ([f"mmf ÷ {ONNX}"] if onnx_status() == "measured" else [])
+    assert [r["model"] for r in rows] == named + ratios and {r["size"] for r in rows} == {"tiny"}
     report.print_results(res)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == report.table_title(res)
@@ -373,8 +487,9 @@ def _mmf(monkeypatch, capsys, *args):
     the bench's copy-bandwidth probe is shrunk to 1 MiB to keep the test fast."""
     from mmf.cli.main import main
 
-    copy_bandwidth = mb.copy_bandwidth
+    copy_bandwidth, read_bandwidth = mb.copy_bandwidth, mb.read_bandwidth
     monkeypatch.setattr(mb, "copy_bandwidth", lambda device, nbytes, iters=10: copy_bandwidth(device, 1 << 20, 2))
+    monkeypatch.setattr(mb, "read_bandwidth", lambda nbytes, threads: read_bandwidth(1 << 20, threads, 1))
     monkeypatch.setattr(sys, "argv", ["mmf", *map(str, args)])
     with pytest.raises(SystemExit) as e:
         main()
@@ -400,8 +515,10 @@ def test_cli_bench_json_flag_json_out_png_and_device_auto(tmp_path, monkeypatch,
     data = json.loads(out)  # stdout is the document alone
     assert json.loads(js.read_text()) == data
     assert f"wrote {js}" in err and f"wrote {png}" in err
-    assert isinstance(data["command"], str) and set(data["sizes"]["tiny"]["variants"]) == {"mmf", "transformer++"}
-    assert shape_of(data) == document_shape(["mmf", "transformer++"])  # `mmf bench`'s document keeps its shape
+    assert isinstance(data["command"], str)
+    assert list(data["sizes"]["tiny"]["variants"]) == ["mmf", ONNX, "transformer++"]
+    # `mmf bench`'s document keeps its shape
+    assert shape_of(data) == document_shape(["mmf", ONNX, "transformer++"], {ONNX: onnx_status()})
     p = data["protocol"]
     assert p["gen_len"] == 2 and p["batch"] == 1
     assert p["device"] == "cpu" and p["device_choice"] == "--device auto: no CUDA device is visible"
@@ -593,3 +710,93 @@ def test_generate_graph_path_gives_the_eager_tokens():
     kw = dict(temperature=0.9, top_k=50, seed=3)
     assert generate_ids(model, prompt, 12, graph=True, **kw) == generate_ids(model, prompt, 12, **kw)
 
+
+
+# --------------------------------------------------------------------------------------- llama.cpp anchor
+def _anchor_doc(threads: int, new_tokens: int, prompt_len: int) -> dict:
+    """A document of bench/llamacpp_anchor.py's shape (as it wrote one for its `test` shape), one run."""
+    stats = lambda m: {"median": m, "min": 0.9 * m, "max": 1.2 * m, "n": new_tokens}  # noqa: E731
+    return {"schema_version": 1, "kind": "llamacpp_tq2_0_anchor", "versions": {"llama_cpp_python": "0.3.36"},
+            "gguf": {"bytes": 753984, "write_s": 0.03, "ternary_weights": 1835008, "ternary_bytes": 473088},
+            "runs": [{"threads": threads, "load_s": 0.005, "decode_ms_per_token": stats(0.13),
+                      "decode_ms_per_token_wall": stats(0.16), "decode_tokens_per_s": 1e3 / 0.13,
+                      "llama_model_desc": "llama ?B TQ2_0 - 2.06 bpw ternary", "llama_model_size_bytes": 740352,
+                      "prefill_len": prompt_len, "prefill_ms": stats(0.25), "prefill_ms_wall": stats(0.28)}]}
+
+
+def test_llamacpp_anchor_is_a_row_of_the_run(monkeypatch):
+    """--llamacpp-python runs bench/anchor.py at the run's thread count, prompt, decode steps and repetitions, and
+    its llama.cpp TQ2_0 timing becomes a row of the anchor's size, with the mmf ÷ llama.cpp ratios; a failing
+    anchor is that row's status, not the run's end."""
+    from mmf.bench import anchor
+
+    calls = []
+
+    def fake(python, threads, size, prompt_len, new_tokens, repeat, prefill_len, prefill_repeat, seed, **kw):
+        calls.append(dict(python=python, threads=threads, size=size, prompt_len=prompt_len, new_tokens=new_tokens,
+                          repeat=repeat, prefill_len=prefill_len, prefill_repeat=prefill_repeat))
+        return _anchor_doc(threads[0], new_tokens, prompt_len)
+
+    monkeypatch.setattr(mb, "ANCHOR_SIZE", "tiny")  # the anchor's size is 1.3b; tiny keeps the test fast
+    monkeypatch.setattr(anchor, "run_llamacpp_anchor", fake)
+    res = mb.run_bench(["tiny"], device="cpu", variants=("mmf",), llamacpp_python=sys.executable, **TINY)
+    threads = torch.get_num_threads()
+    assert calls == [dict(python=sys.executable, threads=[threads], size="tiny", prompt_len=3, new_tokens=2, repeat=1,
+                          prefill_len=3, prefill_repeat=1)]
+    assert res["protocol"]["llamacpp_python"] == sys.executable
+    s = res["sizes"]["tiny"]
+    row = s["variants"][mb.ANCHOR_VARIANT]
+    assert row["status"] == "measured" and row["raw"]["anchor"]["runs"][0]["threads"] == threads
+    f = row["figures"]
+    assert f["decode_ms_per_token"]["value"] == 0.16 and f["decode_ms_per_token_llama_cpp"]["value"] == 0.13
+    assert f["prefill_ms"]["value"] == 0.28 and f["weight_bytes"]["value"] == 740352
+    ratio = s[f"ratio_mmf_over_{mb.ANCHOR_VARIANT}"]["decode_ms_per_token"]["value"]
+    assert ratio == s["variants"]["mmf"]["figures"]["decode_ms_per_token"]["value"] / 0.16
+    rows = report.table_rows(res)
+    assert [r["model"] for r in rows][1:] == [f"{mb.ANCHOR_VARIANT} (TQ2_0, llama.cpp, {threads} thread"
+                                              f"{'s' if threads != 1 else ''})", f"mmf ÷ {mb.ANCHOR_VARIANT}"]
+    assert rows[1]["peak mem"] == "-" and rows[1]["decode ms/tok"].startswith("0.160 [0.144-0.192]")
+
+    def broken(*a, **kw):
+        raise anchor.AnchorError("llama.cpp anchor (x): llama_cpp is not installed")
+
+    monkeypatch.setattr(anchor, "run_llamacpp_anchor", broken)
+    res = mb.run_bench(["tiny"], device="cpu", variants=("mmf",), llamacpp_python=sys.executable, **TINY)
+    row = res["sizes"]["tiny"]["variants"][mb.ANCHOR_VARIANT]
+    assert row["status"] == "error" and row["label"] == "llama.cpp anchor (x): llama_cpp is not installed"
+
+
+@pytest.mark.skipif(not os.access(DEFAULT_VENV_PYTHON, os.X_OK),
+                    reason=f"the anchor's separate environment ({DEFAULT_VENV_PYTHON}) is not there")
+def test_llamacpp_anchor_runs_for_real_where_its_environment_is(monkeypatch):
+    """With the anchor's environment present: the real script, at its small `test` shape, gives a measured row."""
+    from mmf.bench import anchor
+
+    run = anchor.run_llamacpp_anchor
+    monkeypatch.setattr(mb, "ANCHOR_SIZE", "tiny")
+    monkeypatch.setattr(anchor, "run_llamacpp_anchor", lambda python, **kw: run(python, **{**kw, "size": "test"}))
+    res = mb.run_bench(["tiny"], device="cpu", variants=("mmf",), llamacpp_python=DEFAULT_VENV_PYTHON, **TINY)
+    row = res["sizes"]["tiny"]["variants"][mb.ANCHOR_VARIANT]
+    assert row["status"] == "measured", row["label"]
+    assert row["figures"]["decode_ms_per_token"]["value"] > 0 and "TQ2_0" in row["raw"]["path"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "370m", "--llamacpp-python", sys.executable], "--llamacpp-python: the llama.cpp anchor is timed at "
+                                                               "1.3b; add 1.3b to --model or drop it"),
+    (["--model", "1.3b", "--llamacpp-python", "/no/such/python"], "--llamacpp-python /no/such/python: no such "
+                                                                  "interpreter; create the anchor's environment"),
+    (["--train", "--llamacpp-python", sys.executable], "--llamacpp-python: for the inference benchmark only"),
+    (["--train", "--no-onnx"], "--no-onnx: for the inference benchmark only"),
+])
+def test_cli_bench_refuses_a_misplaced_anchor_before_measuring(monkeypatch, capsys, args, message):
+    from mmf.bench import train_bench
+
+    def measured(*a, **k):
+        raise AssertionError("measured before the options were checked")
+
+    monkeypatch.setattr(mb, "run_bench", measured)
+    monkeypatch.setattr(train_bench, "run_train_bench", measured)
+    code, out, err = _mmf(monkeypatch, capsys, "bench", "--device", "cpu", *args)
+    assert code == 2 and out == ""
+    assert err.startswith("mmf: error: " + message) and err.count("\n") == 1, err
