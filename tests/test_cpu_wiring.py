@@ -129,3 +129,29 @@ def test_threads_below_one_is_one_line(checkpoints, capsys, monkeypatch, command
     assert err == f"mmf: error: --threads {value}: give a number of CPU threads >= 1, or leave it out for torch's " \
                   f"default ({threads} here)\n"
     assert torch.get_num_threads() == threads
+
+
+def test_generate_onnx_threads_reach_onnx_runtime(checkpoints, capsys, monkeypatch, tmp_path):
+    """`mmf generate --onnx DIR --threads 2` gives ONNX Runtime 2 intra-op threads (and torch 2)."""
+    pytest.importorskip("onnxruntime")
+    from mmf import onnx_runtime
+    from mmf.converters.onnx_export import export_onnx
+
+    export_onnx(checkpoints / "packed", tmp_path / "onnx", check=False)
+    seen = []
+    real = onnx_runtime.OnnxCausalLM
+
+    class Recording(real):
+        def __init__(self, *a, threads=0, **kw):
+            seen.append(threads)
+            super().__init__(*a, threads=threads, **kw)
+
+    monkeypatch.setattr(onnx_runtime, "OnnxCausalLM", Recording)
+    threads = torch.get_num_threads()
+    try:
+        code, out, err = _main(capsys, "generate", "--onnx", tmp_path / "onnx", "-p", "Hi", "-n", "2", "-t", "0",
+                               "--threads", "2")
+        assert code == 0, err
+        assert seen == [2] and torch.get_num_threads() == 2 and out.startswith("Hi")
+    finally:
+        torch.set_num_threads(threads)
