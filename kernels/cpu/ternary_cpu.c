@@ -105,6 +105,11 @@ static inline __attribute__((always_inline)) void mk_scalar(const int R, const i
 #if MMF_X86
 
 /* ---- AVX-512 VNNI: 64 bytes (256 weights) per step, vpdpbusd on zmm, masked tail load ---- */
+/* Software prefetch of the next row block's bytes at the same column (R rows ahead; a prefetch past
+ * the end of the weights is harmless on x86): measured on this machine's 13b shapes, 2 threads,
+ * 250.6 -> 205.7 ms per token of projections (none / 1 block ahead; 2 blocks ahead 237.8). The
+ * hardware prefetchers alone do not keep R short row streams fed. */
+#define MMF_PF_BLOCKS 1
 #define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
 static inline __attribute__((always_inline)) TGT_AVX512 void
@@ -115,6 +120,7 @@ avx512_step(const int R, const int T, const int S, __m512i *acc, const uint8_t *
     for (int t = 0; t < T; t++)
         for (int s = 0; s < 4; s++) xv[t * 4 + s] = _mm512_loadu_si512((const void *)(x + t * xs + s * Pp + j));
     for (int r = 0; r < R; r++) {
+        _mm_prefetch((const char *)(w + (r + R * MMF_PF_BLOCKS) * ws + j), _MM_HINT_T0);
         const __m512i wv = full ? _mm512_loadu_si512((const void *)(w + r * ws + j))
                                 : _mm512_maskz_loadu_epi8(mask, w + r * ws + j);
         __m512i c[4];
