@@ -118,8 +118,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         new.append(nxt)
         if on_token is not None:
             on_token(nxt)
-        if eos_id is not None and nxt == eos_id:
-            break
+        if (eos_id is not None and nxt == eos_id) or len(new) == max_new_tokens:
+            break  # no forward pass for a token whose successor is not wanted
         out = model(torch.tensor([[nxt]], dtype=torch.long, device=device), out.cache)
     return new
 

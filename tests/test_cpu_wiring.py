@@ -83,7 +83,7 @@ def test_generate_on_cpu_freezes_a_float_checkpoint_and_runs_native(checkpoints,
     assert out.startswith("Hello")
     cfg = mmf.load_model(checkpoints / "float").config
     per_call = 6 * cfg.num_hidden_layers + 1
-    assert len(native_calls) == 5 * per_call  # the prompt's prefill and a step per new token, every BitLinear
+    assert len(native_calls) == 4 * per_call  # the prompt's prefill and a step per new token but the last
     assert torch.get_num_threads() == 1
 
 
@@ -155,3 +155,32 @@ def test_generate_onnx_threads_reach_onnx_runtime(checkpoints, capsys, monkeypat
         assert seen == [2] and torch.get_num_threads() == 2 and out.startswith("Hi")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_freeze_under_inference_mode_then_decode_on_the_cpu():
+    """A model frozen inside torch.inference_mode() (its codes are inference tensors, which have no version
+    counter) still decodes through the native path's packed-codes cache."""
+    from conftest import small_model
+
+    model = small_model("mmf")
+    ids = torch.randint(0, 259, (1, 5))
+    with torch.inference_mode():
+        model.freeze()
+        out = model(ids)
+        again = model(ids)
+    assert torch.equal(out.logits, again.logits) and torch.isfinite(out.logits).all()
+
+
+def test_generate_ids_runs_one_forward_per_generated_token_but_the_last():
+    """n new tokens need the prefill and n - 1 decode steps: the last token's successor is never computed."""
+    from conftest import small_model
+    from mmf.generate import generate_ids
+
+    model = small_model("mmf").freeze()
+    calls = []
+    hook = model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
+    try:
+        new = generate_ids(model, [1, 2, 3], max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert len(new) == 4 and calls == [3, 1, 1, 1]

@@ -91,7 +91,11 @@ class FrozenBitLinear(nn.Module):
         kept beside the codes (a quarter of their size; not in the state dict) while they are unchanged."""
         if not kernels.cpu_native(x, self.codes):
             return None
-        key = (self.codes.data_ptr(), self.codes._version)
+        try:
+            version = self.codes._version
+        except RuntimeError:  # codes made under torch.inference_mode() have no version counter
+            version = None
+        key = (self.codes.data_ptr(), version)
         if self.__dict__.get("_i2_key") != key:
             self.__dict__["_i2"], self.__dict__["_i2_key"] = pack_i2(self.codes), key
         return self.__dict__["_i2"]
