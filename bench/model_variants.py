@@ -38,8 +38,8 @@ from mmf.config import LlamaConfig, MMFConfig, model_preset
 W_SCALE = 41.7  # s_w of the random ternary layers: w = code / s_w has mean |w| ~ 0.016, like N(0, 0.02)
 ONNX_VARIANT = "mmf-onnxruntime"
 # ONNX Runtime's peak resident memory while it loads an export with constant folding on (both sessions: the
-# 2-bit initializers unpacked to int8 through temporaries), per ternary weight. bench/results/onnx_cpu.json, 370m:
-# 2.32 GB peak for 341 M ternary weights and two fp32 copies of the embedding table, ~6.0 B/weight; 7 leaves room.
+# 2-bit initializers unpacked to int8 through temporaries), per ternary weight. 370m (onnx_cpu.json @ 42fee1b;
+# bench/results/model_bench_cpu.json's mmf-onnxruntime row: 2.29 GB): 2.32 GB peak for 341 M ternary weights and two fp32 copies of the embedding table, ~6.0 B/weight; 7 leaves room.
 ORT_LOAD_PEAK_BYTES_PER_WEIGHT = 7
 
 

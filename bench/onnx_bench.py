@@ -28,7 +28,7 @@ checkpoint (its embeddings are fp16 values, which the export stores as fp16, los
 
 Run as a script it prints a table and writes JSON::
 
-    python -m mmf.bench.onnx_bench --presets tiny 370m --out bench/results/onnx_cpu.json
+    python -m mmf.bench.onnx_bench --presets tiny 370m --out onnx_cpu.json
 """
 
 from __future__ import annotations
