@@ -60,3 +60,16 @@ def run_cli(*args, input_text=None, env=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mmf.cli.main", *map(str, args)], capture_output=True, text=True,
                           input=input_text, env=full_env, timeout=600)
+
+
+def main_in_process(capsys, *args):
+    """Run `mmf ARGS` through its entry point in this process (fast); returns (exit code, stdout, stderr)."""
+    from mmf.cli.main import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

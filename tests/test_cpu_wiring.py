@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mmf
-from conftest import median_rel_err, small_model
+from conftest import main_in_process, median_rel_err, small_model
 from mmf import kernels
 from mmf.kernels import cpu_ternary as ct
 
@@ -32,16 +32,6 @@ def native_calls(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _main(capsys, *args):
-    from mmf.cli.main import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +67,7 @@ def test_load_model_on_cpu_runs_the_native_kernel(checkpoints, native_calls, kin
 def test_generate_on_cpu_freezes_a_float_checkpoint_and_runs_native(checkpoints, native_calls, capsys):
     """`mmf generate` on the CPU from a float checkpoint: frozen at load, so every token runs the native kernel;
     `--threads 1` sets torch's (and so the kernel's) thread count."""
-    code, out, err = _main(capsys, "generate", checkpoints / "float", "-p", "Hello", "-n", "4", "-t", "0",
+    code, out, err = main_in_process(capsys, "generate", checkpoints / "float", "-p", "Hello", "-n", "4", "-t", "0",
                            "--threads", "1")
     assert code == 0, err
     assert out.startswith("Hello")
@@ -92,7 +82,7 @@ def test_eval_on_cpu_scores_the_inference_form_natively(checkpoints, native_call
     form's up to the order of fp32 operations (docs/reference-semantics.md), far below 1e-5 relative."""
     from mmf import evaluate
 
-    code, out, err = _main(capsys, "eval", checkpoints / "float", "--data", checkpoints / "text.txt",
+    code, out, err = main_in_process(capsys, "eval", checkpoints / "float", "--data", checkpoints / "text.txt",
                            "--seq-len", "64", "--batch-size", "4", "--threads", "1", "--json")
     assert code == 0, err
     got = json.loads(out)
@@ -124,7 +114,7 @@ def test_threads_below_one_is_one_line(checkpoints, capsys, monkeypatch, command
             "eval": ["eval", checkpoints / "float", "--data", checkpoints / "text.txt"],
             "bench": ["bench", "--model", "tiny", "--device", "cpu"]}[command]
     threads = torch.get_num_threads()
-    code, out, err = _main(capsys, *args, "--threads", value)
+    code, out, err = main_in_process(capsys, *args, "--threads", value)
     assert code == 2 and out == "", (code, out, err)
     assert err == f"mmf: error: --threads {value}: give a number of CPU threads >= 1, or leave it out for torch's " \
                   f"default ({threads} here)\n"
@@ -149,7 +139,7 @@ def test_generate_onnx_threads_reach_onnx_runtime(checkpoints, capsys, monkeypat
     monkeypatch.setattr(onnx_runtime, "OnnxCausalLM", Recording)
     threads = torch.get_num_threads()
     try:
-        code, out, err = _main(capsys, "generate", "--onnx", tmp_path / "onnx", "-p", "Hi", "-n", "2", "-t", "0",
+        code, out, err = main_in_process(capsys, "generate", "--onnx", tmp_path / "onnx", "-p", "Hi", "-n", "2", "-t", "0",
                                "--threads", "2")
         assert code == 0, err
         assert seen == [2] and torch.get_num_threads() == 2 and out.startswith("Hi")
@@ -160,8 +150,6 @@ def test_generate_onnx_threads_reach_onnx_runtime(checkpoints, capsys, monkeypat
 def test_freeze_under_inference_mode_then_decode_on_the_cpu():
     """A model frozen inside torch.inference_mode() (its codes are inference tensors, which have no version
     counter) still decodes through the native path's packed-codes cache."""
-    from conftest import small_model
-
     model = small_model("mmf")
     ids = torch.randint(0, 259, (1, 5))
     with torch.inference_mode():
@@ -173,7 +161,6 @@ def test_freeze_under_inference_mode_then_decode_on_the_cpu():
 
 def test_generate_ids_runs_one_forward_per_generated_token_but_the_last():
     """n new tokens need the prefill and n - 1 decode steps: the last token's successor is never computed."""
-    from conftest import small_model
     from mmf.generate import generate_ids
 
     model = small_model("mmf").freeze()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import main_in_process, run_cli
 from mmf.checkpoint import iter_tensors
 from mmf.errors import MMFError
 from mmf.fpga.image import ImageOptions, build_image, parse_formats, parse_layers
@@ -399,18 +399,6 @@ def test_docs_verilog_example_compiles_against_an_image(image64, tmp_path):
 # ------------------------------------------------------------------------------------------------ issue 16
 
 
-def _main(monkeypatch, capsys, *args):
-    """Run the `mmf` entry point in-process; returns (exit code, stdout, stderr)."""
-    from mmf.cli.main import main
-
-    monkeypatch.setattr("sys.argv", ["mmf", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -424,14 +412,14 @@ def _main(monkeypatch, capsys, *args):
     (("--bank-words", str(2**40)), "no space left on device for"),  # the image would not fit: refused before writing
 ])
 def test_out_of_range_options_are_refused(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path, args, message):
-    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img", *args)
+    code, _, err = main_in_process(capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img", *args)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_dtype_json_and_json_out(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path):
     rep = tmp_path / "reports" / "rep.json"
-    code, stdout, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img",
+    code, stdout, err = main_in_process(capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img",
                               "--param-encoding", "bf16", "--formats", "bin", "--json", "--json-out", rep)
     assert code == 0, err
     printed = json.loads(stdout)  # --json: the document alone on stdout, no table
@@ -442,14 +430,14 @@ def test_dtype_json_and_json_out(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path):
         return next(t["encoding"] for t in tensors if t["name"] == "model.norm.weight")
 
     assert encoding(tmp_path / "img") == "bf16"  # --param-encoding: the old spelling of --dtype
-    code, stdout, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img2",
+    code, stdout, err = main_in_process(capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img2",
                               "--dtype", "fp32", "--formats", "bin")
     assert code == 0, err
     assert "BRAM36" in stdout and encoding(tmp_path / "img2") == "fp32"
-    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img3",
+    code, _, err = main_in_process(capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img3",
                          "--json-out", tmp_path)  # a directory: refused before any work
     assert code == 2 and "--json-out" in err and "is a directory" in err and not (tmp_path / "img3").exists()
-    code, stdout, _ = _main(monkeypatch, capsys, "fpga-image", "--help")
+    code, stdout, _ = main_in_process(capsys, "fpga-image", "--help")
     text = " ".join(stdout.replace("│", " ").split())
     assert "--param-encoding: old spelling" in text and "was --json FILE before" in text
 
@@ -457,12 +445,12 @@ def test_dtype_json_and_json_out(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path):
 def test_force_replaces_only_an_image(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("x\n")
-    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", notes, "--force")
+    code, _, err = main_in_process(capsys, "fpga-image", tiny_mmf_ckpt, "--out", notes, "--force")
     assert code == 2 and "is a file, not a directory that mmf wrote" in err and notes.read_text() == "x\n"
     theirs = tmp_path / "vivado"
     theirs.mkdir()
     (theirs / "top.xpr").write_text("project")
-    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", theirs, "--force")
+    code, _, err = main_in_process(capsys, "fpga-image", tiny_mmf_ckpt, "--out", theirs, "--force")
     assert code == 2 and "mmf did not write" in err and (theirs / "top.xpr").exists()
     out = tmp_path / "img"
     build_image(tiny_mmf_ckpt, out, ImageOptions(formats=("bin",)))
@@ -479,7 +467,7 @@ def test_full_disk_is_one_line(monkeypatch, capsys, tiny_mmf_ckpt, tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(image, "sha256_file", full)
-    code, _, err = _main(monkeypatch, capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img")
+    code, _, err = main_in_process(capsys, "fpga-image", tiny_mmf_ckpt, "--out", tmp_path / "img")
     assert code == 2 and "no space left on device writing" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
 

@@ -9,21 +9,11 @@ import re
 
 import pytest
 import torch
+from conftest import main_in_process
 
 from mmf.errors import CheckpointError, MMFError
 
 
-def _main(monkeypatch, capsys, *args):
-    """Run `mmf ARGS` in this process (fast); returns (exit code, stdout, stderr)."""
-    from mmf.cli.main import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _assert_one_line(code, out, err, *fragments):
@@ -57,23 +47,23 @@ def _bad_generate_options():
 def test_generate_refuses_bad_options_before_writing(tiny_mmf_ckpt, monkeypatch, capsys, extra, fragment):
     """Each out-of-range option is one line with the fix and exit 2 (not "internal error"), and the prompt is not
     written: a failed call leaves redirected output empty."""
-    _assert_one_line(*_main(monkeypatch, capsys, "generate", tiny_mmf_ckpt, "-p", "Hello", "-n", "3", *extra),
+    _assert_one_line(*main_in_process(capsys, "generate", tiny_mmf_ckpt, "-p", "Hello", "-n", "3", *extra),
                      fragment)
 
 
 def test_generate_checks_options_before_loading(tmp_path, monkeypatch, capsys):
     """Options are checked before the checkpoint is read, so the option's own message comes first."""
-    _assert_one_line(*_main(monkeypatch, capsys, "generate", tmp_path / "missing", "-p", "x", "--top-k", "-1"),
+    _assert_one_line(*main_in_process(capsys, "generate", tmp_path / "missing", "-p", "x", "--top-k", "-1"),
                      "--top-k -1")
 
 
 def test_generate_writes_nothing_when_loading_or_tokenising_fails(tiny_mmf_ckpt, tmp_path, monkeypatch, capsys):
-    _assert_one_line(*_main(monkeypatch, capsys, "generate", tmp_path / "missing", "-p", "Hello"),
+    _assert_one_line(*main_in_process(capsys, "generate", tmp_path / "missing", "-p", "Hello"),
                      "no such checkpoint directory")
-    _assert_one_line(*_main(monkeypatch, capsys, "generate", tiny_mmf_ckpt, "-p", ""), "the prompt is empty")
-    _assert_one_line(*_main(monkeypatch, capsys, "generate", tiny_mmf_ckpt, "--prompt-file", tmp_path),
+    _assert_one_line(*main_in_process(capsys, "generate", tiny_mmf_ckpt, "-p", ""), "the prompt is empty")
+    _assert_one_line(*main_in_process(capsys, "generate", tiny_mmf_ckpt, "--prompt-file", tmp_path),
                      "no such prompt file")
-    code, out, err = _main(monkeypatch, capsys, "generate", tiny_mmf_ckpt, "-p", "Hello", "-n", "4", "-t", "0")
+    code, out, err = main_in_process(capsys, "generate", tiny_mmf_ckpt, "-p", "Hello", "-n", "4", "-t", "0")
     assert code == 0 and out.startswith("Hello") and out.endswith("\n"), err
 
 
@@ -81,15 +71,15 @@ def test_generate_onnx_refuses_device_and_foreign_dtype(tiny_mmf_ckpt, tmp_path,
     """--device was silently ignored with --onnx: the export runs on ONNX Runtime's CPU provider here."""
     from mmf.converters.onnx_export import export_onnx
 
-    _assert_one_line(*_main(monkeypatch, capsys, "generate", "--onnx", tmp_path, "-p", "x", "--device", "cuda"),
+    _assert_one_line(*main_in_process(capsys, "generate", "--onnx", tmp_path, "-p", "x", "--device", "cuda"),
                      "--device cuda does not apply to --onnx")
-    _assert_one_line(*_main(monkeypatch, capsys, "generate", "--onnx", tmp_path, "-p", "x", "--top-p", "0"),
+    _assert_one_line(*main_in_process(capsys, "generate", "--onnx", tmp_path, "-p", "x", "--top-p", "0"),
                      "--top-p 0.0")
     out = tmp_path / "onnx"
     export_onnx(tiny_mmf_ckpt, out, check=False)
-    _assert_one_line(*_main(monkeypatch, capsys, "generate", "--onnx", out, "-p", "x", "--dtype", "fp16"),
+    _assert_one_line(*main_in_process(capsys, "generate", "--onnx", out, "-p", "x", "--dtype", "fp16"),
                      "--dtype fp16", "exported in fp32", "mmf export-onnx --dtype fp16")
-    code, text, err = _main(monkeypatch, capsys, "generate", "--onnx", out, "-p", "Hi", "-n", "3", "-t", "0",
+    code, text, err = main_in_process(capsys, "generate", "--onnx", out, "-p", "Hi", "-n", "3", "-t", "0",
                             "--dtype", "fp32", "--device", "auto")
     assert code == 0 and text.startswith("Hi"), err
 
@@ -129,7 +119,7 @@ def test_debug_flag_anywhere_and_the_hint(tmp_path, monkeypatch, capsys):
         raise RuntimeError("something unexpected")
 
     monkeypatch.setattr("mmf.info.checkpoint_info", broken)
-    code, out, err = _main(monkeypatch, capsys, "info", tmp_path)
+    code, out, err = main_in_process(capsys, "info", tmp_path)
     assert code == 1 and "internal error: RuntimeError: something unexpected" in err and "add --debug" in err, err
     with pytest.raises(RuntimeError):
         main(["info", str(tmp_path), "--debug"])
@@ -138,28 +128,28 @@ def test_debug_flag_anywhere_and_the_hint(tmp_path, monkeypatch, capsys):
 def test_help_short_flag_no_bool_metavar_and_pipeline_order(monkeypatch, capsys):
     from mmf.cli.app import PIPELINE_ORDER
 
-    code, top, _ = _main(monkeypatch, capsys, "-h")
+    code, top, _ = main_in_process(capsys, "-h")
     assert code == 0 and "Usage: mmf" in top
     listed = [name for name in re.findall(r"^│ ([a-z][a-z-]*)\s", top, flags=re.M)]
     assert listed == list(PIPELINE_ORDER), listed
-    assert _main(monkeypatch, capsys, "--help")[1] == top
+    assert main_in_process(capsys, "--help")[1] == top
     for cmd in PIPELINE_ORDER:
-        code, short, err = _main(monkeypatch, capsys, cmd, "-h")
+        code, short, err = main_in_process(capsys, cmd, "-h")
         assert code == 0 and f"Usage: mmf {cmd}" in short, (cmd, err)
-        assert short == _main(monkeypatch, capsys, cmd, "--help")[1]
+        assert short == main_in_process(capsys, cmd, "--help")[1]
         assert "<bool>" not in short, (cmd, short)
     assert "<bool>" not in top
-    gen = " ".join(re.sub(r"[│╭╮╰╯─]", " ", _main(monkeypatch, capsys, "generate", "-h")[1]).split())
+    gen = " ".join(re.sub(r"[│╭╮╰╯─]", " ", main_in_process(capsys, "generate", "-h")[1]).split())
     assert "default: random" in gen and "default: fp32" in gen and "[default: 200]" in gen
 
 
 def test_info_table_is_formatted(tiny_mmf_ckpt, monkeypatch, capsys):
     """Numbers get thousands separators, the ternary share a percentage, lists are joined; --json stays raw."""
-    code, raw, err = _main(monkeypatch, capsys, "info", tiny_mmf_ckpt, "--json")
+    code, raw, err = main_in_process(capsys, "info", tiny_mmf_ckpt, "--json")
     assert code == 0, err
     data = json.loads(raw)
     assert isinstance(data["ternary_share"], float) and isinstance(data["files"], list)
-    code, table, err = _main(monkeypatch, capsys, "info", tiny_mmf_ckpt)
+    code, table, err = main_in_process(capsys, "info", tiny_mmf_ckpt)
     assert code == 0, err
     rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in table.splitlines()[3:] if line.strip())
     assert rows["parameters"].startswith(f"{data['parameters']:,} (") and data["parameters"] >= 1000
@@ -175,7 +165,7 @@ def test_info_table_is_formatted(tiny_mmf_ckpt, monkeypatch, capsys):
 def test_old_json_file_spelling_names_json_out(monkeypatch, capsys, args):
     """`--json FILE` of bench and fpga-image became `--json-out FILE`: the old spelling says so (one line, exit 2)
     instead of Typer's "unexpected extra argument"; `--json` as the flag still parses."""
-    code, out, err = _main(monkeypatch, capsys, *args)
+    code, out, err = main_in_process(capsys, *args)
     _assert_one_line(code, out, err, f"--json-out {args[-1]}")
     from mmf.cli.main import check_old_json_path
 

@@ -22,7 +22,7 @@ from mmf.errors import MMFError
 from mmf.generate import generate_ids
 from mmf.models import FrozenBitLinear
 
-from conftest import median_rel_err, run_cli, small_model
+from conftest import main_in_process, median_rel_err, run_cli, small_model
 
 ort = pytest.importorskip("onnxruntime")
 from mmf.onnx_runtime import OnnxCausalLM  # noqa: E402
@@ -250,25 +250,13 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _main(monkeypatch, capsys, *args):
-    """Run the `mmf` entry point in-process; returns (exit code, stdout, stderr)."""
-    from mmf.cli.main import main
-
-    monkeypatch.setattr("sys.argv", ["mmf", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_cli_export_generate_and_errors(tiny_mmf_ckpt, tmp_path, monkeypatch, capsys):
     from mmf.generate import generate_text
 
     out = tmp_path / "onnx"
-    code, stdout, err = _main(monkeypatch, capsys, "export-onnx", tiny_mmf_ckpt, "--out", out)
+    code, stdout, err = main_in_process(capsys, "export-onnx", tiny_mmf_ckpt, "--out", out)
     assert code == 0, err
     assert "weights.onnx_data" in stdout and (out / PREFILL_FILE).exists()
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -281,11 +269,11 @@ def test_cli_export_generate_and_errors(tiny_mmf_ckpt, tmp_path, monkeypatch, ca
     for args, msg in (((tiny_mmf_ckpt, "--out", out, "--opset", "17"), "opset 17 is not supported"),
                       ((tiny_mmf_ckpt, "--out", out), "already exists; choose another --out or pass --force"),
                       ((tiny_mmf_ckpt, "--out", tiny_mmf_ckpt / "sub", "--force"), "overlaps the checkpoint")):
-        code, _, err = _main(monkeypatch, capsys, "export-onnx", *args)
+        code, _, err = main_in_process(capsys, "export-onnx", *args)
         assert code == 2 and msg in err and err.count("\n") == 1 and err.startswith("mmf: error: ")
     assert sorted(p.name for p in out.iterdir()) == before
     assert not (tiny_mmf_ckpt / "sub").exists()
-    code, _, err = _main(monkeypatch, capsys, "generate", "--prompt", "x")
+    code, _, err = main_in_process(capsys, "generate", "--prompt", "x")
     assert code == 2 and "--onnx DIR" in err
 
 
@@ -350,20 +338,20 @@ def test_ort_folds_the_unpacking_once(exported, tmp_path):
 # ---- issue 16: help shows the defaults, --force replaces only mmf outputs, full disk, umask, bad options ----
 
 def test_help_shows_the_weights_default(monkeypatch, capsys):
-    code, stdout, _ = _main(monkeypatch, capsys, "export-onnx", "--help")
+    code, stdout, _ = main_in_process(capsys, "export-onnx", "--help")
     assert code == 0 and "packed for MatMul-free, float for Transformer++" in " ".join(stdout.replace("│", " ").split())
 
 
 def test_force_replaces_only_an_export(tiny_llama_ckpt, tmp_path, monkeypatch, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("x\n")
-    code, _, err = _main(monkeypatch, capsys, "export-onnx", tiny_llama_ckpt, "--out", notes, "--force")
+    code, _, err = main_in_process(capsys, "export-onnx", tiny_llama_ckpt, "--out", notes, "--force")
     assert code == 2 and "is a file, not a directory that mmf wrote" in err and err.count("\n") == 1
     assert notes.read_text() == "x\n"
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "model.onnx").write_text("someone else's")
-    code, _, err = _main(monkeypatch, capsys, "export-onnx", tiny_llama_ckpt, "--out", theirs, "--force")
+    code, _, err = main_in_process(capsys, "export-onnx", tiny_llama_ckpt, "--out", theirs, "--force")
     assert code == 2 and "mmf did not write" in err and (theirs / "model.onnx").exists()
     out = tmp_path / "onnx"
     onnx_export.export_onnx(tiny_llama_ckpt, out)
@@ -386,7 +374,7 @@ def test_full_disk_is_one_line(tiny_llama_ckpt, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(onnx, "save_model", full)
     out = tmp_path / "onnx"
-    code, _, err = _main(monkeypatch, capsys, "export-onnx", tiny_llama_ckpt, "--out", out)
+    code, _, err = main_in_process(capsys, "export-onnx", tiny_llama_ckpt, "--out", out)
     assert code == 2 and err.count("\n") == 1 and "internal error" not in err
     assert f"no space left on device writing {out}" in err and "choose another --out" in err
     assert list(tmp_path.iterdir()) == [] and digest(tiny_llama_ckpt) == before
@@ -409,6 +397,6 @@ def test_export_follows_the_umask(tiny_llama_ckpt, tmp_path, mask):
 
 @pytest.mark.parametrize("opset", ["17", "22", "-1"])
 def test_opset_out_of_range(tiny_llama_ckpt, tmp_path, monkeypatch, capsys, opset):
-    code, _, err = _main(monkeypatch, capsys, "export-onnx", tiny_llama_ckpt, "--out", tmp_path / "o", "--opset", opset)
+    code, _, err = main_in_process(capsys, "export-onnx", tiny_llama_ckpt, "--out", tmp_path / "o", "--opset", opset)
     assert code == 2 and f"opset {opset} is not supported; use --opset 18 to 21" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
