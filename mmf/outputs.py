@@ -126,14 +126,18 @@ def check_output(out: Path, overwrite: bool = False, is_ours: Optional[Callable[
             raise MMFError(f"--out {out} is a directory that mmf did not write (no config.json with mmf_version, "
                            "mmf_onnx.json or fpga manifest.json); --force replaces only mmf outputs, so choose "
                            "another --out or empty it yourself (nothing was changed)")
-    parent = out.parent
+    check_parent_writable(out, "--out", "choose another --out")
+
+
+def check_parent_writable(path: Path, option: str, fix: str) -> None:
+    """The nearest existing folder above ``path`` (missing ones are created later) must be a writable folder."""
+    parent = Path(path).parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise MMFError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+        raise MMFError(f"{option} {path}: {parent} is a file, not a directory; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise MMFError(f"{parent} is not writable; choose another output directory")
-
+        raise MMFError(f"{option} {path}: {parent} is not writable; {fix}")
 
 def check_free_space(out: Path, need_bytes: Optional[int]) -> None:
     """Refuse before writing when the file system of ``out`` has less than ``need_bytes`` free."""
@@ -186,13 +190,7 @@ def check_output_file(path: Path, option: str = "--json-out") -> None:
     path = Path(path)
     if path.is_dir():
         raise MMFError(f"{option} {path} is a directory; give a file name such as {path / 'report.json'}")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise MMFError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MMFError(f"{option} {path}: {parent} is not writable; choose another path")
+    check_parent_writable(path, option, "choose another path")
 
 
 def write_text_output(path: Path, text: str, option: str = "--json-out") -> Path:
