@@ -99,9 +99,10 @@ class _StaticSteps:
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
-                 on_token: Optional[Callable[[int], None]] = None, device="cpu", graph: bool = False) -> list[int]:
+                 on_token: Optional[Callable[[int], None]] = None, device="cpu", graph: bool = False,
+                 vocab_limit: Optional[int] = None) -> list[int]:
     """Prefill the prompt in one call, then decode one token at a time with the model's cache (with
-    ``graph``, a static decoder's: see the module doc)."""
+    ``graph``, a static decoder's: see the module doc). ``vocab_limit``: only ids below it are sampled."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     check_prompt_ids(prompt_ids, getattr(model.config, "vocab_size", None))
     gen = None
@@ -113,7 +114,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     out = model(ids)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float().cpu()
+        logits = out.logits[:, -1, :vocab_limit].float().cpu()  # ids past the tokenizer's are never sampled
         nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
         new.append(nxt)
         if on_token is not None:
@@ -243,5 +244,8 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float
         write(prompt)
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, device)
+    # a model's vocabulary may be larger than its tokenizer's (padded embedding tables): sample only ids the
+    # tokenizer can turn back into text
+    generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, device,
+                 vocab_limit=tok.vocab_size)
     return "".join(pieces)

@@ -171,3 +171,29 @@ def test_old_json_file_spelling_names_json_out(monkeypatch, capsys, args):
 
     check_old_json_path(["info", "--json", "ck"])  # a flag followed by the positional argument: not the old form
     check_old_json_path(["bench", "--json", "--model", "370m"])
+
+
+def test_generate_never_samples_ids_past_the_tokenizer(tmp_path, capsys):
+    """A model whose vocabulary is larger than its tokenizer's (a padded embedding table) used to sample ids the
+    tokenizer could not decode (byte tokenizer: 'internal error: bytes must be in range(0, 256)'): sampling is
+    limited to the tokenizer's ids, greedy and sampled alike."""
+    import mmf
+    from conftest import small_model
+    from mmf.generate import generate_ids
+    from mmf.models.common import ModelOutput
+
+    class LoudTail:  # logits whose largest entries lie past id 258
+        config = type("C", (), {"vocab_size": 300, "eos_token_id": None})()
+
+        def __call__(self, ids, cache=None):
+            logits = torch.zeros(ids.shape[0], ids.shape[1], 300)
+            logits[..., 259:] = 50.0
+            logits[..., 7] = 1.0
+            return ModelOutput(logits, cache)
+
+    assert generate_ids(LoudTail(), [1, 2], 3, vocab_limit=259) == [7, 7, 7]
+    assert all(t < 259 for t in generate_ids(LoudTail(), [1, 2], 5, temperature=1.0, seed=0, vocab_limit=259))
+    ck = tmp_path / "ck"
+    mmf.save_checkpoint(small_model("mmf", vocab_size=300), ck, tokenizer=mmf.ByteTokenizer())
+    code, out, err = main_in_process(capsys, "generate", ck, "-p", "Hi", "-n", "20", "-t", "1", "--seed", "0")
+    assert code == 0 and out.startswith("Hi") and err == "", err
