@@ -60,7 +60,7 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_CO
 /* error codes returned by the entry points (the Python wrapper checks everything first) */
 enum { MMF_OK = 0, MMF_EARG = -1, MMF_ENOMEM = -2, MMF_EISA = -3 };
 
-#define RMAX 8 /* weight rows per micro-kernel call */
+#define RMAX 4 /* weight rows per micro-kernel call */
 #define TMAX 4 /* tokens per micro-kernel call */
 #define MAX_THREADS 256
 
@@ -295,13 +295,11 @@ MK_DEF_SCALAR(1, 1) MK_DEF_SCALAR(1, 2) MK_DEF_SCALAR(2, 1) MK_DEF_SCALAR(2, 2)
 static const mk_fn MK_SCALAR[RMAX][TMAX] = {{mk_scalar_1_1, mk_scalar_1_2}, {mk_scalar_2_1, mk_scalar_2_2}};
 #if MMF_X86
 MK_DEF_AVX512(1, 1) MK_DEF_AVX512(1, 2) MK_DEF_AVX512(1, 3) MK_DEF_AVX512(1, 4)
-MK_DEF_AVX512(4, 1) MK_DEF_AVX512(4, 2) MK_DEF_AVX512(4, 3) MK_DEF_AVX512(4, 4) MK_DEF_AVX512(8, 1)
+MK_DEF_AVX512(4, 1) MK_DEF_AVX512(4, 2) MK_DEF_AVX512(4, 3) MK_DEF_AVX512(4, 4)
 static const mk_fn MK_AVX512[RMAX][TMAX] = {{mk_avx512_1_1, mk_avx512_1_2, mk_avx512_1_3, mk_avx512_1_4},
                                             {NULL},
                                             {NULL},
-                                            {mk_avx512_4_1, mk_avx512_4_2, mk_avx512_4_3, mk_avx512_4_4},
-                                            {NULL}, {NULL}, {NULL},
-                                            {mk_avx512_8_1}};
+                                            {mk_avx512_4_1, mk_avx512_4_2, mk_avx512_4_3, mk_avx512_4_4}};
 MK_DEF_AVX2(1, 1) MK_DEF_AVX2(1, 2) MK_DEF_AVX2(2, 1) MK_DEF_AVX2(2, 2) MK_DEF_AVX2(4, 1)
 static const mk_fn MK_AVX2[RMAX][TMAX] = {{mk_avx2_1_1, mk_avx2_1_2}, {mk_avx2_2_1, mk_avx2_2_2}, {NULL},
                                           {mk_avx2_4_1}};
@@ -329,7 +327,7 @@ static const mk_fn (*mk_table(int isa))[TMAX] {
  * (R, t) and (1, t) for t <= T */
 static void tile_shape(int isa, int64_t M, int *R, int *T) {
     if (isa == ISA_AVX512VNNI) {
-        *R = M == 1 ? 8 : 4;
+        *R = 4;
         *T = M >= 4 ? 4 : (int)M;
     } else if (isa == ISA_SCALAR) {
         *R = 2;
