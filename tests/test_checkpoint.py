@@ -361,3 +361,16 @@ def test_outputs_without_a_tokenizer_warn_at_write_and_are_refused_with_the_fix(
     # with a tokenizer nothing is said
     pack_checkpoint(tiny_mmf_ckpt, tmp_path / "packed2")
     assert capfd.readouterr().err == ""
+
+
+def test_load_model_serves_large_allocations_from_mmap(tiny_mmf_ckpt):
+    """load_model fixes glibc's mmap threshold (a packed 13b load peaked at 6.5 GB of RSS with the moving
+    threshold, 4.5 GB with it fixed): after a load the setting has been applied, where the C library is glibc."""
+    import platform
+
+    from mmf import checkpoint
+
+    mmf.load_model(tiny_mmf_ckpt)
+    assert len(checkpoint._MMAP_THRESHOLD_SET) == 1
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert checkpoint._MMAP_THRESHOLD_SET == [True] and checkpoint.map_large_allocations()
