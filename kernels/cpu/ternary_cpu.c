@@ -115,24 +115,26 @@ static inline __attribute__((always_inline)) void mk_scalar(const int R, const i
 static inline __attribute__((always_inline)) TGT_AVX512 void
 avx512_step(const int R, const int T, const int S, __m512i *acc, const uint8_t *w, int64_t ws, const int8_t *x,
             int64_t xs, int64_t Pp, int64_t j, __mmask64 mask, int full) {
+    /* slice-major: R weight vectors, then per slice T activation vectors and one code vector at a
+     * time, so R*T accumulators + T + R + 2 registers stay live (the token-major order kept all 4T
+     * activation vectors and 4 code vectors live and spilled at 4 x 4) */
     const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i xv[TMAX * 4];
-    for (int t = 0; t < T; t++)
-        for (int s = 0; s < 4; s++) xv[t * 4 + s] = _mm512_loadu_si512((const void *)(x + t * xs + s * Pp + j));
+    __m512i wv[RMAX];
     for (int r = 0; r < R; r++) {
         _mm_prefetch((const char *)(w + (r + R * MMF_PF_BLOCKS) * ws + j), _MM_HINT_T0);
-        const __m512i wv = full ? _mm512_loadu_si512((const void *)(w + r * ws + j))
-                                : _mm512_maskz_loadu_epi8(mask, w + r * ws + j);
-        __m512i c[4];
-        c[0] = _mm512_and_si512(wv, m3);
-        c[1] = _mm512_and_si512(_mm512_srli_epi16(wv, 2), m3);
-        c[2] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m3);
-        c[3] = _mm512_and_si512(_mm512_srli_epi16(wv, 6), m3);
-        for (int t = 0; t < T; t++)
-            for (int s = 0; s < 4; s++) {
+        wv[r] = full ? _mm512_loadu_si512((const void *)(w + r * ws + j))
+                     : _mm512_maskz_loadu_epi8(mask, w + r * ws + j);
+    }
+    for (int s = 0; s < 4; s++) {
+        __m512i xv[TMAX];
+        for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_si512((const void *)(x + t * xs + s * Pp + j));
+        for (int r = 0; r < R; r++) {
+            const __m512i c = _mm512_and_si512(s ? _mm512_srli_epi16(wv[r], 2 * s) : wv[r], m3);
+            for (int t = 0; t < T; t++) {
                 __m512i *a = &acc[(r * T + t) * S + s % S];
-                *a = _mm512_dpbusd_epi32(*a, c[s], xv[t * 4 + s]);
+                *a = _mm512_dpbusd_epi32(*a, c, xv[t]);
             }
+        }
     }
 }
 
