@@ -16,6 +16,7 @@ from mmf._toplevel import defer_bare_import as _defer_bare_import
 
 _defer_bare_import(globals())  # imported as a top-level `kernels` from the repository root: see mmf/_toplevel.py
 
+import contextlib
 import functools
 import importlib
 import os
@@ -126,6 +127,14 @@ def cpu_native(x, weights) -> bool:
     if _FORCE_REFERENCE or not (x.is_cpu and weights.is_cpu) or (x.requires_grad and torch.is_grad_enabled()):
         return False
     return cpu_ternary.available()
+
+
+def cpu_forward(x):
+    """A context for a frozen model's forward on ``x``: where the native CPU kernel serves it, torch's
+    own ops run on one thread and the kernel on torch's count (``cpu_ternary.native_forward`` says why)."""
+    if _FORCE_REFERENCE or not x.is_cpu or torch.is_grad_enabled() or not cpu_ternary.available():
+        return contextlib.nullcontext()
+    return cpu_ternary.native_forward()
 
 
 def bitlinear_i2(x, norm_weight, packed, k, s_w, bias=None):

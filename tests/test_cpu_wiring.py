@@ -171,3 +171,30 @@ def test_generate_ids_runs_one_forward_per_generated_token_but_the_last():
     finally:
         hook.remove()
     assert len(new) == 4 and calls == [3, 1, 1, 1]
+
+
+def test_frozen_forward_runs_torch_on_one_thread_and_the_kernel_on_torchs_count(monkeypatch):
+    """A frozen model's CPU forward sets torch to one thread (its OpenMP workers would spin on the kernel's cores)
+    and hands torch's count to the kernel; the count is restored after, and the logits are the reference's."""
+    seen = []
+    native = ct.bitlinear_i2
+    monkeypatch.setattr(ct, "bitlinear_i2", lambda *a, **kw: seen.append((torch.get_num_threads(), ct.default_threads()))
+                        or native(*a, **kw))
+    prev_force, prev_threads = kernels._FORCE_REFERENCE, torch.get_num_threads()
+    kernels.force_reference(False)
+    try:
+        torch.manual_seed(3)
+        model = small_model().freeze()
+        ids = torch.randint(0, model.config.vocab_size, (2, 7))
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            got = model(ids).logits
+        assert seen and all(s == (1, 2) for s in seen)
+        assert torch.get_num_threads() == 2 and ct.default_threads() == 2
+        kernels.force_reference(True)
+        with torch.no_grad():
+            want = model(ids).logits
+        assert median_rel_err(got, want) <= 1e-6
+    finally:
+        kernels.force_reference(prev_force)
+        torch.set_num_threads(prev_threads)

@@ -6,6 +6,7 @@ published MMfreeLM directory loads with no conversion.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -212,12 +213,14 @@ class HGRNBitForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Optional[RecurrentCache] = None) -> ModelOutput:
         if cache is None:
             cache = self.new_cache()
-        x = self.model.embeddings(input_ids)
-        new_states = []
-        for layer, lb, state in zip(self.model.layers, self.model.layer_lower_bounds(), cache.states):
-            x, state = layer(x, lb, state)
-            new_states.append(state)
-        logits = self.lm_head(self.model.norm(x))
+        frozen = not isinstance(self.lm_head, BitLinear)  # frozen models run the native CPU kernel there
+        with kernels.cpu_forward(input_ids) if frozen else contextlib.nullcontext():
+            x = self.model.embeddings(input_ids)
+            new_states = []
+            for layer, lb, state in zip(self.model.layers, self.model.layer_lower_bounds(), cache.states):
+                x, state = layer(x, lb, state)
+                new_states.append(state)
+            logits = self.lm_head(self.model.norm(x))
         return ModelOutput(logits, RecurrentCache(new_states, cache.seen_tokens + input_ids.shape[1]))
 
     @torch.no_grad()
