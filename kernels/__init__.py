@@ -24,7 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import cpu_ternary, reference
+from . import cpu_decode, cpu_ternary, reference
 
 _FORCE_REFERENCE = os.environ.get("MMF_FORCE_REFERENCE", "") not in ("", "0")
 
@@ -135,6 +135,16 @@ def cpu_forward(x):
     if _FORCE_REFERENCE or not x.is_cpu or torch.is_grad_enabled() or not cpu_ternary.available():
         return contextlib.nullcontext()
     return cpu_ternary.native_forward()
+
+
+def cpu_decode_step(model, input_ids, states, linear_cls):
+    """One decode step of a frozen MatMul-free model as one native call (``cpu_decode.step``: (logits, new
+    states)), or None where it does not apply and the eager forward runs: one new token per sequence, on
+    the CPU, no gradient, the reference not forced, the kernel built."""
+    if (_FORCE_REFERENCE or not input_ids.is_cpu or input_ids.dim() != 2 or input_ids.shape[1] != 1
+            or torch.is_grad_enabled() or not cpu_ternary.available()):
+        return None
+    return cpu_decode.step(model, input_ids, states, linear_cls)
 
 
 def bitlinear_i2(x, norm_weight, packed, k, s_w, bias=None):

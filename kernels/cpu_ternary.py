@@ -45,7 +45,7 @@ SOURCE_DIR = Path(__file__).with_name("cpu")
 SOURCES = ("ternary_cpu.c",)
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden",
           "-ffp-contract=off", "-fno-fast-math")  # no contraction: the float prologue repeats torch's roundings
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_K = 1 << 24  # int32 accumulators: |acc| <= 2 * 128 * K
 
 _lock = threading.Lock()
@@ -131,6 +131,8 @@ _SIGNATURES = {
     "mmf_quantize_rows": (_INT, (_P, _I64, _I64, _P, _F32, _P, _P, _INT)),
     "mmf_i2_count_invalid": (_I64, (_P, _I64, _I64, _I64, _INT)),
     "mmf_read_stream": (ctypes.c_uint64, (_P, _I64, _INT, _INT)),
+    "mmf_hgrn_step": (_INT, (_I64, _I64, _I64, _I64, _I64, _P, _P, _F32, _P, _INT, _P, _P, _P, _P, _F32, _P, _P,
+                             _F32, _P, _P, _INT, _INT)),
 }
 
 

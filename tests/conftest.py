@@ -28,7 +28,8 @@ def small_model(arch: str = "mmf", seed: int = 0, **overrides):
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.uniform_(0.5, 1.5)
-            model.model.lower_bounds.normal_(0, 1)
+            if model.model.lower_bounds is not None:
+                model.model.lower_bounds.normal_(0, 1)
     return model
 
 

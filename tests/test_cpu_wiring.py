@@ -13,6 +13,7 @@ import torch
 import mmf
 from conftest import main_in_process, median_rel_err, small_model
 from mmf import kernels
+from mmf.kernels import cpu_decode
 from mmf.kernels import cpu_ternary as ct
 
 pytestmark = pytest.mark.skipif(not ct.available(), reason="native CPU kernel unavailable")
@@ -25,6 +26,8 @@ def native_calls(monkeypatch):
     calls = []
     native = ct.bitlinear_i2
     monkeypatch.setattr(ct, "bitlinear_i2", lambda *a, **kw: calls.append(a[2].shape) or native(*a, **kw))
+    step = cpu_decode.step
+    monkeypatch.setattr(cpu_decode, "step", lambda *a, **kw: calls.append("step") or step(*a, **kw))
     prev, threads = kernels._FORCE_REFERENCE, torch.get_num_threads()
     kernels.force_reference(False)
     yield calls
@@ -65,7 +68,8 @@ def test_load_model_on_cpu_runs_the_native_kernel(checkpoints, native_calls, kin
 
 
 def test_generate_on_cpu_freezes_a_float_checkpoint_and_runs_native(checkpoints, native_calls, capsys):
-    """`mmf generate` on the CPU from a float checkpoint: frozen at load, so every token runs the native kernel;
+    """`mmf generate` on the CPU from a float checkpoint: frozen at load, so every token runs the native kernel
+    (the prompt through the native BitLinear, each decode step as one native whole-step call);
     `--threads 1` sets torch's (and so the kernel's) thread count."""
     code, out, err = main_in_process(capsys, "generate", checkpoints / "float", "-p", "Hello", "-n", "4", "-t", "0",
                            "--threads", "1")
@@ -73,7 +77,8 @@ def test_generate_on_cpu_freezes_a_float_checkpoint_and_runs_native(checkpoints,
     assert out.startswith("Hello")
     cfg = mmf.load_model(checkpoints / "float").config
     per_call = 6 * cfg.num_hidden_layers + 1
-    assert len(native_calls) == 4 * per_call  # the prompt's prefill and a step per new token but the last
+    # the prompt's prefill, then a native step per new token but the last
+    assert len(native_calls) == per_call + 3 and native_calls[per_call:] == ["step"] * 3
     assert torch.get_num_threads() == 1
 
 

@@ -53,7 +53,7 @@
 #endif
 
 #define MMF_EXPORT __attribute__((visibility("default")))
-#define MMF_ABI_VERSION 2
+#define MMF_ABI_VERSION 3
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_COUNT = 4 };
 
@@ -951,28 +951,33 @@ static int check_dims(int64_t M, int64_t K, int64_t N, int64_t P) {
     return 1;
 }
 
+static int bitlinear_rows(const float *x, int64_t M, int64_t K, const float *nw, float eps, const uint8_t *w,
+                          int64_t N, float s_w, const float *bias, float *y, int nthreads, int isa) {
+    gemm_job jb;
+    memset(&jb, 0, sizeof(jb));
+    jb.x = x;
+    jb.nw = nw;
+    jb.eps = eps;
+    jb.K = K;
+    jb.w = w;
+    jb.N = N;
+    jb.P = (K + 3) / 4;
+    jb.M = M;
+    jb.s_w = s_w;
+    jb.bias = bias;
+    jb.y = y;
+    jb.isa = isa;
+    return run_gemm(&jb, nthreads);
+}
+
 /* y (M, N) fp32 = bitlinear_i2(x (M, K) fp32, norm_w (K), packed (N, P) u8, s_w, bias (N) or NULL) */
 MMF_EXPORT int mmf_i2_bitlinear(const float *x, int64_t M, int64_t K, const float *norm_w, float eps,
                                 const uint8_t *packed, int64_t N, int64_t P, float s_w, const float *bias,
                                 float *y, int nthreads, int isa) {
     if (!check_dims(M, K, N, P) || nthreads < 1) return MMF_EARG;
     if (M == 0 || N == 0) return MMF_OK;
-    gemm_job jb;
-    memset(&jb, 0, sizeof(jb));
-    jb.x = x;
-    jb.nw = norm_w;
-    jb.eps = eps;
-    jb.K = K;
-    jb.w = packed;
-    jb.N = N;
-    jb.P = P;
-    jb.M = M;
-    jb.s_w = s_w;
-    jb.bias = bias;
-    jb.y = y;
-    jb.isa = isa;
     call_begin();
-    const int rc = run_gemm(&jb, nthreads);
+    const int rc = bitlinear_rows(x, M, K, norm_w, eps, packed, N, s_w, bias, y, nthreads, isa);
     call_end();
     return rc;
 }
@@ -1014,6 +1019,103 @@ MMF_EXPORT int mmf_quantize_rows(const float *x, int64_t M, int64_t K, const flo
     }
     free(buf);
     return MMF_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * A whole decode step of the MatMul-free model (HGRNBit) in one call: the embedding rows, every
+ * layer (RMSNorm, the i/f/g BitLinears, the MLGRU step with its lower bound, the gated RMSNorm, o,
+ * the residual, RMSNorm, gate|up, silu(gate) * up, down, the residual), the final RMSNorm and the
+ * LM head, for B tokens, all in fp32. The BitLinears are mmf_i2_bitlinear's (same prologue, same
+ * integer product, same epilogue); the elementwise work repeats the torch reference's operations in
+ * its order (kernels/reference.py: rms_norm, mlgru_gates, mlgru_scan, gated_rms_norm, the GLU), with
+ * libm's expf where torch uses its vectorised exp (both within an ulp), so logits equal the eager
+ * model's to a median relative error far below 1e-6 (tests/test_cpu_decode.py).
+ * ---------------------------------------------------------------------------------------------- */
+
+/* per-layer pointers, in this order (HGRN_PTRS of them): attn_norm, g_norm, mlp_norm, lower bound
+ * (NULL: none), then for the six BitLinears i, f, g, o, gate|up, down: packed weights, norm weight */
+#define HGRN_PTRS 16
+/* per-layer floats (HGRN_FLOATS): eps_attn, eps_g, eps_mlp, then s_w of the six BitLinears */
+#define HGRN_FLOATS 9
+
+/* kernels.reference.rms_norm on one fp32 row: (x * rsqrt(mean(x^2) + eps)) * w */
+static void rms_norm_row(const float *x, int64_t K, const float *w, float eps, float *out, int vec) {
+    float ss;
+#if MMF_X86
+    if (vec && sum_lanes == 8 && K >= 8) ss = sum_sq8_avx2(x, K);
+    else
+#endif
+        ss = torch_sum_sq(x, K);
+    const float r = 1.0f / sqrtf(ss / (float)K + eps);
+    for (int64_t k = 0; k < K; k++) out[k] = (x[k] * r) * w[k];
+}
+
+static inline float silu_f(float v) { return v / (1.0f + expf(-v)); }
+
+MMF_EXPORT int mmf_hgrn_step(int64_t L, int64_t B, int64_t d, int64_t m, int64_t V, const void *const *lp,
+                             const float *lf, float bl_eps, const void *emb, int emb_bf16, const int64_t *ids,
+                             float *const *state_in, float *state_out, const float *final_norm, float eps_final,
+                             const uint8_t *head_w, const float *head_nw, float head_sw, float *logits, float *work,
+                             int nthreads, int isa) {
+    if (L < 1 || B < 1 || d < 1 || m < 1 || V < 1 || nthreads < 1 || d > ((int64_t)1 << 24) || m > ((int64_t)1 << 24)) return MMF_EARG;
+    if (isa < 0 || isa >= ISA_COUNT || !mmf_cpu_isa_supported(isa)) return MMF_EISA;
+    const int vec = isa != ISA_SCALAR;
+    float *x = work, *h = x + B * d, *gi = h + B * d, *gf = gi + B * d, *gg = gf + B * d, *a = gg + B * d;
+    float *u = a + B * d, *v = u + B * 2 * m; /* work holds B * (6 d + 3 m) floats */
+    for (int64_t b = 0; b < B; b++) {
+        if (ids[b] < 0 || ids[b] >= V) return MMF_EARG;
+        if (emb_bf16) {
+            const uint16_t *row = (const uint16_t *)emb + ids[b] * d;
+            for (int64_t k = 0; k < d; k++) {
+                const uint32_t bits = (uint32_t)row[k] << 16;
+                memcpy(&x[b * d + k], &bits, 4);
+            }
+        } else {
+            memcpy(x + b * d, (const float *)emb + ids[b] * d, (size_t)d * sizeof(float));
+        }
+    }
+    int rc = MMF_OK;
+    call_begin();
+    for (int64_t l = 0; l < L && rc == MMF_OK; l++) {
+        const void *const *P = lp + l * HGRN_PTRS;
+        const float *F = lf + l * HGRN_FLOATS;
+        const float *attn_norm = (const float *)P[0], *g_norm = (const float *)P[1];
+        const float *mlp_norm = (const float *)P[2], *lb = (const float *)P[3];
+#define W(i) ((const uint8_t *)P[4 + 2 * (i)])
+#define NW(i) ((const float *)P[5 + 2 * (i)])
+        for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * d, d, attn_norm, F[0], h + b * d, vec);
+        if ((rc = bitlinear_rows(h, B, d, NW(0), bl_eps, W(0), d, F[3], NULL, gi, nthreads, isa))) break;
+        if ((rc = bitlinear_rows(h, B, d, NW(1), bl_eps, W(1), d, F[4], NULL, gf, nthreads, isa))) break;
+        if ((rc = bitlinear_rows(h, B, d, NW(2), bl_eps, W(2), d, F[5], NULL, gg, nthreads, isa))) break;
+        for (int64_t b = 0; b < B; b++) {
+            const float *s0 = state_in[l] ? state_in[l] + b * d : NULL;
+            float *s1 = state_out + (l * B + b) * d, *gv = gg + b * d;
+            for (int64_t k = 0; k < d; k++) { /* mlgru_gates, then one step of mlgru_scan */
+                float f = 1.0f / (1.0f + expf(-gf[b * d + k]));
+                if (lb) f = lb[k] + (1.0f - lb[k]) * f;
+                const float i = silu_f(gi[b * d + k]) * (1.0f - f);
+                s1[k] = s0 ? f * s0[k] + i : f * 0.0f + i;
+            }
+            rms_norm_row(gv, d, g_norm, F[1], h + b * d, vec); /* gated_rms_norm: rmsnorm(g) * w * silu(s) */
+            for (int64_t k = 0; k < d; k++) h[b * d + k] = h[b * d + k] * silu_f(s1[k]);
+        }
+        if ((rc = bitlinear_rows(h, B, d, NW(3), bl_eps, W(3), d, F[6], NULL, a, nthreads, isa))) break;
+        for (int64_t k = 0; k < B * d; k++) x[k] = x[k] + a[k];
+        for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * d, d, mlp_norm, F[2], h + b * d, vec);
+        if ((rc = bitlinear_rows(h, B, d, NW(4), bl_eps, W(4), 2 * m, F[7], NULL, u, nthreads, isa))) break;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t k = 0; k < m; k++) v[b * m + k] = silu_f(u[b * 2 * m + k]) * u[b * 2 * m + m + k];
+        if ((rc = bitlinear_rows(v, B, m, NW(5), bl_eps, W(5), d, F[8], NULL, a, nthreads, isa))) break;
+        for (int64_t k = 0; k < B * d; k++) x[k] = x[k] + a[k];
+#undef W
+#undef NW
+    }
+    if (rc == MMF_OK) {
+        for (int64_t b = 0; b < B; b++) rms_norm_row(x + b * d, d, final_norm, eps_final, h + b * d, vec);
+        rc = bitlinear_rows(h, B, d, head_nw, bl_eps, head_w, V, head_sw, NULL, logits, nthreads, isa);
+    }
+    call_end();
+    return rc;
 }
 
 /* ------------------------------------------------------------------------------------------------

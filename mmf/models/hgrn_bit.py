@@ -211,9 +211,15 @@ class HGRNBitForCausalLM(nn.Module):
         return RecurrentCache(states=[None] * self.config.num_hidden_layers)
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[RecurrentCache] = None) -> ModelOutput:
+        frozen = not isinstance(self.lm_head, BitLinear)  # frozen models run the native CPU kernel there
+        if frozen and input_ids.shape[-1] == 1:  # a decode step on the CPU: one native call where it applies
+            states = cache.states if cache is not None else [None] * self.config.num_hidden_layers
+            out = kernels.cpu_decode_step(self, input_ids, states, FrozenBitLinear)
+            if out is not None:
+                seen = cache.seen_tokens if cache is not None else 0
+                return ModelOutput(out[0][:, None], RecurrentCache(list(out[1].unbind(0)), seen + 1))
         if cache is None:
             cache = self.new_cache()
-        frozen = not isinstance(self.lm_head, BitLinear)  # frozen models run the native CPU kernel there
         with kernels.cpu_forward(input_ids) if frozen else contextlib.nullcontext():
             x = self.model.embeddings(input_ids)
             new_states = []
