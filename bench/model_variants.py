@@ -203,6 +203,14 @@ def cpu_ternary_path(fmt: str = "i2", threads: Optional[int] = None) -> dict:
                       f"quantisation, exact ternary product) on the i2 bytes, {threads} thread{many}"}
 
 
+def native_decode_step(model) -> bool:
+    """True when ``model``'s CPU decode steps run as one native call (kernels/cpu_decode.py)."""
+    from mmf.kernels import cpu_decode
+    from mmf.models import FrozenBitLinear
+
+    return cpu_decode.plan_for(model, FrozenBitLinear) is not None
+
+
 @torch.no_grad()
 def build_mmf_random(cfg: MMFConfig, device="cpu", dtype=torch.bfloat16, fmt: str = "i2",
                      num_layers: Optional[int] = None, seed: int = 0):
@@ -332,6 +340,10 @@ class MMFRunner(Runner):
         if dev.type == "cpu":
             cpu = cpu_ternary_path(fmt)
             self.path, self.path_name = f"{cpu['detail']}; eager step", cpu["name"]
+            if cpu["kind"] == "native" and native_decode_step(self.model):
+                self.path = (f"{cpu['detail']}; fp32 activations; decode: kernels.cpu_decode, the whole model's step "
+                             "as one native call (mmf_hgrn_step); prefill: the eager forward on the native BitLinear")
+                self.path_name = f"{cpu['name']}, one call per step"
             return self
         kern = "mmf.kernels dispatch (Triton on CUDA)"
         self.path_name = f"{fmt}, Triton"
@@ -623,8 +635,9 @@ def build_runner(variant: str, cfg_m: MMFConfig, cfg_l: LlamaConfig, device, dty
                  layers: Optional[int], seed: int) -> Runner:
     """The runner of ``variant`` (mmf, mmf-onnxruntime, transformer++ or hf-llama) around a random model of
     ``layers`` layers (None: the config's)."""
-    if variant == "mmf":
-        return MMFRunner(build_mmf_random(cfg_m, device, dtype, fmt, layers, seed), device)
+    if variant == "mmf":  # on the CPU in fp32 activations: the native whole-model decode step's form
+        cpu = torch.device(device).type == "cpu"
+        return MMFRunner(build_mmf_random(cfg_m, device, torch.float32 if cpu else dtype, fmt, layers, seed), device)
     if variant == ONNX_VARIANT:  # the same random weights as ``mmf``'s (i2 bytes, same seed), exported
         return OnnxRunner(build_mmf_random(cfg_m, "cpu", dtype, "i2", layers, seed))
     if variant == "transformer++":
