@@ -203,3 +203,22 @@ def test_frozen_forward_runs_torch_on_one_thread_and_the_kernel_on_torchs_count(
     finally:
         kernels.force_reference(prev_force)
         torch.set_num_threads(prev_threads)
+
+
+def test_generate_speed_bench_times_both_paths(checkpoints, tmp_path, capsys):
+    """bench/generate_speed.py times mmf generate's loop natively and on the reference, in one process, and the
+    greedy tokens agree."""
+    from mmf.bench import generate_speed
+
+    prev = kernels._FORCE_REFERENCE
+    kernels.force_reference(False)
+    try:
+        assert generate_speed.main([str(checkpoints / "float"), "--new-tokens", "3", "--repeats", "1",
+                                    "--json-out", str(tmp_path / "g.json")]) == 0
+    finally:
+        kernels.force_reference(prev)
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["same_tokens"] is True and res["protocol"]["new_tokens"] == 3
+    assert res["native"]["seconds"] > 0 and res["reference"]["seconds"] > 0
+    assert res["speedup"] == pytest.approx(res["reference"]["seconds"] / res["native"]["seconds"])
+    assert "native is" in capsys.readouterr().out
