@@ -12,9 +12,18 @@ Two operand orders, chosen per shape by the tuner: activations on the left (``x 
 on the left (``(W x^T)^T``, ``SWAP``): then the unpacked codes stay in registers as the left operand
 and the activations reach the tensor cores through the pipelined shared-memory path. At 128 rows
 the second is the faster (13b prefill 8.9 vs 12.1 ms on an H100, ``bench/results/EXPERIMENTS.md``).
+
+Many rows (``INT_MM_MIN_ROWS`` and more, a long prompt or a large batch of prompts): the product is
+compute-bound, and unpacking codes in registers costs tensor-core time. Then each projection's i2
+bytes are unpacked once per call into a reused int8 scratch (``unpack_codes``: codes 0-2 in the
+activations' planar order, one byte per weight, memory-bound), cuBLASLt's int8 GEMM
+(``torch._int_mm``) forms the same int32 sums, and one elementwise pass (``_epi_kernel``) applies
+the same epilogue. The int32 sums are exact, so the output equals the fused kernel's bit for bit.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -149,8 +158,12 @@ def _launch(cfg, a):
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):
-    """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``."""
+    """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
+
+    From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): ``gemm_unpacked``."""
     m = out.shape[0]
+    if config is None and out.is_cuda and 0 < INT_MM_MIN_ROWS <= m:
+        return gemm_unpacked(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n)
     nseg = len(weights)
     n0 = weights[0].shape[0]
     n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
@@ -187,6 +200,98 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
             break
         else:
             raise
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# many rows: unpack to int8 once per call, cuBLASLt int8 GEMM, one epilogue pass
+# ----------------------------------------------------------------------------------------------
+INT_MM_MIN_ROWS = int(os.environ.get("MMF_INT_MM_ROWS", "256"))  # 0 or less: never
+
+
+@triton.jit
+def _unpack_kernel(W, OUT, N, P, PB, BN: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT (N8, 4 * PB) int8: OUT[n, s * PB + j] = digit s of byte W[n, j] (a code 0-2), 0 for j >= P."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    s = offs // PB
+    j = offs % PB
+    inb = (offs < 4 * PB)[None, :]
+    rmask = (rn < N)[:, None]
+    b = tl.load(W + rn[:, None].to(tl.int64) * P + j[None, :], mask=rmask & inb & (j < P)[None, :], other=0)
+    c = ((b.to(tl.int32) >> (2 * s)[None, :]) & 3).to(tl.int8)
+    tl.store(OUT + rn[:, None].to(tl.int64) * (4 * PB) + offs[None, :], c, mask=rmask & inb)
+
+
+@triton.jit
+def _epi_kernel(ACC, sa_m, SUMX, SX, SW, OUT, RES, so_m, sr_m, M, N, seg,
+                EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr):
+    """The fused GEMM's epilogue on int32 sums ACC (M, >= N, or >= 2N for the GLU pair) of segment seg."""
+    DT: tl.constexpr = OUT.dtype.element_ty
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    base = ACC + rm[:, None].to(tl.int64) * sa_m + rn[None, :]
+    acc = tl.load(base, mask=mask, other=0)
+    if EPI == 2:
+        acc2 = tl.load(base + N, mask=mask, other=0)
+    else:
+        acc2 = acc
+    sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+    sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
+    _epilogue(acc, acc2, sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+
+
+_WBUF: dict = {}  # device -> int8 scratch of unpacked codes (grows; older buffers kept alive: graphs hold them)
+_WBUF_OLD: list = []
+
+
+def reserve_unpacked(nbytes: int, device) -> torch.Tensor:
+    """The int8 scratch for unpacked codes, at least ``nbytes`` (one buffer per device, reused)."""
+    key = str(torch.device(device))
+    buf = _WBUF.get(key)
+    if buf is None or buf.numel() < nbytes:
+        if buf is not None:
+            _WBUF_OLD.append(buf)
+        buf = torch.empty(nbytes, dtype=torch.int8, device=device)
+        _WBUF[key] = buf
+    return buf
+
+
+def unpack_codes(packed: torch.Tensor, k: int, pb: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, P) i2 bytes -> (ceil8(N), 4 * pb) int8 codes 0-2 in the planar activations' order (rows past N
+    and columns past the packed bytes are not weights: the former are never read, the latter meet
+    activations 0)."""
+    n, p = packed.shape
+    n8 = -(-n // 8) * 8
+    if out is None:
+        out = reserve_unpacked(n8 * 4 * pb, packed.device)
+    out = out[:n8 * 4 * pb].view(n8, 4 * pb)
+    w = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+    bn, block = (1, 64) if INTERPRET else (8, 512)
+    _unpack_kernel[(triton.cdiv(n, bn), triton.cdiv(4 * pb, block))](w, out, n, p, pb, BN=bn, BLOCK=block)
+    return out
+
+
+def gemm_unpacked(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None):
+    """``gemm`` for many rows: per segment, unpack the codes to int8, ``torch._int_mm``, epilogue pass.
+
+    Same arguments and the same output, bit for bit, as ``gemm`` (the int32 sums are exact)."""
+    m = out.shape[0]
+    nseg = len(weights)
+    n0 = weights[0].shape[0]
+    n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
+    pb = 4 * scratch.pw
+    xq8 = scratch.xq.view(torch.int8).reshape(scratch.xq.shape[0], scratch.xq.shape[1], 4 * pb)
+    res = residual if residual is not None else out
+    bm, bn = (16, 32) if INTERPRET else (64, 128)
+    for seg in range(nseg):
+        wu = unpack_codes(weights[seg], k, pb)
+        acc = torch._int_mm(xq8[seg], wu.t())  # (M, ceil8(rows)) int32, exact
+        _epi_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            acc, acc.stride(0), scratch.sumx, scratch.sx, scales, out, res, out.stride(0),
+            residual.stride(0) if residual is not None else 0, m, n, seg, EPI=epi, BM=bm, BN=bn,
+            USE_ASM=not INTERPRET, num_warps=4)
     return out
 
 

@@ -91,6 +91,40 @@ def test_gemm_operand_orders(swap):
     check_rows(glu, _glu_ref(ref, torch.float16), torch.float16)
 
 
+@pytest.mark.parametrize("m,n,k", [(19, 23, 150), (33, 13, 37)])
+def test_gemm_unpacked_int_mm(m, n, k):
+    """The many-rows GEMM (codes unpacked to int8, torch._int_mm, one epilogue pass) equals the fused
+    ternary_gemm.gemm bit for bit, plain, 3 segments, residual and GLU pair; odd N (int8 rows padded to
+    8) and K % 4 != 0; the unpacked codes equal the i2 layout's, planar."""
+    from mmf.ternary_codes import unpack_i2
+
+    g = torch.Generator().manual_seed(60 + m)
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    nw = (torch.rand(3, k, generator=g) + 0.5).to(torch.float16)
+    codes = [rand_codes(2 * n, k, g) for _ in range(3)]
+    packed = [pack_i2(c) for c in codes]
+    sw = torch.tensor([0.9, 1.1, 0.7])
+    res = torch.randn(m, 3 * 2 * n, generator=g).to(torch.float16)
+    sc = ternary_gemv.Scratch(3, m, k, "cpu")
+    ternary_gemm.quantize(x, nw, sc, nseg=3)
+    pb, p = 4 * sc.pw, packed[0].shape[1]
+    wu = ternary_gemm.unpack_codes(packed[0], k, pb, out=torch.empty(-(-2 * n // 8) * 8 * 4 * pb, dtype=torch.int8))
+    planar = wu[:2 * n].view(2 * n, 4, pb)
+    assert int(planar[:, :, p:].abs().sum()) == 0
+    got = planar[:, :, :p].reshape(2 * n, 4 * p)[:, :k].long() - 1
+    assert torch.equal(got, unpack_i2(packed[0], k).long())
+    for epi, nseg, width in ((ternary_gemv.EPI_STORE, 3, 6 * n), (ternary_gemv.EPI_RESIDUAL, 3, 6 * n),
+                             (ternary_gemv.EPI_GLU, 1, n)):
+        kw = dict(k=k, epi=epi, residual=res if epi == ternary_gemv.EPI_RESIDUAL else None)
+        out = torch.full((m, width), float("nan"), dtype=torch.float16)
+        ternary_gemm.gemm_unpacked(sc, packed[:nseg], sw[:nseg], out, **kw)
+        want = torch.full_like(out, float("nan"))
+        ternary_gemm.gemm(sc, packed[:nseg], sw[:nseg], want, config=(16, 64, 32, 4, 1), **kw)
+        assert torch.equal(out, want), (epi, (out.float() - want.float()).abs().max())
+    ref = reference.bitlinear_frozen(x, nw[0], codes[0], sw[0])
+    check_rows(out, _glu_ref(ref, torch.float16), torch.float16)
+
+
 def test_integer_accumulation_is_exact():
     """In fp32 the whole chain is the reference's arithmetic: equal to rounding of the last divide."""
     g = torch.Generator().manual_seed(7)
