@@ -303,7 +303,7 @@ class _Progress:
 def bench_command(models="370m", device="auto", batch_size=None, prompt_len=None, max_new_tokens=None,
                   dtype="bf16", fmt="i2", repeat=None, json_stdout=False, json_out=None, plot=None,
                   no_hf=False, train=False, seq_len=None, steps=None, threads=None, command=None,
-                  no_onnx=False, llamacpp_python=None) -> dict:
+                  no_onnx=False, llamacpp_python=None, nproc=None, strategy="ddp") -> dict:
     """``mmf bench`` whole: check the options and that every output can be written (before any
     measurement), run the benchmark, print its table (or, with ``json_stdout``, the JSON document
     instead), then write ``json_out`` (JSON) and ``plot`` (PNG). The table comes first, so that a
@@ -313,6 +313,13 @@ def bench_command(models="370m", device="auto", batch_size=None, prompt_len=None
     from mmf.devices import set_threads
 
     set_threads(threads)
+    if nproc is not None or strategy != "ddp":  # training under torchrun: bench/train_scaling.py
+        if not train:
+            raise MMFError("--nproc and --strategy: for --train only; add --train or drop them")
+        from mmf.bench import train_scaling
+
+        return train_scaling.scaling_command(models, nproc or "1", strategy, device, batch_size, seq_len, steps,
+                                             json_stdout, json_out, plot, command)
     _check_bench_options(train, plot, prompt_len, max_new_tokens, repeat, no_hf, dtype, fmt, seq_len, steps,
                          no_onnx, llamacpp_python)
     outputs = [(opt, check_output_path(p, opt)) for opt, p in (("--json-out", json_out), ("--plot", plot))

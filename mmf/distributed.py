@@ -22,6 +22,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this process created a process group (shutdown destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -32,8 +33,11 @@ class World:
         return self.size > 1
 
 
-def init_world(device: str = "auto") -> World:
-    """Join the torchrun process group if there is one; pick this rank's device."""
+def init_world(device: str = "auto", group_of_one: bool = False) -> World:
+    """Join the torchrun process group if there is one; pick this rank's device.
+
+    ``group_of_one``: under torchrun, create the process group even for a world of one (a one-GPU
+    NCCL smoke, or the N = 1 base of a scaling benchmark that should pay the same wrappers)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -47,8 +51,10 @@ def init_world(device: str = "auto") -> World:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ
+    if (size > 1 or (group_of_one and under_torchrun)) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        return World(rank, size, local, dev, owns_group=True)
     return World(rank, size, local, dev)
 
 
@@ -91,5 +97,5 @@ def any_flag(world: World, flag: bool) -> bool:
 
 
 def shutdown(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    if (world.distributed or world.owns_group) and dist.is_initialized():
         dist.destroy_process_group()

@@ -55,7 +55,12 @@ def bench(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", show_default=False,
                                           help="--train only: sequence length (default 2048)."),
     steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
-                                        help="--train only: timed training steps (default 8)."),
+                                        help="--train only: timed training steps (default 8; with --nproc 20)."),
+    nproc: Optional[str] = typer.Option(None, "--nproc", show_default=False,
+                                        help="--train only: run the training step under torchrun on N processes "
+                                        "(a comma list sweeps, e.g. 1,2,4,8; NCCL on GPUs, gloo on the CPU): tokens/s "
+                                        "per GPU, scaling efficiency, loss vs one process, peak memory per rank."),
+    strategy: str = typer.Option("ddp", "--strategy", help="--train --nproc only: ddp or fsdp."),
 ):
     """Memory and latency of the MatMul-free LM vs Transformer++ per size, one run, every figure labelled.
 
@@ -70,4 +75,5 @@ def bench(
         model, device=device, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
         dtype=dtype, fmt=fmt, repeat=repeat, json_stdout=as_json, json_out=json_out, plot=plot, no_hf=no_hf,
         train=train, seq_len=seq_len, steps=steps, threads=threads, no_onnx=no_onnx, llamacpp_python=llamacpp_python,
+        nproc=nproc, strategy=strategy,
         command="mmf " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
