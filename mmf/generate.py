@@ -12,6 +12,7 @@ sampling runs on the host from the logits either way.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,16 +126,21 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     return new
 
 
-def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None, prompt: Optional[str] = None,
+def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None, prompt=None,
                  prompt_file: Optional[Path] = None, max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, device: str = "cpu",
                  dtype: Optional[str] = None, graph: bool = False,
-                 write: Optional[Callable[[str], None]] = None, threads: Optional[int] = None) -> str:
-    """`mmf generate`: from a CHECKPOINT or an ``--onnx`` export (exactly one), the prompt from ``prompt`` or
-    ``prompt_file``. Every option is checked and the model and tokenizer are loaded before anything is
-    written, so a failed call leaves no output; then the prompt and the generated text stream to ``write``.
-    Returns the generated text (without the prompt). ``dtype`` None: fp32, or the export's own dtype.
-    ``threads``: CPU threads for torch, the native CPU kernel and ONNX Runtime (None: torch's default)."""
+                 write: Optional[Callable[[str], None]] = None, threads: Optional[int] = None,
+                 prompts_file: Optional[Path] = None, as_json: bool = False):
+    """`mmf generate`: from a CHECKPOINT or an ``--onnx`` export (exactly one), the prompts from ``prompt`` (a
+    string or a list: repeated ``--prompt``), ``prompt_file`` (the whole file, one prompt) or ``prompts_file``
+    (one prompt per line) (``read_prompts``). Every option is checked and the model and tokenizer are loaded
+    before anything is written, so a failed call leaves no output. One prompt: the prompt and the generated
+    text stream to ``write``; returns the generated text (without the prompt). Several prompts are decoded as
+    one batch (``generate_batch_ids``) and written once done, each under a ``=== prompt i of n ===`` line;
+    returns the list of generated texts. ``as_json``: one JSON document instead (``batch_document``).
+    ``dtype`` None: fp32, or the export's own dtype. ``threads``: CPU threads for torch, the native CPU kernel
+    and ONNX Runtime (None: torch's default)."""
     from .devices import set_threads
     from .onnx_runtime import onnx_source
 
@@ -147,12 +153,22 @@ def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None,
         if str(device).strip().lower() not in ("cpu", "auto"):
             raise MMFError(f"--device {device} does not apply to --onnx: mmf runs exports on ONNX Runtime's CPU "
                            "provider; drop --device, or give the CHECKPOINT instead of --onnx to run it on a GPU")
-        text = read_prompt(prompt, prompt_file)
-        return generate_onnx_text(onnx, text, max_new_tokens, temperature, top_k, top_p, seed, write,
-                                  dtype=dtype, echo_prompt=True, threads=threads or 0)
-    text = read_prompt(prompt, prompt_file)
-    return generate_text(checkpoint, text, max_new_tokens, temperature, top_k, top_p, seed, device, dtype or "fp32",
-                         write, graph, echo_prompt=True)
+        prompts = read_prompts(prompt, prompt_file, prompts_file)
+        if len(prompts) == 1 and not as_json:
+            return generate_onnx_text(onnx, prompts[0], max_new_tokens, temperature, top_k, top_p, seed, write,
+                                      dtype=dtype, echo_prompt=True, threads=threads or 0)
+        model, tok = load_onnx_for_generate(onnx, dtype=dtype, threads=threads or 0)
+        dev = "cpu"
+    else:
+        prompts = read_prompts(prompt, prompt_file, prompts_file)
+        if len(prompts) == 1 and not as_json:
+            return generate_text(checkpoint, prompts[0], max_new_tokens, temperature, top_k, top_p, seed, device,
+                                 dtype or "fp32", write, graph, echo_prompt=True)
+        model, tok, dev = load_for_generate(checkpoint, device, dtype or "fp32", graph)
+    doc = batch_text(model, tok, prompts, max_new_tokens, temperature, top_k, top_p, seed, dev, graph)
+    if write is not None:
+        write(json.dumps(doc, indent=2) if as_json else format_batch(doc))
+    return [r["text"] for r in doc["results"]]
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -177,18 +193,24 @@ def generate_text(checkpoint, prompt: str, max_new_tokens: int = 200, temperatur
                   echo_prompt: bool = False) -> str:
     """Check the options, load ``checkpoint`` and its tokenizer, generate, and stream the text to ``write``
     (preceded by the prompt with ``echo_prompt``, once everything has loaded). Returns the generated text."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    model, tok, device = load_for_generate(checkpoint, device, dtype, graph)
+    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, device, write, graph,
+                       echo_prompt)
+
+
+def load_for_generate(checkpoint, device: str = "cpu", dtype="fp32", graph: bool = False):
+    """(model, tokenizer, torch.device) of `mmf generate` from a checkpoint (frozen), after checking the device."""
     from .checkpoint import load_model, parse_dtype
     from .tokenizer import load_tokenizer
 
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
     device = resolve_device(device)
     if graph and device.type != "cuda":
         raise MMFError("--graph replays CUDA graphs: it needs --device cuda (drop --graph on the CPU)")
     parse_dtype(dtype)
     model = load_model(checkpoint, device=device, dtype=dtype, frozen=True)
     tok = load_tokenizer(checkpoint, model.config.bos_token_id, model.config.eos_token_id)
-    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, device, write, graph,
-                       echo_prompt)
+    return model, tok, device
 
 
 def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 0,
@@ -199,10 +221,17 @@ def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temper
     ONNX Runtime (after writing the prompt with ``echo_prompt``). ``dtype``, if given, must be the export's
     own (fp32 or fp16, fixed by `mmf export-onnx --dtype`). ``threads``: ONNX Runtime's intra-op threads
     (0: its default)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    model, tok = load_onnx_for_generate(directory, fold_constants, dtype, threads)
+    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, "cpu", write,
+                       echo_prompt=echo_prompt)
+
+
+def load_onnx_for_generate(directory, fold_constants: bool = True, dtype: Optional[str] = None, threads: int = 0):
+    """(model, tokenizer) of `mmf generate --onnx DIR`; ``dtype``, if given, must be the export's own."""
     from .onnx_runtime import OnnxCausalLM, read_manifest
     from .tokenizer import load_tokenizer
 
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
     manifest = read_manifest(directory)
     if dtype is not None and dtype != manifest["dtype"]:
         raise MMFError(f"--dtype {dtype}: {directory} was exported in {manifest['dtype']} and ONNX Runtime runs it so; "
@@ -214,8 +243,7 @@ def generate_onnx_text(directory, prompt: str, max_new_tokens: int = 200, temper
     except CheckpointError:
         raise CheckpointError(f"{directory}: the export has no tokenizer (its checkpoint had none); copy the model's "
                               "tokenizer.json into it") from None
-    return stream_text(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, "cpu", write,
-                       echo_prompt=echo_prompt)
+    return model, tok
 
 
 def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -223,11 +251,8 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float
                 echo_prompt: bool = False) -> str:
     """Tokenise ``prompt``, generate with ``model`` (torch or ONNX Runtime) and stream the decoded text
     (after the prompt itself with ``echo_prompt``, once the prompt's ids are known to be valid)."""
-    check_tokenizer_fits(tok, getattr(model.config, "vocab_size", None))
-    prompt_ids = tok.encode(prompt)
-    if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
-        prompt_ids = [tok.bos_id] + prompt_ids
-    check_prompt_ids(prompt_ids, getattr(model.config, "vocab_size", None))
+    prompt_ids = encode_prompt(model, tok, prompt)
+    check_memory(model, [prompt_ids], max_new_tokens, graph, device)
     feed = tok.stream_decoder()
     pieces: list[str] = []
 
@@ -249,3 +274,250 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float
     generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, device,
                  vocab_limit=tok.vocab_size)
     return "".join(pieces)
+
+
+def encode_prompt(model, tok, prompt: str) -> list[int]:
+    """``prompt``'s ids (with the BOS of a Hugging Face tokenizer), checked against the model's vocabulary."""
+    check_tokenizer_fits(tok, getattr(model.config, "vocab_size", None))
+    prompt_ids = tok.encode(prompt)
+    if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
+        prompt_ids = [tok.bos_id] + prompt_ids
+    check_prompt_ids(prompt_ids, getattr(model.config, "vocab_size", None))
+    return prompt_ids
+
+
+# ---------------------------------------------------------------------------------------------- several prompts
+def read_prompts(prompts=None, prompt_file: Optional[Path] = None, prompts_file: Optional[Path] = None) -> list[str]:
+    """The prompts of `mmf generate`: each ``--prompt TEXT`` (repeatable), then the lines of ``--prompts-file
+    PATH`` (one prompt per line, UTF-8, blank lines skipped); or the whole of ``--prompt-file PATH`` as one
+    prompt (as before, so it goes with neither of the others)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts or [])
+    if prompt_file is not None:
+        if prompts or prompts_file is not None:
+            raise MMFError("--prompt-file reads its whole file as one prompt: give it alone, or use --prompts-file "
+                           "(one prompt per line) with --prompt")
+        return [read_prompt(None, prompt_file)]
+    if prompts_file is not None:
+        try:
+            text = Path(prompts_file).read_bytes().decode("utf-8")
+        except (FileNotFoundError, IsADirectoryError):
+            raise MMFError(f"{prompts_file}: no such prompts file") from None
+        except UnicodeDecodeError as e:
+            raise MMFError(f"{prompts_file}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
+        lines = [ln.rstrip("\r") for ln in text.split("\n")]
+        lines = [ln for ln in lines if ln.strip()]
+        if not lines:
+            raise MMFError(f"--prompts-file {prompts_file}: no prompt in it (one prompt per line; blank lines are "
+                           "skipped)")
+        prompts += lines
+    if not prompts:
+        raise MMFError("no prompt: pass --prompt TEXT (repeatable), --prompt-file PATH or --prompts-file PATH")
+    return prompts
+
+
+GRAPH_BATCH_LIMIT = 16  # GraphDecoder's largest batch where the class does not say (``MAX_BATCH``)
+
+
+def graph_batch_limit() -> int:
+    """The largest batch a GraphDecoder takes (its ``MAX_BATCH`` where it has one)."""
+    from .decode_graph import GraphDecoder
+
+    return int(getattr(GraphDecoder, "MAX_BATCH", GRAPH_BATCH_LIMIT))
+
+
+def _row_generators(n: int, seed: Optional[int], first_row: int = 0) -> list:
+    """One sampling generator per row: row i draws from ``seed + i`` (None: torch's global generator)."""
+    if seed is None:
+        return [None] * n
+    return [torch.Generator(device="cpu").manual_seed(seed + first_row + i) for i in range(n)]
+
+
+def _prefill_rows(model, prompts_ids: list, device):
+    """Each prompt through the model on its own (exact per-row lengths: the MLGRU state is O(1), so no padding
+    and no mask), then the rows stacked: last-position logits (B, V) and per-layer states (B, d)."""
+    logits, states = [], None
+    for ids in prompts_ids:
+        out = model(torch.tensor([ids], dtype=torch.long, device=device))
+        logits.append(out.logits[:, -1])
+        st = out.cache.states
+        states = [[s] for s in st] if states is None else [acc + [s] for acc, s in zip(states, st)]
+    return torch.cat(logits, 0), [torch.cat(s, 0) for s in states]
+
+
+@torch.inference_mode()
+def generate_batch_ids(model, prompts_ids: list, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
+                       device="cpu", graph: bool = False, vocab_limit: Optional[int] = None,
+                       on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """Generate for several prompts at once; returns each row's new ids (stopped at ``eos_id``, included).
+
+    A MatMul-free model decodes the prompts as one batch: each prompt is prefilled alone at its own length
+    and the per-row recurrent states are stacked into the batch state (``_prefill_rows``), then every step
+    feeds one token per row, through the model with a batched ``RecurrentCache`` or, with ``graph``, one
+    CUDA-graph replay of one ``GraphDecoder(model, batch=B)`` (more prompts than its limit,
+    ``graph_batch_limit()``, run in chunks of it; the last chunk is padded with copies of its first row,
+    whose outputs are thrown away). A row that has
+    finished is fed its end token until every row has. Other models (Transformer++, whose KV caches of
+    unequal lengths would need a mask; an ONNX Runtime export) generate the prompts one after another.
+
+    Sampling: row i draws from its own generator seeded ``seed + i``, so with the same seed a row samples
+    what ``generate_ids(model, prompt_i, seed=seed + i)`` does alone, up to rounding differences between the
+    batched and the single-row kernels (greedy, ``temperature`` 0, needs no seed). ``on_token(row, id)`` is
+    called for each new id."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    vocab = getattr(model.config, "vocab_size", None)
+    for ids in prompts_ids:
+        check_prompt_ids(ids, vocab)
+    if not prompts_ids:
+        return []
+    if getattr(model, "arch", None) != "mmf" or not isinstance(model, torch.nn.Module):
+        return [generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p,
+                             None if seed is None else seed + i, eos_id,
+                             None if on_token is None else (lambda t, i=i: on_token(i, t)), device, graph,
+                             vocab_limit) for i, ids in enumerate(prompts_ids)]
+    limit, dec = len(prompts_ids), None
+    if graph and max_new_tokens > 1:  # one decoder for every chunk (the last one padded)
+        from .decode_graph import GraphDecoder
+
+        limit = min(limit, graph_batch_limit())
+        dec = GraphDecoder(model, batch=limit)
+    out: list = []
+    for c in range(0, len(prompts_ids), limit):
+        rows = prompts_ids[c:c + limit]
+        cb = None if on_token is None else (lambda r, t, c=c: on_token(c + r, t))
+        out += _generate_mmf_batch(model, rows, max_new_tokens, temperature, top_k, top_p,
+                                   _row_generators(len(rows), seed, c), eos_id, device, dec, vocab_limit, cb)
+    return out
+
+
+def _set_decoder_state(dec, states: list) -> None:
+    """Load per-layer (rows, d) states into a GraphDecoder's (L, batch, d) state; rows past ``len(states[0])``
+    (padding) take row 0's."""
+    s = torch.stack(states).to(device=dec.state.device, dtype=dec.state.dtype)
+    if s.shape[1] < dec.state.shape[1]:
+        s = torch.cat([s, s[:, :1].expand(-1, dec.state.shape[1] - s.shape[1], -1)], 1)
+    if s.shape != dec.state.shape:
+        raise MMFError(f"internal: states of shape {tuple(s.shape)} for a decoder state of {tuple(dec.state.shape)}")
+    dec.state.copy_(s)
+
+
+def _generate_mmf_batch(model, prompts_ids, max_new_tokens, temperature, top_k, top_p, gens, eos_id, device, dec,
+                        vocab_limit, on_token) -> list[list[int]]:
+    """One batch of ``generate_batch_ids`` (its doc); ``dec``: a GraphDecoder of at least this many rows, or
+    None for the model's own batched step."""
+    B = len(prompts_ids)
+    new: list = [[] for _ in range(B)]
+    if max_new_tokens == 0:
+        return new
+    logits, states = _prefill_rows(model, prompts_ids, device)
+    if dec is not None:
+        _set_decoder_state(dec, states)
+        pad = dec.batch - B
+
+        def step(ids):
+            if pad:
+                ids = torch.cat([ids, ids[:1].expand(pad)])
+            return dec.step(ids)[:B]
+    else:
+        from .models.hgrn_bit import RecurrentCache
+
+        cache = RecurrentCache(states, 0)
+
+        def step(ids):
+            nonlocal cache
+            o = model(ids[:, None], cache)
+            cache = o.cache
+            return o.logits[:, -1]
+
+    done = [False] * B
+    filler = eos_id if eos_id is not None else prompts_ids[0][-1]
+    for t in range(max_new_tokens):
+        lg = logits[:, :vocab_limit].float().cpu()
+        if temperature <= 0:
+            picks = lg.argmax(-1).tolist()
+        else:
+            picks = [int(sample_next(lg[i:i + 1], temperature, top_k, top_p, gens[i])[0]) for i in range(B)]
+        for i, tok in enumerate(picks):
+            if done[i]:
+                continue
+            new[i].append(tok)
+            if on_token is not None:
+                on_token(i, tok)
+            if eos_id is not None and tok == eos_id:
+                done[i] = True
+        if all(done) or t + 1 == max_new_tokens:
+            break  # no forward pass for tokens whose successors are not wanted
+        feed = [filler if d else new[i][-1] for i, d in enumerate(done)]
+        logits = step(torch.tensor(feed, dtype=torch.long, device=device))
+    return new
+
+
+def batch_rows(model, prompts: int, graph: bool) -> int:
+    """Sequences ``generate_batch_ids`` decodes at once: every prompt (MatMul-free), a GraphDecoder's limit
+    at most (``graph``), one for models that take the prompts one after another."""
+    if getattr(model, "arch", None) != "mmf" or not isinstance(model, torch.nn.Module):
+        return 1
+    return min(prompts, graph_batch_limit()) if graph else prompts
+
+
+def check_memory(model, prompts_ids: list, max_new_tokens: int, graph: bool, device) -> None:
+    """Refuse in one line (``mmf.memory.check_generation_memory``) prompts whose batch would not fit beside the
+    loaded weights, before a decoder is built or a prompt prefilled. ONNX Runtime exports are not checked."""
+    from .memory import check_generation_memory
+    from .models import FrozenBitLinear
+
+    if not isinstance(model, torch.nn.Module):
+        return
+    seen, weights, act = set(), 0, 4  # act: bytes of an activation (the embeddings' dtype)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            weights += t.numel() * t.element_size()
+    inner = getattr(model, "model", None)
+    emb = getattr(inner, "embeddings", None) or getattr(inner, "embed_tokens", None)
+    act = emb.weight.element_size() if emb is not None else act
+    mmf = getattr(model, "arch", None) == "mmf"
+    decoder = 0
+    if graph and mmf:  # GraphDecoder packs int8 codes to 2 bits once more
+        decoder = sum(m.out_features * -(-m.in_features // 4) for m in model.modules()
+                      if isinstance(m, FrozenBitLinear) and getattr(m, "packed", None) is None)
+    elif graph:  # StaticLlama copies the weights into its fused layout
+        decoder = weights
+    n = len(prompts_ids)
+    rows = batch_rows(model, n, graph)
+    fix = "" if mmf else " (Transformer++ takes them one after another: shorten the longest)"
+    check_generation_memory(model.config, n, rows, max(len(p) for p in prompts_ids), max_new_tokens, act, device,
+                            weights, decoder, fix=fix)
+
+
+def batch_text(model, tok, prompts: list, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+               seed: Optional[int], device, graph: bool = False) -> dict:
+    """Generate for every prompt as one batch (``generate_batch_ids``); returns a document: how it ran and, per
+    prompt, its text, the generated text, the number of new tokens and whether it stopped at the end token."""
+    ids = [encode_prompt(model, tok, p) for p in prompts]
+    check_memory(model, ids, max_new_tokens, graph, device)
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    new = generate_batch_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos, device, graph,
+                             vocab_limit=tok.vocab_size)
+    results = []
+    for p, row in zip(prompts, new):
+        feed = tok.stream_decoder()
+        results.append({"prompt": p, "text": "".join(feed(t) or "" for t in row), "new_tokens": len(row),
+                        "stopped_at_eos": bool(row) and eos is not None and row[-1] == eos})
+    batched = getattr(model, "arch", None) == "mmf" and isinstance(model, torch.nn.Module)
+    how = ("one batch, GraphDecoder (one CUDA graph per step)" if graph else "one batch, eager") if batched else \
+        "one prompt after another"
+    return {"prompts": len(prompts), "batch": batch_rows(model, len(prompts), graph), "decode": how,
+            "device": str(device), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+            "top_p": top_p, "seed": seed,
+            "seeds": None if seed is None or temperature <= 0 else [seed + i for i in range(len(prompts))],
+            "results": results}
+
+
+def format_batch(doc: dict) -> str:
+    """Each prompt and its generated text under a ``=== prompt i of n ===`` line."""
+    n = doc["prompts"]
+    return "\n".join(f"=== prompt {i} of {n} ===\n{r['prompt']}{r['text']}" for i, r in enumerate(doc["results"], 1))

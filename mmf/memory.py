@@ -256,3 +256,69 @@ def check_training_memory(world: World, cfg: TrainConfig, log: Callable = print)
         fixes.append("train on a GPU")
     raise MMFError(f"training needs about {need} of memory ({parts}) but {human_bytes(avail)} is available on "
                    f"{where}; {'; or '.join(fixes)} (MMF_MEMORY_CHECK=0 skips this check)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: the check before `mmf generate` prefills (several prompts make one batch)
+
+@dataclass
+class GenerationMemory:
+    """Bytes that generating needs on top of the loaded weights, by part (``generation_memory``)."""
+
+    rows: int  # sequences decoded together
+    per_row: float  # recurrent state (or KV cache), logits and activations of one row's decode step
+    prefill: float  # the longest prompt's prefill, one prompt at a time
+    decoder: float  # a static decoder's own weight copy (GraphDecoder packing int8 codes to 2 bits)
+
+    @property
+    def total(self) -> float:
+        return self.rows * self.per_row + self.prefill + self.decoder
+
+
+def generation_memory(cfg, rows: int, prompt_len: int, max_new_tokens: int, act_bytes: int,
+                      decoder_bytes: int = 0) -> GenerationMemory:
+    """Bytes ``rows`` sequences need while generating, besides the weights: computed from the shapes, not
+    calibrated (fp32 activations counted whatever the model's dtype, so it errs high).
+
+    * per row: MatMul-free, its fp32 state L x d three times (the stacked prefill states, the state read and
+      the one written); Transformer++ the KV cache of ``prompt_len + max_new_tokens`` positions; then the
+      logits (model dtype, an fp32 copy, the sampler's probabilities) and one token's activations
+      (8 d + 4 m fp32 values: the norms' inputs, i/f/g or q/k/v, the gate-up pair and the GLU);
+    * prefill (each prompt on its own): the longest prompt's activations and its logits at every position,
+      plus its fp32 attention scores for Transformer++ (heads x T x T);
+    * decoder: what a static decoder adds (``decoder_bytes``, e.g. GraphDecoder's 2-bit copy of int8 codes)."""
+    d, m, L, V = cfg.hidden_size, cfg.ffn_size, cfg.num_hidden_layers, cfg.vocab_size
+    tok_act = (8 * d + 4 * m) * 4
+    logits = V * (act_bytes + 4 + 4)
+    if cfg.arch == "mmf":
+        state = 3 * L * d * 4
+        scores = 0
+    else:
+        state = 2 * L * cfg.n_kv_heads * cfg.dim_head * (prompt_len + max_new_tokens) * act_bytes
+        scores = cfg.num_attention_heads * prompt_len * prompt_len * 4
+    prefill = prompt_len * (tok_act + V * act_bytes) + scores
+    return GenerationMemory(rows=rows, per_row=float(state + logits + tok_act), prefill=float(prefill),
+                            decoder=float(decoder_bytes))
+
+
+def check_generation_memory(cfg, prompts: int, rows: int, prompt_len: int, max_new_tokens: int, act_bytes: int,
+                            device, weight_bytes: int, decoder_bytes: int = 0, fix: str = "") -> GenerationMemory:
+    """Refuse, in one line with the memory needed and the memory available, a generation whose ``rows``
+    sequences (of ``prompts`` prompts) would not fit beside the loaded weights on ``device`` (before any
+    decoder is built or prompt prefilled). ``MMF_MEMORY_CHECK=0`` skips it."""
+    est = generation_memory(cfg, rows, prompt_len, max_new_tokens, act_bytes, decoder_bytes)
+    if os.environ.get("MMF_MEMORY_CHECK", "1") == "0":
+        return est
+    avail = available_bytes(device)
+    if est.total <= avail:
+        return est
+    device = torch.device(device)
+    where = "this CPU" if device.type == "cpu" else f"GPU {device}"
+    fit = int((avail - est.prefill - est.decoder) // est.per_row) if est.per_row else 0
+    parts = (f"{rows} row{'s' if rows != 1 else ''} of state, logits and activations "
+             f"{human_bytes(rows * est.per_row)}, the prefill of a {prompt_len}-token prompt {human_bytes(est.prefill)}"
+             + (f", the decoder's packed weights {human_bytes(est.decoder)}" if est.decoder else ""))
+    how = f"give at most {fit} prompts per call" if 0 < fit < rows else "give shorter prompts"
+    raise MMFError(f"{prompts} prompt{'s' if prompts != 1 else ''} need about {human_bytes(est.total)} of memory "
+                   f"besides the loaded weights ({human_bytes(weight_bytes)}): {parts}; {human_bytes(avail)} is "
+                   f"available on {where}; {how}{fix} (MMF_MEMORY_CHECK=0 skips this check)")

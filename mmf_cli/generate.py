@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -16,9 +16,13 @@ from .app import app, print_table
 def generate(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint directory (latent, float or packed); or give "
                                                 "--onnx DIR instead."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (or --prompt-file)."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a UTF-8 file "
-                                               "(instead of --prompt)."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt text (or --prompt-file); "
+                                               "repeat it for several prompts, decoded as one batch."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a UTF-8 file, the "
+                                               "whole file one prompt (instead of --prompt)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", show_default=False,
+                                                help="Several prompts from a UTF-8 file, one per line (blank lines "
+                                                "skipped), after any --prompt; decoded as one batch."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate, >= 0."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help=">= 0; 0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens, >= 0 (0 = all)."),
@@ -37,8 +41,13 @@ def generate(
     threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
                                           help="CPU threads, >= 1 (torch, the native CPU kernel and ONNX Runtime; "
                                           "default: torch's own, usually the number of physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (each prompt, its generated text, "
+                                 "new tokens, how the batch ran) instead of the text."),
 ):
-    """Sample text from a checkpoint, streaming it as it is produced (O(1) memory per token)."""
+    """Sample text from a checkpoint, streaming it as it is produced (O(1) memory per token).
+
+    Several prompts (--prompt repeated, --prompts-file) are decoded as one batch and printed when done, each
+    under a '=== prompt i of n ===' line; with --seed S, prompt i samples with seed S + i - 1."""
     from mmf.generate import run_generate
 
     def write(s: str) -> None:
@@ -46,7 +55,7 @@ def generate(
         sys.stdout.flush()
 
     run_generate(checkpoint, onnx, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                 graph, write, threads=threads)
+                 graph, write, threads=threads, prompts_file=prompts_file, as_json=as_json)
     write("\n")
 
 
