@@ -189,7 +189,7 @@ def check_fits(size, overrides, micro, seq_len, device_type, nproc, strategy, bu
     need = predicted_peak(size, overrides, micro, seq_len, device_type, nproc, strategy)
     if need <= budget_bytes:
         return need
-    fits = [n for n in (2, 4, 8, 16, 32, 64) if n > nproc and
+    fits = [n for n in (2, 4, 8, 16, 32, 64) if (n > nproc or (n == nproc and strategy != "fsdp")) and
             predicted_peak(size, overrides, micro, seq_len, device_type, n, "fsdp") <= budget_bytes]
     fix = (f"shard over more GPUs: --strategy fsdp --nproc {fits[0]}" if fits else "use a smaller --model")
     if micro > 1:
