@@ -312,7 +312,20 @@ def bench_command(models="370m", device="auto", batch_size=None, prompt_len=None
     from mmf.bench import check_output_path
     from mmf.devices import set_threads
 
+    from mmf.bench import model_bench_sweep as sweep
+
     set_threads(threads)
+    batches = sweep.parse_values("--batch-size", batch_size)
+    lens = sweep.parse_values("--prompt-len", prompt_len)
+    axis = "batch" if batches and len(batches) > 1 else "prompt_len" if lens and len(lens) > 1 else None
+    if batches and len(batches) > 1 and lens and len(lens) > 1:
+        raise MMFError("--batch-size and --prompt-len are both comma lists: sweep one at a time (the other one "
+                       "value)")
+    if axis is not None and train:
+        raise MMFError(f"{sweep.AXES[axis]} {batch_size if axis == 'batch' else prompt_len}: a comma list sweeps the "
+                       "inference benchmark; --train takes one value")
+    batch_size = None if batches is None else batches[0]
+    prompt_len = None if lens is None else lens[0]
     if nproc is not None or strategy != "ddp":  # training under torchrun: bench/train_scaling.py
         if not train:
             raise MMFError("--nproc and --strategy: for --train only; add --train or drop them")
@@ -332,6 +345,9 @@ def bench_command(models="370m", device="auto", batch_size=None, prompt_len=None
         from mmf.bench import resolve_device
 
         _check_anchor(llamacpp_python, torch.device(resolve_device(device)[0]).type, resolve_sizes(models))
+    if axis is not None:
+        return _sweep_command(models, axis, batches if axis == "batch" else lens, device, batch_size, prompt_len,
+                              max_new_tokens, dtype, fmt, repeat, json_stdout, outputs, command)
     if train:
         from mmf.bench import train_bench
 
@@ -355,6 +371,42 @@ def bench_command(models="370m", device="auto", batch_size=None, prompt_len=None
         report.print_results(res)
     report.write_outputs(res, outputs, say, where="JSON" if json_stdout else "table")
     return res
+
+
+def _sweep_command(models, axis, values, device, batch, prompt_len, max_new_tokens, dtype, fmt, repeat, json_stdout,
+                   outputs, command) -> dict:
+    """`mmf bench --batch 1,4,16` / `--prompt-len 128,2048`: ``run_bench`` once per value, MatMul-free and
+    Transformer++ (``model_bench_sweep``); the sweep table (or JSON), then the files, written after each
+    point too."""
+    import mmf.bench as bench_pkg
+    from mmf.bench import model_bench_sweep as sweep
+
+    def write(doc, final: bool, say=lambda m: None):
+        failed = []
+        for opt, path in outputs:
+            try:
+                bench_pkg.write_json(path, doc) if opt == "--json-out" else sweep.write_sweep_plot(doc, path)
+                if final:
+                    say(f"wrote {path}")
+            except Exception as e:
+                failed.append(f"could not write {opt} {path}: {report._why(e)}")
+        if failed and final:
+            raise MMFError("; ".join(failed) + f" (the figures are in the {'JSON' if json_stdout else 'table'} above)")
+
+    def point(v):
+        kw = {"batch": v, "prompt_len": prompt_len} if axis == "batch" else {"batch": batch or 1, "prompt_len": v}
+        return run_bench(models, device=device, gen_len=max_new_tokens, dtype=dtype, fmt=fmt, repeat=repeat,
+                         variants=sweep.SWEEP_VARIANTS, command=command, progress=True, **kw)
+
+    doc = sweep.run_sweep(models, axis, values, run_point=point, command=command,
+                          on_point_done=lambda d: write(d, False))
+    say = (lambda m: print(m, file=sys.stderr)) if json_stdout else print
+    if json_stdout:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        sweep.print_sweep(doc)
+    write(doc, True, say)
+    return doc
 
 
 def _check_bench_options(train, plot, prompt_len, max_new_tokens, repeat, no_hf, dtype, fmt, seq_len, steps,

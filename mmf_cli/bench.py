@@ -17,11 +17,14 @@ def bench(
     model: str = typer.Option("370m", "--model", "-m", help="370m, 1.3b, 2.7b, 13b, all, or a comma list."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu (auto: cuda when PyTorch sees a CUDA "
                                "device, else cpu; the table title says which ran)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--batch", show_default=False,
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", "--batch", show_default=False,
                                              help="Sequences per batch (default 1; with --train 8 at 370m, 4 at "
-                                             "1.3b, 2 at 2.7b, 1 at 13b). (--batch: old spelling)"),
-    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", show_default=False,
-                                             help="Prompt tokens (default 128 on CUDA, 8 on CPU)."),
+                                             "1.3b, 2 at 2.7b, 1 at 13b); a comma list (1,4,16,64) sweeps it: "
+                                             "MatMul-free and Transformer++ at each, one table, --plot tokens/s and "
+                                             "step time against batch with their floors. (--batch: old spelling)"),
+    prompt_len: Optional[str] = typer.Option(None, "--prompt-len", show_default=False,
+                                             help="Prompt tokens (default 128 on CUDA, 8 on CPU); a comma list "
+                                             "(128,2048,8192) sweeps it, --plot prefill time against length."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--gen-len", show_default=False,
                                                  help="New tokens generated (default 128 on CUDA, 8 on CPU). "
                                                  "(--gen-len: old spelling)"),

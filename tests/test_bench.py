@@ -803,3 +803,53 @@ def test_cli_bench_refuses_a_misplaced_anchor_before_measuring(monkeypatch, caps
     code, out, err = _mmf(monkeypatch, capsys, "bench", "--device", "cpu", *args)
     assert code == 2 and out == ""
     assert err.startswith("mmf: error: " + message) and err.count("\n") == 1, err
+
+
+# --------------------------------------------------------------------------------------- sweeps (issue 19)
+def test_cli_bench_batch_and_prompt_len_sweeps(tmp_path, monkeypatch, capsys):
+    """`--batch 1,2` runs the benchmark once per batch for MatMul-free and Transformer++: a sweep document whose
+    points are single-run documents of the usual shape, a table row per (size, batch, variant) with the floor,
+    a PNG. (Next test: `--prompt-len 2,3` the same over prompt lengths; two lists at once, or a list with
+    --train, is one line.)"""
+    from mmf.bench import model_bench_sweep as sweep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    js, png = tmp_path / "s.json", tmp_path / "s.png"
+    base = ("bench", "--model", "tiny", "--max-new-tokens", "2", "--repeat", "1")
+    code, out, err = _mmf(monkeypatch, capsys, *base, "--prompt-len", "2", "--batch", "1,2", "--json-out", js,
+                          "--plot", png)
+    assert code == 0, err
+    doc = json.loads(js.read_text())
+    assert doc["kind"] == "sweep" and doc["sweep"] == {"axis": "batch", "values": [1, 2]}
+    assert [p["protocol"]["batch"] for p in doc["points"]] == [1, 2]
+    for p in doc["points"]:
+        assert list(p["sizes"]["tiny"]["variants"]) == list(sweep.SWEEP_VARIANTS)
+        assert shape_of(p) == document_shape(list(sweep.SWEEP_VARIANTS))
+    rows = sweep.sweep_rows(doc)
+    assert [(r["batch"], r["model"]) for r in rows] == [(1, "mmf"), (1, "transformer++"), (2, "mmf"),
+                                                        (2, "transformer++")]
+    for r, (p, v) in zip(rows, [(p, v) for p in doc["points"] for v in sweep.SWEEP_VARIANTS]):
+        f = p["sizes"]["tiny"]["variants"][v]["figures"]
+        assert r["floor ms"] == f"{f['decode_floor_ms']['value']:.3f}"
+        assert r["tok/s"] == f"{p['protocol']['batch'] * 1e3 / f['decode_ms_per_token']['value']:.1f}"
+    assert out.splitlines()[0].startswith("mmf bench sweep over --batch 1,2: cpu, prompt 2")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_prompt_len_sweep_and_bad_lists(monkeypatch, capsys):
+    from mmf.bench import model_bench_sweep as sweep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ("bench", "--model", "tiny", "--max-new-tokens", "2", "--repeat", "1")
+    code, out, err = _mmf(monkeypatch, capsys, *base, "--prompt-len", "2,3", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["sweep"] == {"axis": "prompt_len", "values": [2, 3]}
+    assert [p["protocol"]["prompt_len"] for p in doc["points"]] == [2, 3]
+    assert [r["prompt len"] for r in sweep.sweep_rows(doc)] == [2, 2, 3, 3]
+    for args, message in ((("--batch", "1,2", "--prompt-len", "2,3"), "both comma lists"),
+                          (("--batch", "1,x"), "--batch-size 1,x: give a whole number or a comma list"),
+                          (("--batch", "2,2"), "2 is given twice"),
+                          (("--train", "--batch", "1,2"), "--train takes one value")):
+        code, out, err = _mmf(monkeypatch, capsys, "bench", "--model", "tiny", *args)
+        assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
