@@ -8,7 +8,10 @@ memory (after returning freed heap to the system), on CUDA ``torch.cuda.mem_get_
     need = C + 16 P + N (L (a d + b m + h T H) + g V)
 
 * ``P`` parameters, 16 bytes each: the fp32 weight (4), its gradient (4) and AdamW's two moments (8).
-  FSDP shards these over the ranks; DDP adds its gradient buckets (4 bytes per parameter).
+  FSDP shards these over the ranks (plus two layers gathered whole); DDP adds its gradient buckets
+  (4 bytes per parameter). On CUDA the MatMul-free model's fused BitLinear keeps each weight's
+  quantised bf16 copy cached on the gathered parameter, which FSDP does not shard: 2 bytes per
+  parameter more on every rank (from the code, not measured).
 * ``N = micro-batch x seq_len`` tokens in one forward and backward (``train.batch_size /
   (world size x train.grad_accum)`` sequences of ``train.seq_len`` tokens), ``L`` layers, ``d`` the
   hidden size, ``m`` the MLP width (``ffn_size``), ``V`` the vocabulary, ``T`` the sequence length and
@@ -140,6 +143,10 @@ def training_memory(mcfg, n_params: int, micro_batch: int, seq_len: int, device_
     if world_size > 1 and strategy == "fsdp":
         layer = state / max(1, mcfg.num_hidden_layers)
         state = state / world_size + 2 * layer  # a shard, plus the layers gathered around the one computing
+        if key == ("cuda", "mmf"):
+            # the fused BitLinear's quantised weight (codes / s_w, bf16) is cached on the gathered parameter
+            # for the rest of the step and is not sharded: 2 bytes per parameter on every rank (not measured)
+            state += 2 * n_params
     elif world_size > 1:
         state += 4 * n_params  # DDP's gradient buckets
     scale = 2.0 if key[0] == "cuda" and fp32_on_cuda else 1.0
