@@ -90,7 +90,10 @@ def kernel_rows(size, m, pk):
         out_old = torch.empty_like(out_new)
         kw = dict(k=k, epi=epi, residual=res)
         pb = 4 * sc.pw
-        t_new = cuda_ms(lambda: tg.gemm_unpacked(sc, [packed], sw, out_new, **kw))
+        out_i8 = torch.empty_like(out_new)
+        tg.gemm_unpacked(sc, [packed], sw, out_i8, mode="triton", **kw)  # tunes
+        t_i8 = cuda_ms(lambda: tg.gemm_unpacked(sc, [packed], sw, out_i8, mode="triton", **kw))
+        t_new = cuda_ms(lambda: tg.gemm_unpacked(sc, [packed], sw, out_new, mode="int_mm", **kw))
         t_unpack = cuda_ms(lambda: tg.unpack_codes(packed, k, pb))
         wu = tg.unpack_codes(packed, k, pb)
         xq8 = sc.xq.view(torch.int8).reshape(m, 4 * pb)
@@ -106,7 +109,12 @@ def kernel_rows(size, m, pk):
         wb = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         t_bf = cuda_ms(lambda: torch.mm(xb, wb.t()))
         f = 2 * m * n * k
+        t_i8k = cuda_ms(lambda: tg._i8_gemm(xq8, wu, sc, sw, out_i8, res if res is not None else out_i8,
+                                            res.stride(0) if res is not None else 0, m, nout, 0, epi))
         rows.append(dict(size=size, rows=m, n=n, k=k, epi=epi, unpack_ms=t_unpack, int_mm_ms=t_mm, many_rows_path_ms=t_new,
+                         triton_i8_gemm_ms=t_i8k, triton_i8_path_ms=t_i8,
+                         triton_i8_gemm_share_of_int8_peak=f / t_i8k / 1e9 / pk["int8_tops"],
+                         triton_i8_tops=f / t_i8k / 1e9, triton_outputs_equal=bool(torch.equal(out_i8, out_old)),
                          fused_triton_ms=t_old, bf16_mm_ms=t_bf, int_mm_share_of_int8_peak=f / t_mm / 1e9 / pk["int8_tops"],
                          path_share_of_int8_peak=f / t_new / 1e9 / pk["int8_tops"],
                          bf16_share_of_bf16_peak=f / t_bf / 1e9 / pk["bf16_tflops"],
@@ -132,19 +140,21 @@ def model_rows(size, shapes, repeat, profile_shape=None):
         ids = torch.randint(0, cfg_m.vocab_size, (B, T), device="cuda")
         r = dict(size=size, batch=B, tokens=T)
         logits = {}
-        for name, rows in (("many_rows", 256), ("fused_triton", 0)):
-            tg.INT_MM_MIN_ROWS = rows
+        for name, rows, mode in (("many_rows", 256, "triton"), ("int_mm", 256, "int_mm"), ("fused_triton", 0, "triton")):
+            tg.INT_MM_MIN_ROWS, tg.INT8_GEMM = rows, mode
             dec._prefill_graphs.clear()
             dec._prefill_seen.clear()
             r[f"mmf_{name}_ms"] = host_ms(lambda: dec.prefill(ids), iters=repeat)
             logits[name] = dec.prefill(ids).float().clone()
-        tg.INT_MM_MIN_ROWS = 256
+        tg.INT_MM_MIN_ROWS, tg.INT8_GEMM = 256, "triton"
+        r["int_mm_logits_equal"] = bool(torch.equal(logits["int_mm"], logits["fused_triton"]))
         a, b = logits["many_rows"], logits["fused_triton"]
         r["logits_equal"] = bool(torch.equal(a, b))
         r["argmax_equal"] = bool(torch.equal(a.argmax(-1), b.argmax(-1)))
         r["max_rel_diff"] = float(((a - b).abs().max() / b.abs().max()).item())
         out.append(r)
-        log(f"  {size} B={B} T={T}: mmf {r['mmf_many_rows_ms']:.2f} ms (fused Triton GEMM {r['mmf_fused_triton_ms']:.2f})")
+        log(f"  {size} B={B} T={T}: mmf {r['mmf_many_rows_ms']:.2f} ms (int_mm {r['mmf_int_mm_ms']:.2f}, "
+            f"fused Triton GEMM {r['mmf_fused_triton_ms']:.2f})")
         if profile_shape == (B, T):
             prof = breakdown(dec, ids)
         dec._prefill_graphs.clear()
@@ -177,7 +187,7 @@ def breakdown(dec, ids):
         if t is None:
             t = getattr(e, "self_cuda_time_total", 0)
         nm = e.key.lower()
-        kind = ("unpack" if "_unpack_kernel" in nm else "epilogue" if "_epi_kernel" in nm else
+        kind = ("int8 gemm (triton, epilogue fused)" if "_gemm_i8_kernel" in nm else "unpack" if "_unpack_kernel" in nm else "epilogue" if "_epi_kernel" in nm else
                 "quantize" if "_quant_kernel" in nm else "scan" if "scan" in nm or "mlgru" in nm else
                 "int8 gemm (cublas)" if ("gemm" in nm or "cutlass" in nm or "igemm" in nm or "i8" in nm)
                 and "_gemm_kernel" not in nm else "fused triton gemm" if "_gemm_kernel" in nm else "other")
@@ -218,16 +228,19 @@ def main(argv=None) -> int:
             res["kernels"] += kernel_rows(size, m, pk)
             save()
     log(f"[{time.time() - t0:.0f}s] kernels")
-    hdr = "size rows N K | unpack int_mm path fused_triton bf16_mm (ms) | int_mm%int8peak path%int8peak bf16%bf16peak | equal"
+    hdr = ("size rows N K | unpack int_mm int_mm-path triton-i8 triton-i8-path fused_triton bf16_mm (ms) | "
+           "int_mm%int8peak triton-i8 TOP/s %int8peak bf16%bf16peak | equal")
     log(hdr)
     for r in res["kernels"]:
         log(f"{r['size']} {r['rows']} {r['n']} {r['k']} | {r['unpack_ms']:.3f} {r['int_mm_ms']:.3f} "
-            f"{r['many_rows_path_ms']:.3f} {r['fused_triton_ms']:.3f} {r['bf16_mm_ms']:.3f} | "
-            f"{100 * r['int_mm_share_of_int8_peak']:.0f}% {100 * r['path_share_of_int8_peak']:.0f}% "
-            f"{100 * r['bf16_share_of_bf16_peak']:.0f}% | {r['outputs_equal']}")
+            f"{r['many_rows_path_ms']:.3f} {r['triton_i8_gemm_ms']:.3f} {r['triton_i8_path_ms']:.3f} "
+            f"{r['fused_triton_ms']:.3f} {r['bf16_mm_ms']:.3f} | "
+            f"{100 * r['int_mm_share_of_int8_peak']:.0f}% {r['triton_i8_tops']:.0f} "
+            f"{100 * r['triton_i8_gemm_share_of_int8_peak']:.0f}% "
+            f"{100 * r['bf16_share_of_bf16_peak']:.0f}% | {r['outputs_equal']} {r['triton_outputs_equal']}")
     res["prefill"] = []
     res["breakdown"] = {}
-    plan = {"1.3b": ([(1, 8192)], None), "13b": ([(1, 2048), (16, 128), (1, 128)], (1, 2048))}
+    plan = {"1.3b": ([(1, 8192)], (1, 8192)), "13b": ([(1, 2048), (16, 128), (1, 128)], (1, 2048))}
     for size in sizes:
         shapes, prof_shape = plan[size]
         rows, prof = model_rows(size, shapes, args.repeat, prof_shape)
@@ -236,9 +249,10 @@ def main(argv=None) -> int:
             res["breakdown"][f"{size} {prof_shape}"] = prof
         save()
         log(f"[{time.time() - t0:.0f}s] {size} done")
-    log("\nsize  B x T  | mmf ms | mmf fused-Triton ms | Transformer++ ms | T++/mmf | logits equal")
+    log("\nsize  B x T  | mmf ms | mmf int_mm ms | mmf fused-Triton ms | Transformer++ ms | T++/mmf | logits equal")
     for r in res["prefill"]:
-        log(f"{r['size']} {r['batch']}x{r['tokens']} | {r['mmf_many_rows_ms']:.2f} | {r['mmf_fused_triton_ms']:.2f} | "
+        log(f"{r['size']} {r['batch']}x{r['tokens']} | {r['mmf_many_rows_ms']:.2f} | {r['mmf_int_mm_ms']:.2f} | "
+            f"{r['mmf_fused_triton_ms']:.2f} | "
             f"{r['transformerpp_ms']:.2f} | {r['speedup_vs_transformerpp']:.2f} | {r['logits_equal']}")
     for k, v in res["breakdown"].items():
         log(f"\nbreakdown {k}: " + ", ".join(f"{kk} {vv['ms']:.2f} ms" for kk, vv in sorted(v.items(), key=lambda x: -x[1]['ms'])))

@@ -242,6 +242,92 @@ def _epi_kernel(ACC, sa_m, SUMX, SX, SW, OUT, RES, so_m, sr_m, M, N, seg,
     _epilogue(acc, acc2, sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
 
 
+@triton.jit
+def _gemm_i8_kernel(XQ, sx_m, WU, sw_n, SX, SUMX, SW, OUT, RES, so_m, sr_m, M, N, KP, seg,
+                    EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                    EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """int8 x int8 -> int32 GEMM on unpacked codes WU (rows, KP), K-major like the activations XQ (M, KP)
+    (Hopper's 8-bit wgmma wants both operands K-major), then the fused GEMM's epilogue."""
+    pid = tl.program_id(0)
+    DT: tl.constexpr = OUT.dtype.element_ty
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP * num_n
+    gid = pid // per_group
+    first_m = gid * GROUP
+    gsize = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % gsize
+    pid_n = (pid % per_group) // gsize
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    n_rows = 2 * N if EPI == 2 else N
+    a_ptr = XQ + rm[:, None].to(tl.int64) * sx_m + rk[None, :]
+    b_ptr = WU + rn[None, :].to(tl.int64) * sw_n + rk[:, None]
+    mmask = (rm < M)[:, None]
+    nmask = (rn < n_rows)[None, :]
+    acc = tl.zeros((BM, BN), tl.int32)
+    acc2 = tl.zeros((BM, BN), tl.int32)
+    for k0 in range(0, KP, BK):
+        if EVEN_K:
+            a = tl.load(a_ptr, mask=mmask, other=0)
+            b = tl.load(b_ptr, mask=nmask, other=0)
+        else:
+            kmask = (k0 + rk) < KP
+            a = tl.load(a_ptr, mask=mmask & kmask[None, :], other=0)
+            b = tl.load(b_ptr, mask=nmask & kmask[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        if EPI == 2:
+            if EVEN_K:
+                b2 = tl.load(b_ptr + N * sw_n, mask=nmask, other=0)
+            else:
+                b2 = tl.load(b_ptr + N * sw_n, mask=nmask & kmask[:, None], other=0)
+            acc2 = tl.dot(a, b2, acc2, out_dtype=tl.int32)
+        a_ptr += BK
+        b_ptr += BK
+    sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+    sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
+    _epilogue(acc, acc2, sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+
+
+def _i8_configs():
+    """(BM, BN, BK, warps, stages) candidates of ``_gemm_i8_kernel``; the first is the interpreter's."""
+    if INTERPRET:
+        return [(16, 16, 32, 4, 1)]
+    return [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 4, 3),
+            (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3)]
+
+
+# "triton": _gemm_i8_kernel (fused epilogue); "int_mm": torch._int_mm + _epi_kernel
+INT8_GEMM = os.environ.get("MMF_INT8_GEMM", "triton")
+
+
+def _i8_launch(cfg, xq, wu, scratch, scales, out, res, sr_m, m, n, seg, epi):
+    bm, bn, bk, nw, ns = cfg
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gemm_i8_kernel[grid](xq, xq.stride(0), wu, wu.stride(0), scratch.sx, scratch.sumx, scales, out, res,
+                          out.stride(0), sr_m, m, n, xq.shape[1], seg, EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8,
+                          EVEN_K=xq.shape[1] % bk == 0, USE_ASM=not INTERPRET, num_warps=nw, num_stages=ns)
+
+
+def _i8_gemm(xq, wu, scratch, scales, out, res, sr_m, m, n, seg, epi):
+    key = ("i8", 128 if m >= 128 else 64, n, xq.shape[1], epi, str(out.dtype))
+    cfg = _TUNED.get(key)
+    args = (xq, wu, scratch, scales, out, res, sr_m, m, n, seg, epi)
+    if cfg is None:
+        cands = _i8_configs()
+        cfg = cands[0]
+        from . import schedule_cache, ternary_gemv
+
+        if (not INTERPRET and ternary_gemv.TUNE and out.is_cuda and not torch.cuda.is_current_stream_capturing()):
+            def time_of(c):
+                return triton.testing.do_bench(lambda: _i8_launch(c, *args), warmup=5, rep=20, return_mode="median")
+
+            cfg, _ = schedule_cache.pick("gemm_i8", key, out.device, __file__, cands, time_of)
+        _TUNED[key] = cfg
+    _i8_launch(cfg, *args)
+
+
 _WBUF: dict = {}  # device -> int8 scratch of unpacked codes (grows; older buffers kept alive: graphs hold them)
 _WBUF_OLD: list = []
 
@@ -273,8 +359,10 @@ def unpack_codes(packed: torch.Tensor, k: int, pb: int, out: torch.Tensor | None
     return out
 
 
-def gemm_unpacked(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None):
-    """``gemm`` for many rows: per segment, unpack the codes to int8, ``torch._int_mm``, epilogue pass.
+def gemm_unpacked(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, mode=None):
+    """``gemm`` for many rows: per segment, unpack the codes to int8, then the int8 GEMM with the epilogue
+    fused (``mode`` "triton", ``_gemm_i8_kernel``) or ``torch._int_mm`` and an epilogue pass ("int_mm").
+    (On an H200 torch 2.11's ``_int_mm`` runs an sm80 CUTLASS kernel, no wgmma: 950 TOP/s at 8192^3.)
 
     Same arguments and the same output, bit for bit, as ``gemm`` (the int32 sums are exact)."""
     m = out.shape[0]
@@ -287,6 +375,10 @@ def gemm_unpacked(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=N
     bm, bn = (16, 32) if INTERPRET else (64, 128)
     for seg in range(nseg):
         wu = unpack_codes(weights[seg], k, pb)
+        if (mode or INT8_GEMM) == "triton":
+            _i8_gemm(xq8[seg], wu, scratch, scales, out, res, residual.stride(0) if residual is not None else 0,
+                     m, n, seg, epi)
+            continue
         acc = torch._int_mm(xq8[seg], wu.t())  # (M, ceil8(rows)) int32, exact
         _epi_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             acc, acc.stride(0), scratch.sumx, scratch.sx, scales, out, res, out.stride(0),

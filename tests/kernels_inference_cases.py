@@ -93,7 +93,8 @@ def test_gemm_operand_orders(swap):
 
 @pytest.mark.parametrize("m,n,k", [(19, 23, 150), (33, 13, 37)])
 def test_gemm_unpacked_int_mm(m, n, k):
-    """The many-rows GEMM (codes unpacked to int8, torch._int_mm, one epilogue pass) equals the fused
+    """The many-rows GEMM (codes unpacked to int8; Triton int8 GEMM with the epilogue, or torch._int_mm
+    and one epilogue pass) equals the fused
     ternary_gemm.gemm bit for bit, plain, 3 segments, residual and GLU pair; odd N (int8 rows padded to
     8) and K % 4 != 0; the unpacked codes equal the i2 layout's, planar."""
     from mmf.ternary_codes import unpack_i2
@@ -116,11 +117,12 @@ def test_gemm_unpacked_int_mm(m, n, k):
     for epi, nseg, width in ((ternary_gemv.EPI_STORE, 3, 6 * n), (ternary_gemv.EPI_RESIDUAL, 3, 6 * n),
                              (ternary_gemv.EPI_GLU, 1, n)):
         kw = dict(k=k, epi=epi, residual=res if epi == ternary_gemv.EPI_RESIDUAL else None)
-        out = torch.full((m, width), float("nan"), dtype=torch.float16)
-        ternary_gemm.gemm_unpacked(sc, packed[:nseg], sw[:nseg], out, **kw)
-        want = torch.full_like(out, float("nan"))
+        want = torch.full((m, width), float("nan"), dtype=torch.float16)
         ternary_gemm.gemm(sc, packed[:nseg], sw[:nseg], want, config=(16, 64, 32, 4, 1), **kw)
-        assert torch.equal(out, want), (epi, (out.float() - want.float()).abs().max())
+        for mode in ("triton", "int_mm"):
+            out = torch.full_like(want, float("nan"))
+            ternary_gemm.gemm_unpacked(sc, packed[:nseg], sw[:nseg], out, mode=mode, **kw)
+            assert torch.equal(out, want), (epi, mode, (out.float() - want.float()).abs().max())
     ref = reference.bitlinear_frozen(x, nw[0], codes[0], sw[0])
     check_rows(out, _glu_ref(ref, torch.float16), torch.float16)
 
