@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from mmf.bench import model_bench_report as report
-from mmf.bench.model_bench_protocol import (RATIO_PREFIX, available_bytes, copy_bandwidth, machine_info,
+from mmf.bench.model_bench_protocol import (MEMORY_SAFETY, RATIO_PREFIX, available_bytes, copy_bandwidth, machine_info,
                                             protocol_description, ratios_mmf_over_baseline, read_bandwidth,
                                             run_variant)
 from mmf.bench.model_variants import ONNX_VARIANT, bench_configs
@@ -112,6 +112,8 @@ def run_bench(models=("370m",), device: str = "auto", batch: int = 1, prompt_len
         variants.remove(ONNX_VARIANT)
     if llamacpp_python is not None:
         _check_anchor(llamacpp_python, dev.type, sizes)
+    if dev.type == "cuda":  # on the CPU a model too large is extrapolated or reported, row by row
+        check_batch_fits(sizes, batch, prompt_len, gen_len, dev.type, tdtype, fmt, variants, memory_limit)
     device = dev.type
     threads = torch.get_num_threads()
 
@@ -182,6 +184,39 @@ def run_bench(models=("370m",), device: str = "auto", batch: int = 1, prompt_len
                 on_size_done(result)
     result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return result
+
+
+def check_batch_fits(sizes, batch: int, prompt_len: int, gen_len: int, device: str, dtype, fmt: str, variants,
+                     memory_limit: Optional[int] = None) -> None:
+    """Refuse, before any model is built, a batch (or prompt length) at which no variant of some size would fit
+    even at the two layers an extrapolation needs: one line with the memory needed (``estimate_bytes``: weights,
+    per-row state or KV cache, logits and activations, from shapes) and the memory available."""
+    from mmf.bench.model_variants import estimate_bytes
+    from mmf.units import human_bytes
+
+    avail = available_bytes(device)
+    if memory_limit is not None:
+        avail = min(avail, memory_limit)
+    budget = MEMORY_SAFETY * avail
+    elt = torch.empty((), dtype=dtype).element_size()
+    arch = [v for v in variants if v in ("mmf", "transformer++")]
+    for size in sizes:
+        cfg_m, cfg_l = bench_configs(size)
+
+        def two_layers(v, b):
+            cfg = cfg_m if v == "mmf" else cfg_l
+            e = estimate_bytes(v, cfg, cfg.num_hidden_layers, elt, fmt, b, prompt_len + gen_len, prompt_len)
+            return e["fixed_bytes"] + e["workspace_bytes"] + 2 * (e["per_layer_bytes"] + e["cache_per_layer_bytes"])
+
+        if not arch or any(two_layers(v, batch) <= budget for v in arch):
+            continue
+        need = min(two_layers(v, batch) for v in arch)
+        fit = next((b for b in range(batch - 1, 0, -1) if any(two_layers(v, b) <= budget for v in arch)), 0)
+        how = f"the largest batch that fits is about {fit}" if fit else "give a shorter --prompt-len"
+        raise MMFError(f"--batch {batch} at {size} (prompt {prompt_len}, {gen_len} new tokens) needs about "
+                       f"{human_bytes(need)} of {device} memory even at 2 layers (weights, per-row state or KV cache, "
+                       f"logits and activations, estimated from shapes; {MEMORY_SAFETY:.0%} of the available memory "
+                       f"may be used) but {human_bytes(avail)} is available; {how}")
 
 
 def _check_anchor(python: str, device: str, sizes: list) -> None:

@@ -104,8 +104,8 @@ def print_sweep(doc: dict) -> None:
     p0 = doc["points"][0]["protocol"]
     axis = doc["sweep"]["axis"]
     fixed = (f"prompt {p0['prompt_len']}" if axis == "batch" else f"batch {p0['batch']}")
-    print_table(sweep_rows(doc), title=(f"mmf bench sweep over {AXES[axis]} {','.join(map(str, doc['sweep']['values']))}"
-                                       f": {p0['device']}, {fixed}, {p0['gen_len']} new tokens, {p0['dtype']}, "
+    values = ",".join(map(str, doc["sweep"]["values"]))
+    print_table(sweep_rows(doc), title=(f"mmf bench sweep over {AXES[axis]} {values}: {p0['device']}, {fixed}, {p0['gen_len']} new tokens, {p0['dtype']}, "
                                        f"median of {p0['repeat']}; step = one decode step for every row, tok/s = "
                                        "batch / step, floor = bytes a step moves / bandwidth measured in the run; "
                                        "(x) extrapolated"))

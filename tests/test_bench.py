@@ -853,3 +853,28 @@ def test_cli_bench_prompt_len_sweep_and_bad_lists(monkeypatch, capsys):
                           (("--train", "--batch", "1,2"), "--train takes one value")):
         code, out, err = _mmf(monkeypatch, capsys, "bench", "--model", "tiny", *args)
         assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
+
+
+def test_batch_beyond_memory_is_refused_before_building(monkeypatch):
+    """On a GPU a batch at which neither architecture fits even at two layers is refused before any model is
+    built, in one line with the memory needed and available (checked here on the CPU with a made-up amount
+    of available memory); at a batch that fits nothing is said."""
+    from mmf.errors import MMFError
+
+    cfg_m, cfg_l = model_variants.bench_configs("tiny")
+    two = {}
+    for v, cfg in (("mmf", cfg_m), ("transformer++", cfg_l)):
+        e = model_variants.estimate_bytes(v, cfg, cfg.num_hidden_layers, 2, "i2", 8, 6, 4)
+        two[v] = e["fixed_bytes"] + e["workspace_bytes"] + 2 * (e["per_layer_bytes"] + e["cache_per_layer_bytes"])
+    avail = int(min(two.values()) / protocol.MEMORY_SAFETY) - 1  # batch 8 just misses
+    monkeypatch.setattr(mb, "available_bytes", lambda device: avail)
+    args = (["tiny"], 8, 4, 2, "cuda", torch.bfloat16, "i2", ["mmf", "transformer++"])
+    with pytest.raises(MMFError) as e:
+        mb.check_batch_fits(*args)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("--batch 8 at tiny (prompt 4, 2 new tokens) needs about ")
+    from mmf.units import human_bytes
+
+    assert human_bytes(min(two.values())) in msg and f"but {human_bytes(avail)} is available" in msg
+    assert "the largest batch that fits is about 7" in msg
+    mb.check_batch_fits(["tiny"], 7, 4, 2, "cuda", torch.bfloat16, "i2", ["mmf", "transformer++"])
