@@ -1,14 +1,16 @@
 """Prefill on int8 tensor cores vs Transformer++'s bf16 prefill (GPU), in one run.
 
 1. Peak probes: ``torch._int_mm`` (int8 -> int32) and bf16 ``torch.mm`` on 8192^3 matrices.
-2. Kernels at prefill shapes (every BitLinear shape of 1.3b at 8192 rows and of 13b at 2048 rows): the
-   many-rows path of ``kernels.ternary_gemm`` (unpack codes to int8, ``torch._int_mm``, epilogue pass),
-   its parts, the fused Triton GEMM (codes unpacked in registers), and bf16 ``torch.mm`` at the same
+2. Kernels at prefill shapes (o, gate-up and down of 1.3b at 8192 rows and of 13b at 2048 rows): the
+   many-rows paths of ``kernels.ternary_gemm`` (unpack codes to int8, then ``torch._int_mm`` and an
+   epilogue pass, or the Triton int8 GEMM with the epilogue fused), their parts, the fused Triton GEMM
+   (codes unpacked in registers), and bf16 ``torch.mm`` at the same
    shape; TOP/s as a share of the peaks of step 1. Exactness: both int8 paths give equal outputs.
-3. Whole prefill, random weights: ``GraphDecoder.prefill`` (graph replay; the many-rows path, and the
-   fused GEMM for every row count) vs ``StaticLlama`` (Transformer++, bf16) as ``mmf bench`` builds
+3. Whole prefill, random weights: ``GraphDecoder.prefill`` (graph replay; the many-rows path with the
+   default int8 GEMM, with the other one, and the fused GEMM for every row count) vs
+   ``StaticLlama`` (Transformer++, bf16) as ``mmf bench`` builds
    them; host timer with device synchronisation, median of ``--repeat``; logits of the two mmf paths
-   compared. 4. Where the time of a 13b x 2048 prefill goes (torch.profiler, kernel time by kind).
+   compared. 4. Where the time of a 1.3b x 8192 and a 13b x 2048 prefill goes (torch.profiler, kernel time by kind).
 
 Prints a table and writes JSON (``--out``). ``python -m mmf.bench.prefill_bench --out F``.
 """
@@ -111,11 +113,13 @@ def kernel_rows(size, m, pk):
         f = 2 * m * n * k
         t_i8k = cuda_ms(lambda: tg._i8_gemm(xq8, wu, sc, sw, out_i8, res if res is not None else out_i8,
                                             res.stride(0) if res is not None else 0, m, nout, 0, epi))
-        rows.append(dict(size=size, rows=m, n=n, k=k, epi=epi, unpack_ms=t_unpack, int_mm_ms=t_mm, many_rows_path_ms=t_new,
+        rows.append(dict(size=size, rows=m, n=n, k=k, epi=epi, unpack_ms=t_unpack, int_mm_ms=t_mm,
+                         many_rows_path_ms=t_new,
                          triton_i8_gemm_ms=t_i8k, triton_i8_path_ms=t_i8,
                          triton_i8_gemm_share_of_int8_peak=f / t_i8k / 1e9 / pk["int8_tops"],
                          triton_i8_tops=f / t_i8k / 1e9, triton_outputs_equal=bool(torch.equal(out_i8, out_old)),
-                         fused_triton_ms=t_old, bf16_mm_ms=t_bf, int_mm_share_of_int8_peak=f / t_mm / 1e9 / pk["int8_tops"],
+                         fused_triton_ms=t_old, bf16_mm_ms=t_bf,
+                         int_mm_share_of_int8_peak=f / t_mm / 1e9 / pk["int8_tops"],
                          path_share_of_int8_peak=f / t_new / 1e9 / pk["int8_tops"],
                          bf16_share_of_bf16_peak=f / t_bf / 1e9 / pk["bf16_tflops"],
                          outputs_equal=bool(torch.equal(out_new, out_old))))
@@ -140,20 +144,25 @@ def model_rows(size, shapes, repeat, profile_shape=None):
         ids = torch.randint(0, cfg_m.vocab_size, (B, T), device="cuda")
         r = dict(size=size, batch=B, tokens=T)
         logits = {}
-        for name, rows, mode in (("many_rows", 256, "triton"), ("int_mm", 256, "int_mm"), ("fused_triton", 0, "triton")):
+        default = tg.INT8_GEMM
+        alt = "triton" if default == "int_mm" else "int_mm"
+        r.update(many_rows_mode=default, many_rows_alt_mode=alt)
+        paths = (("many_rows", 256, default), ("many_rows_alt", 256, alt), ("fused_triton", 0, default))
+        for name, rows, mode in paths:
             tg.INT_MM_MIN_ROWS, tg.INT8_GEMM = rows, mode
             dec._prefill_graphs.clear()
             dec._prefill_seen.clear()
             r[f"mmf_{name}_ms"] = host_ms(lambda: dec.prefill(ids), iters=repeat)
             logits[name] = dec.prefill(ids).float().clone()
-        tg.INT_MM_MIN_ROWS, tg.INT8_GEMM = 256, "triton"
-        r["int_mm_logits_equal"] = bool(torch.equal(logits["int_mm"], logits["fused_triton"]))
+        tg.INT_MM_MIN_ROWS, tg.INT8_GEMM = 256, default
+        r["alt_logits_equal"] = bool(torch.equal(logits["many_rows_alt"], logits["fused_triton"]))
         a, b = logits["many_rows"], logits["fused_triton"]
         r["logits_equal"] = bool(torch.equal(a, b))
         r["argmax_equal"] = bool(torch.equal(a.argmax(-1), b.argmax(-1)))
         r["max_rel_diff"] = float(((a - b).abs().max() / b.abs().max()).item())
         out.append(r)
-        log(f"  {size} B={B} T={T}: mmf {r['mmf_many_rows_ms']:.2f} ms (int_mm {r['mmf_int_mm_ms']:.2f}, "
+        log(f"  {size} B={B} T={T}: mmf {r['mmf_many_rows_ms']:.2f} ms "
+            f"({r['many_rows_alt_mode']} {r['mmf_many_rows_alt_ms']:.2f}, "
             f"fused Triton GEMM {r['mmf_fused_triton_ms']:.2f})")
         if profile_shape == (B, T):
             prof = breakdown(dec, ids)
@@ -187,7 +196,8 @@ def breakdown(dec, ids):
         if t is None:
             t = getattr(e, "self_cuda_time_total", 0)
         nm = e.key.lower()
-        kind = ("int8 gemm (triton, epilogue fused)" if "_gemm_i8_kernel" in nm else "unpack" if "_unpack_kernel" in nm else "epilogue" if "_epi_kernel" in nm else
+        kind = ("int8 gemm (triton, epilogue fused)" if "_gemm_i8_kernel" in nm else
+                "unpack" if "_unpack_kernel" in nm else "epilogue" if "_epi_kernel" in nm else
                 "quantize" if "_quant_kernel" in nm else "scan" if "scan" in nm or "mlgru" in nm else
                 "int8 gemm (cublas)" if ("gemm" in nm or "cutlass" in nm or "igemm" in nm or "i8" in nm)
                 and "_gemm_kernel" not in nm else "fused triton gemm" if "_gemm_kernel" in nm else "other")
@@ -220,7 +230,8 @@ def main(argv=None) -> int:
                 json.dump(res, f, indent=1)
     pk = peaks()
     res["peaks"] = pk
-    log(f"[{time.time() - t0:.0f}s] peaks: int8 _int_mm {pk['int8_tops']:.0f} TOP/s, bf16 mm {pk['bf16_tflops']:.0f} TFLOP/s")
+    log(f"[{time.time() - t0:.0f}s] peaks: int8 _int_mm {pk['int8_tops']:.0f} TOP/s, "
+        f"bf16 mm {pk['bf16_tflops']:.0f} TFLOP/s")
     sizes = args.sizes.split(",")
     res["kernels"] = []
     for size, m in (("1.3b", 8192), ("13b", 2048)):
@@ -249,13 +260,15 @@ def main(argv=None) -> int:
             res["breakdown"][f"{size} {prof_shape}"] = prof
         save()
         log(f"[{time.time() - t0:.0f}s] {size} done")
-    log("\nsize  B x T  | mmf ms | mmf int_mm ms | mmf fused-Triton ms | Transformer++ ms | T++/mmf | logits equal")
+    log("\nsize  B x T  | mmf ms | mmf other int8 GEMM ms | mmf fused-Triton ms | Transformer++ ms | T++/mmf | "
+        "logits equal")
     for r in res["prefill"]:
-        log(f"{r['size']} {r['batch']}x{r['tokens']} | {r['mmf_many_rows_ms']:.2f} | {r['mmf_int_mm_ms']:.2f} | "
+        log(f"{r['size']} {r['batch']}x{r['tokens']} | {r['mmf_many_rows_ms']:.2f} | {r['mmf_many_rows_alt_ms']:.2f} | "
             f"{r['mmf_fused_triton_ms']:.2f} | "
             f"{r['transformerpp_ms']:.2f} | {r['speedup_vs_transformerpp']:.2f} | {r['logits_equal']}")
     for k, v in res["breakdown"].items():
-        log(f"\nbreakdown {k}: " + ", ".join(f"{kk} {vv['ms']:.2f} ms" for kk, vv in sorted(v.items(), key=lambda x: -x[1]['ms'])))
+        parts = sorted(v.items(), key=lambda x: -x[1]["ms"])
+        log(f"\nbreakdown {k}: " + ", ".join(f"{kk} {vv['ms']:.2f} ms" for kk, vv in parts))
     save()
     return 0
 

@@ -298,8 +298,9 @@ def _i8_configs():
             (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3)]
 
 
-# "triton": _gemm_i8_kernel (fused epilogue); "int_mm": torch._int_mm + _epi_kernel
-INT8_GEMM = os.environ.get("MMF_INT8_GEMM", "triton")
+# "int_mm": torch._int_mm + _epi_kernel (measured on an H200, bench/results/prefill_h200.json);
+# "triton": _gemm_i8_kernel, the epilogue fused (interpreter-tested; not yet timed on a GPU)
+INT8_GEMM = os.environ.get("MMF_INT8_GEMM", "int_mm")
 
 
 def _i8_launch(cfg, xq, wu, scratch, scales, out, res, sr_m, m, n, seg, epi):
