@@ -477,6 +477,11 @@ def run_variant(variant, size, cfg_m, cfg_l, device, dtype, fmt, batch, prompt, 
                             bandwidth, seed, tick)
         raw = _extrapolate(a, b, L)
         label = f"extrapolated from {k1},{k2}/{L} layers"
+        flat = [m for m in ("prefill_s", "decode_s_per_token")
+                if b["timing"][m]["median"] <= a["timing"][m]["median"]]
+        if flat:  # more layers did not take longer: the fit says nothing about L layers
+            label += (f"; UNRELIABLE: the {k2}-layer {' and '.join(m.split('_s')[0] for m in flat)} was not slower "
+                      f"than the {k1}-layer one (a noisy machine): rerun")
         # weights and cache are exact counts from shapes, not fits
         raw["weight_bytes"] = est["fixed_bytes"] + L * est["per_layer_bytes"] if variant != "hf-llama" else \
             raw["weight_bytes"]
