@@ -2,10 +2,8 @@
 
 For each model size (random packed weights, ``build_mmf_random``), one GraphDecoder per batch; the step
 is timed as CUDA-graph replays (best of 3 runs of ``--steps``). Batch 1-2 run the GEMV path; batch 3-64
-the quantisation pre-pass plus the decode GEMM: the split-K ``ternary_gemm_decode`` and, where
-``--ab`` lists the batch, also the prefill GEMM (``ternary_gemm``, ``MMF_DECODE_SPLITK=0``'s path) in
-the same run. Then: the split-K GEMM against ``ternary_gemm.gemm`` bit for bit at real shapes, and
-GraphDecoder's greedy tokens against the eager model (``kernel_bench.check_decoder``).
+the quantisation pre-pass plus the int8 tensor-core GEMM (``ternary_gemm``). Then GraphDecoder's greedy
+tokens against the eager model at batch 1, 2 and 6 (``kernel_bench.check_decoder``).
 
     python bench/batched_decode.py --sizes 370m,1.3b,13b --batches 1,2,4,8,16,64 --json out.json
 
@@ -15,46 +13,14 @@ Prints a table; the JSON is rewritten after every measurement.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from mmf.bench import write_json
-from mmf.bench.model_variants import build_mmf_random, random_packed
+from mmf.bench.model_variants import build_mmf_random
 from mmf.config import model_preset
-
-
-def check_split_k(results):
-    from mmf.kernels import ternary_gemm as tg
-    from mmf.kernels import ternary_gemm_decode as tgd
-    from mmf.kernels import ternary_gemv as tv
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for m, n, k, nseg, epi in [(16, 5120, 5120, 1, tv.EPI_RESIDUAL), (64, 5120, 5120, 3, tv.EPI_STORE),
-                               (5, 13824, 5120, 1, tv.EPI_GLU), (11, 5120, 13824, 1, tv.EPI_STORE)]:
-        x = torch.randn(m, k, device="cuda", generator=g).half()
-        nw = (torch.rand(nseg, k, device="cuda", generator=g) + 0.5).half()
-        rows = 2 * n if epi == tv.EPI_GLU else n
-        w = [random_packed(rows, k, "i2", "cuda", g) for _ in range(nseg)]
-        sw = torch.rand(nseg, device="cuda", generator=g) + 0.5
-        res = torch.randn(m, nseg * n, device="cuda", generator=g).half()
-        sc = tv.Scratch(nseg, m, k, "cuda")
-        tg.quantize(x, nw, sc, nseg=nseg)
-        width = n if epi == tv.EPI_GLU else nseg * n
-        kw = dict(k=k, epi=epi, residual=res if epi == tv.EPI_RESIDUAL else None)
-        want = torch.empty(m, width, device="cuda", dtype=torch.float16)
-        tg.gemm(sc, w, sw, want, config=(16, 64, 128, 4, 4, 1), **kw)
-        same = True
-        for _ in range(3):  # repeated launches: the workspace is left zero each time
-            out = torch.full_like(want, float("nan"))
-            tgd.gemm(sc, w, sw, out, config=tgd._CONFIGS[0], **kw)
-            same &= bool(torch.equal(out, want))
-        zero = all(int(t.abs().sum()) == 0 for pair in tgd._WORKSPACE.values() for t in pair)
-        r = dict(check="split-K decode GEMM == ternary_gemm.gemm", m=m, n=n, k=k, nseg=nseg, epi=epi,
-                 bit_equal=same, workspace_zero=zero, config=list(tgd._CONFIGS[0]),
-                 split=list(tgd._split(tgd._CONFIGS[0], n, -(-k // 4), nseg, tv._num_sm(out.device))))
-        print(r, flush=True)
-        results["checks"].append(r)
 
 
 def step_ms(dec, steps, reps=3):
@@ -68,25 +34,46 @@ def step_ms(dec, steps, reps=3):
     return min(tv.event_times(lambda: dec.step(nxt), reps, steps))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1.3b,13b,370m")
-    ap.add_argument("--batches", default="1,2,4,8,16,64")
-    ap.add_argument("--ab", default="16", help="batches also timed with the prefill GEMM (MMF_DECODE_SPLITK=0)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--no-checks", action="store_true")
-    ap.add_argument("--dump-after", type=float, default=0, help="print every thread's stack after this many s")
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mmf.bench.batched_decode",
+                                 description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--sizes", default="1.3b,13b,370m", help="MatMul-free presets (default: 1.3b,13b,370m)")
+    ap.add_argument("--batches", default="1,2,4,8,16,64", help="decode batches (default: 1,2,4,8,16,64)")
+    ap.add_argument("--steps", type=int, default=50, help="steps per timing run (default: 50)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="activations (default: bf16)")
+    ap.add_argument("--json", default=None, help="JSON output (default: none)")
+    ap.add_argument("--no-checks", action="store_true", help="skip the GraphDecoder vs eager check (default: run)")
+    ap.add_argument("--dump-after", type=float, default=0,
+                    help="print every thread's stack every this many s, 0 never (default: 0)")
+    args = ap.parse_args(argv)
+    from mmf.config import MMFConfig
+    from mmf.errors import MMFError
+
+    for size in args.sizes.split(","):
+        try:
+            cfg = model_preset(size)
+        except MMFError as e:
+            print(f"batched_decode: --sizes: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(cfg, MMFConfig):
+            print(f"batched_decode: --sizes {size}: MatMul-free presets only (370m, 1.3b, 2.7b, 13b)", file=sys.stderr)
+            return 2
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or not all(1 <= b <= 64 for b in batches):
+        print(f"batched_decode: --batches {args.batches}: give batches 1-64, comma-separated", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("batched_decode: needs a CUDA GPU; run it on a machine with one", file=sys.stderr)
+        return 2
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
     from mmf.decode_graph import GraphDecoder
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    batches = [int(b) for b in args.batches.split(",")]
-    ab = {int(b) for b in args.ab.split(",") if b}
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype=args.dtype,
                    steps=args.steps, checks=[], rows=[])
     import triton
@@ -96,9 +83,6 @@ def main():
         if args.json:
             write_json(args.json, results)
 
-    if not args.no_checks:
-        check_split_k(results)
-        save()
     print(f"{'size':>6} {'batch':>5} {'path':>10} {'ms/step':>8} {'x batch1':>8} {'tok/s':>9} {'build s':>7}",
           flush=True)
     for size in args.sizes.split(","):
@@ -107,9 +91,7 @@ def main():
         torch.cuda.synchronize()
         base = None
         for b in batches:
-            paths = ["gemv"] if b <= 2 else (["splitk", "gemm"] if b in ab else ["splitk"])
-            for path in paths:
-                GraphDecoder.SPLITK = path != "gemm"
+            for path in ["gemv" if b <= 2 else "gemm"]:
                 t0 = time.time()
                 dec = GraphDecoder(model, b)
                 build = time.time() - t0
@@ -125,7 +107,6 @@ def main():
                 save()
                 del dec
                 torch.cuda.empty_cache()
-        GraphDecoder.SPLITK = True
         del model
         torch.cuda.empty_cache()
     save()
@@ -135,7 +116,8 @@ def main():
             print(r, flush=True)
             results["checks"].append(r)
         save()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

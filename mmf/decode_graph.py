@@ -92,10 +92,7 @@ class GraphDecoder:
     """Greedy/step decoding of a frozen ``HGRNBitForCausalLM`` for a fixed batch size (see module doc)."""
 
     PREFILL_GRAPHS = 4  # prompt lengths whose prefill is kept as a CUDA graph
-    MAX_BATCH = 64  # rows of one decode step (the split-K GEMM's largest tile)
-    # batch 3-64: the split-K decode GEMM (``ternary_gemm_decode``); MMF_DECODE_SPLITK=0 runs the
-    # prefill GEMM (``ternary_gemm``) instead
-    SPLITK = os.environ.get("MMF_DECODE_SPLITK", "1") != "0"
+    MAX_BATCH = 64  # rows of one decode step (batch 3-64: pre-pass + ternary_gemm, whose tiles take 64 rows)
     # re-rank each GEMV shape's best schedules by timing the whole captured step (``_refine``)
     REFINE = os.environ.get("MMF_REFINE", "1") != "0"
 
@@ -207,10 +204,8 @@ class GraphDecoder:
     # ------------------------------------------------------------------------------------------
     def _step_body(self) -> None:
         from mmf.kernels import ternary_gemm as tg
-        from mmf.kernels import ternary_gemm_decode as tgd
         from mmf.kernels import ternary_gemv as tv
 
-        mm, qz = (tgd.gemm, tgd.quantize) if self.SPLITK else (tg.gemm, tg.quantize)
         torch.index_select(self.emb, 0, self.ids, out=self.x)
         d = self.d
         pool = self._tune_pools  # every layer's weights: schedules are timed as they run here
@@ -229,26 +224,26 @@ class GraphDecoder:
                 tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
                         epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
             else:
-                qz(self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM, norm_weight=ly["attn_norm"],
+                tg.quantize(self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM, norm_weight=ly["attn_norm"],
                             eps_model=ly["eps_attn"])
-                mm(self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d)
-                qz(self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d, dtype=self.dtype,
+                tg.gemm(self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d)
+                tg.quantize(self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d, dtype=self.dtype,
                             norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
                             s_out=self.state_next[l], lower_bound=ly["lb"])
-                mm(self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x)
-                qz(self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
+                tg.gemm(self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x)
+                tg.quantize(self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
                             eps_model=ly["eps_mlp"])
-                mm(self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU)
-                qz(self.v, dn.norm[None], self.sc_m, k=self.m)
-                mm(self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL, residual=self.r)
+                tg.gemm(self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU)
+                tg.quantize(self.v, dn.norm[None], self.sc_m, k=self.m)
+                tg.gemm(self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL, residual=self.r)
         h = self.head
         if self.gemv_path:
             tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
                     norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
         else:
-            qz(self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=self.final_norm,
+            tg.quantize(self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=self.final_norm,
                         eps_model=self.eps_final)
-            mm(self.sc_d, [h.packed], h.scale, self.logits, k=d)
+            tg.gemm(self.sc_d, [h.packed], h.scale, self.logits, k=d)
         self.state.copy_(self.state_next)
 
     def _capture(self) -> None:

@@ -91,37 +91,6 @@ def test_gemm_operand_orders(swap):
     check_rows(glu, _glu_ref(ref, torch.float16), torch.float16)
 
 
-@pytest.mark.parametrize("m,split", [(5, (3, 32)), (19, (1, 256)), (3, (2, 64))])
-def test_gemm_decode_split_k(m, split):
-    """The decode GEMM (ternary_gemm_decode: split-K, atomic partial sums, last part runs the epilogue)
-    equals ternary_gemm.gemm bit for bit, plain, 3 segments, residual and GLU pair, and leaves its
-    workspace zero; 38 bytes per row: parts of one, two and all K blocks (the last partial)."""
-    from mmf.kernels import ternary_gemm_decode as tgd
-
-    g = torch.Generator().manual_seed(40 + m)
-    n, k = 23, 150
-    x = torch.randn(m, k, generator=g).to(torch.float16)
-    nw = (torch.rand(3, k, generator=g) + 0.5).to(torch.float16)
-    codes = [rand_codes(2 * n, k, g) for _ in range(3)]
-    packed = [pack_i2(c) for c in codes]
-    sw = torch.tensor([0.9, 1.1, 0.7])
-    res = torch.randn(m, 3 * 2 * n, generator=g).to(torch.float16)
-    sc = ternary_gemv.Scratch(3, m, k, "cpu")
-    ternary_gemm.quantize(x, nw, sc, nseg=3)
-    cfg = (16, 32, 4, 1, 4)
-    for epi, nseg, width in ((ternary_gemv.EPI_STORE, 3, 6 * n), (ternary_gemv.EPI_RESIDUAL, 3, 6 * n),
-                             (ternary_gemv.EPI_GLU, 1, n)):
-        kw = dict(k=k, epi=epi, residual=res if epi == ternary_gemv.EPI_RESIDUAL else None)
-        out = torch.full((m, width), float("nan"), dtype=torch.float16)
-        tgd.gemm(sc, packed[:nseg], sw[:nseg], out, config=cfg, split=split, **kw)
-        want = torch.full_like(out, float("nan"))
-        ternary_gemm.gemm(sc, packed[:nseg], sw[:nseg], want, config=(16, 64, 32, 4, 1, 1), **kw)
-        assert torch.equal(out, want), (epi, (out.float() - want.float()).abs().max())
-    ref = reference.bitlinear_frozen(x, nw[0], codes[0], sw[0])
-    check_rows(out, _glu_ref(ref, torch.float16), torch.float16)
-    assert all(int(t.abs().sum()) == 0 for pair in tgd._WORKSPACE.values() for t in pair)
-
-
 @pytest.mark.parametrize("m,n,k", [(19, 23, 150), (33, 13, 37)])
 def test_gemm_unpacked_int_mm(m, n, k):
     """The many-rows GEMM (codes unpacked to int8; Triton int8 GEMM with the epilogue, or torch._int_mm

@@ -1,5 +1,5 @@
 """The GPU measurement scripts that reproduce committed figures (decode_breakdown, decoder_build_time,
-generate_graph_check) are runnable modules: ``--help`` works without a GPU, bad arguments are one line
+generate_graph_check, batched_decode) are runnable modules: ``--help`` works without a GPU, bad arguments are one line
 and exit 2 before any GPU work, and decode_breakdown's variants still apply to the installed kernel."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from mmf.bench import decode_breakdown, decoder_build_time, generate_graph_check
+from mmf.bench import batched_decode, decode_breakdown, decoder_build_time, generate_graph_check
 
 MODULES = {"decode_breakdown": decode_breakdown, "decoder_build_time": decoder_build_time,
-           "generate_graph_check": generate_graph_check}
+           "generate_graph_check": generate_graph_check, "batched_decode": batched_decode}
 
 
 def test_help_runs_as_a_module():
@@ -39,6 +39,8 @@ def test_help(name, capsys):
     ("decoder_build_time", ["--model", "99b"], "unknown preset"),
     ("generate_graph_check", ["--max-new-tokens", "0"], "give 1 or more"),
     ("generate_graph_check", ["--models", "99b"], "unknown preset"),
+    ("batched_decode", ["--sizes", "99b"], "unknown preset"),
+    ("batched_decode", ["--batches", "1,65"], "give batches 1-64"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(name, argv, words, capsys):
     assert MODULES[name].main(argv) == 2
