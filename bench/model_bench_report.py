@@ -212,9 +212,13 @@ def plot_figure(result: dict):
 
 def write_plot(result: dict, path) -> None:
     """``plot_figure`` as a PNG: written to a temporary name beside ``path``, then renamed."""
+    save_png(plot_figure(result), path)
+
+
+def save_png(fig, path) -> None:
+    """A matplotlib figure as a PNG: written to a temporary name beside ``path``, then renamed; closed after."""
     import matplotlib.pyplot as plt
 
-    fig = plot_figure(result)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -15,8 +15,6 @@ read bandwidth measured in that point's run); per prompt length, prefill time an
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Optional
 
 from mmf.errors import MMFError
@@ -174,14 +172,6 @@ def plot_sweep(doc: dict):
 
 
 def write_sweep_plot(doc: dict, path) -> None:
-    import matplotlib.pyplot as plt
+    from mmf.bench.model_bench_report import save_png
 
-    fig = plot_sweep(doc)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_png(plot_sweep(doc), path)

@@ -35,6 +35,17 @@ from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, 
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: neighbouring programs share weight tiles in L2."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP * num_n
+    first_m = (pid // per_group) * GROUP
+    gsize = tl.minimum(num_m - first_m, GROUP)
+    return first_m + (pid % per_group) % gsize, (pid % per_group) // gsize
+
+
+@triton.jit
 def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, K, P, PW, M,
                   PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
                   USE_ASM: tl.constexpr):
@@ -72,15 +83,7 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
-    # grouped ordering: neighbouring programs share weight tiles in L2
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP * num_n
-    gid = pid // per_group
-    first_m = gid * GROUP
-    gsize = tl.minimum(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % gsize
-    pid_n = (pid % per_group) // gsize
+    pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP)
     Wp = segment_weights(W0, W1, W2, seg)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -250,14 +253,7 @@ def _gemm_i8_kernel(XQ, sx_m, WU, sw_n, SX, SUMX, SW, OUT, RES, so_m, sr_m, M, N
     (Hopper's 8-bit wgmma wants both operands K-major), then the fused GEMM's epilogue."""
     pid = tl.program_id(0)
     DT: tl.constexpr = OUT.dtype.element_ty
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP * num_n
-    gid = pid // per_group
-    first_m = gid * GROUP
-    gsize = tl.minimum(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % gsize
-    pid_n = (pid % per_group) // gsize
+    pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
