@@ -1,10 +1,8 @@
 """Batched GPU decode: GraphDecoder step time against batch, beside the batch-1 step (issue 19).
 
 For each model size (random packed weights, ``build_mmf_random``), one GraphDecoder per batch; the step
-is timed as CUDA-graph replays (best of 3 runs of ``--steps``). Batch 1-2 run the GEMV path with the
-activations in registers, batch 3-8 the GEMV with several rows per program ("gemv-rows"), larger batches
-the quantisation pre-pass plus the int8 tensor-core GEMM (``ternary_gemm``); ``MMF_GEMV_MAX_ROWS`` and
-``MMF_GEMV_HOIST_ROWS`` move those bounds. Then GraphDecoder's greedy
+is timed as CUDA-graph replays (best of 3 runs of ``--steps``). Batch 1-2 run the GEMV path; batch 3-64
+the quantisation pre-pass plus the int8 tensor-core GEMM (``ternary_gemm``). Then GraphDecoder's greedy
 tokens against the eager model at batch 1, 2 and 6 (``kernel_bench.check_decoder``).
 
     python bench/batched_decode.py --sizes 370m,1.3b,13b --batches 1,2,4,8,16,64 --json out.json
@@ -74,7 +72,6 @@ def main(argv=None) -> int:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
     from mmf.decode_graph import GraphDecoder
-    from mmf.kernels import ternary_gemv as tv
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype=args.dtype,
@@ -94,7 +91,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         base = None
         for b in batches:
-            for path in [("gemv" if b <= tv.GEMV_HOIST_ROWS else "gemv-rows") if b <= tv.GEMV_MAX_ROWS else "gemm"]:
+            for path in ["gemv" if b <= 2 else "gemm"]:
                 t0 = time.time()
                 dec = GraphDecoder(model, b)
                 build = time.time() - t0

@@ -386,7 +386,7 @@ def gemm_unpacked(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=N
 
 
 def bitlinear_i2(x, norm_weight, packed, k, s_w, eps=reference.BITLINEAR_NORM_EPS):
-    """Drop-in for ``reference.bitlinear_i2`` (no bias): GEMV up to ``GEMV_MAX_ROWS`` rows, else pre-pass + GEMM."""
+    """Drop-in for ``reference.bitlinear_i2`` (no bias): GEMV for up to 4 rows, else pre-pass + GEMM."""
     from .ternary_gemv import GEMV_MAX_ROWS, gemv
 
     shape = x.shape

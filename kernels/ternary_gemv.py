@@ -90,10 +90,7 @@ except ImportError:  # pragma: no cover - older Triton
 PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
 PRO_NONE = 4  # activations already quantised in the scratch (benchmarks: the weight stream alone)
 EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
-# rows up to which decode runs the GEMV (above: quantisation pre-pass + tensor-core GEMM); at most 8
-GEMV_MAX_ROWS = min(8, int(os.environ.get("MMF_GEMV_MAX_ROWS", "8")))
-# rows up to which the GEMV keeps the quantised activations in registers (1 or 2; see _gemv_kernel)
-GEMV_HOIST_ROWS = min(2, max(1, int(os.environ.get("MMF_GEMV_HOIST_ROWS", "2"))))
+GEMV_MAX_ROWS = 2  # above this, the tensor-core GEMM wins (dp4a work grows with the rows; measured)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,17 +330,11 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
                  PRO: tl.constexpr, EPI: tl.constexpr, HAS_LB: tl.constexpr, BYTE_W: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BLOCK_W: tl.constexpr, PW1: tl.constexpr,
                  PW2: tl.constexpr, PW3: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
-                 EARLY: tl.constexpr = True, ROWS: tl.constexpr = 1, HOIST: tl.constexpr = 2):
+                 EARLY: tl.constexpr = True):
     """Persistent: program pid of segment seg takes row blocks pid, pid + NPROG, ... of BN whole
     rows, each row held as power-of-two pieces PW1 + PW2 + PW3 >= PW words. Its first block is in
     flight before the prologue (run once per program), with PDL even before the previous kernel
-    has finished; each next block is loaded while the current one is reduced.
-
-    Rows: up to ``HOIST`` (1 or 2) rows keep their quantised activations in registers across the
-    block loop. More rows (``ROWS`` = M, at most 8, in a tile of BM = next power of two): each row is
-    quantised in turn by the prologue, and each block reads every row's activation words again
-    (from L1: the whole row set does not fit in registers), so each weight byte is still read once
-    for all rows."""
+    has finished; each next block is loaded while the current one is reduced."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
@@ -351,7 +342,6 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
     sw = tl.load(SW + seg)
     rows = pid * BN + tl.arange(0, BN)
     c1, c2, c3 = _load_pieces(Wp, rows, P, PW, N, BYTE_W, PW1, PW2, PW3)
-    u1, u2, u3 = c1, c2, c3
     if EPI == 2:  # GLU pair: rows n (gate) and N + n (up)
         u1, u2, u3 = _load_pieces(Wp, rows + N, P, PW, 2 * N, BYTE_W, PW1, PW2, PW3)
     rm = tl.arange(0, BM)
@@ -363,12 +353,7 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
         sxv = tl.zeros((BM,), tl.float32) + _quant_row(
             0, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M, eps_model, eps_bl,
             first, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False, PDL and EARLY)
-        if BM > HOIST:
-            for r in tl.static_range(1, ROWS):
-                sxv = tl.where(rm == r, _quant_row(
-                    r, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M, eps_model,
-                    eps_bl, first, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False, False), sxv)
-        elif BM == 2:
+        if BM == 2:
             sxv = tl.where(rm == 0, sxv, _quant_row(
                 1, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M, eps_model, eps_bl,
                 first, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False, False))
@@ -380,10 +365,6 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
         sxv = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
     # activations of row 0 (and 1): 4 digit planes of words per piece, loop-invariant
     xa = XQ + (seg * M * 4) * PW
-    if BM > HOIST:
-        _gemv_rows_loop(xa, Wp, c1, c2, c3, u1, u2, u3, sw, sxv, seg, OUT, RES, M, N, P, PW, so_m, sr_m, pid, NPROG,
-                        EPI, BYTE_W, BM, BN, PW1, PW2, PW3, ROWS, DT, USE_ASM)
-        return
     a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, suma = _act_row(xa, PW, M, 0, PW1, PW2, PW3,
                                                                               USE_ASM)
     if BM == 2:
@@ -413,43 +394,6 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
             u1, u2, u3 = v1, v2, v3
         _epilogue(d, d2, sumx, sxv, sw, rm, rows, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         c1, c2, c3 = n1, n2, n3
-
-
-@triton.jit
-def _gemv_rows_loop(xa, Wp, c1, c2, c3, u1, u2, u3, sw, sxv, seg, OUT, RES, M, N, P, PW, so_m, sr_m, pid, NPROG,
-                    EPI: tl.constexpr, BYTE_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    PW1: tl.constexpr, PW2: tl.constexpr, PW3: tl.constexpr, ROWS: tl.constexpr, DT: tl.constexpr,
-                    USE_ASM: tl.constexpr):
-    """The block loop of ``_gemv_kernel`` for ROWS > HOIST rows: the first block ``c`` (and ``u``, the GLU
-    pair's up rows) is in flight; each block's (BN rows of) weight words meet every row's activation
-    words, re-read per block."""
-    rm = tl.arange(0, BM)
-    sumx = tl.zeros((BM,), tl.int32)
-    for r in tl.static_range(ROWS):
-        sumx = tl.where(rm == r, _act_row(xa + 4 * r * PW, PW, M, r, PW1, PW2, PW3, USE_ASM)[12], sumx)
-    nblocks = tl.cdiv(N, BN)
-    for blk in range(pid, nblocks, NPROG):
-        rows = blk * BN + tl.arange(0, BN)
-        nxt = rows + NPROG * BN  # masked past the last block: no traffic
-        n1, n2, n3 = _load_pieces(Wp, nxt, P, PW, N, BYTE_W, PW1, PW2, PW3)
-        v1, v2, v3 = n1, n2, n3
-        if EPI == 2:
-            v1, v2, v3 = _load_pieces(Wp, nxt + N, P, PW, 2 * N, BYTE_W, PW1, PW2, PW3)
-        d = tl.zeros((BM, BN), tl.int32)
-        d2 = d
-        for r in tl.static_range(ROWS):
-            p0, p1, p2, p3, q0, q1, q2, q3, t0, t1, t2, t3, s = _act_row(xa + 4 * r * PW, PW, M, r, PW1, PW2,
-                                                                         PW3, USE_ASM)
-            d = tl.where(rm[:, None] == r, _dot_pieces(c1, c2, c3, p0, p1, p2, p3, q0, q1, q2, q3, t0, t1, t2,
-                                                       t3, PW2, PW3, USE_ASM), d)
-            if EPI == 2:
-                d2 = tl.where(rm[:, None] == r, _dot_pieces(u1, u2, u3, p0, p1, p2, p3, q0, q1, q2, q3, t0, t1,
-                                                            t2, t3, PW2, PW3, USE_ASM), d2)
-        if EPI != 2:
-            d2 = d
-        _epilogue(d, d2, sumx, sxv, sw, rm, rows, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
-        c1, c2, c3 = n1, n2, n3
-        u1, u2, u3 = v1, v2, v3
 
 
 @triton.jit
@@ -501,24 +445,17 @@ _GEMV_CONFIGS = {
     1: [(8, 4, 2), (8, 8, 1), (4, 4, 2), (8, 4, 4), (16, 8, 1), (16, 8, 2), (4, 4, 4), (4, 8, 2),
         (32, 16, 1), (16, 16, 1), (8, 16, 1), (8, 8, 2), (4, 8, 4)],
     2: [(4, 4, 2), (8, 8, 1), (4, 8, 2), (2, 4, 4), (8, 8, 2)],
-    # activations re-read per block (rows above GEMV_HOIST_ROWS): more weight rows per warp share each read
-    "rows": [(8, 4, 2), (16, 8, 1), (16, 4, 2), (8, 8, 1), (32, 8, 1), (16, 8, 2), (32, 16, 1), (4, 4, 2),
-             (8, 4, 4), (16, 16, 1)],
 }
 
 
 def _configs(bm: int, pw: int):
-    """Candidates whose register tiles fit (BM x BN x row-piece words <= 32 per thread; rows whose
-    activations are re-read per block hold one row's products at a time)."""
+    """Candidates whose register tiles fit (BM x BN x row-piece words <= 32 per thread)."""
     w = sum(row_pieces(pw))
-    if bm > GEMV_HOIST_ROWS:
-        return [(bn, nw, ps) for bn, nw, ps in _GEMV_CONFIGS["rows"] if bn * w <= 32 * 32 * nw] or [(1, 8, 2)]
     return [(bn, nw, ps) for bn, nw, ps in _GEMV_CONFIGS[bm] if bm * bn * w <= 32 * 32 * nw] or [(1, 8, 2)]
 
 
 def _bm(m: int) -> int:
-    """Rows of the kernel's tile: 1, 2, then the next power of two (3-8 rows)."""
-    return triton.next_power_of_2(m)
+    return 1 if m == 1 else 2
 
 
 _NUM_SM: dict = {}
@@ -596,7 +533,7 @@ def _launch_gemv(cfg, a, allow_pdl=True):
         a["m"], a["n"], a["k"], a["p"], a["scratch"].pw, nprog,
         PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BYTE_W=a["byte_w"], BM=_bm(a["m"]), BN=bn,
         BLOCK_W=triton.next_power_of_2(a["scratch"].pw), PW1=pw1, PW2=pw2, PW3=pw3, USE_ASM=not INTERPRET,
-        PDL=pdl, EARLY=PARAMS_EARLY, ROWS=a["m"], HOIST=GEMV_HOIST_ROWS, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
+        PDL=pdl, EARLY=PARAMS_EARLY, num_warps=nw, **({"launch_pdl": True} if pdl else {}))
 
 
 _TUNED: dict = {}
@@ -731,7 +668,7 @@ def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=N
     p = packed_bytes(k)
     n0 = weights[0].shape[0]
     n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
-    assert m <= 8, "gemv handles at most 8 rows; use ternary_gemm"
+    assert m <= GEMV_MAX_ROWS, "gemv handles at most 2 rows; use ternary_gemm"
     ws = _operands(weights)
     byte_w = ws[0].dtype != torch.int32
     scratch = scratch if scratch is not None else Scratch(nseg, m, k, x.device)

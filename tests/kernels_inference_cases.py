@@ -41,7 +41,7 @@ def check_rows(y, ref, dtype, max_bad_rows=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 # k = 100 and 228: GEMV rows of 7 and 15 words, three pieces (4 + 2 + 1; 8 + 4 + 4, the last padded)
 @pytest.mark.parametrize("m,n,k", [(1, 37, 70), (3, 20, 64), (2, 9, 131), (6, 33, 77), (1, 5, 2), (2, 7, 100),
-                                   (1, 9, 228), (9, 33, 77)])
+                                   (1, 9, 228)])
 def test_bitlinear_i2_matches_reference(dtype, m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     codes = rand_codes(n, k, g)
@@ -151,7 +151,7 @@ def _glu_ref(v, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 7, 11])
+@pytest.mark.parametrize("m", [1, 3, 7])
 def test_fused_prologues_and_epilogues(dtype, m):
     """Block norm prologue + 3 segments; MLGRU prologue + residual; GLU epilogue; gated pre-pass."""
     g = torch.Generator().manual_seed(11 + m)
@@ -206,11 +206,10 @@ def test_fused_prologues_and_epilogues(dtype, m):
         sc = ternary_gemv.Scratch(1, m, d, "cpu")
         ternary_gemm.quantize(r, bgu, sc, pro=ternary_gemv.PRO_NORM, norm_weight=attn_w * 0 + 1)
         ternary_gemm.gemm(sc, [pack_i2(cgu)], sgu.reshape(1), v, k=d, epi=ternary_gemv.EPI_GLU)
-    flips = 1 if dtype != torch.float32 else 0  # a half-precision norm can flip one rounding in a row
-    check_rows(ifg[:, :d], ri, dtype, max_bad_rows=flips)
-    check_rows(ifg[:, 2 * d:], rg, dtype, max_bad_rows=flips)
+    check_rows(ifg[:, :d], ri, dtype)
+    check_rows(ifg[:, 2 * d:], rg, dtype)
     assert rel(s_out, s_ref) < 1e-5 if dtype == torch.float32 else rel(s_out, s_ref) < 2e-2
-    check_rows(r, r_ref, dtype, max_bad_rows=flips)
+    check_rows(r, r_ref, dtype, max_bad_rows=1 if dtype != torch.float32 else 0)
     # GLU input: r from the kernel, so the check isolates the GLU epilogue
     h2 = reference.rms_norm(r, attn_w * 0 + 1, eps)
     check_rows(v, _glu_ref(reference.bitlinear_frozen(h2, bgu[0], cgu, sgu), dtype), dtype)
@@ -252,10 +251,9 @@ def _rel_rows(a, b):
     return ((a - b).norm(dim=-1) / b.norm(dim=-1))
 
 
-@pytest.mark.parametrize("batch,packed", [(2, False), (3, True), (9, False)])
+@pytest.mark.parametrize("batch,packed", [(2, False), (3, True)])
 def test_graph_decoder_matches_eager_model(batch, packed):
-    """GraphDecoder (GEMV path up to GEMV_MAX_ROWS rows, several rows per program from 3 on; GEMM path
-    above) vs the eager reference model."""
+    """GraphDecoder (GEMV path for batch <= 2, GEMM path above) vs the eager reference model."""
     from conftest import small_model
 
     from mmf.ternary_codes import pack_i2
