@@ -5,7 +5,7 @@ is timed as CUDA-graph replays (best of 3 runs of ``--steps``). Batch 1-2 run th
 the quantisation pre-pass plus the int8 tensor-core GEMM (``ternary_gemm``). Then GraphDecoder's greedy
 tokens against the eager model at batch 1, 2 and 6 (``kernel_bench.check_decoder``).
 
-    python bench/batched_decode.py --sizes 370m,1.3b,13b --batches 1,2,4,8,16,64 --json out.json
+    python bench/batched_decode.py --sizes 370m,1.3b,13b --batches 1,2,4,8,16,64 --json out.json [--profile]
 
 Prints a table; the JSON is rewritten after every measurement.
 """
@@ -34,6 +34,32 @@ def step_ms(dec, steps, reps=3):
     return min(tv.event_times(lambda: dec.step(nxt), reps, steps))
 
 
+def kernel_breakdown(dec, steps: int = 5) -> dict:
+    """GPU time per step of each kernel (by name) in eager steps under the profiler: where the step's
+    time goes (the captured step adds only the gaps between kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(3, dec.V, (dec.batch,), device="cuda")
+    graph, dec.graph = dec.graph, None  # eager steps
+    try:
+        for _ in range(3):
+            dec.step(ids)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                dec.step(ids)
+            torch.cuda.synchronize()
+    finally:
+        dec.graph = graph
+    ms, launches = {}, {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name.split("(")[0][:48]
+            ms[name] = ms.get(name, 0.0) + e.device_time_total / 1e3 / steps
+            launches[name] = launches.get(name, 0) + 1 / steps
+    return {k: dict(ms=ms[k], launches=round(launches[k])) for k in sorted(ms, key=ms.get, reverse=True)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mmf.bench.batched_decode",
                                  description=__doc__.split("\n\n")[0].replace("\n", " "))
@@ -43,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="activations (default: bf16)")
     ap.add_argument("--json", default=None, help="JSON output (default: none)")
     ap.add_argument("--no-checks", action="store_true", help="skip the GraphDecoder vs eager check (default: run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also time each kernel of eager steps under the profiler (default: off)")
     ap.add_argument("--dump-after", type=float, default=0,
                     help="print every thread's stack every this many s, 0 never (default: 0)")
     args = ap.parse_args(argv)
@@ -104,6 +132,10 @@ def main(argv=None) -> int:
                 results["rows"].append(row)
                 print(f"{size:>6} {b:>5} {path:>10} {ms:8.3f} {ratio:8.2f} {b * 1e3 / ms:9.0f} {build:7.1f}",
                       flush=True)
+                if args.profile:
+                    row["kernels"] = kernel_breakdown(dec)
+                    for name, k in list(row["kernels"].items())[:3]:
+                        print(f"{'':>24} {name}: {k['ms']:.3f} ms in {k['launches']} launches", flush=True)
                 save()
                 del dec
                 torch.cuda.empty_cache()
