@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mmf.config import LlamaConfig, MMFConfig, model_preset
+from mmf.memory import module_bytes
 
 W_SCALE = 41.7  # s_w of the random ternary layers: w = code / s_w has mean |w| ~ 0.016, like N(0, 0.02)
 ONNX_VARIANT = "mmf-onnxruntime"
@@ -300,16 +301,6 @@ class Runner:
     def bytes_per_decode_token(self, prompt_len: int, gen_len: int) -> int: ...
 
 
-def _module_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t is None or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
 def fmt_of(model) -> str:
     return "tq1" if type(model.lm_head).__name__.endswith("TQ1") else "i2"
 
@@ -428,7 +419,7 @@ class MMFRunner(Runner):
             self._step_body()
 
     def weight_bytes(self):
-        return _module_bytes(self.model)
+        return module_bytes(self.model)
 
     def state_bytes(self):
         if self.engine is not None:
@@ -524,7 +515,7 @@ class HFRunner(Runner):
         self.tok = out.logits[:, -1].argmax(-1, keepdim=True)
 
     def weight_bytes(self):
-        return _module_bytes(self.model)
+        return module_bytes(self.model)
 
     def state_bytes(self):
         return _hf_cache_bytes(self.cache)

@@ -317,14 +317,17 @@ def read_prompts(prompts=None, prompt_file: Optional[Path] = None, prompts_file:
     return prompts
 
 
-GRAPH_BATCH_LIMIT = 16  # GraphDecoder's largest batch where the class does not say (``MAX_BATCH``)
-
-
 def graph_batch_limit() -> int:
-    """The largest batch a GraphDecoder takes (its ``MAX_BATCH`` where it has one)."""
+    """The largest batch a GraphDecoder takes."""
     from .decode_graph import GraphDecoder
 
-    return int(getattr(GraphDecoder, "MAX_BATCH", GRAPH_BATCH_LIMIT))
+    return GraphDecoder.MAX_BATCH
+
+
+def decodes_as_batch(model) -> bool:
+    """Does ``generate_batch_ids`` decode several prompts of ``model`` as one batch? A MatMul-free torch model
+    does; Transformer++ and ONNX Runtime exports take the prompts one after another."""
+    return getattr(model, "arch", None) == "mmf" and isinstance(model, torch.nn.Module)
 
 
 def _row_generators(n: int, seed: Optional[int], first_row: int = 0) -> list:
@@ -372,7 +375,7 @@ def generate_batch_ids(model, prompts_ids: list, max_new_tokens: int, temperatur
         check_prompt_ids(ids, vocab)
     if not prompts_ids:
         return []
-    if getattr(model, "arch", None) != "mmf" or not isinstance(model, torch.nn.Module):
+    if not decodes_as_batch(model):
         return [generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p,
                              None if seed is None else seed + i, eos_id,
                              None if on_token is None else (lambda t, i=i: on_token(i, t)), device, graph,
@@ -457,7 +460,7 @@ def _generate_mmf_batch(model, prompts_ids, max_new_tokens, temperature, top_k, 
 def batch_rows(model, prompts: int, graph: bool) -> int:
     """Sequences ``generate_batch_ids`` decodes at once: every prompt (MatMul-free), a GraphDecoder's limit
     at most (``graph``), one for models that take the prompts one after another."""
-    if getattr(model, "arch", None) != "mmf" or not isinstance(model, torch.nn.Module):
+    if not decodes_as_batch(model):
         return 1
     return min(prompts, graph_batch_limit()) if graph else prompts
 
@@ -465,19 +468,15 @@ def batch_rows(model, prompts: int, graph: bool) -> int:
 def check_memory(model, prompts_ids: list, max_new_tokens: int, graph: bool, device) -> None:
     """Refuse in one line (``mmf.memory.check_generation_memory``) prompts whose batch would not fit beside the
     loaded weights, before a decoder is built or a prompt prefilled. ONNX Runtime exports are not checked."""
-    from .memory import check_generation_memory
+    from .memory import check_generation_memory, module_bytes
     from .models import FrozenBitLinear
 
     if not isinstance(model, torch.nn.Module):
         return
-    seen, weights, act = set(), 0, 4  # act: bytes of an activation (the embeddings' dtype)
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            weights += t.numel() * t.element_size()
+    weights = module_bytes(model)
     inner = getattr(model, "model", None)
     emb = getattr(inner, "embeddings", None) or getattr(inner, "embed_tokens", None)
-    act = emb.weight.element_size() if emb is not None else act
+    act = emb.weight.element_size() if emb is not None else 4  # bytes of an activation (the embeddings' dtype)
     mmf = getattr(model, "arch", None) == "mmf"
     decoder = 0
     if graph and mmf:  # GraphDecoder packs int8 codes to 2 bits once more
@@ -507,9 +506,9 @@ def batch_text(model, tok, prompts: list, max_new_tokens: int, temperature: floa
         feed = tok.stream_decoder()
         results.append({"prompt": p, "text": "".join(feed(t) or "" for t in row), "new_tokens": len(row),
                         "stopped_at_eos": bool(row) and eos is not None and row[-1] == eos})
-    batched = getattr(model, "arch", None) == "mmf" and isinstance(model, torch.nn.Module)
-    how = ("one batch, GraphDecoder (one CUDA graph per step)" if graph else "one batch, eager") if batched else \
-        "one prompt after another"
+    how = "one prompt after another"
+    if decodes_as_batch(model):
+        how = "one batch, GraphDecoder (one CUDA graph per step)" if graph else "one batch, eager"
     return {"prompts": len(prompts), "batch": batch_rows(model, len(prompts), graph), "decode": how,
             "device": str(device), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
             "top_p": top_p, "seed": seed,

@@ -125,6 +125,17 @@ class TrainingMemory:
         return (self.state + self.activations + self.runtime) * self.processes
 
 
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once (tied weights share one)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
 def _activation_bytes(coef, mcfg, tokens: int, seq_len: int) -> float:
     a, b, h, g, _ = coef
     heads = getattr(mcfg, "num_attention_heads", 0) if mcfg.arch == "transformer++" else 0

@@ -204,6 +204,7 @@ def test_random_packed_holds_valid_uniform_codes():
 
 @pytest.mark.parametrize("fmt", ["i2", "tq1"])
 def test_build_mmf_random_is_packed_final_form(fmt):
+    from mmf.memory import module_bytes
     from mmf.models import BitLinear, FrozenBitLinear
 
     cfg = model_variants.bench_configs("tiny")[0]
@@ -219,7 +220,7 @@ def test_build_mmf_random_is_packed_final_form(fmt):
                  "lower_bounds" not in n]
     assert big_float == []
     est = model_variants.estimate_bytes("mmf", cfg, cfg.num_hidden_layers, 2, fmt, 1, 8, 4)
-    assert est["fixed_bytes"] + cfg.num_hidden_layers * est["per_layer_bytes"] == model_variants._module_bytes(model)
+    assert est["fixed_bytes"] + cfg.num_hidden_layers * est["per_layer_bytes"] == module_bytes(model)
     out = model(torch.tensor([[5, 6, 7]]))
     assert out.logits.shape == (1, 3, cfg.vocab_size) and torch.isfinite(out.logits).all()
 
