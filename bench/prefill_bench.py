@@ -96,8 +96,8 @@ def kernel_rows(size, m, pk):
         tg.gemm_unpacked(sc, [packed], sw, out_i8, mode="triton", **kw)  # tunes
         t_i8 = cuda_ms(lambda: tg.gemm_unpacked(sc, [packed], sw, out_i8, mode="triton", **kw))
         t_new = cuda_ms(lambda: tg.gemm_unpacked(sc, [packed], sw, out_new, mode="int_mm", **kw))
-        t_unpack = cuda_ms(lambda: tg.unpack_codes(packed, k, pb))
-        wu = tg.unpack_codes(packed, k, pb)
+        t_unpack = cuda_ms(lambda: tg.unpack_codes(packed, pb))
+        wu = tg.unpack_codes(packed, pb)
         xq8 = sc.xq.view(torch.int8).reshape(m, 4 * pb)
         t_mm = cuda_ms(lambda: torch._int_mm(xq8, wu.t()))
         saved = tg.INT_MM_MIN_ROWS

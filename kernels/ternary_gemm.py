@@ -16,9 +16,10 @@ the second is the faster (13b prefill 8.9 vs 12.1 ms on an H100, ``bench/results
 Many rows (``INT_MM_MIN_ROWS`` and more, a long prompt or a large batch of prompts): the product is
 compute-bound, and unpacking codes in registers costs tensor-core time. Then each projection's i2
 bytes are unpacked once per call into a reused int8 scratch (``unpack_codes``: codes 0-2 in the
-activations' planar order, one byte per weight, memory-bound), cuBLASLt's int8 GEMM
-(``torch._int_mm``) forms the same int32 sums, and one elementwise pass (``_epi_kernel``) applies
-the same epilogue. The int32 sums are exact, so the output equals the fused kernel's bit for bit.
+activations' planar order, one byte per weight, memory-bound), and a Triton int8 GEMM with the same
+epilogue fused (``_gemm_i8_kernel``; ``MMF_INT8_GEMM=int_mm``: ``torch._int_mm`` then one epilogue
+pass, ``_epi_kernel``) forms the same int32 sums. They are exact, so the output equals the fused
+kernel's bit for bit.
 """
 
 from __future__ import annotations
@@ -150,6 +151,25 @@ def _gemm_configs(m: int):
 _TUNED: dict = {}
 
 
+def _tuned(table: str, key, cands: list, launch, out):
+    """The schedule of ``key``, chosen once per process: on a GPU (outside a graph capture, with tuning on)
+    the fastest of ``cands`` by ``launch(schedule)``'s median time, kept in the on-disk cache under
+    ``table`` (``schedule_cache.pick``); otherwise the first candidate."""
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        cfg = cands[0]
+        from . import schedule_cache, ternary_gemv
+
+        if (not INTERPRET and ternary_gemv.TUNE and out.is_cuda and not torch.cuda.is_current_stream_capturing()
+                and len(cands) > 1):
+            def time_of(c):
+                return triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
+
+            cfg, _ = schedule_cache.pick(table, key, out.device, __file__, cands, time_of)
+        _TUNED[key] = cfg
+    return cfg
+
+
 def _launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
@@ -178,19 +198,7 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
              pb=4 * scratch.pw, nseg=nseg, epi=epi)
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
     key = (mb, n, k, nseg, epi, str(out.dtype))
-    cfg = config or _TUNED.get(key)
-    if cfg is None:
-        cands = _gemm_configs(m)
-        cfg = cands[0]
-        from . import schedule_cache, ternary_gemv
-
-        if (not INTERPRET and ternary_gemv.TUNE and out.is_cuda and not torch.cuda.is_current_stream_capturing()
-                and len(cands) > 1):
-            def time_of(c):
-                return triton.testing.do_bench(lambda: _launch(c, a), warmup=5, rep=20, return_mode="median")
-
-            cfg, _ = schedule_cache.pick("gemm", key, out.device, __file__, cands, time_of)
-        _TUNED[key] = cfg
+    cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, a), out)
     try:
         _launch(cfg, a)
     except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device
@@ -310,20 +318,8 @@ def _i8_launch(cfg, xq, wu, scratch, scales, out, res, sr_m, m, n, seg, epi):
 
 def _i8_gemm(xq, wu, scratch, scales, out, res, sr_m, m, n, seg, epi):
     key = ("i8", 128 if m >= 128 else 64, n, xq.shape[1], epi, str(out.dtype))
-    cfg = _TUNED.get(key)
     args = (xq, wu, scratch, scales, out, res, sr_m, m, n, seg, epi)
-    if cfg is None:
-        cands = _i8_configs()
-        cfg = cands[0]
-        from . import schedule_cache, ternary_gemv
-
-        if (not INTERPRET and ternary_gemv.TUNE and out.is_cuda and not torch.cuda.is_current_stream_capturing()):
-            def time_of(c):
-                return triton.testing.do_bench(lambda: _i8_launch(c, *args), warmup=5, rep=20, return_mode="median")
-
-            cfg, _ = schedule_cache.pick("gemm_i8", key, out.device, __file__, cands, time_of)
-        _TUNED[key] = cfg
-    _i8_launch(cfg, *args)
+    _i8_launch(_tuned("gemm_i8", key, _i8_configs(), lambda c: _i8_launch(c, *args), out), *args)
 
 
 _WBUF: dict = {}  # device -> int8 scratch of unpacked codes (grows; older buffers kept alive: graphs hold them)
@@ -342,15 +338,20 @@ def reserve_unpacked(nbytes: int, device) -> torch.Tensor:
     return buf
 
 
-def unpack_codes(packed: torch.Tensor, k: int, pb: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def unpacked_nbytes(n: int, pb: int) -> int:
+    """Bytes of ``unpack_codes``' output for ``n`` weight rows: (ceil8(n), 4 * pb) int8."""
+    return -(-n // 8) * 8 * 4 * pb
+
+
+def unpack_codes(packed: torch.Tensor, pb: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """(N, P) i2 bytes -> (ceil8(N), 4 * pb) int8 codes 0-2 in the planar activations' order (rows past N
     and columns past the packed bytes are not weights: the former are never read, the latter meet
     activations 0)."""
     n, p = packed.shape
-    n8 = -(-n // 8) * 8
+    nbytes = unpacked_nbytes(n, pb)
     if out is None:
-        out = reserve_unpacked(n8 * 4 * pb, packed.device)
-    out = out[:n8 * 4 * pb].view(n8, 4 * pb)
+        out = reserve_unpacked(nbytes, packed.device)
+    out = out[:nbytes].view(-1, 4 * pb)
     w = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
     bn, block = (1, 64) if INTERPRET else (8, 512)
     _unpack_kernel[(triton.cdiv(n, bn), triton.cdiv(4 * pb, block))](w, out, n, p, pb, BN=bn, BLOCK=block)
@@ -370,18 +371,17 @@ def gemm_unpacked(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=N
     pb = 4 * scratch.pw
     xq8 = scratch.xq.view(torch.int8).reshape(scratch.xq.shape[0], scratch.xq.shape[1], 4 * pb)
     res = residual if residual is not None else out
+    sr_m = residual.stride(0) if residual is not None else 0
     bm, bn = (16, 32) if INTERPRET else (64, 128)
     for seg in range(nseg):
-        wu = unpack_codes(weights[seg], k, pb)
+        wu = unpack_codes(weights[seg], pb)
         if (mode or INT8_GEMM) == "triton":
-            _i8_gemm(xq8[seg], wu, scratch, scales, out, res, residual.stride(0) if residual is not None else 0,
-                     m, n, seg, epi)
+            _i8_gemm(xq8[seg], wu, scratch, scales, out, res, sr_m, m, n, seg, epi)
             continue
         acc = torch._int_mm(xq8[seg], wu.t())  # (M, ceil8(rows)) int32, exact
         _epi_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            acc, acc.stride(0), scratch.sumx, scratch.sx, scales, out, res, out.stride(0),
-            residual.stride(0) if residual is not None else 0, m, n, seg, EPI=epi, BM=bm, BN=bn,
-            USE_ASM=not INTERPRET, num_warps=4)
+            acc, acc.stride(0), scratch.sumx, scratch.sx, scales, out, res, out.stride(0), sr_m, m, n, seg,
+            EPI=epi, BM=bm, BN=bn, USE_ASM=not INTERPRET, num_warps=4)
     return out
 
 

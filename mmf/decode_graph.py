@@ -362,7 +362,8 @@ class GraphDecoder:
         v = torch.empty(M, self.m, dtype=dt, device=dev)
         sc_d, sc_m = tv.Scratch(3, M, d, dev), tv.Scratch(1, M, self.m, dev)
         if M >= tg.INT_MM_MIN_ROWS > 0:  # many rows: codes unpacked to int8 per projection, one scratch for all
-            tg.reserve_unpacked(max(-(-2 * self.m // 8) * 8 * 16 * sc_d.pw, -(-d // 8) * 8 * 16 * sc_m.pw), dev)
+            tg.reserve_unpacked(max(tg.unpacked_nbytes(2 * self.m, 4 * sc_d.pw), tg.unpacked_nbytes(d, 4 * sc_m.pw)),
+                                dev)
         for l, ly in enumerate(self.layers):
             o, gu, dn = ly["o"], ly["gu"], ly["down"]
             tg.quantize(x, ly["ifg_norm"], sc_d, nseg=3, pro=tv.PRO_NORM, norm_weight=ly["attn_norm"],

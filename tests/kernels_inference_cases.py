@@ -109,7 +109,8 @@ def test_gemm_unpacked_int_mm(m, n, k):
     sc = ternary_gemv.Scratch(3, m, k, "cpu")
     ternary_gemm.quantize(x, nw, sc, nseg=3)
     pb, p = 4 * sc.pw, packed[0].shape[1]
-    wu = ternary_gemm.unpack_codes(packed[0], k, pb, out=torch.empty(-(-2 * n // 8) * 8 * 4 * pb, dtype=torch.int8))
+    scratch = torch.empty(ternary_gemm.unpacked_nbytes(2 * n, pb), dtype=torch.int8)
+    wu = ternary_gemm.unpack_codes(packed[0], pb, out=scratch)
     planar = wu[:2 * n].view(2 * n, 4, pb)
     assert int(planar[:, :, p:].abs().sum()) == 0
     got = planar[:, :, :p].reshape(2 * n, 4 * p)[:, :k].long() - 1
