@@ -770,20 +770,27 @@ static TGT_AVX2 int32_t quant_avx2(const float *xs, const float *ws, int64_t len
 /* Quantise one token into 4 slices of Pp int8 (s * Pp + j holds x[s * P + j]); returns sum xq,
  * stores s_x. A token whose normed values are not finite gets xq = 0 and s_x = NaN (the reference
  * gives NaN outputs for it). `vec`: use the AVX2 code (same results, faster). */
-static int32_t quantize_token(const float *x, int64_t K, const float *nw, float eps, int64_t P, int64_t Pp,
-                              int8_t *dst, float *s_x_out, int vec) {
-#if !MMF_X86
-    vec = 0;
-#endif
-    float amax, ss;
-    int nan;
+/* rsqrt(mean(x^2) + eps) of one fp32 row, in torch's order: its sum (ATen's lanes; `vec`: the AVX2 code,
+ * same result), / K, + eps, then 1 / sqrt (torch.rsqrt: both correctly rounded) */
+static float inv_rms(const float *x, int64_t K, float eps, int vec) {
+    float ss;
 #if MMF_X86
     if (vec && sum_lanes == 8 && K >= 8) ss = sum_sq8_avx2(x, K);
     else
 #endif
         ss = torch_sum_sq(x, K);
-    const float mean = ss / (float)K;
-    const float r = 1.0f / sqrtf(mean + eps); /* torch.rsqrt: 1 / sqrt, both correctly rounded */
+    (void)vec;
+    return 1.0f / sqrtf(ss / (float)K + eps);
+}
+
+static int32_t quantize_token(const float *x, int64_t K, const float *nw, float eps, int64_t P, int64_t Pp,
+                              int8_t *dst, float *s_x_out, int vec) {
+#if !MMF_X86
+    vec = 0;
+#endif
+    float amax;
+    int nan;
+    const float r = inv_rms(x, K, eps, vec);
 #if MMF_X86
     if (vec) amax_avx2(x, nw, K, r, &amax, &nan);
     else
@@ -1040,13 +1047,7 @@ MMF_EXPORT int mmf_quantize_rows(const float *x, int64_t M, int64_t K, const flo
 
 /* kernels.reference.rms_norm on one fp32 row: (x * rsqrt(mean(x^2) + eps)) * w */
 static void rms_norm_row(const float *x, int64_t K, const float *w, float eps, float *out, int vec) {
-    float ss;
-#if MMF_X86
-    if (vec && sum_lanes == 8 && K >= 8) ss = sum_sq8_avx2(x, K);
-    else
-#endif
-        ss = torch_sum_sq(x, K);
-    const float r = 1.0f / sqrtf(ss / (float)K + eps);
+    const float r = inv_rms(x, K, eps, vec);
     for (int64_t k = 0; k < K; k++) out[k] = (x[k] * r) * w[k];
 }
 
