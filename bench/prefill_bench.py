@@ -26,24 +26,17 @@ import time
 
 import torch
 
-
-def log(*a):
-    print(*a, flush=True)
+from mmf.bench.kernel_bench import log
 
 
 def cuda_ms(fn, iters=10, warmup=2):
+    """Median ms of ``iters`` single calls (CUDA events), after ``warmup``."""
+    from mmf.kernels.ternary_gemv import event_times
+
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return statistics.median(event_times(fn, iters))
 
 
 def host_ms(fn, iters=5, warmup=3):

@@ -311,6 +311,8 @@ def plot_scaling(res: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mmf.bench.model_bench_report import save_png
+
     s = res["summary"]
     n = [x["nproc"] for x in s]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -327,8 +329,7 @@ def plot_scaling(res: dict, path) -> None:
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def scaling_command(models="1.3b", nproc="1,2", strategy="ddp", device="auto", batch_size=None, seq_len=None,
