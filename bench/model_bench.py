@@ -412,21 +412,10 @@ def _sweep_command(models, axis, values, device, batch, prompt_len, max_new_toke
                    outputs, command) -> dict:
     """`mmf bench --batch 1,4,16` / `--prompt-len 128,2048`: ``run_bench`` once per value, MatMul-free and
     Transformer++ (``model_bench_sweep``); the sweep table (or JSON), then the files, written after each
-    point too."""
-    import mmf.bench as bench_pkg
+    point too (``report.PartialWriter`` and ``report.write_outputs`` with the sweep's chart)."""
     from mmf.bench import model_bench_sweep as sweep
 
-    def write(doc, final: bool, say=lambda m: None):
-        failed = []
-        for opt, path in outputs:
-            try:
-                bench_pkg.write_json(path, doc) if opt == "--json-out" else sweep.write_sweep_plot(doc, path)
-                if final:
-                    say(f"wrote {path}")
-            except Exception as e:
-                failed.append(f"could not write {opt} {path}: {report._why(e)}")
-        if failed and final:
-            raise MMFError("; ".join(failed) + f" (the figures are in the {'JSON' if json_stdout else 'table'} above)")
+    files = dict(outputs)
 
     def point(v):
         kw = {"batch": v, "prompt_len": prompt_len} if axis == "batch" else {"batch": batch or 1, "prompt_len": v}
@@ -434,13 +423,15 @@ def _sweep_command(models, axis, values, device, batch, prompt_len, max_new_toke
                          variants=sweep.SWEEP_VARIANTS, command=command, progress=True, **kw)
 
     doc = sweep.run_sweep(models, axis, values, run_point=point, command=command,
-                          on_point_done=lambda d: write(d, False))
+                          on_point_done=report.PartialWriter(files.get("--json-out"), files.get("--plot"),
+                                                             plot_writer=sweep.write_sweep_plot))
     say = (lambda m: print(m, file=sys.stderr)) if json_stdout else print
     if json_stdout:
         print(json.dumps(doc, indent=2, default=str))
     else:
         sweep.print_sweep(doc)
-    write(doc, True, say)
+    report.write_outputs(doc, outputs, say, where="JSON" if json_stdout else "table",
+                         plot_writer=sweep.write_sweep_plot)
     return doc
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from mmf.errors import MMFError
 from mmf.units import human_bytes
@@ -234,15 +234,16 @@ class PartialWriter:
     """After each size, the JSON and chart so far (a run cut short keeps the sizes it measured). A
     failed write does not stop the measurements: it is said once on stderr, and tried again at the end."""
 
-    def __init__(self, json_out, plot):
+    def __init__(self, json_out, plot, plot_writer: Optional[Callable] = None):
         self.json_out, self.plot = json_out, plot
+        self.plot_writer = plot_writer or write_plot  # (result, path): the chart of this kind of run
         self.warned = False
 
     def __call__(self, res: dict) -> None:
         import mmf.bench as bench_pkg
 
         for opt, path, write in (("--json-out", self.json_out, lambda p: bench_pkg.write_json(p, res)),
-                                 ("--plot", self.plot, lambda p: write_plot(res, p))):
+                                 ("--plot", self.plot, lambda p: self.plot_writer(res, p))):
             if path is None:
                 continue
             try:
@@ -254,10 +255,12 @@ class PartialWriter:
                     self.warned = True
 
 
-def write_outputs(result: dict, outputs: list, say: Callable[[str], None], where: str) -> None:
-    """Write each ``(option, path)`` of ``outputs`` (``--json-out``: the JSON document; ``--plot``: the chart)
-    and ``say`` "wrote PATH". Called once the figures are on screen (in the ``where``: table or JSON):
-    the failures, if any, become one MMFError line that says so."""
+def write_outputs(result: dict, outputs: list, say: Callable[[str], None], where: str,
+                  plot_writer: Optional[Callable] = None) -> None:
+    """Write each ``(option, path)`` of ``outputs`` (``--json-out``: the JSON document; ``--plot``: the chart,
+    by ``plot_writer(result, path)``, default ``write_plot``) and ``say`` "wrote PATH". Called once the
+    figures are on screen (in the ``where``: table or JSON): the failures, if any, become one MMFError line
+    that says so."""
     failed = []
     for opt, path in outputs:
         try:
@@ -266,7 +269,7 @@ def write_outputs(result: dict, outputs: list, say: Callable[[str], None], where
 
                 bench_pkg.write_json(path, result)
             else:
-                write_plot(result, path)
+                (plot_writer or write_plot)(result, path)
             say(f"wrote {path}")
         except Exception as e:  # the figures are on screen already: say what failed, in one line
             failed.append((f"could not write {opt} {path}: {_why(e)}", e))
