@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checks", action="store_true", help="skip the GraphDecoder vs eager check (default: run)")
     ap.add_argument("--profile", action="store_true",
                     help="also time each kernel of eager steps under the profiler (default: off)")
+    ap.add_argument("--both-paths", action="store_true",
+                    help="at batch 1-2 time the GEMV and the GEMM path (default: the decoder's choice)")
     ap.add_argument("--dump-after", type=float, default=0,
                     help="print every thread's stack every this many s, 0 never (default: 0)")
     args = ap.parse_args(argv)
@@ -119,12 +121,13 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         base = None
         for b in batches:
-            for path in ["gemv" if b <= 2 else "gemm"]:
+            for path in (["gemv", "gemm"] if b <= 2 else ["gemm"]) if args.both_paths else [None]:
                 t0 = time.time()
-                dec = GraphDecoder(model, b)
+                dec = GraphDecoder(model, b, gemv=None if path is None else path == "gemv")
+                path = "gemv" if dec.gemv_path else "gemm"
                 build = time.time() - t0
                 ms = step_ms(dec, args.steps)
-                if b == 1:
+                if b == 1 and path == "gemv":
                     base = ms
                 ratio = ms / base if base else float("nan")
                 row = dict(size=size, batch=b, path=path, ms_per_step=ms, ratio_to_batch1=ratio,

@@ -231,7 +231,7 @@ def time_gemv(n, k, kind, batch, dtype, bw, copies_bytes=768 << 20, config=None,
     sw = torch.full((1,), 40.0, device="cuda")
     out = torch.empty(batch, n, device="cuda", dtype=dtype)
     res = torch.randn(batch, n, device="cuda").to(dtype)
-    gemv_path = batch <= tv.GEMV_MAX_ROWS
+    gemv_path = tv.uses_gemv(batch, k)
     sc = tv.Scratch(1, batch, k, "cuda")
     pro = tv.PRO_NORM if kind in ("norm", "glu") else tv.PRO_PLAIN
     epi = {"glu": tv.EPI_GLU, "res": tv.EPI_RESIDUAL}.get(kind, tv.EPI_STORE)

@@ -31,8 +31,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, Scratch, _epilogue,
-                           _quant_row, packed_bytes, segment_weights)
+from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, QUANT_MAX_CHUNKS, Scratch,
+                           _epilogue,
+                           _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights, use_pdl)
 
 
 @triton.jit
@@ -47,42 +48,91 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.const
 
 
 @triton.jit
-def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, K, P, PW, M,
+def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, RED, CTR, K, P, PW, M,
                   PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
-                  USE_ASM: tl.constexpr):
+                  USE_ASM: tl.constexpr, PDL: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr):
     m = tl.program_id(0)
     seg = tl.program_id(1)
+    ch = tl.program_id(2)
     _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
-               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True)
+               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+QUANT_PROGRAMS = 128  # a split row's programs wait for each other: the whole grid must be resident at once
+
+
+def quant_chunks(rows: int, pw: int) -> int:
+    """Programs per row of the pre-pass (a power of two): one row in one program leaves most of the GPU
+    idle at decode batches (4 rows: 4-12 programs) and is bound by its instruction issue; split, each
+    program holds at least 64 words, and all programs fit on the GPU at once (``QUANT_PROGRAMS``)."""
+    n = 1
+    while 2 * n <= min(QUANT_MAX_CHUNKS, QUANT_PROGRAMS // max(rows, 1)) and pw >= 2 * n * 64:
+        n *= 2
+    return n
 
 
 def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
-             s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS):
-    """Pre-pass: quantise the rows of x (see ``_quant_row``) into ``scratch`` for ``nseg`` segments."""
+             s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS,
+             chunks=None):
+    """Pre-pass: quantise the rows of x (see ``_quant_row``) into ``scratch`` for ``nseg`` segments, each
+    row split over ``chunks`` programs (default: ``quant_chunks`` on a GPU, 1 in the interpreter)."""
     m = scratch.sx.shape[1]
     k = k if k is not None else bit_norm.shape[-1]
     dtype = dtype or x.dtype
-    nw = 16 if scratch.pw >= 2048 else (8 if scratch.pw >= 512 else 4)
-    _quant_kernel[(m, nseg)](
-        x, x.stride(0), g if g is not None else x, g.stride(0) if g is not None else 0,
-        s_in if s_in is not None else x, s_out if s_out is not None else x,
-        lower_bound if lower_bound is not None else x, norm_weight if norm_weight is not None else bit_norm,
-        bit_norm, float(eps_model), float(eps_bl), scratch.xq, scratch.sx, scratch.sumx, k, packed_bytes(k),
-        scratch.pw, m, PRO=pro, HAS_LB=lower_bound is not None, DT=_TL_DTYPES[dtype],
-        BLOCK_W=triton.next_power_of_2(scratch.pw), USE_ASM=not INTERPRET, num_warps=nw)
+    if chunks is None:
+        chunks = 1 if INTERPRET or not scratch.xq.is_cuda else quant_chunks(m * nseg, scratch.pw)
+    assert chunks & (chunks - 1) == 0 and chunks <= QUANT_MAX_CHUNKS, "chunks: a power of two <= QUANT_MAX_CHUNKS"
+    bw = triton.next_power_of_2(triton.cdiv(scratch.pw, chunks))
+    nw = 16 if bw >= 2048 else (8 if bw >= 512 else 4)
+    pdl = use_pdl(scratch.xq.device)
+    spin = not INTERPRET  # the interpreter runs programs one after another: one launch per barrier instead
+    for _ in range(1 if spin or chunks == 1 else 4):  # 3 barriers: a launch makes one more correct
+        _quant_kernel[(m, nseg, chunks)](
+            x, x.stride(0), g if g is not None else x, g.stride(0) if g is not None else 0,
+            s_in if s_in is not None else x, s_out if s_out is not None else x,
+            lower_bound if lower_bound is not None else x, norm_weight if norm_weight is not None else bit_norm,
+            bit_norm, float(eps_model), float(eps_bl), scratch.xq, scratch.sx, scratch.sumx, scratch.red,
+            scratch.ctr, k, packed_bytes(k), scratch.pw, m, PRO=pro, HAS_LB=lower_bound is not None,
+            DT=_TL_DTYPES[dtype], BLOCK_W=bw, USE_ASM=not INTERPRET, PDL=pdl, NCH=chunks, SPIN=spin,
+            num_warps=nw, **({"launch_pdl": True} if pdl else {}))
     return scratch
+
+
+@triton.jit
+def _codes(wb, s: tl.constexpr, USE_ASM: tl.constexpr):
+    """Digit plane s of packed bytes wb: int8 codes 0-2, four bytes per 32-bit register, two instructions
+    (shift, mask 0x03030303) for four codes (the interpreter: one byte at a time). Measured on an H200
+    against the byte-wise form (``bench/results/EXPERIMENTS.md``): the 13b GEMMs at 4-16 rows 1.5-1.9x
+    faster, within 6-16 % of the same kernel with no unpack work at all."""
+    if USE_ASM:
+        if s == 0:
+            c = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [wb], dtype=tl.int8,
+                                          is_pure=True, pack=4)
+        elif s == 1:
+            c = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, 0x03030303;}", "=r,r",
+                                          [wb], dtype=tl.int8, is_pure=True, pack=4)
+        elif s == 2:
+            c = tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x03030303;}", "=r,r",
+                                          [wb], dtype=tl.int8, is_pure=True, pack=4)
+        else:
+            c = tl.inline_asm_elementwise("shr.b32 $0, $1, 6; and.b32 $0, $0, 0x03030303;", "=r,r", [wb],
+                                          dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        c = ((wb >> (2 * s)) & 3).to(tl.int8)
+    return c
 
 
 @triton.jit
 def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr, SWAP: tl.constexpr):
+                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
+    if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
+        gdc_wait()
+        gdc_launch_dependents()
     DT: tl.constexpr = OUT.dtype.element_ty
     pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP)
     Wp = segment_weights(W0, W1, W2, seg)
@@ -103,9 +153,9 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
             xmask = (kk < P)[:, None] & (rm < M)[None, :]
             for s in tl.static_range(4):
                 xs = tl.load(xcol + s * PB + kk[:, None], mask=xmask, other=0)  # (BK, BM) int8
-                accT = tl.dot(((wb >> (2 * s)) & 3).to(tl.int8), xs, accT, out_dtype=tl.int32)
+                accT = tl.dot(_codes(wb, s, USE_ASM), xs, accT, out_dtype=tl.int32)
                 if EPI == 2:
-                    acc2T = tl.dot(((wb2 >> (2 * s)) & 3).to(tl.int8), xs, acc2T, out_dtype=tl.int32)
+                    acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
         sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
         sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
         _epilogue(tl.trans(accT), tl.trans(acc2T), sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m,
@@ -123,9 +173,9 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
         xmask = (rm < M)[:, None] & (kk < P)[None, :]
         for s in tl.static_range(4):
             xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
-            acc = tl.dot(xs, ((wb >> (2 * s)) & 3).to(tl.int8), acc, out_dtype=tl.int32)
+            acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
             if EPI == 2:
-                acc2 = tl.dot(xs, ((wb2 >> (2 * s)) & 3).to(tl.int8), acc2, out_dtype=tl.int32)
+                acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
     sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
     sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
     _epilogue(acc, acc2, sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
@@ -139,9 +189,11 @@ def _gemm_configs(m: int):
         return [(16, 64, 32, 4, 1)]
     if m <= 16:
         return [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4),
-                (16, 32, 256, 4, 3), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 3, 1), (16, 64, 256, 4, 3, 1)]
+                (16, 32, 256, 4, 3), (16, 128, 256, 8, 3), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 3, 1),
+                (16, 64, 256, 4, 3, 1), (16, 64, 128, 4, 6, 1)]
     if m <= 64:
-        return [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (32, 64, 128, 4, 4), (64, 32, 128, 4, 3)]
+        return [(64, 64, 128, 4, 3, 1), (64, 64, 256, 4, 3, 1), (32, 64, 128, 4, 4), (64, 128, 128, 4, 3),
+                (64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 128, 128, 4, 3, 1)]
     return [(128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
             (64, 64, 128, 4, 3), (128, 32, 128, 4, 3), (64, 32, 256, 4, 3),
             (128, 64, 128, 4, 3, 1), (128, 128, 128, 8, 3, 1), (64, 128, 128, 4, 3, 1), (128, 64, 64, 4, 4, 1),
@@ -176,8 +228,7 @@ def _launch(cfg, a):
     grid = (triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn), a["nseg"])
     _gemm_kernel[grid](a["xq8"], a["sx"], a["sumx"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
                        a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], EPI=a["epi"], BM=bm, BN=bn, BK=bk,
-                       GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, num_warps=nw,
-                       num_stages=ns)
+                       GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], num_warps=nw, num_stages=ns, **({"launch_pdl": True} if a["pdl"] else {}))
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):
@@ -195,10 +246,11 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     a = dict(xq8=scratch.xq.view(torch.int8), sx=scratch.sx, sumx=scratch.sumx, w=ws, sw=scales, out=out,
              res=residual if residual is not None else out, so_m=out.stride(0),
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, p=packed_bytes(k),
-             pb=4 * scratch.pw, nseg=nseg, epi=epi)
+             pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
     key = (mb, n, k, nseg, epi, str(out.dtype))
-    cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, a), out)
+    # tuned without PDL: a PDL launch overlaps the timer's cache flush (see ternary_gemv._tune)
+    cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, dict(a, pdl=False)), out)
     try:
         _launch(cfg, a)
     except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device
@@ -386,8 +438,8 @@ def gemm_unpacked(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=N
 
 
 def bitlinear_i2(x, norm_weight, packed, k, s_w, eps=reference.BITLINEAR_NORM_EPS):
-    """Drop-in for ``reference.bitlinear_i2`` (no bias): GEMV for up to 4 rows, else pre-pass + GEMM."""
-    from .ternary_gemv import GEMV_MAX_ROWS, gemv
+    """Drop-in for ``reference.bitlinear_i2`` (no bias): the GEMV where ``uses_gemv``, else pre-pass + GEMM."""
+    from .ternary_gemv import gemv, uses_gemv
 
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -400,7 +452,7 @@ def bitlinear_i2(x, norm_weight, packed, k, s_w, eps=reference.BITLINEAR_NORM_EP
     if m == 0:
         return out.reshape(*shape[:-1], n)
     scratch = Scratch(1, m, k, x.device)
-    if m <= GEMV_MAX_ROWS:
+    if uses_gemv(m, k):
         gemv(x2, [packed], sw, bn, out, k=k, eps_bl=eps, scratch=scratch)
     else:
         quantize(x2, bn, scratch, k=k, eps_bl=eps)

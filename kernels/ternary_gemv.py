@@ -91,6 +91,15 @@ PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
 PRO_NONE = 4  # activations already quantised in the scratch (benchmarks: the weight stream alone)
 EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
 GEMV_MAX_ROWS = 2  # above this, the tensor-core GEMM wins (dp4a work grows with the rows; measured)
+# Two rows: the GEMV for rows narrower than this, the GEMM from it. Measured in one H200 run (decode step,
+# bench/results/batched_decode_h200.json): 13b (5120 wide) GEMM 3.01 vs GEMV 4.09 ms; 1.3b (2048) GEMM 1.07
+# vs GEMV 0.79; 370m (1024) 0.65 vs 0.54.
+GEMV2_MAX_K = 4096
+
+
+def uses_gemv(rows: int, k: int) -> bool:
+    """Does a product of ``rows`` activation rows of width ``k`` (a decode batch) run the GEMV?"""
+    return rows == 1 or (rows <= GEMV_MAX_ROWS and k < GEMV2_MAX_K)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,10 +156,39 @@ def segment_weights(W0, W1, W2, seg):
 
 
 @triton.jit
+def _row_reduce(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr,
+                SPIN: tl.constexpr):
+    """The whole row's sum (or max) from this chunk's ``part``: with NCH > 1 chunks, each stores its
+    part in RED[grp, r, ch], waits at a barrier of the group's NCH programs (counter CTR[grp], which
+    only grows: arrivals come in groups of NCH, so the group's target is the next multiple of NCH),
+    then reduces all NCH parts in one fixed order (deterministic). SPIN=False (the interpreter, whose
+    programs run one after another) skips the wait: the caller launches the kernel once per barrier,
+    and each launch reads the parts the previous one stored."""
+    if NCH > 1:
+        slot = RED + (grp * 4 + r) * NCH
+        tl.store(slot + ch, part)
+        tl.debug_barrier()  # every thread's store before the arrival (release, cumulative)
+        old = tl.atomic_add(CTR + grp, 1, sem="acq_rel")
+        if SPIN:
+            target = (old & -NCH) + NCH
+            cur = old + 1
+            while target - cur > 0:  # int32 differences: the counter may wrap
+                cur = tl.atomic_add(CTR + grp, 0, sem="acquire")
+        tl.debug_barrier()
+        parts = tl.load(slot + tl.arange(0, NCH), cache_modifier=".cg")
+        if IS_MAX:
+            part = tl.max(parts, 0)
+        else:
+            part = tl.sum(parts, 0)
+    return part
+
+
+@triton.jit
 def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                eps_model, eps_bl, WRITE_STATE,
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
-               USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr, WAIT: tl.constexpr = False):
+               USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr, WAIT: tl.constexpr = False,
+               ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True):
     """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX; returns s_x.
 
     The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
@@ -160,9 +198,14 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     are loaded first, all at once; with ``WAIT`` (programmatic dependent launch) the program then
     waits for the previous kernel, whose output X/G is, so their loads overlap its tail. (Profiled:
     loaded after the first reductions, their latency stalled the prologue a second time.)
+
+    With NCH > 1 the row is split over NCH programs (chunk ``ch`` holds words [ch * BLOCK_W, (ch + 1)
+    * BLOCK_W)) whose row reductions meet in ``_row_reduce``; sum(xq) is summed by the group's last
+    program to arrive, and s_x written by chunk 0.
     """
+    grp = seg * M + m
     s_i = tl.arange(0, 4)[:, None, None]
-    w_i = tl.arange(0, BLOCK_W)[None, :, None]
+    w_i = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, :, None]
     b_i = tl.arange(0, 4)[None, None, :]
     j = 4 * w_i + b_i
     k = s_i * P + j
@@ -190,32 +233,48 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         s = f * s_prev + i
         if WRITE_STATE:
             tl.store(S_OUT + m * K + k, s, mask=valid)
-        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0) / K + eps_model)
+        ss = _row_reduce(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0), False, RED, CTR, grp, ch, 0, NCH, SPIN)
+        r = 1.0 / tl.sqrt(ss / K + eps_model)
         v = _to(gp * r * nw * _silu(s), DT, USE_ASM).to(tl.float32)
     elif PRO == 2:  # PRO_GATED
         gp = tl.load(G + m * sgm + k, mask=valid, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0) / K + eps_model)
+        ss = _row_reduce(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0), False, RED, CTR, grp, ch, 0, NCH, SPIN)
+        r = 1.0 / tl.sqrt(ss / K + eps_model)
         v = _to(gp * r * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
     elif PRO == 1:  # PRO_NORM
         x = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(x * x, 2), 1), 0) / K + eps_model)
+        ss = _row_reduce(tl.sum(tl.sum(tl.sum(x * x, 2), 1), 0), False, RED, CTR, grp, ch, 0, NCH, SPIN)
+        r = 1.0 / tl.sqrt(ss / K + eps_model)
         v = _to(x * r * nw, DT, USE_ASM).to(tl.float32)
     else:
         v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
-    r2 = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(v * v, 2), 1), 0) / K + eps_bl)
+    vv = _row_reduce(tl.sum(tl.sum(tl.sum(v * v, 2), 1), 0), False, RED, CTR, grp, ch, 1, NCH, SPIN)
+    r2 = 1.0 / tl.sqrt(vv / K + eps_bl)
     xn = v * r2 * bw
-    amax = tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0)
+    amax = _row_reduce(tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0), True, RED, CTR, grp, ch, 2, NCH, SPIN)
     sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
     q = tl.minimum(tl.maximum(_rint(xn * sx, USE_ASM), -128.0), 127.0).to(tl.int32)
     q = tl.where(valid, q, 0)
     word = tl.sum((q & 0xFF) << (8 * b_i), 2)  # (4, BLOCK_W): the 4 bytes of each word
     s2 = tl.arange(0, 4)[:, None]
-    w2 = tl.arange(0, BLOCK_W)[None, :]
+    w2 = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     tl.store(XQ + ((seg * M + m) * 4 + s2) * PW + w2, word, mask=w2 < PW)
-    tl.store(SX + seg * M + m, sx)
-    if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
-        tl.store(SUMX + seg * M + m, tl.sum(tl.sum(tl.sum(q, 2), 1), 0))
+    if NCH == 1:
+        tl.store(SX + seg * M + m, sx)
+        if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
+            tl.store(SUMX + seg * M + m, tl.sum(tl.sum(tl.sum(q, 2), 1), 0))
+    else:
+        if ch == 0:
+            tl.store(SX + seg * M + m, sx)
+        # sum(xq): the parts as int32 bits in the fp32 slots; the group's last program adds them up
+        slot = RED + (grp * 4 + 3) * NCH
+        tl.store(slot + ch, tl.sum(tl.sum(tl.sum(q, 2), 1), 0).to(tl.float32, bitcast=True))
+        tl.debug_barrier()
+        old = tl.atomic_add(CTR + grp, 1, sem="acq_rel")
+        if (old & (NCH - 1)) == NCH - 1:
+            parts = tl.load(slot + tl.arange(0, NCH), cache_modifier=".cg").to(tl.int32, bitcast=True)
+            tl.store(SUMX + seg * M + m, tl.sum(parts, 0))
     return sx
 
 
@@ -430,6 +489,9 @@ def _operands(weights) -> list:
     return ws + [ws[0]] * (3 - len(ws))
 
 
+QUANT_MAX_CHUNKS = 16  # most programs one row's quantisation is split over
+
+
 class Scratch:
     """Quantised activations (NSEG, M, 4, PW) int32 words + s_x (NSEG, M) + sum(xq) (NSEG, M)."""
 
@@ -438,6 +500,9 @@ class Scratch:
         self.xq = torch.zeros(nseg, m, 4, self.pw, dtype=torch.int32, device=device)
         self.sx = torch.ones(nseg, m, dtype=torch.float32, device=device)
         self.sumx = torch.zeros(nseg, m, dtype=torch.int32, device=device)
+        # a row split over programs (``ternary_gemm.quantize``): partial reductions and barrier counters
+        self.red = torch.zeros(nseg * m * 4 * QUANT_MAX_CHUNKS, dtype=torch.float32, device=device)
+        self.ctr = torch.zeros(nseg * m, dtype=torch.int32, device=device)
 
 
 # rows -> (BN, num_warps, programs per SM) candidates; the first is the interpreter's choice

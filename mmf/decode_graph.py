@@ -96,7 +96,7 @@ class GraphDecoder:
     # re-rank each GEMV shape's best schedules by timing the whole captured step (``_refine``)
     REFINE = os.environ.get("MMF_REFINE", "1") != "0"
 
-    def __init__(self, model, batch: int, use_graph: bool | None = None):
+    def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
 
         tv = triton_kernels("ternary_gemv")  # without triton installed: one MMFError line
@@ -133,7 +133,8 @@ class GraphDecoder:
             self.final_norm, self.eps_final = model.model.norm.weight.detach(), model.model.norm.eps
             self.head = _PackedLinear(model.lm_head, self.device)
         B, dev, dt = batch, self.device, self.dtype
-        self.gemv_path = B <= tv.GEMV_MAX_ROWS
+        # ``gemv`` (benchmarks) forces the decode path; by default ``uses_gemv`` picks it
+        self.gemv_path = tv.uses_gemv(B, d) if gemv is None else (gemv and B <= tv.GEMV_MAX_ROWS)
         self.state = torch.zeros(L, B, d, dtype=torch.float32, device=dev)
         self.state_next = torch.zeros_like(self.state)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)

@@ -152,9 +152,10 @@ def _glu_ref(v, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 7])
-def test_fused_prologues_and_epilogues(dtype, m):
-    """Block norm prologue + 3 segments; MLGRU prologue + residual; GLU epilogue; gated pre-pass."""
+@pytest.mark.parametrize("m,chunks", [(1, None), (3, None), (7, None), (3, 4), (7, 2)])
+def test_fused_prologues_and_epilogues(dtype, m, chunks):
+    """Block norm prologue + 3 segments; MLGRU prologue + residual; GLU epilogue; gated pre-pass (its rows
+    whole in one program, or split over ``chunks`` programs)."""
     g = torch.Generator().manual_seed(11 + m)
     d, ffn, eps = 48, 36, 1e-6
 
@@ -199,13 +200,13 @@ def test_fused_prologues_and_epilogues(dtype, m):
         ternary_gemv.gemv(r, [pack_i2(cgu)], sgu.reshape(1), bgu, v, pro=ternary_gemv.PRO_NORM,
                           norm_weight=attn_w * 0 + 1, epi=ternary_gemv.EPI_GLU, scratch=ternary_gemv.Scratch(1, m, d, "cpu"))
     else:
-        ternary_gemm.quantize(x, bw3, sc3, nseg=3, pro=ternary_gemv.PRO_NORM, norm_weight=attn_w)
+        ternary_gemm.quantize(x, bw3, sc3, nseg=3, pro=ternary_gemv.PRO_NORM, norm_weight=attn_w, chunks=chunks)
         ternary_gemm.gemm(sc3, [pi, pf, pg], scales, ifg, k=d)
         ternary_gemm.quantize(ifg, bwo, sc1, pro=ternary_gemv.PRO_MLGRU, k=d, norm_weight=gnw, s_in=state,
-                              s_out=s_out, lower_bound=lb)
+                              s_out=s_out, lower_bound=lb, chunks=chunks)
         ternary_gemm.gemm(sc1, [po], so.reshape(1), r, k=d, epi=ternary_gemv.EPI_RESIDUAL, residual=x)
         sc = ternary_gemv.Scratch(1, m, d, "cpu")
-        ternary_gemm.quantize(r, bgu, sc, pro=ternary_gemv.PRO_NORM, norm_weight=attn_w * 0 + 1)
+        ternary_gemm.quantize(r, bgu, sc, pro=ternary_gemv.PRO_NORM, norm_weight=attn_w * 0 + 1, chunks=chunks)
         ternary_gemm.gemm(sc, [pack_i2(cgu)], sgu.reshape(1), v, k=d, epi=ternary_gemv.EPI_GLU)
     check_rows(ifg[:, :d], ri, dtype)
     check_rows(ifg[:, 2 * d:], rg, dtype)
@@ -214,6 +215,43 @@ def test_fused_prologues_and_epilogues(dtype, m):
     # GLU input: r from the kernel, so the check isolates the GLU epilogue
     h2 = reference.rms_norm(r, attn_w * 0 + 1, eps)
     check_rows(v, _glu_ref(reference.bitlinear_frozen(h2, bgu[0], cgu, sgu), dtype), dtype)
+
+
+def _xq_bytes(sc, k):
+    """(NSEG, M, K) int8 quantised activations from the scratch's planar words."""
+    p = ternary_gemv.packed_bytes(k)
+    b = sc.xq.view(torch.int8).reshape(sc.xq.shape[0], sc.xq.shape[1], 4, -1)[..., :p]
+    return b.reshape(sc.xq.shape[0], sc.xq.shape[1], -1)[..., :k]
+
+
+@pytest.mark.parametrize("pro", [ternary_gemv.PRO_PLAIN, ternary_gemv.PRO_NORM, ternary_gemv.PRO_GATED,
+                                 ternary_gemv.PRO_MLGRU])
+@pytest.mark.parametrize("m,k,nseg,chunks", [(3, 300, 1, 4), (2, 77, 3, 2), (5, 1000, 2, 8), (1, 4100, 1, 16)])
+def test_quantize_split_rows_match_whole_rows(pro, m, k, nseg, chunks):
+    """The pre-pass with each row split over ``chunks`` programs (partial reductions met in fixed order)
+    against whole rows: same s_x (to fp32 rounding), int8 values within one rounding flip, sum(xq)
+    consistent with them, the same MLGRU state; odd K (padded words, chunks with no weight column)."""
+    g = torch.Generator().manual_seed(pro * 100 + k)
+    width = 3 * k if pro == ternary_gemv.PRO_MLGRU else k
+    x = torch.randn(m, width, generator=g) * 2
+    gate = torch.randn(m, k, generator=g)
+    bn = torch.rand(nseg, k, generator=g) + 0.5
+    kw = dict(nseg=nseg, pro=pro, k=k, norm_weight=torch.rand(k, generator=g) + 0.5,
+              g=gate if pro == ternary_gemv.PRO_GATED else None, s_in=torch.randn(m, k, generator=g),
+              lower_bound=torch.rand(k, generator=g) * 0.5 if pro == ternary_gemv.PRO_MLGRU else None)
+    runs = []
+    for c in (1, chunks):
+        sc = ternary_gemv.Scratch(nseg, m, k, "cpu")
+        s_out = torch.zeros(m, k)
+        ternary_gemm.quantize(x, bn, sc, s_out=s_out, chunks=c, **kw)
+        runs.append((sc, s_out))
+    (whole, s_whole), (split, s_split) = runs
+    assert torch.allclose(split.sx, whole.sx, rtol=1e-6, atol=0)
+    qa, qb = _xq_bytes(whole, k).int(), _xq_bytes(split, k).int()
+    assert (qa - qb).abs().max().item() <= 1 and (qa != qb).float().mean().item() < 0.01
+    assert torch.equal(split.sumx, qb.sum(-1).int()) and torch.equal(whole.sumx, qa.sum(-1).int())
+    if pro == ternary_gemv.PRO_MLGRU:
+        assert torch.equal(s_split, s_whole)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
