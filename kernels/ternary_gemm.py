@@ -2,11 +2,14 @@
 
 Same arithmetic as ``ternary_gemv.py`` (read that docstring first): i2 planar packed weights read
 directly, int8 activations, int32 accumulation, ``y = (acc - sum xq) / (s_x s_w)`` once at the
-end. Here the activations are quantised by a small pre-pass (one program per row and segment,
-the same prologue code as the GEMV), and the product runs on the tensor cores: each (BK bytes x
-BN rows) weight tile is unpacked in registers into its 4 digit planes of codes (0, 1, 2), and each
-plane meets the matching (BM x BK) slice of the planar int8 activations in ``tl.dot(int8, int8) ->
-int32`` (ternary x int8 is exact). The epilogues (residual, GLU pair) are the GEMV's.
+end. Here the activations are quantised by a small pre-pass (the same prologue code as the GEMV; one
+program per row and segment, or, for wide rows at decode batches, each row split over several programs
+that meet at barriers: ``quantize``, ``decode_quant_chunks``), and the product runs on the tensor cores:
+each (BK bytes x BN rows) weight tile is unpacked in registers into its 4 digit planes of codes (0, 1,
+2; four codes per 32-bit register, ``_codes``), and each plane meets the matching (BM x BK) slice of
+the planar int8 activations in ``tl.dot(int8, int8) -> int32`` (ternary x int8 is exact). The
+epilogues (residual, GLU pair) are the GEMV's. Both kernels launch with programmatic dependent launch
+where the GPU has it (``ternary_gemv.use_pdl``).
 
 Two operand orders, chosen per shape by the tuner: activations on the left (``x W^T``), or weights
 on the left (``(W x^T)^T``, ``SWAP``): then the unpacked codes stay in registers as the left operand
@@ -31,9 +34,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, QUANT_MAX_CHUNKS, Scratch,
-                           _epilogue,
-                           _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights, use_pdl)
+from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, QUANT_MAX_CHUNKS, Scratch, _epilogue,
+                           _num_sm, _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights,
+                           use_pdl)
 
 
 @triton.jit
@@ -62,26 +65,42 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 QUANT_PROGRAMS = 128  # a split row's programs wait for each other: the whole grid must be resident at once
 
 
-def quant_chunks(rows: int, pw: int) -> int:
+def quant_chunks(rows: int, pw: int, programs: int = QUANT_PROGRAMS) -> int:
     """Programs per row of the pre-pass (a power of two): one row in one program leaves most of the GPU
     idle at decode batches (4 rows: 4-12 programs) and is bound by its instruction issue; split, each
-    program holds at least 64 words, and all programs fit on the GPU at once (``QUANT_PROGRAMS``)."""
+    program holds at least 64 words, and the grid has at most ``programs`` programs (the caller passes
+    at most one per SM, so that all are resident at once and none waits at a barrier for one that is not)."""
     n = 1
-    while 2 * n <= min(QUANT_MAX_CHUNKS, QUANT_PROGRAMS // max(rows, 1)) and pw >= 2 * n * 64:
+    while 2 * n <= min(QUANT_MAX_CHUNKS, programs // max(rows, 1)) and pw >= 2 * n * 64:
         n *= 2
     return n
 
 
+# The decoder splits its pre-pass rows (``decode_quant_chunks``) from this model width and up to this batch.
+# Measured in whole 13b / 1.3b decode steps on an H200 (bench/results/EXPERIMENTS.md): split, 13b batch 4 /
+# 16 3.50 -> 3.22 / 3.44 -> 3.30 ms, but 13b batch 64 5.31 -> 5.77 and 1.3b batch 4 / 16 / 64 0.88 / 0.84 /
+# 1.18 -> 1.11 / 1.19 / 1.39: a split pays for its three barriers only on wide rows at small batches.
+QUANT_SPLIT_MIN_K = 4096
+QUANT_SPLIT_MAX_ROWS = 16
+
+
+def decode_quant_chunks(batch: int, d: int):
+    """``quantize``'s ``chunks`` for a decode step of ``batch`` rows of a model of width ``d``: None
+    (``quant_chunks`` decides) for wide models at small batches, else 1 (whole rows)."""
+    return None if d >= QUANT_SPLIT_MIN_K and batch <= QUANT_SPLIT_MAX_ROWS else 1
+
+
 def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
              s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS,
-             chunks=None):
+             chunks=1):
     """Pre-pass: quantise the rows of x (see ``_quant_row``) into ``scratch`` for ``nseg`` segments, each
-    row split over ``chunks`` programs (default: ``quant_chunks`` on a GPU, 1 in the interpreter)."""
+    row split over ``chunks`` programs (None: ``quant_chunks`` on a GPU, whole rows in the interpreter)."""
     m = scratch.sx.shape[1]
     k = k if k is not None else bit_norm.shape[-1]
     dtype = dtype or x.dtype
     if chunks is None:
-        chunks = 1 if INTERPRET or not scratch.xq.is_cuda else quant_chunks(m * nseg, scratch.pw)
+        chunks = 1 if INTERPRET or not scratch.xq.is_cuda else quant_chunks(
+            m * nseg, scratch.pw, min(QUANT_PROGRAMS, _num_sm(scratch.xq.device)))
     assert chunks & (chunks - 1) == 0 and chunks <= QUANT_MAX_CHUNKS, "chunks: a power of two <= QUANT_MAX_CHUNKS"
     bw = triton.next_power_of_2(triton.cdiv(scratch.pw, chunks))
     nw = 16 if bw >= 2048 else (8 if bw >= 512 else 4)

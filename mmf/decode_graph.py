@@ -210,6 +210,7 @@ class GraphDecoder:
         torch.index_select(self.emb, 0, self.ids, out=self.x)
         d = self.d
         pool = self._tune_pools  # every layer's weights: schedules are timed as they run here
+        qc = tg.decode_quant_chunks(self.batch, d)  # rows of the pre-pass split over programs, or whole
         for l, ly in enumerate(self.layers):
             o, gu, dn = ly["o"], ly["gu"], ly["down"]
             if self.gemv_path:
@@ -226,16 +227,16 @@ class GraphDecoder:
                         epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
             else:
                 tg.quantize(self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM, norm_weight=ly["attn_norm"],
-                            eps_model=ly["eps_attn"])
+                            eps_model=ly["eps_attn"], chunks=qc)
                 tg.gemm(self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d)
                 tg.quantize(self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d, dtype=self.dtype,
                             norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
-                            s_out=self.state_next[l], lower_bound=ly["lb"])
+                            s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc)
                 tg.gemm(self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x)
                 tg.quantize(self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
-                            eps_model=ly["eps_mlp"])
+                            eps_model=ly["eps_mlp"], chunks=qc)
                 tg.gemm(self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU)
-                tg.quantize(self.v, dn.norm[None], self.sc_m, k=self.m)
+                tg.quantize(self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc)
                 tg.gemm(self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL, residual=self.r)
         h = self.head
         if self.gemv_path:
@@ -243,7 +244,7 @@ class GraphDecoder:
                     norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
         else:
             tg.quantize(self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=self.final_norm,
-                        eps_model=self.eps_final)
+                        eps_model=self.eps_final, chunks=qc)
             tg.gemm(self.sc_d, [h.packed], h.scale, self.logits, k=d)
         self.state.copy_(self.state_next)
 

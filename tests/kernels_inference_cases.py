@@ -370,3 +370,16 @@ def test_generate_graph_path_matmul_free():
     prompt = torch.randint(3, 259, (3,), generator=torch.Generator().manual_seed(4)).tolist()
     kw = dict(temperature=0.8, top_p=0.9, seed=1)
     assert generate_ids(model, prompt, 2, graph=True, **kw) == generate_ids(model, prompt, 2, **kw)
+
+
+def test_quant_chunks_fit_the_gpu_and_the_decoder_splits_only_wide_small_batches():
+    """Split rows: a power of two, at least 64 words a program, the whole grid resident at once; the
+    decoder asks for a split only where it measured faster (wide rows, small batches)."""
+    for rows in (1, 3, 4, 12, 16, 48, 64, 192):
+        for pw in (3, 96, 256, 320, 512, 1280, 3456):
+            c = ternary_gemm.quant_chunks(rows, pw)
+            assert c & (c - 1) == 0 and c <= ternary_gemv.QUANT_MAX_CHUNKS
+            assert c == 1 or (rows * c <= ternary_gemm.QUANT_PROGRAMS and pw >= c * 64)
+    assert ternary_gemm.quant_chunks(4, 3456) == 16 and ternary_gemm.quant_chunks(192, 3456) == 1
+    assert ternary_gemm.decode_quant_chunks(4, 5120) is None
+    assert ternary_gemm.decode_quant_chunks(64, 5120) == 1 and ternary_gemm.decode_quant_chunks(4, 2048) == 1
