@@ -94,7 +94,11 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
              s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS,
              chunks=1):
     """Pre-pass: quantise the rows of x (see ``_quant_row``) into ``scratch`` for ``nseg`` segments, each
-    row split over ``chunks`` programs (None: ``quant_chunks`` on a GPU, whole rows in the interpreter)."""
+    row split over ``chunks`` programs (None: ``quant_chunks`` on a GPU, whole rows in the interpreter).
+
+    Launched with programmatic dependent launch where the GPU has it: the constant operands (norm
+    weights, lower bound, ``s_in``) are read before the wait for the kernel launched just before, so that
+    kernel must not write them (x and g are read after the wait)."""
     m = scratch.sx.shape[1]
     k = k if k is not None else bit_norm.shape[-1]
     dtype = dtype or x.dtype
@@ -247,7 +251,8 @@ def _launch(cfg, a):
     grid = (triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn), a["nseg"])
     _gemm_kernel[grid](a["xq8"], a["sx"], a["sumx"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
                        a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], EPI=a["epi"], BM=bm, BN=bn, BK=bk,
-                       GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], num_warps=nw, num_stages=ns, **({"launch_pdl": True} if a["pdl"] else {}))
+                       GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], num_warps=nw, num_stages=ns,
+                       **({"launch_pdl": True} if a["pdl"] else {}))
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):
