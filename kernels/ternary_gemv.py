@@ -500,9 +500,11 @@ class Scratch:
         self.xq = torch.zeros(nseg, m, 4, self.pw, dtype=torch.int32, device=device)
         self.sx = torch.ones(nseg, m, dtype=torch.float32, device=device)
         self.sumx = torch.zeros(nseg, m, dtype=torch.int32, device=device)
-        # a row split over programs (``ternary_gemm.quantize``): partial reductions and barrier counters
-        self.red = torch.zeros(nseg * m * 4 * QUANT_MAX_CHUNKS, dtype=torch.float32, device=device)
-        self.ctr = torch.zeros(nseg * m, dtype=torch.int32, device=device)
+        # a row split over programs (``ternary_gemm.quantize``; only few rows are: at most 64, as two
+        # programs each fill 128): partial reductions and barrier counters
+        split = nseg * m <= 64
+        self.red = torch.zeros(nseg * m * 4 * QUANT_MAX_CHUNKS if split else 1, dtype=torch.float32, device=device)
+        self.ctr = torch.zeros(nseg * m if split else 1, dtype=torch.int32, device=device)
 
 
 # rows -> (BN, num_warps, programs per SM) candidates; the first is the interpreter's choice
