@@ -161,7 +161,8 @@ def _row_reduce(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, 
     """The whole row's sum (or max) from this chunk's ``part``: with NCH > 1 chunks, each stores its
     part in RED[grp, r, ch], waits at a barrier of the group's NCH programs (counter CTR[grp], which
     only grows: arrivals come in groups of NCH, so the group's target is the next multiple of NCH),
-    then reduces all NCH parts in one fixed order (deterministic). SPIN=False (the interpreter, whose
+    then reduces all NCH parts in one fixed order (deterministic); each launch leaves the counter at a
+    multiple of 16, whatever its NCH and number of barriers (``_quant_row``). SPIN=False (the interpreter, whose
     programs run one after another) skips the wait: the caller launches the kernel once per barrier,
     and each launch reads the parts the previous one stored."""
     if NCH > 1:
@@ -275,6 +276,9 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         if (old & (NCH - 1)) == NCH - 1:
             parts = tl.load(slot + tl.arange(0, NCH), cache_modifier=".cg").to(tl.int32, bitcast=True)
             tl.store(SUMX + seg * M + m, tl.sum(parts, 0))
+            # leave the counter at a multiple of QUANT_MAX_CHUNKS (16): the next launch on this scratch may
+            # split its rows over more programs, and its barriers count from an aligned start
+            tl.atomic_add(CTR + grp, (-(old + 1)) & 15, sem="relaxed")
     return sx
 
 
@@ -489,7 +493,7 @@ def _operands(weights) -> list:
     return ws + [ws[0]] * (3 - len(ws))
 
 
-QUANT_MAX_CHUNKS = 16  # most programs one row's quantisation is split over
+QUANT_MAX_CHUNKS = 16  # most programs one row's quantisation is split over (``_quant_row`` aligns to it)
 
 
 class Scratch:

@@ -227,6 +227,9 @@ def _xq_bytes(sc, k):
 @pytest.mark.parametrize("pro", [ternary_gemv.PRO_PLAIN, ternary_gemv.PRO_NORM, ternary_gemv.PRO_GATED,
                                  ternary_gemv.PRO_MLGRU])
 @pytest.mark.parametrize("m,k,nseg,chunks", [(3, 300, 1, 4), (2, 77, 3, 2), (5, 1000, 2, 8), (1, 4100, 1, 16)])
+# the interpreter's barrier emulation: a launch before the last reads the parts the launch before it left,
+# which may be stale (NaN in a max); the last launch reads only parts of complete reductions
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 def test_quantize_split_rows_match_whole_rows(pro, m, k, nseg, chunks):
     """The pre-pass with each row split over ``chunks`` programs (partial reductions met in fixed order)
     against whole rows: same s_x (to fp32 rounding), int8 values within one rounding flip, sum(xq)
@@ -252,6 +255,13 @@ def test_quantize_split_rows_match_whole_rows(pro, m, k, nseg, chunks):
     assert torch.equal(split.sumx, qb.sum(-1).int()) and torch.equal(whole.sumx, qa.sum(-1).int())
     if pro == ternary_gemv.PRO_MLGRU:
         assert torch.equal(s_split, s_whole)
+    # the barrier counters end every launch aligned, so the next launch may split rows differently (the
+    # plain prologue has the fewest barriers: 2 + the last arrival, an odd count)
+    assert (split.ctr % ternary_gemv.QUANT_MAX_CHUNKS == 0).all() and (split.ctr > 0).all()
+    if pro == ternary_gemv.PRO_PLAIN:
+        for c in (2, 16):
+            ternary_gemm.quantize(x, bn, split, s_out=torch.zeros(m, k), chunks=c, **kw)
+            assert (split.ctr % ternary_gemv.QUANT_MAX_CHUNKS == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
