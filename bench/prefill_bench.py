@@ -18,14 +18,13 @@ Prints a table and writes JSON (``--out``). ``python -m mmf.bench.prefill_bench 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
+from mmf.bench import write_json
 from mmf.bench.kernel_bench import log
 
 
@@ -218,9 +217,7 @@ def main(argv=None) -> int:
     def save():
         res["wall_s"] = time.time() - t0
         if args.out:
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
+            write_json(args.out, res, indent=1)
     pk = peaks()
     res["peaks"] = pk
     log(f"[{time.time() - t0:.0f}s] peaks: int8 _int_mm {pk['int8_tops']:.0f} TOP/s, "

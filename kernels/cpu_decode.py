@@ -95,8 +95,10 @@ class _Plan:
                 w, nw, s_w = linear(mod, k, n)
                 row += [w, nw]
                 scales.append(s_w)
+            fl = [layer.attn_norm.eps, a.g_norm.eps, layer.mlp_norm.eps, *scales]
+            assert (len(row), len(fl)) == (PTRS, FLOATS), "the layer layout of mmf_hgrn_step"
             ptrs += row
-            floats += [layer.attn_norm.eps, a.g_norm.eps, layer.mlp_norm.eps, *scales]
+            floats += fl
         if model.model.lower_bounds is not None:
             lbp = model.model.lower_bounds
             self.watch.append((lbp, lbp.data_ptr(), _version(lbp)))
@@ -116,7 +118,7 @@ class _NotEligible(Exception):
 def plan_for(model, linear_cls) -> Optional[_Plan]:
     """The model's native-step plan, built (or rebuilt after a weight change) here; None where it does not apply."""
     plan = model.__dict__.get(_PLAN)
-    if plan is False:  # found ineligible before; a changed model is checked again below
+    if plan is False:  # found ineligible before: the eager forward runs (not checked again)
         return None
     if plan is not None and plan.fresh():
         return plan

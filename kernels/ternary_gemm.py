@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, QUANT_MAX_CHUNKS, Scratch, _epilogue,
-                           _num_sm, _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights,
-                           use_pdl)
+from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
+                           Scratch, _epilogue, _num_sm, _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes,
+                           segment_weights, use_pdl)
 
 
 @triton.jit
@@ -62,7 +62,6 @@ def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, X
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-QUANT_PROGRAMS = 128  # a split row's programs wait for each other: the whole grid must be resident at once
 
 
 def quant_chunks(rows: int, pw: int, programs: int = QUANT_PROGRAMS) -> int:

@@ -185,6 +185,14 @@ def _row_reduce(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, 
 
 
 @triton.jit
+def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr):
+    """1 / sqrt(mean(a^2) + eps) over the row (K columns) whose (4, W, 4) tile or chunk ``a`` is; the sum of
+    squares is the row's ``r``-th reduction (``_row_reduce``)."""
+    ss = _row_reduce(tl.sum(tl.sum(tl.sum(a * a, 2), 1), 0), False, RED, CTR, grp, ch, r, NCH, SPIN)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
 def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                eps_model, eps_bl, WRITE_STATE,
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -234,24 +242,20 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         s = f * s_prev + i
         if WRITE_STATE:
             tl.store(S_OUT + m * K + k, s, mask=valid)
-        ss = _row_reduce(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0), False, RED, CTR, grp, ch, 0, NCH, SPIN)
-        r = 1.0 / tl.sqrt(ss / K + eps_model)
+        r = _inv_rms(gp, K, eps_model, RED, CTR, grp, ch, 0, NCH, SPIN)
         v = _to(gp * r * nw * _silu(s), DT, USE_ASM).to(tl.float32)
     elif PRO == 2:  # PRO_GATED
         gp = tl.load(G + m * sgm + k, mask=valid, other=0.0).to(tl.float32)
-        ss = _row_reduce(tl.sum(tl.sum(tl.sum(gp * gp, 2), 1), 0), False, RED, CTR, grp, ch, 0, NCH, SPIN)
-        r = 1.0 / tl.sqrt(ss / K + eps_model)
+        r = _inv_rms(gp, K, eps_model, RED, CTR, grp, ch, 0, NCH, SPIN)
         v = _to(gp * r * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
     elif PRO == 1:  # PRO_NORM
         x = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
-        ss = _row_reduce(tl.sum(tl.sum(tl.sum(x * x, 2), 1), 0), False, RED, CTR, grp, ch, 0, NCH, SPIN)
-        r = 1.0 / tl.sqrt(ss / K + eps_model)
+        r = _inv_rms(x, K, eps_model, RED, CTR, grp, ch, 0, NCH, SPIN)
         v = _to(x * r * nw, DT, USE_ASM).to(tl.float32)
     else:
         v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
-    vv = _row_reduce(tl.sum(tl.sum(tl.sum(v * v, 2), 1), 0), False, RED, CTR, grp, ch, 1, NCH, SPIN)
-    r2 = 1.0 / tl.sqrt(vv / K + eps_bl)
+    r2 = _inv_rms(v, K, eps_bl, RED, CTR, grp, ch, 1, NCH, SPIN)
     xn = v * r2 * bw
     amax = _row_reduce(tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0), True, RED, CTR, grp, ch, 2, NCH, SPIN)
     sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
@@ -494,6 +498,7 @@ def _operands(weights) -> list:
 
 
 QUANT_MAX_CHUNKS = 16  # most programs one row's quantisation is split over (``_quant_row`` aligns to it)
+QUANT_PROGRAMS = 128  # a split row's programs wait for each other: the whole grid must be resident at once
 
 
 class Scratch:
@@ -504,9 +509,9 @@ class Scratch:
         self.xq = torch.zeros(nseg, m, 4, self.pw, dtype=torch.int32, device=device)
         self.sx = torch.ones(nseg, m, dtype=torch.float32, device=device)
         self.sumx = torch.zeros(nseg, m, dtype=torch.int32, device=device)
-        # a row split over programs (``ternary_gemm.quantize``; only few rows are: at most 64, as two
-        # programs each fill 128): partial reductions and barrier counters
-        split = nseg * m <= 64
+        # a row split over programs (``ternary_gemm.quantize``; only few rows are: a split takes at least two
+        # programs per row, and at most QUANT_PROGRAMS in all): partial reductions and barrier counters
+        split = nseg * m <= QUANT_PROGRAMS // 2
         self.red = torch.zeros(nseg * m * 4 * QUANT_MAX_CHUNKS if split else 1, dtype=torch.float32, device=device)
         self.ctr = torch.zeros(nseg * m if split else 1, dtype=torch.int32, device=device)
 

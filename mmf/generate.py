@@ -138,7 +138,7 @@ def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None,
     before anything is written, so a failed call leaves no output. One prompt: the prompt and the generated
     text stream to ``write``; returns the generated text (without the prompt). Several prompts are decoded as
     one batch (``generate_batch_ids``) and written once done, each under a ``=== prompt i of n ===`` line;
-    returns the list of generated texts. ``as_json``: one JSON document instead (``batch_document``).
+    returns the list of generated texts. ``as_json``: one JSON document instead (``batch_text``).
     ``dtype`` None: fp32, or the export's own dtype. ``threads``: CPU threads for torch, the native CPU kernel
     and ONNX Runtime (None: torch's default)."""
     from .devices import set_threads
@@ -267,13 +267,18 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float
         model = _StaticSteps(model, len(prompt_ids), max_new_tokens)
     if echo_prompt and write is not None:
         write(prompt)
-    eos = model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = end_token(model)
     # a model's vocabulary may be larger than its tokenizer's (padded embedding tables): sample only ids the
     # tokenizer can turn back into text
     generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, device,
                  vocab_limit=tok.vocab_size)
     return "".join(pieces)
+
+
+def end_token(model) -> Optional[int]:
+    """The end token generation stops at: the config's ``eos_token_id`` (the first, if it lists several)."""
+    eos = model.config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
 
 
 def encode_prompt(model, tok, prompt: str) -> list[int]:
@@ -497,8 +502,7 @@ def batch_text(model, tok, prompts: list, max_new_tokens: int, temperature: floa
     prompt, its text, the generated text, the number of new tokens and whether it stopped at the end token."""
     ids = [encode_prompt(model, tok, p) for p in prompts]
     check_memory(model, ids, max_new_tokens, graph, device)
-    eos = model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = end_token(model)
     new = generate_batch_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos, device, graph,
                              vocab_limit=tok.vocab_size)
     results = []

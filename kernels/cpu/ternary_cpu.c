@@ -767,9 +767,6 @@ static TGT_AVX2 int32_t quant_avx2(const float *xs, const float *ws, int64_t len
 }
 #endif
 
-/* Quantise one token into 4 slices of Pp int8 (s * Pp + j holds x[s * P + j]); returns sum xq,
- * stores s_x. A token whose normed values are not finite gets xq = 0 and s_x = NaN (the reference
- * gives NaN outputs for it). `vec`: use the AVX2 code (same results, faster). */
 /* rsqrt(mean(x^2) + eps) of one fp32 row, in torch's order: its sum (ATen's lanes; `vec`: the AVX2 code,
  * same result), / K, + eps, then 1 / sqrt (torch.rsqrt: both correctly rounded) */
 static float inv_rms(const float *x, int64_t K, float eps, int vec) {
@@ -783,6 +780,9 @@ static float inv_rms(const float *x, int64_t K, float eps, int vec) {
     return 1.0f / sqrtf(ss / (float)K + eps);
 }
 
+/* Quantise one token into 4 slices of Pp int8 (s * Pp + j holds x[s * P + j]); returns sum xq,
+ * stores s_x. A token whose normed values are not finite gets xq = 0 and s_x = NaN (the reference
+ * gives NaN outputs for it). `vec`: use the AVX2 code (same results, faster). */
 static int32_t quantize_token(const float *x, int64_t K, const float *nw, float eps, int64_t P, int64_t Pp,
                               int8_t *dst, float *s_x_out, int vec) {
 #if !MMF_X86
