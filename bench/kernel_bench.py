@@ -147,15 +147,16 @@ def check_kernels(quick: bool):
             rows.append(dict(op="gemm schedule " + str(cfg), path="gemm", dtype="float32", shape=f"{m}x{k}->{n} +GLU",
                              max_row_rel_err=e.max().item(), rows_over_tol=int((e > 1e-5).sum()), tol=1e-5,
                              finite=bool(y.isfinite().all() and glu.isfinite().all()), int_exact=None))
-    T = 37
+    T = 300  # five chunks of the chunked form
     ifp = torch.randn(3, T, 3 * 1000, device="cuda", generator=g)
-    S, last = mlgru_gated_scan(ifp[..., :1000], ifp[..., 1000:2000], lb[:1000], st[:3, :1000])
     i, f = reference.mlgru_gates(ifp[..., :1000], ifp[..., 1000:2000], lb[:1000])
     S_ref, _ = reference.mlgru_scan(i, f, st[:3, :1000])
-    e = row_errs(S, S_ref)
-    rows.append(dict(op="mlgru_gated_scan", path="chunked", dtype="float32", shape=f"3x{T}x1000",
-                     max_row_rel_err=e.max().item(), rows_over_tol=int((e > 1e-5).sum()), tol=1e-5,
-                     finite=bool(S.isfinite().all()), int_exact=None))
+    for chunked in (False, True):
+        S, last = mlgru_gated_scan(ifp[..., :1000], ifp[..., 1000:2000], lb[:1000], st[:3, :1000], chunked=chunked)
+        e = row_errs(S, S_ref)
+        rows.append(dict(op="mlgru_gated_scan", path="chunked" if chunked else "single pass", dtype="float32",
+                         shape=f"3x{T}x1000", max_row_rel_err=e.max().item(), rows_over_tol=int((e > 1e-5).sum()),
+                         tol=1e-5, finite=bool(S.isfinite().all()), int_exact=None))
     return rows
 
 

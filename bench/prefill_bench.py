@@ -6,8 +6,9 @@
    epilogue pass, or the Triton int8 GEMM with the epilogue fused), their parts, the fused Triton GEMM
    (codes unpacked in registers), and bf16 ``torch.mm`` at the same
    shape; TOP/s as a share of the peaks of step 1. Exactness: both int8 paths give equal outputs.
-3. Whole prefill, random weights: ``GraphDecoder.prefill`` (graph replay; the many-rows path with the
-   default int8 GEMM, with the other one, and the fused GEMM for every row count) vs
+3. Whole prefill, random weights: ``GraphDecoder.prefill`` (graph replay; the default, where each
+   projection takes the path the tuner found faster, ``ternary_gemm.many_rows_path``; then every projection
+   on the unpacked path with the default int8 GEMM, with the other one, and on the fused GEMM) vs
    ``StaticLlama`` (Transformer++, bf16) as ``mmf bench`` builds
    them; host timer with device synchronisation, median of ``--repeat``; logits of the two mmf paths
    compared. 4. Where the time of a 1.3b x 8192 and a 13b x 2048 prefill goes (torch.profiler, kernel time by kind).
@@ -120,6 +121,8 @@ def kernel_rows(size, m, pk):
 
 
 def model_rows(size, shapes, repeat, profile_shape=None):
+    import triton
+
     from mmf.bench.model_variants import bench_configs, build_runner
     from mmf.decode_graph import GraphDecoder
     from mmf.kernels import ternary_gemm as tg
@@ -139,23 +142,28 @@ def model_rows(size, shapes, repeat, profile_shape=None):
         default = tg.INT8_GEMM
         alt = "triton" if default == "int_mm" else "int_mm"
         r.update(many_rows_mode=default, many_rows_alt_mode=alt)
-        paths = (("many_rows", 256, default), ("many_rows_alt", 256, alt), ("fused_triton", 0, default))
-        for name, rows, mode in paths:
-            tg.INT_MM_MIN_ROWS, tg.INT8_GEMM = rows, mode
+        # the default (each shape's faster path, tuned), then each path forced
+        paths = (("many_rows", "auto", default), ("unpacked", "unpacked", default),
+                 ("many_rows_alt", "unpacked", alt), ("fused_triton", "fused", default))
+        for name, path, mode in paths:
+            tg.MANY_ROWS_PATH, tg.INT8_GEMM = path, mode
             dec._prefill_graphs.clear()
             dec._prefill_seen.clear()
             r[f"mmf_{name}_ms"] = host_ms(lambda: dec.prefill(ids), iters=repeat)
             logits[name] = dec.prefill(ids).float().clone()
-        tg.INT_MM_MIN_ROWS, tg.INT8_GEMM = 256, default
+        tg.MANY_ROWS_PATH, tg.INT8_GEMM = "auto", default
+        r["paths_chosen"] = {str(k[1:]): v[0] for k, v in tg._TUNED.items()
+                             if k[0] == "path" and k[1] == triton.next_power_of_2(B * T)}
         r["alt_logits_equal"] = bool(torch.equal(logits["many_rows_alt"], logits["fused_triton"]))
+        r["unpacked_logits_equal"] = bool(torch.equal(logits["unpacked"], logits["fused_triton"]))
         a, b = logits["many_rows"], logits["fused_triton"]
         r["logits_equal"] = bool(torch.equal(a, b))
         r["argmax_equal"] = bool(torch.equal(a.argmax(-1), b.argmax(-1)))
         r["max_rel_diff"] = float(((a - b).abs().max() / b.abs().max()).item())
         out.append(r)
-        log(f"  {size} B={B} T={T}: mmf {r['mmf_many_rows_ms']:.2f} ms "
-            f"({r['many_rows_alt_mode']} {r['mmf_many_rows_alt_ms']:.2f}, "
-            f"fused Triton GEMM {r['mmf_fused_triton_ms']:.2f})")
+        log(f"  {size} B={B} T={T}: mmf {r['mmf_many_rows_ms']:.2f} ms (unpacked {r['mmf_unpacked_ms']:.2f}, "
+            f"unpacked {r['many_rows_alt_mode']} {r['mmf_many_rows_alt_ms']:.2f}, "
+            f"fused {r['mmf_fused_triton_ms']:.2f}); paths {sorted(r['paths_chosen'].values())}")
         if profile_shape == (B, T):
             prof = breakdown(dec, ids)
         dec._prefill_graphs.clear()
@@ -250,10 +258,11 @@ def main(argv=None) -> int:
             res["breakdown"][f"{size} {prof_shape}"] = prof
         save()
         log(f"[{time.time() - t0:.0f}s] {size} done")
-    log("\nsize  B x T  | mmf ms | mmf other int8 GEMM ms | mmf fused-Triton ms | Transformer++ ms | T++/mmf | "
-        "logits equal")
+    log("\nsize  B x T  | mmf ms | unpacked + Triton int8 | unpacked + other int8 GEMM | fused only | "
+        "Transformer++ ms | T++/mmf | logits equal")
     for r in res["prefill"]:
-        log(f"{r['size']} {r['batch']}x{r['tokens']} | {r['mmf_many_rows_ms']:.2f} | {r['mmf_many_rows_alt_ms']:.2f} | "
+        log(f"{r['size']} {r['batch']}x{r['tokens']} | {r['mmf_many_rows_ms']:.2f} | {r['mmf_unpacked_ms']:.2f} | "
+            f"{r['mmf_many_rows_alt_ms']:.2f} | "
             f"{r['mmf_fused_triton_ms']:.2f} | "
             f"{r['transformerpp_ms']:.2f} | {r['speedup_vs_transformerpp']:.2f} | {r['logits_equal']}")
     for k, v in res["breakdown"].items():

@@ -238,6 +238,7 @@ def _tuned(table: str, key, cands: list, launch, out):
         if (not INTERPRET and ternary_gemv.TUNE and out.is_cuda and not torch.cuda.is_current_stream_capturing()
                 and len(cands) > 1):
             def time_of(c):
+                launch(c)  # compiles, and tunes what c runs inside (many_rows_path), before the timing
                 return triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
 
             cfg, _ = schedule_cache.pick(table, key, out.device, __file__, cands, time_of)
@@ -258,10 +259,40 @@ def _launch(cfg, a):
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):
     """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
 
-    From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): ``gemm_unpacked``."""
+    From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): this kernel or ``gemm_unpacked``,
+    whichever ``many_rows_path`` picks (the same output, bit for bit)."""
     m = out.shape[0]
     if config is None and out.is_cuda and 0 < INT_MM_MIN_ROWS <= m:
-        return gemm_unpacked(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n)
+        def run(path):
+            if path == "fused":
+                return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n)
+            return gemm_unpacked(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n)
+
+        return run(many_rows_path(m, weights, out, k, epi, run))
+    return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config)
+
+
+# Many rows: "auto" (the tuner times both paths per shape and row count), "fused" (this kernel, codes
+# unpacked in registers) or "unpacked" (codes unpacked to int8 once per call, then an int8 GEMM). Measured
+# in one H200 run (bench/results/prefill_h200.json), since the four-codes-per-register unpack the fused
+# kernel is the faster at 13b x 2048 rows (gate/up 0.642 vs 0.725 ms, down 0.303 vs 0.337, o 0.166 vs
+# 0.189) and at 1.3b gate/up x 8192 (0.571 vs 0.646), the unpacked path at 1.3b down (0.241 vs 0.264).
+MANY_ROWS_PATH = os.environ.get("MMF_MANY_ROWS_PATH", "auto")
+
+
+def many_rows_path(m, weights, out, k, epi, run) -> str:
+    """"fused" or "unpacked" for ``m`` rows of this projection (``MANY_ROWS_PATH``; "auto": the faster of
+    the two by ``run(path)``'s time, chosen once per shape and power-of-two row count, kept in the
+    schedule cache; untimed (interpreter, tuning off, graph capture): "unpacked")."""
+    if MANY_ROWS_PATH != "auto":
+        return MANY_ROWS_PATH
+    key = ("path", triton.next_power_of_2(m), tuple(weights[0].shape), len(weights), k, epi, str(out.dtype))
+    return _tuned("gemm_path", key, [("unpacked",), ("fused",)], lambda c: run(c[0]), out)[0]
+
+
+def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):
+    """``gemm`` on this file's kernel (codes unpacked in registers), any row count."""
+    m = out.shape[0]
     nseg = len(weights)
     n0 = weights[0].shape[0]
     n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)

@@ -128,6 +128,19 @@ def test_gemm_unpacked_int_mm(m, n, k):
     check_rows(out, _glu_ref(ref, torch.float16), torch.float16)
 
 
+def test_many_rows_path_choice(monkeypatch):
+    """Many rows: a forced path is taken as given; "auto" times the two paths only where it can (a GPU,
+    outside a capture), and otherwise takes the unpacked path without running either."""
+    out = torch.empty(300, 8)
+    calls = []
+    for forced in ("fused", "unpacked"):
+        monkeypatch.setattr(ternary_gemm, "MANY_ROWS_PATH", forced)
+        assert ternary_gemm.many_rows_path(300, [torch.empty(8, 4)], out, 16, 0, calls.append) == forced
+    monkeypatch.setattr(ternary_gemm, "MANY_ROWS_PATH", "auto")
+    assert ternary_gemm.many_rows_path(300, [torch.empty(8, 4)], out, 16, 0, calls.append) == "unpacked"
+    assert calls == []
+
+
 def test_integer_accumulation_is_exact():
     """In fp32 the whole chain is the reference's arithmetic: equal to rounding of the last divide."""
     g = torch.Generator().manual_seed(7)
@@ -280,17 +293,20 @@ def test_mlgru_step_matches_composition(dtype):
         assert rel(o, o_ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("T", [1, 5, 21])
-def test_gated_scan_matches_composition(T):
+# chunked: the interpreter's chunks are 8 steps (SCAN_BT) and its carry pass takes 4 at a time (SCAN_BC): T = 21
+# and 40 cross several chunks, 40 two carry blocks; 70 channels are two channel blocks
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("T", [1, 5, 21, 40])
+def test_gated_scan_matches_composition(T, chunked):
     g = torch.Generator().manual_seed(T)
     B, D = 2, 70
     ifp = torch.randn(B, T, 3 * D, generator=g)
     ip, fp = ifp[..., :D], ifp[..., D:2 * D]
     lb = torch.rand(D, generator=g) * 0.8
     s0 = torch.randn(B, D, generator=g)
-    for state in (None, s0):
-        S, last = mlgru_gated_scan(ip, fp, lb, state)
-        i, f = reference.mlgru_gates(ip, fp, lb)
+    for state, lower in ((None, lb), (s0, lb), (s0, None)):
+        S, last = mlgru_gated_scan(ip, fp, lower, state, chunked=chunked)
+        i, f = reference.mlgru_gates(ip, fp, lower)
         S_ref, last_ref = reference.mlgru_scan(i, f, state)
         assert rel(S, S_ref) < 1e-5 and rel(last, last_ref) < 1e-5
 
