@@ -17,12 +17,12 @@ and the activations reach the tensor cores through the pipelined shared-memory p
 the second is the faster (13b prefill 8.9 vs 12.1 ms on an H100, ``bench/results/EXPERIMENTS.md``).
 
 Many rows (``INT_MM_MIN_ROWS`` and more, a long prompt or a large batch of prompts): the product is
-compute-bound, and unpacking codes in registers costs tensor-core time. Then each projection's i2
-bytes are unpacked once per call into a reused int8 scratch (``unpack_codes``: codes 0-2 in the
+compute-bound, and unpacking codes in registers costs tensor-core time. The other path unpacks each
+projection's i2 bytes once per call into a reused int8 scratch (``unpack_codes``: codes 0-2 in the
 activations' planar order, one byte per weight, memory-bound), and a Triton int8 GEMM with the same
 epilogue fused (``_gemm_i8_kernel``; ``MMF_INT8_GEMM=int_mm``: ``torch._int_mm`` then one epilogue
-pass, ``_epi_kernel``) forms the same int32 sums. They are exact, so the output equals the fused
-kernel's bit for bit.
+pass, ``_epi_kernel``) forms the same int32 sums. Each shape takes the path the tuner times faster
+(``many_rows_path``). Both are exact, so the output is the same bit for bit.
 """
 
 from __future__ import annotations
@@ -275,9 +275,10 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
 
 # Many rows: "auto" (the tuner times both paths per shape and row count), "fused" (this kernel, codes
 # unpacked in registers) or "unpacked" (codes unpacked to int8 once per call, then an int8 GEMM). Measured
-# in one H200 run (bench/results/prefill_h200.json), since the four-codes-per-register unpack the fused
-# kernel is the faster at 13b x 2048 rows (gate/up 0.642 vs 0.725 ms, down 0.303 vs 0.337, o 0.166 vs
-# 0.189) and at 1.3b gate/up x 8192 (0.571 vs 0.646), the unpacked path at 1.3b down (0.241 vs 0.264).
+# in one H200 run (bench/results/prefill_h200.json, ms, fused vs unpacked + Triton int8 GEMM): since the
+# four-codes-per-register unpack, the fused kernel is the faster at 13b x 2048 rows (o 0.191 vs 0.281, gate/up
+# 0.752 vs 0.828, down 0.306 vs 0.405); at 1.3b x 8192 it depends on the shape (o 0.162 vs 0.244, gate/up
+# 0.649 vs 0.605, down 0.309 vs 0.327).
 MANY_ROWS_PATH = os.environ.get("MMF_MANY_ROWS_PATH", "auto")
 
 
