@@ -70,6 +70,16 @@ def _lin(a1, b1, a2, b2):
 
 
 @triton.jit
+def _initial_state(S0, b, D, k, mask, HAS_S0: tl.constexpr, BD: tl.constexpr):
+    """Sequence b's state before the first step on channels k (fp32), or zeros."""
+    if HAS_S0:
+        s = tl.load(S0 + b * D + k, mask=mask, other=0.0)
+    else:
+        s = tl.zeros((BD,), tl.float32)
+    return s
+
+
+@triton.jit
 def _scan_kernel(IP, FP, S0, LB, S, HT, T, D, s_b, s_t, HAS_LB: tl.constexpr, HAS_S0: tl.constexpr,
                  BT: tl.constexpr, BD: tl.constexpr):
     """Chunks of BT steps: gates for the whole chunk at once, the recurrence as an associative
@@ -77,10 +87,7 @@ def _scan_kernel(IP, FP, S0, LB, S, HT, T, D, s_b, s_t, HAS_LB: tl.constexpr, HA
     b = tl.program_id(0)
     k = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = k < D
-    if HAS_S0:
-        s = tl.load(S0 + b * D + k, mask=mask, other=0.0)
-    else:
-        s = tl.zeros((BD,), tl.float32)
+    s = _initial_state(S0, b, D, k, mask, HAS_S0, BD)
     if HAS_LB:
         lb = tl.load(LB + k, mask=mask, other=0.0)[None, :]
     tt = tl.arange(0, BT)
@@ -142,10 +149,7 @@ def _scan_carry_kernel(A, BV, S0, HT, D, NC, HAS_S0: tl.constexpr, BC: tl.conste
     b = tl.program_id(0)
     k = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = k < D
-    if HAS_S0:
-        s = tl.load(S0 + b * D + k, mask=mask, other=0.0)
-    else:
-        s = tl.zeros((BD,), tl.float32)
+    s = _initial_state(S0, b, D, k, mask, HAS_S0, BD)
     cc = tl.arange(0, BC)
     for c0 in range(0, NC, BC):
         m2 = (c0 + cc < NC)[:, None] & mask[None, :]
