@@ -286,6 +286,8 @@ def many_rows_path(m, weights, out, k, epi, run) -> str:
     """"fused" or "unpacked" for ``m`` rows of this projection (``MANY_ROWS_PATH``; "auto": the faster of
     the two by ``run(path)``'s time, chosen once per shape and power-of-two row count, kept in the
     schedule cache; untimed (interpreter, tuning off, graph capture): "unpacked")."""
+    if MANY_ROWS_PATH not in ("auto", "fused", "unpacked"):
+        raise ValueError(f"MMF_MANY_ROWS_PATH={MANY_ROWS_PATH!r}: use auto, fused or unpacked")
     if MANY_ROWS_PATH != "auto":
         return MANY_ROWS_PATH
     key = ("path", triton.next_power_of_2(m), tuple(weights[0].shape), len(weights), k, epi, str(out.dtype))

@@ -139,6 +139,9 @@ def test_many_rows_path_choice(monkeypatch):
     monkeypatch.setattr(ternary_gemm, "MANY_ROWS_PATH", "auto")
     assert ternary_gemm.many_rows_path(300, [torch.empty(8, 4)], out, 16, 0, calls.append) == "unpacked"
     assert calls == []
+    monkeypatch.setattr(ternary_gemm, "MANY_ROWS_PATH", "int_mm")
+    with pytest.raises(ValueError, match="auto, fused or unpacked"):
+        ternary_gemm.many_rows_path(300, [torch.empty(8, 4)], out, 16, 0, calls.append)
 
 
 def test_integer_accumulation_is_exact():
