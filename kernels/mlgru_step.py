@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ternary_gemv import INTERPRET, _silu, _to
+from .ternary_gemv import INTERPRET, _mlgru_gates, _silu, _to
 
 
 @triton.jit
@@ -39,11 +39,11 @@ def _step_kernel(IP, FP, GP, S_IN, S_OUT, LB, GW, O, D, s_ip, s_fp, s_gp, eps,
     ip = tl.load(IP + b * s_ip + k, mask=mask, other=0.0).to(tl.float32)
     fp = tl.load(FP + b * s_fp + k, mask=mask, other=0.0).to(tl.float32)
     gp = tl.load(GP + b * s_gp + k, mask=mask, other=0.0).to(tl.float32)
-    f = tl.sigmoid(fp)
+    lb = 0.0
     if HAS_LB:
         lb = tl.load(LB + k, mask=mask, other=0.0).to(tl.float32)
-        f = lb + (1.0 - lb) * f
-    s = f * tl.load(S_IN + b * D + k, mask=mask, other=0.0) + _silu(ip) * (1.0 - f)
+    f, i = _mlgru_gates(ip, fp, lb, HAS_LB)
+    s = f * tl.load(S_IN + b * D + k, mask=mask, other=0.0) + i
     tl.store(S_OUT + b * D + k, s, mask=mask)
     r = 1.0 / tl.sqrt(tl.sum(gp * gp, 0) / D + eps)
     gw = tl.load(GW + k, mask=mask, other=0.0).to(tl.float32)
@@ -88,6 +88,7 @@ def _scan_kernel(IP, FP, S0, LB, S, HT, T, D, s_b, s_t, HAS_LB: tl.constexpr, HA
     k = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = k < D
     s = _initial_state(S0, b, D, k, mask, HAS_S0, BD)
+    lb = 0.0
     if HAS_LB:
         lb = tl.load(LB + k, mask=mask, other=0.0)[None, :]
     tt = tl.arange(0, BT)
@@ -95,11 +96,8 @@ def _scan_kernel(IP, FP, S0, LB, S, HT, T, D, s_b, s_t, HAS_LB: tl.constexpr, HA
         t = t0 + tt
         m2 = (t < T)[:, None] & mask[None, :]
         off = b * s_b + t[:, None] * s_t + k[None, :]
-        ip = tl.load(IP + off, mask=m2, other=0.0).to(tl.float32)
-        f = tl.sigmoid(tl.load(FP + off, mask=m2, other=0.0).to(tl.float32))
-        if HAS_LB:
-            f = lb + (1.0 - lb) * f
-        i = _silu(ip) * (1.0 - f)
+        f, i = _mlgru_gates(tl.load(IP + off, mask=m2, other=0.0).to(tl.float32),
+                            tl.load(FP + off, mask=m2, other=0.0).to(tl.float32), lb, HAS_LB)
         fa, ib = tl.associative_scan((f, i), 0, _lin)
         st = fa * s[None, :] + ib
         tl.store(S + (b * T + t[:, None]) * D + k[None, :], st, mask=m2)
@@ -117,12 +115,11 @@ def _chunk_scan(IP, FP, LB, b, c, T, D, s_b, s_t, HAS_LB: tl.constexpr, BT: tl.c
     t = c * BT + tl.arange(0, BT)
     m2 = (t < T)[:, None] & mask[None, :]
     off = b.to(tl.int64) * s_b + t[:, None].to(tl.int64) * s_t + k[None, :]
-    ip = tl.load(IP + off, mask=m2, other=0.0).to(tl.float32)
-    f = tl.sigmoid(tl.load(FP + off, mask=m2, other=0.0).to(tl.float32))
+    lb = 0.0
     if HAS_LB:
         lb = tl.load(LB + k, mask=mask, other=0.0)[None, :]
-        f = lb + (1.0 - lb) * f
-    i = _silu(ip) * (1.0 - f)
+    f, i = _mlgru_gates(tl.load(IP + off, mask=m2, other=0.0).to(tl.float32),
+                        tl.load(FP + off, mask=m2, other=0.0).to(tl.float32), lb, HAS_LB)
     fa, ib = tl.associative_scan((tl.where(m2, f, 1.0), tl.where(m2, i, 0.0)), 0, _lin)
     return fa, ib, t, k, mask, m2
 

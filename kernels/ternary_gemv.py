@@ -131,6 +131,16 @@ def _silu(x):
 
 
 @triton.jit
+def _mlgru_gates(ip, fp, lb, HAS_LB: tl.constexpr):
+    """The MLGRU's gates in fp32 (``reference.mlgru_gates``): f = sigmoid(f_pre), with a lower bound
+    lb + (1 - lb) f; i = silu(i_pre) (1 - f). ``lb`` is read only with ``HAS_LB``."""
+    f = tl.sigmoid(fp)
+    if HAS_LB:
+        f = lb + (1.0 - lb) * f
+    return f, _silu(ip) * (1.0 - f)
+
+
+@triton.jit
 def _dp4a(a, b, c, USE_ASM: tl.constexpr):
     """c + sum_i a.u8[i] * b.s8[i] over the 4 bytes of int32 words."""
     if USE_ASM:
@@ -225,6 +235,7 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     if PRO >= 2:
         s_prev = tl.load(S_IN + m * K + k, mask=valid, other=0.0)
     if PRO == 3:
+        lb = 0.0  # read by _mlgru_gates only with HAS_LB
         if HAS_LB:
             lb = tl.load(LB + k, mask=valid, other=0.0)
     if WAIT:  # everything above is this step's constants; X and G are the previous kernel's output
@@ -235,10 +246,7 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         ip = tl.load(xrow + k, mask=valid, other=0.0).to(tl.float32)
         fp = tl.load(xrow + K + k, mask=valid, other=0.0).to(tl.float32)
         gp = tl.load(xrow + 2 * K + k, mask=valid, other=0.0).to(tl.float32)
-        f = tl.sigmoid(fp)
-        if HAS_LB:
-            f = lb + (1.0 - lb) * f
-        i = _silu(ip) * (1.0 - f)
+        f, i = _mlgru_gates(ip, fp, lb, HAS_LB)
         s = f * s_prev + i
         if WRITE_STATE:
             tl.store(S_OUT + m * K + k, s, mask=valid)
