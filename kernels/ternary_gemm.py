@@ -53,12 +53,14 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.const
 @triton.jit
 def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, RED, CTR, K, P, PW, M,
                   PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
-                  USE_ASM: tl.constexpr, PDL: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr):
+                  USE_ASM: tl.constexpr, PDL: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr,
+                  TRIGGER_EARLY: tl.constexpr):
     m = tl.program_id(0)
     seg = tl.program_id(1)
     ch = tl.program_id(2)
     _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
-               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN)
+               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN,
+               TRIGGER_EARLY)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -87,6 +89,11 @@ def decode_quant_chunks(batch: int, d: int):
     """``quantize``'s ``chunks`` for a decode step of ``batch`` rows of a model of width ``d``: None
     (``quant_chunks`` decides) for wide models at small batches, else 1 (whole rows)."""
     return None if d >= QUANT_SPLIT_MIN_K and batch <= QUANT_SPLIT_MAX_ROWS else 1
+
+
+# With PDL, the pre-pass lets the next kernel (its GEMM) start as soon as it starts itself, before it waits
+# for the kernel before it: the GEMM's weight prefetch (PREFETCH) then overlaps both. Module attribute.
+QUANT_TRIGGER_EARLY = os.environ.get("MMF_QUANT_TRIGGER_EARLY", "1") != "0"
 
 
 def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
@@ -118,6 +125,7 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
             bit_norm, float(eps_model), float(eps_bl), scratch.xq, scratch.sx, scratch.sumx, scratch.red,
             scratch.ctr, k, packed_bytes(k), scratch.pw, m, PRO=pro, HAS_LB=lower_bound is not None,
             DT=_TL_DTYPES[dtype], BLOCK_W=bw, USE_ASM=not INTERPRET, PDL=pdl, NCH=chunks, SPIN=spin,
+            TRIGGER_EARLY=QUANT_TRIGGER_EARLY,
             num_warps=nw, **({"launch_pdl": True} if pdl else {}))
     return scratch
 
@@ -147,27 +155,83 @@ def _codes(wb, s: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB,
+def _split_sum(acc, acc2, WS, CTR, tile, part, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
+               GLU: tl.constexpr):
+    """Split-K: this program's (R, C) int32 partial sums ``acc`` (and ``acc2``) of K part ``part`` of
+    ``tile``; returns (last, the sums over all parts): the tile's last program to arrive (counter
+    CTR[tile]) adds the SPLIT parts in a fixed order (exact: int32) and sets the counter back to 0 for
+    the next launch; the others return last = False and their own parts, which they must not store."""
+    NA: tl.constexpr = 2 if GLU else 1
+    base = WS + (tile * SPLIT + part) * (NA * R * C)
+    off = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    tl.store(base + off, acc)
+    if GLU:
+        tl.store(base + R * C + off, acc2)
+    tl.debug_barrier()  # every thread's store before the arrival (release, cumulative)
+    old = tl.atomic_add(CTR + tile, 1, sem="acq_rel")
+    last = old == SPLIT - 1
+    if last:
+        first = WS + tile * SPLIT * (NA * R * C)
+        acc = tl.zeros((R, C), tl.int32)
+        acc2 = tl.zeros((R, C), tl.int32)
+        for p in tl.static_range(SPLIT):
+            acc += tl.load(first + p * (NA * R * C) + off, cache_modifier=".cg")
+            if GLU:
+                acc2 += tl.load(first + p * (NA * R * C) + R * C + off, cache_modifier=".cg")
+        tl.atomic_xchg(CTR + tile, 0, sem="relaxed")
+    return last, acc, acc2
+
+
+@triton.jit
+def _prefetch_l2(ptrs, nbytes, mask):
+    """Ask for ``nbytes`` (a multiple of 16; 16-byte aligned ``ptrs``) at each pointer in L2, where
+    ``mask``: one bulk prefetch instruction per range, no registers held, nothing waits for it."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r,r", [ptrs, nbytes + tl.zeros_like(mask.to(tl.int32)), mask.to(tl.int32)], dtype=tl.int32,
+        is_pure=False, pack=1)
+
+
+@triton.jit
+def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):
-    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row."""
+                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
+                 PREFETCH: tl.constexpr = False):
+    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row.
+
+    SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
+    K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
+    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile).
+
+    PREFETCH (with PDL; rows of P % 16 == 0 bytes): before waiting for the pre-pass, the program asks for
+    its weight bytes in L2 (``_prefetch_l2``): they do not depend on the kernels before, and the weight
+    stream starts while the pre-pass runs."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
-    if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
-        gdc_wait()
-        gdc_launch_dependents()
     DT: tl.constexpr = OUT.dtype.element_ty
-    pid_m, pid_n = _grouped_tile(pid, M, N, BM, BN, GROUP)
+    part = pid % SPLIT
+    tile = pid // SPLIT
+    k_lo = part * KS
+    k_hi = tl.minimum(k_lo + KS, P)
+    pid_m, pid_n = _grouped_tile(tile, M, N, BM, BN, GROUP)
+    stile = seg * (tl.cdiv(M, BM) * tl.cdiv(N, BN)) + tile
     Wp = segment_weights(W0, W1, W2, seg)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     n_rows = 2 * N if EPI == 2 else N
+    if PREFETCH:
+        _prefetch_l2(Wp + rn.to(tl.int64) * P + k_lo, (k_hi - k_lo) & -16, rn < n_rows)
+        if EPI == 2:
+            _prefetch_l2(Wp + (rn + N).to(tl.int64) * P + k_lo, (k_hi - k_lo) & -16, rn < N)
+    if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
+        gdc_wait()
+        gdc_launch_dependents()
     if SWAP:  # weights as the left operand (kept in registers), activations transposed on the right
         accT = tl.zeros((BN, BM), tl.int32)
         acc2T = tl.zeros((BN, BM), tl.int32)
         xcol = XQ + (seg * M + rm[None, :]) * 4 * PB
-        for k0 in range(0, P, BK):
+        for k0 in range(k_lo, k_hi, BK):
             kk = k0 + rk
             wmask = (rn < n_rows)[:, None] & (kk < P)[None, :]
             wb = tl.load(Wp + rn[:, None] * P + kk[None, :], mask=wmask, other=0)  # (BN, BK) uint8
@@ -179,15 +243,19 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
                 accT = tl.dot(_codes(wb, s, USE_ASM), xs, accT, out_dtype=tl.int32)
                 if EPI == 2:
                     acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
-        sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
-        sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
-        _epilogue(tl.trans(accT), tl.trans(acc2T), sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m,
-                  sr_m, EPI, DT, USE_ASM)
+        last = True
+        if SPLIT > 1:
+            last, accT, acc2T = _split_sum(accT, acc2T, WS, CTR, stile, part, BN, BM, SPLIT, EPI == 2)
+        if last:
+            sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+            sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
+            _epilogue(tl.trans(accT), tl.trans(acc2T), sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N,
+                      so_m, sr_m, EPI, DT, USE_ASM)
         return
     acc = tl.zeros((BM, BN), tl.int32)
     acc2 = tl.zeros((BM, BN), tl.int32)
     xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
-    for k0 in range(0, P, BK):
+    for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         wmask = (kk < P)[:, None] & (rn < n_rows)[None, :]
         wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)  # (BK, BN) uint8
@@ -199,25 +267,34 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
             acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
             if EPI == 2:
                 acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
-    sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
-    sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
-    _epilogue(acc, acc2, sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+    last = True
+    if SPLIT > 1:
+        last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, BM, BN, SPLIT, EPI == 2)
+    if last:
+        sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+        sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
+        _epilogue(acc, acc2, sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
 
 
 def _gemm_configs(m: int):
-    """(BM, BN, BK, warps, stages[, swap]) candidates by row count; the first is the interpreter's.
+    """(BM, BN, BK, warps, stages[, swap[, split]]) candidates by row count; the first is the interpreter's.
 
-    swap = 1: the weights are the left operand of the products (out^T = W x^T)."""
+    swap = 1: the weights are the left operand of the products (out^T = W x^T); split > 1: K split over
+    that many programs per tile (decode batches: a 5120-row projection in 64-row tiles is 80 programs,
+    too few weight bytes in flight to stream at the GPU's bandwidth)."""
     if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
         return [(16, 64, 32, 4, 1)]
     if m <= 16:
         return [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4),
                 (16, 32, 256, 4, 3), (16, 128, 256, 8, 3), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 3, 1),
-                (16, 64, 256, 4, 3, 1), (16, 64, 128, 4, 6, 1)]
+                (16, 64, 256, 4, 3, 1), (16, 64, 128, 4, 6, 1), (16, 64, 128, 4, 4, 1, 2), (16, 64, 128, 4, 4, 1, 4),
+                (16, 64, 128, 4, 4, 1, 8), (16, 128, 128, 4, 3, 1, 2), (16, 128, 128, 4, 3, 1, 4),
+                (16, 64, 256, 4, 3, 1, 4), (16, 64, 128, 4, 4, 0, 4)]
     if m <= 64:  # narrow weight tiles too: a 2048-row projection is 32 programs of 64 rows
         return [(64, 64, 128, 4, 3, 1), (64, 64, 256, 4, 3, 1), (32, 64, 128, 4, 4), (64, 128, 128, 4, 3),
                 (64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 128, 128, 4, 3, 1), (64, 32, 128, 4, 4, 1),
-                (64, 32, 256, 4, 3, 1), (64, 16, 256, 4, 3, 1), (32, 32, 256, 4, 3)]
+                (64, 32, 256, 4, 3, 1), (64, 16, 256, 4, 3, 1), (32, 32, 256, 4, 3), (64, 64, 128, 4, 3, 1, 2),
+                (64, 64, 128, 4, 3, 1, 4), (64, 128, 128, 4, 3, 1, 2)]
     return [(128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
             (64, 64, 128, 4, 3), (128, 32, 128, 4, 3), (64, 32, 256, 4, 3),
             (128, 64, 128, 4, 3, 1), (128, 128, 128, 8, 3, 1), (64, 128, 128, 4, 3, 1), (128, 64, 64, 4, 4, 1),
@@ -227,10 +304,11 @@ def _gemm_configs(m: int):
 _TUNED: dict = {}
 
 
-def _tuned(table: str, key, cands: list, launch, out):
+def _tuned(table: str, key, cands: list, launch, out, time_of=None):
     """The schedule of ``key``, chosen once per process: on a GPU (outside a graph capture, with tuning on)
-    the fastest of ``cands`` by ``launch(schedule)``'s median time, kept in the on-disk cache under
-    ``table`` (``schedule_cache.pick``); otherwise the first candidate."""
+    the fastest of ``cands`` by ``time_of(schedule)`` (default: ``launch(schedule)``'s median time by
+    ``do_bench``), kept in the on-disk cache under ``table`` (``schedule_cache.pick``); otherwise the first
+    candidate."""
     cfg = _TUNED.get(key)
     if cfg is None:
         cfg = cands[0]
@@ -238,30 +316,71 @@ def _tuned(table: str, key, cands: list, launch, out):
 
         if (not INTERPRET and ternary_gemv.TUNE and out.is_cuda and not torch.cuda.is_current_stream_capturing()
                 and len(cands) > 1):
-            def time_of(c):
+            def bench(c):
                 launch(c)  # compiles, and tunes what c runs inside (many_rows_path), before the timing
                 return triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
 
-            cfg, _ = schedule_cache.pick(table, key, out.device, __file__, cands, time_of)
+            cfg, _ = schedule_cache.pick(table, key, out.device, __file__, cands, time_of or bench)
         _TUNED[key] = cfg
     return cfg
+
+
+_SPLIT_BUF: dict = {}  # device -> (workspace, counters) of split-K launches (grow; older kept: graphs hold them)
+_SPLIT_OLD: list = []
+
+
+def split_buffers(ws_elems: int, tiles: int, device):
+    """The int32 workspace (partial sums) and the counters (zeros; each launch leaves them at zero) that
+    split-K launches share on ``device``, at least this large."""
+    key = str(torch.device(device))
+    ws, ctr = _SPLIT_BUF.get(key, (None, None))
+    if ws is None or ws.numel() < ws_elems or ctr.numel() < tiles:
+        if ws is not None:
+            _SPLIT_OLD.append((ws, ctr))
+        ws = torch.empty(max(ws_elems, 0 if ws is None else ws.numel()), dtype=torch.int32, device=device)
+        ctr = torch.zeros(max(tiles, 0 if ctr is None else ctr.numel()), dtype=torch.int32, device=device)
+        _SPLIT_BUF[key] = (ws, ctr)
+    return ws, ctr
+
+
+def split_parts(p: int, bk: int, split: int):
+    """(parts, bytes per part) of a K of ``p`` bytes in BK blocks split ``split`` ways: no part empty."""
+    blocks = triton.cdiv(p, bk)
+    per = triton.cdiv(blocks, max(1, min(split, blocks)))
+    return triton.cdiv(blocks, per), per * bk
+
+
+# With PDL, each GEMM program prefetches its weights into L2 before it waits for the pre-pass
+# (``_gemm_kernel``'s PREFETCH). Module attribute: benchmarks switch it.
+PREFETCH = os.environ.get("MMF_GEMM_PREFETCH", "1") != "0"
 
 
 def _launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
-    grid = (triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn), a["nseg"])
-    _gemm_kernel[grid](a["xq8"], a["sx"], a["sumx"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
-                       a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], EPI=a["epi"], BM=bm, BN=bn, BK=bk,
-                       GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], num_warps=nw, num_stages=ns,
-                       **({"launch_pdl": True} if a["pdl"] else {}))
+    split, ks = split_parts(a["p"], bk, cfg[6] if len(cfg) > 6 else 1)
+    tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
+    if split > 1:
+        ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
+                                a["nseg"] * tiles, a["out"].device)
+    else:
+        ws, ctr = a["sumx"], a["sumx"]  # not read
+    _gemm_kernel[(tiles * split, a["nseg"])](
+        a["xq8"], a["sx"], a["sumx"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"], a["so_m"],
+        a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
+        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split,
+        PREFETCH=bool(PREFETCH and a["pdl"] and a["p"] % 16 == 0), num_warps=nw, num_stages=ns,
+        **({"launch_pdl": True} if a["pdl"] else {}))
 
 
-def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):
+def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
+         tune_prepass=None):
     """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
 
     From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): this kernel or ``gemm_unpacked``,
-    whichever ``many_rows_path`` picks (the same output, bit for bit)."""
+    whichever ``many_rows_path`` picks (the same output, bit for bit). Below, ``tune_pool`` (other weight
+    lists of the same shapes, e.g. every layer's) and ``tune_prepass`` (the launch that fills ``scratch``)
+    let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``)."""
     m = out.shape[0]
     if config is None and out.is_cuda and 0 < INT_MM_MIN_ROWS <= m:
         def run(path):
@@ -270,7 +389,8 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
             return gemm_unpacked(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n)
 
         return run(many_rows_path(m, weights, out, k, epi, run))
-    return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config)
+    return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
+                       tune_pool=tune_pool, tune_prepass=tune_prepass)
 
 
 # Many rows: "auto" (the tuner times both paths per shape and row count), "fused" (this kernel, codes
@@ -294,8 +414,16 @@ def many_rows_path(m, weights, out, k, epi, run) -> str:
     return _tuned("gemm_path", key, [("unpacked",), ("fused",)], lambda c: run(c[0]), out)[0]
 
 
-def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None):
-    """``gemm`` on this file's kernel (codes unpacked in registers), any row count."""
+def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None,
+                tune_pool=None, tune_prepass=None):
+    """``gemm`` on this file's kernel (codes unpacked in registers), any row count.
+
+    With a ``tune_pool`` of two or more weight lists, the first call of a shape times each candidate in
+    a CUDA graph of (``tune_prepass``, GEMM) pairs that cycle through the pool, with programmatic dependent
+    launch as the decoder runs them (``ternary_gemv.chain_ms``); otherwise one launch at a time (``_tuned``).
+    Measured on an H200 (13b shapes, 16 rows, bench/results/EXPERIMENTS.md): the two rankings disagree, and
+    the schedules the single-launch timing picked took 49.8 us per layer in a chain against 44.6 for the
+    chain's best."""
     m = out.shape[0]
     nseg = len(weights)
     n0 = weights[0].shape[0]
@@ -308,8 +436,24 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
              pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
     key = (mb, n, k, nseg, epi, str(out.dtype))
-    # tuned without PDL: a PDL launch overlaps the timer's cache flush (see ternary_gemv._tune)
-    cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, dict(a, pdl=False)), out)
+    time_of = None
+    if tune_pool is not None and len(tune_pool) >= 2 and config is None:
+        from .ternary_gemv import chain_launches, chain_ms
+
+        pool = [[w if w.dtype == torch.uint8 else w.view(torch.uint8) for w in ws] for ws in tune_pool]
+        pool = [ws + [ws[0]] * (3 - nseg) for ws in pool]
+        launches = chain_launches(a["n"] * a["p"] * nseg * (2 if epi == EPI_GLU else 1))
+
+        def time_of(c):
+            fns = []
+            for i in range(launches):
+                fns += [tune_prepass] if tune_prepass is not None else []
+                fns.append(lambda w=pool[i % len(pool)]: _launch(c, dict(a, w=w)))
+            return chain_ms(fns)
+        key = key + ("chain", m)
+    # tuned without PDL when one launch at a time: a PDL launch overlaps the timer's cache flush (see
+    # ternary_gemv._tune)
+    cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, dict(a, pdl=False)), out, time_of)
     try:
         _launch(cfg, a)
     except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device

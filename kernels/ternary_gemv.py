@@ -207,7 +207,8 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
                eps_model, eps_bl, WRITE_STATE,
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
                USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr, WAIT: tl.constexpr = False,
-               ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True):
+               ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True,
+               TRIGGER_EARLY: tl.constexpr = False):
     """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX; returns s_x.
 
     The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
@@ -239,8 +240,11 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         if HAS_LB:
             lb = tl.load(LB + k, mask=valid, other=0.0)
     if WAIT:  # everything above is this step's constants; X and G are the previous kernel's output
+        if TRIGGER_EARLY:  # the next kernel may start now (it waits for this one before it reads XQ)
+            gdc_launch_dependents()
         gdc_wait()
-        gdc_launch_dependents()
+        if not TRIGGER_EARLY:
+            gdc_launch_dependents()
     if PRO == 3:  # PRO_MLGRU
         xrow = X + m * sxm
         ip = tl.load(xrow + k, mask=valid, other=0.0).to(tl.float32)
@@ -679,6 +683,26 @@ def event_times(fn, runs: int, per: int = 1) -> list:
     return times
 
 
+def chain_launches(nbytes: int) -> int:
+    """Launches in a timing chain of a kernel reading ``nbytes`` of weights: about 128 MiB in all, 8-64."""
+    return max(8, min(64, -(-(128 << 20) // max(1, nbytes))))
+
+
+def chain_ms(fns: list) -> float:
+    """ms per call of ``fns`` (launches, e.g. over distinct weights) captured back to back in one CUDA graph:
+    the median of 5 replays, divided by the number of calls."""
+    fns[0]()  # compile, warm
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    times = event_times(graph.replay, 5)
+    del graph
+    return sorted(times)[2] / len(fns)
+
+
 def _chain_time(cfg, a, pool) -> float:
     """ms per launch of ``cfg`` in a CUDA graph of back-to-back launches that cycle through ``pool``
     (distinct weights of the same shape, e.g. every layer's: no L2 reuse), with programmatic
@@ -686,17 +710,8 @@ def _chain_time(cfg, a, pool) -> float:
     launches after an L2 flush (do_bench) ranks schedules by noise of the order of their
     differences (measured: 13b decode 2.26 vs 2.35 ms/token from two such tunings of one build,
     ``bench/results/EXPERIMENTS.md``)."""
-    launches = max(8, min(64, -(-(128 << 20) // max(1, a["n"] * a["p"] * a["nseg"]))))
-    _launch_gemv(cfg, a)  # compile, warm
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(launches):
-            _launch_gemv(cfg, dict(a, w=pool[i % len(pool)]))
-    graph.replay()
-    times = event_times(graph.replay, 5)
-    del graph
-    return sorted(times)[2] / launches
+    launches = chain_launches(a["n"] * a["p"] * a["nseg"])
+    return chain_ms([lambda w=pool[i % len(pool)]: _launch_gemv(cfg, dict(a, w=w)) for i in range(launches)])
 
 
 def _tune(key, a, pool=None):

@@ -58,6 +58,7 @@ Needs a CUDA device (or ``TRITON_INTERPRET=1`` for CPU tests, without the graph)
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 
@@ -225,27 +226,36 @@ class GraphDecoder:
                         tune_pool=pool["gu"])
                 tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
                         epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
-            else:
-                tg.quantize(self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM, norm_weight=ly["attn_norm"],
-                            eps_model=ly["eps_attn"], chunks=qc)
-                tg.gemm(self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d)
-                tg.quantize(self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d, dtype=self.dtype,
+            else:  # each pre-pass, then its GEMM (whose first call times its schedules after that pre-pass)
+                q = partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
+                            norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc)
+                q()
+                tg.gemm(self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"], tune_prepass=q)
+                # (repeated, the MLGRU pre-pass writes the same next state from the same state before)
+                q = partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d, dtype=self.dtype,
                             norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
                             s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc)
-                tg.gemm(self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x)
-                tg.quantize(self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
+                q()
+                tg.gemm(self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
+                        tune_pool=pool["o"], tune_prepass=q)
+                q = partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
                             eps_model=ly["eps_mlp"], chunks=qc)
-                tg.gemm(self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU)
-                tg.quantize(self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc)
-                tg.gemm(self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL, residual=self.r)
+                q()
+                tg.gemm(self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
+                        tune_prepass=q)
+                q = partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc)
+                q()
+                tg.gemm(self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL, residual=self.r,
+                        tune_pool=pool["down"], tune_prepass=q)
         h = self.head
         if self.gemv_path:
             tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
                     norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
         else:
-            tg.quantize(self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=self.final_norm,
+            q = partial(tg.quantize, self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=self.final_norm,
                         eps_model=self.eps_final, chunks=qc)
-            tg.gemm(self.sc_d, [h.packed], h.scale, self.logits, k=d)
+            q()
+            tg.gemm(self.sc_d, [h.packed], h.scale, self.logits, k=d, tune_pool=pool["head"], tune_prepass=q)
         self.state.copy_(self.state_next)
 
     def _capture(self) -> None:

@@ -412,3 +412,35 @@ def test_quant_chunks_fit_the_gpu_and_the_decoder_splits_only_wide_small_batches
     assert ternary_gemm.quant_chunks(4, 3456) == 16 and ternary_gemm.quant_chunks(192, 3456) == 1
     assert ternary_gemm.decode_quant_chunks(4, 5120) is None
     assert ternary_gemm.decode_quant_chunks(64, 5120) == 1 and ternary_gemm.decode_quant_chunks(4, 2048) == 1
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_gemm_split_k(swap):
+    """Split-K (K in 2 or 3 parts per tile, met in a workspace by the tile's last program): the same output
+    bit for bit as one part, plain with 2 segments, residual and GLU pair; partial tiles, a short last part;
+    the counters are left at zero for the next launch."""
+    g = torch.Generator().manual_seed(31 + swap)
+    m, n, k = 3, 70, 530  # 133 bytes: five BK = 32 blocks (the last partial); 70 rows: two tiles of 64
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    nw = (torch.rand(2, k, generator=g) + 0.5).to(torch.float16)
+    codes = [rand_codes(2 * n, k, g) for _ in range(2)]
+    packed = [pack_i2(c) for c in codes]
+    sw = torch.tensor([0.9, 1.3])
+    res = torch.randn(m, 4 * n, generator=g).to(torch.float16)
+    sc = ternary_gemv.Scratch(2, m, k, "cpu")
+    ternary_gemm.quantize(x, nw, sc, nseg=2)
+    for split in (2, 3):
+        assert ternary_gemm.split_parts(133, 32, split)[0] == split
+        for epi, kw, shape in ((ternary_gemv.EPI_STORE, {}, (m, 4 * n)),
+                               (ternary_gemv.EPI_RESIDUAL, {"residual": res}, (m, 4 * n)),
+                               (ternary_gemv.EPI_GLU, {}, (m, n))):
+            ws = packed if epi != ternary_gemv.EPI_GLU else packed[:1]
+            sws = sw if epi != ternary_gemv.EPI_GLU else sw[:1]
+            want = torch.full(shape, float("nan"), dtype=torch.float16)
+            got = torch.full(shape, float("nan"), dtype=torch.float16)
+            ternary_gemm.gemm(sc, ws, sws, want, k=k, epi=epi, config=(16, 64, 32, 4, 1, swap), **kw)
+            ternary_gemm.gemm(sc, ws, sws, got, k=k, epi=epi, config=(16, 64, 32, 4, 1, swap, split), **kw)
+            assert torch.equal(got, want), (split, epi)
+            assert int(ternary_gemm._SPLIT_BUF["cpu"][1].abs().sum()) == 0
+    ref = reference.bitlinear_frozen(x, nw[0], codes[0], sw[0])
+    check_rows(want, _glu_ref(ref, torch.float16), torch.float16)
