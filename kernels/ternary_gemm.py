@@ -53,14 +53,12 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.const
 @triton.jit
 def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, RED, CTR, K, P, PW, M,
                   PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
-                  USE_ASM: tl.constexpr, PDL: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr,
-                  TRIGGER_EARLY: tl.constexpr):
+                  USE_ASM: tl.constexpr, PDL: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr):
     m = tl.program_id(0)
     seg = tl.program_id(1)
     ch = tl.program_id(2)
     _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
-               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN,
-               TRIGGER_EARLY)
+               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -89,11 +87,6 @@ def decode_quant_chunks(batch: int, d: int):
     """``quantize``'s ``chunks`` for a decode step of ``batch`` rows of a model of width ``d``: None
     (``quant_chunks`` decides) for wide models at small batches, else 1 (whole rows)."""
     return None if d >= QUANT_SPLIT_MIN_K and batch <= QUANT_SPLIT_MAX_ROWS else 1
-
-
-# With PDL, the pre-pass lets the next kernel (its GEMM) start as soon as it starts itself, before it waits
-# for the kernel before it: the GEMM's weight prefetch (PREFETCH) then overlaps both. Module attribute.
-QUANT_TRIGGER_EARLY = os.environ.get("MMF_QUANT_TRIGGER_EARLY", "1") != "0"
 
 
 def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
@@ -125,7 +118,6 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
             bit_norm, float(eps_model), float(eps_bl), scratch.xq, scratch.sx, scratch.sumx, scratch.red,
             scratch.ctr, k, packed_bytes(k), scratch.pw, m, PRO=pro, HAS_LB=lower_bound is not None,
             DT=_TL_DTYPES[dtype], BLOCK_W=bw, USE_ASM=not INTERPRET, PDL=pdl, NCH=chunks, SPIN=spin,
-            TRIGGER_EARLY=QUANT_TRIGGER_EARLY,
             num_warps=nw, **({"launch_pdl": True} if pdl else {}))
     return scratch
 
@@ -183,29 +175,14 @@ def _split_sum(acc, acc2, WS, CTR, tile, part, R: tl.constexpr, C: tl.constexpr,
 
 
 @triton.jit
-def _prefetch_l2(ptrs, nbytes, mask):
-    """Ask for ``nbytes`` (a multiple of 16; 16-byte aligned ``ptrs``) at each pointer in L2, where
-    ``mask``: one bulk prefetch instruction per range, no registers held, nothing waits for it."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r,r", [ptrs, nbytes + tl.zeros_like(mask.to(tl.int32)), mask.to(tl.int32)], dtype=tl.int32,
-        is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 PREFETCH: tl.constexpr = False):
+                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row.
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
-    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile).
-
-    PREFETCH (with PDL; rows of P % 16 == 0 bytes): before waiting for the pre-pass, the program asks for
-    its weight bytes in L2 (``_prefetch_l2``): they do not depend on the kernels before, and the weight
-    stream starts while the pre-pass runs."""
+    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile)."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
@@ -220,10 +197,6 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     n_rows = 2 * N if EPI == 2 else N
-    if PREFETCH:
-        _prefetch_l2(Wp + rn.to(tl.int64) * P + k_lo, (k_hi - k_lo) & -16, rn < n_rows)
-        if EPI == 2:
-            _prefetch_l2(Wp + (rn + N).to(tl.int64) * P + k_lo, (k_hi - k_lo) & -16, rn < N)
     if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
         gdc_wait()
         gdc_launch_dependents()
@@ -350,11 +323,6 @@ def split_parts(p: int, bk: int, split: int):
     return triton.cdiv(blocks, per), per * bk
 
 
-# With PDL, each GEMM program prefetches its weights into L2 before it waits for the pre-pass
-# (``_gemm_kernel``'s PREFETCH). Module attribute: benchmarks switch it.
-PREFETCH = os.environ.get("MMF_GEMM_PREFETCH", "1") != "0"
-
-
 def _launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
@@ -368,8 +336,7 @@ def _launch(cfg, a):
     _gemm_kernel[(tiles * split, a["nseg"])](
         a["xq8"], a["sx"], a["sumx"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"], a["so_m"],
         a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
-        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split,
-        PREFETCH=bool(PREFETCH and a["pdl"] and a["p"] % 16 == 0), num_warps=nw, num_stages=ns,
+        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, num_warps=nw, num_stages=ns,
         **({"launch_pdl": True} if a["pdl"] else {}))
 
 
@@ -450,7 +417,7 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
                 fns += [tune_prepass] if tune_prepass is not None else []
                 fns.append(lambda w=pool[i % len(pool)]: _launch(c, dict(a, w=w)))
             return chain_ms(fns)
-        key = key + ("chain", m)
+        key = key + ("chain", triton.next_power_of_2(m))  # tuned per power-of-two batch
     # tuned without PDL when one launch at a time: a PDL launch overlaps the timer's cache flush (see
     # ternary_gemv._tune)
     cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, dict(a, pdl=False)), out, time_of)

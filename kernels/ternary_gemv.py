@@ -207,8 +207,7 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
                eps_model, eps_bl, WRITE_STATE,
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
                USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr, WAIT: tl.constexpr = False,
-               ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True,
-               TRIGGER_EARLY: tl.constexpr = False):
+               ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True):
     """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX; returns s_x.
 
     The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
@@ -240,11 +239,8 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         if HAS_LB:
             lb = tl.load(LB + k, mask=valid, other=0.0)
     if WAIT:  # everything above is this step's constants; X and G are the previous kernel's output
-        if TRIGGER_EARLY:  # the next kernel may start now (it waits for this one before it reads XQ)
-            gdc_launch_dependents()
         gdc_wait()
-        if not TRIGGER_EARLY:
-            gdc_launch_dependents()
+        gdc_launch_dependents()
     if PRO == 3:  # PRO_MLGRU
         xrow = X + m * sxm
         ip = tl.load(xrow + k, mask=valid, other=0.0).to(tl.float32)
