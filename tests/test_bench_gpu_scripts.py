@@ -1,5 +1,5 @@
 """The GPU measurement scripts that reproduce committed figures (decode_breakdown, decoder_build_time,
-generate_graph_check, batched_decode) are runnable modules: ``--help`` works without a GPU, bad arguments are one line
+generate_graph_check, batched_decode, decode_gemm_chain) are runnable modules: ``--help`` works without a GPU, bad arguments are one line
 and exit 2 before any GPU work, and decode_breakdown's variants still apply to the installed kernel."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from mmf.bench import batched_decode, decode_breakdown, decoder_build_time, generate_graph_check
+from mmf.bench import batched_decode, decode_breakdown, decode_gemm_chain, decoder_build_time, generate_graph_check
 
 MODULES = {"decode_breakdown": decode_breakdown, "decoder_build_time": decoder_build_time,
-           "generate_graph_check": generate_graph_check, "batched_decode": batched_decode}
+           "generate_graph_check": generate_graph_check, "batched_decode": batched_decode,
+           "decode_gemm_chain": decode_gemm_chain}
 
 
 def test_help_runs_as_a_module():
@@ -41,6 +42,10 @@ def test_help(name, capsys):
     ("generate_graph_check", ["--models", "99b"], "unknown preset"),
     ("batched_decode", ["--sizes", "99b"], "unknown preset"),
     ("batched_decode", ["--batches", "1,65"], "give batches 1-64"),
+    ("decode_gemm_chain", ["--size", "99b"], "unknown preset"),
+    ("decode_gemm_chain", ["--size", "transformer++-370m"], "MatMul-free presets"),
+    ("decode_gemm_chain", ["--rows", "0,4"], "give batches 1-64"),
+    ("decode_gemm_chain", ["--pool", "1"], "a pool of 2 or more"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(name, argv, words, capsys):
     assert MODULES[name].main(argv) == 2
