@@ -8,6 +8,7 @@ _defer_bare_import(globals())  # imported as a top-level `bench` from the reposi
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from mmf.errors import MMFError
@@ -60,3 +61,19 @@ def resolve_device(device: str = "auto") -> tuple[str, str]:
         return str(dev), "--device auto: " + ("a CUDA device is visible" if dev.type == "cuda"
                                               else "no CUDA device is visible")
     return str(dev), f"--device {dev}"
+
+
+def mmf_preset_or_none(prog: str, option: str, name: str):
+    """The MatMul-free preset ``name`` given to ``prog``'s ``option``; None after one line on stderr where it is
+    unknown or not a MatMul-free model (the caller exits with 2)."""
+    from mmf.config import MMFConfig, model_preset
+
+    try:
+        cfg = model_preset(name)
+    except MMFError as e:
+        print(f"{prog}: {option}: {e}", file=sys.stderr)
+        return None
+    if not isinstance(cfg, MMFConfig):
+        print(f"{prog}: {option} {name}: MatMul-free presets only (370m, 1.3b, 2.7b, 13b)", file=sys.stderr)
+        return None
+    return cfg

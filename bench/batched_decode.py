@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from mmf.bench import write_json
+from mmf.bench import mmf_preset_or_none, write_json
 from mmf.bench.model_variants import build_mmf_random
 from mmf.config import model_preset
 
@@ -77,17 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dump-after", type=float, default=0,
                     help="print every thread's stack every this many s, 0 never (default: 0)")
     args = ap.parse_args(argv)
-    from mmf.config import MMFConfig
-    from mmf.errors import MMFError
-
     for size in args.sizes.split(","):
-        try:
-            cfg = model_preset(size)
-        except MMFError as e:
-            print(f"batched_decode: --sizes: {e}", file=sys.stderr)
-            return 2
-        if not isinstance(cfg, MMFConfig):
-            print(f"batched_decode: --sizes {size}: MatMul-free presets only (370m, 1.3b, 2.7b, 13b)", file=sys.stderr)
+        if mmf_preset_or_none("batched_decode", "--sizes", size) is None:
             return 2
     try:
         batches = [int(b) for b in args.batches.split(",")]

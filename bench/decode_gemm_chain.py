@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from mmf.bench import write_json
+from mmf.bench import mmf_preset_or_none, write_json
 
 
 def _pair_chain(fns_a, fns_b):
@@ -92,17 +92,8 @@ def main(argv=None) -> int:
                     help="bytes/s for the floor column (default: 4.2e12, an H200's measured copy bandwidth)")
     ap.add_argument("--json-out", default=None, help="JSON output (default: none)")
     args = ap.parse_args(argv)
-    from mmf.config import MMFConfig, model_preset
-    from mmf.errors import MMFError
-
-    try:
-        cfg = model_preset(args.size)
-    except MMFError as e:
-        print(f"decode_gemm_chain: --size: {e}", file=sys.stderr)
-        return 2
-    if not isinstance(cfg, MMFConfig):
-        print(f"decode_gemm_chain: --size {args.size}: MatMul-free presets only (370m, 1.3b, 2.7b, 13b)",
-              file=sys.stderr)
+    cfg = mmf_preset_or_none("decode_gemm_chain", "--size", args.size)
+    if cfg is None:
         return 2
     try:
         rows = [int(r) for r in args.rows.split(",")]

@@ -23,17 +23,10 @@ def main(argv=None) -> int:
                                  description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--model", default="370m", help="MatMul-free preset (default: 370m)")
     args = ap.parse_args(argv)
-    from mmf.config import MMFConfig, model_preset
-    from mmf.errors import MMFError
+    from mmf.bench import mmf_preset_or_none
 
-    try:
-        cfg = model_preset(args.model)
-    except MMFError as e:
-        print(f"decoder_build_time: --model: {e}", file=sys.stderr)
-        return 2
-    if not isinstance(cfg, MMFConfig):
-        print(f"decoder_build_time: --model {args.model}: a MatMul-free preset is needed (370m, 1.3b, 2.7b, 13b)",
-              file=sys.stderr)
+    cfg = mmf_preset_or_none("decoder_build_time", "--model", args.model)
+    if cfg is None:
         return 2
     import torch
 

@@ -175,6 +175,22 @@ def _split_sum(acc, acc2, WS, CTR, tile, part, R: tl.constexpr, C: tl.constexpr,
 
 
 @triton.jit
+def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, R: tl.constexpr,
+            C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
+            TRANS: tl.constexpr):
+    """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
+    epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS)."""
+    last = True
+    if SPLIT > 1:
+        last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
+    if last:
+        sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+        sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
+        _epilogue(tl.trans(acc) if TRANS else acc, tl.trans(acc2) if TRANS else acc2, sumx, sx, tl.load(SW + seg),
+                  rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+
+
+@triton.jit
 def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1):
@@ -216,14 +232,8 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
                 accT = tl.dot(_codes(wb, s, USE_ASM), xs, accT, out_dtype=tl.int32)
                 if EPI == 2:
                     acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
-        last = True
-        if SPLIT > 1:
-            last, accT, acc2T = _split_sum(accT, acc2T, WS, CTR, stile, part, BN, BM, SPLIT, EPI == 2)
-        if last:
-            sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
-            sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
-            _epilogue(tl.trans(accT), tl.trans(acc2T), sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N,
-                      so_m, sr_m, EPI, DT, USE_ASM)
+        _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, BN, BM,
+                SPLIT, EPI, DT, USE_ASM, True)
         return
     acc = tl.zeros((BM, BN), tl.int32)
     acc2 = tl.zeros((BM, BN), tl.int32)
@@ -240,13 +250,8 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
             acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
             if EPI == 2:
                 acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
-    last = True
-    if SPLIT > 1:
-        last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, BM, BN, SPLIT, EPI == 2)
-    if last:
-        sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
-        sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
-        _epilogue(acc, acc2, sumx, sx, tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, BM, BN, SPLIT,
+            EPI, DT, USE_ASM, False)
 
 
 def _gemm_configs(m: int):
@@ -411,12 +416,13 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         pool = [ws + [ws[0]] * (3 - nseg) for ws in pool]
         launches = chain_launches(a["n"] * a["p"] * nseg * (2 if epi == EPI_GLU else 1))
 
-        def time_of(c):
+        def chained(c):
             fns = []
             for i in range(launches):
                 fns += [tune_prepass] if tune_prepass is not None else []
                 fns.append(lambda w=pool[i % len(pool)]: _launch(c, dict(a, w=w)))
             return chain_ms(fns)
+        time_of = chained
         key = key + ("chain", triton.next_power_of_2(m))  # tuned per power-of-two batch
     # tuned without PDL when one launch at a time: a PDL launch overlaps the timer's cache flush (see
     # ternary_gemv._tune)
