@@ -212,6 +212,13 @@ class GraphDecoder:
         d = self.d
         pool = self._tune_pools  # every layer's weights: schedules are timed as they run here
         qc = tg.decode_quant_chunks(self.batch, d)  # rows of the pre-pass split over programs, or whole
+
+        def pre_then_gemm(pre, *args, **kw):
+            """Pre-pass ``pre``, then its GEMM, whose first call times its schedules after ``pre`` (repeated,
+            each pre-pass writes the same values: the MLGRU one the same next state from the same state)."""
+            pre()
+            tg.gemm(*args, tune_prepass=pre, **kw)
+
         for l, ly in enumerate(self.layers):
             o, gu, dn = ly["o"], ly["gu"], ly["down"]
             if self.gemv_path:
@@ -226,36 +233,29 @@ class GraphDecoder:
                         tune_pool=pool["gu"])
                 tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
                         epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
-            else:  # each pre-pass, then its GEMM (whose first call times its schedules after that pre-pass)
-                q = partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
-                            norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc)
-                q()
-                tg.gemm(self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"], tune_prepass=q)
-                # (repeated, the MLGRU pre-pass writes the same next state from the same state before)
-                q = partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d, dtype=self.dtype,
-                            norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
-                            s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc)
-                q()
-                tg.gemm(self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
-                        tune_pool=pool["o"], tune_prepass=q)
-                q = partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
-                            eps_model=ly["eps_mlp"], chunks=qc)
-                q()
-                tg.gemm(self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
-                        tune_prepass=q)
-                q = partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc)
-                q()
-                tg.gemm(self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL, residual=self.r,
-                        tune_pool=pool["down"], tune_prepass=q)
+            else:
+                pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
+                                      norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc),
+                              self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"])
+                pre_then_gemm(partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d,
+                                      dtype=self.dtype, norm_weight=ly["g_norm"], eps_model=ly["eps_g"],
+                                      s_in=self.state[l], s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc),
+                              self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
+                              tune_pool=pool["o"])
+                pre_then_gemm(partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM,
+                                      norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc),
+                              self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"])
+                pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc),
+                              self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL,
+                              residual=self.r, tune_pool=pool["down"])
         h = self.head
         if self.gemv_path:
             tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
                     norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
         else:
-            q = partial(tg.quantize, self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM, norm_weight=self.final_norm,
-                        eps_model=self.eps_final, chunks=qc)
-            q()
-            tg.gemm(self.sc_d, [h.packed], h.scale, self.logits, k=d, tune_pool=pool["head"], tune_prepass=q)
+            pre_then_gemm(partial(tg.quantize, self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM,
+                                  norm_weight=self.final_norm, eps_model=self.eps_final, chunks=qc),
+                          self.sc_d, [h.packed], h.scale, self.logits, k=d, tune_pool=pool["head"])
         self.state.copy_(self.state_next)
 
     def _capture(self) -> None:
