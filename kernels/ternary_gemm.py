@@ -110,7 +110,8 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
     nw = 16 if bw >= 2048 else (8 if bw >= 512 else 4)
     pdl = use_pdl(scratch.xq.device)
     spin = not INTERPRET  # the interpreter runs programs one after another: one launch per barrier instead
-    for _ in range(1 if spin or chunks == 1 else 4):  # 3 barriers: a launch makes one more correct
+    scratch.nch = chunks  # the GEMM reads sum(xq) in this many parts
+    for _ in range(1 if spin or chunks == 1 else 3):  # 2 barriers at most: a launch makes one more correct
         _quant_kernel[(m, nseg, chunks)](
             x, x.stride(0), g if g is not None else x, g.stride(0) if g is not None else 0,
             s_in if s_in is not None else x, s_out if s_out is not None else x,
@@ -175,26 +176,42 @@ def _split_sum(acc, acc2, WS, CTR, tile, part, R: tl.constexpr, C: tl.constexpr,
 
 
 @triton.jit
-def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, R: tl.constexpr,
-            C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
-            TRANS: tl.constexpr):
+def _row_sums(SUMX, RED, seg, M, rm, NCH: tl.constexpr):
+    """sum(xq) of rows ``rm`` of segment ``seg``: SUMX, or the NCH parts that a pre-pass whose rows were
+    split over NCH programs left in RED (``Scratch.row_sums``), added in a fixed order (int32: exact)."""
+    if NCH == 1:
+        s = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+    else:
+        base = RED + ((seg * M + rm) * 4 + 3) * NCH
+        s = rm * 0
+        for j in tl.static_range(NCH):
+            s += tl.load(base + j, mask=rm < M, other=0.0).to(tl.int32, bitcast=True)
+    return s
+
+
+@triton.jit
+def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+            R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr, DT: tl.constexpr,
+            USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr):
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
     epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS)."""
     last = True
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
     if last:
-        sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+        sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)
         sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
         _epilogue(tl.trans(acc) if TRANS else acc, tl.trans(acc2) if TRANS else acc2, sumx, sx, tl.load(SW + seg),
                   rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
 
 
 @triton.jit
-def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS,
+def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1):
-    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row.
+                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
+                 NCH: tl.constexpr = 1):
+    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
+    parts in RED when the pre-pass split its rows (``_row_sums``).
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
@@ -232,8 +249,8 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
                 accT = tl.dot(_codes(wb, s, USE_ASM), xs, accT, out_dtype=tl.int32)
                 if EPI == 2:
                     acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
-        _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, BN, BM,
-                SPLIT, EPI, DT, USE_ASM, True)
+        _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, BN,
+                BM, SPLIT, EPI, DT, USE_ASM, True, NCH)
         return
     acc = tl.zeros((BM, BN), tl.int32)
     acc2 = tl.zeros((BM, BN), tl.int32)
@@ -250,8 +267,8 @@ def _gemm_kernel(XQ, SX, SUMX, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB
             acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
             if EPI == 2:
                 acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
-    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, BM, BN, SPLIT,
-            EPI, DT, USE_ASM, False)
+    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, BM, BN,
+            SPLIT, EPI, DT, USE_ASM, False, NCH)
 
 
 def _gemm_configs(m: int):
@@ -339,9 +356,9 @@ def _launch(cfg, a):
     else:
         ws, ctr = a["sumx"], a["sumx"]  # not read
     _gemm_kernel[(tiles * split, a["nseg"])](
-        a["xq8"], a["sx"], a["sumx"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"], a["so_m"],
-        a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
-        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, num_warps=nw, num_stages=ns,
+        a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
+        a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
+        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], num_warps=nw, num_stages=ns,
         **({"launch_pdl": True} if a["pdl"] else {}))
 
 
@@ -407,8 +424,8 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
     n0 = weights[0].shape[0]
     n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
     ws = _byte_operands(weights)
-    a = dict(xq8=scratch.xq.view(torch.int8), sx=scratch.sx, sumx=scratch.sumx, w=ws, sw=scales, out=out,
-             res=residual if residual is not None else out, so_m=out.stride(0),
+    a = dict(xq8=scratch.xq.view(torch.int8), sx=scratch.sx, sumx=scratch.sumx, red=scratch.red, nch=scratch.nch,
+             w=ws, sw=scales, out=out, res=residual if residual is not None else out, so_m=out.stride(0),
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, p=packed_bytes(k),
              pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
@@ -603,6 +620,8 @@ def gemm_unpacked(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=N
     n0 = weights[0].shape[0]
     n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
     pb = 4 * scratch.pw
+    if scratch.nch > 1:  # a split pre-pass left sum(xq) in parts: these kernels read it whole
+        scratch.sumx.copy_(scratch.row_sums())
     xq8 = scratch.xq.view(torch.int8).reshape(scratch.xq.shape[0], scratch.xq.shape[1], 4 * pb)
     res = residual if residual is not None else out
     sr_m = residual.stride(0) if residual is not None else 0

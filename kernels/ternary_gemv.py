@@ -166,39 +166,63 @@ def segment_weights(W0, W1, W2, seg):
 
 
 @triton.jit
+def _group_barrier(CTR, grp, NCH: tl.constexpr, SPIN: tl.constexpr):
+    """Wait until the NCH programs of group ``grp`` are all here. Each adds 16 // NCH to the group's
+    counter CTR[grp] (release, after its stores), so every barrier moves the counter by exactly 16
+    (``QUANT_MAX_CHUNKS``) whatever NCH: it stays a multiple of 16 between barriers and launches, and
+    a launch may split its rows differently from the one before (the target is the next multiple of 16;
+    int32 differences: the counter may wrap). SPIN=False (the interpreter, whose programs run one after
+    another) does not wait: the caller launches the kernel once per barrier, and each launch reads the
+    parts the previous one stored."""
+    INC: tl.constexpr = 16 // NCH
+    tl.debug_barrier()  # every thread's store before the arrival (release, cumulative)
+    old = tl.atomic_add(CTR + grp, INC, sem="acq_rel")
+    if SPIN:
+        target = (old & -16) + 16
+        cur = old + INC
+        while target - cur > 0:
+            cur = tl.atomic_add(CTR + grp, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _combine(parts, IS_MAX: tl.constexpr):
+    if IS_MAX:
+        r = tl.max(parts, 0)
+    else:
+        r = tl.sum(parts, 0)
+    return r
+
+
+@triton.jit
 def _row_reduce(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr,
-                SPIN: tl.constexpr):
-    """The whole row's sum (or max) from this chunk's ``part``: with NCH > 1 chunks, each stores its
-    part in RED[grp, r, ch], waits at a barrier of the group's NCH programs (counter CTR[grp], which
-    only grows: arrivals come in groups of NCH, so the group's target is the next multiple of NCH),
-    then reduces all NCH parts in one fixed order (deterministic); each launch leaves the counter at a
-    multiple of 16, whatever its NCH and number of barriers (``_quant_row``). SPIN=False (the interpreter, whose
-    programs run one after another) skips the wait: the caller launches the kernel once per barrier,
-    and each launch reads the parts the previous one stored."""
+                SPIN: tl.constexpr, part2=0.0, IS_MAX2: tl.constexpr = False, TWO: tl.constexpr = False):
+    """The whole row's sum (or max) from this chunk's ``part`` (and, with TWO, a second reduction of
+    ``part2`` through the same barrier, returned second): with NCH > 1 chunks, each stores its part(s) in
+    RED[grp, r(, r + 1), ch], meets the group's other programs at one ``_group_barrier``, then reduces all
+    NCH parts in one fixed order (deterministic)."""
     if NCH > 1:
         slot = RED + (grp * 4 + r) * NCH
         tl.store(slot + ch, part)
-        tl.debug_barrier()  # every thread's store before the arrival (release, cumulative)
-        old = tl.atomic_add(CTR + grp, 1, sem="acq_rel")
-        if SPIN:
-            target = (old & -NCH) + NCH
-            cur = old + 1
-            while target - cur > 0:  # int32 differences: the counter may wrap
-                cur = tl.atomic_add(CTR + grp, 0, sem="acquire")
-        tl.debug_barrier()
-        parts = tl.load(slot + tl.arange(0, NCH), cache_modifier=".cg")
-        if IS_MAX:
-            part = tl.max(parts, 0)
-        else:
-            part = tl.sum(parts, 0)
-    return part
+        if TWO:
+            tl.store(slot + NCH + ch, part2)
+        _group_barrier(CTR, grp, NCH, SPIN)
+        part = _combine(tl.load(slot + tl.arange(0, NCH), cache_modifier=".cg"), IS_MAX)
+        if TWO:
+            part2 = _combine(tl.load(slot + NCH + tl.arange(0, NCH), cache_modifier=".cg"), IS_MAX2)
+    return part, part2
+
+
+@triton.jit
+def _sum3(a):
+    return tl.sum(tl.sum(tl.sum(a, 2), 1), 0)
 
 
 @triton.jit
 def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr):
     """1 / sqrt(mean(a^2) + eps) over the row (K columns) whose (4, W, 4) tile or chunk ``a`` is; the sum of
     squares is the row's ``r``-th reduction (``_row_reduce``)."""
-    ss = _row_reduce(tl.sum(tl.sum(tl.sum(a * a, 2), 1), 0), False, RED, CTR, grp, ch, r, NCH, SPIN)
+    ss, _ = _row_reduce(_sum3(a * a), False, RED, CTR, grp, ch, r, NCH, SPIN)
     return 1.0 / tl.sqrt(ss / K + eps)
 
 
@@ -219,8 +243,8 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     loaded after the first reductions, their latency stalled the prologue a second time.)
 
     With NCH > 1 the row is split over NCH programs (chunk ``ch`` holds words [ch * BLOCK_W, (ch + 1)
-    * BLOCK_W)) whose row reductions meet in ``_row_reduce``; sum(xq) is summed by the group's last
-    program to arrive, and s_x written by chunk 0.
+    * BLOCK_W)) whose row reductions meet in ``_row_reduce`` (two barriers with a norm prologue, one
+    without); s_x is written by chunk 0, and sum(xq) is left in per-chunk parts (``Scratch.row_sums``).
     """
     grp = seg * M + m
     s_i = tl.arange(0, 4)[:, None, None]
@@ -263,9 +287,18 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     else:
         v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
-    r2 = _inv_rms(v, K, eps_bl, RED, CTR, grp, ch, 1, NCH, SPIN)
-    xn = v * r2 * bw
-    amax = _row_reduce(tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0), True, RED, CTR, grp, ch, 2, NCH, SPIN)
+    if NCH > 1:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions
+        # meet at one barrier instead of two (13b decode steps at batch 4 / 16, untuned schedules, H200:
+        # 3.314 / 3.686 -> 2.979 / 3.377 ms with sum(xq) left in parts, bench/results/EXPERIMENTS.md)
+        ss, mvb = _row_reduce(_sum3(v * v), False, RED, CTR, grp, ch, 1, NCH, SPIN,
+                              tl.max(tl.max(tl.max(tl.abs(v * bw), 2), 1), 0), True, True)
+        r2 = 1.0 / tl.sqrt(ss / K + eps_bl)
+        xn = v * r2 * bw
+        amax = mvb * r2
+    else:  # whole rows (the GEMV's prologue): one more multiply per element would cost the issue-bound GEMV
+        r2 = _inv_rms(v, K, eps_bl, RED, CTR, grp, ch, 1, NCH, SPIN)
+        xn = v * r2 * bw
+        amax = tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0)
     sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
     q = tl.minimum(tl.maximum(_rint(xn * sx, USE_ASM), -128.0), 127.0).to(tl.int32)
     q = tl.where(valid, q, 0)
@@ -276,21 +309,13 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     if NCH == 1:
         tl.store(SX + seg * M + m, sx)
         if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
-            tl.store(SUMX + seg * M + m, tl.sum(tl.sum(tl.sum(q, 2), 1), 0))
+            tl.store(SUMX + seg * M + m, _sum3(q))
     else:
         if ch == 0:
             tl.store(SX + seg * M + m, sx)
-        # sum(xq): the parts as int32 bits in the fp32 slots; the group's last program adds them up
-        slot = RED + (grp * 4 + 3) * NCH
-        tl.store(slot + ch, tl.sum(tl.sum(tl.sum(q, 2), 1), 0).to(tl.float32, bitcast=True))
-        tl.debug_barrier()
-        old = tl.atomic_add(CTR + grp, 1, sem="acq_rel")
-        if (old & (NCH - 1)) == NCH - 1:
-            parts = tl.load(slot + tl.arange(0, NCH), cache_modifier=".cg").to(tl.int32, bitcast=True)
-            tl.store(SUMX + seg * M + m, tl.sum(parts, 0))
-            # leave the counter at a multiple of QUANT_MAX_CHUNKS (16): the next launch on this scratch may
-            # split its rows over more programs, and its barriers count from an aligned start
-            tl.atomic_add(CTR + grp, (-(old + 1)) & 15, sem="relaxed")
+        # sum(xq) stays in parts (int32 bits in the fp32 slots RED[grp, 3, :]): the GEMM adds them up
+        # (``row_sums``), so no program waits for the others at the end
+        tl.store(RED + (grp * 4 + 3) * NCH + ch, _sum3(q).to(tl.float32, bitcast=True))
     return sx
 
 
@@ -522,6 +547,18 @@ class Scratch:
         split = nseg * m <= QUANT_PROGRAMS // 2
         self.red = torch.zeros(nseg * m * 4 * QUANT_MAX_CHUNKS if split else 1, dtype=torch.float32, device=device)
         self.ctr = torch.zeros(nseg * m if split else 1, dtype=torch.int32, device=device)
+        self.nch = 1  # programs per row of the last pre-pass: above 1, sum(xq) is in parts (``row_sums``)
+
+    def sum_parts(self) -> torch.Tensor:
+        """(NSEG * M, NCH) fp32 slots holding the int32 parts of sum(xq) of a split pre-pass."""
+        nseg, m = self.sx.shape
+        return self.red[:nseg * m * 4 * self.nch].view(nseg * m, 4, self.nch)[:, 3]
+
+    def row_sums(self) -> torch.Tensor:
+        """sum(xq) per segment and row, (NSEG, M) int32, whether the pre-pass split its rows or not."""
+        if self.nch == 1:
+            return self.sumx
+        return self.sum_parts().contiguous().view(torch.int32).sum(-1, dtype=torch.int32).view(self.sx.shape)
 
 
 # rows -> (BN, num_warps, programs per SM) candidates; the first is the interpreter's choice
