@@ -78,7 +78,8 @@ def quant_chunks(rows: int, pw: int, programs: int = QUANT_PROGRAMS) -> int:
 # The decoder splits its pre-pass rows (``decode_quant_chunks``) from this model width and up to this batch.
 # Measured in whole 13b / 1.3b decode steps on an H200 (bench/results/EXPERIMENTS.md): split, 13b batch 4 /
 # 16 3.50 -> 3.22 / 3.44 -> 3.30 ms, but 13b batch 64 5.31 -> 5.77 and 1.3b batch 4 / 16 / 64 0.88 / 0.84 /
-# 1.18 -> 1.11 / 1.19 / 1.39: a split pays for its three barriers only on wide rows at small batches.
+# 1.18 -> 1.11 / 1.19 / 1.39: a split paid for its three barriers (two since b1c72c5) only on wide rows at
+# small batches.
 QUANT_SPLIT_MIN_K = 4096
 QUANT_SPLIT_MAX_ROWS = 16
 
