@@ -8,6 +8,9 @@ tokens against the eager model at batch 1, 2 and 6 (``kernel_bench.check_decoder
 
     python -m mmf.bench.batched_decode --sizes 370m,1.3b,13b --batches 1,2,4,8,16,64 --json out.json [--profile]
 
+``--fixed-schedules`` skips tuning (first candidate schedules): an A/B of two kernel versions in two such
+runs compares the kernels, not the tuner's luck, and costs seconds per build instead of a minute.
+
 Prints a table; the JSON is rewritten after every measurement.
 """
 
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
                     help="also time each kernel of eager steps under the profiler (default: off)")
     ap.add_argument("--both-paths", action="store_true",
                     help="at batch 1-2 time the GEMV and the GEMM path (default: the decoder's choice)")
+    ap.add_argument("--fixed-schedules", action="store_true",
+                    help="no tuning: every kernel on its first candidate schedule. Builds take seconds instead "
+                         "of a minute, for A/B runs of kernel changes; not the decoder's speed (default: tuned)")
     ap.add_argument("--dump-after", type=float, default=0,
                     help="print every thread's stack every this many s, 0 never (default: 0)")
     args = ap.parse_args(argv)
@@ -96,8 +102,13 @@ def main(argv=None) -> int:
     from mmf.decode_graph import GraphDecoder
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.fixed_schedules:
+        from mmf.kernels import ternary_gemv as tv
+
+        tv.TUNE = False
+        GraphDecoder.REFINE = False
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype=args.dtype,
-                   steps=args.steps, checks=[], rows=[])
+                   steps=args.steps, fixed_schedules=args.fixed_schedules, checks=[], rows=[])
     import triton
     results["triton"] = triton.__version__
 
