@@ -549,16 +549,14 @@ class Scratch:
         self.ctr = torch.zeros(nseg * m if split else 1, dtype=torch.int32, device=device)
         self.nch = 1  # programs per row of the last pre-pass: above 1, sum(xq) is in parts (``row_sums``)
 
-    def sum_parts(self) -> torch.Tensor:
-        """(NSEG * M, NCH) fp32 slots holding the int32 parts of sum(xq) of a split pre-pass."""
-        nseg, m = self.sx.shape
-        return self.red[:nseg * m * 4 * self.nch].view(nseg * m, 4, self.nch)[:, 3]
-
     def row_sums(self) -> torch.Tensor:
-        """sum(xq) per segment and row, (NSEG, M) int32, whether the pre-pass split its rows or not."""
+        """sum(xq) per segment and row, (NSEG, M) int32, whether the pre-pass split its rows or not (then
+        the NCH int32 parts sit in the fp32 slots RED[seg * M + m, 3, :])."""
         if self.nch == 1:
             return self.sumx
-        return self.sum_parts().contiguous().view(torch.int32).sum(-1, dtype=torch.int32).view(self.sx.shape)
+        nseg, m = self.sx.shape
+        parts = self.red[:nseg * m * 4 * self.nch].view(nseg * m, 4, self.nch)[:, 3]
+        return parts.contiguous().view(torch.int32).sum(-1, dtype=torch.int32).view(nseg, m)
 
 
 # rows -> (BN, num_warps, programs per SM) candidates; the first is the interpreter's choice
