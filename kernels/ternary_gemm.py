@@ -52,13 +52,28 @@ def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.const
 
 @triton.jit
 def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, RED, CTR, K, P, PW, M,
-                  PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
-                  USE_ASM: tl.constexpr, PDL: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr):
+                  SSP, NT, PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
+                  USE_ASM: tl.constexpr, PDL: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr,
+                  SSM: tl.constexpr = 0, NTB: tl.constexpr = 1):
     m = tl.program_id(0)
     seg = tl.program_id(1)
     ch = tl.program_id(2)
     _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
-               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN)
+               eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN,
+               SSP, NT, SSM, NTB)
+
+
+class RowStats:
+    """Per-row partial statistics that a GEMM's epilogue leaves for the pre-pass after it (``gemm(stats_out=)``,
+    ``quantize(stats=)``): for each of the output's column tiles, sum(out^2) and, when asked, max|out * w|
+    (fp32, ``buf`` laid out (2, tiles, M)), and how many tiles the last launch wrote (``nt``, set on the host
+    when it launched: the schedule decides the tile width). The pre-pass adds the tiles' parts in a fixed
+    order instead of meeting its other programs at a barrier."""
+
+    def __init__(self, m: int, n: int, device):
+        self.m = m
+        self.buf = torch.zeros(2 * triton.cdiv(n, 16) * m, dtype=torch.float32, device=device)  # BN >= 16
+        self.nt = 0
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -92,9 +107,14 @@ def decode_quant_chunks(batch: int, d: int):
 
 def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
              s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS,
-             chunks=1):
+             chunks=1, stats=None):
     """Pre-pass: quantise the rows of x (see ``_quant_row``) into ``scratch`` for ``nseg`` segments, each
     row split over ``chunks`` programs (None: ``quant_chunks`` on a GPU, whole rows in the interpreter).
+
+    ``stats``: the ``RowStats`` that the GEMM which wrote this input left (``gemm(stats_out=)``): with a
+    norm prologue, its sums of squares of the norm's input (x; g for the MLGRU and gated ones) replace the
+    first row reduction; with the plain one (then asked for with w = ``bit_norm``), its sums of squares and
+    max|x w| replace both of the BitLinear's.
 
     Launched with programmatic dependent launch where the GPU has it: the constant operands (norm
     weights, lower bound, ``s_in``) are read before the wait for the kernel launched just before, so that
@@ -112,14 +132,19 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
     pdl = use_pdl(scratch.xq.device)
     spin = not INTERPRET  # the interpreter runs programs one after another: one launch per barrier instead
     scratch.nch = chunks  # the GEMM reads sum(xq) in this many parts
+    ssm, nt = 0, 0
+    if stats is not None:
+        assert stats.nt > 0 and stats.m == m, "stats: the RowStats of the GEMM that wrote x, launched already"
+        ssm, nt = (2 if pro == PRO_PLAIN else 1), stats.nt
     for _ in range(1 if spin or chunks == 1 else 3):  # 2 barriers at most: a launch makes one more correct
         _quant_kernel[(m, nseg, chunks)](
             x, x.stride(0), g if g is not None else x, g.stride(0) if g is not None else 0,
             s_in if s_in is not None else x, s_out if s_out is not None else x,
             lower_bound if lower_bound is not None else x, norm_weight if norm_weight is not None else bit_norm,
             bit_norm, float(eps_model), float(eps_bl), scratch.xq, scratch.sx, scratch.sumx, scratch.red,
-            scratch.ctr, k, packed_bytes(k), scratch.pw, m, PRO=pro, HAS_LB=lower_bound is not None,
-            DT=_TL_DTYPES[dtype], BLOCK_W=bw, USE_ASM=not INTERPRET, PDL=pdl, NCH=chunks, SPIN=spin,
+            scratch.ctr, k, packed_bytes(k), scratch.pw, m, stats.buf if stats is not None else scratch.sx, nt,
+            PRO=pro, HAS_LB=lower_bound is not None, DT=_TL_DTYPES[dtype], BLOCK_W=bw, USE_ASM=not INTERPRET, PDL=pdl,
+            NCH=chunks, SPIN=spin, SSM=ssm, NTB=triton.next_power_of_2(max(nt, 1)),
             num_warps=nw, **({"launch_pdl": True} if pdl else {}))
     return scratch
 
@@ -191,28 +216,46 @@ def _row_sums(SUMX, RED, seg, M, rm, NCH: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.constexpr):
+    """``RowStats`` of output tile t (BNT columns; out (BM, BNT), rows rm, columns rn): per row, sum(out^2)
+    and, with STATS == 2, max|out * SSW[col]|, at SS[0 | 1, t, row]."""
+    NT = tl.cdiv(N, BNT)
+    o = tl.where((rm < M)[:, None] & (rn < N)[None, :], out.to(tl.float32), 0.0)
+    base = SS + t * M + rm
+    tl.store(base, tl.sum(o * o, 1), mask=rm < M)
+    if STATS == 2:
+        w = tl.load(SSW + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(base + NT * M, tl.max(tl.abs(o * w), 1), mask=rm < M)
+
+
+@triton.jit
 def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-            R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr, DT: tl.constexpr,
-            USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr):
+            pid_n, SS, SSW, SSEG, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
+            DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr):
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
-    epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS)."""
+    epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS), and with
+    STATS the ``RowStats`` of segment SSEG's output."""
     last = True
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
     if last:
         sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)
         sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
-        _epilogue(tl.trans(acc) if TRANS else acc, tl.trans(acc2) if TRANS else acc2, sumx, sx, tl.load(SW + seg),
-                  rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+        out = _epilogue(tl.trans(acc) if TRANS else acc, tl.trans(acc2) if TRANS else acc2, sumx, sx,
+                        tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+        if STATS > 0:
+            if seg == SSEG:
+                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS)
 
 
 @triton.jit
-def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS,
+def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1):
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
-    parts in RED when the pre-pass split its rows (``_row_sums``).
+    parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
+    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
@@ -250,8 +293,8 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
                 accT = tl.dot(_codes(wb, s, USE_ASM), xs, accT, out_dtype=tl.int32)
                 if EPI == 2:
                     acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
-        _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, BN,
-                BM, SPLIT, EPI, DT, USE_ASM, True, NCH)
+        _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
         return
     acc = tl.zeros((BM, BN), tl.int32)
     acc2 = tl.zeros((BM, BN), tl.int32)
@@ -268,8 +311,8 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
             acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
             if EPI == 2:
                 acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
-    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, BM, BN,
-            SPLIT, EPI, DT, USE_ASM, False, NCH)
+    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+            pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
 
 
 def _gemm_configs(m: int):
@@ -356,22 +399,34 @@ def _launch(cfg, a):
                                 a["nseg"] * tiles, a["out"].device)
     else:
         ws, ctr = a["sumx"], a["sumx"]  # not read
+    st, ssw, stats = a.get("stats"), a.get("stats_w"), 0
+    if st is not None:
+        stats = 2 if ssw is not None else 1
+        st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass after this launch reads
     _gemm_kernel[(tiles * split, a["nseg"])](
         a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
-        a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
-        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], num_warps=nw, num_stages=ns,
+        a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, st.buf if stats else ws,
+        ssw if stats == 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
+        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats, num_warps=nw,
+        num_stages=ns,
         **({"launch_pdl": True} if a["pdl"] else {}))
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
-         tune_prepass=None):
+         tune_prepass=None, stats_out=None):
     """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
 
     From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): this kernel or ``gemm_unpacked``,
     whichever ``many_rows_path`` picks (the same output, bit for bit). Below, ``tune_pool`` (other weight
     lists of the same shapes, e.g. every layer's) and ``tune_prepass`` (the launch that fills ``scratch``)
-    let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``)."""
+    let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
+    ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
+    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is)."""
     m = out.shape[0]
+    if stats_out is not None:
+        assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out: decode batches only (the fused kernel)"
+        return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
+                           tune_pool=tune_pool, tune_prepass=tune_prepass, stats_out=stats_out)
     if config is None and out.is_cuda and 0 < INT_MM_MIN_ROWS <= m:
         def run(path):
             if path == "fused":
@@ -411,7 +466,7 @@ def _byte_operands(weights) -> list:
 
 
 def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None,
-                tune_pool=None, tune_prepass=None):
+                tune_pool=None, tune_prepass=None, stats_out=None):
     """``gemm`` on this file's kernel (codes unpacked in registers), any row count.
 
     With a ``tune_pool`` of two or more weight lists, the first call of a shape times each candidate in
@@ -429,8 +484,10 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
              w=ws, sw=scales, out=out, res=residual if residual is not None else out, so_m=out.stride(0),
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, p=packed_bytes(k),
              pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
+    if stats_out is not None:
+        a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
-    key = (mb, n, k, nseg, epi, str(out.dtype))
+    key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
     if chain:

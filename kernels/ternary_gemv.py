@@ -227,11 +227,26 @@ def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, S
 
 
 @triton.jit
+def _first_inv_rms(a, K, eps, RED, CTR, grp, ch, NCH: tl.constexpr, SPIN: tl.constexpr, SSP, NT, M, m,
+                   SSM: tl.constexpr, NTB: tl.constexpr):
+    """The prologue's first inverse RMS (of ``a``, row ``m``): from the NT per-tile sums of squares at SSP
+    that the producing GEMM left (SSM > 0, added in a fixed order), else the row's reduction 0."""
+    if SSM > 0:
+        t = tl.arange(0, NTB)
+        ss = tl.sum(tl.load(SSP + t * M + m, mask=t < NT, other=0.0), 0)
+        r = 1.0 / tl.sqrt(ss / K + eps)
+    else:
+        r = _inv_rms(a, K, eps, RED, CTR, grp, ch, 0, NCH, SPIN)
+    return r
+
+
+@triton.jit
 def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                eps_model, eps_bl, WRITE_STATE,
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
                USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr, WAIT: tl.constexpr = False,
-               ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True):
+               ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True,
+               SSP=0, NT=0, SSM: tl.constexpr = 0, NTB: tl.constexpr = 1):
     """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX; returns s_x.
 
     The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
@@ -241,6 +256,11 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     are loaded first, all at once; with ``WAIT`` (programmatic dependent launch) the program then
     waits for the previous kernel, whose output X/G is, so their loads overlap its tail. (Profiled:
     loaded after the first reductions, their latency stalled the prologue a second time.)
+
+    SSM > 0: the producing GEMM's epilogue left per-tile partial row statistics at SSP (``RowStats``: NT
+    tiles, NTB a power of two >= NT): SSM = 1, sum(in^2) of the norm's input (x, or g for the MLGRU and
+    gated prologues) replaces the first row reduction; SSM = 2 (plain prologue), sum(v^2) and max|v bw|
+    replace the BitLinear's, so the row needs no reduction and no barrier at all.
 
     With NCH > 1 the row is split over NCH programs (chunk ``ch`` holds words [ch * BLOCK_W, (ch + 1)
     * BLOCK_W)) whose row reductions meet in ``_row_reduce`` (two barriers with a norm prologue, one
@@ -274,20 +294,27 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         s = f * s_prev + i
         if WRITE_STATE:
             tl.store(S_OUT + m * K + k, s, mask=valid)
-        r = _inv_rms(gp, K, eps_model, RED, CTR, grp, ch, 0, NCH, SPIN)
+        r = _first_inv_rms(gp, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, m, SSM, NTB)
         v = _to(gp * r * nw * _silu(s), DT, USE_ASM).to(tl.float32)
     elif PRO == 2:  # PRO_GATED
         gp = tl.load(G + m * sgm + k, mask=valid, other=0.0).to(tl.float32)
-        r = _inv_rms(gp, K, eps_model, RED, CTR, grp, ch, 0, NCH, SPIN)
+        r = _first_inv_rms(gp, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, m, SSM, NTB)
         v = _to(gp * r * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
     elif PRO == 1:  # PRO_NORM
         x = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
-        r = _inv_rms(x, K, eps_model, RED, CTR, grp, ch, 0, NCH, SPIN)
+        r = _first_inv_rms(x, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, m, SSM, NTB)
         v = _to(x * r * nw, DT, USE_ASM).to(tl.float32)
     else:
         v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
-    if NCH > 1:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions
+    if SSM == 2:  # both statistics from the producer (max|xn| = r2 max|v bw|, as below)
+        t = tl.arange(0, NTB)
+        ss = tl.sum(tl.load(SSP + t * M + m, mask=t < NT, other=0.0), 0)
+        mvb = tl.max(tl.load(SSP + (NT + t) * M + m, mask=t < NT, other=0.0), 0)
+        r2 = 1.0 / tl.sqrt(ss / K + eps_bl)
+        xn = v * r2 * bw
+        amax = mvb * r2
+    elif NCH > 1:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions
         # meet at one barrier instead of two (13b decode steps at batch 4 / 16, untuned schedules, H200:
         # 3.314 / 3.686 -> 2.979 / 3.377 ms with sum(xq) left in parts, bench/results/EXPERIMENTS.md)
         ss, mvb = _row_reduce(_sum3(v * v), False, RED, CTR, grp, ch, 1, NCH, SPIN,
@@ -342,6 +369,7 @@ def _epilogue(dot, dot2, sumx, sx, sw, rows_m, rows_n, seg, OUT, RES, M, N, so_m
         else:
             out = _to(y, DT, USE_ASM)
         tl.store(OUT + rows_m[:, None] * so_m + col[None, :], out, mask=omask)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

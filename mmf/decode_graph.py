@@ -150,6 +150,13 @@ class GraphDecoder:
             ("head", [[self.head.packed]]))}
         self.sc_d = tv.Scratch(3, B, d, dev)
         self.sc_m = tv.Scratch(1, B, m, dev)
+        # where the pre-pass splits rows (``decode_quant_chunks``), each GEMM's epilogue leaves the row
+        # statistics its output's pre-pass needs (``ternary_gemm.RowStats``): one barrier fewer per pre-pass
+        from mmf.kernels import ternary_gemm as tg
+
+        self.row_stats = None
+        if not self.gemv_path and tg.decode_quant_chunks(B, d) is None:
+            self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)
         self._prefill_seen: dict = {}    # T -> eager prefills so far
@@ -213,6 +220,15 @@ class GraphDecoder:
         pool = self._tune_pools  # every layer's weights: schedules are timed as they run here
         qc = tg.decode_quant_chunks(self.batch, d)  # rows of the pre-pass split over programs, or whole
 
+        stats = self.row_stats
+
+        def st(name):
+            """The row statistics the GEMM before left for this pre-pass, if the decoder keeps them."""
+            return stats[name] if stats else None
+
+        def st_out(name, w=None, seg=0):
+            return (stats[name], w, seg) if stats else None
+
         def pre_then_gemm(pre, *args, **kw):
             """Pre-pass ``pre``, then its GEMM, whose first call times its schedules after ``pre`` (repeated,
             each pre-pass writes the same values: the MLGRU one the same next state from the same state)."""
@@ -235,26 +251,31 @@ class GraphDecoder:
                         epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
             else:
                 pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
-                                      norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc),
-                              self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"])
+                                      norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc,
+                                      stats=st("x") if l > 0 else None),
+                              self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"],
+                              stats_out=st_out("g", seg=2))
                 pre_then_gemm(partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d,
                                       dtype=self.dtype, norm_weight=ly["g_norm"], eps_model=ly["eps_g"],
-                                      s_in=self.state[l], s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc),
+                                      s_in=self.state[l], s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc,
+                                      stats=st("g")),
                               self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
-                              tune_pool=pool["o"])
+                              tune_pool=pool["o"], stats_out=st_out("r"))
                 pre_then_gemm(partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM,
-                                      norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc),
-                              self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"])
-                pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc),
+                                      norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc, stats=st("r")),
+                              self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
+                              stats_out=st_out("v", w=dn.norm))
+                pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc,
+                                      stats=st("v")),
                               self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL,
-                              residual=self.r, tune_pool=pool["down"])
+                              residual=self.r, tune_pool=pool["down"], stats_out=st_out("x"))
         h = self.head
         if self.gemv_path:
             tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
                     norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
         else:
             pre_then_gemm(partial(tg.quantize, self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM,
-                                  norm_weight=self.final_norm, eps_model=self.eps_final, chunks=qc),
+                                  norm_weight=self.final_norm, eps_model=self.eps_final, chunks=qc, stats=st("x")),
                           self.sc_d, [h.packed], h.scale, self.logits, k=d, tune_pool=pool["head"])
         self.state.copy_(self.state_next)
 

@@ -444,3 +444,84 @@ def test_gemm_split_k(swap):
             assert int(ternary_gemm._SPLIT_BUF["cpu"][1].abs().sum()) == 0
     ref = reference.bitlinear_frozen(x, nw[0], codes[0], sw[0])
     check_rows(want, _glu_ref(ref, torch.float16), torch.float16)
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the NaN statistics at the end
+def test_gemm_row_stats_feed_the_next_pre_pass(swap):
+    """A GEMM's epilogue leaves its output's per-tile row statistics (``RowStats``): sum(out^2) of one
+    segment, and max|out * w| for a plain pre-pass; the pre-pass that reads them instead of reducing the
+    row quantises as the one that does (s_x to fp32 rounding, int8 values within one rounding flip, the
+    same MLGRU state), with rows whole or split, for the MLGRU, norm and plain prologues; two column tiles
+    (70 rows in tiles of 64) and a split-K schedule."""
+    g = torch.Generator().manual_seed(41 + swap)
+    m, d, k = 3, 70, 530
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    nw = (torch.rand(3, k, generator=g) + 0.5).to(torch.float16)
+    packed = [pack_i2(rand_codes(2 * d, k, g)) for _ in range(3)]
+    sw = torch.tensor([0.9, 1.3, 1.1])
+    sc = ternary_gemv.Scratch(3, m, k, "cpu")
+    ternary_gemm.quantize(x, nw, sc, nseg=3)
+    bw = (torch.rand(1, d, generator=g) + 0.5).to(torch.float16)
+    state, lb = torch.randn(m, d, generator=g), torch.rand(d, generator=g) * 0.5
+    res = torch.randn(m, d, generator=g).to(torch.float16)
+    for cfg in ((16, 64, 32, 4, 1, swap), (16, 64, 32, 4, 1, swap, 3)):
+        cases = (  # (producer kwargs, output shape, stats weight, segment, consumer prologue kwargs)
+            (dict(weights=[p[:d] for p in packed], scales=sw), (m, 3 * d), None, 2,
+             dict(pro=ternary_gemv.PRO_MLGRU, s_in=state, lower_bound=lb, norm_weight=nw[0, :d])),
+            (dict(weights=[packed[0][:d]], scales=sw[:1], epi=ternary_gemv.EPI_RESIDUAL, residual=res), (m, d), None,
+             0, dict(pro=ternary_gemv.PRO_NORM, norm_weight=nw[1, :d])),
+            (dict(weights=[packed[1]], scales=sw[1:2], epi=ternary_gemv.EPI_GLU), (m, d), bw[0], 0, {}))
+        for prod, shape, w, seg, pro_kw in cases:
+            out = torch.full(shape, float("nan"), dtype=torch.float16)
+            st = ternary_gemm.RowStats(m, d, "cpu")
+            ternary_gemm.gemm(sc, prod.pop("weights"), prod.pop("scales"), out, k=k, config=cfg,
+                              stats_out=(st, w, seg), **prod)
+            assert st.nt == 2
+            o = out[:, seg * d:(seg + 1) * d].float()
+            parts = st.buf[:2 * 2 * m].view(2, 2, m)
+            assert torch.allclose(parts[0].sum(0), (o * o).sum(-1), rtol=1e-5)
+            if w is not None:
+                assert torch.equal(parts[1].max(0).values, (o * w.float()).abs().max(-1).values)
+            inp = out if pro_kw.get("pro") == ternary_gemv.PRO_MLGRU else o.to(torch.float16)
+            for chunks in (1, 2):
+                runs = []
+                for stats in (None, st):
+                    q = ternary_gemv.Scratch(1, m, d, "cpu")
+                    s_out = torch.zeros(m, d)
+                    ternary_gemm.quantize(inp, bw, q, k=d, s_out=s_out, chunks=chunks, stats=stats, **pro_kw)
+                    runs.append((q, s_out))
+                (a, sa), (b, sb) = runs
+                assert torch.allclose(b.sx, a.sx, rtol=1e-5, atol=0), (cfg, seg, chunks)
+                qa, qb = _xq_bytes(a, d).int(), _xq_bytes(b, d).int()
+                assert (qa - qb).abs().max().item() <= 1 and (qa != qb).float().mean().item() < 0.02
+                assert torch.equal(b.row_sums(), qb.sum(-1).int())
+                assert torch.equal(sa, sb)
+            st.buf.fill_(float("nan"))  # the statistics are read (a wrong scale would cancel in the norms)
+            ternary_gemm.quantize(inp, bw, b, k=d, s_out=torch.zeros(m, d), stats=st, **pro_kw)
+            assert not torch.allclose(b.sx, a.sx, rtol=1e-3), (cfg, seg)
+
+
+def test_graph_decoder_with_row_stats(monkeypatch):
+    """The decoder path whose pre-passes read their producers' row statistics (the one for wide rows at
+    small batches, forced here on a small model) gives the eager model's greedy tokens."""
+    from conftest import small_model
+
+    from mmf.decode_graph import GraphDecoder
+
+    monkeypatch.setattr(ternary_gemm, "QUANT_SPLIT_MIN_K", 1)
+    model = small_model("mmf", seed=5, intermediate_size=90).freeze()
+    torch.manual_seed(5)
+    ids = torch.randint(3, 259, (3, 7))
+    dec = GraphDecoder(model, 3)
+    assert dec.row_stats is not None
+    logits = dec.prefill(ids)
+    ref = model(ids)
+    cache, ref_logits = ref.cache, ref.logits[:, -1]
+    for _ in range(2):
+        nxt = ref_logits.argmax(-1)
+        assert torch.equal(logits.argmax(-1), nxt)
+        logits = dec.step(nxt).clone()
+        out = model(nxt[:, None], cache)
+        cache, ref_logits = out.cache, out.logits[:, -1]
+        assert _rel_rows(logits, ref_logits).median() < 1e-4
