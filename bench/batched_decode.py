@@ -10,6 +10,8 @@ tokens against the eager model at batch 1, 2 and 6 (``kernel_bench.check_decoder
 
 ``--fixed-schedules`` skips tuning (first candidate schedules): an A/B of two kernel versions in two such
 runs compares the kernels, not the tuner's luck, and costs seconds per build instead of a minute.
+``--variants`` times each batch under several decoder choices in one process (``VARIANTS``, joined with
+``+``), e.g. ``--variants default,no-row-stats,split-rows``.
 
 Prints a table; the JSON is rewritten after every measurement.
 """
@@ -17,6 +19,7 @@ Prints a table; the JSON is rewritten after every measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -25,6 +28,36 @@ import torch
 from mmf.bench import mmf_preset_or_none, write_json
 from mmf.bench.model_variants import build_mmf_random
 from mmf.config import model_preset
+
+
+# decoder choices a run can compare (``--variants``): (module, attribute) -> value while the decoder is built
+VARIANTS = {
+    "default": {},
+    "no-row-stats": {("mmf.decode_graph:GraphDecoder", "ROW_STATS"): False},  # split rows reduce their own
+    "whole-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 1 << 30},  # pre-pass rows never split
+    "split-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 0,  # split at every width and batch
+                   ("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MAX_ROWS"): 64},
+}
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Set the attributes of the ``+``-joined ``VARIANTS`` ``name``, restore them after."""
+    import importlib
+
+    saved = []
+    try:
+        for part in name.split("+"):
+            for (where, attr), value in VARIANTS[part].items():
+                mod, _, cls = where.partition(":")
+                obj = importlib.import_module(mod)
+                obj = getattr(obj, cls) if cls else obj
+                saved.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, value)
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
 
 
 def step_ms(dec, steps, reps=3):
@@ -80,6 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fixed-schedules", action="store_true",
                     help="no tuning: every kernel on its first candidate schedule. Builds take seconds instead "
                          "of a minute, for A/B runs of kernel changes; not the decoder's speed (default: tuned)")
+    ap.add_argument("--variants", default="default",
+                    help=f"decoder choices timed at each batch, comma-separated, each one of {', '.join(VARIANTS)} "
+                         "or several joined with + (default: default)")
     ap.add_argument("--dump-after", type=float, default=0,
                     help="print every thread's stack every this many s, 0 never (default: 0)")
     args = ap.parse_args(argv)
@@ -93,12 +129,19 @@ def main(argv=None) -> int:
     if not batches or not all(1 <= b <= 64 for b in batches):
         print(f"batched_decode: --batches {args.batches}: give batches 1-64, comma-separated", file=sys.stderr)
         return 2
+    variants = args.variants.split(",")
+    bad = [v for v in variants if not v or any(p not in VARIANTS for p in v.split("+"))]
+    if bad:
+        print(f"batched_decode: --variants {','.join(bad)}: unknown; give {', '.join(VARIANTS)} "
+              "(comma-separated, + joins)", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("batched_decode: needs a CUDA GPU; run it on a machine with one", file=sys.stderr)
         return 2
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
+    from mmf.bench.kernel_bench import check_decoder, check_row_stats, row_stats_errors
     from mmf.decode_graph import GraphDecoder
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -108,7 +151,7 @@ def main(argv=None) -> int:
         tv.TUNE = False
         GraphDecoder.REFINE = False
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype=args.dtype,
-                   steps=args.steps, fixed_schedules=args.fixed_schedules, checks=[], rows=[])
+                   steps=args.steps, fixed_schedules=args.fixed_schedules, variants=variants, checks=[], rows=[])
     import triton
     results["triton"] = triton.__version__
 
@@ -116,8 +159,8 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, results)
 
-    print(f"{'size':>6} {'batch':>5} {'path':>10} {'ms/step':>8} {'x batch1':>8} {'tok/s':>9} {'build s':>7}",
-          flush=True)
+    print(f"{'size':>6} {'batch':>5} {'path':>10} {'variant':>14} {'ms/step':>8} {'x batch1':>8} {'tok/s':>9} "
+          f"{'build s':>7}", flush=True)
     for size in args.sizes.split(","):
         cfg = model_preset(size)
         model = build_mmf_random(cfg, "cuda", dtype)
@@ -125,32 +168,36 @@ def main(argv=None) -> int:
         base = None
         for b in batches:
             for path in (["gemv", "gemm"] if b <= 2 else ["gemm"]) if args.both_paths else [None]:
-                t0 = time.time()
-                dec = GraphDecoder(model, b, gemv=None if path is None else path == "gemv")
-                path = "gemv" if dec.gemv_path else "gemm"
-                build = time.time() - t0
-                ms = step_ms(dec, args.steps)
-                if b == 1 and path == "gemv":
-                    base = ms
-                ratio = ms / base if base else float("nan")
-                row = dict(size=size, batch=b, path=path, ms_per_step=ms, ratio_to_batch1=ratio,
-                           tokens_per_s=b * 1e3 / ms, build_s=build, bytes_per_step=dec.bytes_per_token())
-                results["rows"].append(row)
-                print(f"{size:>6} {b:>5} {path:>10} {ms:8.3f} {ratio:8.2f} {b * 1e3 / ms:9.0f} {build:7.1f}",
-                      flush=True)
-                if args.profile:
-                    row["kernels"] = kernel_breakdown(dec)
-                    for name, k in list(row["kernels"].items())[:3]:
-                        print(f"{'':>24} {name}: {k['ms']:.3f} ms in {k['launches']} launches", flush=True)
-                save()
-                del dec
-                torch.cuda.empty_cache()
+                for var in variants:
+                    t0 = time.time()
+                    with variant(var):
+                        dec = GraphDecoder(model, b, gemv=None if path is None else path == "gemv")
+                    kind = "gemv" if dec.gemv_path else "gemm"
+                    build = time.time() - t0
+                    ms = step_ms(dec, args.steps)
+                    if b == 1 and kind == "gemv" and base is None:
+                        base = ms
+                    ratio = ms / base if base else float("nan")
+                    row = dict(size=size, batch=b, path=kind, variant=var, ms_per_step=ms, ratio_to_batch1=ratio,
+                               tokens_per_s=b * 1e3 / ms, build_s=build, bytes_per_step=dec.bytes_per_token())
+                    if dec.row_stats and not args.no_checks:  # the statistics the timed steps left, as tuned
+                        row["row_stats_check"] = row_stats_errors(dec)
+                        print(f"{'':>24} row statistics: {row['row_stats_check']}", flush=True)
+                    results["rows"].append(row)
+                    print(f"{size:>6} {b:>5} {kind:>10} {var:>14} {ms:8.3f} {ratio:8.2f} {b * 1e3 / ms:9.0f} "
+                          f"{build:7.1f}", flush=True)
+                    if args.profile:
+                        row["kernels"] = kernel_breakdown(dec)
+                        for name, k in list(row["kernels"].items())[:3]:
+                            print(f"{'':>24} {name}: {k['ms']:.3f} ms in {k['launches']} launches", flush=True)
+                    save()
+                    del dec
+                    torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
     save()
     if not args.no_checks:
-        from mmf.bench.kernel_bench import check_decoder
-        for r in check_decoder(quick=False):
+        for r in check_decoder(quick=False) + check_row_stats(quick=False):
             print(r, flush=True)
             results["checks"].append(r)
         save()

@@ -214,6 +214,90 @@ def check_decoder(quick: bool):
     return out
 
 
+def row_stats_errors(dec) -> dict:
+    """The ``RowStats`` a ``GraphDecoder`` step left (the last layer's g, r, v and x) against torch on the
+    decoder's buffers: max relative error of the summed sum(out^2) parts, and whether max|v * w_down| is
+    exact; {} when the decoder keeps none."""
+    if not dec.row_stats:
+        return {}
+    d, B = dec.d, dec.batch
+    outs = dict(g=dec.ifg[:, 2 * d:], r=dec.r, v=dec.v, x=dec.x)
+    res = {}
+    for name, st in dec.row_stats.items():
+        parts = st.buf[:2 * st.nt * B].view(2, st.nt, B)
+        o = outs[name].float()
+        want = (o * o).sum(-1)
+        res[f"{name}_sumsq_max_rel_err"] = ((parts[0].sum(0) - want).abs() / want).max().item()
+        if name == "v":
+            w = dec.layers[-1]["down"].norm.float()
+            res["v_maxabs_exact"] = bool(torch.equal(parts[1].max(0).values, (o * w).abs().max(-1).values))
+    return res
+
+
+def check_row_stats(quick: bool):
+    """Where the pre-pass splits rows (4096-wide models at batch <= 16), each decode GEMM's epilogue leaves row
+    statistics that the next pre-pass reads instead of reducing the row (``GraphDecoder.ROW_STATS``). On a
+    4096-wide, 2-layer random fp32 model, first schedules (no tuning): the statistics against torch
+    (``row_stats_errors``), and the logits of decoders with and without them, fed the eager model's greedy
+    tokens, against each other (the same arithmetic but for fp32 summation order: rounding flips) and
+    against the eager model."""
+    from mmf.decode_graph import GraphDecoder
+    from mmf.kernels import ternary_gemv as tv
+
+    torch.manual_seed(7)
+    cfg = MMFConfig(vocab_size=1003, hidden_size=4096, num_hidden_layers=2, intermediate_size=11008)
+    model = build_model(cfg).to("cuda").init_weights().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+        model.model.lower_bounds.normal_(0, 1)
+    model = model.freeze()
+    out, tune = [], tv.TUNE
+    tv.TUNE = False
+    try:
+        for batch in (4,) if quick else (4, 16):
+            decs = []
+            for on in (True, False):
+                GraphDecoder.ROW_STATS = on
+                decs.append(GraphDecoder(model, batch))
+            GraphDecoder.ROW_STATS = True
+            with_st, without = decs
+            ids = torch.randint(3, 1003, (batch, 9), device="cuda")
+            la, lb = with_st.prefill(ids).clone(), without.prefill(ids).clone()
+            with torch.no_grad():
+                ref = model(ids)
+            cache, lr = ref.cache, ref.logits[:, -1]
+            e_ab, e_ar, e_br, same_ab, same_ar, same_br = [], [], [], 0, 0, 0
+            for _ in range(8):
+                nxt = lr.argmax(-1)
+                la, lb = with_st.step(nxt).clone(), without.step(nxt).clone()
+                with torch.no_grad():
+                    o = model(nxt[:, None], cache)
+                cache, lr = o.cache, o.logits[:, -1]
+                e_ab.append(row_errs(la, lb))
+                e_ar.append(row_errs(la, lr))
+                e_br.append(row_errs(lb, lr))
+                same_ab += int((la.argmax(-1) == lb.argmax(-1)).sum())
+                same_ar += int((la.argmax(-1) == lr.argmax(-1)).sum())
+                same_br += int((lb.argmax(-1) == lr.argmax(-1)).sum())
+            e_ab, e_ar, e_br = torch.cat(e_ab), torch.cat(e_ar), torch.cat(e_br)
+            out.append(dict(op="GraphDecoder row statistics", path="graph", dtype="float32",
+                            shape=f"batch {batch}, d 4096, L 2, 8 steps", row_stats=with_st.row_stats is not None,
+                            **row_stats_errors(with_st),
+                            median_rel_err_vs_without=e_ab.median().item(), max_rel_err_vs_without=e_ab.max().item(),
+                            median_rel_err_vs_eager=e_ar.median().item(), max_rel_err_vs_eager=e_ar.max().item(),
+                            without_median_rel_err_vs_eager=e_br.median().item(),
+                            without_max_rel_err_vs_eager=e_br.max().item(),
+                            greedy_same_vs_without=f"{same_ab}/{8 * batch}", greedy_same_vs_eager=f"{same_ar}/{8 * batch}",
+                            without_greedy_same_vs_eager=f"{same_br}/{8 * batch}"))
+            del decs, with_st, without
+            torch.cuda.empty_cache()
+    finally:
+        tv.TUNE, GraphDecoder.ROW_STATS = tune, True
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # GEMV bandwidth
 # ----------------------------------------------------------------------------------------------

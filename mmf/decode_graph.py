@@ -96,6 +96,7 @@ class GraphDecoder:
     MAX_BATCH = 64  # rows of one decode step (batch 3-64: pre-pass + ternary_gemm, whose tiles take 64 rows)
     # re-rank each GEMV shape's best schedules by timing the whole captured step (``_refine``)
     REFINE = os.environ.get("MMF_REFINE", "1") != "0"
+    ROW_STATS = True  # pre-passes of split rows read their producers' row statistics (benchmarks turn it off)
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
@@ -155,7 +156,7 @@ class GraphDecoder:
         from mmf.kernels import ternary_gemm as tg
 
         self.row_stats = None
-        if not self.gemv_path and tg.decode_quant_chunks(B, d) is None:
+        if self.ROW_STATS and not self.gemv_path and tg.decode_quant_chunks(B, d) is None:
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)

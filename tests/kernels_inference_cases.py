@@ -350,6 +350,12 @@ def test_graph_decoder_matches_eager_model(batch, packed):
         out = model(nxt[:, None], cache)
         cache, ref_logits = out.cache, out.logits[:, -1]
         assert _rel_rows(logits, ref_logits).median() < 1e-4
+    errs = row_stats_errors(dec)  # what the last step left, against its buffers (the GPU benchmarks' check)
+    assert set(errs) == {"g_sumsq_max_rel_err", "r_sumsq_max_rel_err", "v_sumsq_max_rel_err", "x_sumsq_max_rel_err",
+                         "v_maxabs_exact"}
+    assert errs["v_maxabs_exact"] and max(v for k, v in errs.items() if k.endswith("err")) < 1e-5
+    monkeypatch.setattr(GraphDecoder, "ROW_STATS", False)
+    assert GraphDecoder(model, 3).row_stats is None
     assert torch.equal(torch.stack(tokens), torch.stack(ref_tokens))
     if batch <= 2:
         gen = dec.generate(ids, 2)
@@ -507,6 +513,7 @@ def test_graph_decoder_with_row_stats(monkeypatch):
     small batches, forced here on a small model) gives the eager model's greedy tokens."""
     from conftest import small_model
 
+    from mmf.bench.kernel_bench import row_stats_errors
     from mmf.decode_graph import GraphDecoder
 
     monkeypatch.setattr(ternary_gemm, "QUANT_SPLIT_MIN_K", 1)

@@ -42,6 +42,7 @@ def test_help(name, capsys):
     ("generate_graph_check", ["--models", "99b"], "unknown preset"),
     ("batched_decode", ["--sizes", "99b"], "unknown preset"),
     ("batched_decode", ["--batches", "1,65"], "give batches 1-64"),
+    ("batched_decode", ["--variants", "default,split-rows+fast"], "split-rows+fast: unknown"),
     ("decode_gemm_chain", ["--size", "99b"], "unknown preset"),
     ("decode_gemm_chain", ["--size", "transformer++-370m"], "MatMul-free presets"),
     ("decode_gemm_chain", ["--rows", "0,4"], "give batches 1-64"),
@@ -77,3 +78,17 @@ def test_decode_breakdown_variants_apply_to_the_installed_kernel():
     variants.mods.clear()
     with pytest.raises(SystemExit, match="edits do not apply"):
         variants.module("nopro")
+
+
+def test_batched_decode_variants_set_and_restore_the_decoders_choices():
+    """A joined variant sets each part's attributes while the decoder is built and restores them after."""
+    from mmf.decode_graph import GraphDecoder
+    from mmf.kernels import ternary_gemm as tg
+
+    before = (tg.QUANT_SPLIT_MIN_K, tg.QUANT_SPLIT_MAX_ROWS, GraphDecoder.ROW_STATS)
+    with batched_decode.variant("split-rows+no-row-stats"):
+        assert tg.decode_quant_chunks(64, 1024) is None and GraphDecoder.ROW_STATS is False
+    assert (tg.QUANT_SPLIT_MIN_K, tg.QUANT_SPLIT_MAX_ROWS, GraphDecoder.ROW_STATS) == before
+    with batched_decode.variant("whole-rows"):
+        assert tg.decode_quant_chunks(4, 5120) == 1
+    assert tg.decode_quant_chunks(4, 5120) is None
