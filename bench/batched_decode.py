@@ -33,7 +33,8 @@ from mmf.config import model_preset
 # decoder choices a run can compare (``--variants``): (module, attribute) -> value while the decoder is built
 VARIANTS = {
     "default": {},
-    "no-row-stats": {("mmf.decode_graph:GraphDecoder", "ROW_STATS"): False},  # split rows reduce their own
+    "no-row-stats": {("mmf.decode_graph:GraphDecoder", "ROW_STATS"): "never"},  # split rows reduce their own
+    "whole-row-stats": {("mmf.decode_graph:GraphDecoder", "ROW_STATS"): "always"},  # whole rows read them too
     "whole-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 1 << 30},  # pre-pass rows never split
     "split-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 0,  # split at every width and batch
                    ("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MAX_ROWS"): 64},

@@ -235,13 +235,14 @@ def row_stats_errors(dec) -> dict:
 
 
 def check_row_stats(quick: bool):
-    """Where the pre-pass splits rows (4096-wide models at batch <= 16), each decode GEMM's epilogue leaves row
-    statistics that the next pre-pass reads instead of reducing the row (``GraphDecoder.ROW_STATS``). On a
-    4096-wide, 2-layer random fp32 model, first schedules (no tuning): the statistics against torch
-    (``row_stats_errors``), and the logits of decoders with and without them, fed the eager model's greedy
-    tokens, against each other (the same arithmetic but for fp32 summation order: rounding flips) and
-    against the eager model."""
+    """Each decode GEMM's epilogue can leave row statistics that the next pre-pass reads instead of reducing
+    the row (``GraphDecoder.ROW_STATS``; by default where the pre-pass splits rows: 4096-wide models at batch
+    <= 16). On a 4096-wide, 2-layer random fp32 model, first schedules (no tuning), split rows at batch 4 and
+    16 and whole rows at batch 4 and 64: the statistics against torch (``row_stats_errors``), and the logits of
+    decoders with and without them, fed the eager model's greedy tokens, against each other (the same
+    arithmetic but for fp32 summation order: rounding flips) and against the eager model."""
     from mmf.decode_graph import GraphDecoder
+    from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
     torch.manual_seed(7)
@@ -253,15 +254,16 @@ def check_row_stats(quick: bool):
                 p.uniform_(0.5, 1.5)
         model.model.lower_bounds.normal_(0, 1)
     model = model.freeze()
-    out, tune = [], tv.TUNE
+    out, saved = [], (tv.TUNE, GraphDecoder.ROW_STATS, tg.QUANT_SPLIT_MIN_K)
     tv.TUNE = False
     try:
-        for batch in (4,) if quick else (4, 16):
+        for batch, rows in ((4, "split"), (4, "whole")) if quick else ((4, "split"), (16, "split"), (4, "whole"),
+                                                                      (64, "whole")):
+            tg.QUANT_SPLIT_MIN_K = saved[2] if rows == "split" else 1 << 30
             decs = []
-            for on in (True, False):
-                GraphDecoder.ROW_STATS = on
+            for mode in ("always", "never"):
+                GraphDecoder.ROW_STATS = mode
                 decs.append(GraphDecoder(model, batch))
-            GraphDecoder.ROW_STATS = True
             with_st, without = decs
             ids = torch.randint(3, 1003, (batch, 9), device="cuda")
             la, lb = with_st.prefill(ids).clone(), without.prefill(ids).clone()
@@ -283,7 +285,7 @@ def check_row_stats(quick: bool):
                 same_br += int((lb.argmax(-1) == lr.argmax(-1)).sum())
             e_ab, e_ar, e_br = torch.cat(e_ab), torch.cat(e_ar), torch.cat(e_br)
             out.append(dict(op="GraphDecoder row statistics", path="graph", dtype="float32",
-                            shape=f"batch {batch}, d 4096, L 2, 8 steps", row_stats=with_st.row_stats is not None,
+                            shape=f"batch {batch}, d 4096, L 2, 8 steps, {rows} pre-pass rows",
                             **row_stats_errors(with_st),
                             median_rel_err_vs_without=e_ab.median().item(), max_rel_err_vs_without=e_ab.max().item(),
                             median_rel_err_vs_eager=e_ar.median().item(), max_rel_err_vs_eager=e_ar.max().item(),
@@ -294,7 +296,7 @@ def check_row_stats(quick: bool):
             del decs, with_st, without
             torch.cuda.empty_cache()
     finally:
-        tv.TUNE, GraphDecoder.ROW_STATS = tune, True
+        tv.TUNE, GraphDecoder.ROW_STATS, tg.QUANT_SPLIT_MIN_K = saved
     return out
 
 

@@ -125,6 +125,8 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
     if chunks is None:
         chunks = 1 if INTERPRET or not scratch.xq.is_cuda else quant_chunks(
             m * nseg, scratch.pw, min(QUANT_PROGRAMS, _num_sm(scratch.xq.device)))
+        if scratch.red.numel() < m * nseg * 4 * chunks:  # a scratch for more segments than this pre-pass fills
+            chunks = 1
     assert chunks & (chunks - 1) == 0 and chunks <= QUANT_MAX_CHUNKS, "chunks: a power of two <= QUANT_MAX_CHUNKS"
     assert chunks == 1 or scratch.red.numel() >= m * nseg * 4 * chunks, "this scratch holds no split rows"
     bw = triton.next_power_of_2(triton.cdiv(scratch.pw, chunks))

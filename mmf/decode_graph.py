@@ -96,7 +96,9 @@ class GraphDecoder:
     MAX_BATCH = 64  # rows of one decode step (batch 3-64: pre-pass + ternary_gemm, whose tiles take 64 rows)
     # re-rank each GEMV shape's best schedules by timing the whole captured step (``_refine``)
     REFINE = os.environ.get("MMF_REFINE", "1") != "0"
-    ROW_STATS = True  # pre-passes of split rows read their producers' row statistics (benchmarks turn it off)
+    # pre-passes that read their producers' row statistics (``ternary_gemm.RowStats``): "split" where the
+    # pre-pass splits its rows (``decode_quant_chunks``), "always" on the whole GEMM path, "never"
+    ROW_STATS = "split"
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
@@ -156,7 +158,8 @@ class GraphDecoder:
         from mmf.kernels import ternary_gemm as tg
 
         self.row_stats = None
-        if self.ROW_STATS and not self.gemv_path and tg.decode_quant_chunks(B, d) is None:
+        if not self.gemv_path and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
+                                   and tg.decode_quant_chunks(B, d) is None):
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)

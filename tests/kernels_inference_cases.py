@@ -354,8 +354,12 @@ def test_graph_decoder_matches_eager_model(batch, packed):
     assert set(errs) == {"g_sumsq_max_rel_err", "r_sumsq_max_rel_err", "v_sumsq_max_rel_err", "x_sumsq_max_rel_err",
                          "v_maxabs_exact"}
     assert errs["v_maxabs_exact"] and max(v for k, v in errs.items() if k.endswith("err")) < 1e-5
-    monkeypatch.setattr(GraphDecoder, "ROW_STATS", False)
+    monkeypatch.setattr(GraphDecoder, "ROW_STATS", "never")
     assert GraphDecoder(model, 3).row_stats is None
+    monkeypatch.setattr(ternary_gemm, "QUANT_SPLIT_MIN_K", 1 << 30)  # whole rows: statistics only if "always"
+    assert GraphDecoder(model, 3).row_stats is None
+    monkeypatch.setattr(GraphDecoder, "ROW_STATS", "always")
+    assert GraphDecoder(model, 3).row_stats is not None
     assert torch.equal(torch.stack(tokens), torch.stack(ref_tokens))
     if batch <= 2:
         gen = dec.generate(ids, 2)

@@ -87,7 +87,7 @@ def test_batched_decode_variants_set_and_restore_the_decoders_choices():
 
     before = (tg.QUANT_SPLIT_MIN_K, tg.QUANT_SPLIT_MAX_ROWS, GraphDecoder.ROW_STATS)
     with batched_decode.variant("split-rows+no-row-stats"):
-        assert tg.decode_quant_chunks(64, 1024) is None and GraphDecoder.ROW_STATS is False
+        assert tg.decode_quant_chunks(64, 1024) is None and GraphDecoder.ROW_STATS == "never"
     assert (tg.QUANT_SPLIT_MIN_K, tg.QUANT_SPLIT_MAX_ROWS, GraphDecoder.ROW_STATS) == before
     with batched_decode.variant("whole-rows"):
         assert tg.decode_quant_chunks(4, 5120) == 1
