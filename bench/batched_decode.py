@@ -181,12 +181,12 @@ def main(argv=None) -> int:
                     ratio = ms / base if base else float("nan")
                     row = dict(size=size, batch=b, path=kind, variant=var, ms_per_step=ms, ratio_to_batch1=ratio,
                                tokens_per_s=b * 1e3 / ms, build_s=build, bytes_per_step=dec.bytes_per_token())
-                    if dec.row_stats:  # the statistics the timed steps left, on the tuned schedules
-                        row["row_stats_check"] = row_stats_errors(dec)
-                        print(f"{'':>24} row statistics: {row['row_stats_check']}", flush=True)
                     results["rows"].append(row)
                     print(f"{size:>6} {b:>5} {kind:>10} {var:>14} {ms:8.3f} {ratio:8.2f} {b * 1e3 / ms:9.0f} "
                           f"{build:7.1f}", flush=True)
+                    if dec.row_stats:  # the statistics the timed steps left, on the tuned schedules
+                        row["row_stats_check"] = row_stats_errors(dec)
+                        print(f"{'':>24} row statistics: {row['row_stats_check']}", flush=True)
                     if args.profile:
                         row["kernels"] = kernel_breakdown(dec)
                         for name, k in list(row["kernels"].items())[:3]:
