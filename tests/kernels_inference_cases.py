@@ -350,16 +350,6 @@ def test_graph_decoder_matches_eager_model(batch, packed):
         out = model(nxt[:, None], cache)
         cache, ref_logits = out.cache, out.logits[:, -1]
         assert _rel_rows(logits, ref_logits).median() < 1e-4
-    errs = row_stats_errors(dec)  # what the last step left, against its buffers (the GPU benchmarks' check)
-    assert set(errs) == {"g_sumsq_max_rel_err", "r_sumsq_max_rel_err", "v_sumsq_max_rel_err", "x_sumsq_max_rel_err",
-                         "v_maxabs_exact"}
-    assert errs["v_maxabs_exact"] and max(v for k, v in errs.items() if k.endswith("err")) < 1e-5
-    monkeypatch.setattr(GraphDecoder, "ROW_STATS", "never")
-    assert GraphDecoder(model, 3).row_stats is None
-    monkeypatch.setattr(ternary_gemm, "QUANT_SPLIT_MIN_K", 1 << 30)  # whole rows: statistics only if "always"
-    assert GraphDecoder(model, 3).row_stats is None
-    monkeypatch.setattr(GraphDecoder, "ROW_STATS", "always")
-    assert GraphDecoder(model, 3).row_stats is not None
     assert torch.equal(torch.stack(tokens), torch.stack(ref_tokens))
     if batch <= 2:
         gen = dec.generate(ids, 2)
@@ -536,3 +526,13 @@ def test_graph_decoder_with_row_stats(monkeypatch):
         out = model(nxt[:, None], cache)
         cache, ref_logits = out.cache, out.logits[:, -1]
         assert _rel_rows(logits, ref_logits).median() < 1e-4
+    errs = row_stats_errors(dec)  # what the last step left, against its buffers (the GPU benchmarks' check)
+    assert set(errs) == {"g_sumsq_max_rel_err", "r_sumsq_max_rel_err", "v_sumsq_max_rel_err", "x_sumsq_max_rel_err",
+                         "v_maxabs_exact"}
+    assert errs["v_maxabs_exact"] and max(v for k, v in errs.items() if k.endswith("err")) < 1e-5
+    monkeypatch.setattr(GraphDecoder, "ROW_STATS", "never")
+    assert GraphDecoder(model, 3).row_stats is None
+    monkeypatch.setattr(ternary_gemm, "QUANT_SPLIT_MIN_K", 1 << 30)  # whole rows: statistics only if "always"
+    assert GraphDecoder(model, 3).row_stats is None
+    monkeypatch.setattr(GraphDecoder, "ROW_STATS", "always")
+    assert GraphDecoder(model, 3).row_stats is not None
