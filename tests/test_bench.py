@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import re
 import warnings
 from pathlib import Path
 
@@ -475,7 +476,9 @@ def test_an_extrapolation_whose_larger_run_was_not_slower_is_labelled_unreliable
     monkeypatch.setattr(protocol, "measure_variant", flat)
     res = mb.run_bench(["tiny"], device="cpu", variants=("transformer++",), memory_limit=limit, **TINY)
     v = res["sizes"]["tiny"]["variants"]["transformer++"]
-    assert v["status"] == "extrapolated" and "UNRELIABLE" in v["label"] and "2-layer decode was not slower" in v["label"]
+    assert v["status"] == "extrapolated" and "UNRELIABLE" in v["label"]
+    # decode was made flat; on a loaded machine the prefill can come out no slower as well, and the label says so
+    assert re.search(r"2-layer (prefill and )?decode was not slower", v["label"]), v["label"]
     assert v["figures"]["decode_ms_per_token"]["label"] == v["label"]
 
 
