@@ -6,8 +6,8 @@ import errno
 import json
 import math
 import os
-import sys
 import re
+import sys
 import warnings
 from pathlib import Path
 
