@@ -227,14 +227,20 @@ def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, S
 
 
 @triton.jit
+def _tile_parts(SSP, r: tl.constexpr, NT, M, m, NTB: tl.constexpr, IS_MAX: tl.constexpr):
+    """Region r of the ``RowStats`` a producing GEMM left (NT per-tile parts of each of M rows, laid out
+    (r, tile, row)) combined over the tiles for row m, in a fixed order."""
+    t = tl.arange(0, NTB)
+    return _combine(tl.load(SSP + (r * NT + t) * M + m, mask=t < NT, other=0.0), IS_MAX)
+
+
+@triton.jit
 def _first_inv_rms(a, K, eps, RED, CTR, grp, ch, NCH: tl.constexpr, SPIN: tl.constexpr, SSP, NT, M, m,
                    SSM: tl.constexpr, NTB: tl.constexpr):
     """The prologue's first inverse RMS (of ``a``, row ``m``): from the NT per-tile sums of squares at SSP
     that the producing GEMM left (SSM > 0, added in a fixed order), else the row's reduction 0."""
     if SSM > 0:
-        t = tl.arange(0, NTB)
-        ss = tl.sum(tl.load(SSP + t * M + m, mask=t < NT, other=0.0), 0)
-        r = 1.0 / tl.sqrt(ss / K + eps)
+        r = 1.0 / tl.sqrt(_tile_parts(SSP, 0, NT, M, m, NTB, False) / K + eps)
     else:
         r = _inv_rms(a, K, eps, RED, CTR, grp, ch, 0, NCH, SPIN)
     return r
@@ -308,9 +314,8 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
     if SSM == 2:  # both statistics from the producer (max|xn| = r2 max|v bw|, as below)
-        t = tl.arange(0, NTB)
-        ss = tl.sum(tl.load(SSP + t * M + m, mask=t < NT, other=0.0), 0)
-        mvb = tl.max(tl.load(SSP + (NT + t) * M + m, mask=t < NT, other=0.0), 0)
+        ss = _tile_parts(SSP, 0, NT, M, m, NTB, False)
+        mvb = _tile_parts(SSP, 1, NT, M, m, NTB, True)
         r2 = 1.0 / tl.sqrt(ss / K + eps_bl)
         xn = v * r2 * bw
         amax = mvb * r2
