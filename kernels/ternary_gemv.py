@@ -313,17 +313,15 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     else:
         v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
-    if SSM == 2:  # both statistics from the producer (max|xn| = r2 max|v bw|, as below)
-        ss = _tile_parts(SSP, 0, NT, M, m, NTB, False)
-        mvb = _tile_parts(SSP, 1, NT, M, m, NTB, True)
-        r2 = 1.0 / tl.sqrt(ss / K + eps_bl)
-        xn = v * r2 * bw
-        amax = mvb * r2
-    elif NCH > 1:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions
-        # meet at one barrier instead of two (13b decode steps at batch 4 / 16, untuned schedules, H200:
-        # 3.314 / 3.686 -> 2.979 / 3.377 ms with sum(xq) left in parts, bench/results/EXPERIMENTS.md)
-        ss, mvb = _row_reduce(_sum3(v * v), False, RED, CTR, grp, ch, 1, NCH, SPIN,
-                              tl.max(tl.max(tl.max(tl.abs(v * bw), 2), 1), 0), True, True)
+    if SSM == 2 or NCH > 1:
+        if SSM == 2:  # both statistics from the producer
+            ss = _tile_parts(SSP, 0, NT, M, m, NTB, False)
+            mvb = _tile_parts(SSP, 1, NT, M, m, NTB, True)
+        else:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions meet at
+            # one barrier instead of two (13b decode steps at batch 4 / 16, untuned schedules, H200: 3.314 /
+            # 3.686 -> 2.979 / 3.377 ms with sum(xq) left in parts, bench/results/EXPERIMENTS.md)
+            ss, mvb = _row_reduce(_sum3(v * v), False, RED, CTR, grp, ch, 1, NCH, SPIN,
+                                  tl.max(tl.max(tl.max(tl.abs(v * bw), 2), 1), 0), True, True)
         r2 = 1.0 / tl.sqrt(ss / K + eps_bl)
         xn = v * r2 * bw
         amax = mvb * r2
