@@ -160,6 +160,18 @@ def check_kernels(quick: bool):
     return rows
 
 
+def _random_frozen(cfg, device):
+    """A random frozen MatMul-free model built on ``device``, its norm weights in [0.5, 1.5] and its lower
+    bounds N(0, 1), so that no prologue multiplies by ones or zeros."""
+    model = build_model(cfg).to(device).init_weights().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+        model.model.lower_bounds.normal_(0, 1)
+    return model.freeze()
+
+
 def check_decoder(quick: bool):
     from mmf.decode_graph import GraphDecoder
 
@@ -168,13 +180,7 @@ def check_decoder(quick: bool):
     for dtype, batch in cases[: 2 if quick else 4]:
         torch.manual_seed(batch)
         cfg = MMFConfig(vocab_size=1003, hidden_size=384, num_hidden_layers=3, intermediate_size=1000)
-        model = build_model(cfg).init_weights().eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.uniform_(0.5, 1.5)
-            model.model.lower_bounds.normal_(0, 1)
-        model = model.freeze().to("cuda", dtype)
+        model = _random_frozen(cfg, "cpu").to("cuda", dtype)
         ids = torch.randint(3, 1003, (batch, 11), device="cuda")
         dec = GraphDecoder(model, batch)
         logits = dec.prefill(ids)
@@ -234,6 +240,61 @@ def row_stats_errors(dec) -> dict:
     return res
 
 
+def _wide_model():
+    """A 4096-wide, 2-layer random fp32 MatMul-free model on the GPU, norms and lower bounds non-trivial."""
+    torch.manual_seed(7)
+    return _random_frozen(MMFConfig(vocab_size=1003, hidden_size=4096, num_hidden_layers=2, intermediate_size=11008),
+                          "cuda")
+
+
+def _decoder_pair(model, batch, first: dict, second: dict, steps: int = 8) -> dict:
+    """Two ``GraphDecoder``s built under ``first`` / ``second`` (GraphDecoder attribute -> value), fed the
+    eager model's greedy tokens: their logits against each other and against the eager model, greedy
+    tokens agreeing, and the first's ``row_stats_errors``."""
+    from mmf.decode_graph import GraphDecoder
+
+    decs = []
+    for settings in (first, second):
+        saved = {k: getattr(GraphDecoder, k) for k in settings}
+        try:
+            for k, v in settings.items():
+                setattr(GraphDecoder, k, v)
+            decs.append(GraphDecoder(model, batch))
+        finally:
+            for k, v in saved.items():
+                setattr(GraphDecoder, k, v)
+    a, b = decs
+    ids = torch.randint(3, model.config.vocab_size, (batch, 9), device=a.device)
+    la, lb = a.prefill(ids).clone(), b.prefill(ids).clone()
+    with torch.no_grad():
+        ref = model(ids)
+    cache, lr = ref.cache, ref.logits[:, -1]
+    e_ab, e_ar, e_br, same_ab, same_ar, same_br = [], [], [], 0, 0, 0
+    for _ in range(steps):
+        nxt = lr.argmax(-1)
+        la, lb = a.step(nxt).clone(), b.step(nxt).clone()
+        with torch.no_grad():
+            o = model(nxt[:, None], cache)
+        cache, lr = o.cache, o.logits[:, -1]
+        e_ab.append(row_errs(la, lb))
+        e_ar.append(row_errs(la, lr))
+        e_br.append(row_errs(lb, lr))
+        same_ab += int((la.argmax(-1) == lb.argmax(-1)).sum())
+        same_ar += int((la.argmax(-1) == lr.argmax(-1)).sum())
+        same_br += int((lb.argmax(-1) == lr.argmax(-1)).sum())
+    e_ab, e_ar, e_br = torch.cat(e_ab), torch.cat(e_ar), torch.cat(e_br)
+    n = steps * batch
+    res = dict(**row_stats_errors(a),
+               median_rel_err_vs_without=e_ab.median().item(), max_rel_err_vs_without=e_ab.max().item(),
+               median_rel_err_vs_eager=e_ar.median().item(), max_rel_err_vs_eager=e_ar.max().item(),
+               without_median_rel_err_vs_eager=e_br.median().item(), without_max_rel_err_vs_eager=e_br.max().item(),
+               greedy_same_vs_without=f"{same_ab}/{n}", greedy_same_vs_eager=f"{same_ar}/{n}",
+               without_greedy_same_vs_eager=f"{same_br}/{n}")
+    del decs, a, b
+    torch.cuda.empty_cache()
+    return res
+
+
 def check_row_stats(quick: bool):
     """Each decode GEMM's epilogue can leave row statistics that the next pre-pass reads instead of reducing
     the row (``GraphDecoder.ROW_STATS``; by default where the pre-pass splits rows: 4096-wide models at batch
@@ -241,62 +302,21 @@ def check_row_stats(quick: bool):
     16 and whole rows at batch 4 and 64: the statistics against torch (``row_stats_errors``), and the logits of
     decoders with and without them, fed the eager model's greedy tokens, against each other (the same
     arithmetic but for fp32 summation order: rounding flips) and against the eager model."""
-    from mmf.decode_graph import GraphDecoder
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
-    torch.manual_seed(7)
-    cfg = MMFConfig(vocab_size=1003, hidden_size=4096, num_hidden_layers=2, intermediate_size=11008)
-    model = build_model(cfg).to("cuda").init_weights().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-        model.model.lower_bounds.normal_(0, 1)
-    model = model.freeze()
-    out, saved = [], (tv.TUNE, GraphDecoder.ROW_STATS, tg.QUANT_SPLIT_MIN_K)
+    model = _wide_model()
+    out, saved = [], (tv.TUNE, tg.QUANT_SPLIT_MIN_K)
     tv.TUNE = False
     try:
         for batch, rows in ((4, "split"), (4, "whole")) if quick else ((4, "split"), (16, "split"), (4, "whole"),
                                                                       (64, "whole")):
-            tg.QUANT_SPLIT_MIN_K = saved[2] if rows == "split" else 1 << 30
-            decs = []
-            for mode in ("always", "never"):
-                GraphDecoder.ROW_STATS = mode
-                decs.append(GraphDecoder(model, batch))
-            with_st, without = decs
-            ids = torch.randint(3, 1003, (batch, 9), device="cuda")
-            la, lb = with_st.prefill(ids).clone(), without.prefill(ids).clone()
-            with torch.no_grad():
-                ref = model(ids)
-            cache, lr = ref.cache, ref.logits[:, -1]
-            e_ab, e_ar, e_br, same_ab, same_ar, same_br = [], [], [], 0, 0, 0
-            for _ in range(8):
-                nxt = lr.argmax(-1)
-                la, lb = with_st.step(nxt).clone(), without.step(nxt).clone()
-                with torch.no_grad():
-                    o = model(nxt[:, None], cache)
-                cache, lr = o.cache, o.logits[:, -1]
-                e_ab.append(row_errs(la, lb))
-                e_ar.append(row_errs(la, lr))
-                e_br.append(row_errs(lb, lr))
-                same_ab += int((la.argmax(-1) == lb.argmax(-1)).sum())
-                same_ar += int((la.argmax(-1) == lr.argmax(-1)).sum())
-                same_br += int((lb.argmax(-1) == lr.argmax(-1)).sum())
-            e_ab, e_ar, e_br = torch.cat(e_ab), torch.cat(e_ar), torch.cat(e_br)
+            tg.QUANT_SPLIT_MIN_K = saved[1] if rows == "split" else 1 << 30
+            res = _decoder_pair(model, batch, dict(ROW_STATS="always"), dict(ROW_STATS="never"))
             out.append(dict(op="GraphDecoder row statistics", path="graph", dtype="float32",
-                            shape=f"batch {batch}, d 4096, L 2, 8 steps, {rows} pre-pass rows",
-                            **row_stats_errors(with_st),
-                            median_rel_err_vs_without=e_ab.median().item(), max_rel_err_vs_without=e_ab.max().item(),
-                            median_rel_err_vs_eager=e_ar.median().item(), max_rel_err_vs_eager=e_ar.max().item(),
-                            without_median_rel_err_vs_eager=e_br.median().item(),
-                            without_max_rel_err_vs_eager=e_br.max().item(),
-                            greedy_same_vs_without=f"{same_ab}/{8 * batch}", greedy_same_vs_eager=f"{same_ar}/{8 * batch}",
-                            without_greedy_same_vs_eager=f"{same_br}/{8 * batch}"))
-            del decs, with_st, without
-            torch.cuda.empty_cache()
+                            shape=f"batch {batch}, d 4096, L 2, 8 steps, {rows} pre-pass rows", **res))
     finally:
-        tv.TUNE, GraphDecoder.ROW_STATS, tg.QUANT_SPLIT_MIN_K = saved
+        tv.TUNE, tg.QUANT_SPLIT_MIN_K = saved
     return out
 
 

@@ -502,12 +502,27 @@ def test_gemm_row_stats_feed_the_next_pre_pass(swap):
             assert not torch.allclose(b.sx, a.sx, rtol=1e-3), (cfg, seg)
 
 
+def _decode_like_eager(dec, model, ids, steps=2):
+    """``dec``'s greedy tokens and logits follow the eager model's for ``steps`` steps after the prefill."""
+    logits = dec.prefill(ids)
+    out = model(ids)
+    cache, ref_logits = out.cache, out.logits[:, -1]
+    for _ in range(steps):
+        nxt = ref_logits.argmax(-1)
+        assert torch.equal(logits.argmax(-1), nxt)
+        logits = dec.step(nxt).clone()
+        out = model(nxt[:, None], cache)
+        cache, ref_logits = out.cache, out.logits[:, -1]
+        assert _rel_rows(logits, ref_logits).median() < 1e-4
+
+
 def test_graph_decoder_with_row_stats(monkeypatch):
     """The decoder path whose pre-passes read their producers' row statistics (the one for wide rows at
-    small batches, forced here on a small model) gives the eager model's greedy tokens."""
+    small batches, forced here on a small model) gives the eager model's greedy tokens; so does the GPU
+    benchmarks' comparison with the decoder that keeps none."""
     from conftest import small_model
 
-    from mmf.bench.kernel_bench import row_stats_errors
+    from mmf.bench.kernel_bench import _decoder_pair, row_stats_errors
     from mmf.decode_graph import GraphDecoder
 
     monkeypatch.setattr(ternary_gemm, "QUANT_SPLIT_MIN_K", 1)
@@ -516,20 +531,14 @@ def test_graph_decoder_with_row_stats(monkeypatch):
     ids = torch.randint(3, 259, (3, 7))
     dec = GraphDecoder(model, 3)
     assert dec.row_stats is not None
-    logits = dec.prefill(ids)
-    ref = model(ids)
-    cache, ref_logits = ref.cache, ref.logits[:, -1]
-    for _ in range(2):
-        nxt = ref_logits.argmax(-1)
-        assert torch.equal(logits.argmax(-1), nxt)
-        logits = dec.step(nxt).clone()
-        out = model(nxt[:, None], cache)
-        cache, ref_logits = out.cache, out.logits[:, -1]
-        assert _rel_rows(logits, ref_logits).median() < 1e-4
+    _decode_like_eager(dec, model, ids)
     errs = row_stats_errors(dec)  # what the last step left, against its buffers (the GPU benchmarks' check)
     assert set(errs) == {"g_sumsq_max_rel_err", "r_sumsq_max_rel_err", "v_sumsq_max_rel_err", "x_sumsq_max_rel_err",
                          "v_maxabs_exact"}
     assert errs["v_maxabs_exact"] and max(v for k, v in errs.items() if k.endswith("err")) < 1e-5
+    res = _decoder_pair(model, 3, dict(ROW_STATS="always"), dict(ROW_STATS="never"), steps=2)
+    assert res["greedy_same_vs_without"] == "6/6" and res["greedy_same_vs_eager"] == "6/6"
+    assert res["median_rel_err_vs_eager"] < 1e-4 and res["v_maxabs_exact"]
     monkeypatch.setattr(GraphDecoder, "ROW_STATS", "never")
     assert GraphDecoder(model, 3).row_stats is None
     monkeypatch.setattr(ternary_gemm, "QUANT_SPLIT_MIN_K", 1 << 30)  # whole rows: statistics only if "always"
