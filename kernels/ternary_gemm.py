@@ -16,6 +16,12 @@ on the left (``(W x^T)^T``, ``SWAP``): then the unpacked codes stay in registers
 and the activations reach the tensor cores through the pipelined shared-memory path. At 128 rows
 the second is the faster (13b prefill 8.9 vs 12.1 ms on an H100, ``bench/results/EXPERIMENTS.md``).
 
+Two switches for decode batches, built to shorten the (pre-pass, GEMM) pairs of a batched step and off
+by default until a GPU run measures them (``bench/results/EXPERIMENTS.md``): ``EARLY_WEIGHTS``, the GEMM
+loads its first weight block before it waits for the pre-pass and each next block a block ahead; and
+``gemm_pro``, the GEMV's call for 2-16 rows on the tensor cores, whose every program quantises all rows
+itself (``_quant_rows``), so that no pre-pass kernel runs (``GraphDecoder.PROLOGUE_GEMM``).
+
 Many rows (``INT_MM_MIN_ROWS`` and more, a long prompt or a large batch of prompts): the product is
 compute-bound, and unpacking codes in registers costs tensor-core time. The other path unpacks each
 projection's i2 bytes once per call into a reused int8 scratch (``unpack_codes``: codes 0-2 in the
@@ -34,9 +40,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
-                           Scratch, _epilogue, _num_sm, _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes,
-                           segment_weights, use_pdl)
+from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
+                           Scratch, _epilogue, _mlgru_gates, _num_sm, _quant_row, _rint, _silu, _to,
+                           gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights, use_pdl)
 
 
 @triton.jit
@@ -251,13 +257,104 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
 
 
 @triton.jit
+def _w_tile(Wp, rn, kk, P, k_end, n_rows, N, EPI: tl.constexpr, SWAP: tl.constexpr):
+    """The packed weight bytes of K block ``kk`` (columns past ``k_end`` read as 0, no traffic): (BN, BK) with
+    SWAP, else (BK, BN); for the GLU pair the up rows' block too (else the first again)."""
+    kin = kk < k_end
+    if SWAP:
+        wmask = (rn < n_rows)[:, None] & kin[None, :]
+        wb = tl.load(Wp + rn[:, None] * P + kk[None, :], mask=wmask, other=0)
+        wb2 = wb
+        if EPI == 2:
+            wb2 = tl.load(Wp + (rn + N)[:, None] * P + kk[None, :], mask=wmask, other=0)
+    else:
+        wmask = kin[:, None] & (rn < n_rows)[None, :]
+        wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)
+        wb2 = wb
+        if EPI == 2:
+            wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
+    return wb, wb2
+
+
+@triton.jit
+def _mma_block(acc, acc2, wb, wb2, XQ, seg, M, rm, kk, P, PB, EPI: tl.constexpr, SWAP: tl.constexpr,
+               USE_ASM: tl.constexpr):
+    """acc (+ acc2) += the products of weight block wb (wb2) with the planar int8 activations of K block kk:
+    one ``tl.dot`` per digit plane (accumulators (BN, BM) with SWAP, else (BM, BN))."""
+    if SWAP:  # weights as the left operand (kept in registers), activations transposed on the right
+        xcol = XQ + (seg * M + rm[None, :]) * 4 * PB
+        xmask = (kk < P)[:, None] & (rm < M)[None, :]
+        for s in tl.static_range(4):
+            xs = tl.load(xcol + s * PB + kk[:, None], mask=xmask, other=0)  # (BK, BM) int8
+            acc = tl.dot(_codes(wb, s, USE_ASM), xs, acc, out_dtype=tl.int32)
+            if EPI == 2:
+                acc2 = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2, out_dtype=tl.int32)
+    else:
+        xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
+        xmask = (rm < M)[:, None] & (kk < P)[None, :]
+        for s in tl.static_range(4):
+            xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
+            acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
+            if EPI == 2:
+                acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
+    return acc, acc2
+
+
+@triton.jit
+def _k_loop_ahead(acc, acc2, wb, wb2, XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, EPI: tl.constexpr,
+                  BK: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr):
+    """The K loop with the weights a block ahead: ``wb`` (``wb2``) hold block k_lo, loaded by the caller; each
+    next block (masked past k_hi: no traffic) is loaded while the current one is multiplied."""
+    rk = tl.arange(0, BK)
+    n_rows = 2 * N if EPI == 2 else N
+    for k0 in range(k_lo, k_hi, BK):
+        nb, nb2 = _w_tile(Wp, rn, k0 + BK + rk, P, k_hi, n_rows, N, EPI, SWAP)
+        acc, acc2 = _mma_block(acc, acc2, wb, wb2, XQ, seg, M, rm, k0 + rk, P, PB, EPI, SWAP, USE_ASM)
+        wb, wb2 = nb, nb2
+    return acc, acc2
+
+
+@triton.jit
+def _k_loop(XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, PDL: tl.constexpr, EARLY_W: tl.constexpr,
+            EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+            USE_ASM: tl.constexpr):
+    """The int32 sums of K bytes [k_lo, k_hi) of the tile (``_mma_block`` per BK block), after the wait for
+    the kernel before (PDL), which writes the activations. EARLY_W: the first weight block is loaded before
+    that wait, and each next block while the current one is multiplied (weights are never written by a
+    kernel of the step, so they may be read early)."""
+    rk = tl.arange(0, BK)
+    n_rows = 2 * N if EPI == 2 else N
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), tl.int32)
+    acc2 = acc
+    if EARLY_W:
+        wb, wb2 = _w_tile(Wp, rn, k_lo + rk, P, k_hi, n_rows, N, EPI, SWAP)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        acc, acc2 = _k_loop_ahead(acc, acc2, wb, wb2, XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, EPI, BK, SWAP,
+                                  USE_ASM)
+    else:
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        for k0 in range(k_lo, k_hi, BK):
+            wb, wb2 = _w_tile(Wp, rn, k0 + rk, P, P, n_rows, N, EPI, SWAP)
+            acc, acc2 = _mma_block(acc, acc2, wb, wb2, XQ, seg, M, rm, k0 + rk, P, PB, EPI, SWAP, USE_ASM)
+    return acc, acc2
+
+
+@triton.jit
 def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0):
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY_W: tl.constexpr = False):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
     parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
-    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
+    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|). EARLY_W: weights a block
+    ahead (``_k_loop``, ``EARLY_WEIGHTS``).
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
@@ -274,47 +371,160 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
     Wp = segment_weights(W0, W1, W2, seg)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
+    acc, acc2 = _k_loop(XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, PDL, EARLY_W, EPI, BM, BN, BK, SWAP, USE_ASM)
+    if SWAP:
+        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
+    else:
+        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode batches without a pre-pass: every GEMM program quantises the rows itself (``gemm_pro``)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _pro_in(X, sxm, G, sgm, rm, k, valid, K, PRO: tl.constexpr):
+    """The block norm's input at columns k of rows rm (fp32): x (PRO_NORM), g (PRO_GATED), g_pre (PRO_MLGRU,
+    the third block of X's rows); for PRO_PLAIN x itself."""
+    if PRO == 2:
+        a = tl.load(G + rm[:, None] * sgm + k, mask=valid, other=0.0)
+    elif PRO == 3:
+        a = tl.load(X + rm[:, None] * sxm + 2 * K + k, mask=valid, other=0.0)
+    else:
+        a = tl.load(X + rm[:, None] * sxm + k, mask=valid, other=0.0)
+    return a.to(tl.float32)
+
+
+@triton.jit
+def _pro_v(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, rm, k, valid, K, r, WRITE_STATE, PRO: tl.constexpr,
+           HAS_LB: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """The prologue's output v at columns k of rows rm (``_quant_row``'s arithmetic, same operation order),
+    given the rows' inverse RMS r (RB, 1) of the block norm; the MLGRU prologue writes the next state s
+    where WRITE_STATE."""
+    a = _pro_in(X, sxm, G, sgm, rm, k, valid, K, PRO)
+    if PRO == 0:
+        v = a
+    else:
+        nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+        if PRO == 1:
+            v = _to(a * r * nw, DT, USE_ASM).to(tl.float32)
+        else:
+            s_prev = tl.load(S_IN + rm[:, None] * K + k, mask=valid, other=0.0)
+            if PRO == 3:
+                lb = 0.0  # read by _mlgru_gates only with HAS_LB
+                if HAS_LB:
+                    lb = tl.load(LB + k, mask=valid, other=0.0)
+                ip = tl.load(X + rm[:, None] * sxm + k, mask=valid, other=0.0).to(tl.float32)
+                fp = tl.load(X + rm[:, None] * sxm + K + k, mask=valid, other=0.0).to(tl.float32)
+                f, i = _mlgru_gates(ip, fp, lb, HAS_LB)
+                s_prev = f * s_prev + i
+                if WRITE_STATE:
+                    tl.store(S_OUT + rm[:, None] * K + k, s_prev, mask=valid)
+            v = _to(a * r * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _positions(u0, rm, M, P, PB, K, CH: tl.constexpr):
+    """Planar positions u0 .. u0 + CH of rows rm: (u (1, CH), column k, valid (RB, CH)); u = s * PB + j is the
+    byte of digit plane s in the scratch's row, k = s * P + j the column, valid for j < P and k < K."""
+    u = u0 + tl.arange(0, CH)[None, :]
+    s = u // PB
+    j = u - s * PB
+    k = s * P + j
+    valid = (rm < M)[:, None] & (j < P) & (k < K) & (s < 4)
+    return u, k, valid
+
+
+@triton.jit
+def _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ8, SX, SUMX, K, P, PB, M, seg, eps_model, eps_bl,
+                WRITE_STATE, PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, RB: tl.constexpr,
+                CH: tl.constexpr, USE_ASM: tl.constexpr):
+    """Rows 0 .. M - 1 (M <= RB) of segment ``seg`` quantised by one program into the scratch (int8 bytes
+    XQ8, s_x, sum(xq)): the pre-pass's arithmetic (``_quant_row``) on (RB, CH) chunks of planar positions, in
+    up to three passes that each keep elementwise partials and reduce once: the block norm's sum of squares
+    (norm prologues), the BitLinear's sum(v^2) and max|v bw| (max|xn| = r2 max|v bw|, to fp32 rounding, as
+    split rows take it), then the quantisation."""
+    rm = tl.arange(0, RB)
+    U = 4 * PB
+    r = tl.zeros((RB, 1), tl.float32) + 1.0
+    if PRO != 0:
+        part = tl.zeros((RB, CH), tl.float32)
+        for u0 in range(0, U, CH):
+            u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
+            a = _pro_in(X, sxm, G, sgm, rm, k, valid, K, PRO)
+            part += a * a
+        r = (1.0 / tl.sqrt(tl.sum(part, 1) / K + eps_model))[:, None]
+    ss = tl.zeros((RB, CH), tl.float32)
+    mx = tl.zeros((RB, CH), tl.float32)
+    for u0 in range(0, U, CH):
+        u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
+        v = _pro_v(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, rm, k, valid, K, r, WRITE_STATE, PRO, HAS_LB, DT, USE_ASM)
+        bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
+        ss += v * v
+        mx = tl.maximum(mx, tl.abs(v * bw))
+    r2 = (1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps_bl))[:, None]
+    sx = tl.math.div_rn(127.0, tl.maximum(tl.max(mx, 1)[:, None] * r2, 1e-5))
+    qs = tl.zeros((RB, CH), tl.int32)
+    for u0 in range(0, U, CH):
+        u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
+        v = _pro_v(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, rm, k, valid, K, r, False, PRO, HAS_LB, DT, USE_ASM)
+        bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
+        xn = v * r2 * bw
+        q = tl.minimum(tl.maximum(_rint(xn * sx, USE_ASM), -128.0), 127.0).to(tl.int32)
+        q = tl.where(valid, q, 0)
+        qs += q
+        tl.store(XQ8 + ((seg * M + rm[:, None]) * 4) * PB + u, q.to(tl.int8), mask=(rm < M)[:, None] & (u < U))
+    tl.store(SX + seg * M + rm, tl.sum(sx, 1), mask=rm < M)
+    tl.store(SUMX + seg * M + rm, tl.sum(qs, 1), mask=rm < M)
+
+
+@triton.jit
+def _gemm_pro_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, W0, W1, W2, SW,
+                     OUT, RES, so_m, sr_m, M, N, K, P, PB, WS, CTR, KS,
+                     PRO: tl.constexpr, EPI: tl.constexpr, HAS_LB: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr,
+                     SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, RB: tl.constexpr,
+                     CH: tl.constexpr):
+    """``_gemm_kernel`` with the pre-pass inside (M <= BM rows, one row tile): each program loads its first
+    weight block, waits for the kernel before (PDL), quantises all M rows of its segment itself
+    (``_quant_rows``; every program stores the same bytes into the shared scratch, and reads back its own after
+    a barrier of its threads, as the GEMV's prologue does), then runs the K loop with the weights a block ahead.
+    Program (0, 0) writes the MLGRU's next state."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    DT: tl.constexpr = OUT.dtype.element_ty
+    part = pid % SPLIT
+    tile = pid // SPLIT
+    k_lo = part * KS
+    k_hi = tl.minimum(k_lo + KS, P)
+    pid_m, pid_n = _grouped_tile(tile, M, N, BM, BN, GROUP)
+    stile = seg * (tl.cdiv(M, BM) * tl.cdiv(N, BN)) + tile
+    Wp = segment_weights(W0, W1, W2, seg)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
     n_rows = 2 * N if EPI == 2 else N
-    if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
+    wb, wb2 = _w_tile(Wp, rn, k_lo + tl.arange(0, BK), P, k_hi, n_rows, N, EPI, SWAP)
+    if PDL:  # the kernel before writes this one's input rows
         gdc_wait()
         gdc_launch_dependents()
-    if SWAP:  # weights as the left operand (kept in registers), activations transposed on the right
-        accT = tl.zeros((BN, BM), tl.int32)
-        acc2T = tl.zeros((BN, BM), tl.int32)
-        xcol = XQ + (seg * M + rm[None, :]) * 4 * PB
-        for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + rk
-            wmask = (rn < n_rows)[:, None] & (kk < P)[None, :]
-            wb = tl.load(Wp + rn[:, None] * P + kk[None, :], mask=wmask, other=0)  # (BN, BK) uint8
-            if EPI == 2:
-                wb2 = tl.load(Wp + (rn + N)[:, None] * P + kk[None, :], mask=wmask, other=0)
-            xmask = (kk < P)[:, None] & (rm < M)[None, :]
-            for s in tl.static_range(4):
-                xs = tl.load(xcol + s * PB + kk[:, None], mask=xmask, other=0)  # (BK, BM) int8
-                accT = tl.dot(_codes(wb, s, USE_ASM), xs, accT, out_dtype=tl.int32)
-                if EPI == 2:
-                    acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
-        _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
-        return
-    acc = tl.zeros((BM, BN), tl.int32)
-    acc2 = tl.zeros((BM, BN), tl.int32)
-    xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
-    for k0 in range(k_lo, k_hi, BK):
-        kk = k0 + rk
-        wmask = (kk < P)[:, None] & (rn < n_rows)[None, :]
-        wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)  # (BK, BN) uint8
-        if EPI == 2:
-            wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
-        xmask = (rm < M)[:, None] & (kk < P)[None, :]
-        for s in tl.static_range(4):
-            xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
-            acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
-            if EPI == 2:
-                acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
-    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-            pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
+    _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PB, M, seg, eps_model, eps_bl,
+                (pid == 0) & (seg == 0), PRO, HAS_LB, DT, RB, CH, USE_ASM)
+    tl.debug_barrier()  # the program's scratch stores before its threads read them back
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), tl.int32)
+    acc, acc2 = _k_loop_ahead(acc, acc, wb, wb2, XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, EPI, BK, SWAP,
+                              USE_ASM)
+    if SWAP:
+        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SX, SX, 0, BN, BM, SPLIT, EPI, DT, USE_ASM, True, 1, 0)
+    else:
+        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SX, SX, 0, BM, BN, SPLIT, EPI, DT, USE_ASM, False, 1, 0)
 
 
 def _gemm_configs(m: int):
@@ -391,6 +601,22 @@ def split_parts(p: int, bk: int, split: int):
     return triton.cdiv(blocks, per), per * bk
 
 
+# Weights a block ahead in the GEMM (``_k_loop``'s EARLY_W): each program loads its first weight block before
+# its wait for the pre-pass (programmatic dependent launch), so the DRAM latency of the first block overlaps
+# the pre-pass instead of following it, and each next block while the current one is multiplied. Built to
+# shorten the (pre-pass, GEMM) pairs of batched decode steps; not yet measured on a GPU, so off by default
+# (``batched_decode --variants early-weights``; bench/results/EXPERIMENTS.md).
+EARLY_WEIGHTS = os.environ.get("MMF_EARLY_WEIGHTS", "0") == "1"
+EARLY_MAX_BLOCK = 8192  # bytes of one weight block held twice at most (GLU: per half); larger ones spill
+
+
+def _ahead_fits(cfg, epi) -> bool:
+    """May schedule ``cfg`` hold its weights a block ahead? Decode tiles only (at most 64 rows), and for the
+    GLU pair (two blocks, each held twice) only 16-row tiles whose blocks are at most ``EARLY_MAX_BLOCK``
+    bytes: compiled offline for sm_90a (Triton 3.9, ptxas -v), the others spilled 0.1-1.4 KB."""
+    return cfg[0] <= 64 and (epi != EPI_GLU or cfg[0] <= 16 and cfg[1] * cfg[2] <= EARLY_MAX_BLOCK)
+
+
 def _launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
@@ -409,8 +635,8 @@ def _launch(cfg, a):
         a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
         a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, st.buf if stats else ws,
         ssw if stats == 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
-        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats, num_warps=nw,
-        num_stages=ns,
+        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats,
+        EARLY_W=a.get("early", False) and _ahead_fits(cfg, a["epi"]), num_warps=nw, num_stages=ns,
         **({"launch_pdl": True} if a["pdl"] else {}))
 
 
@@ -485,11 +711,12 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
     a = dict(xq8=scratch.xq.view(torch.int8), sx=scratch.sx, sumx=scratch.sumx, red=scratch.red, nch=scratch.nch,
              w=ws, sw=scales, out=out, res=residual if residual is not None else out, so_m=out.stride(0),
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, p=packed_bytes(k),
-             pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
+             pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device), early=EARLY_WEIGHTS)
     if stats_out is not None:
         a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
-    key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
+    key = ((mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
+           + (("early",) if EARLY_WEIGHTS else ()))
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
     if chain:
@@ -522,6 +749,92 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
             break
         else:
             raise
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# gemm_pro: decode batches, the pre-pass inside the GEMM
+# ----------------------------------------------------------------------------------------------
+# Decode batches of 2 .. PRO_GEMM_MAX_ROWS rows (one 16-row tile) whose rows quantise in every GEMM program
+# (``gemm_pro``) instead of a pre-pass kernel before each GEMM. Each program does M x K prologue work, so
+# only products with M x K up to PRO_GEMM_MAX_ELEMS take it (narrow models, small batches); the decoder
+# uses it with ``GraphDecoder.PROLOGUE_GEMM`` (off by default: not yet measured on a GPU).
+PRO_GEMM_MAX_ROWS = 16
+PRO_GEMM_MAX_ELEMS = 16384
+PRO_ELEMS_PER_THREAD = 16  # a prologue chunk: (rows, positions) with this many elements per thread
+
+
+def prologue_fits(m: int, k: int) -> bool:
+    """Does a product of ``m`` rows of width ``k`` take ``gemm_pro`` (when the decoder asks for it)?"""
+    return 2 <= m <= PRO_GEMM_MAX_ROWS and m * k <= PRO_GEMM_MAX_ELEMS
+
+
+def _pro_launch(cfg, a):
+    bm, bn, bk, nw, ns = cfg[:5]
+    swap = cfg[5] if len(cfg) > 5 else 0
+    split, ks = split_parts(a["p"], bk, cfg[6] if len(cfg) > 6 else 1)
+    tiles = triton.cdiv(a["n"], bn)
+    if split > 1:
+        ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
+                                a["nseg"] * tiles, a["out"].device)
+    else:
+        ws, ctr = a["sc"].sumx, a["sc"].sumx  # not read
+    rb = triton.next_power_of_2(a["m"])
+    per = PRO_ELEMS_PER_THREAD // (2 if a["pro"] == PRO_MLGRU else 1)  # the MLGRU chunk holds four inputs
+    ch = min(max(16, per * 32 * nw // rb), triton.next_power_of_2(4 * a["pb"]))
+    if INTERPRET:
+        ch = min(ch, 64)  # several chunks per row in the tests
+    _gemm_pro_kernel[(tiles * split, a["nseg"])](
+        a["x"], a["sxm"], a["g"], a["sgm"], a["s_in"], a["s_out"], a["lb"], a["nw"], a["bwn"], a["eps_model"],
+        a["eps_bl"], a["sc"].xq.view(torch.int8), a["sc"].sx, a["sc"].sumx, a["w"][0], a["w"][1], a["w"][2],
+        a["sw"], a["out"], a["res"], a["so_m"], a["sr_m"], a["m"], a["n"], a["k"], a["p"], a["pb"], ws, ctr, ks,
+        PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=not INTERPRET,
+        SWAP=swap, PDL=a["pdl"], SPLIT=split, RB=rb, CH=ch, num_warps=nw, num_stages=ns,
+        **({"launch_pdl": True} if a["pdl"] else {}))
+
+
+def gemm_pro(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=None, n=None, norm_weight=None,
+             g=None, s_in=None, s_out=None, lower_bound=None, residual=None, eps_model=1e-6,
+             eps_bl=reference.BITLINEAR_NORM_EPS, scratch=None, config=None, tune_pool=None):
+    """``ternary_gemv.gemv``'s call (the same arguments and output) for 2 .. ``PRO_GEMM_MAX_ROWS`` rows on the
+    int8 tensor cores, with no pre-pass kernel: every program quantises the rows itself (``_gemm_pro_kernel``)
+    into ``scratch``, which it leaves as ``quantize`` would (s_x to fp32 rounding, int8 values within one
+    rounding flip: the row reductions run in another order).
+
+    ``tune_pool``: other weight lists of the same shapes, for the first call's schedule timing in a CUDA
+    graph of launches cycling through them (as the decoder runs them)."""
+    from .ternary_gemv import chain_launches, chain_ms
+
+    m = out.shape[0]
+    nseg = len(weights)
+    k = k if k is not None else bit_norm.shape[-1]
+    assert 1 <= m <= PRO_GEMM_MAX_ROWS, f"gemm_pro takes 1 .. {PRO_GEMM_MAX_ROWS} rows"
+    assert pro in (0, 1, 2, 3), "gemm_pro: the PRO_PLAIN, PRO_NORM, PRO_GATED and PRO_MLGRU prologues"
+    n0 = weights[0].shape[0]
+    n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
+    scratch = scratch if scratch is not None else Scratch(nseg, m, k, x.device)
+    scratch.nch = 1  # sum(xq) whole, in SUMX
+    dummy = out
+    a = dict(x=x, sxm=x.stride(0), g=g if g is not None else dummy, sgm=g.stride(0) if g is not None else 0,
+             s_in=s_in if s_in is not None else dummy, s_out=s_out if s_out is not None else dummy,
+             lb=lower_bound if lower_bound is not None else dummy,
+             nw=norm_weight if norm_weight is not None else bit_norm, bwn=bit_norm, eps_model=float(eps_model),
+             eps_bl=float(eps_bl), sc=scratch, w=_byte_operands(weights), sw=scales, out=out,
+             res=residual if residual is not None else dummy, so_m=out.stride(0),
+             sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, k=k, p=packed_bytes(k),
+             pb=4 * scratch.pw, nseg=nseg, pro=pro, epi=epi, has_lb=lower_bound is not None,
+             pdl=use_pdl(out.device))
+    cands = [c for c in _gemm_configs(16) if _ahead_fits(c, epi)]
+    key = ("pro", triton.next_power_of_2(m), n, k, nseg, pro, epi, str(out.dtype))
+    time_of = None
+    if tune_pool is not None and len(tune_pool) >= 2 and config is None and key not in _TUNED:
+        pool = [_byte_operands(w) for w in tune_pool]
+        launches = chain_launches(n * a["p"] * nseg * (2 if epi == EPI_GLU else 1))
+
+        def time_of(c):
+            return chain_ms([lambda w=pool[i % len(pool)]: _pro_launch(c, dict(a, w=w)) for i in range(launches)])
+    cfg = config or _tuned("gemm_pro", key, cands, lambda c: _pro_launch(c, dict(a, pdl=False)), out, time_of)
+    _pro_launch(cfg, a)
     return out
 
 

@@ -30,7 +30,9 @@ What runs per layer and token (batch <= 2): four GEMV launches, each with its ne
 
 then the LM head (final norm in its prologue). For batch 3-64 and for prefill, each projection is
 a small pre-pass (same prologues) plus the int8 tensor-core GEMM of ``ternary_gemm``; prefill runs
-the recurrence as a chunked scan (``mlgru_step.mlgru_gated_scan``).
+the recurrence as a chunked scan (``mlgru_step.mlgru_gated_scan``). With ``PROLOGUE_GEMM`` (off by
+default, not yet measured on a GPU), batch 2-16 projections whose rows fit run ``ternary_gemm.gemm_pro``
+instead, the GEMV's launch on the tensor cores with the pre-pass inside every program.
 
 Memory: the packed weights (2 bits per weight; a model frozen to int8 ``codes`` is packed once
 more, so load a packed checkpoint for the smallest footprint), the embeddings, per-row buffers
@@ -99,6 +101,9 @@ class GraphDecoder:
     # pre-passes that read their producers' row statistics (``ternary_gemm.RowStats``): "split" where the
     # pre-pass splits its rows (``decode_quant_chunks``), "always" on the whole GEMM path, "never"
     ROW_STATS = "split"
+    # batch 2-16: projections whose rows fit (``ternary_gemm.prologue_fits``) quantise them inside every GEMM
+    # program (``ternary_gemm.gemm_pro``) instead of in a pre-pass kernel; off until measured on a GPU
+    PROLOGUE_GEMM = os.environ.get("MMF_PROLOGUE_GEMM", "0") == "1"
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
@@ -138,7 +143,11 @@ class GraphDecoder:
             self.head = _PackedLinear(model.lm_head, self.device)
         B, dev, dt = batch, self.device, self.dtype
         # ``gemv`` (benchmarks) forces the decode path; by default ``uses_gemv`` picks it
-        self.gemv_path = tv.uses_gemv(B, d) if gemv is None else (gemv and B <= tv.GEMV_MAX_ROWS)
+        from mmf.kernels import ternary_gemm as tg
+
+        # batch 2-16 with ``PROLOGUE_GEMM``: no pre-pass kernels where ``prologue_fits`` (``gemm_pro``)
+        self.pro_gemm = bool(self.PROLOGUE_GEMM and gemv is None and 2 <= B <= tg.PRO_GEMM_MAX_ROWS)
+        self.gemv_path = (tv.uses_gemv(B, d) and not self.pro_gemm) if gemv is None else (gemv and B <= tv.GEMV_MAX_ROWS)
         self.state = torch.zeros(L, B, d, dtype=torch.float32, device=dev)
         self.state_next = torch.zeros_like(self.state)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
@@ -155,10 +164,8 @@ class GraphDecoder:
         self.sc_m = tv.Scratch(1, B, m, dev)
         # where the pre-pass splits rows (``decode_quant_chunks``), each GEMM's epilogue leaves the row
         # statistics its output's pre-pass needs (``ternary_gemm.RowStats``): one barrier fewer per pre-pass
-        from mmf.kernels import ternary_gemm as tg
-
         self.row_stats = None
-        if not self.gemv_path and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
+        if not self.gemv_path and not self.pro_gemm and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
                                    and tg.decode_quant_chunks(B, d) is None):
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
         self.graph = None
@@ -215,16 +222,34 @@ class GraphDecoder:
         self.state.zero_()
 
     # ------------------------------------------------------------------------------------------
-    def _step_body(self) -> None:
+    def _proj(self, kind, x, weights, scales, bit_norm, out, *, k, scratch, epi=0, residual=None, stats=None,
+              stats_out=None, **pro):
+        """One projection of the step with its prologue ``pro`` (``ternary_gemv.gemv``'s keywords) and epilogue:
+        the GEMV (batch 1-2), ``ternary_gemm.gemm_pro`` (``PROLOGUE_GEMM``, where ``prologue_fits``), or the
+        pre-pass (reading ``stats``, the row statistics the GEMM before left) and the GEMM (leaving
+        ``stats_out``), whose first call times its schedules after that pre-pass (repeated: each writes the
+        same values, the MLGRU one the same next state from the same state). Schedules are timed over every
+        layer's weights of the shape (``_tune_pools[kind]``), as they run here."""
         from mmf.kernels import ternary_gemm as tg
         from mmf.kernels import ternary_gemv as tv
 
-        torch.index_select(self.emb, 0, self.ids, out=self.x)
-        d = self.d
-        pool = self._tune_pools  # every layer's weights: schedules are timed as they run here
-        qc = tg.decode_quant_chunks(self.batch, d)  # rows of the pre-pass split over programs, or whole
+        pool = self._tune_pools[kind]
+        if self.gemv_path or self.pro_gemm and tg.prologue_fits(self.batch, k):
+            fn = tv.gemv if self.gemv_path else tg.gemm_pro
+            fn(x, weights, scales, bit_norm, out, k=k, epi=epi, residual=residual, scratch=scratch, tune_pool=pool,
+               **pro)
+            return
+        pre = partial(tg.quantize, x, bit_norm, scratch, nseg=len(weights), k=k, dtype=self.dtype,
+                      chunks=tg.decode_quant_chunks(self.batch, self.d), stats=stats, **pro)
+        pre()
+        tg.gemm(scratch, weights, scales, out, k=k, epi=epi, residual=residual, tune_pool=pool, tune_prepass=pre,
+                stats_out=stats_out)
 
-        stats = self.row_stats
+    def _step_body(self) -> None:
+        from mmf.kernels import ternary_gemv as tv
+
+        torch.index_select(self.emb, 0, self.ids, out=self.x)
+        d, stats = self.d, self.row_stats
 
         def st(name):
             """The row statistics the GEMM before left for this pre-pass, if the decoder keeps them."""
@@ -233,54 +258,23 @@ class GraphDecoder:
         def st_out(name, w=None, seg=0):
             return (stats[name], w, seg) if stats else None
 
-        def pre_then_gemm(pre, *args, **kw):
-            """Pre-pass ``pre``, then its GEMM, whose first call times its schedules after ``pre`` (repeated,
-            each pre-pass writes the same values: the MLGRU one the same next state from the same state)."""
-            pre()
-            tg.gemm(*args, tune_prepass=pre, **kw)
-
         for l, ly in enumerate(self.layers):
             o, gu, dn = ly["o"], ly["gu"], ly["down"]
-            if self.gemv_path:
-                tv.gemv(self.x, ly["ifg"], ly["ifg_scale"], ly["ifg_norm"], self.ifg, pro=tv.PRO_NORM,
-                        norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], scratch=self.sc_d, tune_pool=pool["ifg"])
-                tv.gemv(self.ifg, [o.packed], o.scale, o.norm[None], self.r, pro=tv.PRO_MLGRU, k=d,
-                        norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
-                        s_out=self.state_next[l], lower_bound=ly["lb"], residual=self.x, epi=tv.EPI_RESIDUAL,
-                        scratch=self.sc_d, tune_pool=pool["o"])
-                tv.gemv(self.r, [gu.packed], gu.scale, gu.norm[None], self.v, pro=tv.PRO_NORM,
-                        norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], epi=tv.EPI_GLU, scratch=self.sc_d,
-                        tune_pool=pool["gu"])
-                tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
-                        epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
-            else:
-                pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
-                                      norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc,
-                                      stats=st("x") if l > 0 else None),
-                              self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"],
-                              stats_out=st_out("g", seg=2))
-                pre_then_gemm(partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d,
-                                      dtype=self.dtype, norm_weight=ly["g_norm"], eps_model=ly["eps_g"],
-                                      s_in=self.state[l], s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc,
-                                      stats=st("g")),
-                              self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
-                              tune_pool=pool["o"], stats_out=st_out("r"))
-                pre_then_gemm(partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM,
-                                      norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc, stats=st("r")),
-                              self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
-                              stats_out=st_out("v", w=dn.norm))
-                pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc,
-                                      stats=st("v")),
-                              self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL,
-                              residual=self.r, tune_pool=pool["down"], stats_out=st_out("x"))
+            self._proj("ifg", self.x, ly["ifg"], ly["ifg_scale"], ly["ifg_norm"], self.ifg, k=d, scratch=self.sc_d,
+                       stats=st("x") if l > 0 else None, stats_out=st_out("g", seg=2), pro=tv.PRO_NORM,
+                       norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"])
+            self._proj("o", self.ifg, [o.packed], o.scale, o.norm[None], self.r, k=d, scratch=self.sc_d,
+                       epi=tv.EPI_RESIDUAL, residual=self.x, stats=st("g"), stats_out=st_out("r"), pro=tv.PRO_MLGRU,
+                       norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l], s_out=self.state_next[l],
+                       lower_bound=ly["lb"])
+            self._proj("gu", self.r, [gu.packed], gu.scale, gu.norm[None], self.v, k=d, scratch=self.sc_d,
+                       epi=tv.EPI_GLU, stats=st("r"), stats_out=st_out("v", w=dn.norm), pro=tv.PRO_NORM,
+                       norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"])
+            self._proj("down", self.v, [dn.packed], dn.scale, dn.norm[None], self.x, k=self.m, scratch=self.sc_m,
+                       epi=tv.EPI_RESIDUAL, residual=self.r, stats=st("v"), stats_out=st_out("x"), pro=tv.PRO_PLAIN)
         h = self.head
-        if self.gemv_path:
-            tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
-                    norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
-        else:
-            pre_then_gemm(partial(tg.quantize, self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM,
-                                  norm_weight=self.final_norm, eps_model=self.eps_final, chunks=qc, stats=st("x")),
-                          self.sc_d, [h.packed], h.scale, self.logits, k=d, tune_pool=pool["head"])
+        self._proj("head", self.x, [h.packed], h.scale, h.norm[None], self.logits, k=d, scratch=self.sc_d,
+                   stats=st("x"), pro=tv.PRO_NORM, norm_weight=self.final_norm, eps_model=self.eps_final)
         self.state.copy_(self.state_next)
 
     def _capture(self) -> None:

@@ -545,3 +545,123 @@ def test_graph_decoder_with_row_stats(monkeypatch):
     assert GraphDecoder(model, 3).row_stats is None
     monkeypatch.setattr(GraphDecoder, "ROW_STATS", "always")
     assert GraphDecoder(model, 3).row_stats is not None
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_gemm_weights_ahead_match_the_plain_loop(swap, monkeypatch):
+    """``EARLY_WEIGHTS`` (each program's weight blocks loaded one ahead, the first before its wait for the
+    pre-pass): the same output bit for bit as the plain K loop, one part and split-K (a short last part),
+    plain with 2 segments, residual and GLU pair; GLU blocks too large to hold twice keep the plain loop."""
+    g = torch.Generator().manual_seed(61 + swap)
+    m, n, k = 3, 70, 530
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    nw = (torch.rand(2, k, generator=g) + 0.5).to(torch.float16)
+    packed = [pack_i2(rand_codes(2 * n, k, g)) for _ in range(2)]
+    sw = torch.tensor([0.9, 1.3])
+    res = torch.randn(m, 4 * n, generator=g).to(torch.float16)
+    sc = ternary_gemv.Scratch(2, m, k, "cpu")
+    ternary_gemm.quantize(x, nw, sc, nseg=2)
+    for split in (1, 3):
+        cfg = (16, 64, 32, 4, 1, swap, split)
+        for epi, kw, shape in ((ternary_gemv.EPI_STORE, {}, (m, 4 * n)),
+                               (ternary_gemv.EPI_RESIDUAL, {"residual": res}, (m, 4 * n)),
+                               (ternary_gemv.EPI_GLU, {}, (m, n))):
+            ws, sws = (packed, sw) if epi != ternary_gemv.EPI_GLU else (packed[:1], sw[:1])
+            outs = []
+            for early in (False, True):
+                monkeypatch.setattr(ternary_gemm, "EARLY_WEIGHTS", early)
+                out = torch.full(shape, float("nan"), dtype=torch.float16)
+                ternary_gemm.gemm(sc, ws, sws, out, k=k, epi=epi, config=cfg, **kw)
+                outs.append(out)
+            assert torch.equal(outs[0], outs[1]) and not outs[1].isnan().any(), (split, epi)
+    assert ternary_gemm._ahead_fits((16, 64, 128), ternary_gemv.EPI_GLU)
+    assert not ternary_gemm._ahead_fits((16, 128, 128), ternary_gemv.EPI_GLU)
+    assert ternary_gemm._ahead_fits((16, 128, 256), ternary_gemv.EPI_STORE)
+
+
+def _pro_case(pro, m, k, nseg, g):
+    """Inputs of one prologue kind for ``gemm_pro`` and ``quantize`` (the MLGRU's x holds i, f, g pre)."""
+    width = 3 * k if pro == ternary_gemv.PRO_MLGRU else k
+    return dict(x=(torch.randn(m, width, generator=g) * 2).to(torch.bfloat16),
+                bit_norm=(torch.rand(nseg, k, generator=g) + 0.5).to(torch.bfloat16),
+                kw=dict(pro=pro, k=k, norm_weight=(torch.rand(k, generator=g) + 0.5).to(torch.bfloat16),
+                        g=(torch.randn(m, k, generator=g)).to(torch.bfloat16) if pro == ternary_gemv.PRO_GATED else None,
+                        s_in=torch.randn(m, k, generator=g),
+                        lower_bound=torch.rand(k, generator=g) * 0.5 if pro == ternary_gemv.PRO_MLGRU else None))
+
+
+@pytest.mark.parametrize("pro", [ternary_gemv.PRO_PLAIN, ternary_gemv.PRO_NORM, ternary_gemv.PRO_GATED,
+                                 ternary_gemv.PRO_MLGRU])
+@pytest.mark.parametrize("m,k,nseg,epi,cfg", [
+    (3, 300, 1, ternary_gemv.EPI_RESIDUAL, (16, 64, 32, 4, 1, 0)),
+    (2, 77, 3, ternary_gemv.EPI_STORE, (16, 64, 32, 4, 1, 1, 2)),
+    (5, 250, 1, ternary_gemv.EPI_GLU, (16, 64, 32, 4, 1, 1)),
+    (16, 130, 2, ternary_gemv.EPI_STORE, (16, 64, 32, 4, 1, 0, 3))])
+def test_gemm_pro_matches_pre_pass_and_gemm(pro, m, k, nseg, epi, cfg):
+    """``gemm_pro`` (every program quantises all rows itself, no pre-pass kernel) against ``quantize`` +
+    ``gemm``: the scratch it leaves (s_x to 1e-6, int8 values within one rounding flip, sum(xq) of its own
+    values), the same MLGRU state, its output bit for bit that of ``gemm`` on that scratch, and within the
+    dtype's tolerance of the pre-pass path's (one row may differ by a rounding flip); both operand orders, split-K, several chunks per row (odd K: padded words and planes), 2-3 segments, two
+    column tiles."""
+    g = torch.Generator().manual_seed(pro * 100 + m + k)
+    n = 70
+    c = _pro_case(pro, m, k, nseg, g)
+    rows = 2 * n if epi == ternary_gemv.EPI_GLU else n
+    packed = [pack_i2(rand_codes(rows, k, g)) for _ in range(nseg)]
+    sw = torch.rand(nseg, generator=g) + 0.5
+    width = n if epi == ternary_gemv.EPI_GLU else nseg * n
+    res = torch.randn(m, width, generator=g).to(torch.bfloat16)
+    kw = dict(c["kw"], epi=epi, residual=res if epi == ternary_gemv.EPI_RESIDUAL else None)
+    runs = []
+    for fused in (False, True):
+        sc = ternary_gemv.Scratch(nseg, m, k, "cpu")
+        out = torch.full((m, width), float("nan"), dtype=torch.bfloat16)
+        s_out = torch.zeros(m, k)
+        if fused:
+            ternary_gemm.gemm_pro(c["x"], packed, sw, c["bit_norm"], out, scratch=sc, s_out=s_out, config=cfg, **kw)
+        else:
+            qkw = {key: v for key, v in kw.items() if key not in ("epi", "residual")}
+            ternary_gemm.quantize(c["x"], c["bit_norm"], sc, nseg=nseg, s_out=s_out, dtype=torch.bfloat16, **qkw)
+            ternary_gemm.gemm(sc, packed, sw, out, k=k, epi=epi, residual=kw["residual"], config=cfg)
+        runs.append((sc, out, s_out))
+    (sa, oa, ta), (sb, ob, tb) = runs
+    assert torch.allclose(sb.sx, sa.sx, rtol=1e-6, atol=0)
+    qa, qb = _xq_bytes(sa, k).int(), _xq_bytes(sb, k).int()
+    assert (qa - qb).abs().max().item() <= 1 and (qa != qb).float().mean().item() < 0.01
+    assert torch.equal(sb.row_sums(), qb.sum(-1).int())
+    if pro == ternary_gemv.PRO_MLGRU:
+        assert torch.equal(ta, tb) and ta.abs().sum() > 0
+    again = torch.full_like(ob, float("nan"))  # the GEMM part: the pre-pass path's GEMM on the scratch it left
+    ternary_gemm.gemm(sb, packed, sw, again, k=k, epi=epi, residual=kw["residual"], config=cfg)
+    assert torch.equal(ob, again)
+    check_rows(ob, oa, torch.bfloat16, max_bad_rows=1)
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_graph_decoder_with_prologue_gemm(batch, monkeypatch):
+    """``GraphDecoder.PROLOGUE_GEMM``: the projections whose rows fit (``prologue_fits``, here the d-wide
+    ones) run ``gemm_pro``, the rest the pre-pass and the GEMM, and the decoder gives the eager model's greedy
+    tokens (batch 2 leaves the two-row GEMV for it); the GPU benchmarks' comparison with the decoder without
+    it agrees too."""
+    from conftest import small_model
+
+    from mmf.bench.kernel_bench import _decoder_pair
+    from mmf.decode_graph import GraphDecoder
+
+    model = small_model("mmf", seed=7 + batch, intermediate_size=90).freeze()
+    d = model.config.hidden_size
+    monkeypatch.setattr(ternary_gemm, "PRO_GEMM_MAX_ELEMS", batch * d)  # d-wide rows fit, the ffn's do not
+    calls = []
+    real = ternary_gemm.gemm_pro
+    monkeypatch.setattr(ternary_gemm, "gemm_pro", lambda *a, **kw: calls.append(kw["k"]) or real(*a, **kw))
+    monkeypatch.setattr(GraphDecoder, "PROLOGUE_GEMM", True)
+    dec = GraphDecoder(model, batch)
+    assert dec.pro_gemm and not dec.gemv_path and dec.row_stats is None
+    torch.manual_seed(batch)
+    _decode_like_eager(dec, model, torch.randint(3, 259, (batch, 7)))
+    assert calls and set(calls) == {d}  # the ffn-wide down projection took the pre-pass path
+    res = _decoder_pair(model, batch, dict(PROLOGUE_GEMM=True), dict(PROLOGUE_GEMM=False), steps=2)
+    assert res["greedy_same_vs_without"] == f"{2 * batch}/{2 * batch}"
+    assert res["greedy_same_vs_eager"] == f"{2 * batch}/{2 * batch}" and res["median_rel_err_vs_eager"] < 1e-4
+    monkeypatch.setattr(GraphDecoder, "PROLOGUE_GEMM", False)
+    assert not GraphDecoder(model, batch).pro_gemm

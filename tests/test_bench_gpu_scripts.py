@@ -92,3 +92,11 @@ def test_batched_decode_variants_set_and_restore_the_decoders_choices():
     with batched_decode.variant("whole-rows"):
         assert tg.decode_quant_chunks(4, 5120) == 1
     assert tg.decode_quant_chunks(4, 5120) is None
+    with batched_decode.variant("prologue-gemm-all+early-weights"):
+        assert GraphDecoder.PROLOGUE_GEMM and tg.EARLY_WEIGHTS and tg.prologue_fits(16, 13824)
+    assert not GraphDecoder.PROLOGUE_GEMM and not tg.EARLY_WEIGHTS and not tg.prologue_fits(16, 13824)
+    for name, attrs in batched_decode.VARIANTS.items():  # every variant names attributes that exist
+        for (where, attr) in attrs:
+            mod, _, cls = where.partition(":")
+            obj = __import__(mod, fromlist=["_"])
+            assert hasattr(getattr(obj, cls) if cls else obj, attr), (name, attr)
