@@ -43,6 +43,8 @@ VARIANTS = {
     "prologue-gemm": {("mmf.decode_graph:GraphDecoder", "PROLOGUE_GEMM"): True},
     "prologue-gemm-all": {("mmf.decode_graph:GraphDecoder", "PROLOGUE_GEMM"): True,  # every projection
                           ("mmf.kernels.ternary_gemm", "PRO_GEMM_MAX_ELEMS"): 1 << 30},
+    # each gate/up GEMM quantises its output for the down projection (no down pre-pass kernel)
+    "fused-down": {("mmf.decode_graph:GraphDecoder", "FUSED_QUANT"): "down"},
     # the pre-pass path's GEMM loads its weights a block ahead, the first before its wait for the pre-pass
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
 }

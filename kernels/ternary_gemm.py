@@ -16,11 +16,13 @@ on the left (``(W x^T)^T``, ``SWAP``): then the unpacked codes stay in registers
 and the activations reach the tensor cores through the pipelined shared-memory path. At 128 rows
 the second is the faster (13b prefill 8.9 vs 12.1 ms on an H100, ``bench/results/EXPERIMENTS.md``).
 
-Two switches for decode batches, built to shorten the (pre-pass, GEMM) pairs of a batched step and off
+Three switches for decode batches, built to shorten the (pre-pass, GEMM) pairs of a batched step and off
 by default until a GPU run measures them (``bench/results/EXPERIMENTS.md``): ``EARLY_WEIGHTS``, the GEMM
-loads its first weight block before it waits for the pre-pass and each next block a block ahead; and
+loads its first weight block before it waits for the pre-pass and each next block a block ahead;
 ``gemm_pro``, the GEMV's call for 2-16 rows on the tensor cores, whose every program quantises all rows
-itself (``_quant_rows``), so that no pre-pass kernel runs (``GraphDecoder.PROLOGUE_GEMM``).
+itself (``_quant_rows``), so that no pre-pass kernel runs (``GraphDecoder.PROLOGUE_GEMM``); and
+``gemm(next_quant=)``, a GEMM whose programs, after a grid barrier, quantise its output for the next plain
+projection from the row statistics their epilogues left (``NextPrePass``, ``GraphDecoder.FUSED_QUANT``).
 
 Many rows (``INT_MM_MIN_ROWS`` and more, a long prompt or a large batch of prompts): the product is
 compute-bound, and unpacking codes in registers costs tensor-core time. The other path unpacks each
@@ -67,6 +69,42 @@ def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, X
     _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN,
                SSP, NT, SSM, NTB)
+
+
+NEXT_QUANT_WORDS = 256
+
+
+class NextPrePass:
+    """A decode GEMM's output quantised for the next projection by the GEMM itself (``gemm(next_quant=)``,
+    ``_quant_next``): the next projection's ``scratch`` (one segment; it must hold split rows: ``Scratch.red``),
+    its BitLinear norm weight (the ``stats_out`` weight, whose max|out * w| the epilogues leave) and epsilon,
+    and the grid barrier's two counters (zeros; each launch leaves them so)."""
+
+    def __init__(self, scratch, eps_bl=reference.BITLINEAR_NORM_EPS, chunks=None):
+        self.scratch, self.eps_bl, self.fixed_chunks = scratch, eps_bl, chunks
+        self.bar = torch.zeros(2, dtype=torch.int32, device=scratch.xq.device)
+
+    def chunks(self, m: int, programs: int) -> int:
+        """Chunks per row of the quantisation (a power of two; about one (row, chunk) item per program, or
+        the ``chunks`` given; whole rows where the scratch holds no split rows or in the interpreter)."""
+        if self.scratch.red.numel() < m * 4 * QUANT_MAX_CHUNKS:
+            return 1
+        if self.fixed_chunks is not None:
+            return self.fixed_chunks
+        if INTERPRET:
+            return 1
+        # at most NEXT_QUANT_WORDS words of a row per item: whole 13b ffn rows (864 words) spilled 1.2 KB
+        # (compiled offline for sm_90a), 128-word chunks none
+        least = triton.next_power_of_2(triton.cdiv(self.scratch.pw, NEXT_QUANT_WORDS))
+        return min(QUANT_MAX_CHUNKS, max(least, quant_chunks(m, self.scratch.pw, programs)))
+
+
+def next_quant_fits(cfg, m: int, n: int, p: int, device) -> bool:
+    """May a GEMM launched on schedule ``cfg`` run the next pre-pass (``NextPrePass``)? Only if all its
+    programs are resident at once, at one per SM (they wait for each other at a grid barrier)."""
+    bm, bn, bk = cfg[:3]
+    split, _ = split_parts(p, bk, cfg[6] if len(cfg) > 6 else 1)
+    return INTERPRET or triton.cdiv(m, bm) * triton.cdiv(n, bn) * split <= _num_sm(device)
 
 
 class RowStats:
@@ -347,14 +385,55 @@ def _k_loop(XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, PDL: tl.constexpr, EAR
 
 
 @triton.jit
+def _grid_barrier(BAR, nprog, SPIN: tl.constexpr):
+    """Wait until all ``nprog`` programs of the launch are here (a central barrier: BAR[0] counts arrivals,
+    BAR[1] is the generation; the last to arrive sets the count back to 0 and moves the generation on, so
+    a later launch may have another number of programs). Every program of the launch must be resident at
+    once. SPIN=False (the interpreter, whose programs run one after another) does not wait: the caller
+    launches the kernel once more, and the second launch reads what the first wrote."""
+    tl.debug_barrier()  # every thread's stores before the arrival (release, cumulative)
+    gen = tl.atomic_add(BAR + 1, 0, sem="acquire")
+    old = tl.atomic_add(BAR, 1, sem="acq_rel")
+    if old == nprog - 1:
+        tl.atomic_xchg(BAR, 0, sem="relaxed")
+        tl.atomic_add(BAR + 1, 1, sem="release")
+    elif SPIN:
+        cur = gen
+        while cur == gen:
+            cur = tl.atomic_add(BAR + 1, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _quant_next(pid, nprog, OUT, so_m, M, N, QBW, QXQ, QSX, QSUMX, QRED, QP, QPW, eps_q, SS, BAR, DT: tl.constexpr,
+                NCHQ: tl.constexpr, QBLOCK_W: tl.constexpr, NTB: tl.constexpr, BNT: tl.constexpr,
+                USE_ASM: tl.constexpr, SPIN: tl.constexpr):
+    """The next projection's plain pre-pass on this GEMM's output (N wide: its K), after every tile is
+    stored (``_grid_barrier``): the M rows' NCHQ chunks are shared out over the launch's programs, each
+    quantised by ``_quant_row`` with both BitLinear statistics summed from the ``RowStats`` the epilogues
+    left at SS (no row reduction, no further barrier); sum(xq) is left in NCHQ parts when NCHQ > 1."""
+    _grid_barrier(BAR, nprog, SPIN)
+    nt = tl.cdiv(N, BNT)
+    for it in range(pid, M * NCHQ, nprog):
+        _quant_row(it // NCHQ, 0, OUT, so_m, OUT, 0, OUT, OUT, OUT, QBW, QBW, QXQ, QSX, QSUMX, N, QP, QPW, M,
+                   1.0, eps_q, False, 0, False, DT, QBLOCK_W, USE_ASM, True, False, it % NCHQ, QRED, QRED, NCHQ,
+                   SPIN, SS, nt, 2, NTB)
+
+
+@triton.jit
 def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY_W: tl.constexpr = False):
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY_W: tl.constexpr = False,
+                 QXQ=None, QSX=None, QSUMX=None, QRED=None, QP=0, QPW=0, eps_q=0.0, BAR=None,
+                 NEXTQ: tl.constexpr = False, NCHQ: tl.constexpr = 1, QBLOCK_W: tl.constexpr = 1,
+                 NTB: tl.constexpr = 1, SPIN: tl.constexpr = True):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
     parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
     also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|). EARLY_W: weights a block
-    ahead (``_k_loop``, ``EARLY_WEIGHTS``).
+    ahead (``_k_loop``, ``EARLY_WEIGHTS``). NEXTQ (one segment, STATS = 2, every program resident): then the
+    next projection's plain pre-pass on OUT, into the scratch QXQ/QSX/QSUMX/QRED (``_quant_next``, norm
+    weight SSW).
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
@@ -379,6 +458,9 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
     else:
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
                 pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
+    if NEXTQ:
+        _quant_next(pid, tl.num_programs(0), OUT, so_m, M, N, SSW, QXQ, QSX, QSUMX, QRED, QP, QPW, eps_q, SS, BAR, DT,
+                    NCHQ, QBLOCK_W, NTB, BN, USE_ASM, SPIN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,8 +700,7 @@ def _ahead_fits(cfg, epi) -> bool:
 
 
 def _launch(cfg, a):
-    bm, bn, bk, nw, ns = cfg[:5]
-    swap = cfg[5] if len(cfg) > 5 else 0
+    bm, bn, bk = cfg[:3]
     split, ks = split_parts(a["p"], bk, cfg[6] if len(cfg) > 6 else 1)
     tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
     if split > 1:
@@ -631,17 +712,32 @@ def _launch(cfg, a):
     if st is not None:
         stats = 2 if ssw is not None else 1
         st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass after this launch reads
+    nq, qkw = a.get("next_quant"), {}
+    if nq is not None:  # the next projection's pre-pass after a grid barrier (_quant_next)
+        nchq = nq.chunks(a["m"], tiles * split)
+        nq.scratch.nch = nchq
+        qkw = dict(QXQ=nq.scratch.xq, QSX=nq.scratch.sx, QSUMX=nq.scratch.sumx, QRED=nq.scratch.red,
+                   QP=packed_bytes(a["n"]), QPW=nq.scratch.pw, eps_q=float(nq.eps_bl), BAR=nq.bar, NEXTQ=True,
+                   NCHQ=nchq, QBLOCK_W=triton.next_power_of_2(triton.cdiv(nq.scratch.pw, nchq)),
+                   NTB=triton.next_power_of_2(st.nt), SPIN=not INTERPRET)
+    for _ in range(2 if nq is not None and INTERPRET else 1):  # the interpreter: a launch per barrier
+        _launch_kernel(cfg, a, tiles, split, ws, ctr, ks, st, ssw, stats, qkw)
+
+
+def _launch_kernel(cfg, a, tiles, split, ws, ctr, ks, st, ssw, stats, qkw):
+    bm, bn, bk, nw, ns = cfg[:5]
+    swap = cfg[5] if len(cfg) > 5 else 0
     _gemm_kernel[(tiles * split, a["nseg"])](
         a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
         a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, st.buf if stats else ws,
         ssw if stats == 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
         USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats,
-        EARLY_W=a.get("early", False) and _ahead_fits(cfg, a["epi"]), num_warps=nw, num_stages=ns,
+        EARLY_W=a.get("early", False) and _ahead_fits(cfg, a["epi"]), num_warps=nw, num_stages=ns, **qkw,
         **({"launch_pdl": True} if a["pdl"] else {}))
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
-         tune_prepass=None, stats_out=None):
+         tune_prepass=None, stats_out=None, next_quant=None):
     """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
 
     From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): this kernel or ``gemm_unpacked``,
@@ -649,12 +745,15 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     lists of the same shapes, e.g. every layer's) and ``tune_prepass`` (the launch that fills ``scratch``)
     let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
     ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
-    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is)."""
+    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is).
+    ``next_quant`` (a ``NextPrePass``; with ``stats_out`` = (stats, w, 0) and one segment): the GEMM also runs
+    that plain pre-pass on its output, after a grid barrier, on schedules whose programs are all resident."""
     m = out.shape[0]
     if stats_out is not None:
         assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out: decode batches only (the fused kernel)"
         return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
-                           tune_pool=tune_pool, tune_prepass=tune_prepass, stats_out=stats_out)
+                           tune_pool=tune_pool, tune_prepass=tune_prepass, stats_out=stats_out, next_quant=next_quant)
+    assert next_quant is None, "next_quant: with stats_out (the RowStats its quantisation reads)"
     if config is None and out.is_cuda and 0 < INT_MM_MIN_ROWS <= m:
         def run(path):
             if path == "fused":
@@ -694,7 +793,7 @@ def _byte_operands(weights) -> list:
 
 
 def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None,
-                tune_pool=None, tune_prepass=None, stats_out=None):
+                tune_pool=None, tune_prepass=None, stats_out=None, next_quant=None):
     """``gemm`` on this file's kernel (codes unpacked in registers), any row count.
 
     With a ``tune_pool`` of two or more weight lists, the first call of a shape times each candidate in
@@ -714,9 +813,16 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
              pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device), early=EARLY_WEIGHTS)
     if stats_out is not None:
         a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
+    cands = _gemm_configs(m)
+    if next_quant is not None:
+        assert nseg == 1 and stats_out is not None and stats_out[1] is not None and stats_out[2] == 0, \
+            "next_quant: one segment, and stats_out with the next norm weight"
+        a.update(next_quant=next_quant)
+        cands = [c for c in cands if next_quant_fits(c, m, n, a["p"], out.device)]
+        assert cands, "next_quant: no schedule whose programs fit on the GPU at once"
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
     key = ((mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
-           + (("early",) if EARLY_WEIGHTS else ()))
+           + (("early",) if EARLY_WEIGHTS else ()) + (("next",) if next_quant is not None else ()))
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
     if chain:
@@ -736,11 +842,11 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         time_of = chained
     # tuned without PDL when one launch at a time: a PDL launch overlaps the timer's cache flush (see
     # ternary_gemv._tune)
-    cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, dict(a, pdl=False)), out, time_of)
+    cfg = config or _tuned("gemm", key, cands, lambda c: _launch(c, dict(a, pdl=False)), out, time_of)
     try:
         _launch(cfg, a)
     except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device
-        for c in _gemm_configs(m)[1:]:
+        for c in cands[1:]:
             try:
                 _launch(c, a)
             except triton.runtime.errors.OutOfResources:

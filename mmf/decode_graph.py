@@ -32,7 +32,8 @@ then the LM head (final norm in its prologue). For batch 3-64 and for prefill, e
 a small pre-pass (same prologues) plus the int8 tensor-core GEMM of ``ternary_gemm``; prefill runs
 the recurrence as a chunked scan (``mlgru_step.mlgru_gated_scan``). With ``PROLOGUE_GEMM`` (off by
 default, not yet measured on a GPU), batch 2-16 projections whose rows fit run ``ternary_gemm.gemm_pro``
-instead, the GEMV's launch on the tensor cores with the pre-pass inside every program.
+instead, the GEMV's launch on the tensor cores with the pre-pass inside every program; with
+``FUSED_QUANT = "down"`` (off, likewise) each gate/up GEMM quantises v for the down projection itself.
 
 Memory: the packed weights (2 bits per weight; a model frozen to int8 ``codes`` is packed once
 more, so load a packed checkpoint for the smallest footprint), the embeddings, per-row buffers
@@ -104,9 +105,19 @@ class GraphDecoder:
     # batch 2-16: projections whose rows fit (``ternary_gemm.prologue_fits``) quantise them inside every GEMM
     # program (``ternary_gemm.gemm_pro``) instead of in a pre-pass kernel; off until measured on a GPU
     PROLOGUE_GEMM = os.environ.get("MMF_PROLOGUE_GEMM", "0") == "1"
+    # "down": on the pre-pass path, each gate/up GEMM quantises its output for the down projection after a
+    # grid barrier (``ternary_gemm.NextPrePass``), so no pre-pass kernel runs before the down GEMM; False:
+    # never. Off until measured on a GPU
+    FUSED_QUANT = os.environ.get("MMF_FUSED_QUANT", "0") == "down" and "down"
+
+    SWITCHES = {"MMF_PROLOGUE_GEMM": ("0", "1"), "MMF_EARLY_WEIGHTS": ("0", "1"), "MMF_FUSED_QUANT": ("0", "down")}
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
+
+        for name, ok in self.SWITCHES.items():  # read at import; a value they ignore is refused here
+            if os.environ.get(name, "0") not in ok:
+                raise MMFError(f"{name}={os.environ[name]!r}: use {' or '.join(ok)}")
 
         tv = triton_kernels("ternary_gemv")  # without triton installed: one MMFError line
 
@@ -168,6 +179,13 @@ class GraphDecoder:
         if not self.gemv_path and not self.pro_gemm and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
                                    and tg.decode_quant_chunks(B, d) is None):
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
+        # FUSED_QUANT: the gate/up GEMM quantises v for the down projection, from its own row statistics
+        self.next_quant = self.v_stats = None
+        fits = any(tg.next_quant_fits(c, B, m, tv.packed_bytes(d), dev) for c in tg._gemm_configs(B))
+        if (self.FUSED_QUANT == "down" and fits and not self.gemv_path
+                and not (self.pro_gemm and tg.prologue_fits(B, d))):
+            self.next_quant = tg.NextPrePass(self.sc_m)
+            self.v_stats = self.row_stats["v"] if self.row_stats else tg.RowStats(B, m, dev)
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)
         self._prefill_seen: dict = {}    # T -> eager prefills so far
@@ -223,13 +241,14 @@ class GraphDecoder:
 
     # ------------------------------------------------------------------------------------------
     def _proj(self, kind, x, weights, scales, bit_norm, out, *, k, scratch, epi=0, residual=None, stats=None,
-              stats_out=None, **pro):
+              stats_out=None, next_quant=None, quantised=False, **pro):
         """One projection of the step with its prologue ``pro`` (``ternary_gemv.gemv``'s keywords) and epilogue:
         the GEMV (batch 1-2), ``ternary_gemm.gemm_pro`` (``PROLOGUE_GEMM``, where ``prologue_fits``), or the
         pre-pass (reading ``stats``, the row statistics the GEMM before left) and the GEMM (leaving
         ``stats_out``), whose first call times its schedules after that pre-pass (repeated: each writes the
         same values, the MLGRU one the same next state from the same state). Schedules are timed over every
-        layer's weights of the shape (``_tune_pools[kind]``), as they run here."""
+        layer's weights of the shape (``_tune_pools[kind]``), as they run here. ``next_quant``: that GEMM also
+        quantises its output for the next projection, which then runs with ``quantised`` (the GEMM alone)."""
         from mmf.kernels import ternary_gemm as tg
         from mmf.kernels import ternary_gemv as tv
 
@@ -239,11 +258,14 @@ class GraphDecoder:
             fn(x, weights, scales, bit_norm, out, k=k, epi=epi, residual=residual, scratch=scratch, tune_pool=pool,
                **pro)
             return
+        if quantised:
+            tg.gemm(scratch, weights, scales, out, k=k, epi=epi, residual=residual, tune_pool=pool, stats_out=stats_out)
+            return
         pre = partial(tg.quantize, x, bit_norm, scratch, nseg=len(weights), k=k, dtype=self.dtype,
                       chunks=tg.decode_quant_chunks(self.batch, self.d), stats=stats, **pro)
         pre()
         tg.gemm(scratch, weights, scales, out, k=k, epi=epi, residual=residual, tune_pool=pool, tune_prepass=pre,
-                stats_out=stats_out)
+                stats_out=stats_out, next_quant=next_quant)
 
     def _step_body(self) -> None:
         from mmf.kernels import ternary_gemv as tv
@@ -258,8 +280,10 @@ class GraphDecoder:
         def st_out(name, w=None, seg=0):
             return (stats[name], w, seg) if stats else None
 
+        nq = self.next_quant
         for l, ly in enumerate(self.layers):
             o, gu, dn = ly["o"], ly["gu"], ly["down"]
+            v_out = (self.v_stats, dn.norm, 0) if nq is not None else st_out("v", w=dn.norm)
             self._proj("ifg", self.x, ly["ifg"], ly["ifg_scale"], ly["ifg_norm"], self.ifg, k=d, scratch=self.sc_d,
                        stats=st("x") if l > 0 else None, stats_out=st_out("g", seg=2), pro=tv.PRO_NORM,
                        norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"])
@@ -268,10 +292,11 @@ class GraphDecoder:
                        norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l], s_out=self.state_next[l],
                        lower_bound=ly["lb"])
             self._proj("gu", self.r, [gu.packed], gu.scale, gu.norm[None], self.v, k=d, scratch=self.sc_d,
-                       epi=tv.EPI_GLU, stats=st("r"), stats_out=st_out("v", w=dn.norm), pro=tv.PRO_NORM,
+                       epi=tv.EPI_GLU, stats=st("r"), stats_out=v_out, next_quant=nq, pro=tv.PRO_NORM,
                        norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"])
             self._proj("down", self.v, [dn.packed], dn.scale, dn.norm[None], self.x, k=self.m, scratch=self.sc_m,
-                       epi=tv.EPI_RESIDUAL, residual=self.r, stats=st("v"), stats_out=st_out("x"), pro=tv.PRO_PLAIN)
+                       epi=tv.EPI_RESIDUAL, residual=self.r, stats=st("v"), stats_out=st_out("x"),
+                       quantised=nq is not None, pro=tv.PRO_PLAIN)
         h = self.head
         self._proj("head", self.x, [h.packed], h.scale, h.norm[None], self.logits, k=d, scratch=self.sc_d,
                    stats=st("x"), pro=tv.PRO_NORM, norm_weight=self.final_norm, eps_model=self.eps_final)

@@ -665,3 +665,85 @@ def test_graph_decoder_with_prologue_gemm(batch, monkeypatch):
     assert res["greedy_same_vs_eager"] == f"{2 * batch}/{2 * batch}" and res["median_rel_err_vs_eager"] < 1e-4
     monkeypatch.setattr(GraphDecoder, "PROLOGUE_GEMM", False)
     assert not GraphDecoder(model, batch).pro_gemm
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the first launch's reads
+def test_gemm_quantises_its_output_for_the_next_projection(swap):
+    """``gemm(next_quant=)`` (``NextPrePass``): after a grid barrier the GEMM's programs quantise its output for
+    the next (plain) projection from the row statistics its epilogues left; the scratch is bit for bit what
+    ``quantize`` reading the same statistics leaves (rows whole or in 2 / 4 chunks: sum(xq) in parts), and
+    within one rounding flip of a pre-pass that reduces the rows itself; the output the same as without; GLU
+    and residual producers, split-K, two column tiles and a partial one (K of the next projection 150)."""
+    g = torch.Generator().manual_seed(71 + swap)
+    m, n, k = 5, 75, 530
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    nw = (torch.rand(1, k, generator=g) + 0.5).to(torch.float16)
+    sc = ternary_gemv.Scratch(1, m, k, "cpu")
+    ternary_gemm.quantize(x, nw, sc)
+    bw = (torch.rand(n, generator=g) + 0.5).to(torch.float16)
+    res = torch.randn(m, n, generator=g).to(torch.float16)
+    for epi, rows, kw in ((ternary_gemv.EPI_GLU, 2 * n, {}), (ternary_gemv.EPI_RESIDUAL, n, {"residual": res})):
+        packed = [pack_i2(rand_codes(rows, k, g))]
+        sw = torch.tensor([1.1])
+        for cfg, chunks in (((16, 64, 32, 4, 1, swap), 1), ((16, 64, 32, 4, 1, swap, 3), 2),
+                            ((16, 64, 32, 4, 1, swap), 4)):
+            want = torch.full((m, n), float("nan"), dtype=torch.float16)
+            st = ternary_gemm.RowStats(m, n, "cpu")
+            ternary_gemm.gemm(sc, packed, sw, want, k=k, epi=epi, config=cfg, stats_out=(st, bw, 0), **kw)
+            ref = ternary_gemv.Scratch(1, m, n, "cpu")
+            ternary_gemm.quantize(want, bw[None], ref, k=n, chunks=chunks, stats=st)
+            whole = ternary_gemv.Scratch(1, m, n, "cpu")
+            ternary_gemm.quantize(want, bw[None], whole, k=n)
+            got = torch.full((m, n), float("nan"), dtype=torch.float16)
+            nq = ternary_gemm.NextPrePass(ternary_gemv.Scratch(1, m, n, "cpu"), chunks=chunks)
+            ternary_gemm.gemm(sc, packed, sw, got, k=k, epi=epi, config=cfg,
+                              stats_out=(ternary_gemm.RowStats(m, n, "cpu"), bw, 0), next_quant=nq, **kw)
+            q = nq.scratch
+            assert torch.equal(got, want) and q.nch == chunks, (epi, cfg)
+            assert torch.equal(q.xq, ref.xq) and torch.equal(q.sx, ref.sx) and torch.equal(q.row_sums(), ref.row_sums())
+            assert torch.allclose(q.sx, whole.sx, rtol=1e-5, atol=0)
+            qa, qb = _xq_bytes(whole, n).int(), _xq_bytes(q, n).int()
+            assert (qa - qb).abs().max().item() <= 1 and (qa != qb).float().mean().item() < 0.02
+            assert nq.bar[0].item() == 0 and nq.bar[1].item() == 2  # two launches in the interpreter, one barrier each
+    with pytest.raises(AssertionError, match="next_quant"):
+        ternary_gemm.gemm(sc, packed, sw, got, k=k, next_quant=nq)
+
+
+def test_graph_decoder_with_fused_down_quant(monkeypatch):
+    """``GraphDecoder.FUSED_QUANT = "down"``: each gate/up GEMM quantises v for the down projection, which runs
+    no pre-pass; the decoder gives the eager model's greedy tokens, as does the benchmarks' comparison with the
+    default decoder (with and without the producers' row statistics elsewhere)."""
+    from conftest import small_model
+
+    from mmf.bench.kernel_bench import _decoder_pair
+    from mmf.decode_graph import GraphDecoder
+
+    model = small_model("mmf", seed=9, intermediate_size=90).freeze()
+    calls = []
+    real = ternary_gemm.quantize
+    monkeypatch.setattr(ternary_gemm, "quantize", lambda x, bn, sc, **kw: calls.append(kw.get("k")) or real(x, bn, sc, **kw))
+    monkeypatch.setattr(GraphDecoder, "FUSED_QUANT", "down")
+    dec = GraphDecoder(model, 3)
+    assert dec.next_quant is not None
+    torch.manual_seed(9)
+    _decode_like_eager(dec, model, torch.randint(3, 259, (3, 7)))
+    assert calls and model.config.ffn_size not in calls[-(4 * 2 + 1):]  # the steps' pre-passes: none for down
+    for rs in ("never", "always"):
+        res = _decoder_pair(model, 3, dict(FUSED_QUANT="down", ROW_STATS=rs), {}, steps=2)
+        assert res["greedy_same_vs_without"] == "6/6" and res["greedy_same_vs_eager"] == "6/6", rs
+        assert res["median_rel_err_vs_eager"] < 1e-4
+    monkeypatch.setattr(GraphDecoder, "FUSED_QUANT", False)
+    assert GraphDecoder(model, 3).next_quant is None
+
+
+def test_next_pre_pass_chunks(monkeypatch):
+    """``NextPrePass.chunks`` on a GPU: about one (row, chunk) item per program, but never more than
+    ``NEXT_QUANT_WORDS`` words of a row per item (whole wide rows spilled), and whole rows where the scratch
+    holds no split rows."""
+    monkeypatch.setattr(ternary_gemm, "INTERPRET", False)
+    wide = ternary_gemm.NextPrePass(ternary_gemv.Scratch(1, 64, 13824, "cpu"))  # 864 words a row
+    assert wide.chunks(64, 132) == 4 and wide.chunks(4, 132) == 8
+    narrow = ternary_gemm.NextPrePass(ternary_gemv.Scratch(1, 4, 1000, "cpu"))  # 63 words
+    assert narrow.chunks(4, 132) == 1
+    assert ternary_gemm.NextPrePass(ternary_gemv.Scratch(1, 65, 13824, "cpu")).chunks(65, 132) == 1

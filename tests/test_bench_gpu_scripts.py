@@ -92,6 +92,9 @@ def test_batched_decode_variants_set_and_restore_the_decoders_choices():
     with batched_decode.variant("whole-rows"):
         assert tg.decode_quant_chunks(4, 5120) == 1
     assert tg.decode_quant_chunks(4, 5120) is None
+    with batched_decode.variant("fused-down"):
+        assert GraphDecoder.FUSED_QUANT == "down"
+    assert GraphDecoder.FUSED_QUANT is False
     with batched_decode.variant("prologue-gemm-all+early-weights"):
         assert GraphDecoder.PROLOGUE_GEMM and tg.EARLY_WEIGHTS and tg.prologue_fits(16, 13824)
     assert not GraphDecoder.PROLOGUE_GEMM and not tg.EARLY_WEIGHTS and not tg.prologue_fits(16, 13824)
@@ -100,3 +103,21 @@ def test_batched_decode_variants_set_and_restore_the_decoders_choices():
             mod, _, cls = where.partition(":")
             obj = __import__(mod, fromlist=["_"])
             assert hasattr(getattr(obj, cls) if cls else obj, attr), (name, attr)
+
+
+def test_decoder_switch_values_are_checked(monkeypatch):
+    """The decode switches are read from the environment at import; a value they would ignore (e.g. 1 for
+    MMF_FUSED_QUANT) is refused when a decoder is built, in one line naming the values that work."""
+    from conftest import small_model
+
+    from mmf.decode_graph import GraphDecoder
+    from mmf.errors import MMFError
+
+    model = small_model("mmf", seed=1).freeze()
+    monkeypatch.setenv("MMF_FUSED_QUANT", "1")
+    with pytest.raises(MMFError, match="MMF_FUSED_QUANT='1': use 0 or down"):
+        GraphDecoder(model, 4)
+    monkeypatch.setenv("MMF_FUSED_QUANT", "down")
+    monkeypatch.setenv("MMF_PROLOGUE_GEMM", "yes")
+    with pytest.raises(MMFError, match="MMF_PROLOGUE_GEMM='yes': use 0 or 1"):
+        GraphDecoder(model, 4)
