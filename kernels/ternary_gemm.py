@@ -276,11 +276,13 @@ def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.const
 
 @triton.jit
 def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-            pid_n, SS, SSW, SSEG, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
+            pid_n, SS, SSW, SSEG, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
             DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr):
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
-    epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS), and with
-    STATS the ``RowStats`` of segment SSEG's output."""
+    epilogue on the (R, C) sums ((BN, BM) when the weights were the left operand (TRANS), transposed first,
+    else (BM, BN)), and with STATS the ``RowStats`` of segment SSEG's output."""
+    R: tl.constexpr = BN if TRANS else BM
+    C: tl.constexpr = BM if TRANS else BN
     last = True
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
@@ -291,7 +293,7 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
                         tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         if STATS > 0:
             if seg == SSEG:
-                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS)
+                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, BN, STATS)
 
 
 @triton.jit
@@ -421,6 +423,26 @@ def _quant_next(pid, nprog, OUT, so_m, M, N, QBW, QXQ, QSX, QSUMX, QRED, QP, QPW
 
 
 @triton.jit
+def _tile_of(M, N, P, KS, W0, W1, W2, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
+             SPLIT: tl.constexpr):
+    """This program's tile: (program, segment, K part, K bytes [k_lo, k_hi), column tile, tile index over all
+    segments, the segment's weights, rows rm, columns rn); program pid takes K part pid % SPLIT of tile
+    pid // SPLIT (grouped order, ``_grouped_tile``)."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    part = pid % SPLIT
+    tile = pid // SPLIT
+    k_lo = part * KS
+    k_hi = tl.minimum(k_lo + KS, P)
+    pid_m, pid_n = _grouped_tile(tile, M, N, BM, BN, GROUP)
+    stile = seg * (tl.cdiv(M, BM) * tl.cdiv(N, BN)) + tile
+    Wp = segment_weights(W0, W1, W2, seg)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    return pid, seg, part, k_lo, k_hi, pid_n, stile, Wp, rm, rn
+
+
+@triton.jit
 def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
@@ -438,26 +460,12 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
     the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile)."""
-    pid = tl.program_id(0)
-    seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
-    part = pid % SPLIT
-    tile = pid // SPLIT
-    k_lo = part * KS
-    k_hi = tl.minimum(k_lo + KS, P)
-    pid_m, pid_n = _grouped_tile(tile, M, N, BM, BN, GROUP)
-    stile = seg * (tl.cdiv(M, BM) * tl.cdiv(N, BN)) + tile
-    Wp = segment_weights(W0, W1, W2, seg)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    pid, seg, part, k_lo, k_hi, pid_n, stile, Wp, rm, rn = _tile_of(M, N, P, KS, W0, W1, W2, BM, BN, GROUP, SPLIT)
     # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
     acc, acc2 = _k_loop(XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, PDL, EARLY_W, EPI, BM, BN, BK, SWAP, USE_ASM)
-    if SWAP:
-        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
-    else:
-        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
+    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+            pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, SWAP, NCH, STATS)
     if NEXTQ:
         _quant_next(pid, tl.num_programs(0), OUT, so_m, M, N, SSW, QXQ, QSX, QSUMX, QRED, QP, QPW, eps_q, SS, BAR, DT,
                     NCHQ, QBLOCK_W, NTB, BN, USE_ASM, SPIN)
@@ -575,18 +583,8 @@ def _gemm_pro_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl
     (``_quant_rows``; every program stores the same bytes into the shared scratch, and reads back its own after
     a barrier of its threads, as the GEMV's prologue does), then runs the K loop with the weights a block ahead.
     Program (0, 0) writes the MLGRU's next state."""
-    pid = tl.program_id(0)
-    seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
-    part = pid % SPLIT
-    tile = pid // SPLIT
-    k_lo = part * KS
-    k_hi = tl.minimum(k_lo + KS, P)
-    pid_m, pid_n = _grouped_tile(tile, M, N, BM, BN, GROUP)
-    stile = seg * (tl.cdiv(M, BM) * tl.cdiv(N, BN)) + tile
-    Wp = segment_weights(W0, W1, W2, seg)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    pid, seg, part, k_lo, k_hi, pid_n, stile, Wp, rm, rn = _tile_of(M, N, P, KS, W0, W1, W2, BM, BN, GROUP, SPLIT)
     n_rows = 2 * N if EPI == 2 else N
     wb, wb2 = _w_tile(Wp, rn, k_lo + tl.arange(0, BK), P, k_hi, n_rows, N, EPI, SWAP)
     if PDL:  # the kernel before writes this one's input rows
@@ -601,12 +599,8 @@ def _gemm_pro_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl
         acc = tl.zeros((BM, BN), tl.int32)
     acc, acc2 = _k_loop_ahead(acc, acc, wb, wb2, XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, EPI, BK, SWAP,
                               USE_ASM)
-    if SWAP:
-        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SX, SX, 0, BN, BM, SPLIT, EPI, DT, USE_ASM, True, 1, 0)
-    else:
-        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SX, SX, 0, BM, BN, SPLIT, EPI, DT, USE_ASM, False, 1, 0)
+    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+            pid_n, SX, SX, 0, BM, BN, SPLIT, EPI, DT, USE_ASM, SWAP, 1, 0)
 
 
 def _gemm_configs(m: int):
