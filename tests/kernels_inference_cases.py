@@ -747,3 +747,23 @@ def test_next_pre_pass_chunks(monkeypatch):
     narrow = ternary_gemm.NextPrePass(ternary_gemv.Scratch(1, 4, 1000, "cpu"))  # 63 words
     assert narrow.chunks(4, 132) == 1
     assert ternary_gemm.NextPrePass(ternary_gemv.Scratch(1, 65, 13824, "cpu")).chunks(65, 132) == 1
+
+
+def test_decode_gemm_chain_rows_with_the_switches(monkeypatch):
+    """``decode_gemm_chain.measure_shape`` (the GPU benchmark of the (pre-pass, GEMM) pairs) run on the
+    interpreter with its CUDA-graph timer replaced by one call of each launch: every schedule's output equal,
+    the weights-ahead pair bit for bit the plain one, and the GEMM that quantises its own rows within rounding
+    flips of the pair (relative row error under 2e-2, bf16), for a residual and a GLU shape."""
+    from mmf.bench import decode_gemm_chain
+
+    def one_call_each(fns):
+        for fn in fns:
+            fn()
+        return 1e-3
+
+    monkeypatch.setattr(ternary_gemv, "chain_ms", one_call_each)
+    gen = torch.Generator().manual_seed(3)
+    for name, epi, n in (("o", ternary_gemv.EPI_RESIDUAL, 70), ("gate/up", ternary_gemv.EPI_GLU, 40)):
+        (row,) = decode_gemm_chain.measure_shape(name, 1, n, 130, epi, [4], 2, 4.2e12, 130, gen, dev="cpu")
+        assert row["all_equal"] and row["early_equal"] is True and row["pro_max_rel_err"] < 2e-2, row
+        assert row["pro_us"] == 1.0 and row["pair_us"] == 2.0 and not ternary_gemm.EARLY_WEIGHTS
