@@ -45,6 +45,8 @@ VARIANTS = {
                           ("mmf.kernels.ternary_gemm", "PRO_GEMM_MAX_ELEMS"): 1 << 30},
     # each gate/up GEMM quantises its output for the down projection (no down pre-pass kernel)
     "fused-down": {("mmf.decode_graph:GraphDecoder", "FUSED_QUANT"): "down"},
+    # every GEMM quantises the next projection's input (a step's only pre-pass: the first i/f/g one)
+    "fused-all": {("mmf.decode_graph:GraphDecoder", "FUSED_QUANT"): "all"},
     # the pre-pass path's GEMM loads its weights a block ahead, the first before its wait for the pre-pass
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
 }
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, results)
 
-    print(f"{'size':>6} {'batch':>5} {'path':>10} {'variant':>18} {'ms/step':>8} {'x batch1':>8} {'tok/s':>9} "
+    print(f"{'size':>6} {'batch':>5} {'path':>14} {'variant':>18} {'ms/step':>8} {'x batch1':>8} {'tok/s':>9} "
           f"{'build s':>7}", flush=True)
     for size in args.sizes.split(","):
         cfg = model_preset(size)
@@ -183,6 +185,8 @@ def main(argv=None) -> int:
                     with variant(var):
                         dec = GraphDecoder(model, b, gemv=None if path is None else path == "gemv")
                     kind = "gemv" if dec.gemv_path else ("gemm-pro" if dec.pro_gemm else "gemm")
+                    if dec.fused_quant:  # the FUSED_QUANT mode the decoder could take on this GPU
+                        kind += f"+fq-{dec.fused_quant}"
                     build = time.time() - t0
                     ms = step_ms(dec, args.steps)
                     if b == 1 and kind == "gemv" and base is None:
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
                     row = dict(size=size, batch=b, path=kind, variant=var, ms_per_step=ms, ratio_to_batch1=ratio,
                                tokens_per_s=b * 1e3 / ms, build_s=build, bytes_per_step=dec.bytes_per_token())
                     results["rows"].append(row)
-                    print(f"{size:>6} {b:>5} {kind:>10} {var:>18} {ms:8.3f} {ratio:8.2f} {b * 1e3 / ms:9.0f} "
+                    print(f"{size:>6} {b:>5} {kind:>14} {var:>18} {ms:8.3f} {ratio:8.2f} {b * 1e3 / ms:9.0f} "
                           f"{build:7.1f}", flush=True)
                     if dec.row_stats:  # the statistics the timed steps left, on the tuned schedules
                         row["row_stats_check"] = row_stats_errors(dec)

@@ -310,7 +310,8 @@ def check_pre_pass_fusions(quick: bool):
     flips of the default, ``ternary_gemm.EARLY_WEIGHTS`` (weights a block ahead) bit for bit the default (the
     4096-wide model at batch 4 and 64), and ``GraphDecoder.FUSED_QUANT`` "down" (the gate/up GEMM quantising v
     for the down projection after a grid barrier: a hang here means a schedule whose programs were not all
-    resident) within rounding flips (the same model at batch 4, 16 and 64)."""
+    resident) and "all" (every GEMM quantising the next input) within rounding flips (the same model at batch
+    4, 16 and 64)."""
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
@@ -333,9 +334,10 @@ def check_pre_pass_fusions(quick: bool):
             out.append(dict(op="GraphDecoder EARLY_WEIGHTS", path="graph", dtype="float32",
                             shape=f"batch {batch}, d 4096, L 2, 8 steps", bit_equal=res["max_rel_err_vs_without"] == 0,
                             **res))
-        for batch in (4,) if quick else (4, 16, 64):
-            res = _decoder_pair(model, batch, dict(FUSED_QUANT="down"), {})
-            out.append(dict(op="GraphDecoder FUSED_QUANT down", path="graph", dtype="float32",
+        for mode, batch in ((("down", 4), ("all", 4)) if quick else
+                            (("down", 4), ("down", 16), ("down", 64), ("all", 4), ("all", 16), ("all", 64))):
+            res = _decoder_pair(model, batch, dict(FUSED_QUANT=mode), {})
+            out.append(dict(op=f"GraphDecoder FUSED_QUANT {mode}", path="graph", dtype="float32",
                             shape=f"batch {batch}, d 4096, L 2, 8 steps", **res))
     finally:
         tv.TUNE = saved

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
+from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_NORM, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
                            Scratch, _epilogue, _mlgru_gates, _num_sm, _quant_row, _rint, _silu, _to,
                            gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights, use_pdl)
 
@@ -76,17 +76,31 @@ NEXT_QUANT_WORDS = 256
 
 class NextPrePass:
     """A decode GEMM's output quantised for the next projection by the GEMM itself (``gemm(next_quant=)``,
-    ``_quant_next``): the next projection's ``scratch`` (one segment; it must hold split rows: ``Scratch.red``),
-    its BitLinear norm weight (the ``stats_out`` weight, whose max|out * w| the epilogues leave) and epsilon,
-    and the grid barrier's two counters (zeros; each launch leaves them so)."""
+    ``_quant_next``), after a grid barrier: the next projection's ``scratch``, and its prologue as
+    ``ternary_gemv.gemv`` takes it (``pro``, ``bit_norm`` (NSEG, K) with one row per segment,
+    ``norm_weight``, ``s_in`` / ``s_out`` / ``lower_bound`` for the MLGRU, whose input [i | f | g] is the
+    GEMM's output). ``pro`` = PRO_PLAIN reads both BitLinear statistics from the ``RowStats`` the GEMM's
+    epilogues leave (``stats_out`` = (stats, w, 0) with w the next norm weight; one segment; the scratch must
+    hold split rows); the others reduce their rows themselves. ``bar``: the grid barrier's two int32
+    counters (zeros; every launch leaves them at a count of 0), which launches that never overlap may share."""
 
-    def __init__(self, scratch, eps_bl=reference.BITLINEAR_NORM_EPS, chunks=None):
-        self.scratch, self.eps_bl, self.fixed_chunks = scratch, eps_bl, chunks
-        self.bar = torch.zeros(2, dtype=torch.int32, device=scratch.xq.device)
+    def __init__(self, scratch, *, pro=PRO_PLAIN, bit_norm=None, norm_weight=None, s_in=None, s_out=None,
+                 lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS, chunks=None, bar=None):
+        assert pro == PRO_PLAIN or bit_norm is not None and pro in (PRO_NORM, PRO_MLGRU), \
+            "NextPrePass: the plain prologue (from row statistics), or the norm / MLGRU ones with bit_norm"
+        self.scratch, self.pro, self.bit_norm, self.norm_weight = scratch, pro, bit_norm, norm_weight
+        self.s_in, self.s_out, self.lower_bound, self.eps_model, self.eps_bl = s_in, s_out, lower_bound, eps_model, eps_bl
+        self.fixed_chunks = chunks
+        self.bar = bar if bar is not None else torch.zeros(2, dtype=torch.int32, device=scratch.xq.device)
+
+    @property
+    def nseg(self) -> int:
+        return 1 if self.bit_norm is None else self.bit_norm.shape[0]
 
     def chunks(self, m: int, programs: int) -> int:
-        """Chunks per row of the quantisation (a power of two; about one (row, chunk) item per program, or
-        the ``chunks`` given; whole rows where the scratch holds no split rows or in the interpreter)."""
+        """Chunks per row of the plain prologue's quantisation (a power of two; about one (row, chunk) item per
+        program, or the ``chunks`` given; whole rows where the scratch holds no split rows or in the
+        interpreter)."""
         if self.scratch.red.numel() < m * 4 * QUANT_MAX_CHUNKS:
             return 1
         if self.fixed_chunks is not None:
@@ -98,13 +112,40 @@ class NextPrePass:
         least = triton.next_power_of_2(triton.cdiv(self.scratch.pw, NEXT_QUANT_WORDS))
         return min(QUANT_MAX_CHUNKS, max(least, quant_chunks(m, self.scratch.pw, programs)))
 
+    def rows_per_item(self, m: int, programs: int) -> int:
+        """Rows one program quantises together in the norm and MLGRU prologues (a power of two): one row each
+        while there are programs enough, more where a segment's rows outnumber them."""
+        return min(triton.next_power_of_2(m), triton.next_power_of_2(triton.cdiv(self.nseg * m, programs)))
 
-def next_quant_fits(cfg, m: int, n: int, p: int, device) -> bool:
-    """May a GEMM launched on schedule ``cfg`` run the next pre-pass (``NextPrePass``)? Only if all its
-    programs are resident at once, at one per SM (they wait for each other at a grid barrier)."""
+    def kernel_args(self, a, programs: int, nt: int, nw: int) -> dict:
+        """The ``_gemm_kernel`` arguments for a launch of ``programs`` programs (``a``: ``_launch``'s)."""
+        sc = self.scratch
+        out = a["out"]
+        kw = dict(QXQ=sc.xq, QXQ8=sc.xq.view(torch.int8), QSX=sc.sx, QSUMX=sc.sumx, QRED=sc.red, QP=packed_bytes(a["n"]),
+                  QPW=sc.pw, eps_q=float(self.eps_bl), BAR=self.bar, NEXTQ=True, QPRO=self.pro,
+                  NTB=triton.next_power_of_2(max(nt, 1)), SPIN=not INTERPRET)
+        if self.pro == PRO_PLAIN:
+            nchq = self.chunks(a["m"], programs)
+            sc.nch = nchq
+            kw.update(NCHQ=nchq, QBLOCK_W=triton.next_power_of_2(triton.cdiv(sc.pw, nchq)))
+        else:
+            sc.nch = 1
+            rb = self.rows_per_item(a["m"], programs)
+            kw.update(QNW=self.norm_weight if self.norm_weight is not None else self.bit_norm, QBWN=self.bit_norm,
+                      QS_IN=self.s_in if self.s_in is not None else out, QS_OUT=self.s_out if self.s_out is not None else out,
+                      QLB=self.lower_bound if self.lower_bound is not None else out, eps_qm=float(self.eps_model),
+                      QHAS_LB=self.lower_bound is not None, NSEGQ=self.nseg, RB=rb,
+                      CH=_pro_chunk(rb, self.pro, nw, 4 * sc.pw))
+        return kw
+
+
+def next_quant_fits(cfg, m: int, n: int, p: int, device, nseg: int = 1) -> bool:
+    """May a GEMM of ``nseg`` segments launched on schedule ``cfg`` run the next pre-pass (``NextPrePass``)?
+    Only if all its programs are resident at once, at one per SM (they wait for each other at a grid
+    barrier)."""
     bm, bn, bk = cfg[:3]
     split, _ = split_parts(p, bk, cfg[6] if len(cfg) > 6 else 1)
-    return INTERPRET or triton.cdiv(m, bm) * triton.cdiv(n, bn) * split <= _num_sm(device)
+    return INTERPRET or triton.cdiv(m, bm) * triton.cdiv(n, bn) * split * nseg <= _num_sm(device)
 
 
 class RowStats:
@@ -407,19 +448,32 @@ def _grid_barrier(BAR, nprog, SPIN: tl.constexpr):
 
 
 @triton.jit
-def _quant_next(pid, nprog, OUT, so_m, M, N, QBW, QXQ, QSX, QSUMX, QRED, QP, QPW, eps_q, SS, BAR, DT: tl.constexpr,
-                NCHQ: tl.constexpr, QBLOCK_W: tl.constexpr, NTB: tl.constexpr, BNT: tl.constexpr,
-                USE_ASM: tl.constexpr, SPIN: tl.constexpr):
-    """The next projection's plain pre-pass on this GEMM's output (N wide: its K), after every tile is
-    stored (``_grid_barrier``): the M rows' NCHQ chunks are shared out over the launch's programs, each
-    quantised by ``_quant_row`` with both BitLinear statistics summed from the ``RowStats`` the epilogues
-    left at SS (no row reduction, no further barrier); sum(xq) is left in NCHQ parts when NCHQ > 1."""
+def _quant_next(pid, nprog, OUT, so_m, M, N, SSW, QXQ, QXQ8, QSX, QSUMX, QRED, QP, QPW, eps_q, SS, BAR, QNW, QBWN,
+                QS_IN, QS_OUT, QLB, eps_qm, DT: tl.constexpr, QPRO: tl.constexpr, QHAS_LB: tl.constexpr,
+                NSEGQ: tl.constexpr, NCHQ: tl.constexpr, QBLOCK_W: tl.constexpr, NTB: tl.constexpr,
+                BNT: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr, USE_ASM: tl.constexpr, SPIN: tl.constexpr):
+    """The next projection's pre-pass on this GEMM's output (N wide: its K), after every tile is stored
+    (``_grid_barrier``), its work shared out over the launch's ``nprog`` programs (this one is ``pid``).
+
+    QPRO = PRO_PLAIN: the M rows' NCHQ chunks, each quantised by ``_quant_row`` with both BitLinear statistics
+    summed from the ``RowStats`` the epilogues left at SS (norm weight SSW; no row reduction, no further
+    barrier; sum(xq) left in NCHQ parts when NCHQ > 1). Otherwise (the norm and MLGRU prologues, NSEGQ
+    segments with norm weights QBWN, block norm QNW): groups of RB rows of a segment, each quantised whole by
+    one program (``_quant_rows``: its passes over (RB, CH) chunks do the row reductions, so no program waits
+    for another); the MLGRU prologue reads [i | f | g] from OUT and writes the next state QS_OUT."""
     _grid_barrier(BAR, nprog, SPIN)
-    nt = tl.cdiv(N, BNT)
-    for it in range(pid, M * NCHQ, nprog):
-        _quant_row(it // NCHQ, 0, OUT, so_m, OUT, 0, OUT, OUT, OUT, QBW, QBW, QXQ, QSX, QSUMX, N, QP, QPW, M,
-                   1.0, eps_q, False, 0, False, DT, QBLOCK_W, USE_ASM, True, False, it % NCHQ, QRED, QRED, NCHQ,
-                   SPIN, SS, nt, 2, NTB)
+    if QPRO == 0:
+        nt = tl.cdiv(N, BNT)
+        for it in range(pid, M * NCHQ, nprog):
+            _quant_row(it // NCHQ, 0, OUT, so_m, OUT, 0, OUT, OUT, OUT, SSW, SSW, QXQ, QSX, QSUMX, N, QP, QPW, M,
+                       1.0, eps_q, False, 0, False, DT, QBLOCK_W, USE_ASM, True, False, it % NCHQ, QRED, QRED, NCHQ,
+                       SPIN, SS, nt, 2, NTB)
+    else:
+        groups = tl.cdiv(M, RB)
+        for it in range(pid, NSEGQ * groups, nprog):
+            qseg = it // groups
+            _quant_rows(OUT, so_m, OUT, so_m, QS_IN, QS_OUT, QLB, QNW, QBWN, QXQ8, QSX, QSUMX, N, QP, 4 * QPW, M, qseg,
+                        (it % groups) * RB, eps_qm, eps_q, qseg == 0, QPRO, QHAS_LB, DT, RB, CH, USE_ASM)
 
 
 @triton.jit
@@ -447,28 +501,35 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
                  NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY_W: tl.constexpr = False,
-                 QXQ=None, QSX=None, QSUMX=None, QRED=None, QP=0, QPW=0, eps_q=0.0, BAR=None,
-                 NEXTQ: tl.constexpr = False, NCHQ: tl.constexpr = 1, QBLOCK_W: tl.constexpr = 1,
-                 NTB: tl.constexpr = 1, SPIN: tl.constexpr = True):
+                 QXQ=None, QXQ8=None, QSX=None, QSUMX=None, QRED=None, QP=0, QPW=0, eps_q=0.0, BAR=None,
+                 QNW=None, QBWN=None, QS_IN=None, QS_OUT=None, QLB=None, eps_qm=0.0,
+                 NEXTQ: tl.constexpr = False, QPRO: tl.constexpr = 0, QHAS_LB: tl.constexpr = False,
+                 NSEGQ: tl.constexpr = 1, NCHQ: tl.constexpr = 1, QBLOCK_W: tl.constexpr = 1, NTB: tl.constexpr = 1,
+                 RB: tl.constexpr = 1, CH: tl.constexpr = 16, SPIN: tl.constexpr = True, PHASE: tl.constexpr = 0):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
     parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
     also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|). EARLY_W: weights a block
-    ahead (``_k_loop``, ``EARLY_WEIGHTS``). NEXTQ (one segment, STATS = 2, every program resident): then the
-    next projection's plain pre-pass on OUT, into the scratch QXQ/QSX/QSUMX/QRED (``_quant_next``, norm
-    weight SSW).
+    ahead (``_k_loop``, ``EARLY_WEIGHTS``). NEXTQ (every program resident): then the next projection's
+    pre-pass on OUT, into the scratch QXQ (QXQ8 its bytes) / QSX / QSUMX / QRED (``_quant_next``; the plain
+    prologue reads the RowStats, STATS = 2 with norm weight SSW). PHASE (the interpreter, whose programs
+    cannot wait for each other): 1 runs the product alone, 2 the next pre-pass alone, 0 both.
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
     the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile)."""
     DT: tl.constexpr = OUT.dtype.element_ty
     pid, seg, part, k_lo, k_hi, pid_n, stile, Wp, rm, rn = _tile_of(M, N, P, KS, W0, W1, W2, BM, BN, GROUP, SPLIT)
-    # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
-    acc, acc2 = _k_loop(XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, PDL, EARLY_W, EPI, BM, BN, BK, SWAP, USE_ASM)
-    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-            pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, SWAP, NCH, STATS)
-    if NEXTQ:
-        _quant_next(pid, tl.num_programs(0), OUT, so_m, M, N, SSW, QXQ, QSX, QSUMX, QRED, QP, QPW, eps_q, SS, BAR, DT,
-                    NCHQ, QBLOCK_W, NTB, BN, USE_ASM, SPIN)
+    if PHASE != 2:
+        # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
+        acc, acc2 = _k_loop(XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, PDL, EARLY_W, EPI, BM, BN, BK, SWAP,
+                            USE_ASM)
+        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, SWAP, NCH, STATS)
+    if NEXTQ and PHASE != 1:
+        npx = tl.num_programs(0)
+        _quant_next(pid + seg * npx, npx * tl.num_programs(1), OUT, so_m, M, N, SSW, QXQ, QXQ8, QSX, QSUMX, QRED, QP,
+                    QPW, eps_q, SS, BAR, QNW, QBWN, QS_IN, QS_OUT, QLB, eps_qm, DT, QPRO, QHAS_LB, NSEGQ, NCHQ,
+                    QBLOCK_W, NTB, BN, RB, CH, USE_ASM, SPIN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,15 +590,15 @@ def _positions(u0, rm, M, P, PB, K, CH: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ8, SX, SUMX, K, P, PB, M, seg, eps_model, eps_bl,
+def _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ8, SX, SUMX, K, P, PB, M, seg, m0, eps_model, eps_bl,
                 WRITE_STATE, PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, RB: tl.constexpr,
                 CH: tl.constexpr, USE_ASM: tl.constexpr):
-    """Rows 0 .. M - 1 (M <= RB) of segment ``seg`` quantised by one program into the scratch (int8 bytes
+    """Rows m0 .. m0 + RB - 1 (those below M) of segment ``seg`` quantised by one program into the scratch (int8 bytes
     XQ8, s_x, sum(xq)): the pre-pass's arithmetic (``_quant_row``) on (RB, CH) chunks of planar positions, in
     up to three passes that each keep elementwise partials and reduce once: the block norm's sum of squares
     (norm prologues), the BitLinear's sum(v^2) and max|v bw| (max|xn| = r2 max|v bw|, to fp32 rounding, as
     split rows take it), then the quantisation."""
-    rm = tl.arange(0, RB)
+    rm = m0 + tl.arange(0, RB)
     U = 4 * PB
     r = tl.zeros((RB, 1), tl.float32) + 1.0
     if PRO != 0:
@@ -590,7 +651,7 @@ def _gemm_pro_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl
     if PDL:  # the kernel before writes this one's input rows
         gdc_wait()
         gdc_launch_dependents()
-    _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PB, M, seg, eps_model, eps_bl,
+    _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PB, M, seg, 0, eps_model, eps_bl,
                 (pid == 0) & (seg == 0), PRO, HAS_LB, DT, RB, CH, USE_ASM)
     tl.debug_barrier()  # the program's scratch stores before its threads read them back
     if SWAP:
@@ -708,14 +769,11 @@ def _launch(cfg, a):
         st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass after this launch reads
     nq, qkw = a.get("next_quant"), {}
     if nq is not None:  # the next projection's pre-pass after a grid barrier (_quant_next)
-        nchq = nq.chunks(a["m"], tiles * split)
-        nq.scratch.nch = nchq
-        qkw = dict(QXQ=nq.scratch.xq, QSX=nq.scratch.sx, QSUMX=nq.scratch.sumx, QRED=nq.scratch.red,
-                   QP=packed_bytes(a["n"]), QPW=nq.scratch.pw, eps_q=float(nq.eps_bl), BAR=nq.bar, NEXTQ=True,
-                   NCHQ=nchq, QBLOCK_W=triton.next_power_of_2(triton.cdiv(nq.scratch.pw, nchq)),
-                   NTB=triton.next_power_of_2(st.nt), SPIN=not INTERPRET)
-    for _ in range(2 if nq is not None and INTERPRET else 1):  # the interpreter: a launch per barrier
-        _launch_kernel(cfg, a, tiles, split, ws, ctr, ks, st, ssw, stats, qkw)
+        qkw = nq.kernel_args(a, tiles * split * a["nseg"], st.nt if st is not None else 0, cfg[3])
+    # the interpreter runs programs one after another, so none can wait at the barrier for the others: the
+    # product in one launch, the next pre-pass in another (which may overwrite this GEMM's own input)
+    for phase in ((1, 2) if nq is not None and INTERPRET else (0,)):
+        _launch_kernel(cfg, a, tiles, split, ws, ctr, ks, st, ssw, stats, dict(qkw, PHASE=phase) if qkw else qkw)
 
 
 def _launch_kernel(cfg, a, tiles, split, ws, ctr, ks, st, ssw, stats, qkw):
@@ -740,14 +798,13 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
     ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
     for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is).
-    ``next_quant`` (a ``NextPrePass``; with ``stats_out`` = (stats, w, 0) and one segment): the GEMM also runs
-    that plain pre-pass on its output, after a grid barrier, on schedules whose programs are all resident."""
+    ``next_quant`` (a ``NextPrePass``): the GEMM also runs the next projection's pre-pass on its output, after a
+    grid barrier, on schedules whose programs are all resident (decode batches)."""
     m = out.shape[0]
-    if stats_out is not None:
-        assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out: decode batches only (the fused kernel)"
+    if stats_out is not None or next_quant is not None:
+        assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out, next_quant: decode batches only"
         return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
                            tune_pool=tune_pool, tune_prepass=tune_prepass, stats_out=stats_out, next_quant=next_quant)
-    assert next_quant is None, "next_quant: with stats_out (the RowStats its quantisation reads)"
     if config is None and out.is_cuda and 0 < INT_MM_MIN_ROWS <= m:
         def run(path):
             if path == "fused":
@@ -809,14 +866,15 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
     cands = _gemm_configs(m)
     if next_quant is not None:
-        assert nseg == 1 and stats_out is not None and stats_out[1] is not None and stats_out[2] == 0, \
-            "next_quant: one segment, and stats_out with the next norm weight"
+        assert next_quant.pro != PRO_PLAIN or (nseg == 1 and stats_out is not None and stats_out[1] is not None
+                                               and stats_out[2] == 0), \
+            "next_quant: the plain prologue needs one segment, and stats_out with the next norm weight"
         a.update(next_quant=next_quant)
-        cands = [c for c in cands if next_quant_fits(c, m, n, a["p"], out.device)]
+        cands = [c for c in cands if next_quant_fits(c, m, n, a["p"], out.device, nseg)]
         assert cands, "next_quant: no schedule whose programs fit on the GPU at once"
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
     key = ((mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
-           + (("early",) if EARLY_WEIGHTS else ()) + (("next",) if next_quant is not None else ()))
+           + (("early",) if EARLY_WEIGHTS else ()) + (("next", next_quant.pro) if next_quant is not None else ()))
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
     if chain:
@@ -836,7 +894,16 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         time_of = chained
     # tuned without PDL when one launch at a time: a PDL launch overlaps the timer's cache flush (see
     # ternary_gemv._tune)
+    # a GEMM that quantises the next input may write its own input scratch (the decoder's i/f/g, o and gate/up
+    # scratch is one): the timing launches would leave the next input there, so the scratch is restored
+    keep = None
+    if next_quant is not None and config is None and key not in _TUNED:
+        keep = [t.clone() for t in (scratch.xq, scratch.sx, scratch.sumx, scratch.red)], scratch.nch
     cfg = config or _tuned("gemm", key, cands, lambda c: _launch(c, dict(a, pdl=False)), out, time_of)
+    if keep is not None:
+        for t, saved in zip((scratch.xq, scratch.sx, scratch.sumx, scratch.red), keep[0]):
+            t.copy_(saved)
+        scratch.nch = keep[1]
     try:
         _launch(cfg, a)
     except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device
@@ -864,6 +931,15 @@ PRO_GEMM_MAX_ELEMS = 16384
 PRO_ELEMS_PER_THREAD = 16  # a prologue chunk: (rows, positions) with this many elements per thread
 
 
+def _pro_chunk(rb: int, pro: int, nw: int, pb: int) -> int:
+    """Planar positions per (rows, positions) chunk of ``_quant_rows`` for ``rb`` rows, ``nw`` warps and rows
+    of ``pb`` bytes a plane: ``PRO_ELEMS_PER_THREAD`` elements per thread (half for the MLGRU, whose chunk
+    holds four inputs), at most a row."""
+    per = PRO_ELEMS_PER_THREAD // (2 if pro == PRO_MLGRU else 1)
+    ch = min(max(16, per * 32 * nw // rb), triton.next_power_of_2(4 * pb))
+    return min(ch, 64) if INTERPRET else ch  # several chunks per row in the tests
+
+
 def prologue_fits(m: int, k: int) -> bool:
     """Does a product of ``m`` rows of width ``k`` take ``gemm_pro`` (when the decoder asks for it)?"""
     return 2 <= m <= PRO_GEMM_MAX_ROWS and m * k <= PRO_GEMM_MAX_ELEMS
@@ -880,10 +956,7 @@ def _pro_launch(cfg, a):
     else:
         ws, ctr = a["sc"].sumx, a["sc"].sumx  # not read
     rb = triton.next_power_of_2(a["m"])
-    per = PRO_ELEMS_PER_THREAD // (2 if a["pro"] == PRO_MLGRU else 1)  # the MLGRU chunk holds four inputs
-    ch = min(max(16, per * 32 * nw // rb), triton.next_power_of_2(4 * a["pb"]))
-    if INTERPRET:
-        ch = min(ch, 64)  # several chunks per row in the tests
+    ch = _pro_chunk(rb, a["pro"], nw, a["pb"])
     _gemm_pro_kernel[(tiles * split, a["nseg"])](
         a["x"], a["sxm"], a["g"], a["sgm"], a["s_in"], a["s_out"], a["lb"], a["nw"], a["bwn"], a["eps_model"],
         a["eps_bl"], a["sc"].xq.view(torch.int8), a["sc"].sx, a["sc"].sumx, a["w"][0], a["w"][1], a["w"][2],

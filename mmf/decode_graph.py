@@ -33,7 +33,9 @@ a small pre-pass (same prologues) plus the int8 tensor-core GEMM of ``ternary_ge
 the recurrence as a chunked scan (``mlgru_step.mlgru_gated_scan``). With ``PROLOGUE_GEMM`` (off by
 default, not yet measured on a GPU), batch 2-16 projections whose rows fit run ``ternary_gemm.gemm_pro``
 instead, the GEMV's launch on the tensor cores with the pre-pass inside every program; with
-``FUSED_QUANT = "down"`` (off, likewise) each gate/up GEMM quantises v for the down projection itself.
+``FUSED_QUANT = "down"`` (off, likewise) each gate/up GEMM quantises v for the down projection itself, and
+with ``"all"`` every GEMM quantises the next projection's input (the MLGRU step, the block norms included),
+so that after the first layer's i/f/g pre-pass a step runs GEMMs only.
 
 Memory: the packed weights (2 bits per weight; a model frozen to int8 ``codes`` is packed once
 more, so load a packed checkpoint for the smallest footprint), the embeddings, per-row buffers
@@ -106,11 +108,12 @@ class GraphDecoder:
     # program (``ternary_gemm.gemm_pro``) instead of in a pre-pass kernel; off until measured on a GPU
     PROLOGUE_GEMM = os.environ.get("MMF_PROLOGUE_GEMM", "0") == "1"
     # "down": on the pre-pass path, each gate/up GEMM quantises its output for the down projection after a
-    # grid barrier (``ternary_gemm.NextPrePass``), so no pre-pass kernel runs before the down GEMM; False:
-    # never. Off until measured on a GPU
-    FUSED_QUANT = os.environ.get("MMF_FUSED_QUANT", "0") == "down" and "down"
+    # grid barrier (``ternary_gemm.NextPrePass``), so no pre-pass kernel runs before the down GEMM; "all":
+    # every GEMM quantises the next projection's input (the i/f/g GEMM the MLGRU step's, the o GEMM the gate/up
+    # norm's, the down GEMM the next layer's or the LM head's); False: never. Off until measured on a GPU
+    FUSED_QUANT = {"down": "down", "all": "all"}.get(os.environ.get("MMF_FUSED_QUANT", "0"), False)
 
-    SWITCHES = {"MMF_PROLOGUE_GEMM": ("0", "1"), "MMF_EARLY_WEIGHTS": ("0", "1"), "MMF_FUSED_QUANT": ("0", "down")}
+    SWITCHES = {"MMF_PROLOGUE_GEMM": ("0", "1"), "MMF_EARLY_WEIGHTS": ("0", "1"), "MMF_FUSED_QUANT": ("0", "down", "all")}
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
@@ -179,13 +182,20 @@ class GraphDecoder:
         if not self.gemv_path and not self.pro_gemm and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
                                    and tg.decode_quant_chunks(B, d) is None):
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
-        # FUSED_QUANT: the gate/up GEMM quantises v for the down projection, from its own row statistics
-        self.next_quant = self.v_stats = None
-        fits = any(tg.next_quant_fits(c, B, m, tv.packed_bytes(d), dev) for c in tg._gemm_configs(B))
-        if (self.FUSED_QUANT == "down" and fits and not self.gemv_path
-                and not (self.pro_gemm and tg.prologue_fits(B, d))):
-            self.next_quant = tg.NextPrePass(self.sc_m)
-            self.v_stats = self.row_stats["v"] if self.row_stats else tg.RowStats(B, m, dev)
+        # FUSED_QUANT: GEMMs that quantise the next projection's input ("down": the gate/up GEMM, from its own
+        # row statistics; "all": every one), where each producer has a schedule whose programs fit at once
+        self.fused_quant, self.v_stats, self._bar = None, None, None
+        if self.FUSED_QUANT in ("down", "all") and not self.gemv_path and not self.pro_gemm:
+            def fits(n, p, nseg=1):
+                return any(tg.next_quant_fits(c, B, n, p, dev, nseg) for c in tg._gemm_configs(B))
+
+            pd = tv.packed_bytes(d)
+            if fits(m, pd):
+                self.fused_quant = "down"
+                if self.FUSED_QUANT == "all" and fits(d, pd, 3) and fits(d, pd) and fits(d, tv.packed_bytes(m)):
+                    self.fused_quant, self.row_stats = "all", None
+                self.v_stats = self.row_stats["v"] if self.row_stats else tg.RowStats(B, m, dev)
+                self._bar = torch.zeros(2, dtype=torch.int32, device=dev)  # the GEMMs' grid barrier (one at a time)
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)
         self._prefill_seen: dict = {}    # T -> eager prefills so far
@@ -259,7 +269,8 @@ class GraphDecoder:
                **pro)
             return
         if quantised:
-            tg.gemm(scratch, weights, scales, out, k=k, epi=epi, residual=residual, tune_pool=pool, stats_out=stats_out)
+            tg.gemm(scratch, weights, scales, out, k=k, epi=epi, residual=residual, tune_pool=pool, stats_out=stats_out,
+                    next_quant=next_quant)
             return
         pre = partial(tg.quantize, x, bit_norm, scratch, nseg=len(weights), k=k, dtype=self.dtype,
                       chunks=tg.decode_quant_chunks(self.batch, self.d), stats=stats, **pro)
@@ -268,6 +279,7 @@ class GraphDecoder:
                 stats_out=stats_out, next_quant=next_quant)
 
     def _step_body(self) -> None:
+        from mmf.kernels import ternary_gemm as tg
         from mmf.kernels import ternary_gemv as tv
 
         torch.index_select(self.emb, 0, self.ids, out=self.x)
@@ -280,26 +292,44 @@ class GraphDecoder:
         def st_out(name, w=None, seg=0):
             return (stats[name], w, seg) if stats else None
 
-        nq = self.next_quant
+        fq, allq = self.fused_quant, self.fused_quant == "all"
+
+        def nq(scratch, **pro):
+            """The next projection's pre-pass, run by the GEMM before it (``FUSED_QUANT``)."""
+            return tg.NextPrePass(scratch, bar=self._bar, **pro)
+
+        def nq_norm(bit_norm, norm_weight, eps):
+            return nq(self.sc_d, pro=tv.PRO_NORM, bit_norm=bit_norm, norm_weight=norm_weight, eps_model=eps) if allq \
+                else None
+
+        h = self.head
         for l, ly in enumerate(self.layers):
             o, gu, dn = ly["o"], ly["gu"], ly["down"]
-            v_out = (self.v_stats, dn.norm, 0) if nq is not None else st_out("v", w=dn.norm)
+            v_out = (self.v_stats, dn.norm, 0) if fq else st_out("v", w=dn.norm)
+            nxt = self.layers[l + 1] if l + 1 < self.L else None
+            after_down = (nq_norm(nxt["ifg_norm"], nxt["attn_norm"], nxt["eps_attn"]) if nxt is not None
+                          else nq_norm(h.norm[None], self.final_norm, self.eps_final))
             self._proj("ifg", self.x, ly["ifg"], ly["ifg_scale"], ly["ifg_norm"], self.ifg, k=d, scratch=self.sc_d,
-                       stats=st("x") if l > 0 else None, stats_out=st_out("g", seg=2), pro=tv.PRO_NORM,
-                       norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"])
+                       stats=st("x") if l > 0 else None, stats_out=st_out("g", seg=2), quantised=allq and l > 0,
+                       next_quant=nq(self.sc_d, pro=tv.PRO_MLGRU, bit_norm=o.norm[None], norm_weight=ly["g_norm"],
+                                     eps_model=ly["eps_g"], s_in=self.state[l], s_out=self.state_next[l],
+                                     lower_bound=ly["lb"]) if allq else None,
+                       pro=tv.PRO_NORM, norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"])
             self._proj("o", self.ifg, [o.packed], o.scale, o.norm[None], self.r, k=d, scratch=self.sc_d,
-                       epi=tv.EPI_RESIDUAL, residual=self.x, stats=st("g"), stats_out=st_out("r"), pro=tv.PRO_MLGRU,
+                       epi=tv.EPI_RESIDUAL, residual=self.x, stats=st("g"), stats_out=st_out("r"), quantised=allq,
+                       next_quant=nq_norm(gu.norm[None], ly["mlp_norm"], ly["eps_mlp"]), pro=tv.PRO_MLGRU,
                        norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l], s_out=self.state_next[l],
                        lower_bound=ly["lb"])
             self._proj("gu", self.r, [gu.packed], gu.scale, gu.norm[None], self.v, k=d, scratch=self.sc_d,
-                       epi=tv.EPI_GLU, stats=st("r"), stats_out=v_out, next_quant=nq, pro=tv.PRO_NORM,
-                       norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"])
+                       epi=tv.EPI_GLU, stats=st("r"), stats_out=v_out, quantised=allq,
+                       next_quant=nq(self.sc_m) if fq else None, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
+                       eps_model=ly["eps_mlp"])
             self._proj("down", self.v, [dn.packed], dn.scale, dn.norm[None], self.x, k=self.m, scratch=self.sc_m,
                        epi=tv.EPI_RESIDUAL, residual=self.r, stats=st("v"), stats_out=st_out("x"),
-                       quantised=nq is not None, pro=tv.PRO_PLAIN)
-        h = self.head
+                       quantised=fq is not None, next_quant=after_down, pro=tv.PRO_PLAIN)
         self._proj("head", self.x, [h.packed], h.scale, h.norm[None], self.logits, k=d, scratch=self.sc_d,
-                   stats=st("x"), pro=tv.PRO_NORM, norm_weight=self.final_norm, eps_model=self.eps_final)
+                   stats=st("x"), quantised=allq, pro=tv.PRO_NORM, norm_weight=self.final_norm,
+                   eps_model=self.eps_final)
         self.state.copy_(self.state_next)
 
     def _capture(self) -> None:

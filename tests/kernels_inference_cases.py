@@ -705,15 +705,17 @@ def test_gemm_quantises_its_output_for_the_next_projection(swap):
             assert torch.allclose(q.sx, whole.sx, rtol=1e-5, atol=0)
             qa, qb = _xq_bytes(whole, n).int(), _xq_bytes(q, n).int()
             assert (qa - qb).abs().max().item() <= 1 and (qa != qb).float().mean().item() < 0.02
-            assert nq.bar[0].item() == 0 and nq.bar[1].item() == 2  # two launches in the interpreter, one barrier each
-    with pytest.raises(AssertionError, match="next_quant"):
+            assert nq.bar[0].item() == 0 and nq.bar[1].item() == 1  # one barrier (the interpreter's second launch)
+    with pytest.raises(AssertionError, match="the plain prologue needs"):
         ternary_gemm.gemm(sc, packed, sw, got, k=k, next_quant=nq)
 
 
-def test_graph_decoder_with_fused_down_quant(monkeypatch):
-    """``GraphDecoder.FUSED_QUANT = "down"``: each gate/up GEMM quantises v for the down projection, which runs
-    no pre-pass; the decoder gives the eager model's greedy tokens, as does the benchmarks' comparison with the
-    default decoder (with and without the producers' row statistics elsewhere)."""
+@pytest.mark.parametrize("mode", ["down", "all"])
+def test_graph_decoder_with_fused_quant(mode, monkeypatch):
+    """``GraphDecoder.FUSED_QUANT``: "down", each gate/up GEMM quantises v for the down projection, which runs
+    no pre-pass; "all", every GEMM quantises the next projection's input, so a step's only pre-pass is the
+    first layer's i/f/g one. The decoder gives the eager model's greedy tokens, as does the benchmarks'
+    comparison with the default decoder (with and without the producers' row statistics elsewhere)."""
     from conftest import small_model
 
     from mmf.bench.kernel_bench import _decoder_pair
@@ -723,18 +725,23 @@ def test_graph_decoder_with_fused_down_quant(monkeypatch):
     calls = []
     real = ternary_gemm.quantize
     monkeypatch.setattr(ternary_gemm, "quantize", lambda x, bn, sc, **kw: calls.append(kw.get("k")) or real(x, bn, sc, **kw))
-    monkeypatch.setattr(GraphDecoder, "FUSED_QUANT", "down")
+    monkeypatch.setattr(GraphDecoder, "FUSED_QUANT", mode)
     dec = GraphDecoder(model, 3)
-    assert dec.next_quant is not None
+    assert dec.fused_quant == mode and (mode == "down" or dec.row_stats is None)
     torch.manual_seed(9)
+    calls.clear()
     _decode_like_eager(dec, model, torch.randint(3, 259, (3, 7)))
-    assert calls and model.config.ffn_size not in calls[-(4 * 2 + 1):]  # the steps' pre-passes: none for down
+    step_calls = calls[-(3 * 2 + 1):] if mode == "down" else calls[-1:]  # the last step's pre-passes
+    assert calls and model.config.ffn_size not in step_calls
+    if mode == "all":
+        n_prefill = 4 * 2 + 1  # the prefill's pre-passes, then one per step: the first i/f/g projection's
+        assert len(calls) == n_prefill + 2
     for rs in ("never", "always"):
-        res = _decoder_pair(model, 3, dict(FUSED_QUANT="down", ROW_STATS=rs), {}, steps=2)
+        res = _decoder_pair(model, 3, dict(FUSED_QUANT=mode, ROW_STATS=rs), {}, steps=2)
         assert res["greedy_same_vs_without"] == "6/6" and res["greedy_same_vs_eager"] == "6/6", rs
         assert res["median_rel_err_vs_eager"] < 1e-4
     monkeypatch.setattr(GraphDecoder, "FUSED_QUANT", False)
-    assert GraphDecoder(model, 3).next_quant is None
+    assert GraphDecoder(model, 3).fused_quant is None
 
 
 def test_next_pre_pass_chunks(monkeypatch):
@@ -767,3 +774,49 @@ def test_decode_gemm_chain_rows_with_the_switches(monkeypatch):
         (row,) = decode_gemm_chain.measure_shape(name, 1, n, 130, epi, [4], 2, 4.2e12, 130, gen, dev="cpu")
         assert row["all_equal"] and row["early_equal"] is True and row["pro_max_rel_err"] < 2e-2, row
         assert row["pro_us"] == 1.0 and row["pair_us"] == 2.0 and not ternary_gemm.EARLY_WEIGHTS
+
+
+@pytest.mark.parametrize("pro,nseg_next", [(ternary_gemv.PRO_MLGRU, 1), (ternary_gemv.PRO_NORM, 3),
+                                           (ternary_gemv.PRO_NORM, 1)])
+def test_gemm_quantises_its_output_with_a_norm_prologue(pro, nseg_next):
+    """``NextPrePass`` with the MLGRU prologue (the i/f/g GEMM's three segments are its input) and the block
+    norm one (into 3 segments, as the next layer's i/f/g, or 1): the scratch against ``quantize`` with the
+    same prologue on the GEMM's output (s_x to 1e-6, int8 within one rounding flip, the same MLGRU state),
+    written into the GEMM's own input scratch (the interpreter's second launch must not redo the product),
+    the output the same as without; several rows per program, split-K."""
+    g = torch.Generator().manual_seed(81 + pro + nseg_next)
+    m, d, k = 5, 70, 130
+    nseg = 3 if pro == ternary_gemv.PRO_MLGRU else 1
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    nw_in = (torch.rand(nseg, k, generator=g) + 0.5).to(torch.bfloat16)
+    packed = [pack_i2(rand_codes(d, k, g)) for _ in range(nseg)]
+    sw = torch.rand(nseg, generator=g) + 0.5
+    res = torch.randn(m, d, generator=g).to(torch.bfloat16) if nseg == 1 else None
+    kw = dict(epi=ternary_gemv.EPI_RESIDUAL, residual=res) if nseg == 1 else {}
+    nxt = dict(bit_norm=(torch.rand(nseg_next, d, generator=g) + 0.5).to(torch.bfloat16),
+               norm_weight=(torch.rand(d, generator=g) + 0.5).to(torch.bfloat16))
+    if pro == ternary_gemv.PRO_MLGRU:
+        nxt.update(s_in=torch.randn(m, d, generator=g), lower_bound=torch.rand(d, generator=g) * 0.5)
+    for cfg in ((16, 64, 32, 4, 1, 0), (16, 64, 32, 4, 1, 1, 2)):
+        sc = ternary_gemv.Scratch(max(nseg, nseg_next), m, k, "cpu")
+        ternary_gemm.quantize(x, nw_in, sc, nseg=nseg)
+        want = torch.full((m, nseg * d), float("nan"), dtype=torch.bfloat16)
+        ternary_gemm.gemm(sc, packed, sw, want, k=k, config=cfg, **kw)
+        ref = ternary_gemv.Scratch(nseg_next, m, d, "cpu")
+        s_ref = torch.zeros(m, d)
+        ternary_gemm.quantize(want, nxt["bit_norm"], ref, nseg=nseg_next, pro=pro, k=d, s_out=s_ref,
+                              dtype=torch.bfloat16, **{key: v for key, v in nxt.items() if key != "bit_norm"})
+        got = torch.full_like(want, float("nan"))
+        s_out = torch.zeros(m, d)
+        nq = ternary_gemm.NextPrePass(sc, pro=pro, s_out=s_out, **nxt)
+        ternary_gemm.gemm(sc, packed, sw, got, k=k, config=cfg, next_quant=nq, **kw)
+        assert torch.equal(got, want), cfg
+        n_seg = nseg_next
+        assert torch.allclose(sc.sx[:n_seg], ref.sx, rtol=1e-6, atol=0)
+        qa, qb = _xq_bytes(ref, d).int(), _xq_bytes(sc, d)[:n_seg].int()
+        assert (qa - qb).abs().max().item() <= 1 and (qa != qb).float().mean().item() < 0.01
+        assert torch.equal(sc.sumx[:n_seg], qb.sum(-1).int()) and sc.nch == 1
+        if pro == ternary_gemv.PRO_MLGRU:
+            assert torch.equal(s_out, s_ref) and s_out.abs().sum() > 0
+    programs = ternary_gemm.NextPrePass(sc, pro=pro, **nxt)
+    assert programs.rows_per_item(5, 16) == 1 and programs.rows_per_item(16, 5 * nseg_next) == 4

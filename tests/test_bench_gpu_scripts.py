@@ -92,8 +92,8 @@ def test_batched_decode_variants_set_and_restore_the_decoders_choices():
     with batched_decode.variant("whole-rows"):
         assert tg.decode_quant_chunks(4, 5120) == 1
     assert tg.decode_quant_chunks(4, 5120) is None
-    with batched_decode.variant("fused-down"):
-        assert GraphDecoder.FUSED_QUANT == "down"
+    with batched_decode.variant("fused-all"):
+        assert GraphDecoder.FUSED_QUANT == "all"
     assert GraphDecoder.FUSED_QUANT is False
     with batched_decode.variant("prologue-gemm-all+early-weights"):
         assert GraphDecoder.PROLOGUE_GEMM and tg.EARLY_WEIGHTS and tg.prologue_fits(16, 13824)
@@ -115,7 +115,7 @@ def test_decoder_switch_values_are_checked(monkeypatch):
 
     model = small_model("mmf", seed=1).freeze()
     monkeypatch.setenv("MMF_FUSED_QUANT", "1")
-    with pytest.raises(MMFError, match="MMF_FUSED_QUANT='1': use 0 or down"):
+    with pytest.raises(MMFError, match="MMF_FUSED_QUANT='1': use 0 or down or all"):
         GraphDecoder(model, 4)
     monkeypatch.setenv("MMF_FUSED_QUANT", "down")
     monkeypatch.setenv("MMF_PROLOGUE_GEMM", "yes")
