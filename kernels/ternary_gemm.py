@@ -748,10 +748,14 @@ EARLY_MAX_BLOCK = 8192  # bytes of one weight block held twice at most (GLU: per
 
 
 def _ahead_fits(cfg, epi) -> bool:
-    """May schedule ``cfg`` hold its weights a block ahead? Decode tiles only (at most 64 rows), and for the
-    GLU pair (two blocks, each held twice) only 16-row tiles whose blocks are at most ``EARLY_MAX_BLOCK``
-    bytes: compiled offline for sm_90a (Triton 3.9, ptxas -v), the others spilled 0.1-1.4 KB."""
-    return cfg[0] <= 64 and (epi != EPI_GLU or cfg[0] <= 16 and cfg[1] * cfg[2] <= EARLY_MAX_BLOCK)
+    """May schedule ``cfg`` hold its weights a block ahead? Decode tiles only: 16-row tiles, but for the GLU
+    pair (two blocks, each held twice) only blocks of at most ``EARLY_MAX_BLOCK`` bytes; 64-row tiles without
+    the GLU pair and with such blocks. Compiled offline for sm_90a (``bench/kernel_compile_report.py``, Triton
+    3.9), the others spilled 0.1-1.4 KB."""
+    bm, block = cfg[0], cfg[1] * cfg[2]
+    if bm > 64 or epi == EPI_GLU and bm > 16:
+        return False
+    return (bm <= 16 and epi != EPI_GLU) or block <= EARLY_MAX_BLOCK
 
 
 def _launch(cfg, a):

@@ -577,6 +577,9 @@ def test_gemm_weights_ahead_match_the_plain_loop(swap, monkeypatch):
     assert ternary_gemm._ahead_fits((16, 64, 128), ternary_gemv.EPI_GLU)
     assert not ternary_gemm._ahead_fits((16, 128, 128), ternary_gemv.EPI_GLU)
     assert ternary_gemm._ahead_fits((16, 128, 256), ternary_gemv.EPI_STORE)
+    assert ternary_gemm._ahead_fits((64, 64, 128), ternary_gemv.EPI_STORE)
+    assert not ternary_gemm._ahead_fits((64, 64, 256), ternary_gemv.EPI_STORE)  # spilled 144 bytes
+    assert not ternary_gemm._ahead_fits((64, 32, 128), ternary_gemv.EPI_GLU)
 
 
 def _pro_case(pro, m, k, nseg, g):

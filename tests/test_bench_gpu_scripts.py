@@ -1,6 +1,7 @@
 """The GPU measurement scripts that reproduce committed figures (decode_breakdown, decoder_build_time,
 generate_graph_check, batched_decode, decode_gemm_chain) are runnable modules: ``--help`` works without a GPU, bad arguments are one line
-and exit 2 before any GPU work, and decode_breakdown's variants still apply to the installed kernel."""
+and exit 2 before any GPU work, and decode_breakdown's variants still apply to the installed kernel; the
+offline compile report (kernel_compile_report) runs without one."""
 
 from __future__ import annotations
 
@@ -121,3 +122,27 @@ def test_decoder_switch_values_are_checked(monkeypatch):
     monkeypatch.setenv("MMF_PROLOGUE_GEMM", "yes")
     with pytest.raises(MMFError, match="MMF_PROLOGUE_GEMM='yes': use 0 or 1"):
         GraphDecoder(model, 4)
+
+
+def test_kernel_compile_report_compiles_for_a_gpu_that_is_not_here(tmp_path, capsys):
+    """``kernel_compile_report`` compiles the decode GEMM for sm_90a with the installed Triton and reads
+    registers and spills from its bundled ptxas, with no GPU: the default kernel and the one that runs the
+    MLGRU pre-pass after its grid barrier, at the first 16-row schedule; bad arguments are one line."""
+    import json
+
+    from mmf.bench import kernel_compile_report as kcr
+
+    if kcr.ptxas_path() is None:
+        pytest.skip("the installed Triton bundles no ptxas")
+    out = tmp_path / "r.json"
+    assert kcr.main(["--rows", "16", "--max-schedules", "1", "--epilogues", "store", "--variants",
+                     "default,next-mlgru", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["default", "next-mlgru"]
+    assert all(0 < r["registers"] <= 255 for r in rows), rows
+    assert rows[0]["spill_bytes"] == 0 and rows[1]["spill_bytes"] < 256, rows  # 0 / 8 bytes with Triton 3.9 / 3.6
+    assert rows[1]["ptx_instructions"] > rows[0]["ptx_instructions"]
+    capsys.readouterr()
+    assert kcr.main(["--variants", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert "fast: give variants of default" in err and err.count("\n") == 1

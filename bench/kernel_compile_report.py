@@ -1,0 +1,179 @@
+"""Registers, spills and PTX size of the decode GEMM kernels, compiled for a GPU that is not here.
+
+Compiles ``kernels.ternary_gemm``'s decode kernels with the installed Triton for ``--arch`` (default sm_90a,
+Hopper), as the JIT specialises them for the decoder's shapes (pointers and row strides divisible by 16),
+and runs the ``ptxas`` that Triton bundles with ``-v`` on the PTX: registers per thread, bytes of spill
+stores, PTX instructions. No GPU is needed, so a kernel change can be checked for spills, and for code that
+a refactor changed, before a GPU session (the figures in ``bench/results/EXPERIMENTS.md``'s "Built, not yet
+run on a GPU" came from this). Variants (``--variants``):
+
+* ``default`` — ``_gemm_kernel`` as the pre-pass path launches it;
+* ``early`` — with the weights a block ahead (``EARLY_WEIGHTS``; schedules ``_ahead_fits`` allows);
+* ``pro`` — ``_gemm_pro_kernel`` (``gemm_pro``) with the block-norm prologue, 16 rows;
+* ``next-plain``, ``next-norm``, ``next-mlgru`` — ``_gemm_kernel`` quantising the next input
+  (``NextPrePass``): the down pre-pass from row statistics in 4 chunks of 256 words, the i/f/g norm
+  pre-pass into 3 segments, the MLGRU step.
+
+    python -m mmf.bench.kernel_compile_report --rows 16,64 --max-schedules 6 --json-out F
+
+Prints a table (one row per schedule, epilogue and variant); the JSON is written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+VARIANTS = ("default", "early", "pro", "next-plain", "next-norm", "next-mlgru")
+# pointer arguments by name (their element types) and integer arguments the JIT sees divisible by 16
+_PTR = {"XQ": "*i8", "SX": "*fp32", "SUMX": "*i32", "RED": "*fp32", "W0": "*u8", "W1": "*u8", "W2": "*u8",
+        "SW": "*fp32", "OUT": "*bf16", "RES": "*bf16", "WS": "*i32", "CTR": "*i32", "SS": "*fp32", "SSW": "*bf16",
+        "X": "*bf16", "G": "*bf16", "S_IN": "*fp32", "S_OUT": "*fp32", "LB": "*fp32", "NW": "*bf16", "BWN": "*bf16",
+        "QXQ": "*i32", "QXQ8": "*i8", "QSX": "*fp32", "QSUMX": "*i32", "QRED": "*fp32", "BAR": "*i32", "QNW": "*bf16",
+        "QBWN": "*bf16", "QS_IN": "*fp32", "QS_OUT": "*fp32", "QLB": "*fp32"}
+_FLOAT = {"eps_model", "eps_bl", "eps_q", "eps_qm"}
+_DIV16 = {"so_m", "sr_m", "P", "PB", "KS", "sxm", "sgm", "K", "QP", "QPW"}
+
+
+def ptxas_path() -> str | None:
+    """The ptxas Triton bundles (the Blackwell-era one first: it reads the newest PTX), or None."""
+    import triton
+
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        if os.path.exists(os.path.join(base, name)):
+            return os.path.join(base, name)
+    return None
+
+
+def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str = "sm_90a") -> dict:
+    """Compile jit function ``fn`` with these constexprs (the others at their defaults) for ``arch``:
+    {registers, spill_bytes, ptx_instructions}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = inspect.signature(fn.fn).parameters
+    names = list(params)
+    consts = dict(consts)
+    for n, p in params.items():
+        if n not in consts and p.default is not inspect.Parameter.empty and "constexpr" in str(p.annotation):
+            consts[n] = p.default
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in _PTR:
+            sig[n], attrs[(i,)] = _PTR[n], [["tt.divisibility", 16]]
+        elif n in _FLOAT:
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+            if n in _DIV16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    cap = int(re.sub(r"\D", "", arch))
+    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                         options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)).asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas_path(), f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                           capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", r.stderr)
+    if regs is None:
+        raise RuntimeError(f"ptxas: {r.stderr.strip()[-300:]}")
+    body = [ln for ln in ptx.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".", "$", "{", "}"))]
+    return dict(registers=int(regs.group(1)), spill_bytes=int(spills.group(1)) if spills else 0,
+                ptx_instructions=len(body))
+
+
+def variant_consts(variant: str, cfg, epi: int):
+    """(kernel, constexprs) of ``variant`` at schedule ``cfg`` and epilogue ``epi``, or None where the variant
+    does not run that schedule."""
+    from mmf.kernels import ternary_gemm as tg
+    from mmf.kernels import ternary_gemv as tv
+
+    bm, bn, bk, nw = cfg[:4]
+    c = dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True, SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True,
+             SPLIT=cfg[6] if len(cfg) > 6 else 1)
+    if variant in ("early", "pro") and not tg._ahead_fits(cfg, epi):
+        return None
+    if variant == "pro":
+        if bm != 16:
+            return None
+        return tg._gemm_pro_kernel, dict(c, PRO=tv.PRO_NORM, HAS_LB=False, RB=16,
+                                         CH=tg._pro_chunk(16, tv.PRO_NORM, nw, 4096))
+    base = dict(c, NCH=1, STATS=0)
+    if variant == "early":
+        return tg._gemm_kernel, dict(base, EARLY_W=True)
+    if variant == "next-plain":
+        return tg._gemm_kernel, dict(base, STATS=2, NEXTQ=True, QPRO=tv.PRO_PLAIN, NCHQ=4, QBLOCK_W=256, NTB=256)
+    if variant in ("next-norm", "next-mlgru"):
+        pro = tv.PRO_NORM if variant == "next-norm" else tv.PRO_MLGRU
+        return tg._gemm_kernel, dict(base, NEXTQ=True, QPRO=pro, QHAS_LB=pro == tv.PRO_MLGRU,
+                                     NSEGQ=3 if pro == tv.PRO_NORM else 1, RB=1, CH=tg._pro_chunk(1, pro, nw, 4096))
+    return tg._gemm_kernel, base
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mmf.bench.kernel_compile_report",
+                                 description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} "
+                    "(default: all)")
+    ap.add_argument("--rows", default="16,64", help="row counts whose candidate schedules are compiled (default: 16,64)")
+    ap.add_argument("--max-schedules", type=int, default=4, help="first N candidates per row count (default: 4)")
+    ap.add_argument("--epilogues", default="store,glu", help="store, residual, glu, comma-separated (default: store,glu)")
+    ap.add_argument("--arch", default="sm_90a", help="ptxas architecture (default: sm_90a)")
+    ap.add_argument("--json-out", default=None, help="JSON output (default: none)")
+    args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    epis = {"store": 0, "residual": 1, "glu": 2}
+    bad = [v for v in variants if v not in VARIANTS] + [e for e in args.epilogues.split(",") if e not in epis]
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        rows = []
+    if bad or not rows or args.max_schedules < 1 or not re.fullmatch(r"sm_\d+a?", args.arch):
+        print(f"kernel_compile_report: {', '.join(bad) or 'arguments'}: give variants of {', '.join(VARIANTS)}, "
+              "epilogues of store, residual, glu, row counts, --max-schedules 1 or more, --arch like sm_90a",
+              file=sys.stderr)
+        return 2
+    if ptxas_path() is None:
+        print("kernel_compile_report: the installed Triton bundles no ptxas; install triton with its NVIDIA backend",
+              file=sys.stderr)
+        return 2
+    import triton
+    from tabulate import tabulate
+
+    from mmf.bench import write_json
+    from mmf.kernels import ternary_gemm as tg
+
+    out = dict(triton=triton.__version__, arch=args.arch, rows=[])
+    for m in rows:
+        for cfg in tg._gemm_configs(m)[:args.max_schedules]:
+            for epi_name in args.epilogues.split(","):
+                for v in variants:
+                    kc = variant_consts(v, cfg, epis[epi_name])
+                    if kc is None:
+                        continue
+                    rep = compile_report(kc[0], kc[1], cfg[3], cfg[4], args.arch)
+                    out["rows"].append(dict(rows=m, schedule=str(tuple(cfg)), epilogue=epi_name, variant=v, **rep))
+                    print(out["rows"][-1], flush=True)
+    print(tabulate([[r["rows"], r["schedule"], r["epilogue"], r["variant"], r["registers"], r["spill_bytes"],
+                     r["ptx_instructions"]] for r in out["rows"]],
+                   headers=["rows", "schedule", "epilogue", "variant", "registers", "spill bytes", "PTX instr."]))
+    if args.json_out:
+        write_json(args.json_out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
