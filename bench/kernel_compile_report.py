@@ -3,7 +3,7 @@
 Compiles ``kernels.ternary_gemm``'s decode kernels with the installed Triton for ``--arch`` (default sm_90a,
 Hopper), as the JIT specialises them for the decoder's shapes (pointers and row strides divisible by 16),
 and runs the ``ptxas`` that Triton bundles with ``-v`` on the PTX: registers per thread, bytes of spill
-stores, PTX instructions. No GPU is needed, so a kernel change can be checked for spills, and for code that
+stores, shared memory, PTX instructions. No GPU is needed, so a kernel change can be checked for spills, and for code that
 a refactor changed, before a GPU session (the figures in ``bench/results/EXPERIMENTS.md``'s "Built, not yet
 run on a GPU" came from this). Variants (``--variants``):
 
@@ -78,8 +78,9 @@ def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str 
                 attrs[(i,)] = [["tt.divisibility", 16]]
     cap = int(re.sub(r"\D", "", arch))
     src = ASTSource(fn, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                         options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)).asm["ptx"]
+    kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True))
+    ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
@@ -92,7 +93,7 @@ def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str 
         raise RuntimeError(f"ptxas: {r.stderr.strip()[-300:]}")
     body = [ln for ln in ptx.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".", "$", "{", "}"))]
     return dict(registers=int(regs.group(1)), spill_bytes=int(spills.group(1)) if spills else 0,
-                ptx_instructions=len(body))
+                shared_bytes=int(kernel.metadata.shared), ptx_instructions=len(body))
 
 
 def variant_consts(variant: str, cfg, epi: int):
@@ -168,8 +169,9 @@ def main(argv=None) -> int:
                     out["rows"].append(dict(rows=m, schedule=str(tuple(cfg)), epilogue=epi_name, variant=v, **rep))
                     print(out["rows"][-1], flush=True)
     print(tabulate([[r["rows"], r["schedule"], r["epilogue"], r["variant"], r["registers"], r["spill_bytes"],
-                     r["ptx_instructions"]] for r in out["rows"]],
-                   headers=["rows", "schedule", "epilogue", "variant", "registers", "spill bytes", "PTX instr."]))
+                     r["shared_bytes"], r["ptx_instructions"]] for r in out["rows"]],
+                   headers=["rows", "schedule", "epilogue", "variant", "registers", "spill bytes", "shared bytes",
+                            "PTX instr."]))
     if args.json_out:
         write_json(args.json_out, out)
     return 0

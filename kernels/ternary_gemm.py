@@ -597,20 +597,21 @@ def _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ8, SX, SUMX, K, P, P
     XQ8, s_x, sum(xq)): the pre-pass's arithmetic (``_quant_row``) on (RB, CH) chunks of planar positions, in
     up to three passes that each keep elementwise partials and reduce once: the block norm's sum of squares
     (norm prologues), the BitLinear's sum(v^2) and max|v bw| (max|xn| = r2 max|v bw|, to fp32 rounding, as
-    split rows take it), then the quantisation."""
+    split rows take it), then the quantisation. Each pass's loads run two chunks ahead (``tl.range``'s software
+    pipelining through shared memory: without it every chunk waited a whole L2 round trip)."""
     rm = m0 + tl.arange(0, RB)
     U = 4 * PB
     r = tl.zeros((RB, 1), tl.float32) + 1.0
     if PRO != 0:
         part = tl.zeros((RB, CH), tl.float32)
-        for u0 in range(0, U, CH):
+        for u0 in tl.range(0, U, CH, num_stages=3):
             u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
             a = _pro_in(X, sxm, G, sgm, rm, k, valid, K, PRO)
             part += a * a
         r = (1.0 / tl.sqrt(tl.sum(part, 1) / K + eps_model))[:, None]
     ss = tl.zeros((RB, CH), tl.float32)
     mx = tl.zeros((RB, CH), tl.float32)
-    for u0 in range(0, U, CH):
+    for u0 in tl.range(0, U, CH, num_stages=3):
         u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
         v = _pro_v(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, rm, k, valid, K, r, WRITE_STATE, PRO, HAS_LB, DT, USE_ASM)
         bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
@@ -619,7 +620,7 @@ def _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ8, SX, SUMX, K, P, P
     r2 = (1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps_bl))[:, None]
     sx = tl.math.div_rn(127.0, tl.maximum(tl.max(mx, 1)[:, None] * r2, 1e-5))
     qs = tl.zeros((RB, CH), tl.int32)
-    for u0 in range(0, U, CH):
+    for u0 in tl.range(0, U, CH, num_stages=3):
         u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
         v = _pro_v(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, rm, k, valid, K, r, False, PRO, HAS_LB, DT, USE_ASM)
         bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
