@@ -3,9 +3,9 @@
 Compiles ``kernels.ternary_gemm``'s decode kernels with the installed Triton for ``--arch`` (default sm_90a,
 Hopper), as the JIT specialises them for the decoder's shapes (pointers and row strides divisible by 16),
 and runs the ``ptxas`` that Triton bundles with ``-v`` on the PTX: registers per thread, bytes of spill
-stores, shared memory, PTX instructions. No GPU is needed, so a kernel change can be checked for spills, and for code that
-a refactor changed, before a GPU session (the figures in ``bench/results/EXPERIMENTS.md``'s "Built, not yet
-run on a GPU" came from this). Variants (``--variants``):
+stores, shared memory, PTX instructions. No GPU is needed, so a kernel change can be checked for spills,
+and for code that a refactor changed, before a GPU session (the figures in ``bench/results/EXPERIMENTS.md``'s
+"Built, not yet run on a GPU" came from this). Variants (``--variants``):
 
 * ``default`` — ``_gemm_kernel`` as the pre-pass path launches it;
 * ``early`` — with the weights a block ahead (``EARLY_WEIGHTS``; schedules ``_ahead_fits`` allows);
@@ -129,9 +129,11 @@ def main(argv=None) -> int:
                                  description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} "
                     "(default: all)")
-    ap.add_argument("--rows", default="16,64", help="row counts whose candidate schedules are compiled (default: 16,64)")
+    ap.add_argument("--rows", default="16,64",
+                    help="row counts whose candidate schedules are compiled (default: 16,64)")
     ap.add_argument("--max-schedules", type=int, default=4, help="first N candidates per row count (default: 4)")
-    ap.add_argument("--epilogues", default="store,glu", help="store, residual, glu, comma-separated (default: store,glu)")
+    ap.add_argument("--epilogues", default="store,glu",
+                    help="store, residual, glu, comma-separated (default: store,glu)")
     ap.add_argument("--arch", default="sm_90a", help="ptxas architecture (default: sm_90a)")
     ap.add_argument("--json-out", default=None, help="JSON output (default: none)")
     args = ap.parse_args(argv)

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_NORM, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
-                           Scratch, _epilogue, _mlgru_gates, _num_sm, _quant_row, _rint, _silu, _to,
+from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_NORM, PRO_PLAIN, QUANT_MAX_CHUNKS,
+                           QUANT_PROGRAMS, Scratch, _epilogue, _mlgru_gates, _num_sm, _quant_row, _rint, _silu, _to,
                            gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights, use_pdl)
 
 
@@ -89,7 +89,8 @@ class NextPrePass:
         assert pro == PRO_PLAIN or bit_norm is not None and pro in (PRO_NORM, PRO_MLGRU), \
             "NextPrePass: the plain prologue (from row statistics), or the norm / MLGRU ones with bit_norm"
         self.scratch, self.pro, self.bit_norm, self.norm_weight = scratch, pro, bit_norm, norm_weight
-        self.s_in, self.s_out, self.lower_bound, self.eps_model, self.eps_bl = s_in, s_out, lower_bound, eps_model, eps_bl
+        self.s_in, self.s_out, self.lower_bound = s_in, s_out, lower_bound
+        self.eps_model, self.eps_bl = eps_model, eps_bl
         self.fixed_chunks = chunks
         self.bar = bar if bar is not None else torch.zeros(2, dtype=torch.int32, device=scratch.xq.device)
 
@@ -121,8 +122,8 @@ class NextPrePass:
         """The ``_gemm_kernel`` arguments for a launch of ``programs`` programs (``a``: ``_launch``'s)."""
         sc = self.scratch
         out = a["out"]
-        kw = dict(QXQ=sc.xq, QXQ8=sc.xq.view(torch.int8), QSX=sc.sx, QSUMX=sc.sumx, QRED=sc.red, QP=packed_bytes(a["n"]),
-                  QPW=sc.pw, eps_q=float(self.eps_bl), BAR=self.bar, NEXTQ=True, QPRO=self.pro,
+        kw = dict(QXQ=sc.xq, QXQ8=sc.xq.view(torch.int8), QSX=sc.sx, QSUMX=sc.sumx, QRED=sc.red,
+                  QP=packed_bytes(a["n"]), QPW=sc.pw, eps_q=float(self.eps_bl), BAR=self.bar, NEXTQ=True, QPRO=self.pro,
                   NTB=triton.next_power_of_2(max(nt, 1)), SPIN=not INTERPRET)
         if self.pro == PRO_PLAIN:
             nchq = self.chunks(a["m"], programs)
@@ -132,7 +133,8 @@ class NextPrePass:
             sc.nch = 1
             rb = self.rows_per_item(a["m"], programs)
             kw.update(QNW=self.norm_weight if self.norm_weight is not None else self.bit_norm, QBWN=self.bit_norm,
-                      QS_IN=self.s_in if self.s_in is not None else out, QS_OUT=self.s_out if self.s_out is not None else out,
+                      QS_IN=self.s_in if self.s_in is not None else out,
+                      QS_OUT=self.s_out if self.s_out is not None else out,
                       QLB=self.lower_bound if self.lower_bound is not None else out, eps_qm=float(self.eps_model),
                       QHAS_LB=self.lower_bound is not None, NSEGQ=self.nseg, RB=rb,
                       CH=_pro_chunk(rb, self.pro, nw, 4 * sc.pw))

@@ -113,7 +113,8 @@ class GraphDecoder:
     # norm's, the down GEMM the next layer's or the LM head's); False: never. Off until measured on a GPU
     FUSED_QUANT = {"down": "down", "all": "all"}.get(os.environ.get("MMF_FUSED_QUANT", "0"), False)
 
-    SWITCHES = {"MMF_PROLOGUE_GEMM": ("0", "1"), "MMF_EARLY_WEIGHTS": ("0", "1"), "MMF_FUSED_QUANT": ("0", "down", "all")}
+    SWITCHES = {"MMF_PROLOGUE_GEMM": ("0", "1"), "MMF_EARLY_WEIGHTS": ("0", "1"),
+                "MMF_FUSED_QUANT": ("0", "down", "all")}
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
