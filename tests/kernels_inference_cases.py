@@ -739,6 +739,10 @@ def test_graph_decoder_with_fused_quant(mode, monkeypatch):
     if mode == "all":
         n_prefill = 4 * 2 + 1  # the prefill's pre-passes, then one per step: the first i/f/g projection's
         assert len(calls) == n_prefill + 2
+    # every fused GEMM's last program to arrive set the shared barrier's count back to 0 and moved the
+    # generation on (a wrong program count would leave the count off 0: on a GPU, a hang)
+    per_step = 4 * 2 if mode == "all" else 2
+    assert dec._bar[0].item() == 0 and dec._bar[1].item() == 2 * per_step
     for rs in ("never", "always"):
         res = _decoder_pair(model, 3, dict(FUSED_QUANT=mode, ROW_STATS=rs), {}, steps=2)
         assert res["greedy_same_vs_without"] == "6/6" and res["greedy_same_vs_eager"] == "6/6", rs
