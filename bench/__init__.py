@@ -6,6 +6,7 @@ from mmf._toplevel import defer_bare_import as _defer_bare_import
 
 _defer_bare_import(globals())  # imported as a top-level `bench` from the repository root: see mmf/_toplevel.py
 
+import contextlib
 import json
 import os
 import sys
@@ -77,3 +78,18 @@ def mmf_preset_or_none(prog: str, option: str, name: str):
         print(f"{prog}: {option} {name}: MatMul-free presets only (370m, 1.3b, 2.7b, 13b)", file=sys.stderr)
         return None
     return cfg
+
+
+@contextlib.contextmanager
+def overridden(settings: dict):
+    """Set each ``(object, attribute) -> value`` of ``settings`` (module or class switches of a benchmark's
+    variant) for the ``with`` block, and restore the values they had after it, in reverse order."""
+    saved = []
+    try:
+        for (obj, attr), value in settings.items():
+            saved.append((obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, value)
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)

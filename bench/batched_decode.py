@@ -20,13 +20,12 @@ Prints a table; the JSON is rewritten after every measurement.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 
 import torch
 
-from mmf.bench import mmf_preset_or_none, write_json
+from mmf.bench import mmf_preset_or_none, overridden, write_json
 from mmf.bench.model_variants import build_mmf_random
 from mmf.config import model_preset
 
@@ -52,24 +51,17 @@ VARIANTS = {
 }
 
 
-@contextlib.contextmanager
 def variant(name: str):
-    """Set the attributes of the ``+``-joined ``VARIANTS`` ``name``, restore them after."""
+    """A context that sets the attributes of the ``+``-joined ``VARIANTS`` ``name`` and restores them after."""
     import importlib
 
-    saved = []
-    try:
-        for part in name.split("+"):
-            for (where, attr), value in VARIANTS[part].items():
-                mod, _, cls = where.partition(":")
-                obj = importlib.import_module(mod)
-                obj = getattr(obj, cls) if cls else obj
-                saved.append((obj, attr, getattr(obj, attr)))
-                setattr(obj, attr, value)
-        yield
-    finally:
-        for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
+    settings = {}
+    for part in name.split("+"):
+        for (where, attr), value in VARIANTS[part].items():
+            mod, _, cls = where.partition(":")
+            obj = importlib.import_module(mod)
+            settings[(getattr(obj, cls) if cls else obj, attr)] = value
+    return overridden(settings)
 
 
 def step_ms(dec, steps, reps=3):

@@ -94,17 +94,16 @@ def _switch_timings(row, cfg, pair_us, launch, pool, x, nw, sw, out, resid, m, k
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
+    from mmf.bench import overridden
+
     launch(cfg, pool[-1])()
     want = out.clone()
     row.update(early_pair_us=None, early_equal=None, pro_us=None, pro_max_rel_err=None)
     if tg._ahead_fits(cfg, epi):
-        tg.EARLY_WEIGHTS = True
-        try:
+        with overridden({(tg, "EARLY_WEIGHTS"): True}):
             row["early_pair_us"] = pair_us()
             launch(cfg, pool[-1])()
             row["early_equal"] = bool(torch.equal(out, want))
-        finally:
-            tg.EARLY_WEIGHTS = False
     if 2 <= m <= tg.PRO_GEMM_MAX_ROWS:
         pc = cfg if tg._ahead_fits(cfg, epi) else next(c for c in tg._gemm_configs(m) if tg._ahead_fits(c, epi))
         sc2 = tv.Scratch(nseg, m, k, out.device)

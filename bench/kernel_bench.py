@@ -249,9 +249,11 @@ def _wide_model():
 
 def _decoder_pair(model, batch, first: dict, second: dict, steps: int = 8) -> dict:
     """Two ``GraphDecoder``s built under ``first`` / ``second`` (GraphDecoder attribute, or "tg.NAME" for a
-    ``ternary_gemm`` one -> value; those stay set while the pair runs), fed the eager model's greedy tokens: their
+    ``ternary_gemm`` one -> value; set while each is built, whose CUDA graph keeps them), fed the eager model's
+    greedy tokens: their
     logits against each other and against the eager model, greedy tokens agreeing, and the first's
     ``row_stats_errors``."""
+    from mmf.bench import overridden
     from mmf.decode_graph import GraphDecoder
     from mmf.kernels import ternary_gemm as tg
 
@@ -260,16 +262,8 @@ def _decoder_pair(model, batch, first: dict, second: dict, steps: int = 8) -> di
 
     decs = []
     for settings in (first, second):
-        saved = {k: getattr(*where(k)) for k in settings}
-        try:
-            for k, v in settings.items():
-                setattr(*where(k), v)
-            dec = GraphDecoder(model, batch)
-            dec.settings = settings
-            decs.append(dec)
-        finally:
-            for k, v in saved.items():
-                setattr(*where(k), v)
+        with overridden({where(k): v for k, v in settings.items()}):
+            decs.append(GraphDecoder(model, batch))
     a, b = decs
     ids = torch.randint(3, model.config.vocab_size, (batch, 9), device=a.device)
     la, lb = a.prefill(ids).clone(), b.prefill(ids).clone()
@@ -312,12 +306,11 @@ def check_pre_pass_fusions(quick: bool):
     for the down projection after a grid barrier: a hang here means a schedule whose programs were not all
     resident) and "all" (every GEMM quantising the next input) within rounding flips (the same model at batch
     4, 16 and 64)."""
-    from mmf.kernels import ternary_gemm as tg
+    from mmf.bench import overridden
     from mmf.kernels import ternary_gemv as tv
 
-    out, saved = [], tv.TUNE
-    tv.TUNE = False
-    try:
+    out = []
+    with overridden({(tv, "TUNE"): False}):
         torch.manual_seed(5)
         model = _random_frozen(MMFConfig(vocab_size=1003, hidden_size=1024, num_hidden_layers=2,
                                          intermediate_size=2816), "cuda")
@@ -339,8 +332,6 @@ def check_pre_pass_fusions(quick: bool):
             res = _decoder_pair(model, batch, dict(FUSED_QUANT=mode), {})
             out.append(dict(op=f"GraphDecoder FUSED_QUANT {mode}", path="graph", dtype="float32",
                             shape=f"batch {batch}, d 4096, L 2, 8 steps", **res))
-    finally:
-        tv.TUNE = saved
     return out
 
 
@@ -351,21 +342,19 @@ def check_row_stats(quick: bool):
     16 and whole rows at batch 4 and 64: the statistics against torch (``row_stats_errors``), and the logits of
     decoders with and without them, fed the eager model's greedy tokens, against each other (the same
     arithmetic but for fp32 summation order: rounding flips) and against the eager model."""
+    from mmf.bench import overridden
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
     model = _wide_model()
-    out, saved = [], (tv.TUNE, tg.QUANT_SPLIT_MIN_K)
-    tv.TUNE = False
-    try:
+    out = []
+    with overridden({(tv, "TUNE"): False}):
         for batch, rows in ((4, "split"), (4, "whole")) if quick else ((4, "split"), (16, "split"), (4, "whole"),
                                                                       (64, "whole")):
-            tg.QUANT_SPLIT_MIN_K = saved[1] if rows == "split" else 1 << 30
-            res = _decoder_pair(model, batch, dict(ROW_STATS="always"), dict(ROW_STATS="never"))
+            with overridden({(tg, "QUANT_SPLIT_MIN_K"): tg.QUANT_SPLIT_MIN_K if rows == "split" else 1 << 30}):
+                res = _decoder_pair(model, batch, dict(ROW_STATS="always"), dict(ROW_STATS="never"))
             out.append(dict(op="GraphDecoder row statistics", path="graph", dtype="float32",
                             shape=f"batch {batch}, d 4096, L 2, 8 steps, {rows} pre-pass rows", **res))
-    finally:
-        tv.TUNE, tg.QUANT_SPLIT_MIN_K = saved
     return out
 
 

@@ -21,8 +21,9 @@ by default until a GPU run measures them (``bench/results/EXPERIMENTS.md``): ``E
 loads its first weight block before it waits for the pre-pass and each next block a block ahead;
 ``gemm_pro``, the GEMV's call for 2-16 rows on the tensor cores, whose every program quantises all rows
 itself (``_quant_rows``), so that no pre-pass kernel runs (``GraphDecoder.PROLOGUE_GEMM``); and
-``gemm(next_quant=)``, a GEMM whose programs, after a grid barrier, quantise its output for the next plain
-projection from the row statistics their epilogues left (``NextPrePass``, ``GraphDecoder.FUSED_QUANT``).
+``gemm(next_quant=)``, a GEMM whose programs, after a grid barrier, quantise its output for the next
+projection: the plain pre-pass from the row statistics their epilogues left, the block-norm and MLGRU ones
+a row group per program (``NextPrePass``, ``GraphDecoder.FUSED_QUANT``).
 
 Many rows (``INT_MM_MIN_ROWS`` and more, a long prompt or a large batch of prompts): the product is
 compute-bound, and unpacking codes in registers costs tensor-core time. The other path unpacks each
@@ -761,7 +762,9 @@ def _ahead_fits(cfg, epi) -> bool:
     return (bm <= 16 and epi != EPI_GLU) or block <= EARLY_MAX_BLOCK
 
 
-def _launch(cfg, a):
+def _split_grid(cfg, a, unused):
+    """(tiles, K parts, bytes per part, split-K workspace, counters) of schedule ``cfg`` for launch arguments
+    ``a`` (m, n, p, nseg, epi, out); without split-K, ``unused`` stands for the workspace (never read)."""
     bm, bn, bk = cfg[:3]
     split, ks = split_parts(a["p"], bk, cfg[6] if len(cfg) > 6 else 1)
     tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
@@ -769,7 +772,13 @@ def _launch(cfg, a):
         ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
                                 a["nseg"] * tiles, a["out"].device)
     else:
-        ws, ctr = a["sumx"], a["sumx"]  # not read
+        ws = ctr = unused
+    return tiles, split, ks, ws, ctr
+
+
+def _launch(cfg, a):
+    tiles, split, ks, ws, ctr = _split_grid(cfg, a, a["sumx"])
+    bn = cfg[1]
     st, ssw, stats = a.get("stats"), a.get("stats_w"), 0
     if st is not None:
         stats = 2 if ssw is not None else 1
@@ -955,18 +964,13 @@ def prologue_fits(m: int, k: int) -> bool:
 def _pro_launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
-    split, ks = split_parts(a["p"], bk, cfg[6] if len(cfg) > 6 else 1)
-    tiles = triton.cdiv(a["n"], bn)
-    if split > 1:
-        ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
-                                a["nseg"] * tiles, a["out"].device)
-    else:
-        ws, ctr = a["sc"].sumx, a["sc"].sumx  # not read
+    sc = a["scratch"]
+    tiles, split, ks, ws, ctr = _split_grid(cfg, a, sc.sumx)
     rb = triton.next_power_of_2(a["m"])
     ch = _pro_chunk(rb, a["pro"], nw, a["pb"])
     _gemm_pro_kernel[(tiles * split, a["nseg"])](
         a["x"], a["sxm"], a["g"], a["sgm"], a["s_in"], a["s_out"], a["lb"], a["nw"], a["bwn"], a["eps_model"],
-        a["eps_bl"], a["sc"].xq.view(torch.int8), a["sc"].sx, a["sc"].sumx, a["w"][0], a["w"][1], a["w"][2],
+        a["eps_bl"], sc.xq.view(torch.int8), sc.sx, sc.sumx, a["w"][0], a["w"][1], a["w"][2],
         a["sw"], a["out"], a["res"], a["so_m"], a["sr_m"], a["m"], a["n"], a["k"], a["p"], a["pb"], ws, ctr, ks,
         PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=not INTERPRET,
         SWAP=swap, PDL=a["pdl"], SPLIT=split, RB=rb, CH=ch, num_warps=nw, num_stages=ns,
@@ -983,7 +987,7 @@ def gemm_pro(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE,
 
     ``tune_pool``: other weight lists of the same shapes, for the first call's schedule timing in a CUDA
     graph of launches cycling through them (as the decoder runs them)."""
-    from .ternary_gemv import chain_launches, chain_ms
+    from .ternary_gemv import chain_time, prologue_args
 
     m = out.shape[0]
     nseg = len(weights)
@@ -994,25 +998,19 @@ def gemm_pro(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE,
     n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
     scratch = scratch if scratch is not None else Scratch(nseg, m, k, x.device)
     scratch.nch = 1  # sum(xq) whole, in SUMX
-    dummy = out
-    a = dict(x=x, sxm=x.stride(0), g=g if g is not None else dummy, sgm=g.stride(0) if g is not None else 0,
-             s_in=s_in if s_in is not None else dummy, s_out=s_out if s_out is not None else dummy,
-             lb=lower_bound if lower_bound is not None else dummy,
-             nw=norm_weight if norm_weight is not None else bit_norm, bwn=bit_norm, eps_model=float(eps_model),
-             eps_bl=float(eps_bl), sc=scratch, w=_byte_operands(weights), sw=scales, out=out,
-             res=residual if residual is not None else dummy, so_m=out.stride(0),
-             sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, k=k, p=packed_bytes(k),
-             pb=4 * scratch.pw, nseg=nseg, pro=pro, epi=epi, has_lb=lower_bound is not None,
-             pdl=use_pdl(out.device))
+    a = dict(prologue_args(x, bit_norm, out, norm_weight=norm_weight, g=g, s_in=s_in, s_out=s_out,
+                           lower_bound=lower_bound, residual=residual, eps_model=eps_model, eps_bl=eps_bl),
+             scratch=scratch, w=_byte_operands(weights), sw=scales, m=m, n=n, k=k, p=packed_bytes(k),
+             pb=4 * scratch.pw, nseg=nseg, pro=pro, epi=epi, pdl=use_pdl(out.device))
     cands = [c for c in _gemm_configs(16) if _ahead_fits(c, epi)]
     key = ("pro", triton.next_power_of_2(m), n, k, nseg, pro, epi, str(out.dtype))
     time_of = None
     if tune_pool is not None and len(tune_pool) >= 2 and config is None and key not in _TUNED:
         pool = [_byte_operands(w) for w in tune_pool]
-        launches = chain_launches(n * a["p"] * nseg * (2 if epi == EPI_GLU else 1))
+        nbytes = n * a["p"] * nseg * (2 if epi == EPI_GLU else 1)
 
         def time_of(c):
-            return chain_ms([lambda w=pool[i % len(pool)]: _pro_launch(c, dict(a, w=w)) for i in range(launches)])
+            return chain_time(_pro_launch, c, a, pool, nbytes)
     cfg = config or _tuned("gemm_pro", key, cands, lambda c: _pro_launch(c, dict(a, pdl=False)), out, time_of)
     _pro_launch(cfg, a)
     return out
