@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -189,5 +190,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
+    # tokenizers trains in Rust with the GIL released, where a Ctrl-C would wait for the training to end
+    # (minutes on a large corpus): train in a daemon thread and keep the main thread free to take the signal
+    failed = []
+
+    def train():
+        try:
+            tok.train_from_iterator(texts, trainer)
+        except BaseException as e:  # re-raised in the caller's thread
+            failed.append(e)
+
+    worker = threading.Thread(target=train, name="mmf-bpe-train", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if failed:
+        raise failed[0]
     return HFTokenizer(tok, bos_id=1, eos_id=2)

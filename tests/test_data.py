@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -127,3 +130,31 @@ def test_messages_name_the_running_commands_data_and_option(tmp_path):
     assert "delete" not in str(e.value)
     with pytest.raises(MMFError, match="; delete it to rebuild it$"):
         load_saved_tokenizer(tmp_path, fix="delete it to rebuild it")
+
+
+def test_ctrl_c_during_bpe_training_stops_it_at_once(tmp_path):
+    """tokenizers trains in Rust with the main thread blocked outside Python, where a Ctrl-C waited for the
+    whole training (seconds to minutes): train_bpe keeps the main thread free, so it stops within a second."""
+    script = f"""
+import sys, time
+from pathlib import Path
+from mmf import corpus
+from mmf.data import iter_text
+from mmf.tokenizer import train_bpe
+p = Path({str(tmp_path / 'c.txt')!r})
+corpus.write_corpus(p, 40_000_000, 0)
+print("ready", flush=True)
+t0 = time.time()
+try:
+    train_bpe(iter_text([p]), vocab_size=4096)
+    print("finished", time.time() - t0, flush=True)
+except KeyboardInterrupt:
+    print("interrupted", time.time() - t0, flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    what, seconds = out.split()
+    assert what == "interrupted" and float(seconds) < 1.5, (out, err)

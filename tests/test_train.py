@@ -453,9 +453,12 @@ def test_ctrl_c_while_the_corpus_is_written_cleans_up_and_says_so(tmp_path):
                              "--set", "data.builtin_bytes=500000000", "--set", f"data.cache_dir={cache}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (cache.is_dir() and any(p.name.startswith(".corpus") for p in cache.iterdir())):
-        time.sleep(0.05)
-    time.sleep(0.3)
+
+    def writing():  # the corpus's temporary file exists and holds text
+        return cache.is_dir() and any(p.name.startswith(".corpus") and p.stat().st_size for p in cache.iterdir())
+
+    while time.time() < deadline and not writing():
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr
