@@ -11,8 +11,7 @@ tokens against the eager model at batch 1, 2 and 6 (``kernel_bench.check_decoder
 ``--fixed-schedules`` skips tuning (first candidate schedules): an A/B of two kernel versions in two such
 runs compares the kernels, not the tuner's luck, and costs seconds per build instead of a minute.
 ``--variants`` times each batch under several decoder choices in one process (``VARIANTS``, joined with
-``+``), e.g. ``--variants default,no-row-stats,split-rows``; with any variant but ``default`` the checks
-also compare the decode switches against the default decoder (``kernel_bench.check_pre_pass_fusions``).
+``+``), e.g. ``--variants default,no-row-stats,split-rows``.
 
 Prints a table; the JSON is rewritten after every measurement.
 """
@@ -38,16 +37,6 @@ VARIANTS = {
     "whole-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 1 << 30},  # pre-pass rows never split
     "split-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 0,  # split at every width and batch
                    ("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MAX_ROWS"): 64},
-    # batch 2-16: rows quantised in every GEMM program where they fit (ternary_gemm.prologue_fits), no pre-pass
-    "prologue-gemm": {("mmf.decode_graph:GraphDecoder", "PROLOGUE_GEMM"): True},
-    "prologue-gemm-all": {("mmf.decode_graph:GraphDecoder", "PROLOGUE_GEMM"): True,  # every projection
-                          ("mmf.kernels.ternary_gemm", "PRO_GEMM_MAX_ELEMS"): 1 << 30},
-    # each gate/up GEMM quantises its output for the down projection (no down pre-pass kernel)
-    "fused-down": {("mmf.decode_graph:GraphDecoder", "FUSED_QUANT"): "down"},
-    # every GEMM quantises the next projection's input (a step's only pre-pass: the first i/f/g one)
-    "fused-all": {("mmf.decode_graph:GraphDecoder", "FUSED_QUANT"): "all"},
-    # the pre-pass path's GEMM loads its weights a block ahead, the first before its wait for the pre-pass
-    "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
 }
 
 
@@ -145,7 +134,7 @@ def main(argv=None) -> int:
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
-    from mmf.bench.kernel_bench import check_decoder, check_pre_pass_fusions, check_row_stats, row_stats_errors
+    from mmf.bench.kernel_bench import check_decoder, check_row_stats, row_stats_errors
     from mmf.decode_graph import GraphDecoder
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -163,7 +152,7 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, results)
 
-    print(f"{'size':>6} {'batch':>5} {'path':>14} {'variant':>18} {'ms/step':>8} {'x batch1':>8} {'tok/s':>9} "
+    print(f"{'size':>6} {'batch':>5} {'path':>10} {'variant':>14} {'ms/step':>8} {'x batch1':>8} {'tok/s':>9} "
           f"{'build s':>7}", flush=True)
     for size in args.sizes.split(","):
         cfg = model_preset(size)
@@ -176,9 +165,7 @@ def main(argv=None) -> int:
                     t0 = time.time()
                     with variant(var):
                         dec = GraphDecoder(model, b, gemv=None if path is None else path == "gemv")
-                    kind = "gemv" if dec.gemv_path else ("gemm-pro" if dec.pro_gemm else "gemm")
-                    if dec.fused_quant:  # the FUSED_QUANT mode the decoder could take on this GPU
-                        kind += f"+fq-{dec.fused_quant}"
+                    kind = "gemv" if dec.gemv_path else "gemm"
                     build = time.time() - t0
                     ms = step_ms(dec, args.steps)
                     if b == 1 and kind == "gemv" and base is None:
@@ -187,7 +174,7 @@ def main(argv=None) -> int:
                     row = dict(size=size, batch=b, path=kind, variant=var, ms_per_step=ms, ratio_to_batch1=ratio,
                                tokens_per_s=b * 1e3 / ms, build_s=build, bytes_per_step=dec.bytes_per_token())
                     results["rows"].append(row)
-                    print(f"{size:>6} {b:>5} {kind:>14} {var:>18} {ms:8.3f} {ratio:8.2f} {b * 1e3 / ms:9.0f} "
+                    print(f"{size:>6} {b:>5} {kind:>10} {var:>14} {ms:8.3f} {ratio:8.2f} {b * 1e3 / ms:9.0f} "
                           f"{build:7.1f}", flush=True)
                     if dec.row_stats:  # the statistics the timed steps left, on the tuned schedules
                         row["row_stats_check"] = row_stats_errors(dec)
@@ -203,8 +190,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     save()
     if not args.no_checks:
-        fusions = check_pre_pass_fusions(quick=False) if any(v != "default" for v in variants) else []
-        for r in check_decoder(quick=False) + check_row_stats(quick=False) + fusions:
+        for r in check_decoder(quick=False) + check_row_stats(quick=False):
             print(r, flush=True)
             results["checks"].append(r)
         save()

@@ -6,9 +6,7 @@ gate/up GLU pair, down with the residual) and each batch in ``--rows``: every ca
 launches over ``--pool`` distinct weight sets (no L2 reuse; programmatic dependent launch where the GPU
 has it), its output compared bit for bit with the first schedule's; then, for the fastest schedule, the
 quantisation pre-pass alone in the same kind of chain, and (pre-pass, GEMM) pairs, the unit a decode step
-repeats four times per layer; at that schedule also the pair with the weights a block ahead
-(``ternary_gemm.EARLY_WEIGHTS``) and, up to 16 rows, the GEMM that quantises its rows itself
-(``ternary_gemm.gemm_pro``) alone. Beside each time, the floor: the projection's packed weight bytes at
+repeats four times per layer. Beside each time, the floor: the projection's packed weight bytes at
 ``--bandwidth``.
 
     python -m mmf.bench.decode_gemm_chain --size 13b --rows 4,16 --json-out F
@@ -74,47 +72,14 @@ def measure_shape(name, nseg, n, k, epi, rows, pool_size, bandwidth, d, gen, dev
         def pre():
             tg.quantize(x, nw, sc, nseg=nseg, chunks=chunks)
 
-        def pair_us():
-            return 2 * tv.chain_ms(_pair_chain([pre] * (2 * pool_size), [launch(cfg, w) for w in pool] * 2)) * 1e3
-
         row.update(best=best, best_us=timed[best]["us"],
                    best_unsplit_us=min(v["us"] for c, v in timed.items() if c.count(",") < 6),
-                   quant_us=tv.chain_ms([pre] * (2 * pool_size)) * 1e3, pair_us=pair_us(),
+                   quant_us=tv.chain_ms([pre] * (2 * pool_size)) * 1e3,
+                   pair_us=2 * tv.chain_ms(_pair_chain([pre] * (2 * pool_size), [launch(cfg, w) for w in pool] * 2))
+                   * 1e3,
                    all_equal=all(v["equal"] for v in timed.values()))
-        _switch_timings(row, cfg, pair_us, launch, pool, x, nw, sw, out, resid, m, k, epi, nseg, pool_size)
         out_rows.append(row)
     return out_rows
-
-
-def _switch_timings(row, cfg, pair_us, launch, pool, x, nw, sw, out, resid, m, k, epi, nseg, pool_size):
-    """At the pair's schedule: the pair with ``ternary_gemm.EARLY_WEIGHTS`` (and whether its output is the
-    plain loop's, bit for bit; None where the schedule keeps the plain loop), and up to 16 rows the GEMM that
-    quantises its own rows (``gemm_pro``, no pre-pass) alone, with its output's largest relative row error
-    against the pair's (rounding flips of the int8 values)."""
-    from mmf.kernels import ternary_gemm as tg
-    from mmf.kernels import ternary_gemv as tv
-
-    from mmf.bench import overridden
-
-    launch(cfg, pool[-1])()
-    want = out.clone()
-    row.update(early_pair_us=None, early_equal=None, pro_us=None, pro_max_rel_err=None)
-    if tg._ahead_fits(cfg, epi):
-        with overridden({(tg, "EARLY_WEIGHTS"): True}):
-            row["early_pair_us"] = pair_us()
-            launch(cfg, pool[-1])()
-            row["early_equal"] = bool(torch.equal(out, want))
-    if 2 <= m <= tg.PRO_GEMM_MAX_ROWS:
-        pc = cfg if tg._ahead_fits(cfg, epi) else next(c for c in tg._gemm_configs(m) if tg._ahead_fits(c, epi))
-        sc2 = tv.Scratch(nseg, m, k, out.device)
-
-        def pro(w):
-            return lambda: tg.gemm_pro(x, w, sw, nw, out, epi=epi, residual=resid, k=k, scratch=sc2, config=pc)
-
-        row["pro_us"] = tv.chain_ms([pro(w) for w in pool] * 2) * 1e3
-        pro(pool[-1])()
-        err = (out.float() - want.float()).norm(dim=-1) / want.float().norm(dim=-1)
-        row["pro_max_rel_err"] = err.max().item()
 
 
 def main(argv=None) -> int:
@@ -160,14 +125,10 @@ def main(argv=None) -> int:
         if args.json_out:
             write_json(args.json_out, res)
         print(f"[{shape[0]} done, {time.time() - t0:.0f} s]", flush=True)
-    def us(v):
-        return "-" if v is None else f"{v:.2f}"
-
-    table = [[r["shape"], r["m"], us(r["floor_us"]), us(r["best_us"]), r["best"], us(r["best_unsplit_us"]),
-              us(r["quant_us"]), us(r["pair_us"]), us(r["early_pair_us"]), us(r["pro_us"]),
-              "yes" if r["all_equal"] and r["early_equal"] is not False else "NO"] for r in res["rows"]]
+    table = [[r["shape"], r["m"], f"{r['floor_us']:.2f}", f"{r['best_us']:.2f}", r["best"], f"{r['best_unsplit_us']:.2f}",
+              f"{r['quant_us']:.2f}", f"{r['pair_us']:.2f}", "yes" if r["all_equal"] else "NO"] for r in res["rows"]]
     print(tabulate(table, headers=["shape", "rows", "floor us", "GEMM us", "schedule", "unsplit us", "pre-pass us",
-                                   "pair us", "early pair us", "pro GEMM us", "bit-equal"]))
+                                   "pair us", "bit-equal"]))
     return 0
 
 

@@ -248,21 +248,15 @@ def _wide_model():
 
 
 def _decoder_pair(model, batch, first: dict, second: dict, steps: int = 8) -> dict:
-    """Two ``GraphDecoder``s built under ``first`` / ``second`` (GraphDecoder attribute, or "tg.NAME" for a
-    ``ternary_gemm`` one -> value; set while each is built, whose CUDA graph keeps them), fed the eager model's
-    greedy tokens: their
-    logits against each other and against the eager model, greedy tokens agreeing, and the first's
-    ``row_stats_errors``."""
+    """Two ``GraphDecoder``s built under ``first`` / ``second`` (GraphDecoder attribute -> value; set while
+    each is built, whose CUDA graph keeps them), fed the eager model's greedy tokens: their logits against
+    each other and against the eager model, greedy tokens agreeing, and the first's ``row_stats_errors``."""
     from mmf.bench import overridden
     from mmf.decode_graph import GraphDecoder
-    from mmf.kernels import ternary_gemm as tg
-
-    def where(key):
-        return (tg, key[3:]) if key.startswith("tg.") else (GraphDecoder, key)
 
     decs = []
     for settings in (first, second):
-        with overridden({where(k): v for k, v in settings.items()}):
+        with overridden({(GraphDecoder, k): v for k, v in settings.items()}):
             decs.append(GraphDecoder(model, batch))
     a, b = decs
     ids = torch.randint(3, model.config.vocab_size, (batch, 9), device=a.device)
@@ -294,45 +288,6 @@ def _decoder_pair(model, batch, first: dict, second: dict, steps: int = 8) -> di
     del decs, a, b
     torch.cuda.empty_cache()
     return res
-
-
-def check_pre_pass_fusions(quick: bool):
-    """The decode switches that remove or overlap the pre-pass work, each against the default decoder on the
-    same model, fed the eager model's greedy tokens (``_decoder_pair``; first schedules, no tuning):
-    ``GraphDecoder.PROLOGUE_GEMM`` (``ternary_gemm.gemm_pro``: the rows quantised in every GEMM program; a
-    1024-wide, 2-layer fp32 model at batch 2, 4 and 16, and at 16 with every projection on it) within rounding
-    flips of the default, ``ternary_gemm.EARLY_WEIGHTS`` (weights a block ahead) bit for bit the default (the
-    4096-wide model at batch 4 and 64), and ``GraphDecoder.FUSED_QUANT`` "down" (the gate/up GEMM quantising v
-    for the down projection after a grid barrier: a hang here means a schedule whose programs were not all
-    resident) and "all" (every GEMM quantising the next input) within rounding flips (the same model at batch
-    4, 16 and 64)."""
-    from mmf.bench import overridden
-    from mmf.kernels import ternary_gemv as tv
-
-    out = []
-    with overridden({(tv, "TUNE"): False}):
-        torch.manual_seed(5)
-        model = _random_frozen(MMFConfig(vocab_size=1003, hidden_size=1024, num_hidden_layers=2,
-                                         intermediate_size=2816), "cuda")
-        for batch, wide in ((2, False), (16, True)) if quick else ((2, False), (4, False), (16, False), (16, True)):
-            on = dict(PROLOGUE_GEMM=True, **({"tg.PRO_GEMM_MAX_ELEMS": 1 << 30} if wide else {}))
-            res = _decoder_pair(model, batch, on, {})
-            out.append(dict(op="GraphDecoder PROLOGUE_GEMM", path="graph", dtype="float32",
-                            shape=f"batch {batch}, d 1024, L 2, 8 steps, "
-                                  f"{'every projection' if wide else 'projections that fit'}", **res))
-        del model
-        model = _wide_model()
-        for batch in (4,) if quick else (4, 64):
-            res = _decoder_pair(model, batch, {"tg.EARLY_WEIGHTS": True}, {})
-            out.append(dict(op="GraphDecoder EARLY_WEIGHTS", path="graph", dtype="float32",
-                            shape=f"batch {batch}, d 4096, L 2, 8 steps", bit_equal=res["max_rel_err_vs_without"] == 0,
-                            **res))
-        for mode, batch in ((("down", 4), ("all", 4)) if quick else
-                            (("down", 4), ("down", 16), ("down", 64), ("all", 4), ("all", 16), ("all", 64))):
-            res = _decoder_pair(model, batch, dict(FUSED_QUANT=mode), {})
-            out.append(dict(op=f"GraphDecoder FUSED_QUANT {mode}", path="graph", dtype="float32",
-                            shape=f"batch {batch}, d 4096, L 2, 8 steps", **res))
-    return out
 
 
 def check_row_stats(quick: bool):

@@ -4,15 +4,12 @@ Compiles ``kernels.ternary_gemm``'s decode kernels with the installed Triton for
 Hopper), as the JIT specialises them for the decoder's shapes (pointers and row strides divisible by 16),
 and runs the ``ptxas`` that Triton bundles with ``-v`` on the PTX: registers per thread, bytes of spill
 stores, shared memory, PTX instructions. No GPU is needed, so a kernel change can be checked for spills,
-and for code that a refactor changed, before a GPU session (the figures in ``bench/results/EXPERIMENTS.md``'s
-"Built, not yet run on a GPU" came from this). Variants (``--variants``):
+and for code that a refactor changed, before a GPU session. Variants (``--variants``):
 
 * ``default`` — ``_gemm_kernel`` as the pre-pass path launches it;
-* ``early`` — with the weights a block ahead (``EARLY_WEIGHTS``; schedules ``_ahead_fits`` allows);
-* ``pro`` — ``_gemm_pro_kernel`` (``gemm_pro``) with the block-norm prologue, 16 rows;
-* ``next-plain``, ``next-norm``, ``next-mlgru`` — ``_gemm_kernel`` quantising the next input
-  (``NextPrePass``): the down pre-pass from row statistics in 4 chunks of 256 words, the i/f/g norm
-  pre-pass into 3 segments, the MLGRU step.
+* ``stats`` — with the epilogue leaving its output's row statistics (``RowStats``: sum(out²) per column
+  tile, ``STATS=1``), as where the next pre-pass splits rows;
+* ``stats-max`` — also max|out · w| (``STATS=2``), as before the down projection's pre-pass.
 
     python -m mmf.bench.kernel_compile_report --rows 16,64 --max-schedules 6 --json-out F
 
@@ -29,13 +26,10 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = ("default", "early", "pro", "next-plain", "next-norm", "next-mlgru")
+VARIANTS = ("default", "stats", "stats-max")
 # pointer arguments by name (their element types) and integer arguments the JIT sees divisible by 16
 _PTR = {"XQ": "*i8", "SX": "*fp32", "SUMX": "*i32", "RED": "*fp32", "W0": "*u8", "W1": "*u8", "W2": "*u8",
-        "SW": "*fp32", "OUT": "*bf16", "RES": "*bf16", "WS": "*i32", "CTR": "*i32", "SS": "*fp32", "SSW": "*bf16",
-        "X": "*bf16", "G": "*bf16", "S_IN": "*fp32", "S_OUT": "*fp32", "LB": "*fp32", "NW": "*bf16", "BWN": "*bf16",
-        "QXQ": "*i32", "QXQ8": "*i8", "QSX": "*fp32", "QSUMX": "*i32", "QRED": "*fp32", "BAR": "*i32", "QNW": "*bf16",
-        "QBWN": "*bf16", "QS_IN": "*fp32", "QS_OUT": "*fp32", "QLB": "*fp32"}
+        "SW": "*fp32", "OUT": "*bf16", "RES": "*bf16", "WS": "*i32", "CTR": "*i32", "SS": "*fp32", "SSW": "*bf16"}
 _FLOAT = {"eps_model", "eps_bl", "eps_q", "eps_qm"}
 _DIV16 = {"so_m", "sr_m", "P", "PB", "KS", "sxm", "sgm", "K", "QP", "QPW"}
 
@@ -97,31 +91,13 @@ def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str 
 
 
 def variant_consts(variant: str, cfg, epi: int):
-    """(kernel, constexprs) of ``variant`` at schedule ``cfg`` and epilogue ``epi``, or None where the variant
-    does not run that schedule."""
+    """(kernel, constexprs) of ``variant`` at schedule ``cfg`` and epilogue ``epi``."""
     from mmf.kernels import ternary_gemm as tg
-    from mmf.kernels import ternary_gemv as tv
 
-    bm, bn, bk, nw = cfg[:4]
-    c = dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True, SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True,
-             SPLIT=cfg[6] if len(cfg) > 6 else 1)
-    if variant in ("early", "pro") and not tg._ahead_fits(cfg, epi):
-        return None
-    if variant == "pro":
-        if bm != 16:
-            return None
-        return tg._gemm_pro_kernel, dict(c, PRO=tv.PRO_NORM, HAS_LB=False, RB=16,
-                                         CH=tg._pro_chunk(16, tv.PRO_NORM, nw, 4096))
-    base = dict(c, NCH=1, STATS=0)
-    if variant == "early":
-        return tg._gemm_kernel, dict(base, EARLY_W=True)
-    if variant == "next-plain":
-        return tg._gemm_kernel, dict(base, STATS=2, NEXTQ=True, QPRO=tv.PRO_PLAIN, NCHQ=4, QBLOCK_W=256, NTB=256)
-    if variant in ("next-norm", "next-mlgru"):
-        pro = tv.PRO_NORM if variant == "next-norm" else tv.PRO_MLGRU
-        return tg._gemm_kernel, dict(base, NEXTQ=True, QPRO=pro, QHAS_LB=pro == tv.PRO_MLGRU,
-                                     NSEGQ=3 if pro == tv.PRO_NORM else 1, RB=1, CH=tg._pro_chunk(1, pro, nw, 4096))
-    return tg._gemm_kernel, base
+    bm, bn, bk = cfg[:3]
+    return tg._gemm_kernel, dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True,
+                                 SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True, SPLIT=cfg[6] if len(cfg) > 6 else 1,
+                                 NCH=1, STATS=VARIANTS.index(variant))
 
 
 def main(argv=None) -> int:
@@ -165,8 +141,6 @@ def main(argv=None) -> int:
             for epi_name in args.epilogues.split(","):
                 for v in variants:
                     kc = variant_consts(v, cfg, epis[epi_name])
-                    if kc is None:
-                        continue
                     rep = compile_report(kc[0], kc[1], cfg[3], cfg[4], args.arch)
                     out["rows"].append(dict(rows=m, schedule=str(tuple(cfg)), epilogue=epi_name, variant=v, **rep))
                     print(out["rows"][-1], flush=True)

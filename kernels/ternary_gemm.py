@@ -16,15 +16,6 @@ on the left (``(W x^T)^T``, ``SWAP``): then the unpacked codes stay in registers
 and the activations reach the tensor cores through the pipelined shared-memory path. At 128 rows
 the second is the faster (13b prefill 8.9 vs 12.1 ms on an H100, ``bench/results/EXPERIMENTS.md``).
 
-Three switches for decode batches, built to shorten the (pre-pass, GEMM) pairs of a batched step and off
-by default until a GPU run measures them (``bench/results/EXPERIMENTS.md``): ``EARLY_WEIGHTS``, the GEMM
-loads its first weight block before it waits for the pre-pass and each next block a block ahead;
-``gemm_pro``, the GEMV's call for 2-16 rows on the tensor cores, whose every program quantises all rows
-itself (``_quant_rows``), so that no pre-pass kernel runs (``GraphDecoder.PROLOGUE_GEMM``); and
-``gemm(next_quant=)``, a GEMM whose programs, after a grid barrier, quantise its output for the next
-projection: the plain pre-pass from the row statistics their epilogues left, the block-norm and MLGRU ones
-a row group per program (``NextPrePass``, ``GraphDecoder.FUSED_QUANT``).
-
 Many rows (``INT_MM_MIN_ROWS`` and more, a long prompt or a large batch of prompts): the product is
 compute-bound, and unpacking codes in registers costs tensor-core time. The other path unpacks each
 projection's i2 bytes once per call into a reused int8 scratch (``unpack_codes``: codes 0-2 in the
@@ -43,9 +34,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_MLGRU, PRO_NORM, PRO_PLAIN, QUANT_MAX_CHUNKS,
-                           QUANT_PROGRAMS, Scratch, _epilogue, _mlgru_gates, _num_sm, _quant_row, _rint, _silu, _to,
-                           gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights, use_pdl)
+from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
+                           Scratch, _epilogue, _num_sm, _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes,
+                           segment_weights, use_pdl)
 
 
 @triton.jit
@@ -70,85 +61,6 @@ def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, X
     _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M,
                eps_model, eps_bl, seg == 0, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, True, PDL, ch, RED, CTR, NCH, SPIN,
                SSP, NT, SSM, NTB)
-
-
-NEXT_QUANT_WORDS = 256
-
-
-class NextPrePass:
-    """A decode GEMM's output quantised for the next projection by the GEMM itself (``gemm(next_quant=)``,
-    ``_quant_next``), after a grid barrier: the next projection's ``scratch``, and its prologue as
-    ``ternary_gemv.gemv`` takes it (``pro``, ``bit_norm`` (NSEG, K) with one row per segment,
-    ``norm_weight``, ``s_in`` / ``s_out`` / ``lower_bound`` for the MLGRU, whose input [i | f | g] is the
-    GEMM's output). ``pro`` = PRO_PLAIN reads both BitLinear statistics from the ``RowStats`` the GEMM's
-    epilogues leave (``stats_out`` = (stats, w, 0) with w the next norm weight; one segment; the scratch must
-    hold split rows); the others reduce their rows themselves. ``bar``: the grid barrier's two int32
-    counters (zeros; every launch leaves them at a count of 0), which launches that never overlap may share."""
-
-    def __init__(self, scratch, *, pro=PRO_PLAIN, bit_norm=None, norm_weight=None, s_in=None, s_out=None,
-                 lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS, chunks=None, bar=None):
-        assert pro == PRO_PLAIN or bit_norm is not None and pro in (PRO_NORM, PRO_MLGRU), \
-            "NextPrePass: the plain prologue (from row statistics), or the norm / MLGRU ones with bit_norm"
-        self.scratch, self.pro, self.bit_norm, self.norm_weight = scratch, pro, bit_norm, norm_weight
-        self.s_in, self.s_out, self.lower_bound = s_in, s_out, lower_bound
-        self.eps_model, self.eps_bl = eps_model, eps_bl
-        self.fixed_chunks = chunks
-        self.bar = bar if bar is not None else torch.zeros(2, dtype=torch.int32, device=scratch.xq.device)
-
-    @property
-    def nseg(self) -> int:
-        return 1 if self.bit_norm is None else self.bit_norm.shape[0]
-
-    def chunks(self, m: int, programs: int) -> int:
-        """Chunks per row of the plain prologue's quantisation (a power of two; about one (row, chunk) item per
-        program, or the ``chunks`` given; whole rows where the scratch holds no split rows or in the
-        interpreter)."""
-        if self.scratch.red.numel() < m * 4 * QUANT_MAX_CHUNKS:
-            return 1
-        if self.fixed_chunks is not None:
-            return self.fixed_chunks
-        if INTERPRET:
-            return 1
-        # at most NEXT_QUANT_WORDS words of a row per item: whole 13b ffn rows (864 words) spilled 1.2 KB
-        # (compiled offline for sm_90a), 128-word chunks none
-        least = triton.next_power_of_2(triton.cdiv(self.scratch.pw, NEXT_QUANT_WORDS))
-        return min(QUANT_MAX_CHUNKS, max(least, quant_chunks(m, self.scratch.pw, programs)))
-
-    def rows_per_item(self, m: int, programs: int) -> int:
-        """Rows one program quantises together in the norm and MLGRU prologues (a power of two): one row each
-        while there are programs enough, more where a segment's rows outnumber them."""
-        return min(triton.next_power_of_2(m), triton.next_power_of_2(triton.cdiv(self.nseg * m, programs)))
-
-    def kernel_args(self, a, programs: int, nt: int, nw: int) -> dict:
-        """The ``_gemm_kernel`` arguments for a launch of ``programs`` programs (``a``: ``_launch``'s)."""
-        sc = self.scratch
-        out = a["out"]
-        kw = dict(QXQ=sc.xq, QXQ8=sc.xq.view(torch.int8), QSX=sc.sx, QSUMX=sc.sumx, QRED=sc.red,
-                  QP=packed_bytes(a["n"]), QPW=sc.pw, eps_q=float(self.eps_bl), BAR=self.bar, NEXTQ=True, QPRO=self.pro,
-                  NTB=triton.next_power_of_2(max(nt, 1)), SPIN=not INTERPRET)
-        if self.pro == PRO_PLAIN:
-            nchq = self.chunks(a["m"], programs)
-            sc.nch = nchq
-            kw.update(NCHQ=nchq, QBLOCK_W=triton.next_power_of_2(triton.cdiv(sc.pw, nchq)))
-        else:
-            sc.nch = 1
-            rb = self.rows_per_item(a["m"], programs)
-            kw.update(QNW=self.norm_weight if self.norm_weight is not None else self.bit_norm, QBWN=self.bit_norm,
-                      QS_IN=self.s_in if self.s_in is not None else out,
-                      QS_OUT=self.s_out if self.s_out is not None else out,
-                      QLB=self.lower_bound if self.lower_bound is not None else out, eps_qm=float(self.eps_model),
-                      QHAS_LB=self.lower_bound is not None, NSEGQ=self.nseg, RB=rb,
-                      CH=_pro_chunk(rb, self.pro, nw, 4 * sc.pw))
-        return kw
-
-
-def next_quant_fits(cfg, m: int, n: int, p: int, device, nseg: int = 1) -> bool:
-    """May a GEMM of ``nseg`` segments launched on schedule ``cfg`` run the next pre-pass (``NextPrePass``)?
-    Only if all its programs are resident at once, at one per SM (they wait for each other at a grid
-    barrier)."""
-    bm, bn, bk = cfg[:3]
-    split, _ = split_parts(p, bk, cfg[6] if len(cfg) > 6 else 1)
-    return INTERPRET or triton.cdiv(m, bm) * triton.cdiv(n, bn) * split * nseg <= _num_sm(device)
 
 
 class RowStats:
@@ -320,13 +232,11 @@ def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.const
 
 @triton.jit
 def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-            pid_n, SS, SSW, SSEG, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
+            pid_n, SS, SSW, SSEG, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
             DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr):
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
-    epilogue on the (R, C) sums ((BN, BM) when the weights were the left operand (TRANS), transposed first,
-    else (BM, BN)), and with STATS the ``RowStats`` of segment SSEG's output."""
-    R: tl.constexpr = BN if TRANS else BM
-    C: tl.constexpr = BM if TRANS else BN
+    epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS), and with
+    STATS the ``RowStats`` of segment SSEG's output."""
     last = True
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
@@ -337,156 +247,24 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
                         tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         if STATS > 0:
             if seg == SSEG:
-                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, BN, STATS)
+                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS)
 
 
 @triton.jit
-def _w_tile(Wp, rn, kk, P, k_end, n_rows, N, EPI: tl.constexpr, SWAP: tl.constexpr):
-    """The packed weight bytes of K block ``kk`` (columns past ``k_end`` read as 0, no traffic): (BN, BK) with
-    SWAP, else (BK, BN); for the GLU pair the up rows' block too (else the first again)."""
-    kin = kk < k_end
-    if SWAP:
-        wmask = (rn < n_rows)[:, None] & kin[None, :]
-        wb = tl.load(Wp + rn[:, None] * P + kk[None, :], mask=wmask, other=0)
-        wb2 = wb
-        if EPI == 2:
-            wb2 = tl.load(Wp + (rn + N)[:, None] * P + kk[None, :], mask=wmask, other=0)
-    else:
-        wmask = kin[:, None] & (rn < n_rows)[None, :]
-        wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)
-        wb2 = wb
-        if EPI == 2:
-            wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
-    return wb, wb2
+def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
+                 EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0):
+    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
+    parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
+    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
 
-
-@triton.jit
-def _mma_block(acc, acc2, wb, wb2, XQ, seg, M, rm, kk, P, PB, EPI: tl.constexpr, SWAP: tl.constexpr,
-               USE_ASM: tl.constexpr):
-    """acc (+ acc2) += the products of weight block wb (wb2) with the planar int8 activations of K block kk:
-    one ``tl.dot`` per digit plane (accumulators (BN, BM) with SWAP, else (BM, BN))."""
-    if SWAP:  # weights as the left operand (kept in registers), activations transposed on the right
-        xcol = XQ + (seg * M + rm[None, :]) * 4 * PB
-        xmask = (kk < P)[:, None] & (rm < M)[None, :]
-        for s in tl.static_range(4):
-            xs = tl.load(xcol + s * PB + kk[:, None], mask=xmask, other=0)  # (BK, BM) int8
-            acc = tl.dot(_codes(wb, s, USE_ASM), xs, acc, out_dtype=tl.int32)
-            if EPI == 2:
-                acc2 = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2, out_dtype=tl.int32)
-    else:
-        xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
-        xmask = (rm < M)[:, None] & (kk < P)[None, :]
-        for s in tl.static_range(4):
-            xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
-            acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
-            if EPI == 2:
-                acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
-    return acc, acc2
-
-
-@triton.jit
-def _k_loop_ahead(acc, acc2, wb, wb2, XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, EPI: tl.constexpr,
-                  BK: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr):
-    """The K loop with the weights a block ahead: ``wb`` (``wb2``) hold block k_lo, loaded by the caller; each
-    next block (masked past k_hi: no traffic) is loaded while the current one is multiplied."""
-    rk = tl.arange(0, BK)
-    n_rows = 2 * N if EPI == 2 else N
-    for k0 in range(k_lo, k_hi, BK):
-        nb, nb2 = _w_tile(Wp, rn, k0 + BK + rk, P, k_hi, n_rows, N, EPI, SWAP)
-        acc, acc2 = _mma_block(acc, acc2, wb, wb2, XQ, seg, M, rm, k0 + rk, P, PB, EPI, SWAP, USE_ASM)
-        wb, wb2 = nb, nb2
-    return acc, acc2
-
-
-@triton.jit
-def _k_loop(XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, PDL: tl.constexpr, EARLY_W: tl.constexpr,
-            EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
-            USE_ASM: tl.constexpr):
-    """The int32 sums of K bytes [k_lo, k_hi) of the tile (``_mma_block`` per BK block), after the wait for
-    the kernel before (PDL), which writes the activations. EARLY_W: the first weight block is loaded before
-    that wait, and each next block while the current one is multiplied (weights are never written by a
-    kernel of the step, so they may be read early)."""
-    rk = tl.arange(0, BK)
-    n_rows = 2 * N if EPI == 2 else N
-    if SWAP:
-        acc = tl.zeros((BN, BM), tl.int32)
-    else:
-        acc = tl.zeros((BM, BN), tl.int32)
-    acc2 = acc
-    if EARLY_W:
-        wb, wb2 = _w_tile(Wp, rn, k_lo + rk, P, k_hi, n_rows, N, EPI, SWAP)
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-        acc, acc2 = _k_loop_ahead(acc, acc2, wb, wb2, XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, EPI, BK, SWAP,
-                                  USE_ASM)
-    else:
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-        for k0 in range(k_lo, k_hi, BK):
-            wb, wb2 = _w_tile(Wp, rn, k0 + rk, P, P, n_rows, N, EPI, SWAP)
-            acc, acc2 = _mma_block(acc, acc2, wb, wb2, XQ, seg, M, rm, k0 + rk, P, PB, EPI, SWAP, USE_ASM)
-    return acc, acc2
-
-
-@triton.jit
-def _grid_barrier(BAR, nprog, SPIN: tl.constexpr):
-    """Wait until all ``nprog`` programs of the launch are here (a central barrier: BAR[0] counts arrivals,
-    BAR[1] is the generation; the last to arrive sets the count back to 0 and moves the generation on, so
-    a later launch may have another number of programs). Every program of the launch must be resident at
-    once. SPIN=False (the interpreter, whose programs run one after another) does not wait: the caller
-    launches the kernel once more, and the second launch reads what the first wrote."""
-    tl.debug_barrier()  # every thread's stores before the arrival (release, cumulative)
-    gen = tl.atomic_add(BAR + 1, 0, sem="acquire")
-    old = tl.atomic_add(BAR, 1, sem="acq_rel")
-    if old == nprog - 1:
-        tl.atomic_xchg(BAR, 0, sem="relaxed")
-        tl.atomic_add(BAR + 1, 1, sem="release")
-    elif SPIN:
-        cur = gen
-        while cur == gen:
-            cur = tl.atomic_add(BAR + 1, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _quant_next(pid, nprog, OUT, so_m, M, N, SSW, QXQ, QXQ8, QSX, QSUMX, QRED, QP, QPW, eps_q, SS, BAR, QNW, QBWN,
-                QS_IN, QS_OUT, QLB, eps_qm, DT: tl.constexpr, QPRO: tl.constexpr, QHAS_LB: tl.constexpr,
-                NSEGQ: tl.constexpr, NCHQ: tl.constexpr, QBLOCK_W: tl.constexpr, NTB: tl.constexpr,
-                BNT: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr, USE_ASM: tl.constexpr, SPIN: tl.constexpr):
-    """The next projection's pre-pass on this GEMM's output (N wide: its K), after every tile is stored
-    (``_grid_barrier``), its work shared out over the launch's ``nprog`` programs (this one is ``pid``).
-
-    QPRO = PRO_PLAIN: the M rows' NCHQ chunks, each quantised by ``_quant_row`` with both BitLinear statistics
-    summed from the ``RowStats`` the epilogues left at SS (norm weight SSW; no row reduction, no further
-    barrier; sum(xq) left in NCHQ parts when NCHQ > 1). Otherwise (the norm and MLGRU prologues, NSEGQ
-    segments with norm weights QBWN, block norm QNW): groups of RB rows of a segment, each quantised whole by
-    one program (``_quant_rows``: its passes over (RB, CH) chunks do the row reductions, so no program waits
-    for another); the MLGRU prologue reads [i | f | g] from OUT and writes the next state QS_OUT."""
-    _grid_barrier(BAR, nprog, SPIN)
-    if QPRO == 0:
-        nt = tl.cdiv(N, BNT)
-        for it in range(pid, M * NCHQ, nprog):
-            _quant_row(it // NCHQ, 0, OUT, so_m, OUT, 0, OUT, OUT, OUT, SSW, SSW, QXQ, QSX, QSUMX, N, QP, QPW, M,
-                       1.0, eps_q, False, 0, False, DT, QBLOCK_W, USE_ASM, True, False, it % NCHQ, QRED, QRED, NCHQ,
-                       SPIN, SS, nt, 2, NTB)
-    else:
-        groups = tl.cdiv(M, RB)
-        for it in range(pid, NSEGQ * groups, nprog):
-            qseg = it // groups
-            _quant_rows(OUT, so_m, OUT, so_m, QS_IN, QS_OUT, QLB, QNW, QBWN, QXQ8, QSX, QSUMX, N, QP, 4 * QPW, M, qseg,
-                        (it % groups) * RB, eps_qm, eps_q, qseg == 0, QPRO, QHAS_LB, DT, RB, CH, USE_ASM)
-
-
-@triton.jit
-def _tile_of(M, N, P, KS, W0, W1, W2, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
-             SPLIT: tl.constexpr):
-    """This program's tile: (program, segment, K part, K bytes [k_lo, k_hi), column tile, tile index over all
-    segments, the segment's weights, rows rm, columns rn); program pid takes K part pid % SPLIT of tile
-    pid // SPLIT (grouped order, ``_grouped_tile``)."""
+    SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
+    K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
+    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile)."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
+    DT: tl.constexpr = OUT.dtype.element_ty
     part = pid % SPLIT
     tile = pid // SPLIT
     k_lo = part * KS
@@ -496,176 +274,47 @@ def _tile_of(M, N, P, KS, W0, W1, W2, BM: tl.constexpr, BN: tl.constexpr, GROUP:
     Wp = segment_weights(W0, W1, W2, seg)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    return pid, seg, part, k_lo, k_hi, pid_n, stile, Wp, rm, rn
-
-
-@triton.jit
-def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
-                 EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY_W: tl.constexpr = False,
-                 QXQ=None, QXQ8=None, QSX=None, QSUMX=None, QRED=None, QP=0, QPW=0, eps_q=0.0, BAR=None,
-                 QNW=None, QBWN=None, QS_IN=None, QS_OUT=None, QLB=None, eps_qm=0.0,
-                 NEXTQ: tl.constexpr = False, QPRO: tl.constexpr = 0, QHAS_LB: tl.constexpr = False,
-                 NSEGQ: tl.constexpr = 1, NCHQ: tl.constexpr = 1, QBLOCK_W: tl.constexpr = 1, NTB: tl.constexpr = 1,
-                 RB: tl.constexpr = 1, CH: tl.constexpr = 16, SPIN: tl.constexpr = True, PHASE: tl.constexpr = 0):
-    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
-    parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
-    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|). EARLY_W: weights a block
-    ahead (``_k_loop``, ``EARLY_WEIGHTS``). NEXTQ (every program resident): then the next projection's
-    pre-pass on OUT, into the scratch QXQ (QXQ8 its bytes) / QSX / QSUMX / QRED (``_quant_next``; the plain
-    prologue reads the RowStats, STATS = 2 with norm weight SSW). PHASE (the interpreter, whose programs
-    cannot wait for each other): 1 runs the product alone, 2 the next pre-pass alone, 0 both.
-
-    SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
-    K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
-    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile)."""
-    DT: tl.constexpr = OUT.dtype.element_ty
-    pid, seg, part, k_lo, k_hi, pid_n, stile, Wp, rm, rn = _tile_of(M, N, P, KS, W0, W1, W2, BM, BN, GROUP, SPLIT)
-    if PHASE != 2:
-        # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
-        acc, acc2 = _k_loop(XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, PDL, EARLY_W, EPI, BM, BN, BK, SWAP,
-                            USE_ASM)
-        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, SWAP, NCH, STATS)
-    if NEXTQ and PHASE != 1:
-        npx = tl.num_programs(0)
-        _quant_next(pid + seg * npx, npx * tl.num_programs(1), OUT, so_m, M, N, SSW, QXQ, QXQ8, QSX, QSUMX, QRED, QP,
-                    QPW, eps_q, SS, BAR, QNW, QBWN, QS_IN, QS_OUT, QLB, eps_qm, DT, QPRO, QHAS_LB, NSEGQ, NCHQ,
-                    QBLOCK_W, NTB, BN, RB, CH, USE_ASM, SPIN)
-
-
-# ----------------------------------------------------------------------------------------------
-# decode batches without a pre-pass: every GEMM program quantises the rows itself (``gemm_pro``)
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _pro_in(X, sxm, G, sgm, rm, k, valid, K, PRO: tl.constexpr):
-    """The block norm's input at columns k of rows rm (fp32): x (PRO_NORM), g (PRO_GATED), g_pre (PRO_MLGRU,
-    the third block of X's rows); for PRO_PLAIN x itself."""
-    if PRO == 2:
-        a = tl.load(G + rm[:, None] * sgm + k, mask=valid, other=0.0)
-    elif PRO == 3:
-        a = tl.load(X + rm[:, None] * sxm + 2 * K + k, mask=valid, other=0.0)
-    else:
-        a = tl.load(X + rm[:, None] * sxm + k, mask=valid, other=0.0)
-    return a.to(tl.float32)
-
-
-@triton.jit
-def _pro_v(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, rm, k, valid, K, r, WRITE_STATE, PRO: tl.constexpr,
-           HAS_LB: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
-    """The prologue's output v at columns k of rows rm (``_quant_row``'s arithmetic, same operation order),
-    given the rows' inverse RMS r (RB, 1) of the block norm; the MLGRU prologue writes the next state s
-    where WRITE_STATE."""
-    a = _pro_in(X, sxm, G, sgm, rm, k, valid, K, PRO)
-    if PRO == 0:
-        v = a
-    else:
-        nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
-        if PRO == 1:
-            v = _to(a * r * nw, DT, USE_ASM).to(tl.float32)
-        else:
-            s_prev = tl.load(S_IN + rm[:, None] * K + k, mask=valid, other=0.0)
-            if PRO == 3:
-                lb = 0.0  # read by _mlgru_gates only with HAS_LB
-                if HAS_LB:
-                    lb = tl.load(LB + k, mask=valid, other=0.0)
-                ip = tl.load(X + rm[:, None] * sxm + k, mask=valid, other=0.0).to(tl.float32)
-                fp = tl.load(X + rm[:, None] * sxm + K + k, mask=valid, other=0.0).to(tl.float32)
-                f, i = _mlgru_gates(ip, fp, lb, HAS_LB)
-                s_prev = f * s_prev + i
-                if WRITE_STATE:
-                    tl.store(S_OUT + rm[:, None] * K + k, s_prev, mask=valid)
-            v = _to(a * r * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _positions(u0, rm, M, P, PB, K, CH: tl.constexpr):
-    """Planar positions u0 .. u0 + CH of rows rm: (u (1, CH), column k, valid (RB, CH)); u = s * PB + j is the
-    byte of digit plane s in the scratch's row, k = s * P + j the column, valid for j < P and k < K."""
-    u = u0 + tl.arange(0, CH)[None, :]
-    s = u // PB
-    j = u - s * PB
-    k = s * P + j
-    valid = (rm < M)[:, None] & (j < P) & (k < K) & (s < 4)
-    return u, k, valid
-
-
-@triton.jit
-def _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ8, SX, SUMX, K, P, PB, M, seg, m0, eps_model, eps_bl,
-                WRITE_STATE, PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, RB: tl.constexpr,
-                CH: tl.constexpr, USE_ASM: tl.constexpr):
-    """Rows m0 .. m0 + RB - 1 (those below M) of segment ``seg`` quantised by one program into the scratch (int8 bytes
-    XQ8, s_x, sum(xq)): the pre-pass's arithmetic (``_quant_row``) on (RB, CH) chunks of planar positions, in
-    up to three passes that each keep elementwise partials and reduce once: the block norm's sum of squares
-    (norm prologues), the BitLinear's sum(v^2) and max|v bw| (max|xn| = r2 max|v bw|, to fp32 rounding, as
-    split rows take it), then the quantisation. Each pass's loads run two chunks ahead (``tl.range``'s software
-    pipelining through shared memory: without it every chunk waited a whole L2 round trip)."""
-    rm = m0 + tl.arange(0, RB)
-    U = 4 * PB
-    r = tl.zeros((RB, 1), tl.float32) + 1.0
-    if PRO != 0:
-        part = tl.zeros((RB, CH), tl.float32)
-        for u0 in tl.range(0, U, CH, num_stages=3):
-            u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
-            a = _pro_in(X, sxm, G, sgm, rm, k, valid, K, PRO)
-            part += a * a
-        r = (1.0 / tl.sqrt(tl.sum(part, 1) / K + eps_model))[:, None]
-    ss = tl.zeros((RB, CH), tl.float32)
-    mx = tl.zeros((RB, CH), tl.float32)
-    for u0 in tl.range(0, U, CH, num_stages=3):
-        u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
-        v = _pro_v(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, rm, k, valid, K, r, WRITE_STATE, PRO, HAS_LB, DT, USE_ASM)
-        bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
-        ss += v * v
-        mx = tl.maximum(mx, tl.abs(v * bw))
-    r2 = (1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps_bl))[:, None]
-    sx = tl.math.div_rn(127.0, tl.maximum(tl.max(mx, 1)[:, None] * r2, 1e-5))
-    qs = tl.zeros((RB, CH), tl.int32)
-    for u0 in tl.range(0, U, CH, num_stages=3):
-        u, k, valid = _positions(u0, rm, M, P, PB, K, CH)
-        v = _pro_v(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, rm, k, valid, K, r, False, PRO, HAS_LB, DT, USE_ASM)
-        bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
-        xn = v * r2 * bw
-        q = tl.minimum(tl.maximum(_rint(xn * sx, USE_ASM), -128.0), 127.0).to(tl.int32)
-        q = tl.where(valid, q, 0)
-        qs += q
-        tl.store(XQ8 + ((seg * M + rm[:, None]) * 4) * PB + u, q.to(tl.int8), mask=(rm < M)[:, None] & (u < U))
-    tl.store(SX + seg * M + rm, tl.sum(sx, 1), mask=rm < M)
-    tl.store(SUMX + seg * M + rm, tl.sum(qs, 1), mask=rm < M)
-
-
-@triton.jit
-def _gemm_pro_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQ, SX, SUMX, W0, W1, W2, SW,
-                     OUT, RES, so_m, sr_m, M, N, K, P, PB, WS, CTR, KS,
-                     PRO: tl.constexpr, EPI: tl.constexpr, HAS_LB: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr,
-                     SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, RB: tl.constexpr,
-                     CH: tl.constexpr):
-    """``_gemm_kernel`` with the pre-pass inside (M <= BM rows, one row tile): each program loads its first
-    weight block, waits for the kernel before (PDL), quantises all M rows of its segment itself
-    (``_quant_rows``; every program stores the same bytes into the shared scratch, and reads back its own after
-    a barrier of its threads, as the GEMV's prologue does), then runs the K loop with the weights a block ahead.
-    Program (0, 0) writes the MLGRU's next state."""
-    DT: tl.constexpr = OUT.dtype.element_ty
-    pid, seg, part, k_lo, k_hi, pid_n, stile, Wp, rm, rn = _tile_of(M, N, P, KS, W0, W1, W2, BM, BN, GROUP, SPLIT)
+    rk = tl.arange(0, BK)
     n_rows = 2 * N if EPI == 2 else N
-    wb, wb2 = _w_tile(Wp, rn, k_lo + tl.arange(0, BK), P, k_hi, n_rows, N, EPI, SWAP)
-    if PDL:  # the kernel before writes this one's input rows
+    if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
         gdc_wait()
         gdc_launch_dependents()
-    _quant_rows(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PB, M, seg, 0, eps_model, eps_bl,
-                (pid == 0) & (seg == 0), PRO, HAS_LB, DT, RB, CH, USE_ASM)
-    tl.debug_barrier()  # the program's scratch stores before its threads read them back
-    if SWAP:
-        acc = tl.zeros((BN, BM), tl.int32)
-    else:
-        acc = tl.zeros((BM, BN), tl.int32)
-    acc, acc2 = _k_loop_ahead(acc, acc, wb, wb2, XQ, Wp, seg, M, N, P, PB, rm, rn, k_lo, k_hi, EPI, BK, SWAP,
-                              USE_ASM)
-    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, SX, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-            pid_n, SX, SX, 0, BM, BN, SPLIT, EPI, DT, USE_ASM, SWAP, 1, 0)
+    if SWAP:  # weights as the left operand (kept in registers), activations transposed on the right
+        accT = tl.zeros((BN, BM), tl.int32)
+        acc2T = tl.zeros((BN, BM), tl.int32)
+        xcol = XQ + (seg * M + rm[None, :]) * 4 * PB
+        for k0 in range(k_lo, k_hi, BK):
+            kk = k0 + rk
+            wmask = (rn < n_rows)[:, None] & (kk < P)[None, :]
+            wb = tl.load(Wp + rn[:, None] * P + kk[None, :], mask=wmask, other=0)  # (BN, BK) uint8
+            if EPI == 2:
+                wb2 = tl.load(Wp + (rn + N)[:, None] * P + kk[None, :], mask=wmask, other=0)
+            xmask = (kk < P)[:, None] & (rm < M)[None, :]
+            for s in tl.static_range(4):
+                xs = tl.load(xcol + s * PB + kk[:, None], mask=xmask, other=0)  # (BK, BM) int8
+                accT = tl.dot(_codes(wb, s, USE_ASM), xs, accT, out_dtype=tl.int32)
+                if EPI == 2:
+                    acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
+        _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
+        return
+    acc = tl.zeros((BM, BN), tl.int32)
+    acc2 = tl.zeros((BM, BN), tl.int32)
+    xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
+    for k0 in range(k_lo, k_hi, BK):
+        kk = k0 + rk
+        wmask = (kk < P)[:, None] & (rn < n_rows)[None, :]
+        wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)  # (BK, BN) uint8
+        if EPI == 2:
+            wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
+        xmask = (rm < M)[:, None] & (kk < P)[None, :]
+        for s in tl.static_range(4):
+            xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
+            acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
+            if EPI == 2:
+                acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
+    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+            pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
 
 
 def _gemm_configs(m: int):
@@ -742,70 +391,31 @@ def split_parts(p: int, bk: int, split: int):
     return triton.cdiv(blocks, per), per * bk
 
 
-# Weights a block ahead in the GEMM (``_k_loop``'s EARLY_W): each program loads its first weight block before
-# its wait for the pre-pass (programmatic dependent launch), so the DRAM latency of the first block overlaps
-# the pre-pass instead of following it, and each next block while the current one is multiplied. Built to
-# shorten the (pre-pass, GEMM) pairs of batched decode steps; not yet measured on a GPU, so off by default
-# (``batched_decode --variants early-weights``; bench/results/EXPERIMENTS.md).
-EARLY_WEIGHTS = os.environ.get("MMF_EARLY_WEIGHTS", "0") == "1"
-EARLY_MAX_BLOCK = 8192  # bytes of one weight block held twice at most (GLU: per half); larger ones spill
-
-
-def _ahead_fits(cfg, epi) -> bool:
-    """May schedule ``cfg`` hold its weights a block ahead? Decode tiles only: 16-row tiles, but for the GLU
-    pair (two blocks, each held twice) only blocks of at most ``EARLY_MAX_BLOCK`` bytes; 64-row tiles without
-    the GLU pair and with such blocks. Compiled offline for sm_90a (``bench/kernel_compile_report.py``, Triton
-    3.9), the others spilled 0.1-1.4 KB."""
-    bm, block = cfg[0], cfg[1] * cfg[2]
-    if bm > 64 or epi == EPI_GLU and bm > 16:
-        return False
-    return (bm <= 16 and epi != EPI_GLU) or block <= EARLY_MAX_BLOCK
-
-
-def _split_grid(cfg, a, unused):
-    """(tiles, K parts, bytes per part, split-K workspace, counters) of schedule ``cfg`` for launch arguments
-    ``a`` (m, n, p, nseg, epi, out); without split-K, ``unused`` stands for the workspace (never read)."""
-    bm, bn, bk = cfg[:3]
+def _launch(cfg, a):
+    bm, bn, bk, nw, ns = cfg[:5]
+    swap = cfg[5] if len(cfg) > 5 else 0
     split, ks = split_parts(a["p"], bk, cfg[6] if len(cfg) > 6 else 1)
     tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
     if split > 1:
         ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
                                 a["nseg"] * tiles, a["out"].device)
     else:
-        ws = ctr = unused
-    return tiles, split, ks, ws, ctr
-
-
-def _launch(cfg, a):
-    tiles, split, ks, ws, ctr = _split_grid(cfg, a, a["sumx"])
-    bn = cfg[1]
+        ws, ctr = a["sumx"], a["sumx"]  # not read
     st, ssw, stats = a.get("stats"), a.get("stats_w"), 0
     if st is not None:
         stats = 2 if ssw is not None else 1
         st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass after this launch reads
-    nq, qkw = a.get("next_quant"), {}
-    if nq is not None:  # the next projection's pre-pass after a grid barrier (_quant_next)
-        qkw = nq.kernel_args(a, tiles * split * a["nseg"], st.nt if st is not None else 0, cfg[3])
-    # the interpreter runs programs one after another, so none can wait at the barrier for the others: the
-    # product in one launch, the next pre-pass in another (which may overwrite this GEMM's own input)
-    for phase in ((1, 2) if nq is not None and INTERPRET else (0,)):
-        _launch_kernel(cfg, a, tiles, split, ws, ctr, ks, st, ssw, stats, dict(qkw, PHASE=phase) if qkw else qkw)
-
-
-def _launch_kernel(cfg, a, tiles, split, ws, ctr, ks, st, ssw, stats, qkw):
-    bm, bn, bk, nw, ns = cfg[:5]
-    swap = cfg[5] if len(cfg) > 5 else 0
     _gemm_kernel[(tiles * split, a["nseg"])](
         a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
         a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, st.buf if stats else ws,
         ssw if stats == 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
-        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats,
-        EARLY_W=a.get("early", False) and _ahead_fits(cfg, a["epi"]), num_warps=nw, num_stages=ns, **qkw,
+        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats, num_warps=nw,
+        num_stages=ns,
         **({"launch_pdl": True} if a["pdl"] else {}))
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
-         tune_prepass=None, stats_out=None, next_quant=None):
+         tune_prepass=None, stats_out=None):
     """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
 
     From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): this kernel or ``gemm_unpacked``,
@@ -813,14 +423,12 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     lists of the same shapes, e.g. every layer's) and ``tune_prepass`` (the launch that fills ``scratch``)
     let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
     ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
-    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is).
-    ``next_quant`` (a ``NextPrePass``): the GEMM also runs the next projection's pre-pass on its output, after a
-    grid barrier, on schedules whose programs are all resident (decode batches)."""
+    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is)."""
     m = out.shape[0]
-    if stats_out is not None or next_quant is not None:
-        assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out, next_quant: decode batches only"
+    if stats_out is not None:
+        assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out: decode batches only (the fused kernel)"
         return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
-                           tune_pool=tune_pool, tune_prepass=tune_prepass, stats_out=stats_out, next_quant=next_quant)
+                           tune_pool=tune_pool, tune_prepass=tune_prepass, stats_out=stats_out)
     if config is None and out.is_cuda and 0 < INT_MM_MIN_ROWS <= m:
         def run(path):
             if path == "fused":
@@ -860,7 +468,7 @@ def _byte_operands(weights) -> list:
 
 
 def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None,
-                tune_pool=None, tune_prepass=None, stats_out=None, next_quant=None):
+                tune_pool=None, tune_prepass=None, stats_out=None):
     """``gemm`` on this file's kernel (codes unpacked in registers), any row count.
 
     With a ``tune_pool`` of two or more weight lists, the first call of a shape times each candidate in
@@ -877,20 +485,11 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
     a = dict(xq8=scratch.xq.view(torch.int8), sx=scratch.sx, sumx=scratch.sumx, red=scratch.red, nch=scratch.nch,
              w=ws, sw=scales, out=out, res=residual if residual is not None else out, so_m=out.stride(0),
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, p=packed_bytes(k),
-             pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device), early=EARLY_WEIGHTS)
+             pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
     if stats_out is not None:
         a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
-    cands = _gemm_configs(m)
-    if next_quant is not None:
-        assert next_quant.pro != PRO_PLAIN or (nseg == 1 and stats_out is not None and stats_out[1] is not None
-                                               and stats_out[2] == 0), \
-            "next_quant: the plain prologue needs one segment, and stats_out with the next norm weight"
-        a.update(next_quant=next_quant)
-        cands = [c for c in cands if next_quant_fits(c, m, n, a["p"], out.device, nseg)]
-        assert cands, "next_quant: no schedule whose programs fit on the GPU at once"
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
-    key = ((mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
-           + (("early",) if EARLY_WEIGHTS else ()) + (("next", next_quant.pro) if next_quant is not None else ()))
+    key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
     if chain:
@@ -910,20 +509,11 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         time_of = chained
     # tuned without PDL when one launch at a time: a PDL launch overlaps the timer's cache flush (see
     # ternary_gemv._tune)
-    # a GEMM that quantises the next input may write its own input scratch (the decoder's i/f/g, o and gate/up
-    # scratch is one): the timing launches would leave the next input there, so the scratch is restored
-    keep = None
-    if next_quant is not None and config is None and key not in _TUNED:
-        keep = [t.clone() for t in (scratch.xq, scratch.sx, scratch.sumx, scratch.red)], scratch.nch
-    cfg = config or _tuned("gemm", key, cands, lambda c: _launch(c, dict(a, pdl=False)), out, time_of)
-    if keep is not None:
-        for t, saved in zip((scratch.xq, scratch.sx, scratch.sumx, scratch.red), keep[0]):
-            t.copy_(saved)
-        scratch.nch = keep[1]
+    cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, dict(a, pdl=False)), out, time_of)
     try:
         _launch(cfg, a)
     except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device
-        for c in cands[1:]:
+        for c in _gemm_configs(m)[1:]:
             try:
                 _launch(c, a)
             except triton.runtime.errors.OutOfResources:
@@ -932,87 +522,6 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
             break
         else:
             raise
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# gemm_pro: decode batches, the pre-pass inside the GEMM
-# ----------------------------------------------------------------------------------------------
-# Decode batches of 2 .. PRO_GEMM_MAX_ROWS rows (one 16-row tile) whose rows quantise in every GEMM program
-# (``gemm_pro``) instead of a pre-pass kernel before each GEMM. Each program does M x K prologue work, so
-# only products with M x K up to PRO_GEMM_MAX_ELEMS take it (narrow models, small batches); the decoder
-# uses it with ``GraphDecoder.PROLOGUE_GEMM`` (off by default: not yet measured on a GPU).
-PRO_GEMM_MAX_ROWS = 16
-PRO_GEMM_MAX_ELEMS = 16384
-PRO_ELEMS_PER_THREAD = 16  # a prologue chunk: (rows, positions) with this many elements per thread
-
-
-def _pro_chunk(rb: int, pro: int, nw: int, pb: int) -> int:
-    """Planar positions per (rows, positions) chunk of ``_quant_rows`` for ``rb`` rows, ``nw`` warps and rows
-    of ``pb`` bytes a plane: ``PRO_ELEMS_PER_THREAD`` elements per thread (half for the MLGRU, whose chunk
-    holds four inputs), at most a row."""
-    per = PRO_ELEMS_PER_THREAD // (2 if pro == PRO_MLGRU else 1)
-    ch = min(max(16, per * 32 * nw // rb), triton.next_power_of_2(4 * pb))
-    return min(ch, 64) if INTERPRET else ch  # several chunks per row in the tests
-
-
-def prologue_fits(m: int, k: int) -> bool:
-    """Does a product of ``m`` rows of width ``k`` take ``gemm_pro`` (when the decoder asks for it)?"""
-    return 2 <= m <= PRO_GEMM_MAX_ROWS and m * k <= PRO_GEMM_MAX_ELEMS
-
-
-def _pro_launch(cfg, a):
-    bm, bn, bk, nw, ns = cfg[:5]
-    swap = cfg[5] if len(cfg) > 5 else 0
-    sc = a["scratch"]
-    tiles, split, ks, ws, ctr = _split_grid(cfg, a, sc.sumx)
-    rb = triton.next_power_of_2(a["m"])
-    ch = _pro_chunk(rb, a["pro"], nw, a["pb"])
-    _gemm_pro_kernel[(tiles * split, a["nseg"])](
-        a["x"], a["sxm"], a["g"], a["sgm"], a["s_in"], a["s_out"], a["lb"], a["nw"], a["bwn"], a["eps_model"],
-        a["eps_bl"], sc.xq.view(torch.int8), sc.sx, sc.sumx, a["w"][0], a["w"][1], a["w"][2],
-        a["sw"], a["out"], a["res"], a["so_m"], a["sr_m"], a["m"], a["n"], a["k"], a["p"], a["pb"], ws, ctr, ks,
-        PRO=a["pro"], EPI=a["epi"], HAS_LB=a["has_lb"], BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=not INTERPRET,
-        SWAP=swap, PDL=a["pdl"], SPLIT=split, RB=rb, CH=ch, num_warps=nw, num_stages=ns,
-        **({"launch_pdl": True} if a["pdl"] else {}))
-
-
-def gemm_pro(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=None, n=None, norm_weight=None,
-             g=None, s_in=None, s_out=None, lower_bound=None, residual=None, eps_model=1e-6,
-             eps_bl=reference.BITLINEAR_NORM_EPS, scratch=None, config=None, tune_pool=None):
-    """``ternary_gemv.gemv``'s call (the same arguments and output) for 2 .. ``PRO_GEMM_MAX_ROWS`` rows on the
-    int8 tensor cores, with no pre-pass kernel: every program quantises the rows itself (``_gemm_pro_kernel``)
-    into ``scratch``, which it leaves as ``quantize`` would (s_x to fp32 rounding, int8 values within one
-    rounding flip: the row reductions run in another order).
-
-    ``tune_pool``: other weight lists of the same shapes, for the first call's schedule timing in a CUDA
-    graph of launches cycling through them (as the decoder runs them)."""
-    from .ternary_gemv import chain_time, prologue_args
-
-    m = out.shape[0]
-    nseg = len(weights)
-    k = k if k is not None else bit_norm.shape[-1]
-    assert 1 <= m <= PRO_GEMM_MAX_ROWS, f"gemm_pro takes 1 .. {PRO_GEMM_MAX_ROWS} rows"
-    assert pro in (0, 1, 2, 3), "gemm_pro: the PRO_PLAIN, PRO_NORM, PRO_GATED and PRO_MLGRU prologues"
-    n0 = weights[0].shape[0]
-    n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
-    scratch = scratch if scratch is not None else Scratch(nseg, m, k, x.device)
-    scratch.nch = 1  # sum(xq) whole, in SUMX
-    a = dict(prologue_args(x, bit_norm, out, norm_weight=norm_weight, g=g, s_in=s_in, s_out=s_out,
-                           lower_bound=lower_bound, residual=residual, eps_model=eps_model, eps_bl=eps_bl),
-             scratch=scratch, w=_byte_operands(weights), sw=scales, m=m, n=n, k=k, p=packed_bytes(k),
-             pb=4 * scratch.pw, nseg=nseg, pro=pro, epi=epi, pdl=use_pdl(out.device))
-    cands = [c for c in _gemm_configs(16) if _ahead_fits(c, epi)]
-    key = ("pro", triton.next_power_of_2(m), n, k, nseg, pro, epi, str(out.dtype))
-    time_of = None
-    if tune_pool is not None and len(tune_pool) >= 2 and config is None and key not in _TUNED:
-        pool = [_byte_operands(w) for w in tune_pool]
-        nbytes = n * a["p"] * nseg * (2 if epi == EPI_GLU else 1)
-
-        def time_of(c):
-            return chain_time(_pro_launch, c, a, pool, nbytes)
-    cfg = config or _tuned("gemm_pro", key, cands, lambda c: _pro_launch(c, dict(a, pdl=False)), out, time_of)
-    _pro_launch(cfg, a)
     return out
 
 

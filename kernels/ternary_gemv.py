@@ -765,20 +765,15 @@ def chain_ms(fns: list) -> float:
     return sorted(times)[2] / len(fns)
 
 
-def chain_time(launch, cfg, a, pool, nbytes: int) -> float:
-    """ms per ``launch(cfg, a)`` in a CUDA graph of back-to-back launches that cycle through ``pool``
-    (distinct weights ``a["w"]`` of the same shape, e.g. every layer's: no L2 reuse; ``nbytes`` of weights a
-    launch), with programmatic dependent launch where the decoder uses it: the setting the decoder runs in.
-    Timing single launches after an L2 flush (do_bench) ranks schedules by noise of the order of their
+def _chain_time(cfg, a, pool) -> float:
+    """ms per launch of ``cfg`` in a CUDA graph of back-to-back launches that cycle through ``pool``
+    (distinct weights of the same shape, e.g. every layer's: no L2 reuse), with programmatic
+    dependent launch where the decoder uses it: the setting the decoder runs in. Timing single
+    launches after an L2 flush (do_bench) ranks schedules by noise of the order of their
     differences (measured: 13b decode 2.26 vs 2.35 ms/token from two such tunings of one build,
     ``bench/results/EXPERIMENTS.md``)."""
-    launches = chain_launches(nbytes)
-    return chain_ms([lambda w=pool[i % len(pool)]: launch(cfg, dict(a, w=w)) for i in range(launches)])
-
-
-def _chain_time(cfg, a, pool) -> float:
-    """``chain_time`` of the GEMV."""
-    return chain_time(_launch_gemv, cfg, a, pool, a["n"] * a["p"] * a["nseg"])
+    launches = chain_launches(a["n"] * a["p"] * a["nseg"])
+    return chain_ms([lambda w=pool[i % len(pool)]: _launch_gemv(cfg, dict(a, w=w)) for i in range(launches)])
 
 
 def _tune(key, a, pool=None):
@@ -816,18 +811,6 @@ def store_schedules(keys, device) -> None:
                              schedule_cache.context(device, __file__))
 
 
-def prologue_args(x, bit_norm, out, *, norm_weight, g, s_in, s_out, lower_bound, residual, eps_model,
-                  eps_bl) -> dict:
-    """The launch arguments of a fused prologue and epilogue, as ``gemv`` takes them (``ternary_gemm.gemm_pro``
-    too); absent operands are passed as ``out`` and never read."""
-    return dict(x=x, sxm=x.stride(0), g=g if g is not None else out, sgm=g.stride(0) if g is not None else 0,
-                s_in=s_in if s_in is not None else out, s_out=s_out if s_out is not None else out,
-                lb=lower_bound if lower_bound is not None else out,
-                nw=norm_weight if norm_weight is not None else bit_norm, bwn=bit_norm, eps_model=float(eps_model),
-                eps_bl=float(eps_bl), out=out, res=residual if residual is not None else out, so_m=out.stride(0),
-                sr_m=residual.stride(0) if residual is not None else 0, has_lb=lower_bound is not None)
-
-
 def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=None, n=None,
          norm_weight=None, g=None, s_in=None, s_out=None, lower_bound=None, residual=None,
          eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS, scratch=None, config=None, tune_pool=None):
@@ -850,9 +833,14 @@ def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=N
     ws = _operands(weights)
     byte_w = ws[0].dtype != torch.int32
     scratch = scratch if scratch is not None else Scratch(nseg, m, k, x.device)
-    a = dict(prologue_args(x, bit_norm, out, norm_weight=norm_weight, g=g, s_in=s_in, s_out=s_out,
-                           lower_bound=lower_bound, residual=residual, eps_model=eps_model, eps_bl=eps_bl),
-             scratch=scratch, w=ws, sw=scales, m=m, n=n, k=k, p=p, nseg=nseg, pro=pro, epi=epi, byte_w=byte_w)
+    dummy = out
+    a = dict(x=x, sxm=x.stride(0), g=g if g is not None else dummy, sgm=g.stride(0) if g is not None else 0,
+             s_in=s_in if s_in is not None else dummy, s_out=s_out if s_out is not None else dummy,
+             lb=lower_bound if lower_bound is not None else dummy, nw=norm_weight if norm_weight is not None else bit_norm,
+             bwn=bit_norm, eps_model=float(eps_model), eps_bl=float(eps_bl), scratch=scratch, w=ws, sw=scales,
+             out=out, res=residual if residual is not None else dummy, so_m=out.stride(0),
+             sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, k=k, p=p, nseg=nseg, pro=pro,
+             epi=epi, has_lb=lower_bound is not None, byte_w=byte_w)
     key = ("gemv", m, n, k, nseg, pro, epi, byte_w, str(out.dtype))
     if _SEEN is not None:
         _SEEN.add(key)

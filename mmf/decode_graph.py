@@ -30,12 +30,7 @@ What runs per layer and token (batch <= 2): four GEMV launches, each with its ne
 
 then the LM head (final norm in its prologue). For batch 3-64 and for prefill, each projection is
 a small pre-pass (same prologues) plus the int8 tensor-core GEMM of ``ternary_gemm``; prefill runs
-the recurrence as a chunked scan (``mlgru_step.mlgru_gated_scan``). With ``PROLOGUE_GEMM`` (off by
-default, not yet measured on a GPU), batch 2-16 projections whose rows fit run ``ternary_gemm.gemm_pro``
-instead, the GEMV's launch on the tensor cores with the pre-pass inside every program; with
-``FUSED_QUANT = "down"`` (off, likewise) each gate/up GEMM quantises v for the down projection itself, and
-with ``"all"`` every GEMM quantises the next projection's input (the MLGRU step, the block norms included),
-so that after the first layer's i/f/g pre-pass a step runs GEMMs only.
+the recurrence as a chunked scan (``mlgru_step.mlgru_gated_scan``).
 
 Memory: the packed weights (2 bits per weight; a model frozen to int8 ``codes`` is packed once
 more, so load a packed checkpoint for the smallest footprint), the embeddings, per-row buffers
@@ -104,24 +99,9 @@ class GraphDecoder:
     # pre-passes that read their producers' row statistics (``ternary_gemm.RowStats``): "split" where the
     # pre-pass splits its rows (``decode_quant_chunks``), "always" on the whole GEMM path, "never"
     ROW_STATS = "split"
-    # batch 2-16: projections whose rows fit (``ternary_gemm.prologue_fits``) quantise them inside every GEMM
-    # program (``ternary_gemm.gemm_pro``) instead of in a pre-pass kernel; off until measured on a GPU
-    PROLOGUE_GEMM = os.environ.get("MMF_PROLOGUE_GEMM", "0") == "1"
-    # "down": on the pre-pass path, each gate/up GEMM quantises its output for the down projection after a
-    # grid barrier (``ternary_gemm.NextPrePass``), so no pre-pass kernel runs before the down GEMM; "all":
-    # every GEMM quantises the next projection's input (the i/f/g GEMM the MLGRU step's, the o GEMM the gate/up
-    # norm's, the down GEMM the next layer's or the LM head's); False: never. Off until measured on a GPU
-    FUSED_QUANT = {"down": "down", "all": "all"}.get(os.environ.get("MMF_FUSED_QUANT", "0"), False)
-
-    SWITCHES = {"MMF_PROLOGUE_GEMM": ("0", "1"), "MMF_EARLY_WEIGHTS": ("0", "1"),
-                "MMF_FUSED_QUANT": ("0", "down", "all")}
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
-
-        for name, ok in self.SWITCHES.items():  # read at import; a value they ignore is refused here
-            if os.environ.get(name, "0") not in ok:
-                raise MMFError(f"{name}={os.environ[name]!r}: use {' or '.join(ok)}")
 
         tv = triton_kernels("ternary_gemv")  # without triton installed: one MMFError line
 
@@ -158,11 +138,7 @@ class GraphDecoder:
             self.head = _PackedLinear(model.lm_head, self.device)
         B, dev, dt = batch, self.device, self.dtype
         # ``gemv`` (benchmarks) forces the decode path; by default ``uses_gemv`` picks it
-        from mmf.kernels import ternary_gemm as tg
-
-        # batch 2-16 with ``PROLOGUE_GEMM``: no pre-pass kernels where ``prologue_fits`` (``gemm_pro``)
-        self.pro_gemm = bool(self.PROLOGUE_GEMM and gemv is None and 2 <= B <= tg.PRO_GEMM_MAX_ROWS)
-        self.gemv_path = (tv.uses_gemv(B, d) and not self.pro_gemm) if gemv is None else (gemv and B <= tv.GEMV_MAX_ROWS)
+        self.gemv_path = tv.uses_gemv(B, d) if gemv is None else (gemv and B <= tv.GEMV_MAX_ROWS)
         self.state = torch.zeros(L, B, d, dtype=torch.float32, device=dev)
         self.state_next = torch.zeros_like(self.state)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
@@ -179,24 +155,12 @@ class GraphDecoder:
         self.sc_m = tv.Scratch(1, B, m, dev)
         # where the pre-pass splits rows (``decode_quant_chunks``), each GEMM's epilogue leaves the row
         # statistics its output's pre-pass needs (``ternary_gemm.RowStats``): one barrier fewer per pre-pass
+        from mmf.kernels import ternary_gemm as tg
+
         self.row_stats = None
-        if not self.gemv_path and not self.pro_gemm and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
+        if not self.gemv_path and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
                                    and tg.decode_quant_chunks(B, d) is None):
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
-        # FUSED_QUANT: GEMMs that quantise the next projection's input ("down": the gate/up GEMM, from its own
-        # row statistics; "all": every one), where each producer has a schedule whose programs fit at once
-        self.fused_quant, self.v_stats, self._bar = None, None, None
-        if self.FUSED_QUANT in ("down", "all") and not self.gemv_path and not self.pro_gemm:
-            def fits(n, p, nseg=1):
-                return any(tg.next_quant_fits(c, B, n, p, dev, nseg) for c in tg._gemm_configs(B))
-
-            pd = tv.packed_bytes(d)
-            if fits(m, pd):
-                self.fused_quant = "down"
-                if self.FUSED_QUANT == "all" and fits(d, pd, 3) and fits(d, pd) and fits(d, tv.packed_bytes(m)):
-                    self.fused_quant, self.row_stats = "all", None
-                self.v_stats = self.row_stats["v"] if self.row_stats else tg.RowStats(B, m, dev)
-                self._bar = torch.zeros(2, dtype=torch.int32, device=dev)  # the GEMMs' grid barrier (one at a time)
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)
         self._prefill_seen: dict = {}    # T -> eager prefills so far
@@ -251,40 +215,16 @@ class GraphDecoder:
         self.state.zero_()
 
     # ------------------------------------------------------------------------------------------
-    def _proj(self, kind, x, weights, scales, bit_norm, out, *, k, scratch, epi=0, residual=None, stats=None,
-              stats_out=None, next_quant=None, quantised=False, **pro):
-        """One projection of the step with its prologue ``pro`` (``ternary_gemv.gemv``'s keywords) and epilogue:
-        the GEMV (batch 1-2), ``ternary_gemm.gemm_pro`` (``PROLOGUE_GEMM``, where ``prologue_fits``), or the
-        pre-pass (reading ``stats``, the row statistics the GEMM before left) and the GEMM (leaving
-        ``stats_out``), whose first call times its schedules after that pre-pass (repeated: each writes the
-        same values, the MLGRU one the same next state from the same state). Schedules are timed over every
-        layer's weights of the shape (``_tune_pools[kind]``), as they run here. ``next_quant``: that GEMM also
-        quantises its output for the next projection, which then runs with ``quantised`` (the GEMM alone)."""
-        from mmf.kernels import ternary_gemm as tg
-        from mmf.kernels import ternary_gemv as tv
-
-        pool = self._tune_pools[kind]
-        if self.gemv_path or self.pro_gemm and tg.prologue_fits(self.batch, k):
-            fn = tv.gemv if self.gemv_path else tg.gemm_pro
-            fn(x, weights, scales, bit_norm, out, k=k, epi=epi, residual=residual, scratch=scratch, tune_pool=pool,
-               **pro)
-            return
-        if quantised:
-            tg.gemm(scratch, weights, scales, out, k=k, epi=epi, residual=residual, tune_pool=pool, stats_out=stats_out,
-                    next_quant=next_quant)
-            return
-        pre = partial(tg.quantize, x, bit_norm, scratch, nseg=len(weights), k=k, dtype=self.dtype,
-                      chunks=tg.decode_quant_chunks(self.batch, self.d), stats=stats, **pro)
-        pre()
-        tg.gemm(scratch, weights, scales, out, k=k, epi=epi, residual=residual, tune_pool=pool, tune_prepass=pre,
-                stats_out=stats_out, next_quant=next_quant)
-
     def _step_body(self) -> None:
         from mmf.kernels import ternary_gemm as tg
         from mmf.kernels import ternary_gemv as tv
 
         torch.index_select(self.emb, 0, self.ids, out=self.x)
-        d, stats = self.d, self.row_stats
+        d = self.d
+        pool = self._tune_pools  # every layer's weights: schedules are timed as they run here
+        qc = tg.decode_quant_chunks(self.batch, d)  # rows of the pre-pass split over programs, or whole
+
+        stats = self.row_stats
 
         def st(name):
             """The row statistics the GEMM before left for this pre-pass, if the decoder keeps them."""
@@ -293,44 +233,54 @@ class GraphDecoder:
         def st_out(name, w=None, seg=0):
             return (stats[name], w, seg) if stats else None
 
-        fq, allq = self.fused_quant, self.fused_quant == "all"
+        def pre_then_gemm(pre, *args, **kw):
+            """Pre-pass ``pre``, then its GEMM, whose first call times its schedules after ``pre`` (repeated,
+            each pre-pass writes the same values: the MLGRU one the same next state from the same state)."""
+            pre()
+            tg.gemm(*args, tune_prepass=pre, **kw)
 
-        def nq(scratch, **pro):
-            """The next projection's pre-pass, run by the GEMM before it (``FUSED_QUANT``)."""
-            return tg.NextPrePass(scratch, bar=self._bar, **pro)
-
-        def nq_norm(bit_norm, norm_weight, eps):
-            return nq(self.sc_d, pro=tv.PRO_NORM, bit_norm=bit_norm, norm_weight=norm_weight, eps_model=eps) if allq \
-                else None
-
-        h = self.head
         for l, ly in enumerate(self.layers):
             o, gu, dn = ly["o"], ly["gu"], ly["down"]
-            v_out = (self.v_stats, dn.norm, 0) if fq else st_out("v", w=dn.norm)
-            nxt = self.layers[l + 1] if l + 1 < self.L else None
-            after_down = (nq_norm(nxt["ifg_norm"], nxt["attn_norm"], nxt["eps_attn"]) if nxt is not None
-                          else nq_norm(h.norm[None], self.final_norm, self.eps_final))
-            self._proj("ifg", self.x, ly["ifg"], ly["ifg_scale"], ly["ifg_norm"], self.ifg, k=d, scratch=self.sc_d,
-                       stats=st("x") if l > 0 else None, stats_out=st_out("g", seg=2), quantised=allq and l > 0,
-                       next_quant=nq(self.sc_d, pro=tv.PRO_MLGRU, bit_norm=o.norm[None], norm_weight=ly["g_norm"],
-                                     eps_model=ly["eps_g"], s_in=self.state[l], s_out=self.state_next[l],
-                                     lower_bound=ly["lb"]) if allq else None,
-                       pro=tv.PRO_NORM, norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"])
-            self._proj("o", self.ifg, [o.packed], o.scale, o.norm[None], self.r, k=d, scratch=self.sc_d,
-                       epi=tv.EPI_RESIDUAL, residual=self.x, stats=st("g"), stats_out=st_out("r"), quantised=allq,
-                       next_quant=nq_norm(gu.norm[None], ly["mlp_norm"], ly["eps_mlp"]), pro=tv.PRO_MLGRU,
-                       norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l], s_out=self.state_next[l],
-                       lower_bound=ly["lb"])
-            self._proj("gu", self.r, [gu.packed], gu.scale, gu.norm[None], self.v, k=d, scratch=self.sc_d,
-                       epi=tv.EPI_GLU, stats=st("r"), stats_out=v_out, quantised=allq,
-                       next_quant=nq(self.sc_m) if fq else None, pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"],
-                       eps_model=ly["eps_mlp"])
-            self._proj("down", self.v, [dn.packed], dn.scale, dn.norm[None], self.x, k=self.m, scratch=self.sc_m,
-                       epi=tv.EPI_RESIDUAL, residual=self.r, stats=st("v"), stats_out=st_out("x"),
-                       quantised=fq is not None, next_quant=after_down, pro=tv.PRO_PLAIN)
-        self._proj("head", self.x, [h.packed], h.scale, h.norm[None], self.logits, k=d, scratch=self.sc_d,
-                   stats=st("x"), quantised=allq, pro=tv.PRO_NORM, norm_weight=self.final_norm,
-                   eps_model=self.eps_final)
+            if self.gemv_path:
+                tv.gemv(self.x, ly["ifg"], ly["ifg_scale"], ly["ifg_norm"], self.ifg, pro=tv.PRO_NORM,
+                        norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], scratch=self.sc_d, tune_pool=pool["ifg"])
+                tv.gemv(self.ifg, [o.packed], o.scale, o.norm[None], self.r, pro=tv.PRO_MLGRU, k=d,
+                        norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
+                        s_out=self.state_next[l], lower_bound=ly["lb"], residual=self.x, epi=tv.EPI_RESIDUAL,
+                        scratch=self.sc_d, tune_pool=pool["o"])
+                tv.gemv(self.r, [gu.packed], gu.scale, gu.norm[None], self.v, pro=tv.PRO_NORM,
+                        norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], epi=tv.EPI_GLU, scratch=self.sc_d,
+                        tune_pool=pool["gu"])
+                tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
+                        epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
+            else:
+                pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
+                                      norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc,
+                                      stats=st("x") if l > 0 else None),
+                              self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"],
+                              stats_out=st_out("g", seg=2))
+                pre_then_gemm(partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d,
+                                      dtype=self.dtype, norm_weight=ly["g_norm"], eps_model=ly["eps_g"],
+                                      s_in=self.state[l], s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc,
+                                      stats=st("g")),
+                              self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
+                              tune_pool=pool["o"], stats_out=st_out("r"))
+                pre_then_gemm(partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM,
+                                      norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc, stats=st("r")),
+                              self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
+                              stats_out=st_out("v", w=dn.norm))
+                pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc,
+                                      stats=st("v")),
+                              self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL,
+                              residual=self.r, tune_pool=pool["down"], stats_out=st_out("x"))
+        h = self.head
+        if self.gemv_path:
+            tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
+                    norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
+        else:
+            pre_then_gemm(partial(tg.quantize, self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM,
+                                  norm_weight=self.final_norm, eps_model=self.eps_final, chunks=qc, stats=st("x")),
+                          self.sc_d, [h.packed], h.scale, self.logits, k=d, tune_pool=pool["head"])
         self.state.copy_(self.state_next)
 
     def _capture(self) -> None:
