@@ -91,10 +91,10 @@ PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
 PRO_NONE = 4  # activations already quantised in the scratch (benchmarks: the weight stream alone)
 EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
 GEMV_MAX_ROWS = 2  # above this, the tensor-core GEMM wins (dp4a work grows with the rows; measured)
-# Two rows: the GEMV for rows narrower than this, the GEMM from it. Measured in one H200 run (decode step,
-# bench/results/batched_decode_h200.json): 13b (5120 wide) GEMM 3.01 vs GEMV 4.09 ms; 1.3b (2048) GEMM 1.07
-# vs GEMV 0.79; 370m (1024) 0.65 vs 0.54.
-GEMV2_MAX_K = 4096
+# Two rows: the GEMV for rows narrower than this, the GEMM from it. Measured tuned, both paths in one H200 run
+# (decode step, bench/results/batched_decode_{13b,1.3b_370m}_h200.json, 498aec5): 13b (5120 wide) GEMM 2.436
+# vs GEMV 4.059 ms; 1.3b (2048) GEMM 0.768 vs GEMV 0.808; 370m (1024) GEMM 0.577 vs GEMV 0.542.
+GEMV2_MAX_K = 2048
 
 
 def uses_gemv(rows: int, k: int) -> bool:
