@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = ("default", "stats", "stats-max")
+VARIANTS = {"default": 0, "stats": 1, "stats-max": 2}  # the kernel's STATS constexpr
 # pointer arguments by name (their element types) and integer arguments the JIT sees divisible by 16
 _PTR = {"XQ": "*i8", "SX": "*fp32", "SUMX": "*i32", "RED": "*fp32", "W0": "*u8", "W1": "*u8", "W2": "*u8",
         "SW": "*fp32", "OUT": "*bf16", "RES": "*bf16", "WS": "*i32", "CTR": "*i32", "SS": "*fp32", "SSW": "*bf16"}
@@ -47,7 +47,7 @@ def ptxas_path() -> str | None:
 
 def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str = "sm_90a") -> dict:
     """Compile jit function ``fn`` with these constexprs (the others at their defaults) for ``arch``:
-    {registers, spill_bytes, ptx_instructions}."""
+    {registers, spill_bytes, shared_bytes, ptx_instructions}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -90,14 +90,11 @@ def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str 
                 shared_bytes=int(kernel.metadata.shared), ptx_instructions=len(body))
 
 
-def variant_consts(variant: str, cfg, epi: int):
-    """(kernel, constexprs) of ``variant`` at schedule ``cfg`` and epilogue ``epi``."""
-    from mmf.kernels import ternary_gemm as tg
-
+def gemm_consts(cfg, epi: int, stats: int) -> dict:
+    """``_gemm_kernel``'s constexprs at schedule ``cfg``, epilogue ``epi`` and row-statistics kind ``stats``."""
     bm, bn, bk = cfg[:3]
-    return tg._gemm_kernel, dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True,
-                                 SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True, SPLIT=cfg[6] if len(cfg) > 6 else 1,
-                                 NCH=1, STATS=VARIANTS.index(variant))
+    return dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True, SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True,
+                SPLIT=cfg[6] if len(cfg) > 6 else 1, NCH=1, STATS=stats)
 
 
 def main(argv=None) -> int:
@@ -140,8 +137,8 @@ def main(argv=None) -> int:
         for cfg in tg._gemm_configs(m)[:args.max_schedules]:
             for epi_name in args.epilogues.split(","):
                 for v in variants:
-                    kc = variant_consts(v, cfg, epis[epi_name])
-                    rep = compile_report(kc[0], kc[1], cfg[3], cfg[4], args.arch)
+                    rep = compile_report(tg._gemm_kernel, gemm_consts(cfg, epis[epi_name], VARIANTS[v]), cfg[3],
+                                         cfg[4], args.arch)
                     out["rows"].append(dict(rows=m, schedule=str(tuple(cfg)), epilogue=epi_name, variant=v, **rep))
                     print(out["rows"][-1], flush=True)
     print(tabulate([[r["rows"], r["schedule"], r["epilogue"], r["variant"], r["registers"], r["spill_bytes"],

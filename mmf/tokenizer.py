@@ -192,6 +192,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
                                   special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     # tokenizers trains in Rust with the GIL released, where a Ctrl-C would wait for the training to end
     # (minutes on a large corpus): train in a daemon thread and keep the main thread free to take the signal
+    # (Rust cannot be stopped: an interrupted training runs on in its thread until the process exits)
     failed = []
 
     def train():
