@@ -37,6 +37,8 @@ VARIANTS = {
     "whole-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 1 << 30},  # pre-pass rows never split
     "split-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 0,  # split at every width and batch
                    ("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MAX_ROWS"): 64},
+    # each GEMM runs its pre-pass in the same launch (``ternary_gemm.gemm(prepass=)``), whole rows everywhere
+    "prepass-inside": {("mmf.decode_graph:GraphDecoder", "PREPASS_INSIDE"): "always"},
 }
 
 

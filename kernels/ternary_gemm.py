@@ -105,6 +105,23 @@ def decode_quant_chunks(batch: int, d: int):
     return None if d >= QUANT_SPLIT_MIN_K and batch <= QUANT_SPLIT_MAX_ROWS else 1
 
 
+def prepass_args(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
+                 s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS,
+                 chunks=1) -> dict:
+    """The pre-pass's operands as its kernels take them (``quantize``, ``gemm(prepass=)``): ``head``, the
+    leading arguments X .. eps_bl of ``_quant_row``; ``consts``, its PRO / HAS_LB / DT / BLOCK_W; ``warps``;
+    ``nseg``, ``m``, ``k``."""
+    k = k if k is not None else bit_norm.shape[-1]
+    dtype = dtype or x.dtype
+    bw = triton.next_power_of_2(triton.cdiv(scratch.pw, chunks))
+    head = (x, x.stride(0), g if g is not None else x, g.stride(0) if g is not None else 0,
+            s_in if s_in is not None else x, s_out if s_out is not None else x,
+            lower_bound if lower_bound is not None else x, norm_weight if norm_weight is not None else bit_norm,
+            bit_norm, float(eps_model), float(eps_bl))
+    return dict(head=head, consts=dict(PRO=pro, HAS_LB=lower_bound is not None, DT=_TL_DTYPES[dtype], BLOCK_W=bw),
+                warps=16 if bw >= 2048 else (8 if bw >= 512 else 4), nseg=nseg, m=scratch.sx.shape[1], k=k)
+
+
 def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
              s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS,
              chunks=1, stats=None):
@@ -121,7 +138,6 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
     kernel must not write them (x and g are read after the wait)."""
     m = scratch.sx.shape[1]
     k = k if k is not None else bit_norm.shape[-1]
-    dtype = dtype or x.dtype
     if chunks is None:
         chunks = 1 if INTERPRET or not scratch.xq.is_cuda else quant_chunks(
             m * nseg, scratch.pw, min(QUANT_PROGRAMS, _num_sm(scratch.xq.device)))
@@ -129,8 +145,9 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
             chunks = 1
     assert chunks & (chunks - 1) == 0 and chunks <= QUANT_MAX_CHUNKS, "chunks: a power of two <= QUANT_MAX_CHUNKS"
     assert chunks == 1 or scratch.red.numel() >= m * nseg * 4 * chunks, "this scratch holds no split rows"
-    bw = triton.next_power_of_2(triton.cdiv(scratch.pw, chunks))
-    nw = 16 if bw >= 2048 else (8 if bw >= 512 else 4)
+    pa = prepass_args(x, bit_norm, scratch, nseg=nseg, pro=pro, k=k, dtype=dtype, norm_weight=norm_weight, g=g,
+                      s_in=s_in, s_out=s_out, lower_bound=lower_bound, eps_model=eps_model, eps_bl=eps_bl,
+                      chunks=chunks)
     pdl = use_pdl(scratch.xq.device)
     spin = not INTERPRET  # the interpreter runs programs one after another: one launch per barrier instead
     scratch.nch = chunks  # the GEMM reads sum(xq) in this many parts
@@ -140,14 +157,10 @@ def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None,
         ssm, nt = (2 if pro == PRO_PLAIN else 1), stats.nt
     for _ in range(1 if spin or chunks == 1 else 3):  # 2 barriers at most: a launch makes one more correct
         _quant_kernel[(m, nseg, chunks)](
-            x, x.stride(0), g if g is not None else x, g.stride(0) if g is not None else 0,
-            s_in if s_in is not None else x, s_out if s_out is not None else x,
-            lower_bound if lower_bound is not None else x, norm_weight if norm_weight is not None else bit_norm,
-            bit_norm, float(eps_model), float(eps_bl), scratch.xq, scratch.sx, scratch.sumx, scratch.red,
-            scratch.ctr, k, packed_bytes(k), scratch.pw, m, stats.buf if stats is not None else scratch.sx, nt,
-            PRO=pro, HAS_LB=lower_bound is not None, DT=_TL_DTYPES[dtype], BLOCK_W=bw, USE_ASM=not INTERPRET, PDL=pdl,
-            NCH=chunks, SPIN=spin, SSM=ssm, NTB=triton.next_power_of_2(max(nt, 1)),
-            num_warps=nw, **({"launch_pdl": True} if pdl else {}))
+            *pa["head"], scratch.xq, scratch.sx, scratch.sumx, scratch.red, scratch.ctr, k, packed_bytes(k),
+            scratch.pw, m, stats.buf if stats is not None else scratch.sx, nt, **pa["consts"], USE_ASM=not INTERPRET,
+            PDL=pdl, NCH=chunks, SPIN=spin, SSM=ssm, NTB=triton.next_power_of_2(max(nt, 1)), num_warps=pa["warps"],
+            **({"launch_pdl": True} if pdl else {}))
     return scratch
 
 
@@ -251,19 +264,11 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
 
 
 @triton.jit
-def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
-                 EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0):
-    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
-    parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
-    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
-
-    SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
-    K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
-    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile)."""
-    pid = tl.program_id(0)
-    seg = tl.program_id(1)
+def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW,
+               SSEG, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+               USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
+               NCH: tl.constexpr, STATS: tl.constexpr):
+    """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there)."""
     DT: tl.constexpr = OUT.dtype.element_ty
     part = pid % SPLIT
     tile = pid // SPLIT
@@ -297,24 +302,78 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
                     acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
         _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
                 pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
-        return
-    acc = tl.zeros((BM, BN), tl.int32)
-    acc2 = tl.zeros((BM, BN), tl.int32)
-    xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
-    for k0 in range(k_lo, k_hi, BK):
-        kk = k0 + rk
-        wmask = (kk < P)[:, None] & (rn < n_rows)[None, :]
-        wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)  # (BK, BN) uint8
-        if EPI == 2:
-            wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
-        xmask = (rm < M)[:, None] & (kk < P)[None, :]
-        for s in tl.static_range(4):
-            xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
-            acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), tl.int32)
+        acc2 = tl.zeros((BM, BN), tl.int32)
+        xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
+        for k0 in range(k_lo, k_hi, BK):
+            kk = k0 + rk
+            wmask = (kk < P)[:, None] & (rn < n_rows)[None, :]
+            wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)  # (BK, BN) uint8
             if EPI == 2:
-                acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
-    _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-            pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
+                wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
+            xmask = (rm < M)[:, None] & (kk < P)[None, :]
+            for s in tl.static_range(4):
+                xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
+                acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
+                if EPI == 2:
+                    acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
+        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
+
+
+@triton.jit
+def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
+                 EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                 USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0):
+    """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
+    parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
+    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
+
+    SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
+    K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
+    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile)."""
+    _gemm_tile(tl.program_id(0), tl.program_id(1), XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N,
+               P, PB, WS, CTR, KS, SS, SSW, SSEG, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, NCH, STATS)
+
+
+@triton.jit
+def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQW, K, PW, NSEGQ, FLAG, NQ,
+                      XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS,
+                      PRO: tl.constexpr, HAS_LB: tl.constexpr, QDT: tl.constexpr, BLOCK_W: tl.constexpr,
+                      EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                      USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPIN: tl.constexpr,
+                      SPLIT: tl.constexpr = 1):
+    """The pre-pass and the GEMM in one launch (``gemm(prepass=)``), no grid barrier: programs 0 .. NQ - 1
+    (NQ = M x NSEGQ, whole rows) each quantise one row of one segment (``_quant_row``, the pre-pass's code)
+    and then add 1 to FLAG (release); every later program is one program of ``_gemm_kernel``'s grid, which
+    first waits until FLAG has reached NQ (acquire), then adds 1 itself; the last of them to arrive sets
+    FLAG back to 0 for the next launch. A GPU starts a grid's programs in order of their index, so the
+    pre-pass programs are resident before any GEMM program waits for them. SPIN=False (the interpreter,
+    whose programs run one after another in that order) does not wait."""
+    pid = tl.program_id(0)
+    if pid < NQ:
+        m = pid % M
+        sq = pid // M
+        _quant_row(m, sq, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQW, SX, SUMX, K, P, PW, M, eps_model, eps_bl,
+                   sq == 0, PRO, HAS_LB, QDT, BLOCK_W, USE_ASM, True, PDL)
+        tl.debug_barrier()  # every thread's stores before the arrival (release, cumulative)
+        tl.atomic_add(FLAG, 1, sem="release")
+    else:
+        c = pid - NQ
+        per_seg = tl.cdiv(M, BM) * tl.cdiv(N, BN) * SPLIT
+        if SPIN:
+            cur = tl.atomic_add(FLAG, 0, sem="acquire")
+            while cur < NQ:
+                cur = tl.atomic_add(FLAG, 0, sem="acquire")
+        tl.debug_barrier()
+        _gemm_tile(c % per_seg, c // per_seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB,
+                   WS, CTR, KS, SX, SX, 0, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, 1, 0)
+        ncons = per_seg * NSEGQ
+        old = tl.atomic_add(FLAG, 1, sem="relaxed")
+        if old == NQ + ncons - 1:
+            tl.atomic_xchg(FLAG, 0, sem="relaxed")
 
 
 def _gemm_configs(m: int):
@@ -405,17 +464,25 @@ def _launch(cfg, a):
     if st is not None:
         stats = 2 if ssw is not None else 1
         st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass after this launch reads
+    gemm_args = (a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"],
+                 a["res"], a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks)
+    common = dict(EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"],
+                  SPLIT=split, num_warps=nw, num_stages=ns, **({"launch_pdl": True} if a["pdl"] else {}))
+    pa = a.get("preq")
+    if pa is not None:  # the pre-pass's programs first, then the GEMM's (``_gemm_preq_kernel``)
+        sc, c = a["scratch"], pa["consts"]
+        nq = pa["m"] * pa["nseg"]
+        _gemm_preq_kernel[(nq + tiles * split * a["nseg"],)](
+            *pa["head"], sc.xq, pa["k"], sc.pw, a["nseg"], sc.flag, nq, *gemm_args, PRO=c["PRO"], HAS_LB=c["HAS_LB"],
+            QDT=c["DT"], BLOCK_W=c["BLOCK_W"], SPIN=not INTERPRET, **common)
+        return
     _gemm_kernel[(tiles * split, a["nseg"])](
-        a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
-        a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, st.buf if stats else ws,
-        ssw if stats == 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
-        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats, num_warps=nw,
-        num_stages=ns,
-        **({"launch_pdl": True} if a["pdl"] else {}))
+        *gemm_args, st.buf if stats else ws, ssw if stats == 2 else ws, a.get("stats_seg", 0), NCH=a["nch"],
+        STATS=stats, **common)
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
-         tune_prepass=None, stats_out=None):
+         tune_prepass=None, stats_out=None, prepass=None):
     """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
 
     From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): this kernel or ``gemm_unpacked``,
@@ -423,8 +490,21 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     lists of the same shapes, e.g. every layer's) and ``tune_prepass`` (the launch that fills ``scratch``)
     let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
     ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
-    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is)."""
+    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is).
+
+    ``prepass``: ``quantize``'s keyword arguments (x, bit_norm, nseg, pro, ...; whole rows, no ``stats``): the
+    pre-pass runs inside this launch (``_gemm_preq_kernel``) instead of as a kernel of its own; decode batches
+    only, ``scratch`` as ``quantize`` would leave it."""
     m = out.shape[0]
+    if prepass is not None:
+        assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "prepass: decode batches only (the fused kernel)"
+        assert stats_out is None and tune_prepass is None, "prepass: no row statistics, no separate pre-pass"
+        kw = dict(prepass)
+        pa = prepass_args(kw.pop("x"), kw.pop("bit_norm"), scratch, **kw)
+        assert pa["nseg"] == len(weights) and pa["k"] == k, "prepass: the GEMM's segments and width"
+        scratch.nch = 1  # sum(xq) whole, in SUMX
+        return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
+                           tune_pool=tune_pool, preq=pa)
     if stats_out is not None:
         assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out: decode batches only (the fused kernel)"
         return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
@@ -468,7 +548,7 @@ def _byte_operands(weights) -> list:
 
 
 def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None,
-                tune_pool=None, tune_prepass=None, stats_out=None):
+                tune_pool=None, tune_prepass=None, stats_out=None, preq=None):
     """``gemm`` on this file's kernel (codes unpacked in registers), any row count.
 
     With a ``tune_pool`` of two or more weight lists, the first call of a shape times each candidate in
@@ -490,6 +570,9 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
     key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
+    if preq is not None:
+        a.update(preq=preq, scratch=scratch)
+        key = key + ("preq", preq["consts"]["PRO"])
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
     if chain:

@@ -579,6 +579,7 @@ class Scratch:
         self.red = torch.zeros(nseg * m * 4 * QUANT_MAX_CHUNKS if split else 1, dtype=torch.float32, device=device)
         self.ctr = torch.zeros(nseg * m if split else 1, dtype=torch.int32, device=device)
         self.nch = 1  # programs per row of the last pre-pass: above 1, sum(xq) is in parts (``row_sums``)
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)  # ``ternary_gemm.gemm(prepass=)``'s counter
 
     def row_sums(self) -> torch.Tensor:
         """sum(xq) per segment and row, (NSEG, M) int32, whether the pre-pass split its rows or not (then

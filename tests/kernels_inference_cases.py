@@ -446,6 +446,54 @@ def test_gemm_split_k(swap):
     check_rows(want, _glu_ref(ref, torch.float16), torch.float16)
 
 
+@pytest.mark.parametrize("pro,nseg,epi,cfg", [
+    (ternary_gemv.PRO_NORM, 3, ternary_gemv.EPI_STORE, (16, 64, 32, 4, 1)),
+    (ternary_gemv.PRO_MLGRU, 1, ternary_gemv.EPI_RESIDUAL, (16, 64, 32, 4, 1, 1)),
+    (ternary_gemv.PRO_GATED, 1, ternary_gemv.EPI_RESIDUAL, (16, 64, 32, 4, 1, 1, 2)),
+    (ternary_gemv.PRO_NORM, 1, ternary_gemv.EPI_GLU, (16, 64, 32, 4, 1, 0, 3)),
+    (ternary_gemv.PRO_PLAIN, 1, ternary_gemv.EPI_RESIDUAL, (16, 64, 32, 4, 1, 1))])
+def test_gemm_with_the_pre_pass_inside(pro, nseg, epi, cfg):
+    """``gemm(prepass=)``: the pre-pass's programs and the GEMM's in one launch give the same output, scratch
+    and MLGRU state, bit for bit, as ``quantize`` then ``gemm`` (odd rows, odd K, two weight tiles, both
+    operand orders, split-K); the launch leaves its counter at zero, so a second launch gives the same again."""
+    g = torch.Generator().manual_seed(7 * pro + nseg + epi)
+    m, n, k = 5, 70, 301
+    width = 3 * k if pro == ternary_gemv.PRO_MLGRU else k
+    x = (torch.randn(m, width, generator=g) * 2).to(torch.bfloat16)
+    bn = (torch.rand(nseg, k, generator=g) + 0.5).to(torch.bfloat16)
+    kw = dict(nseg=nseg, pro=pro, k=k, norm_weight=(torch.rand(k, generator=g) + 0.5).to(torch.bfloat16),
+              g=torch.randn(m, k, generator=g).to(torch.bfloat16) if pro == ternary_gemv.PRO_GATED else None,
+              s_in=torch.randn(m, k, generator=g), dtype=torch.bfloat16,
+              lower_bound=torch.rand(k, generator=g) * 0.5 if pro == ternary_gemv.PRO_MLGRU else None)
+    rows = 2 * n if epi == ternary_gemv.EPI_GLU else n
+    packed = [pack_i2(rand_codes(rows, k, g)) for _ in range(nseg)]
+    sw = torch.rand(nseg, generator=g) + 0.5
+    res = torch.randn(m, nseg * n, generator=g).to(torch.bfloat16)
+    extra = {"residual": res} if epi == ternary_gemv.EPI_RESIDUAL else {}
+    shape = (m, n) if epi == ternary_gemv.EPI_GLU else (m, nseg * n)
+    outs, states, scs = [], [], []
+    for inside in (False, True, True):
+        sc = ternary_gemv.Scratch(nseg, m, k, "cpu")
+        s_out = torch.full((m, k), float("nan"))
+        out = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+        if inside:
+            ternary_gemm.gemm(sc, packed, sw, out, k=k, epi=epi, config=cfg,
+                              prepass=dict(kw, x=x, bit_norm=bn, s_out=s_out), **extra)
+            assert int(sc.flag[0]) == 0
+        else:
+            ternary_gemm.quantize(x, bn, sc, s_out=s_out, **kw)
+            ternary_gemm.gemm(sc, packed, sw, out, k=k, epi=epi, config=cfg, **extra)
+        outs.append(out)
+        states.append(s_out)
+        scs.append(sc)
+    for out, s_out, sc in zip(outs[1:], states[1:], scs[1:]):
+        assert torch.equal(out, outs[0])
+        assert torch.equal(sc.xq, scs[0].xq) and torch.equal(sc.sx, scs[0].sx) and torch.equal(sc.sumx, scs[0].sumx)
+        if pro == ternary_gemv.PRO_MLGRU:
+            assert torch.equal(s_out, states[0])
+    assert not torch.isnan(outs[0].float()).any()
+
+
 @pytest.mark.parametrize("swap", [0, 1])
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the NaN statistics at the end
 def test_gemm_row_stats_feed_the_next_pre_pass(swap):
@@ -563,3 +611,31 @@ def test_decode_gemm_chain_rows(monkeypatch):
     for name, epi, n in (("o", ternary_gemv.EPI_RESIDUAL, 70), ("gate/up", ternary_gemv.EPI_GLU, 40)):
         (row,) = decode_gemm_chain.measure_shape(name, 1, n, 130, epi, [4], 2, 4.2e12, 130, gen, dev="cpu")
         assert row["all_equal"] and row["pair_us"] == 2.0 and row["quant_us"] == 1.0, row
+
+
+def test_graph_decoder_with_the_pre_pass_inside(monkeypatch):
+    """The decoder path whose GEMMs run their pre-pass inside the same launch (``PREPASS_INSIDE``) gives the
+    eager model's greedy tokens, and logits equal bit for bit to the decoder with a pre-pass kernel before each
+    GEMM; a bad setting is refused with the valid ones."""
+    from conftest import small_model
+
+    from mmf.decode_graph import GraphDecoder
+    from mmf.errors import MMFError
+
+    model = small_model("mmf", seed=6, intermediate_size=90).freeze()
+    torch.manual_seed(6)
+    ids = torch.randint(3, 259, (3, 7))
+    monkeypatch.setattr(GraphDecoder, "PREPASS_INSIDE", "whole")
+    dec = GraphDecoder(model, 3)
+    assert dec.prepass_inside and dec.row_stats is None
+    _decode_like_eager(dec, model, ids)
+    monkeypatch.setattr(GraphDecoder, "PREPASS_INSIDE", "never")
+    ref = GraphDecoder(model, 3)
+    assert not ref.prepass_inside
+    for step in range(2):
+        a, b = dec.prefill(ids) if step == 0 else dec.step(tok), ref.prefill(ids) if step == 0 else ref.step(tok)
+        assert torch.equal(a, b)
+        tok = a.argmax(-1)
+    monkeypatch.setattr(GraphDecoder, "PREPASS_INSIDE", "sometimes")
+    with pytest.raises(MMFError, match="never, whole or always"):
+        GraphDecoder(model, 3)
