@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
-    from mmf.bench.kernel_bench import check_decoder, check_row_stats, row_stats_errors
+    from mmf.bench.kernel_bench import check_decoder, check_prepass_inside, check_row_stats, row_stats_errors
     from mmf.decode_graph import GraphDecoder
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     save()
     if not args.no_checks:
-        for r in check_decoder(quick=False) + check_row_stats(quick=False):
+        for r in check_decoder(quick=False) + check_row_stats(quick=False) + check_prepass_inside(quick=False):
             print(r, flush=True)
             results["checks"].append(r)
         save()

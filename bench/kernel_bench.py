@@ -313,6 +313,82 @@ def check_row_stats(quick: bool):
     return out
 
 
+def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0) -> list:
+    """``ternary_gemm.gemm(prepass=)`` (the pre-pass inside the GEMM's launch) against ``quantize`` then ``gemm``
+    for each decoder shape of each (d, ffn) in ``widths`` (i/f/g: three segments and the norm prologue; o: the
+    MLGRU one with a lower bound and the residual; gate/up: the GLU pair; down: plain with the residual), each
+    row count in ``rows`` and each schedule index of ``_gemm_configs(m)`` in ``cfgs``, random bf16 inputs:
+    whether outputs, scratch and MLGRU state are equal bit for bit, how many int8 values differ, the largest
+    relative s_x difference and row error of the output, and whether a second launch repeats the first
+    exactly (a race between the pre-pass's programs and the GEMM's would show there)."""
+    from mmf.kernels import ternary_gemm as tg
+    from mmf.kernels import ternary_gemv as tv
+
+    dev = torch.device(dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    bf = torch.bfloat16
+    out_rows = []
+    for d, f in widths:
+        for name, nseg, n, k, pro, epi in (("ifg", 3, d, d, tv.PRO_NORM, tv.EPI_STORE),
+                                           ("o", 1, d, d, tv.PRO_MLGRU, tv.EPI_RESIDUAL),
+                                           ("gate/up", 1, f, d, tv.PRO_NORM, tv.EPI_GLU),
+                                           ("down", 1, d, f, tv.PRO_PLAIN, tv.EPI_RESIDUAL)):
+            w = [rand_packed(2 * n if epi == tv.EPI_GLU else n, k, dev) for _ in range(nseg)]
+            sw = torch.rand(nseg, device=dev, generator=gen) + 0.5
+            for m in rows:
+                x = torch.randn(m, 3 * k if pro == tv.PRO_MLGRU else k, device=dev, generator=gen).to(bf)
+                bn = (torch.rand(nseg, k, device=dev, generator=gen) + 0.5).to(bf)
+                kw = dict(nseg=nseg, pro=pro, k=k, dtype=bf, norm_weight=(torch.rand(k, device=dev, generator=gen) + .5).to(bf),
+                          s_in=torch.randn(m, k, device=dev, generator=gen),
+                          lower_bound=torch.rand(k, device=dev, generator=gen) * .5 if pro == tv.PRO_MLGRU else None)
+                res = {"residual": torch.randn(m, nseg * n, device=dev, generator=gen).to(bf)} \
+                    if epi == tv.EPI_RESIDUAL else {}
+                for ci in cfgs:
+                    cfg = tg._gemm_configs(m)[ci]
+                    got = []
+                    for inside in (False, True, True):
+                        sc = tv.Scratch(nseg, m, k, dev)
+                        s_out = torch.zeros(m, k, device=dev)
+                        out = torch.empty(m, n if epi == tv.EPI_GLU else nseg * n, device=dev, dtype=bf)
+                        if inside:
+                            tg.gemm(sc, w, sw, out, k=k, epi=epi, config=cfg,
+                                    prepass=dict(kw, x=x, bit_norm=bn, s_out=s_out), **res)
+                        else:
+                            tg.quantize(x, bn, sc, s_out=s_out, **kw)
+                            tg.gemm(sc, w, sw, out, k=k, epi=epi, config=cfg, **res)
+                        got.append((out, sc.xq.view(torch.int8), sc.sx, s_out, int(sc.flag[0])))
+                    (o0, q0, x0, s0, _), (o1, q1, x1, s1, f1), (o2, q2, x2, s2, f2) = got
+                    out_rows.append(dict(
+                        shape=f"{name} d {d}", rows=m, schedule=str(cfg),
+                        bit_equal=bool(torch.equal(o1, o0) and torch.equal(q1, q0) and torch.equal(x1, x0)
+                                       and torch.equal(s1, s0)),
+                        int8_values_differing=int((q1 != q0).sum()), int8_values=q0.numel(),
+                        max_rel_sx_diff=((x1 - x0).abs() / x0).max().item(), max_row_rel_err=row_errs(o1, o0).max().item(),
+                        second_launch_identical=bool(torch.equal(o2, o1) and torch.equal(q2, q1) and torch.equal(s2, s1)),
+                        counter_left_at_zero=f1 == 0 and f2 == 0))
+    return out_rows
+
+
+def check_prepass_inside(quick: bool):
+    """The decode GEMM with its pre-pass inside the same launch (``GraphDecoder.PREPASS_INSIDE``) on the GPU:
+    ``prepass_inside_cases`` at 370m and 13b widths (quick: 370m only), and decoders with and without it
+    (first schedules, whole pre-pass rows) on the 4096-wide, 2-layer random fp32 model at batch 4 and 16, fed
+    the eager model's greedy tokens (``_decoder_pair``)."""
+    from mmf.bench import overridden
+    from mmf.kernels import ternary_gemv as tv
+
+    out = []
+    with overridden({(tv, "TUNE"): False}):
+        for r in prepass_inside_cases([(1024, 2816)] if quick else [(1024, 2816), (5120, 13824)], (5, 16), (0, 6, 12)):
+            out.append(dict(op="gemm with the pre-pass inside vs quantize + gemm", **r))
+        model = _wide_model()
+        for batch in (4,) if quick else (4, 16):
+            res = _decoder_pair(model, batch, dict(PREPASS_INSIDE="always"), dict(PREPASS_INSIDE="never"))
+            out.append(dict(op="GraphDecoder, pre-pass inside", path="graph", dtype="float32",
+                            shape=f"batch {batch}, d 4096, L 2, 8 steps", **res))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # GEMV bandwidth
 # ----------------------------------------------------------------------------------------------

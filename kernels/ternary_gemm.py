@@ -494,7 +494,9 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
 
     ``prepass``: ``quantize``'s keyword arguments (x, bit_norm, nseg, pro, ...; whole rows, no ``stats``): the
     pre-pass runs inside this launch (``_gemm_preq_kernel``) instead of as a kernel of its own; decode batches
-    only, ``scratch`` as ``quantize`` would leave it."""
+    only. ``scratch`` and ``out`` are ``quantize`` + ``gemm``'s bit for bit where the schedule's warp count is
+    the pre-pass kernel's (the interpreter, rows under 512 words); otherwise the row reductions add in another
+    order (s_x to fp32 rounding, int8 values within a rounding flip; an H200 check found 13b shapes differing)."""
     m = out.shape[0]
     if prepass is not None:
         assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "prepass: decode batches only (the fused kernel)"

@@ -639,3 +639,17 @@ def test_graph_decoder_with_the_pre_pass_inside(monkeypatch):
     monkeypatch.setattr(GraphDecoder, "PREPASS_INSIDE", "sometimes")
     with pytest.raises(MMFError, match="never, whole or always"):
         GraphDecoder(model, 3)
+
+
+def test_prepass_inside_cases_on_odd_shapes():
+    """The GPU benchmarks' comparison of ``gemm(prepass=)`` with ``quantize`` + ``gemm`` (``kernel_bench.
+    prepass_inside_cases``), here on odd widths in the interpreter: every case bit-equal, repeated exactly, its
+    counter left at zero."""
+    from mmf.bench.kernel_bench import prepass_inside_cases
+
+    torch.manual_seed(0)
+    rows = prepass_inside_cases([(72, 90)], (3,), (0,), dev="cpu")
+    assert [r["shape"] for r in rows] == ["ifg d 72", "o d 72", "gate/up d 72", "down d 72"]
+    for r in rows:
+        assert r["bit_equal"] and r["second_launch_identical"] and r["counter_left_at_zero"], r
+        assert r["int8_values_differing"] == 0 and r["max_rel_sx_diff"] == 0 and r["max_row_rel_err"] == 0
