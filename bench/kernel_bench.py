@@ -338,7 +338,8 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0) -> list:
             for m in rows:
                 x = torch.randn(m, 3 * k if pro == tv.PRO_MLGRU else k, device=dev, generator=gen).to(bf)
                 bn = (torch.rand(nseg, k, device=dev, generator=gen) + 0.5).to(bf)
-                kw = dict(nseg=nseg, pro=pro, k=k, dtype=bf, norm_weight=(torch.rand(k, device=dev, generator=gen) + .5).to(bf),
+                kw = dict(nseg=nseg, pro=pro, k=k, dtype=bf,
+                          norm_weight=(torch.rand(k, device=dev, generator=gen) + .5).to(bf),
                           s_in=torch.randn(m, k, device=dev, generator=gen),
                           lower_bound=torch.rand(k, device=dev, generator=gen) * .5 if pro == tv.PRO_MLGRU else None)
                 res = {"residual": torch.randn(m, nseg * n, device=dev, generator=gen).to(bf)} \
@@ -363,8 +364,10 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0) -> list:
                         bit_equal=bool(torch.equal(o1, o0) and torch.equal(q1, q0) and torch.equal(x1, x0)
                                        and torch.equal(s1, s0)),
                         int8_values_differing=int((q1 != q0).sum()), int8_values=q0.numel(),
-                        max_rel_sx_diff=((x1 - x0).abs() / x0).max().item(), max_row_rel_err=row_errs(o1, o0).max().item(),
-                        second_launch_identical=bool(torch.equal(o2, o1) and torch.equal(q2, q1) and torch.equal(s2, s1)),
+                        max_rel_sx_diff=((x1 - x0).abs() / x0).max().item(),
+                        max_row_rel_err=row_errs(o1, o0).max().item(),
+                        second_launch_identical=bool(torch.equal(o2, o1) and torch.equal(q2, q1)
+                                                     and torch.equal(s2, s1)),
                         counter_left_at_zero=f1 == 0 and f2 == 0))
     return out_rows
 

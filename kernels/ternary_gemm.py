@@ -349,9 +349,11 @@ def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_b
     (NQ = M x NSEGQ, whole rows) each quantise one row of one segment (``_quant_row``, the pre-pass's code)
     and then add 1 to FLAG (release); every later program is one program of ``_gemm_kernel``'s grid, which
     first waits until FLAG has reached NQ (acquire), then adds 1 itself; the last of them to arrive sets
-    FLAG back to 0 for the next launch. A GPU starts a grid's programs in order of their index, so the
-    pre-pass programs are resident before any GEMM program waits for them. SPIN=False (the interpreter,
-    whose programs run one after another in that order) does not wait."""
+    FLAG back to 0 for the next launch. NVIDIA GPUs start a grid's programs in order of their index, so the
+    pre-pass programs are resident before any GEMM program waits for them: that is how the block scheduler
+    behaves (kernels that wait on a lower-numbered program, such as decoupled look-back scans, rely on it), not
+    a guarantee of CUDA's programming model, which is one reason this path is a switch. SPIN=False (the
+    interpreter, whose programs run one after another in that order) does not wait."""
     pid = tl.program_id(0)
     if pid < NQ:
         m = pid % M
