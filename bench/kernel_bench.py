@@ -313,14 +313,16 @@ def check_row_stats(quick: bool):
     return out
 
 
-def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0) -> list:
+def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0, gated=False) -> list:
     """``ternary_gemm.gemm(prepass=)`` (the pre-pass inside the GEMM's launch) against ``quantize`` then ``gemm``
     for each decoder shape of each (d, ffn) in ``widths`` (i/f/g: three segments and the norm prologue; o: the
-    MLGRU one with a lower bound and the residual; gate/up: the GLU pair; down: plain with the residual), each
-    row count in ``rows`` and each schedule index of ``_gemm_configs(m)`` in ``cfgs``, random bf16 inputs:
+    MLGRU one with a lower bound and the residual; gate/up: the GLU pair; down: plain with the residual; with
+    ``gated`` also the gated-norm prologue, which the decoder does not use), each row count in ``rows`` and
+    each schedule in ``cfgs`` (an index into ``_gemm_configs(m)``, or a schedule), random bf16 inputs:
     whether outputs, scratch and MLGRU state are equal bit for bit, how many int8 values differ, the largest
-    relative s_x difference and row error of the output, and whether a second launch repeats the first
-    exactly (a race between the pre-pass's programs and the GEMM's would show there)."""
+    relative s_x difference and row error of the output, whether every output was written, and whether a
+    second launch repeats the first exactly (a race between the pre-pass's programs and the GEMM's would show
+    there) and leaves its counter at zero."""
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
@@ -329,10 +331,10 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0) -> list:
     bf = torch.bfloat16
     out_rows = []
     for d, f in widths:
-        for name, nseg, n, k, pro, epi in (("ifg", 3, d, d, tv.PRO_NORM, tv.EPI_STORE),
-                                           ("o", 1, d, d, tv.PRO_MLGRU, tv.EPI_RESIDUAL),
-                                           ("gate/up", 1, f, d, tv.PRO_NORM, tv.EPI_GLU),
-                                           ("down", 1, d, f, tv.PRO_PLAIN, tv.EPI_RESIDUAL)):
+        shapes = [("ifg", 3, d, d, tv.PRO_NORM, tv.EPI_STORE), ("o", 1, d, d, tv.PRO_MLGRU, tv.EPI_RESIDUAL),
+                  ("gate/up", 1, f, d, tv.PRO_NORM, tv.EPI_GLU), ("down", 1, d, f, tv.PRO_PLAIN, tv.EPI_RESIDUAL)]
+        shapes += [("gated", 1, d, d, tv.PRO_GATED, tv.EPI_RESIDUAL)] if gated else []
+        for name, nseg, n, k, pro, epi in shapes:
             w = [rand_packed(2 * n if epi == tv.EPI_GLU else n, k, dev) for _ in range(nseg)]
             sw = torch.rand(nseg, device=dev, generator=gen) + 0.5
             for m in rows:
@@ -340,17 +342,18 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0) -> list:
                 bn = (torch.rand(nseg, k, device=dev, generator=gen) + 0.5).to(bf)
                 kw = dict(nseg=nseg, pro=pro, k=k, dtype=bf,
                           norm_weight=(torch.rand(k, device=dev, generator=gen) + .5).to(bf),
+                          g=torch.randn(m, k, device=dev, generator=gen).to(bf) if pro == tv.PRO_GATED else None,
                           s_in=torch.randn(m, k, device=dev, generator=gen),
                           lower_bound=torch.rand(k, device=dev, generator=gen) * .5 if pro == tv.PRO_MLGRU else None)
                 res = {"residual": torch.randn(m, nseg * n, device=dev, generator=gen).to(bf)} \
                     if epi == tv.EPI_RESIDUAL else {}
-                for ci in cfgs:
-                    cfg = tg._gemm_configs(m)[ci]
+                for c in cfgs:
+                    cfg = tg._gemm_configs(m)[c] if isinstance(c, int) else c
                     got = []
                     for inside in (False, True, True):
                         sc = tv.Scratch(nseg, m, k, dev)
                         s_out = torch.zeros(m, k, device=dev)
-                        out = torch.empty(m, n if epi == tv.EPI_GLU else nseg * n, device=dev, dtype=bf)
+                        out = torch.full((m, n if epi == tv.EPI_GLU else nseg * n), float("nan"), device=dev, dtype=bf)
                         if inside:
                             tg.gemm(sc, w, sw, out, k=k, epi=epi, config=cfg,
                                     prepass=dict(kw, x=x, bit_norm=bn, s_out=s_out), **res)
@@ -366,6 +369,7 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0) -> list:
                         int8_values_differing=int((q1 != q0).sum()), int8_values=q0.numel(),
                         max_rel_sx_diff=((x1 - x0).abs() / x0).max().item(),
                         max_row_rel_err=row_errs(o1, o0).max().item(),
+                        outputs_written=not (o0.isnan().any() or o1.isnan().any()),
                         second_launch_identical=bool(torch.equal(o2, o1) and torch.equal(q2, q1)
                                                      and torch.equal(s2, s1)),
                         counter_left_at_zero=f1 == 0 and f2 == 0))
