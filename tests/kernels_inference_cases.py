@@ -610,3 +610,46 @@ def test_graph_decoder_with_the_pre_pass_inside(monkeypatch):
     with pytest.raises(MMFError, match="never, whole or always"):
         GraphDecoder(model, 3)
 
+
+
+def test_decode_breakdown_gemm_variants_do_what_they_say():
+    """decode_breakdown's batched variants are text edits of ternary_gemm: each builds a kernel that runs, and
+    removes the work its name says (the interpreter has no programmatic dependent launch, so ``nowait``'s
+    output is the base's there)."""
+    from mmf.bench import decode_breakdown
+
+    variants = decode_breakdown._Variants(ternary_gemm, {}, gemm=True)
+    g = torch.Generator().manual_seed(77)
+    m, n, k = 5, 23, 150
+    x = torch.randn(m, k, generator=g) * 2
+    nw = torch.rand(1, k, generator=g) + 0.5
+    packed = pack_i2(rand_codes(n, k, g))
+    sw = torch.tensor([0.9])
+
+    def run(mod):
+        sc = ternary_gemv.Scratch(1, m, k, "cpu")
+        sc.xq.fill_(0x01020301)  # codes of a stale scratch: what a pre-pass that does not run leaves
+        sc.sx.fill_(3.0)
+        sc.sumx.fill_(11)
+        before = (sc.xq.clone(), sc.sx.clone(), sc.sumx.clone())
+        mod.quantize(x, nw, sc)
+        untouched = all(torch.equal(a, b) for a, b in zip(before, (sc.xq, sc.sx, sc.sumx)))
+        out = torch.full((m, n), float("nan"))
+        mod.gemm(sc, [packed], sw, out, k=k)
+        return out, untouched, sc
+
+    base, untouched, sc = run(ternary_gemm)
+    assert not untouched and torch.isfinite(base).all()
+    outs = {}
+    for name in decode_breakdown.GEMM_VARIANTS:
+        outs[name] = run(variants.module(name))
+    assert torch.equal(outs["base"][0], base) and torch.equal(outs["nowait"][0], base)
+    for name in ("noprepass", "noquant"):  # the stale scratch read as it was
+        out, untouched, _ = outs[name]
+        assert untouched and torch.isfinite(out).all() and not torch.equal(out, base), name
+    out = outs["nounpack"][0]
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    # without the epilogue's loads the output is the integer sum itself: base * s_x * s_w + sum(xq)
+    acc = base.double() * sc.sx[0, :, None].double() * sw.double() + sc.sumx[0, :, None].double()
+    assert torch.allclose(outs["noepiload"][0].double(), acc, rtol=1e-4, atol=1e-2)
+    assert torch.isnan(outs["nogemm"][0]).all()  # the output never written

@@ -38,6 +38,8 @@ def test_help(name, capsys):
     ("decode_breakdown", ["--variants", "base", "pipe4"], "unknown variant 'pipe4'"),
     ("decode_breakdown", ["--extra", "/nonexistent/tv.py"], "no such file"),
     ("decode_breakdown", ["--sizes", "transformer++-370m"], "MatMul-free presets"),
+    ("decode_breakdown", ["--batch", "1,65"], "give batches 1-64"),
+    ("decode_breakdown", ["--batch", "4", "--gemm-variants", "base", "nopro"], "--gemm-variants: unknown variant"),
     ("decoder_build_time", ["--model", "99b"], "unknown preset"),
     ("generate_graph_check", ["--max-new-tokens", "0"], "give 1 or more"),
     ("generate_graph_check", ["--models", "99b"], "unknown preset"),
@@ -62,23 +64,38 @@ def test_without_a_gpu_says_so(name, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_decode_breakdown_variants_apply_to_the_installed_kernel():
-    """Each variant is a text edit of kernels/ternary_gemv.py; an edit that no longer matches the kernel
-    would time the unedited kernel under the variant's name, so building it must fail instead."""
+@pytest.mark.parametrize("gemm", [False, True])
+def test_decode_breakdown_variants_apply_to_the_installed_kernel(gemm):
+    """Each variant is a text edit of kernels/ternary_gemv.py (batch 1) or kernels/ternary_gemm.py (batches
+    above 1); an edit that no longer matches the kernel would time the unedited kernel under the variant's
+    name, so building it must fail instead, and so must a variant only some of whose edits apply. (What the
+    batched variants' kernels do: tests/kernels_inference_cases.py.)"""
+    from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
-    variants = decode_breakdown._Variants(tv, {})
+    real = tg if gemm else tv
+    variants = decode_breakdown._Variants(real, {}, gemm=gemm)
+    names = decode_breakdown.GEMM_VARIANTS if gemm else decode_breakdown.EDITED_VARIANTS
     sources = {}
-    for name in decode_breakdown.EDITED_VARIANTS:
+    for name in names:
         mod = variants.module(name)  # raises SystemExit where an edit does not apply
-        assert callable(mod.gemv) and mod is not tv
+        assert callable(mod.gemm if gemm else mod.gemv) and mod is not real
         sources[name] = open(mod.__file__).read()
     assert sources["base"] == variants.src
     assert len(set(sources.values())) == len(sources), "two variants built the same kernel source"
+    variants.use("base", {})  # a variant in use, then the installed functions back
+    assert (real.gemm is not variants.saved[1]) if gemm else (real.gemv is not variants.saved[0])
+    variants.restore()
+    assert ((real.quantize, real.gemm) if gemm else (real.gemv,)) == variants.saved
+    if gemm:  # noepiload's three edits: the kernel without its first must not pass
+        variants.src = variants.src.replace("        sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)\n", "")
+        variants.mods.clear()
+        with pytest.raises(SystemExit, match="edits do not apply"):
+            variants.module("noepiload")
     variants.src = "def gemv(): pass\n"  # a kernel the edits do not fit
     variants.mods.clear()
     with pytest.raises(SystemExit, match="edits do not apply"):
-        variants.module("nopro")
+        variants.module("nounpack" if gemm else "nopro")
 
 
 def test_batched_decode_variants_set_and_restore_the_decoders_choices():
