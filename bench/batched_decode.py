@@ -39,6 +39,8 @@ VARIANTS = {
                    ("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MAX_ROWS"): 64},
     # each GEMM runs its pre-pass in the same launch (``ternary_gemm.gemm(prepass=)``), whole rows everywhere
     "prepass-inside": {("mmf.decode_graph:GraphDecoder", "PREPASS_INSIDE"): "always"},
+    # the decode GEMM's epilogue operands loaded before its K loop (``ternary_gemm.EPI_EARLY``; bit-equal)
+    "early-epilogue": {("mmf.kernels.ternary_gemm", "EPI_EARLY"): True},
 }
 
 
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
-    from mmf.bench.kernel_bench import check_decoder, check_prepass_inside, check_row_stats, row_stats_errors
+    from mmf.bench.kernel_bench import (check_decoder, check_epi_early, check_prepass_inside, check_row_stats,
+                                        row_stats_errors)
     from mmf.decode_graph import GraphDecoder
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     save()
     if not args.no_checks:
-        for r in check_decoder(quick=False) + check_row_stats(quick=False) + check_prepass_inside(quick=False):
+        for r in (check_decoder(quick=False) + check_row_stats(quick=False) + check_prepass_inside(quick=False)
+                  + check_epi_early(quick=False)):
             print(r, flush=True)
             results["checks"].append(r)
         save()

@@ -19,15 +19,17 @@ GEMV (``mmf.kernels.ternary_gemv``, ``--variants``):
                    through the scratch costs; nostore_nobar also drops the barrier after them
 
 At the batches of ``--batch`` above 1 they are to the pre-pass + int8 tensor-core GEMM path
-(``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit but base is timing only):
+(``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit but early is timing only):
 
     base           the kernels as installed
     noprepass      no pre-pass launched: each GEMM reads the scratch as the last pre-pass left it
     noquant        the pre-pass launched but doing nothing (no wait either): its launch alone
     nowait         the GEMM does not wait for its pre-pass (``gdc_wait`` removed from the GEMM)
     nounpack       the GEMM multiplies the packed bytes as they are (no shift and mask per digit plane)
-    noepiload      the GEMM's epilogue takes s_x, sum(xq) and s_w as constants: its dependent loads
+    noepiload      the GEMM's epilogue takes s_x, sum(xq) and s_w as constants (its residual still
+                   loaded): what its loads after the K loop cost (the bound of ``EPI_EARLY``)
     nogemm         the GEMM launched, waiting and releasing the next kernel, doing nothing else
+    early          ``EPI_EARLY = True``: the epilogue's loads issued before the K loop (bit-equal to base)
 
 Projections that a batch runs on the GEMV (370m at batch 2) are unedited there.
 
@@ -55,7 +57,7 @@ import time
 
 EDITED_VARIANTS = ("base", "nopro", "nowait", "nopro_nowait", "late", "nostore", "nostore_nobar")
 DEFAULT_VARIANTS = ("base", "nopro", "nowait", "nopro_nowait")
-GEMM_VARIANTS = ("base", "noprepass", "noquant", "nowait", "nounpack", "noepiload", "nogemm")
+GEMM_VARIANTS = ("base", "noprepass", "noquant", "nowait", "nounpack", "noepiload", "nogemm", "early")
 SHAPES = [(5120, 5120, "norm"), (5120, 5120, "res"), (13824, 5120, "glu"), (5120, 13824, "res")]  # 13b (N, K)
 
 
@@ -81,10 +83,11 @@ def _gemm_edits():
         "nowait": [(re.compile(r"^(\s*)gdc_wait\(\)$", re.M), r"\1pass")],
         "nounpack": [(re.compile(r"(def _codes\(wb, s: tl\.constexpr, USE_ASM: tl\.constexpr\):\n)"
                                  r".*?\n    return c\n", re.S), r"\1    return wb.to(tl.int8, bitcast=True)\n")],
-        "noepiload": [("        sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)\n", "        sumx = rm * 0\n"),
-                      ("        sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)\n        out = _epilogue(",
-                       "        sx = (rm * 0 + 1).to(tl.float32)\n        out = _epilogue("),
-                      ("                        tl.load(SW + seg), rm, rn,", "                        1.0, rm, rn,")],
+        "noepiload": [("    sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)\n"
+                       "    sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)\n",
+                       "    sumx = rm * 0\n    sx = (rm * 0 + 1).to(tl.float32)\n"),
+                      ("    return sumx, sx, tl.load(SW + seg), res\n", "    return sumx, sx, 1.0, res\n")],
+        "early": [(re.compile(r"^EPI_EARLY = .*$", re.M), "EPI_EARLY = True")],
         "nogemm": [("    _gemm_tile(tl.program_id(0), tl.program_id(1),",
                     "    if PDL:\n        gdc_wait()\n        gdc_launch_dependents()\n"
                     "    if M < 0:\n        _gemm_tile(tl.program_id(0), tl.program_id(1),")],

@@ -376,6 +376,58 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0, gated=False) ->
     return out_rows
 
 
+def epi_early_cases(widths, rows, cfgs, dev="cuda", seed=5, chunks=None) -> list:
+    """``ternary_gemm.EPI_EARLY`` (the decode GEMM's epilogue operands loaded before its K loop) against the
+    default for each decoder shape of each (d, ffn) in ``widths`` (i/f/g: three segments; o and down: the
+    residual; gate/up: the GLU pair), each row count in ``rows`` and each schedule in ``cfgs`` (an index
+    into ``_gemm_configs(m)``, or a schedule), random bf16 inputs quantised as the decoder does (``chunks``
+    None: ``decode_quant_chunks``, so 13b rows are split and sum(xq) is left in parts): whether the outputs
+    are equal bit for bit, and whether every output was written."""
+    from mmf.bench import overridden
+    from mmf.kernels import ternary_gemm as tg
+    from mmf.kernels import ternary_gemv as tv
+
+    dev = torch.device(dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    bf = torch.bfloat16
+    out = []
+    for d, f in widths:
+        for name, nseg, n, k, epi in (("ifg", 3, d, d, tv.EPI_STORE), ("o", 1, d, d, tv.EPI_RESIDUAL),
+                                      ("gate/up", 1, f, d, tv.EPI_GLU), ("down", 1, d, f, tv.EPI_RESIDUAL)):
+            w = [rand_packed(2 * n if epi == tv.EPI_GLU else n, k, dev) for _ in range(nseg)]
+            sw = torch.rand(nseg, device=dev, generator=gen) + 0.5
+            for m in rows:
+                sc = tv.Scratch(nseg, m, k, dev)
+                tg.quantize(torch.randn(m, k, device=dev, generator=gen).to(bf),
+                            (torch.rand(nseg, k, device=dev, generator=gen) + 0.5).to(bf), sc, nseg=nseg, k=k,
+                            chunks=tg.decode_quant_chunks(m, d) if chunks is None else chunks)
+                res = {"residual": torch.randn(m, nseg * n, device=dev, generator=gen).to(bf)} \
+                    if epi == tv.EPI_RESIDUAL else {}
+                for c in cfgs:
+                    cfg = tg._gemm_configs(m)[c] if isinstance(c, int) else c
+                    got = []
+                    for early in (False, True):
+                        o = torch.full((m, n if epi == tv.EPI_GLU else nseg * n), float("nan"), device=dev, dtype=bf)
+                        with overridden({(tg, "EPI_EARLY"): early}):
+                            tg.gemm(sc, w, sw, o, k=k, epi=epi, config=cfg, **res)
+                        got.append(o)
+                    out.append(dict(shape=f"{name} d {d}", rows=m, schedule=str(cfg), pre_pass_programs_per_row=sc.nch,
+                                    bit_equal=bool(torch.equal(got[0], got[1])),
+                                    outputs_written=not (got[0].isnan().any() or got[1].isnan().any())))
+    return out
+
+
+def check_epi_early(quick: bool):
+    """``epi_early_cases`` on the GPU at 370m and 13b widths (quick: 370m), 5 and 16 rows, three schedules
+    (activations left, weights left, split-K)."""
+    from mmf.bench import overridden
+    from mmf.kernels import ternary_gemv as tv
+
+    with overridden({(tv, "TUNE"): False}):
+        return [dict(op="decode GEMM, epilogue operands before the K loop vs after", **r) for r in
+                epi_early_cases([(1024, 2816)] if quick else [(1024, 2816), (5120, 13824)], (5, 16), (0, 6, 12))]
+
+
 def check_prepass_inside(quick: bool):
     """The decode GEMM with its pre-pass inside the same launch (``GraphDecoder.PREPASS_INSIDE``) on the GPU:
     ``prepass_inside_cases`` at 370m and 13b widths (quick: 370m only), and decoders with and without it

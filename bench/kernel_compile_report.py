@@ -9,7 +9,8 @@ and for code that a refactor changed, before a GPU session. Variants (``--varian
 * ``default`` — ``_gemm_kernel`` as the pre-pass path launches it;
 * ``stats`` — with the epilogue leaving its output's row statistics (``RowStats``: sum(out²) per column
   tile, ``STATS=1``), as where the next pre-pass splits rows;
-* ``stats-max`` — also max|out · w| (``STATS=2``), as before the down projection's pre-pass.
+* ``stats-max`` — also max|out · w| (``STATS=2``), as before the down projection's pre-pass;
+* ``early`` — the epilogue's operands loaded before the K loop (``EARLY``, ``ternary_gemm.EPI_EARLY``).
 
     python -m mmf.bench.kernel_compile_report --rows 16,64 --max-schedules 6 --json-out F
 
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = {"default": 0, "stats": 1, "stats-max": 2}  # the kernel's STATS constexpr
+VARIANTS = {"default": {}, "stats": {"STATS": 1}, "stats-max": {"STATS": 2}, "early": {"EARLY": True}}  # constexprs
 # pointer arguments by name (their element types) and integer arguments the JIT sees divisible by 16
 _PTR = {"XQ": "*i8", "SX": "*fp32", "SUMX": "*i32", "RED": "*fp32", "W0": "*u8", "W1": "*u8", "W2": "*u8",
         "SW": "*fp32", "OUT": "*bf16", "RES": "*bf16", "WS": "*i32", "CTR": "*i32", "SS": "*fp32", "SSW": "*bf16"}
@@ -90,11 +91,11 @@ def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str 
                 shared_bytes=int(kernel.metadata.shared), ptx_instructions=len(body))
 
 
-def gemm_consts(cfg, epi: int, stats: int) -> dict:
-    """``_gemm_kernel``'s constexprs at schedule ``cfg``, epilogue ``epi`` and row-statistics kind ``stats``."""
+def gemm_consts(cfg, epi: int, variant: dict) -> dict:
+    """``_gemm_kernel``'s constexprs at schedule ``cfg``, epilogue ``epi`` and a ``VARIANTS`` entry."""
     bm, bn, bk = cfg[:3]
     return dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True, SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True,
-                SPLIT=cfg[6] if len(cfg) > 6 else 1, NCH=1, STATS=stats)
+                SPLIT=cfg[6] if len(cfg) > 6 else 1, NCH=1, STATS=0, EARLY=False) | variant
 
 
 def main(argv=None) -> int:

@@ -244,20 +244,44 @@ def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.const
 
 
 @triton.jit
+def _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI: tl.constexpr, NCH: tl.constexpr,
+                  WITH_RES: tl.constexpr):
+    """What the epilogue reads besides the sums: sum(xq) and s_x of rows rm, s_w, and with WITH_RES the
+    residual tile (EPI_RESIDUAL; else s_x stands in: ``_epilogue`` loads the residual itself)."""
+    sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)
+    sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
+    res = sx
+    if EPI == 1 and WITH_RES:
+        res = tl.load(RES + rm[:, None] * sr_m + (seg * N + rn)[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
+                      other=0.0)
+    return sumx, sx, tl.load(SW + seg), res
+
+
+@triton.jit
 def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
             pid_n, SS, SSW, SSEG, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
-            DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr):
+            DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr,
+            EARLY: tl.constexpr = False, e_sumx=0, e_sx=0, e_sw=0, e_res=0):
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
     epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS), and with
-    STATS the ``RowStats`` of segment SSEG's output."""
+    STATS the ``RowStats`` of segment SSEG's output. EARLY: the ``_epi_operands`` (e_*) were loaded before the
+    K loop (``EPI_EARLY``), else they are loaded here."""
     last = True
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
     if last:
-        sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)
-        sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
-        out = _epilogue(tl.trans(acc) if TRANS else acc, tl.trans(acc2) if TRANS else acc2, sumx, sx,
-                        tl.load(SW + seg), rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+        dot = tl.trans(acc) if TRANS else acc
+        dot2 = tl.trans(acc2) if TRANS else acc2
+        if EARLY:
+            if EPI == 1:
+                out = _epilogue(dot, dot2, e_sumx, e_sx, e_sw, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT,
+                                USE_ASM, e_res)
+            else:
+                out = _epilogue(dot, dot2, e_sumx, e_sx, e_sw, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT,
+                                USE_ASM)
+        else:
+            sumx, sx, sw, _ = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH, False)
+            out = _epilogue(dot, dot2, sumx, sx, sw, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         if STATS > 0:
             if seg == SSEG:
                 _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS)
@@ -267,7 +291,7 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
 def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW,
                SSEG, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
-               NCH: tl.constexpr, STATS: tl.constexpr):
+               NCH: tl.constexpr, STATS: tl.constexpr, EARLY: tl.constexpr = False):
     """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there)."""
     DT: tl.constexpr = OUT.dtype.element_ty
     part = pid % SPLIT
@@ -284,6 +308,9 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
     if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
         gdc_wait()
         gdc_launch_dependents()
+    e_sumx, e_sx, e_sw, e_res = 0, 0, 0, 0
+    if EARLY:  # the epilogue's operands loaded beside the first weight blocks, not after the K loop
+        e_sumx, e_sx, e_sw, e_res = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH, True)
     if SWAP:  # weights as the left operand (kept in registers), activations transposed on the right
         accT = tl.zeros((BN, BM), tl.int32)
         acc2T = tl.zeros((BN, BM), tl.int32)
@@ -301,7 +328,8 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
                 if EPI == 2:
                     acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
         _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
+                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
+                e_res)
     else:
         acc = tl.zeros((BM, BN), tl.int32)
         acc2 = tl.zeros((BM, BN), tl.int32)
@@ -319,23 +347,28 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
                 if EPI == 2:
                     acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
+                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
+                e_res)
 
 
 @triton.jit
 def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0):
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY: tl.constexpr = False):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
     parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
     also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
-    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile)."""
+    the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile).
+
+    EARLY (``EPI_EARLY``): the epilogue's loads (s_x, sum(xq), s_w, the residual) issued right after the wait,
+    beside the first weight blocks, instead of after the K loop."""
     _gemm_tile(tl.program_id(0), tl.program_id(1), XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N,
-               P, PB, WS, CTR, KS, SS, SSW, SSEG, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, NCH, STATS)
+               P, PB, WS, CTR, KS, SS, SSW, SSEG, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, NCH, STATS,
+               EARLY)
 
 
 @triton.jit
@@ -452,6 +485,17 @@ def split_parts(p: int, bk: int, split: int):
     return triton.cdiv(blocks, per), per * bk
 
 
+# The decode GEMM's epilogue operands (s_x, sum(xq), s_w, the residual tile) loaded right after the wait for
+# the pre-pass, beside the first weight blocks, instead of after the K loop (``_gemm_kernel``'s EARLY; not the
+# ``gemm(prepass=)`` path): bit-equal either way. In the sm_90a code of the default the epilogue's loads are a
+# second dependent round trip after the products. Only on 16-row tiles (decode batches up to 16): holding
+# a residual tile of 64 rows across the loop took up to 69 more registers and spilled (offline sm_90a compile,
+# ``kernel_compile_report --variants default,early``). Not yet timed on a GPU, so off; ``batched_decode --variants
+# early-epilogue`` and ``decode_breakdown --gemm-variants early noepiload`` measure it. Tuned schedules are
+# shared with the default (the tuner's key ignores it), so an A/B in one process differs only by this.
+EPI_EARLY = False
+
+
 def _launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
@@ -480,7 +524,7 @@ def _launch(cfg, a):
         return
     _gemm_kernel[(tiles * split, a["nseg"])](
         *gemm_args, st.buf if stats else ws, ssw if stats == 2 else ws, a.get("stats_seg", 0), NCH=a["nch"],
-        STATS=stats, **common)
+        STATS=stats, EARLY=EPI_EARLY and bm <= 16, **common)
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,

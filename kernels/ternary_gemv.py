@@ -351,10 +351,11 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
 
 @triton.jit
 def _epilogue(dot, dot2, sumx, sx, sw, rows_m, rows_n, seg, OUT, RES, M, N, so_m, sr_m,
-              EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
+              EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, res=None):
     """dot (BM, BN) int32 sums of c*x, sumx and s_x (BM,), s_w -> y = (dot - sum x) / (s_x s_w), then
     the epilogue. (s_x and s_w come in registers: loaded here, they drew 5-8 % of the stall samples
-    of a profiled GEMV launch; in whole-model decode the move alone measured no difference.)"""
+    of a profiled GEMV launch; in whole-model decode the move alone measured no difference.) ``res``: the
+    residual tile (EPI_RESIDUAL) loaded already, else it is loaded here."""
     mmask = rows_m < M
     den = (sx * sw)[:, None]
     y = tl.math.div_rn((dot - sumx[:, None]).to(tl.float32), den)
@@ -367,7 +368,8 @@ def _epilogue(dot, dot2, sumx, sx, sw, rows_m, rows_n, seg, OUT, RES, M, N, so_m
     else:
         col = seg * N + rows_n
         if EPI == 1:
-            res = tl.load(RES + rows_m[:, None] * sr_m + col[None, :], mask=omask, other=0.0)
+            if res is None:
+                res = tl.load(RES + rows_m[:, None] * sr_m + col[None, :], mask=omask, other=0.0)
             out = _to(_to(y, DT, USE_ASM).to(tl.float32) + res.to(tl.float32), DT, USE_ASM)
         else:
             out = _to(y, DT, USE_ASM)

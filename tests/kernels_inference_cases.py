@@ -653,3 +653,18 @@ def test_decode_breakdown_gemm_variants_do_what_they_say():
     acc = base.double() * sc.sx[0, :, None].double() * sw.double() + sc.sumx[0, :, None].double()
     assert torch.allclose(outs["noepiload"][0].double(), acc, rtol=1e-4, atol=1e-2)
     assert torch.isnan(outs["nogemm"][0]).all()  # the output never written
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_gemm_epilogue_operands_loaded_early(chunks):
+    """``EPI_EARLY`` (the epilogue's s_x, sum(xq), s_w and residual loaded before the K loop) gives the same
+    output bit for bit as the default, through the GPU check's comparison (``kernel_bench.epi_early_cases``):
+    every epilogue, both operand orders, split-K, odd K over two blocks, and with ``chunks`` 2 sum(xq) in the
+    parts a split pre-pass leaves."""
+    from mmf.bench import kernel_bench
+
+    rows = kernel_bench.epi_early_cases([(70, 150)], (5,), [(16, 64, 32, 4, 1), (16, 64, 32, 4, 1, 1),
+                                                            (16, 64, 32, 4, 1, 1, 2)], "cpu", chunks=chunks)
+    assert len(rows) == 12 and all(r["pre_pass_programs_per_row"] == chunks for r in rows)
+    bad = [r for r in rows if not (r["bit_equal"] and r["outputs_written"])]
+    assert not bad, bad

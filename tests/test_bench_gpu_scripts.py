@@ -87,8 +87,8 @@ def test_decode_breakdown_variants_apply_to_the_installed_kernel(gemm):
     assert (real.gemm is not variants.saved[1]) if gemm else (real.gemv is not variants.saved[0])
     variants.restore()
     assert ((real.quantize, real.gemm) if gemm else (real.gemv,)) == variants.saved
-    if gemm:  # noepiload's three edits: the kernel without its first must not pass
-        variants.src = variants.src.replace("        sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)\n", "")
+    if gemm:  # noepiload's two edits: the kernel without the second's text must not pass
+        variants.src = variants.src.replace("    return sumx, sx, tl.load(SW + seg), res\n", "")
         variants.mods.clear()
         with pytest.raises(SystemExit, match="edits do not apply"):
             variants.module("noepiload")
@@ -119,8 +119,9 @@ def test_batched_decode_variants_set_and_restore_the_decoders_choices():
 
 def test_kernel_compile_report_compiles_for_a_gpu_that_is_not_here(tmp_path, capsys):
     """``kernel_compile_report`` compiles the decode GEMM for sm_90a with the installed Triton and reads
-    registers and spills from its bundled ptxas, with no GPU: the default kernel and the one whose epilogue
-    also leaves row statistics with max|out w|, at the first 16-row schedule; bad arguments are one line."""
+    registers and spills from its bundled ptxas, with no GPU: the default kernel, the one whose epilogue
+    also leaves row statistics with max|out w|, and the one that loads its epilogue's operands before the K
+    loop, at the first 16-row schedule with the residual epilogue; bad arguments are one line."""
     import json
 
     from mmf.bench import kernel_compile_report as kcr
@@ -128,13 +129,13 @@ def test_kernel_compile_report_compiles_for_a_gpu_that_is_not_here(tmp_path, cap
     if kcr.ptxas_path() is None:
         pytest.skip("the installed Triton bundles no ptxas")
     out = tmp_path / "r.json"
-    assert kcr.main(["--rows", "16", "--max-schedules", "1", "--epilogues", "store", "--variants",
-                     "default,stats-max", "--json-out", str(out)]) == 0
+    assert kcr.main(["--rows", "16", "--max-schedules", "1", "--epilogues", "residual", "--variants",
+                     "default,stats-max,early", "--json-out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["default", "stats-max"]
-    assert all(0 < r["registers"] <= 255 for r in rows), rows
-    assert rows[0]["spill_bytes"] == 0 and rows[1]["spill_bytes"] == 0, rows
+    assert [r["variant"] for r in rows] == ["default", "stats-max", "early"]
+    assert all(0 < r["registers"] <= 255 and r["spill_bytes"] == 0 for r in rows), rows
     assert rows[1]["ptx_instructions"] > rows[0]["ptx_instructions"]
+    assert rows[2]["ptx_instructions"] != rows[0]["ptx_instructions"]  # the residual's load moved
     capsys.readouterr()
     assert kcr.main(["--variants", "fast"]) == 2
     err = capsys.readouterr().err
