@@ -41,6 +41,8 @@ VARIANTS = {
     "prepass-inside": {("mmf.decode_graph:GraphDecoder", "PREPASS_INSIDE"): "always"},
     # the decode GEMM's epilogue operands loaded before its K loop (``ternary_gemm.EPI_EARLY``; bit-equal)
     "early-epilogue": {("mmf.kernels.ternary_gemm", "EPI_EARLY"): True},
+    # also schedules with one K block per program, its weights loaded before the wait (tuned afresh)
+    "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
 }
 
 
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
-    from mmf.bench.kernel_bench import (check_decoder, check_epi_early, check_prepass_inside, check_row_stats,
+    from mmf.bench.kernel_bench import (check_decoder, check_gemm_variants, check_prepass_inside, check_row_stats,
                                         row_stats_errors)
     from mmf.decode_graph import GraphDecoder
 
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
     save()
     if not args.no_checks:
         for r in (check_decoder(quick=False) + check_row_stats(quick=False) + check_prepass_inside(quick=False)
-                  + check_epi_early(quick=False)):
+                  + check_gemm_variants(quick=False)):
             print(r, flush=True)
             results["checks"].append(r)
         save()

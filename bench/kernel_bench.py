@@ -376,13 +376,14 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0, gated=False) ->
     return out_rows
 
 
-def epi_early_cases(widths, rows, cfgs, dev="cuda", seed=5, chunks=None) -> list:
-    """``ternary_gemm.EPI_EARLY`` (the decode GEMM's epilogue operands loaded before its K loop) against the
-    default for each decoder shape of each (d, ffn) in ``widths`` (i/f/g: three segments; o and down: the
-    residual; gate/up: the GLU pair), each row count in ``rows`` and each schedule in ``cfgs`` (an index
-    into ``_gemm_configs(m)``, or a schedule), random bf16 inputs quantised as the decoder does (``chunks``
-    None: ``decode_quant_chunks``, so 13b rows are split and sum(xq) is left in parts): whether the outputs
-    are equal bit for bit, and whether every output was written."""
+def gemm_pair_cases(widths, rows, pairs, dev="cuda", seed=5, chunks=None) -> list:
+    """Two ways of running the decode GEMM against each other, for each decoder shape of each (d, ffn) in
+    ``widths`` (i/f/g: three segments; o and down: the residual; gate/up: the GLU pair) and each row count in
+    ``rows``: ``pairs`` holds ((schedule, settings), (schedule, settings)), a schedule being an index into
+    ``_gemm_configs(m)`` or a schedule, the settings ``ternary_gemm`` attributes set while it runs. Random bf16
+    inputs, quantised as the decoder does (``chunks`` None: ``decode_quant_chunks``, so 13b rows are split and
+    sum(xq) is left in parts). Reports whether the outputs are equal bit for bit (the int32 sums are exact, so
+    every schedule must give the same output) and whether every output was written."""
     from mmf.bench import overridden
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
@@ -403,29 +404,46 @@ def epi_early_cases(widths, rows, cfgs, dev="cuda", seed=5, chunks=None) -> list
                             chunks=tg.decode_quant_chunks(m, d) if chunks is None else chunks)
                 res = {"residual": torch.randn(m, nseg * n, device=dev, generator=gen).to(bf)} \
                     if epi == tv.EPI_RESIDUAL else {}
-                for c in cfgs:
-                    cfg = tg._gemm_configs(m)[c] if isinstance(c, int) else c
+                for pair in pairs:
                     got = []
-                    for early in (False, True):
+                    for c, settings in pair:
+                        cfg = tg._gemm_configs(m)[c] if isinstance(c, int) else c
                         o = torch.full((m, n if epi == tv.EPI_GLU else nseg * n), float("nan"), device=dev, dtype=bf)
-                        with overridden({(tg, "EPI_EARLY"): early}):
+                        with overridden({(tg, attr): v for attr, v in settings.items()}):
                             tg.gemm(sc, w, sw, o, k=k, epi=epi, config=cfg, **res)
-                        got.append(o)
-                    out.append(dict(shape=f"{name} d {d}", rows=m, schedule=str(cfg), pre_pass_programs_per_row=sc.nch,
-                                    bit_equal=bool(torch.equal(got[0], got[1])),
-                                    outputs_written=not (got[0].isnan().any() or got[1].isnan().any())))
+                        got.append((str(cfg), o))
+                    out.append(dict(shape=f"{name} d {d}", rows=m, schedules=f"{got[0][0]} / {got[1][0]}",
+                                    settings=f"{pair[0][1]} / {pair[1][1]}", pre_pass_programs_per_row=sc.nch,
+                                    bit_equal=bool(torch.equal(got[0][1], got[1][1])),
+                                    outputs_written=not (got[0][1].isnan().any() or got[1][1].isnan().any())))
     return out
 
 
-def check_epi_early(quick: bool):
-    """``epi_early_cases`` on the GPU at 370m and 13b widths (quick: 370m), 5 and 16 rows, three schedules
-    (activations left, weights left, split-K)."""
+def epi_early_pairs(cfgs) -> list:
+    """``gemm_pair_cases`` pairs: each schedule without and with ``EPI_EARLY``."""
+    return [((c, {"EPI_EARLY": False}), (c, {"EPI_EARLY": True})) for c in cfgs]
+
+
+def early_weight_pairs(cfgs) -> list:
+    """``gemm_pair_cases`` pairs: each weights-early schedule (``EARLY_WEIGHTS``) against its K loop."""
+    return [((c[:6], {}), (c, {})) for c in cfgs]
+
+
+def check_gemm_variants(quick: bool):
+    """The decode GEMM's switches on the GPU, through ``gemm_pair_cases`` at 370m and 13b widths (quick: 370m),
+    5 and 16 rows: ``EPI_EARLY`` at three schedules (activations left, weights left, split-K), and every
+    ``EARLY_WEIGHTS`` schedule against its K loop."""
     from mmf.bench import overridden
+    from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
+    widths = [(1024, 2816)] if quick else [(1024, 2816), (5120, 13824)]
     with overridden({(tv, "TUNE"): False}):
-        return [dict(op="decode GEMM, epilogue operands before the K loop vs after", **r) for r in
-                epi_early_cases([(1024, 2816)] if quick else [(1024, 2816), (5120, 13824)], (5, 16), (0, 6, 12))]
+        return ([dict(op="decode GEMM, epilogue operands before the K loop vs after", **r)
+                 for r in gemm_pair_cases(widths, (5, 16), epi_early_pairs((0, 6, 12)))]
+                + [dict(op="decode GEMM, one K block per program with its weights loaded before the wait vs the "
+                        "K loop", **r) for r in gemm_pair_cases(widths, (5, 16), early_weight_pairs(
+                            tg._EARLY_WEIGHT_CONFIGS))])
 
 
 def check_prepass_inside(quick: bool):

@@ -12,6 +12,9 @@ and for code that a refactor changed, before a GPU session. Variants (``--varian
 * ``stats-max`` — also max|out · w| (``STATS=2``), as before the down projection's pre-pass;
 * ``early`` — the epilogue's operands loaded before the K loop (``EARLY``, ``ternary_gemm.EPI_EARLY``).
 
+``--early-weights`` compiles, at 16 rows, the schedules whose programs load their one K block's weights before
+the wait (``WEARLY``, ``ternary_gemm.EARLY_WEIGHTS``) instead of the first candidates.
+
     python -m mmf.bench.kernel_compile_report --rows 16,64 --max-schedules 6 --json-out F
 
 Prints a table (one row per schedule, epilogue and variant); the JSON is written at the end.
@@ -94,8 +97,10 @@ def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str 
 def gemm_consts(cfg, epi: int, variant: dict) -> dict:
     """``_gemm_kernel``'s constexprs at schedule ``cfg``, epilogue ``epi`` and a ``VARIANTS`` entry."""
     bm, bn, bk = cfg[:3]
+    wearly = bool(cfg[7]) if len(cfg) > 7 else False  # one K block per program: split 2 stands for any split
     return dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True, SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True,
-                SPLIT=cfg[6] if len(cfg) > 6 else 1, NCH=1, STATS=0, EARLY=False) | variant
+                SPLIT=2 if wearly else (cfg[6] if len(cfg) > 6 else 1), NCH=1, STATS=0, EARLY=False,
+                WEARLY=wearly) | variant
 
 
 def main(argv=None) -> int:
@@ -108,6 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-schedules", type=int, default=4, help="first N candidates per row count (default: 4)")
     ap.add_argument("--epilogues", default="store,glu",
                     help="store, residual, glu, comma-separated (default: store,glu)")
+    ap.add_argument("--early-weights", action="store_true",
+                    help="at 16 rows, the schedules that load their one K block's weights before the wait "
+                         "(ternary_gemm.EARLY_WEIGHTS) instead of the first N candidates (default: off)")
     ap.add_argument("--arch", default="sm_90a", help="ptxas architecture (default: sm_90a)")
     ap.add_argument("--json-out", default=None, help="JSON output (default: none)")
     args = ap.parse_args(argv)
@@ -135,7 +143,8 @@ def main(argv=None) -> int:
 
     out = dict(triton=triton.__version__, arch=args.arch, rows=[])
     for m in rows:
-        for cfg in tg._gemm_configs(m)[:args.max_schedules]:
+        cfgs = tg._EARLY_WEIGHT_CONFIGS if args.early_weights and m <= 16 else tg._gemm_configs(m)[:args.max_schedules]
+        for cfg in cfgs:
             for epi_name in args.epilogues.split(","):
                 for v in variants:
                     rep = compile_report(tg._gemm_kernel, gemm_consts(cfg, epis[epi_name], VARIANTS[v]), cfg[3],

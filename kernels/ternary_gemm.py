@@ -288,10 +288,76 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
 
 
 @triton.jit
+def _w_block(Wp, rn, kk, P, n_rows, N, EPI: tl.constexpr, SWAP: tl.constexpr):
+    """The packed weight bytes of K block ``kk`` (bytes past P read as 0, no traffic): (BN, BK) with SWAP, else
+    (BK, BN); for the GLU pair the up rows' block too (else the first again)."""
+    if SWAP:
+        wmask = (rn < n_rows)[:, None] & (kk < P)[None, :]
+        wb = tl.load(Wp + rn[:, None] * P + kk[None, :], mask=wmask, other=0)
+        wb2 = wb
+        if EPI == 2:
+            wb2 = tl.load(Wp + (rn + N)[:, None] * P + kk[None, :], mask=wmask, other=0)
+    else:
+        wmask = (kk < P)[:, None] & (rn < n_rows)[None, :]
+        wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)
+        wb2 = wb
+        if EPI == 2:
+            wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
+    return wb, wb2
+
+
+@triton.jit
+def _plane_dot(acc, acc2, wb, wb2, xs, s: tl.constexpr, EPI: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc (acc2) += digit plane s of weight block wb (wb2) times its activations xs (``_mma_block``)."""
+    if SWAP:
+        acc = tl.dot(_codes(wb, s, USE_ASM), xs, acc, out_dtype=tl.int32)
+        if EPI == 2:
+            acc2 = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
+        if EPI == 2:
+            acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
+    return acc, acc2
+
+
+@triton.jit
+def _mma_block(acc, acc2, wb, wb2, xa, M, rm, kk, P, PB, EPI: tl.constexpr, SWAP: tl.constexpr,
+               USE_ASM: tl.constexpr, HOIST: tl.constexpr = False):
+    """acc (acc2) += weight block wb (wb2) times the planar int8 activations of K block kk (``xa``: the rows'
+    starts, (1, BM) with SWAP, else (BM, 1)), one ``tl.dot`` per digit plane: with SWAP the weights are the
+    left operand (kept in registers) and the activations are transposed on the right, accumulators (BN, BM);
+    else (BM, BN). HOIST: the four planes' activations are loaded before the first product (outside a
+    pipelined loop each plane's load would otherwise wait for the product before it, one L2 round trip each)."""
+    if SWAP:
+        xp = xa + kk[:, None]  # (BK, BM) int8 per plane
+        xmask = (kk < P)[:, None] & (rm < M)[None, :]
+    else:
+        xp = xa + kk[None, :]  # (BM, BK) int8 per plane
+        xmask = (rm < M)[:, None] & (kk < P)[None, :]
+    if HOIST:
+        x0 = tl.load(xp, mask=xmask, other=0)
+        x1 = tl.load(xp + PB, mask=xmask, other=0)
+        x2 = tl.load(xp + 2 * PB, mask=xmask, other=0)
+        x3 = tl.load(xp + 3 * PB, mask=xmask, other=0)
+        acc, acc2 = _plane_dot(acc, acc2, wb, wb2, x0, 0, EPI, SWAP, USE_ASM)
+        acc, acc2 = _plane_dot(acc, acc2, wb, wb2, x1, 1, EPI, SWAP, USE_ASM)
+        acc, acc2 = _plane_dot(acc, acc2, wb, wb2, x2, 2, EPI, SWAP, USE_ASM)
+        acc, acc2 = _plane_dot(acc, acc2, wb, wb2, x3, 3, EPI, SWAP, USE_ASM)
+    else:
+        for s in tl.static_range(4):
+            if SWAP:
+                xs = tl.load(xa + s * PB + kk[:, None], mask=xmask, other=0)
+            else:
+                xs = tl.load(xa + s * PB + kk[None, :], mask=xmask, other=0)
+            acc, acc2 = _plane_dot(acc, acc2, wb, wb2, xs, s, EPI, SWAP, USE_ASM)
+    return acc, acc2
+
+
+@triton.jit
 def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW,
                SSEG, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
-               NCH: tl.constexpr, STATS: tl.constexpr, EARLY: tl.constexpr = False):
+               NCH: tl.constexpr, STATS: tl.constexpr, EARLY: tl.constexpr = False, WEARLY: tl.constexpr = False):
     """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there)."""
     DT: tl.constexpr = OUT.dtype.element_ty
     part = pid % SPLIT
@@ -305,47 +371,33 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     n_rows = 2 * N if EPI == 2 else N
+    if WEARLY:  # one K block per program (KS == BK): its weights, which no kernel writes, loaded before the wait
+        wb, wb2 = _w_block(Wp, rn, k_lo + rk, P, n_rows, N, EPI, SWAP)
     if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
         gdc_wait()
         gdc_launch_dependents()
     e_sumx, e_sx, e_sw, e_res = 0, 0, 0, 0
     if EARLY:  # the epilogue's operands loaded beside the first weight blocks, not after the K loop
         e_sumx, e_sx, e_sw, e_res = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH, True)
-    if SWAP:  # weights as the left operand (kept in registers), activations transposed on the right
-        accT = tl.zeros((BN, BM), tl.int32)
-        acc2T = tl.zeros((BN, BM), tl.int32)
-        xcol = XQ + (seg * M + rm[None, :]) * 4 * PB
-        for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + rk
-            wmask = (rn < n_rows)[:, None] & (kk < P)[None, :]
-            wb = tl.load(Wp + rn[:, None] * P + kk[None, :], mask=wmask, other=0)  # (BN, BK) uint8
-            if EPI == 2:
-                wb2 = tl.load(Wp + (rn + N)[:, None] * P + kk[None, :], mask=wmask, other=0)
-            xmask = (kk < P)[:, None] & (rm < M)[None, :]
-            for s in tl.static_range(4):
-                xs = tl.load(xcol + s * PB + kk[:, None], mask=xmask, other=0)  # (BK, BM) int8
-                accT = tl.dot(_codes(wb, s, USE_ASM), xs, accT, out_dtype=tl.int32)
-                if EPI == 2:
-                    acc2T = tl.dot(_codes(wb2, s, USE_ASM), xs, acc2T, out_dtype=tl.int32)
-        _finish(accT, acc2T, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
-                e_res)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.int32)
+        acc2 = tl.zeros((BN, BM), tl.int32)
+        xa = XQ + (seg * M + rm[None, :]) * 4 * PB
     else:
         acc = tl.zeros((BM, BN), tl.int32)
         acc2 = tl.zeros((BM, BN), tl.int32)
-        xrow = XQ + (seg * M + rm[:, None]) * 4 * PB
+        xa = XQ + (seg * M + rm[:, None]) * 4 * PB
+    if WEARLY:
+        acc, acc2 = _mma_block(acc, acc2, wb, wb2, xa, M, rm, k_lo + rk, P, PB, EPI, SWAP, USE_ASM, True)
+    else:
         for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + rk
-            wmask = (kk < P)[:, None] & (rn < n_rows)[None, :]
-            wb = tl.load(Wp + rn[None, :] * P + kk[:, None], mask=wmask, other=0)  # (BK, BN) uint8
-            if EPI == 2:
-                wb2 = tl.load(Wp + (rn + N)[None, :] * P + kk[:, None], mask=wmask, other=0)
-            xmask = (rm < M)[:, None] & (kk < P)[None, :]
-            for s in tl.static_range(4):
-                xs = tl.load(xrow + s * PB + kk[None, :], mask=xmask, other=0)  # (BM, BK) int8
-                acc = tl.dot(xs, _codes(wb, s, USE_ASM), acc, out_dtype=tl.int32)
-                if EPI == 2:
-                    acc2 = tl.dot(xs, _codes(wb2, s, USE_ASM), acc2, out_dtype=tl.int32)
+            wb, wb2 = _w_block(Wp, rn, k0 + rk, P, n_rows, N, EPI, SWAP)
+            acc, acc2 = _mma_block(acc, acc2, wb, wb2, xa, M, rm, k0 + rk, P, PB, EPI, SWAP, USE_ASM)
+    if SWAP:
+        _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
+                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
+                e_res)
+    else:
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
                 pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
                 e_res)
@@ -355,7 +407,8 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
 def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY: tl.constexpr = False):
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY: tl.constexpr = False,
+                 WEARLY: tl.constexpr = False):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
     parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
     also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
@@ -365,10 +418,12 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
     the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile).
 
     EARLY (``EPI_EARLY``): the epilogue's loads (s_x, sum(xq), s_w, the residual) issued right after the wait,
-    beside the first weight blocks, instead of after the K loop."""
+    beside the first weight blocks, instead of after the K loop. WEARLY (schedules of ``EARLY_WEIGHTS``): each
+    program takes one K block (KS == BK, split over every block), whose weights it loads before the wait, as
+    the GEMV does, and then no K loop."""
     _gemm_tile(tl.program_id(0), tl.program_id(1), XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N,
                P, PB, WS, CTR, KS, SS, SSW, SSEG, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, NCH, STATS,
-               EARLY)
+               EARLY, WEARLY)
 
 
 @triton.jit
@@ -411,12 +466,24 @@ def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_b
             tl.atomic_xchg(FLAG, 0, sem="relaxed")
 
 
+# Decode batches up to 16 rows: also offer the tuner schedules whose programs each take one K block and load
+# its weights before the wait for the pre-pass (``_gemm_kernel``'s WEARLY, as the GEMV loads its first block),
+# with no K loop. Bit-equal to the others. Off until timed on a GPU (``batched_decode --variants early-weights``).
+# (The weights-ahead loop measured at 498aec5, bench/results/EXPERIMENTS.md, was slower: it loaded the
+# activations block by block inside a loop that Triton no longer pipelined; these schedules have no loop.)
+EARLY_WEIGHTS = False
+_EARLY_WEIGHT_CONFIGS = [(16, 64, 256, 4, 1, 0, 0, 1), (16, 32, 256, 4, 1, 0, 0, 1), (16, 64, 128, 4, 1, 0, 0, 1),
+                         (16, 64, 256, 4, 1, 1, 0, 1), (16, 128, 256, 8, 1, 1, 0, 1), (16, 64, 512, 8, 1, 0, 0, 1)]
+
+
 def _gemm_configs(m: int):
-    """(BM, BN, BK, warps, stages[, swap[, split]]) candidates by row count; the first is the interpreter's.
+    """(BM, BN, BK, warps, stages[, swap[, split[, weights early]]]) candidates by row count; the first is the
+    interpreter's.
 
     swap = 1: the weights are the left operand of the products (out^T = W x^T); split > 1: K split over
     that many programs per tile (decode batches: a 5120-row projection in 64-row tiles is 80 programs,
-    too few weight bytes in flight to stream at the GPU's bandwidth)."""
+    too few weight bytes in flight to stream at the GPU's bandwidth); weights early = 1 (``EARLY_WEIGHTS``):
+    K split into single BK blocks, each program's weights loaded before its wait."""
     if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
         return [(16, 64, 32, 4, 1)]
     if m <= 16:
@@ -424,7 +491,7 @@ def _gemm_configs(m: int):
                 (16, 32, 256, 4, 3), (16, 128, 256, 8, 3), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 3, 1),
                 (16, 64, 256, 4, 3, 1), (16, 64, 128, 4, 6, 1), (16, 64, 128, 4, 4, 1, 2), (16, 64, 128, 4, 4, 1, 4),
                 (16, 64, 128, 4, 4, 1, 8), (16, 128, 128, 4, 3, 1, 2), (16, 128, 128, 4, 3, 1, 4),
-                (16, 64, 256, 4, 3, 1, 4), (16, 64, 128, 4, 4, 0, 4)]
+                (16, 64, 256, 4, 3, 1, 4), (16, 64, 128, 4, 4, 0, 4)] + (_EARLY_WEIGHT_CONFIGS if EARLY_WEIGHTS else [])
     if m <= 64:  # narrow weight tiles too: a 2048-row projection is 32 programs of 64 rows
         return [(64, 64, 128, 4, 3, 1), (64, 64, 256, 4, 3, 1), (32, 64, 128, 4, 4), (64, 128, 128, 4, 3),
                 (64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 128, 128, 4, 3, 1), (64, 32, 128, 4, 4, 1),
@@ -479,8 +546,11 @@ def split_buffers(ws_elems: int, tiles: int, device):
 
 
 def split_parts(p: int, bk: int, split: int):
-    """(parts, bytes per part) of a K of ``p`` bytes in BK blocks split ``split`` ways: no part empty."""
+    """(parts, bytes per part) of a K of ``p`` bytes in BK blocks split ``split`` ways (0: one block per part): no
+    part empty."""
     blocks = triton.cdiv(p, bk)
+    if split == 0:
+        return blocks, bk
     per = triton.cdiv(blocks, max(1, min(split, blocks)))
     return triton.cdiv(blocks, per), per * bk
 
@@ -499,7 +569,8 @@ EPI_EARLY = False
 def _launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
-    split, ks = split_parts(a["p"], bk, cfg[6] if len(cfg) > 6 else 1)
+    wearly = bool(cfg[7]) if len(cfg) > 7 else False
+    split, ks = split_parts(a["p"], bk, 0 if wearly else (cfg[6] if len(cfg) > 6 else 1))
     tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
     if split > 1:
         ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
@@ -524,7 +595,7 @@ def _launch(cfg, a):
         return
     _gemm_kernel[(tiles * split, a["nseg"])](
         *gemm_args, st.buf if stats else ws, ssw if stats == 2 else ws, a.get("stats_seg", 0), NCH=a["nch"],
-        STATS=stats, EARLY=EPI_EARLY and bm <= 16, **common)
+        STATS=stats, EARLY=EPI_EARLY and bm <= 16, WEARLY=wearly, **common)
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
@@ -621,6 +692,8 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
     if preq is not None:
         a.update(preq=preq, scratch=scratch)
         key = key + ("preq", preq["consts"]["PRO"])
+    if EARLY_WEIGHTS and mb == 16:  # more candidates: tuned afresh
+        key = key + ("early-weights",)
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
     if chain:

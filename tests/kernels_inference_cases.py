@@ -644,6 +644,7 @@ def test_decode_breakdown_gemm_variants_do_what_they_say():
     for name in decode_breakdown.GEMM_VARIANTS:
         outs[name] = run(variants.module(name))
     assert torch.equal(outs["base"][0], base) and torch.equal(outs["nowait"][0], base)
+    assert torch.equal(outs["early"][0], base)  # EPI_EARLY: the same arithmetic
     for name in ("noprepass", "noquant"):  # the stale scratch read as it was
         out, untouched, _ = outs[name]
         assert untouched and torch.isfinite(out).all() and not torch.equal(out, base), name
@@ -656,15 +657,17 @@ def test_decode_breakdown_gemm_variants_do_what_they_say():
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_gemm_epilogue_operands_loaded_early(chunks):
-    """``EPI_EARLY`` (the epilogue's s_x, sum(xq), s_w and residual loaded before the K loop) gives the same
-    output bit for bit as the default, through the GPU check's comparison (``kernel_bench.epi_early_cases``):
-    every epilogue, both operand orders, split-K, odd K over two blocks, and with ``chunks`` 2 sum(xq) in the
-    parts a split pre-pass leaves."""
-    from mmf.bench import kernel_bench
+def test_gemm_early_operands_are_bit_equal(chunks):
+    """``EPI_EARLY`` (the epilogue's s_x, sum(xq), s_w and residual loaded before the K loop) and the
+    ``EARLY_WEIGHTS`` schedules (one K block per program, its weights loaded before the wait, no loop) give
+    the default's output bit for bit, through the GPU check's comparison (``kernel_bench.gemm_pair_cases``):
+    every epilogue, both operand orders, split-K, odd K over two blocks (so two programs per tile for the
+    weights-early schedules), and with ``chunks`` 2 sum(xq) in the parts a split pre-pass leaves."""
+    from mmf.bench import kernel_bench as kb
 
-    rows = kernel_bench.epi_early_cases([(70, 150)], (5,), [(16, 64, 32, 4, 1), (16, 64, 32, 4, 1, 1),
-                                                            (16, 64, 32, 4, 1, 1, 2)], "cpu", chunks=chunks)
-    assert len(rows) == 12 and all(r["pre_pass_programs_per_row"] == chunks for r in rows)
+    cfgs = [(16, 64, 32, 4, 1), (16, 64, 32, 4, 1, 1), (16, 64, 32, 4, 1, 1, 2)]
+    pairs = kb.epi_early_pairs(cfgs) + kb.early_weight_pairs([(16, 64, 32, 4, 1, 0, 0, 1), (16, 32, 32, 4, 1, 1, 0, 1)])
+    rows = kb.gemm_pair_cases([(70, 150)], (5,), pairs, "cpu", chunks=chunks)
+    assert len(rows) == 4 * len(pairs) and all(r["pre_pass_programs_per_row"] == chunks for r in rows)
     bad = [r for r in rows if not (r["bit_equal"] and r["outputs_written"])]
     assert not bad, bad
