@@ -357,8 +357,11 @@ def _mma_block(acc, acc2, wb, wb2, xa, M, rm, kk, P, PB, EPI: tl.constexpr, SWAP
 def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW,
                SSEG, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
-               NCH: tl.constexpr, STATS: tl.constexpr, EARLY: tl.constexpr = False, WEARLY: tl.constexpr = False):
-    """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there)."""
+               NCH: tl.constexpr, STATS: tl.constexpr, EARLY: tl.constexpr = False, WEARLY: tl.constexpr = False,
+               FLAG=0, NQ=0, WAITQ: tl.constexpr = False, SPIN: tl.constexpr = True):
+    """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there). WAITQ (``_gemm_preq_kernel``): after
+    the PDL wait, also wait until the launch's NQ pre-pass programs have counted themselves on FLAG (acquire;
+    SPIN=False, the interpreter, does not wait)."""
     DT: tl.constexpr = OUT.dtype.element_ty
     part = pid % SPLIT
     tile = pid // SPLIT
@@ -376,6 +379,12 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
     if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
         gdc_wait()
         gdc_launch_dependents()
+    if WAITQ:  # the pre-pass inside this launch writes them
+        if SPIN:
+            cur = tl.atomic_add(FLAG, 0, sem="acquire")
+            while cur < NQ:
+                cur = tl.atomic_add(FLAG, 0, sem="acquire")
+        tl.debug_barrier()
     e_sumx, e_sx, e_sw, e_res = 0, 0, 0, 0
     if EARLY:  # the epilogue's operands loaded beside the first weight blocks, not after the K loop
         e_sumx, e_sx, e_sw, e_res = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH, True)
@@ -432,7 +441,7 @@ def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_b
                       PRO: tl.constexpr, HAS_LB: tl.constexpr, QDT: tl.constexpr, BLOCK_W: tl.constexpr,
                       EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                       USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPIN: tl.constexpr,
-                      SPLIT: tl.constexpr = 1):
+                      SPLIT: tl.constexpr = 1, EARLY: tl.constexpr = False, WEARLY: tl.constexpr = False):
     """The pre-pass and the GEMM in one launch (``gemm(prepass=)``), no grid barrier: programs 0 .. NQ - 1
     (NQ = M x NSEGQ, whole rows) each quantise one row of one segment (``_quant_row``, the pre-pass's code)
     and then add 1 to FLAG (release); every later program is one program of ``_gemm_kernel``'s grid, which
@@ -441,7 +450,8 @@ def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_b
     pre-pass programs are resident before any GEMM program waits for them: that is how the block scheduler
     behaves (kernels that wait on a lower-numbered program, such as decoupled look-back scans, rely on it), not
     a guarantee of CUDA's programming model, which is one reason this path is a switch. SPIN=False (the
-    interpreter, whose programs run one after another in that order) does not wait."""
+    interpreter, whose programs run one after another in that order) does not wait. EARLY, WEARLY: as
+    ``_gemm_kernel``'s (with WEARLY the GEMM programs' weights are loaded before both waits)."""
     pid = tl.program_id(0)
     if pid < NQ:
         m = pid % M
@@ -453,13 +463,9 @@ def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_b
     else:
         c = pid - NQ
         per_seg = tl.cdiv(M, BM) * tl.cdiv(N, BN) * SPLIT
-        if SPIN:
-            cur = tl.atomic_add(FLAG, 0, sem="acquire")
-            while cur < NQ:
-                cur = tl.atomic_add(FLAG, 0, sem="acquire")
-        tl.debug_barrier()
         _gemm_tile(c % per_seg, c // per_seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB,
-                   WS, CTR, KS, SX, SX, 0, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, 1, 0)
+                   WS, CTR, KS, SX, SX, 0, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, 1, 0, EARLY, WEARLY,
+                   FLAG, NQ, True, SPIN)
         ncons = per_seg * NSEGQ
         old = tl.atomic_add(FLAG, 1, sem="relaxed")
         if old == NQ + ncons - 1:
@@ -556,8 +562,8 @@ def split_parts(p: int, bk: int, split: int):
 
 
 # The decode GEMM's epilogue operands (s_x, sum(xq), s_w, the residual tile) loaded right after the wait for
-# the pre-pass, beside the first weight blocks, instead of after the K loop (``_gemm_kernel``'s EARLY; not the
-# ``gemm(prepass=)`` path): bit-equal either way. In the sm_90a code of the default the epilogue's loads are a
+# the pre-pass, beside the first weight blocks, instead of after the K loop (``_gemm_kernel``'s and
+# ``_gemm_preq_kernel``'s EARLY): bit-equal either way. In the sm_90a code of the default the epilogue's loads are a
 # second dependent round trip after the products. Only on 16-row tiles (decode batches up to 16): holding
 # a residual tile of 64 rows across the loop took up to 69 more registers and spilled (offline sm_90a compile,
 # ``kernel_compile_report --variants default,early``). Not yet timed on a GPU, so off; ``batched_decode --variants
@@ -591,7 +597,8 @@ def _launch(cfg, a):
         nq = pa["m"] * pa["nseg"]
         _gemm_preq_kernel[(nq + tiles * split * a["nseg"],)](
             *pa["head"], sc.xq, pa["k"], sc.pw, a["nseg"], sc.flag, nq, *gemm_args, PRO=c["PRO"], HAS_LB=c["HAS_LB"],
-            QDT=c["DT"], BLOCK_W=c["BLOCK_W"], SPIN=not INTERPRET, **common)
+            QDT=c["DT"], BLOCK_W=c["BLOCK_W"], SPIN=not INTERPRET, EARLY=EPI_EARLY and bm <= 16, WEARLY=wearly,
+            **common)
         return
     _gemm_kernel[(tiles * split, a["nseg"])](
         *gemm_args, st.buf if stats else ws, ssw if stats == 2 else ws, a.get("stats_seg", 0), NCH=a["nch"],

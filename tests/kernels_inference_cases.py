@@ -446,15 +446,19 @@ def test_gemm_split_k(swap):
     check_rows(want, _glu_ref(ref, torch.float16), torch.float16)
 
 
-@pytest.mark.parametrize("cfg", [(16, 64, 32, 4, 1), (16, 64, 32, 4, 1, 1, 2), (16, 64, 32, 4, 1, 0, 3)])
-def test_gemm_with_the_pre_pass_inside(cfg):
+@pytest.mark.parametrize("cfg, early", [((16, 64, 32, 4, 1), False), ((16, 64, 32, 4, 1, 1, 2), False),
+                                        ((16, 64, 32, 4, 1, 0, 3), False), ((16, 64, 32, 4, 1, 0, 0, 1), True),
+                                        ((16, 64, 32, 4, 1, 1, 0, 1), True)])
+def test_gemm_with_the_pre_pass_inside(monkeypatch, cfg, early):
     """``gemm(prepass=)``: the pre-pass's programs and the GEMM's in one launch give the same output, scratch
     and MLGRU state, bit for bit, as ``quantize`` then ``gemm``, through the GPU benchmarks' comparison
     (``kernel_bench.prepass_inside_cases``): every prologue (the gated one too) and epilogue, 5 rows, odd K
-    (301: a partial last K block), two weight tiles (70 rows), both operand orders, split-K; a second launch
-    repeats the first and leaves the counter at zero."""
+    (301: a partial last K block), two weight tiles (70 rows), both operand orders, split-K, and with
+    ``early`` the epilogue's operands loaded early (``EPI_EARLY``) at schedules that load their weights before
+    the waits (one K block per program); a second launch repeats the first and leaves the counter at zero."""
     from mmf.bench.kernel_bench import prepass_inside_cases
 
+    monkeypatch.setattr(ternary_gemm, "EPI_EARLY", early)
     torch.manual_seed(sum(cfg))
     rows = prepass_inside_cases([(70, 301)], (5,), [cfg], dev="cpu", gated=True)
     assert [r["shape"] for r in rows] == ["ifg d 70", "o d 70", "gate/up d 70", "down d 70", "gated d 70"]
