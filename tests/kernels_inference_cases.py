@@ -616,6 +616,30 @@ def test_graph_decoder_with_the_pre_pass_inside(monkeypatch):
 
 
 
+def test_graph_decoder_with_the_epilogue_operands_early(monkeypatch):
+    """The decoder with ``EPI_EARLY`` (every decode GEMM's epilogue operands loaded before its K loop) gives
+    logits equal bit for bit to the decoder without it, over a prefill and two steps at batch 3."""
+    from conftest import small_model
+
+    from mmf.decode_graph import GraphDecoder
+
+    model = small_model("mmf", seed=8, intermediate_size=90).freeze()
+    torch.manual_seed(8)
+    ids = torch.randint(3, 259, (3, 5))
+    decs = []
+    for early in (True, False):
+        monkeypatch.setattr(ternary_gemm, "EPI_EARLY", early)
+        decs.append(GraphDecoder(model, 3))
+    assert not decs[0].gemv_path
+    tok = None
+    for step in range(3):
+        outs = []
+        for early, dec in zip((True, False), decs):
+            monkeypatch.setattr(ternary_gemm, "EPI_EARLY", early)  # read at each launch
+            outs.append(dec.prefill(ids) if step == 0 else dec.step(tok))
+        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), step
+        tok = outs[0].argmax(-1)
+
 def test_decode_breakdown_gemm_variants_do_what_they_say():
     """decode_breakdown's batched variants are text edits of ternary_gemm: each builds a kernel that runs, and
     removes the work its name says (the interpreter has no programmatic dependent launch, so ``nowait``'s
