@@ -22,14 +22,15 @@ At the batches of ``--batch`` above 1 they are to the pre-pass + int8 tensor-cor
 (``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit but early is timing only):
 
     base           the kernels as installed
-    noprepass      no pre-pass launched: each GEMM reads the scratch as the last pre-pass left it
+    noprepass      no pre-pass launched: each GEMM reads its scratch as the decoder allocated it
     noquant        the pre-pass launched but doing nothing (no wait either): its launch alone
     nowait         the GEMM does not wait for its pre-pass (``gdc_wait`` removed from the GEMM)
     nounpack       the GEMM multiplies the packed bytes as they are (no shift and mask per digit plane)
     noepiload      the GEMM's epilogue takes s_x, sum(xq) and s_w as constants (its residual still
-                   loaded): what its loads after the K loop cost (the bound of ``EPI_EARLY``)
+                   loaded): what those loads after the K loop cost
     nogemm         the GEMM launched, waiting and releasing the next kernel, doing nothing else
-    early          ``EPI_EARLY = True``: the epilogue's loads issued before the K loop (bit-equal to base)
+    early          ``EPI_EARLY = True``: the epilogue's loads issued before the K loop (bit-equal to base;
+                   16-row tiles only, so the same as base above batch 16)
 
 Projections that a batch runs on the GEMV (370m at batch 2) are unedited there.
 
@@ -248,11 +249,11 @@ def _sweep(res, name, variants, tv, bw, log):
 def _print_tables(res):
     from tabulate import tabulate
 
-    base1 = {r["model"]: r["ms_per_step"] for r in res["decode"] if r["batch"] == 1 and r["variant"] == "base"}
     base = {}  # the first base of each model and batch
     for r in res["decode"]:
         if r["variant"] == "base":
             base.setdefault((r["model"], r["batch"]), r["ms_per_step"])
+    base1 = {model: ms for (model, batch), ms in base.items() if batch == 1}
     rows = [[r["model"], r["batch"], r["variant"], f"{r['ms_per_step']:.3f}", f"{r['floor_ms']:.3f}",
              f"{r['ms_per_step'] / base[(r['model'], r['batch'])]:.2f}" if (r["model"], r["batch"]) in base else "",
              f"{r['ms_per_step'] / base1[r['model']]:.2f}" if r["model"] in base1 else ""] for r in res["decode"]]

@@ -248,15 +248,16 @@ def _wide_model():
 
 
 def _decoder_pair(model, batch, first: dict, second: dict, steps: int = 8) -> dict:
-    """Two ``GraphDecoder``s built under ``first`` / ``second`` (GraphDecoder attribute -> value; set while
-    each is built, whose CUDA graph keeps them), fed the eager model's greedy tokens: their logits against
-    each other and against the eager model, greedy tokens agreeing, and the first's ``row_stats_errors``."""
+    """Two ``GraphDecoder``s built under ``first`` / ``second`` (GraphDecoder attribute, or (object, attribute),
+    -> value; set while each is built, whose CUDA graph keeps them), fed the eager model's greedy tokens: their
+    logits against each other and against the eager model, greedy tokens agreeing, and the first's
+    ``row_stats_errors``."""
     from mmf.bench import overridden
     from mmf.decode_graph import GraphDecoder
 
     decs = []
     for settings in (first, second):
-        with overridden({(GraphDecoder, k): v for k, v in settings.items()}):
+        with overridden({(GraphDecoder, k) if isinstance(k, str) else k: v for k, v in settings.items()}):
             decs.append(GraphDecoder(model, batch))
     a, b = decs
     ids = torch.randint(3, model.config.vocab_size, (batch, 9), device=a.device)
@@ -430,20 +431,36 @@ def early_weight_pairs(cfgs) -> list:
 
 
 def check_gemm_variants(quick: bool):
-    """The decode GEMM's switches on the GPU, through ``gemm_pair_cases`` at 370m and 13b widths (quick: 370m),
-    5 and 16 rows: ``EPI_EARLY`` at three schedules (activations left, weights left, split-K), and every
-    ``EARLY_WEIGHTS`` schedule against its K loop."""
+    """The decode GEMM's switches on the GPU, at 370m and 13b widths (quick: 370m), 5 and 16 rows:
+    ``gemm_pair_cases`` with ``EPI_EARLY`` at three schedules (activations left, weights left, split-K) and
+    every ``EARLY_WEIGHTS`` schedule against its K loop; ``prepass_inside_cases`` at two weights-early schedules
+    with ``EPI_EARLY``; and decoders with both switches (untuned, so on the first weights-early schedule), with
+    and without the pre-pass inside, against the default on the 4096-wide, 2-layer random fp32 model at batch
+    4 and 16 (quick: 4), fed the eager model's greedy tokens (``_decoder_pair``)."""
     from mmf.bench import overridden
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
     widths = [(1024, 2816)] if quick else [(1024, 2816), (5120, 13824)]
+    early = {(tg, "EPI_EARLY"): True, (tg, "EARLY_WEIGHTS"): True}
+    out = []
     with overridden({(tv, "TUNE"): False}):
-        return ([dict(op="decode GEMM, epilogue operands before the K loop vs after", **r)
-                 for r in gemm_pair_cases(widths, (5, 16), epi_early_pairs((0, 6, 12)))]
-                + [dict(op="decode GEMM, one K block per program with its weights loaded before the wait vs the "
-                        "K loop", **r) for r in gemm_pair_cases(widths, (5, 16), early_weight_pairs(
-                            tg._EARLY_WEIGHT_CONFIGS))])
+        out += [dict(op="decode GEMM, epilogue operands before the K loop vs after", **r)
+                for r in gemm_pair_cases(widths, (5, 16), epi_early_pairs((0, 6, 12)))]
+        out += [dict(op="decode GEMM, one K block per program with its weights loaded before the wait vs the K loop",
+                     **r) for r in gemm_pair_cases(widths, (5, 16), early_weight_pairs(tg._EARLY_WEIGHT_CONFIGS))]
+        with overridden({(tg, "EPI_EARLY"): True}):
+            out += [dict(op="gemm with the pre-pass inside vs quantize + gemm, early operands", **r)
+                    for r in prepass_inside_cases(widths, (5, 16), [tg._EARLY_WEIGHT_CONFIGS[0],
+                                                                   tg._EARLY_WEIGHT_CONFIGS[2]])]
+        model = _wide_model()
+        for batch in (4,) if quick else (4, 16):
+            for inside in ("never", "always"):
+                res = _decoder_pair(model, batch, dict(early, PREPASS_INSIDE=inside), dict(PREPASS_INSIDE="never"))
+                out.append(dict(op="GraphDecoder, EPI_EARLY + EARLY_WEIGHTS" + (", pre-pass inside" if inside ==
+                                "always" else ""), path="graph", dtype="float32",
+                                shape=f"batch {batch}, d 4096, L 2, 8 steps", **res))
+    return out
 
 
 def check_prepass_inside(quick: bool):

@@ -12,8 +12,9 @@ and for code that a refactor changed, before a GPU session. Variants (``--varian
 * ``stats-max`` — also max|out · w| (``STATS=2``), as before the down projection's pre-pass;
 * ``early`` — the epilogue's operands loaded before the K loop (``EARLY``, ``ternary_gemm.EPI_EARLY``).
 
-``--early-weights`` compiles, at 16 rows, the schedules whose programs load their one K block's weights before
-the wait (``WEARLY``, ``ternary_gemm.EARLY_WEIGHTS``) instead of the first candidates.
+``--early-weights`` compiles instead the 16-row schedules whose programs load their one K block's weights before
+the wait (``WEARLY``, ``ternary_gemm.EARLY_WEIGHTS``), at the split counts (K blocks) of the 370m, 1.3b and 13b
+projections, which set how many parts the tile's last program adds (schedule "... xN").
 
     python -m mmf.bench.kernel_compile_report --rows 16,64 --max-schedules 6 --json-out F
 
@@ -97,10 +98,29 @@ def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str 
 def gemm_consts(cfg, epi: int, variant: dict) -> dict:
     """``_gemm_kernel``'s constexprs at schedule ``cfg``, epilogue ``epi`` and a ``VARIANTS`` entry."""
     bm, bn, bk = cfg[:3]
-    wearly = bool(cfg[7]) if len(cfg) > 7 else False  # one K block per program: split 2 stands for any split
+    wearly = bool(cfg[7]) if len(cfg) > 7 else False  # one K block per program: the split is the shape's blocks
     return dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True, SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True,
-                SPLIT=2 if wearly else (cfg[6] if len(cfg) > 6 else 1), NCH=1, STATS=0, EARLY=False,
+                SPLIT=cfg[6] if len(cfg) > 6 and not wearly else 1, NCH=1, STATS=0, EARLY=False,
                 WEARLY=wearly) | variant
+
+
+def early_weight_cases(sizes=("370m", "1.3b", "13b")) -> list:
+    """(schedule, epilogue, split) of each ``EARLY_WEIGHTS`` schedule at the decoder's projections of these
+    presets (i/f/g: store, o: residual, gate/up: GLU, all K = d; down: residual, K = ffn): the split is the
+    projection's number of K blocks, which sets how many parts ``_split_sum`` adds."""
+    from mmf.config import model_preset
+    from mmf.kernels import ternary_gemm as tg
+    from mmf.kernels.ternary_gemv import packed_bytes
+
+    cases = []
+    for size in sizes:
+        c = model_preset(size)
+        for epi, k in ((0, c.hidden_size), (1, c.hidden_size), (2, c.hidden_size), (1, c.ffn_size)):
+            for cfg in tg._EARLY_WEIGHT_CONFIGS:
+                case = (cfg, epi, -(-packed_bytes(k) // cfg[2]))
+                if case not in cases:
+                    cases.append(case)
+    return cases
 
 
 def main(argv=None) -> int:
@@ -114,8 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epilogues", default="store,glu",
                     help="store, residual, glu, comma-separated (default: store,glu)")
     ap.add_argument("--early-weights", action="store_true",
-                    help="at 16 rows, the schedules that load their one K block's weights before the wait "
-                         "(ternary_gemm.EARLY_WEIGHTS) instead of the first N candidates (default: off)")
+                    help="instead of --rows' candidates: the schedules that load their one K block's weights before "
+                         "the wait (ternary_gemm.EARLY_WEIGHTS), at the split counts of the 370m, 1.3b and 13b "
+                         "projections (default: off)")
     ap.add_argument("--arch", default="sm_90a", help="ptxas architecture (default: sm_90a)")
     ap.add_argument("--json-out", default=None, help="JSON output (default: none)")
     args = ap.parse_args(argv)
@@ -142,15 +163,19 @@ def main(argv=None) -> int:
     from mmf.kernels import ternary_gemm as tg
 
     out = dict(triton=triton.__version__, arch=args.arch, rows=[])
-    for m in rows:
-        cfgs = tg._EARLY_WEIGHT_CONFIGS if args.early_weights and m <= 16 else tg._gemm_configs(m)[:args.max_schedules]
-        for cfg in cfgs:
-            for epi_name in args.epilogues.split(","):
-                for v in variants:
-                    rep = compile_report(tg._gemm_kernel, gemm_consts(cfg, epis[epi_name], VARIANTS[v]), cfg[3],
-                                         cfg[4], args.arch)
-                    out["rows"].append(dict(rows=m, schedule=str(tuple(cfg)), epilogue=epi_name, variant=v, **rep))
-                    print(out["rows"][-1], flush=True)
+    names = {e: n for n, e in epis.items()}
+    if args.early_weights:
+        cases = [(16, cfg, epi, split) for cfg, epi, split in early_weight_cases()]
+    else:
+        cases = [(m, cfg, epis[e], None) for m in rows for cfg in tg._gemm_configs(m)[:args.max_schedules]
+                 for e in args.epilogues.split(",")]
+    for m, cfg, epi, split in cases:
+        for v in variants:
+            consts = gemm_consts(cfg, epi, VARIANTS[v]) | ({"SPLIT": split} if split else {})
+            rep = compile_report(tg._gemm_kernel, consts, cfg[3], cfg[4], args.arch)
+            out["rows"].append(dict(rows=m, schedule=str(tuple(cfg)) + (f" x{split}" if split else ""),
+                                    epilogue=names[epi], variant=v, **rep))
+            print(out["rows"][-1], flush=True)
     print(tabulate([[r["rows"], r["schedule"], r["epilogue"], r["variant"], r["registers"], r["spill_bytes"],
                      r["shared_bytes"], r["ptx_instructions"]] for r in out["rows"]],
                    headers=["rows", "schedule", "epilogue", "variant", "registers", "spill bytes", "shared bytes",

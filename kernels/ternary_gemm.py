@@ -208,10 +208,16 @@ def _split_sum(acc, acc2, WS, CTR, tile, part, R: tl.constexpr, C: tl.constexpr,
         first = WS + tile * SPLIT * (NA * R * C)
         acc = tl.zeros((R, C), tl.int32)
         acc2 = tl.zeros((R, C), tl.int32)
-        for p in tl.static_range(SPLIT):
-            acc += tl.load(first + p * (NA * R * C) + off, cache_modifier=".cg")
-            if GLU:
-                acc2 += tl.load(first + p * (NA * R * C) + R * C + off, cache_modifier=".cg")
+        if SPLIT <= 8:  # the split-K schedules' parts, unrolled
+            for p in tl.static_range(SPLIT):
+                acc += tl.load(first + p * (NA * R * C) + off, cache_modifier=".cg")
+                if GLU:
+                    acc2 += tl.load(first + p * (NA * R * C) + R * C + off, cache_modifier=".cg")
+        else:  # one part per K block (weights-early schedules, up to 14 at 13b): unrolled they spilled
+            for p in range(SPLIT):
+                acc += tl.load(first + p * (NA * R * C) + off, cache_modifier=".cg")
+                if GLU:
+                    acc2 += tl.load(first + p * (NA * R * C) + R * C + off, cache_modifier=".cg")
         tl.atomic_xchg(CTR + tile, 0, sem="relaxed")
     return last, acc, acc2
 
@@ -265,7 +271,8 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
     epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS), and with
     STATS the ``RowStats`` of segment SSEG's output. EARLY: the ``_epi_operands`` (e_*) were loaded before the
-    K loop (``EPI_EARLY``), else they are loaded here."""
+    K loop (``EPI_EARLY``; the residual tile only without split-K, where every part would load it for the last
+    one to use), else they are loaded here."""
     last = True
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
@@ -273,7 +280,7 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
         dot = tl.trans(acc) if TRANS else acc
         dot2 = tl.trans(acc2) if TRANS else acc2
         if EARLY:
-            if EPI == 1:
+            if EPI == 1 and SPLIT == 1:
                 out = _epilogue(dot, dot2, e_sumx, e_sx, e_sw, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT,
                                 USE_ASM, e_res)
             else:
@@ -387,7 +394,8 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
         tl.debug_barrier()
     e_sumx, e_sx, e_sw, e_res = 0, 0, 0, 0
     if EARLY:  # the epilogue's operands loaded beside the first weight blocks, not after the K loop
-        e_sumx, e_sx, e_sw, e_res = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH, True)
+        e_sumx, e_sx, e_sw, e_res = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH,
+                                                  SPLIT == 1)
     if SWAP:
         acc = tl.zeros((BN, BM), tl.int32)
         acc2 = tl.zeros((BN, BM), tl.int32)
@@ -445,7 +453,8 @@ def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_b
     """The pre-pass and the GEMM in one launch (``gemm(prepass=)``), no grid barrier: programs 0 .. NQ - 1
     (NQ = M x NSEGQ, whole rows) each quantise one row of one segment (``_quant_row``, the pre-pass's code)
     and then add 1 to FLAG (release); every later program is one program of ``_gemm_kernel``'s grid, which
-    first waits until FLAG has reached NQ (acquire), then adds 1 itself; the last of them to arrive sets
+    (after its PDL wait, having released the next kernel) waits until FLAG has reached NQ (acquire), runs its
+    tile, then adds 1 itself; the last of them to arrive sets
     FLAG back to 0 for the next launch. NVIDIA GPUs start a grid's programs in order of their index, so the
     pre-pass programs are resident before any GEMM program waits for them: that is how the block scheduler
     behaves (kernels that wait on a lower-numbered program, such as decoupled look-back scans, rely on it), not
@@ -474,12 +483,15 @@ def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_b
 
 # Decode batches up to 16 rows: also offer the tuner schedules whose programs each take one K block and load
 # its weights before the wait for the pre-pass (``_gemm_kernel``'s WEARLY, as the GEMV loads its first block),
-# with no K loop. Bit-equal to the others. Off until timed on a GPU (``batched_decode --variants early-weights``).
-# (The weights-ahead loop measured at 498aec5, bench/results/EXPERIMENTS.md, was slower: it loaded the
-# activations block by block inside a loop that Triton no longer pipelined; these schedules have no loop.)
+# with no K loop; first in the list, so that untuned runs (``--fixed-schedules``, the GPU checks) take them too.
+# Bit-equal to the others. Off until timed on a GPU (``batched_decode --variants early-weights``). (The
+# weights-ahead loop of 8f31a88, bench/results/EXPERIMENTS.md, was slower: it loaded the activations block by
+# block inside a loop that Triton no longer pipelined; these schedules have no loop.) Blocks of 256 bytes and
+# more: at 128, 13b's down projection would be 27 parts per tile, and every part's int32 sums (64 / BK of its
+# weight bytes) go through the split workspace.
 EARLY_WEIGHTS = False
-_EARLY_WEIGHT_CONFIGS = [(16, 64, 256, 4, 1, 0, 0, 1), (16, 32, 256, 4, 1, 0, 0, 1), (16, 64, 128, 4, 1, 0, 0, 1),
-                         (16, 64, 256, 4, 1, 1, 0, 1), (16, 128, 256, 8, 1, 1, 0, 1), (16, 64, 512, 8, 1, 0, 0, 1)]
+_EARLY_WEIGHT_CONFIGS = [(16, 64, 256, 4, 1, 0, 0, 1), (16, 32, 256, 4, 1, 0, 0, 1), (16, 64, 256, 4, 1, 1, 0, 1),
+                         (16, 128, 256, 8, 1, 1, 0, 1), (16, 64, 512, 8, 1, 0, 0, 1), (16, 32, 512, 4, 1, 0, 0, 1)]
 
 
 def _gemm_configs(m: int):
@@ -490,14 +502,16 @@ def _gemm_configs(m: int):
     that many programs per tile (decode batches: a 5120-row projection in 64-row tiles is 80 programs,
     too few weight bytes in flight to stream at the GPU's bandwidth); weights early = 1 (``EARLY_WEIGHTS``):
     K split into single BK blocks, each program's weights loaded before its wait."""
+    early = EARLY_WEIGHTS and m <= 16
     if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
-        return [(16, 64, 32, 4, 1)]
+        return [(16, 64, 32, 4, 1, 0, 0, 1) if early else (16, 64, 32, 4, 1)]
     if m <= 16:
-        return [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4),
+        return (_EARLY_WEIGHT_CONFIGS if early else []) + [
+                (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4),
                 (16, 32, 256, 4, 3), (16, 128, 256, 8, 3), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 3, 1),
                 (16, 64, 256, 4, 3, 1), (16, 64, 128, 4, 6, 1), (16, 64, 128, 4, 4, 1, 2), (16, 64, 128, 4, 4, 1, 4),
                 (16, 64, 128, 4, 4, 1, 8), (16, 128, 128, 4, 3, 1, 2), (16, 128, 128, 4, 3, 1, 4),
-                (16, 64, 256, 4, 3, 1, 4), (16, 64, 128, 4, 4, 0, 4)] + (_EARLY_WEIGHT_CONFIGS if EARLY_WEIGHTS else [])
+                (16, 64, 256, 4, 3, 1, 4), (16, 64, 128, 4, 4, 0, 4)]
     if m <= 64:  # narrow weight tiles too: a 2048-row projection is 32 programs of 64 rows
         return [(64, 64, 128, 4, 3, 1), (64, 64, 256, 4, 3, 1), (32, 64, 128, 4, 4), (64, 128, 128, 4, 3),
                 (64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 128, 128, 4, 3, 1), (64, 32, 128, 4, 4, 1),
@@ -729,7 +743,8 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
                 _launch(c, a)
             except triton.runtime.errors.OutOfResources:
                 continue
-            _TUNED[key] = c
+            if not EPI_EARLY:  # its key is the default's: what fits with it need not be the default's choice
+                _TUNED[key] = c
             break
         else:
             raise

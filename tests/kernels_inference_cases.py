@@ -31,6 +31,19 @@ def rand_codes(n, k, g):
     return torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
 
 
+class _Launches:
+    """Stands in for a Triton kernel: launches it, keeping each launch's keyword arguments (its constexprs)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kw = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.kw.append(kw)
+            return self.kernel[grid](*args, **kw)
+        return run
+
+
 def check_rows(y, ref, dtype, max_bad_rows=0):
     """Relative error per row; quantisation can flip one rounding in a rare row (docs/reference-semantics.md)."""
     errs = ((y.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1).clamp_min(1e-30))
@@ -459,8 +472,11 @@ def test_gemm_with_the_pre_pass_inside(monkeypatch, cfg, early):
     from mmf.bench.kernel_bench import prepass_inside_cases
 
     monkeypatch.setattr(ternary_gemm, "EPI_EARLY", early)
+    launches = _Launches(ternary_gemm._gemm_preq_kernel)
+    monkeypatch.setattr(ternary_gemm, "_gemm_preq_kernel", launches)
     torch.manual_seed(sum(cfg))
     rows = prepass_inside_cases([(70, 301)], (5,), [cfg], dev="cpu", gated=True)
+    assert launches.kw and all(kw["EARLY"] == early and kw["WEARLY"] == early for kw in launches.kw)
     assert [r["shape"] for r in rows] == ["ifg d 70", "o d 70", "gate/up d 70", "down d 70", "gated d 70"]
     for r in rows:
         assert r["bit_equal"] and r["outputs_written"] and r["second_launch_identical"], r
@@ -615,10 +631,11 @@ def test_graph_decoder_with_the_pre_pass_inside(monkeypatch):
         GraphDecoder(model, 3)
 
 
-
-def test_graph_decoder_with_the_epilogue_operands_early(monkeypatch):
-    """The decoder with ``EPI_EARLY`` (every decode GEMM's epilogue operands loaded before its K loop) gives
-    logits equal bit for bit to the decoder without it, over a prefill and two steps at batch 3."""
+def test_graph_decoder_with_the_early_operands(monkeypatch):
+    """The decoder with ``EPI_EARLY`` (every decode GEMM's epilogue operands loaded before its K loop) and
+    ``EARLY_WEIGHTS`` (here: the interpreter's schedule with one K block per program, its weights loaded before
+    the wait) gives logits equal bit for bit to the decoder without them, over a prefill and two steps at
+    batch 3, and the kernels were launched with them."""
     from conftest import small_model
 
     from mmf.decode_graph import GraphDecoder
@@ -626,19 +643,28 @@ def test_graph_decoder_with_the_epilogue_operands_early(monkeypatch):
     model = small_model("mmf", seed=8, intermediate_size=90).freeze()
     torch.manual_seed(8)
     ids = torch.randint(3, 259, (3, 5))
+    launches = _Launches(ternary_gemm._gemm_kernel)
+    monkeypatch.setattr(ternary_gemm, "_gemm_kernel", launches)
+    settings = ({"EPI_EARLY": True, "EARLY_WEIGHTS": True}, {"EPI_EARLY": False, "EARLY_WEIGHTS": False})
     decs = []
-    for early in (True, False):
-        monkeypatch.setattr(ternary_gemm, "EPI_EARLY", early)
+    for st in settings:
+        for k, v in st.items():
+            monkeypatch.setattr(ternary_gemm, k, v)
         decs.append(GraphDecoder(model, 3))
     assert not decs[0].gemv_path
     tok = None
     for step in range(3):
         outs = []
-        for early, dec in zip((True, False), decs):
-            monkeypatch.setattr(ternary_gemm, "EPI_EARLY", early)  # read at each launch
+        for st, dec in zip(settings, decs):
+            for k, v in st.items():  # read at each launch
+                monkeypatch.setattr(ternary_gemm, k, v)
+            launches.kw.clear()
             outs.append(dec.prefill(ids) if step == 0 else dec.step(tok))
+            assert launches.kw and all(kw["EARLY"] == st["EPI_EARLY"] and kw["WEARLY"] == st["EARLY_WEIGHTS"]
+                                       for kw in launches.kw)
         assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), step
         tok = outs[0].argmax(-1)
+
 
 def test_decode_breakdown_gemm_variants_do_what_they_say():
     """decode_breakdown's batched variants are text edits of ternary_gemm: each builds a kernel that runs, and
@@ -685,7 +711,7 @@ def test_decode_breakdown_gemm_variants_do_what_they_say():
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_gemm_early_operands_are_bit_equal(chunks):
+def test_gemm_early_operands_are_bit_equal(monkeypatch, chunks):
     """``EPI_EARLY`` (the epilogue's s_x, sum(xq), s_w and residual loaded before the K loop) and the
     ``EARLY_WEIGHTS`` schedules (one K block per program, its weights loaded before the wait, no loop) give
     the default's output bit for bit, through the GPU check's comparison (``kernel_bench.gemm_pair_cases``):
@@ -695,7 +721,12 @@ def test_gemm_early_operands_are_bit_equal(chunks):
 
     cfgs = [(16, 64, 32, 4, 1), (16, 64, 32, 4, 1, 1), (16, 64, 32, 4, 1, 1, 2)]
     pairs = kb.epi_early_pairs(cfgs) + kb.early_weight_pairs([(16, 64, 32, 4, 1, 0, 0, 1), (16, 32, 32, 4, 1, 1, 0, 1)])
+    launches = _Launches(ternary_gemm._gemm_kernel)
+    monkeypatch.setattr(ternary_gemm, "_gemm_kernel", launches)
     rows = kb.gemm_pair_cases([(70, 150)], (5,), pairs, "cpu", chunks=chunks)
+    # the switches reached the kernel: 4 shapes x (6 launches with EARLY as set, 4 with WEARLY)
+    assert [kw["EARLY"] for kw in launches.kw].count(True) == 4 * 3
+    assert [kw["WEARLY"] for kw in launches.kw].count(True) == 4 * 2
     assert len(rows) == 4 * len(pairs) and all(r["pre_pass_programs_per_row"] == chunks for r in rows)
     bad = [r for r in rows if not (r["bit_equal"] and r["outputs_written"])]
     assert not bad, bad
