@@ -314,6 +314,16 @@ def check_row_stats(quick: bool):
     return out
 
 
+def decoder_projections(d: int, f: int) -> list:
+    """A decoder layer's projections at model width d and feed-forward width f, as (name, segments, output
+    width N, K, pre-pass prologue, epilogue): i/f/g (three segments, norm prologue), o (MLGRU prologue,
+    residual), gate/up (norm prologue, GLU pair: 2N weight rows), down (plain prologue, residual)."""
+    from mmf.kernels import ternary_gemv as tv
+
+    return [("ifg", 3, d, d, tv.PRO_NORM, tv.EPI_STORE), ("o", 1, d, d, tv.PRO_MLGRU, tv.EPI_RESIDUAL),
+            ("gate/up", 1, f, d, tv.PRO_NORM, tv.EPI_GLU), ("down", 1, d, f, tv.PRO_PLAIN, tv.EPI_RESIDUAL)]
+
+
 def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0, gated=False) -> list:
     """``ternary_gemm.gemm(prepass=)`` (the pre-pass inside the GEMM's launch) against ``quantize`` then ``gemm``
     for each decoder shape of each (d, ffn) in ``widths`` (i/f/g: three segments and the norm prologue; o: the
@@ -332,8 +342,7 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0, gated=False) ->
     bf = torch.bfloat16
     out_rows = []
     for d, f in widths:
-        shapes = [("ifg", 3, d, d, tv.PRO_NORM, tv.EPI_STORE), ("o", 1, d, d, tv.PRO_MLGRU, tv.EPI_RESIDUAL),
-                  ("gate/up", 1, f, d, tv.PRO_NORM, tv.EPI_GLU), ("down", 1, d, f, tv.PRO_PLAIN, tv.EPI_RESIDUAL)]
+        shapes = decoder_projections(d, f)
         shapes += [("gated", 1, d, d, tv.PRO_GATED, tv.EPI_RESIDUAL)] if gated else []
         for name, nseg, n, k, pro, epi in shapes:
             w = [rand_packed(2 * n if epi == tv.EPI_GLU else n, k, dev) for _ in range(nseg)]
@@ -379,7 +388,7 @@ def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0, gated=False) ->
 
 def gemm_pair_cases(widths, rows, pairs, dev="cuda", seed=5, chunks=None) -> list:
     """Two ways of running the decode GEMM against each other, for each decoder shape of each (d, ffn) in
-    ``widths`` (i/f/g: three segments; o and down: the residual; gate/up: the GLU pair) and each row count in
+    ``widths`` (``decoder_projections``) and each row count in
     ``rows``: ``pairs`` holds ((schedule, settings), (schedule, settings)), a schedule being an index into
     ``_gemm_configs(m)`` or a schedule, the settings ``ternary_gemm`` attributes set while it runs. Random bf16
     inputs, quantised as the decoder does (``chunks`` None: ``decode_quant_chunks``, so 13b rows are split and
@@ -394,8 +403,7 @@ def gemm_pair_cases(widths, rows, pairs, dev="cuda", seed=5, chunks=None) -> lis
     bf = torch.bfloat16
     out = []
     for d, f in widths:
-        for name, nseg, n, k, epi in (("ifg", 3, d, d, tv.EPI_STORE), ("o", 1, d, d, tv.EPI_RESIDUAL),
-                                      ("gate/up", 1, f, d, tv.EPI_GLU), ("down", 1, d, f, tv.EPI_RESIDUAL)):
+        for name, nseg, n, k, _, epi in decoder_projections(d, f):
             w = [rand_packed(2 * n if epi == tv.EPI_GLU else n, k, dev) for _ in range(nseg)]
             sw = torch.rand(nseg, device=dev, generator=gen) + 0.5
             for m in rows:

@@ -106,8 +106,9 @@ def gemm_consts(cfg, epi: int, variant: dict) -> dict:
 
 def early_weight_cases(sizes=("370m", "1.3b", "13b")) -> list:
     """(schedule, epilogue, split) of each ``EARLY_WEIGHTS`` schedule at the decoder's projections of these
-    presets (i/f/g: store, o: residual, gate/up: GLU, all K = d; down: residual, K = ffn): the split is the
-    projection's number of K blocks, which sets how many parts ``_split_sum`` adds."""
+    presets (``kernel_bench.decoder_projections``): the split is the projection's number of K blocks, which sets
+    how many parts ``_split_sum`` adds."""
+    from mmf.bench.kernel_bench import decoder_projections
     from mmf.config import model_preset
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels.ternary_gemv import packed_bytes
@@ -115,7 +116,7 @@ def early_weight_cases(sizes=("370m", "1.3b", "13b")) -> list:
     cases = []
     for size in sizes:
         c = model_preset(size)
-        for epi, k in ((0, c.hidden_size), (1, c.hidden_size), (2, c.hidden_size), (1, c.ffn_size)):
+        for _, _, _, k, _, epi in decoder_projections(c.hidden_size, c.ffn_size):
             for cfg in tg._EARLY_WEIGHT_CONFIGS:
                 case = (cfg, epi, -(-packed_bytes(k) // cfg[2]))
                 if case not in cases:

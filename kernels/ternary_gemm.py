@@ -35,8 +35,8 @@ import triton.language as tl
 
 from . import reference
 from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
-                           Scratch, _epilogue, _num_sm, _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes,
-                           segment_weights, use_pdl)
+                           Scratch, _epilogue, _num_sm, _quant_row, _residual_tile, gdc_launch_dependents, gdc_wait,
+                           packed_bytes, segment_weights, use_pdl)
 
 
 @triton.jit
@@ -189,6 +189,15 @@ def _codes(wb, s: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _add_part(acc, acc2, part, off, RC, GLU: tl.constexpr):
+    """acc (acc2) += the int32 sums that one K part left at ``part`` (``_split_sum``'s workspace layout)."""
+    acc += tl.load(part + off, cache_modifier=".cg")
+    if GLU:
+        acc2 += tl.load(part + RC + off, cache_modifier=".cg")
+    return acc, acc2
+
+
+@triton.jit
 def _split_sum(acc, acc2, WS, CTR, tile, part, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
                GLU: tl.constexpr):
     """Split-K: this program's (R, C) int32 partial sums ``acc`` (and ``acc2``) of K part ``part`` of
@@ -210,14 +219,10 @@ def _split_sum(acc, acc2, WS, CTR, tile, part, R: tl.constexpr, C: tl.constexpr,
         acc2 = tl.zeros((R, C), tl.int32)
         if SPLIT <= 8:  # the split-K schedules' parts, unrolled
             for p in tl.static_range(SPLIT):
-                acc += tl.load(first + p * (NA * R * C) + off, cache_modifier=".cg")
-                if GLU:
-                    acc2 += tl.load(first + p * (NA * R * C) + R * C + off, cache_modifier=".cg")
+                acc, acc2 = _add_part(acc, acc2, first + p * (NA * R * C), off, R * C, GLU)
         else:  # one part per K block (weights-early schedules, up to 14 at 13b): unrolled they spilled
             for p in range(SPLIT):
-                acc += tl.load(first + p * (NA * R * C) + off, cache_modifier=".cg")
-                if GLU:
-                    acc2 += tl.load(first + p * (NA * R * C) + R * C + off, cache_modifier=".cg")
+                acc, acc2 = _add_part(acc, acc2, first + p * (NA * R * C), off, R * C, GLU)
         tl.atomic_xchg(CTR + tile, 0, sem="relaxed")
     return last, acc, acc2
 
@@ -258,8 +263,7 @@ def _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI: tl.const
     sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
     res = sx
     if EPI == 1 and WITH_RES:
-        res = tl.load(RES + rm[:, None] * sr_m + (seg * N + rn)[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
-                      other=0.0)
+        res = _residual_tile(RES, rm, rn, seg, M, N, sr_m)
     return sumx, sx, tl.load(SW + seg), res
 
 
@@ -277,18 +281,15 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
     if last:
-        dot = tl.trans(acc) if TRANS else acc
-        dot2 = tl.trans(acc2) if TRANS else acc2
+        res = None  # _epilogue loads the residual itself
         if EARLY:
+            sumx, sx, sw = e_sumx, e_sx, e_sw
             if EPI == 1 and SPLIT == 1:
-                out = _epilogue(dot, dot2, e_sumx, e_sx, e_sw, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT,
-                                USE_ASM, e_res)
-            else:
-                out = _epilogue(dot, dot2, e_sumx, e_sx, e_sw, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT,
-                                USE_ASM)
+                res = e_res
         else:
             sumx, sx, sw, _ = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH, False)
-            out = _epilogue(dot, dot2, sumx, sx, sw, rm, rn, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+        out = _epilogue(tl.trans(acc) if TRANS else acc, tl.trans(acc2) if TRANS else acc2, sumx, sx, sw, rm, rn,
+                        seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM, res)
         if STATS > 0:
             if seg == SSEG:
                 _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS)
@@ -604,19 +605,19 @@ def _launch(cfg, a):
     gemm_args = (a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"],
                  a["res"], a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks)
     common = dict(EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"],
-                  SPLIT=split, num_warps=nw, num_stages=ns, **({"launch_pdl": True} if a["pdl"] else {}))
+                  SPLIT=split, EARLY=EPI_EARLY and bm <= 16, WEARLY=wearly, num_warps=nw, num_stages=ns,
+                  **({"launch_pdl": True} if a["pdl"] else {}))
     pa = a.get("preq")
     if pa is not None:  # the pre-pass's programs first, then the GEMM's (``_gemm_preq_kernel``)
         sc, c = a["scratch"], pa["consts"]
         nq = pa["m"] * pa["nseg"]
         _gemm_preq_kernel[(nq + tiles * split * a["nseg"],)](
             *pa["head"], sc.xq, pa["k"], sc.pw, a["nseg"], sc.flag, nq, *gemm_args, PRO=c["PRO"], HAS_LB=c["HAS_LB"],
-            QDT=c["DT"], BLOCK_W=c["BLOCK_W"], SPIN=not INTERPRET, EARLY=EPI_EARLY and bm <= 16, WEARLY=wearly,
-            **common)
+            QDT=c["DT"], BLOCK_W=c["BLOCK_W"], SPIN=not INTERPRET, **common)
         return
     _gemm_kernel[(tiles * split, a["nseg"])](
         *gemm_args, st.buf if stats else ws, ssw if stats == 2 else ws, a.get("stats_seg", 0), NCH=a["nch"],
-        STATS=stats, EARLY=EPI_EARLY and bm <= 16, WEARLY=wearly, **common)
+        STATS=stats, **common)
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,

@@ -350,6 +350,13 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
 
 
 @triton.jit
+def _residual_tile(RES, rows_m, rows_n, seg, M, N, sr_m):
+    """The residual at rows rows_m and output columns rows_n of segment seg (``_epilogue``'s EPI_RESIDUAL)."""
+    omask = (rows_m < M)[:, None] & (rows_n < N)[None, :]
+    return tl.load(RES + rows_m[:, None] * sr_m + (seg * N + rows_n)[None, :], mask=omask, other=0.0)
+
+
+@triton.jit
 def _epilogue(dot, dot2, sumx, sx, sw, rows_m, rows_n, seg, OUT, RES, M, N, so_m, sr_m,
               EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, res=None):
     """dot (BM, BN) int32 sums of c*x, sumx and s_x (BM,), s_w -> y = (dot - sum x) / (s_x s_w), then
@@ -369,7 +376,7 @@ def _epilogue(dot, dot2, sumx, sx, sw, rows_m, rows_n, seg, OUT, RES, M, N, so_m
         col = seg * N + rows_n
         if EPI == 1:
             if res is None:
-                res = tl.load(RES + rows_m[:, None] * sr_m + col[None, :], mask=omask, other=0.0)
+                res = _residual_tile(RES, rows_m, rows_n, seg, M, N, sr_m)
             out = _to(_to(y, DT, USE_ASM).to(tl.float32) + res.to(tl.float32), DT, USE_ASM)
         else:
             out = _to(y, DT, USE_ASM)
