@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Optional
 
@@ -32,11 +33,32 @@ class _FlagsWithoutMetavar:
         return params
 
 
-class MMFCommand(_FlagsWithoutMetavar, TyperCommand):
-    """Every `mmf` command (see ``_FlagsWithoutMetavar``)."""
+def one_line_per_paragraph(text: Optional[str]) -> Optional[str]:
+    """A docstring's paragraphs each as one line (a paragraph starting with ``\\b`` kept as it is).
+
+    Typer 0.29's rich help keeps the single line breaks of every paragraph after the first, so a docstring
+    wrapped at 100 columns showed ragged on an 80-column terminal (a long line, then a stub of a few words);
+    one line per paragraph lets rich wrap it to the terminal's width.
+    """
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
 
 
-class MMFGroup(_FlagsWithoutMetavar, TyperGroup):
+class _ReflowedHelp:
+    """The command's help text as ``one_line_per_paragraph`` gives it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = one_line_per_paragraph(self.help)
+
+
+class MMFCommand(_ReflowedHelp, _FlagsWithoutMetavar, TyperCommand):
+    """Every `mmf` command (see ``_ReflowedHelp`` and ``_FlagsWithoutMetavar``)."""
+
+
+class MMFGroup(_ReflowedHelp, _FlagsWithoutMetavar, TyperGroup):
     """The `mmf` group: commands listed in pipeline order (``PIPELINE_ORDER``, then any others)."""
 
     def list_commands(self, ctx):

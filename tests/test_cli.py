@@ -124,6 +124,23 @@ def test_every_command_has_a_one_line_summary():
         assert expected in names
 
 
+def test_help_paragraphs_wrap_to_the_terminal():
+    """Every paragraph of a command's help is one line for rich to wrap (Typer keeps a docstring's single
+    line breaks, which showed ragged at 80 columns); a paragraph marked with \\b keeps its line breaks."""
+    from typer.main import get_command
+
+    from mmf.cli.app import one_line_per_paragraph
+    from mmf.cli.main import app
+
+    group = get_command(app)
+    for name, cmd in group.commands.items():
+        paragraphs = cmd.help.split("\n\n")
+        assert all("\n" not in p for p in paragraphs), (name, cmd.help)
+    assert len(group.commands["bench"].help.split("\n\n")) == 2  # the second paragraph is kept apart
+    text = "First line.\n\n    Second\n    paragraph.\n\n    \b\n    kept\n    as is"
+    assert one_line_per_paragraph(text) == "First line.\n\nSecond paragraph.\n\n\b\nkept\nas is"
+
+
 def test_force_never_deletes_a_file_and_outputs_follow_the_umask(tiny_mmf_ckpt, tmp_path):
     """Issue 16 items 9 and 11, verbatim: `echo x > notes.txt; mmf pack CK --out notes.txt --force`."""
     import os
