@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+import typer
+
 from mmf.errors import MMFError
 
 from .app import app
@@ -46,11 +48,45 @@ def check_old_json_path(args: list[str]) -> None:
                            f"with --json-out {value}")
 
 
+def _click_error_classes() -> tuple:
+    """(UsageError, ClickException) of the click that Typer uses: its own copy (``typer._click``) from 0.29 on,
+    the separately installed click before."""
+    names = {c.__name__: c for c in typer.BadParameter.__mro__}
+    return names["UsageError"], names["ClickException"]
+
+
+def usage_error_line(e) -> str:
+    """A Typer usage error (an unknown or missing option, a bad value) as one line, where Typer prints a box of
+    six: the problem as click words it (with its "Did you mean" hint), and where the options are listed."""
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None and ctx.command_path else "mmf"
+    msg = " ".join(e.format_message().split()).rstrip(".")
+    return f"{msg}; see `{where} -h`"
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args, debug = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
+    usage_error, click_error = _click_error_classes()
     try:
         check_old_json_path(args)
-        app(args=args, prog_name="mmf")
+        # not standalone, so that usage errors reach us as exceptions; --help, --version and typer.Exit return a code
+        code = app(args=args, prog_name="mmf", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)  # as standalone Typer exits
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `mmf`: the help, which rich has printed already
+            text = e.format_message()  # the help itself where Typer formats it without rich (else empty)
+            if text.strip():
+                sys.stdout.write(text + "\n")
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        sys.stderr.write(f"mmf: error: {usage_error_line(e)}\n")
+        sys.exit(e.exit_code)
+    except click_error as e:  # click's other errors (a file it could not open, ...): one line as well
+        if debug:
+            raise
+        sys.stderr.write(f"mmf: error: {' '.join(e.format_message().split())}\n")
+        sys.exit(e.exit_code)
     except MMFError as e:
         if debug:
             raise

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import main_in_process, run_cli
 
 
 def assert_one_line_error(res, *fragments):
@@ -139,6 +139,27 @@ def test_help_paragraphs_wrap_to_the_terminal():
     assert len(group.commands["bench"].help.split("\n\n")) == 2  # the second paragraph is kept apart
     text = "First line.\n\n    Second\n    paragraph.\n\n    \b\n    kept\n    as is"
     assert one_line_per_paragraph(text) == "First line.\n\nSecond paragraph.\n\n\b\nkept\nas is"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["pack", "CK"], ["Missing option '--out' / '-o'", "see `mmf pack -h`"]),
+    (["generate", "CK", "--top-kk", "3"], ["No such option: --top-kk", "--top-k", "see `mmf generate -h`"]),
+    (["generate", "CK", "-n", "many"], ["Invalid value for '--max-new-tokens'", "see `mmf generate -h`"]),
+    (["genrate"], ["No such command 'genrate'", "see `mmf -h`"]),
+])
+def test_usage_errors_are_one_line(capsys, tmp_path, args, words):
+    """Typer's usage errors (unknown, missing or bad options) are one line on stderr with where to look, exit 2,
+    no box (Typer's own format is a box of six lines)."""
+    code, out, err = main_in_process(capsys, *[str(tmp_path) if a == "CK" else a for a in args])
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("mmf: error: ") and "╭" not in err and "Traceback" not in err
+    for w in words:
+        assert w in err, err
+
+
+def test_bare_mmf_prints_the_help_once(capsys):
+    code, out, err = main_in_process(capsys)
+    assert code == 2 and err == "" and out.count("Usage: mmf") == 1 and "export-onnx" in out
 
 
 def test_force_never_deletes_a_file_and_outputs_follow_the_umask(tiny_mmf_ckpt, tmp_path):
