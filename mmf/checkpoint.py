@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint_layout import (CONFIG_FILE, DEFAULT_SHARD_BYTES, IGNORED_KEY_SUFFIXES, INDEX_FILE, WEIGHTS_FILE,
-                                files_in_order, shard_names, write_index)
+from .checkpoint_layout import (CONFIG_FILE, DEFAULT_SHARD_BYTES, IGNORED_KEY_SUFFIXES, WEIGHTS_FILE, checkpoint_files,
+                                files_in_order, shard_names, tensor_shapes, write_index)
 from .config import ModelConfig, load_hf_config
 from .errors import CheckpointError, MMFError
 from .outputs import atomic_directory
@@ -53,16 +53,6 @@ def checkpoint_state_dict(model: torch.nn.Module) -> dict:
         seen[key] = name
         state[name] = t.detach().to("cpu").contiguous()
     return state
-
-
-def checkpoint_state_dict_names(model) -> list[str]:
-    """Names a complete checkpoint of ``model`` must hold (tied weights once)."""
-    names, seen = [], set()
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            names.append(name)
-    return names
 
 
 def write_safetensors_sharded(state: dict, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -117,23 +107,9 @@ def save_checkpoint(model, out: Path, tokenizer=None, overwrite: bool = False, d
 
 
 def weight_files(directory: Path) -> dict:
-    """Map every tensor name to its safetensors file (reads the index, or the single file's header)."""
-    directory = Path(directory)
-    index = directory / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        for fname in set(weight_map.values()):
-            if not (directory / fname).exists():
-                raise CheckpointError(f"{directory / fname}: shard named in {INDEX_FILE} is missing")
-        return {k: directory / v for k, v in weight_map.items()}
-    single = directory / WEIGHTS_FILE
-    if not single.exists():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
-    with open_safetensors(single) as f:
-        return {k: single for k in f.keys()}
+    """Map every tensor name to its safetensors file (``checkpoint_layout.checkpoint_files``: every header and the
+    index validated)."""
+    return checkpoint_files(directory)
 
 
 @contextmanager
@@ -231,36 +207,50 @@ def load_model(path, device="cpu", dtype=torch.float32, frozen: bool = False):
         return model
     with torch.device("meta"):
         model = build_model(cfg)
+    check_tensor_names_and_shapes(path, model, cfg)  # from the headers, before anything is allocated
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
-    expected = set(checkpoint_state_dict_names(model))
-    found = set()
     for name, tensor in iter_tensors(path):
         if name.endswith(IGNORED_KEY_SUFFIXES):
             continue
-        if name not in params:
-            raise CheckpointError(
-                f"{path}: unexpected tensor {name!r} for a {cfg.model_type} model with this config.json")
         target = params[name]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies {tuple(target.shape)}")
         check_finite(path, name, tensor)
         with torch.no_grad():
             target.copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
         if tensor.is_floating_point() and torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:
             check_finite(path, name, target, overflow=(tensor.dtype, dtype))
-        found.add(name)
-    missing = sorted(expected - found)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:3])}{more}")
     model.eval()
     if frozen:
         model.freeze()
     return model
+
+
+def check_tensor_names_and_shapes(path: Path, model, cfg) -> None:
+    """The checkpoint's tensors against ``model`` (built from its config.json, on the meta device), from the
+    safetensors headers alone: no unexpected name, every shape as config.json implies (so a config.json whose
+    sizes exceed the weights is this error, not a failed allocation), nothing missing. Tied weights (the LM
+    head and the embeddings) may be stored under either name, as transformers accepts."""
+    shapes = tensor_shapes(weight_files(path))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers()))
+    for name, shape in shapes.items():
+        if name.endswith(IGNORED_KEY_SUFFIXES):
+            continue
+        if name not in params:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name!r} for a {cfg.model_type} model with this config.json")
+        if tuple(shape) != tuple(params[name].shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(shape)} but config.json implies {tuple(params[name].shape)}")
+    aliases: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    missing = sorted(names[0] for names in aliases.values() if not any(n in shapes for n in names))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:3])}{more}")
 
 
 def load_packed_model(path, cfg, device="cpu", dtype=torch.float32):

@@ -40,38 +40,52 @@ def write_index(directory: Path, weight_map: dict, total_size: int, **metadata) 
 # ---- reading --------------------------------------------------------------------------------------
 
 def checkpoint_files(directory: Path) -> dict:
-    """name -> file for a checkpoint directory, validating headers (never mmap, never panics)."""
+    """name -> file for a checkpoint directory, validating headers (never mmap, never panics).
+
+    ``model.safetensors`` is read when present, else the shards of ``model.safetensors.index.json``: the order in
+    which transformers looks for them (a directory holding both gives the same weights in either program)."""
     directory = Path(directory)
     if not directory.exists():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: a checkpoint is a directory with config.json and model.safetensors")
-    index = directory / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map must map names to file names")
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = {}
-        for fname in sorted(set(weight_map.values())):
-            if Path(fname).name != fname:
-                raise CheckpointError(f"{index}: shard name {fname!r} must be a plain file name")
-            path = directory / fname
-            if not path.exists():
-                raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
-            tensors, _, _ = read_header(path)
-            for k, v in weight_map.items():
-                if v == fname and k not in tensors:
-                    raise CheckpointError(f"{path}: tensor {k} listed in {INDEX_FILE} is not in this shard")
-            files.update({k: path for k in tensors})
-        return files
     single = directory / WEIGHTS_FILE
-    if not single.exists():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
-    tensors, _, _ = read_header(single)
-    return {k: single for k in tensors}
+    index = directory / INDEX_FILE
+    if single.exists() or not index.exists():
+        if not single.exists():
+            raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
+        tensors, _, _ = read_header(single)
+        return {k: single for k in tensors}
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map names to file names")
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
+    files = {}
+    for fname in sorted(set(weight_map.values())):
+        if Path(fname).name != fname:
+            raise CheckpointError(f"{index}: shard name {fname!r} must be a plain file name")
+        path = directory / fname
+        if not path.exists():
+            raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
+        tensors, _, _ = read_header(path)
+        for k, v in weight_map.items():
+            if v == fname and k not in tensors:
+                raise CheckpointError(f"{path}: tensor {k} listed in {INDEX_FILE} is not in this shard")
+        files.update({k: path for k in tensors})
+    return files
+
+
+def tensor_shapes(files: dict) -> dict:
+    """name -> shape of every tensor of ``checkpoint_files``' map, from the headers alone."""
+    shapes = {}
+    for path in files_in_order(files):
+        tensors, _, _ = read_header(path)
+        shapes.update({k: info.shape for k, info in tensors.items() if files.get(k) == path})
+    return shapes
 
 
 def files_in_order(files: dict) -> list:

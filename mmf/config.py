@@ -19,7 +19,7 @@ import math
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Optional, Union
@@ -177,8 +177,15 @@ def dataclass_from_dict(cls, data: dict, where: str, ignore: frozenset = frozens
 
 
 def default_intermediate_size(hidden_size: int, hidden_ratio: int = 4) -> int:
-    """The released code's rule: 256 * ceil(d * hidden_ratio * 2/3 / 256)."""
-    return 256 * math.ceil(hidden_size * hidden_ratio * 2 / 3 / 256)
+    """The released code's rule (``HGRNBitMLP``): ``int(d * hidden_ratio * 2/3)`` rounded up to a multiple of 256.
+    It is ``256 * ceil(d * hidden_ratio * 2/3 / 256)`` except where d * hidden_ratio * 2/3 lies strictly between
+    256 k and 256 k + 1 (the truncation comes first: d 55, ratio 7 gives 256, not 512)."""
+    return 256 * ((int(hidden_size * hidden_ratio * 2 / 3) + 255) // 256)
+
+
+def check_eps(eps: float, where: str) -> None:
+    if not (math.isfinite(eps) and eps > 0):
+        raise ConfigError(f"{where}: rms_norm_eps must be a positive number, got {eps}")
 
 
 @dataclass
@@ -224,12 +231,12 @@ class MMFConfig:
                 raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError(f"{where}: intermediate_size must be positive or null")
-        if not self.rms_norm_eps > 0:
-            raise ConfigError(f"{where}: rms_norm_eps must be > 0")
+        check_eps(self.rms_norm_eps, where)
         check_supported(dataclasses.asdict(self), self.model_type, where)
 
     def to_hf_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d["intermediate_size"] = self.ffn_size  # explicit: the released code and mmf then agree without a rule
         d["architectures"] = ["HGRNBitForCausalLM"]
         return d
 
@@ -271,16 +278,20 @@ class LlamaConfig:
 
     @property
     def n_kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
 
     @property
     def dim_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+        return self.hidden_size // self.num_attention_heads if self.head_dim is None else self.head_dim
 
     @property
     def theta(self) -> float:
-        rp = self.rope_parameters or {}
-        return float(rp.get("rope_theta", self.rope_theta))
+        """RoPE's base: a ``rope_theta`` in ``rope_scaling`` (which transformers 5 lets override
+        ``rope_parameters``), else in ``rope_parameters``, else the top-level one."""
+        for rp in (self.rope_scaling, self.rope_parameters):
+            if isinstance(rp, dict) and rp.get("rope_theta") is not None:
+                return float(rp["rope_theta"])
+        return float(self.rope_theta)
 
     def validate(self, where: str = "config") -> None:
         if self.model_type != "llama":
@@ -288,6 +299,12 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}")
+        for name in ("num_key_value_heads", "head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: {name} must be positive or null, got {getattr(self, name)}")
+        check_eps(self.rms_norm_eps, where)
+        if not (math.isfinite(self.theta) and self.theta > 0):
+            raise ConfigError(f"{where}: rope_theta must be a positive number, got {self.theta}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"{where}: hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -379,6 +396,8 @@ def model_config_from_dict(data: dict, where: str, hf: bool = False) -> ModelCon
             "(set model_type or arch = 'mmf' | 'transformer++')"
         )
     cls = MODEL_TYPES[mt]
+    if hf and mt == "hgrn_bit":
+        released_hgrn_bit_values(data, where)
     check_supported(data, mt, where)
     fields = {f.name for f in dataclasses.fields(cls)}
     checked = {key for _, key, _, _ in UNSUPPORTED_SETTINGS}
@@ -399,6 +418,22 @@ def model_config_from_dict(data: dict, where: str, hf: bool = False) -> ModelCon
     return cfg
 
 
+def released_hgrn_bit_values(data: dict, where: str) -> None:
+    """Values of a published hgrn_bit ``config.json`` that the released code reads as mmf's defaults (in place):
+    ``hidden_ratio`` null is 4 and 4.0 is 4; ``hidden_act`` is never applied (``HGRNBitMLP.forward`` always
+    computes swiglu), so another activation's name changes nothing and is read as swish, with a warning."""
+    hr = data.get("hidden_ratio")
+    if "hidden_ratio" in data and hr is None:
+        data["hidden_ratio"] = 4
+    elif isinstance(hr, float) and hr.is_integer():
+        data["hidden_ratio"] = int(hr)
+    act = data.get("hidden_act")
+    if isinstance(act, str) and act not in ("swish", "silu"):
+        _warn_once(f"{where}: hidden_act {act!r} is not used by hgrn_bit (the released HGRNBitMLP always applies "
+                   "swiglu); read as 'swish'")
+        data["hidden_act"] = "swish"
+
+
 _WARNED: set = set()
 
 
@@ -417,6 +452,10 @@ def load_hf_config(path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: no such file; a checkpoint directory needs config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); fix or regenerate the file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; a checkpoint's config.json is a file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     return model_config_from_dict(data, str(path), hf=True)
 
 

@@ -43,6 +43,8 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: Optional[int]) -> None:
     """The tokenised prompt must be non-empty and inside the model's vocabulary."""
     if not prompt_ids:
         raise MMFError("the prompt is empty after tokenisation; give some text with --prompt")
+    if min(prompt_ids) < 0:
+        raise MMFError(f"the prompt has the negative token id {min(prompt_ids)}; token ids start at 0")
     if vocab_size is not None and max(prompt_ids) >= vocab_size:
         raise MMFError(f"the tokenizer produced id {max(prompt_ids)} but the model's vocabulary has {vocab_size} "
                        "entries; the checkpoint's tokenizer does not match its config")
@@ -99,7 +101,7 @@ class _StaticSteps:
 
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
+                 top_p: float = 1.0, seed: Optional[int] = None, eos_id=None,
                  on_token: Optional[Callable[[int], None]] = None, device="cpu", graph: bool = False,
                  vocab_limit: Optional[int] = None) -> list[int]:
     """Prefill the prompt in one call, then decode one token at a time with the model's cache (with
@@ -109,6 +111,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     gen = None
     if seed is not None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
+    stops = _stop_ids(eos_id)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     if graph:
         model = _StaticSteps(model, len(prompt_ids), max_new_tokens)
@@ -120,7 +123,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         new.append(nxt)
         if on_token is not None:
             on_token(nxt)
-        if (eos_id is not None and nxt == eos_id) or len(new) == max_new_tokens:
+        if nxt in stops or len(new) == max_new_tokens:
             break  # no forward pass for a token whose successor is not wanted
         out = model(torch.tensor([[nxt]], dtype=torch.long, device=device), out.cache)
     return new
@@ -209,6 +212,7 @@ def load_for_generate(checkpoint, device: str = "cpu", dtype="fp32", graph: bool
         raise MMFError("--graph replays CUDA graphs: it needs --device cuda (drop --graph on the CPU)")
     parse_dtype(dtype)
     model = load_model(checkpoint, device=device, dtype=dtype, frozen=True)
+    model.generation_eos = generation_config_eos(checkpoint)
     tok = load_tokenizer(checkpoint, model.config.bos_token_id, model.config.eos_token_id)
     return model, tok, device
 
@@ -267,7 +271,7 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float
         model = _StaticSteps(model, len(prompt_ids), max_new_tokens)
     if echo_prompt and write is not None:
         write(prompt)
-    eos = end_token(model)
+    eos = end_tokens(model)
     # a model's vocabulary may be larger than its tokenizer's (padded embedding tables): sample only ids the
     # tokenizer can turn back into text
     generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos, on_token, device,
@@ -275,17 +279,48 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float
     return "".join(pieces)
 
 
-def end_token(model) -> Optional[int]:
-    """The end token generation stops at: the config's ``eos_token_id`` (the first, if it lists several)."""
-    eos = model.config.eos_token_id
-    return eos[0] if isinstance(eos, list) else eos
+def end_tokens(model) -> tuple:
+    """The ids generation stops at, as transformers' ``generate`` does: every id of config.json's
+    ``eos_token_id`` (one or a list) and of the checkpoint's generation_config.json (``model.generation_eos``,
+    set by ``load_for_generate``; Llama 3 Instruct lists its end-of-turn id only there)."""
+    ids = []
+    for eos in (model.config.eos_token_id, getattr(model, "generation_eos", None)):
+        ids += list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _stop_ids(eos_id) -> tuple:
+    """``eos_id`` (None, an id, or several) as a tuple of ids."""
+    if eos_id is None:
+        return ()
+    return tuple(eos_id) if isinstance(eos_id, (list, tuple, set, frozenset)) else (eos_id,)
+
+
+def generation_config_eos(directory: Path):
+    """``eos_token_id`` of ``directory/generation_config.json`` (an id or a list), or None without one. A file
+    that is not JSON or holds no usable id is ignored, as transformers falls back to config.json then."""
+    try:
+        eos = json.loads((Path(directory) / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+    def ok(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if ok(eos) or (isinstance(eos, list) and eos and all(ok(v) for v in eos)):
+        return eos
+    return None
 
 
 def encode_prompt(model, tok, prompt: str) -> list[int]:
     """``prompt``'s ids (with the BOS of a Hugging Face tokenizer), checked against the model's vocabulary."""
-    check_tokenizer_fits(tok, getattr(model.config, "vocab_size", None))
+    vocab = getattr(model.config, "vocab_size", None)
+    check_tokenizer_fits(tok, vocab)
     prompt_ids = tok.encode(prompt)
     if tok.bos_id is not None and getattr(tok, "kind", "") == "hf":
+        if tok.bos_id < 0 or (vocab is not None and tok.bos_id >= vocab):
+            raise MMFError(f"config.json's bos_token_id {tok.bos_id} is not a token id of this model (0 to "
+                           f"{vocab - 1 if vocab else '...'}); fix bos_token_id in the checkpoint's config.json")
         prompt_ids = [tok.bos_id] + prompt_ids
     check_prompt_ids(prompt_ids, getattr(model.config, "vocab_size", None))
     return prompt_ids
@@ -356,7 +391,7 @@ def _prefill_rows(model, prompts_ids: list, device):
 
 @torch.inference_mode()
 def generate_batch_ids(model, prompts_ids: list, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                       top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
+                       top_p: float = 1.0, seed: Optional[int] = None, eos_id=None,
                        device="cpu", graph: bool = False, vocab_limit: Optional[int] = None,
                        on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
     """Generate for several prompts at once; returns each row's new ids (stopped at ``eos_id``, included).
@@ -367,7 +402,7 @@ def generate_batch_ids(model, prompts_ids: list, max_new_tokens: int, temperatur
     CUDA-graph replay of one ``GraphDecoder(model, batch=B)`` (more prompts than its limit,
     ``graph_batch_limit()``, run in chunks of it; the last chunk is padded with copies of its first row,
     whose outputs are thrown away). A row that has
-    finished is fed its end token until every row has. Other models (Transformer++, whose KV caches of
+    finished is fed the first prompt's last token until every row has (its outputs are thrown away). Other models (Transformer++, whose KV caches of
     unequal lengths would need a mask; an ONNX Runtime export) generate the prompts one after another.
 
     Sampling: row i draws from its own generator seeded ``seed + i``, so with the same seed a row samples
@@ -440,7 +475,8 @@ def _generate_mmf_batch(model, prompts_ids, max_new_tokens, temperature, top_k, 
             return o.logits[:, -1]
 
     done = [False] * B
-    filler = eos_id if eos_id is not None else prompts_ids[0][-1]
+    stops = _stop_ids(eos_id)
+    filler = prompts_ids[0][-1]  # fed to finished rows (their outputs are thrown away): an id the model takes
     for t in range(max_new_tokens):
         lg = logits[:, :vocab_limit].float().cpu()
         if temperature <= 0:
@@ -453,7 +489,7 @@ def _generate_mmf_batch(model, prompts_ids, max_new_tokens, temperature, top_k, 
             new[i].append(tok)
             if on_token is not None:
                 on_token(i, tok)
-            if eos_id is not None and tok == eos_id:
+            if tok in stops:
                 done[i] = True
         if all(done) or t + 1 == max_new_tokens:
             break  # no forward pass for tokens whose successors are not wanted
@@ -502,14 +538,14 @@ def batch_text(model, tok, prompts: list, max_new_tokens: int, temperature: floa
     prompt, its text, the generated text, the number of new tokens and whether it stopped at the end token."""
     ids = [encode_prompt(model, tok, p) for p in prompts]
     check_memory(model, ids, max_new_tokens, graph, device)
-    eos = end_token(model)
+    eos = end_tokens(model)
     new = generate_batch_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos, device, graph,
                              vocab_limit=tok.vocab_size)
     results = []
     for p, row in zip(prompts, new):
         feed = tok.stream_decoder()
         results.append({"prompt": p, "text": "".join(feed(t) or "" for t in row), "new_tokens": len(row),
-                        "stopped_at_eos": bool(row) and eos is not None and row[-1] == eos})
+                        "stopped_at_eos": bool(row) and row[-1] in eos})
     how = "one prompt after another"
     if decodes_as_batch(model):
         how = "one batch, GraphDecoder (one CUDA graph per step)" if graph else "one batch, eager"

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import mmf
 from mmf.checkpoint import save_checkpoint
+from mmf.info import checkpoint_info
 from mmf.checkpoint_layout import INDEX_FILE
 from mmf.errors import CheckpointError, ConfigError
 
@@ -374,3 +375,67 @@ def test_load_model_serves_large_allocations_from_mmap(tiny_mmf_ckpt):
     assert len(checkpoint._MMAP_THRESHOLD_SET) == 1
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert checkpoint._MMAP_THRESHOLD_SET == [True] and checkpoint.map_large_allocations()
+
+
+# --- Hugging Face directories as transformers reads them (found by trying published layouts) -------------------
+
+def _rename_tensor(directory, old, new):
+    sd = load_file(str(directory / "model.safetensors"))
+    sd[new] = sd.pop(old)
+    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("arch, emb", [("transformer++", "model.embed_tokens.weight"),
+                                       ("mmf", "model.embeddings.weight")])
+def test_tied_weights_stored_under_the_head_name_load(tmp_path, arch, emb):
+    """``safetensors.torch.save_model`` keeps a tied pair under the name that sorts first, ``lm_head.weight``:
+    transformers loads that, so does mmf."""
+    model = small_model(arch, seed=16, tie_word_embeddings=True)
+    save_checkpoint(model, tmp_path / "c")
+    _rename_tensor(tmp_path / "c", emb, "lm_head.weight")
+    loaded = mmf.load_model(tmp_path / "c")
+    ids = torch.randint(0, 259, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    _rename_tensor(tmp_path / "c", "lm_head.weight", "model.other.weight")
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.other.weight'"):
+        mmf.load_model(tmp_path / "c")
+
+
+def test_model_safetensors_is_read_before_an_index(tmp_path):
+    """A directory holding both ``model.safetensors`` and an index gives the single file's weights, as
+    transformers reads it."""
+    sharded, single = small_model("mmf", seed=17), small_model("mmf", seed=18)
+    save_checkpoint(sharded, tmp_path / "c", max_shard_bytes=60_000)
+    save_checkpoint(single, tmp_path / "one")
+    shutil.copy(tmp_path / "one" / "model.safetensors", tmp_path / "c" / "model.safetensors")
+    assert (tmp_path / "c" / INDEX_FILE).exists()
+    loaded = mmf.load_model(tmp_path / "c")
+    assert all(torch.equal(a, b) for a, b in zip(single.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_bad_index_config_and_sizes_are_one_line_errors(tmp_path):
+    model = small_model("transformer++", seed=19)
+    save_checkpoint(model, tmp_path / "c", max_shard_bytes=60_000)
+    index_path = tmp_path / "c" / INDEX_FILE
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for weight_map, words in ((list(index["weight_map"].values()), "not a valid safetensors index"),
+                              ({**index["weight_map"], "lm_head.weight": 1}, "not a valid safetensors index"),
+                              ({**index["weight_map"], "lm_head.weight": "/etc/passwd"}, "must be a plain file name"),
+                              ({**index["weight_map"], "model.embed_tokens.weight": shards[-1]}, "is not in this shard")):
+        index_path.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=words):
+            mmf.load_model(tmp_path / "c")
+        with pytest.raises(CheckpointError, match=words):
+            checkpoint_info(tmp_path / "c")
+    index_path.write_text(json.dumps(index))
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**cfg, "vocab_size": 10**9}))
+    with pytest.raises(CheckpointError, match=r"'model.embed_tokens.weight' has shape \(259, 64\) but config.json "
+                                              r"implies \(1000000000, 64\)"):
+        mmf.load_model(tmp_path / "c")  # from the headers: nothing of 256 GB is allocated
+    (tmp_path / "c" / "config.json").unlink()
+    (tmp_path / "c" / "config.json").mkdir()
+    with pytest.raises(ConfigError, match="config.json: is a directory"):
+        mmf.load_model(tmp_path / "c")

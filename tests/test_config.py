@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -118,7 +119,6 @@ def test_unknown_config_json_keys_are_accepted_and_recorded_as_transformers_does
     ({"model_type": "llama", "per_layer_config": {"0": {"intermediate_size": 64}}}, "per_layer_config"),
     ({"model_type": "hgrn_bit", "use_short_conv": True}, "use_short_conv"),
     ({"model_type": "hgrn_bit", "expand_ratio": 2}, "expand_ratio"),
-    ({"model_type": "hgrn_bit", "hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_parameters"),
@@ -129,6 +129,53 @@ def test_settings_that_change_the_arithmetic_are_refused_in_one_line(data, key, 
         model_config_from_dict(data, "c.json", hf=hf)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"c.json: {key} = {json.dumps(data[key])} is not supported; mmf supports ")
+
+
+def test_hgrn_bit_values_the_released_code_reads_as_defaults(capsys):
+    """A published hgrn_bit config.json: hidden_ratio null is 4 and 4.0 is 4 (the released HGRNBitMLP), and
+    hidden_act is never applied there (its forward always computes swiglu): read as swish with a warning. mmf's
+    own TOML configs stay strict."""
+    base = {"model_type": "hgrn_bit", "hidden_size": 64}
+    assert model_config_from_dict({**base, "hidden_ratio": None}, "c.json", hf=True).ffn_size == 256
+    assert model_config_from_dict({**base, "hidden_ratio": 4.0}, "c.json", hf=True).hidden_ratio == 4
+    cfg = model_config_from_dict({**base, "hidden_act": "gelu"}, "c.json", hf=True)
+    err = capsys.readouterr().err
+    assert cfg.hidden_act == "swish" and err.count("\n") == 1 and "hidden_act 'gelu' is not used by hgrn_bit" in err
+    with pytest.raises(ConfigError, match="hidden_act = \"gelu\" is not supported"):
+        model_config_from_dict({**base, "hidden_act": "gelu"}, "m.toml [model]")
+    with pytest.raises(ConfigError, match="key 'hidden_ratio' must be int"):
+        model_config_from_dict({**base, "hidden_ratio": 4.0}, "m.toml [model]")
+
+
+def test_default_ffn_width_is_the_released_rule():
+    """int(d * ratio * 2/3) rounded up to 256 (truncation first): equal to the ceil form for every preset,
+    different where d * ratio * 2/3 lies just above a multiple of 256."""
+    from mmf.config import default_intermediate_size
+
+    assert default_intermediate_size(55, 7) == 256  # 256.67: the released code truncates to 256
+    for d in (256, 1024, 2048, 2560, 5120):
+        assert default_intermediate_size(d) == 256 * math.ceil(d * 4 * 2 / 3 / 256)
+    assert default_intermediate_size(1024) == 2816 and default_intermediate_size(2048) == 5632
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive number"),
+    ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a positive number"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be positive or null, got 0"),
+    ({"head_dim": 0}, "head_dim must be positive or null, got 0"),
+    ({"rope_theta": 0.0}, "rope_theta must be a positive number"),
+])
+def test_nonsense_llama_values_are_refused(change, words):
+    with pytest.raises(ConfigError, match=words):
+        model_config_from_dict({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, **change},
+                               "c.json", hf=True)
+
+
+def test_rope_theta_inside_rope_scaling_is_used_as_transformers_does():
+    cfg = model_config_from_dict({"model_type": "llama", "rope_theta": 10000.0,
+                                  "rope_scaling": {"rope_type": "default", "rope_theta": 5e5}}, "c.json", hf=True)
+    assert cfg.theta == 5e5
+    assert model_config_from_dict({"model_type": "llama", "rope_theta": 7e4}, "c.json", hf=True).theta == 7e4
 
 
 def test_accepted_values_of_checked_settings():

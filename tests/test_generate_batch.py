@@ -172,3 +172,44 @@ def test_prompts_beyond_memory_are_refused_before_prefill(tiny_mmf_ckpt, monkeyp
     monkeypatch.setenv("MMF_MEMORY_CHECK", "0")
     code, out, err = main_in_process(capsys, "generate", tiny_mmf_ckpt, "-p", "abcd", "-p", "x", "-p", "yy", "-n", "4")
     assert "prefilled before the memory check" in err
+
+
+def test_every_end_token_of_a_list_stops_a_row(frozen_mmf):
+    """config.json's eos_token_id may be a list (and generation_config.json add more, as Llama 3 Instruct's
+    end-of-turn id): generation stops at any of them, as transformers' generate does."""
+    prompts = _prompts(3)
+    alone = [generate_ids(frozen_mmf, p, 8) for p in prompts]
+    first, second = alone[0][1], alone[2][3]
+    stops = (10**6, first, second)  # an id never sampled, then one that row 0 and one that row 2 samples
+    assert generate_ids(frozen_mmf, prompts[0], 8, eos_id=stops) == alone[0][:alone[0].index(first) + 1]
+    got = generate_batch_ids(frozen_mmf, prompts, 8, eos_id=stops)
+    assert got == [generate_ids(frozen_mmf, p, 8, eos_id=stops) for p in prompts]
+    assert got[2][-1] in stops and len(got[2]) <= 4
+
+
+def test_end_tokens_join_config_and_generation_config(tmp_path, frozen_mmf, monkeypatch):
+    monkeypatch.setattr(frozen_mmf.config, "eos_token_id", [2, 7])
+    monkeypatch.setattr(frozen_mmf, "generation_eos", gen.generation_config_eos(tmp_path), raising=False)
+    assert gen.end_tokens(frozen_mmf) == (2, 7)  # no generation_config.json
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9], "do_sample": True}))
+    monkeypatch.setattr(frozen_mmf, "generation_eos", gen.generation_config_eos(tmp_path))
+    assert gen.end_tokens(frozen_mmf) == (2, 7, 9)
+    for bad in ("{not json", json.dumps({"eos_token_id": "x"}), json.dumps([1])):
+        (tmp_path / "generation_config.json").write_text(bad)
+        assert gen.generation_config_eos(tmp_path) is None  # transformers falls back to config.json then
+
+
+def test_a_bos_outside_the_vocabulary_is_refused_before_any_output(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    import mmf
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the cat sat on the mat. " * 20], trainers.BpeTrainer(
+        vocab_size=200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = small_model("mmf", seed=4, vocab_size=tok.get_vocab_size(), bos_token_id=-1)
+    mmf.save_checkpoint(model, tmp_path / "c")
+    tok.save(str(tmp_path / "c" / "tokenizer.json"))
+    code, out, err = main_in_process(capsys, "generate", tmp_path / "c", "-p", "the cat", "-n", "2")
+    assert code == 2 and out == "" and "config.json's bos_token_id -1 is not a token id of this model" in err
