@@ -401,9 +401,9 @@ def generate_batch_ids(model, prompts_ids: list, max_new_tokens: int, temperatur
     feeds one token per row, through the model with a batched ``RecurrentCache`` or, with ``graph``, one
     CUDA-graph replay of one ``GraphDecoder(model, batch=B)`` (more prompts than its limit,
     ``graph_batch_limit()``, run in chunks of it; the last chunk is padded with copies of its first row,
-    whose outputs are thrown away). A row that has
-    finished is fed the first prompt's last token until every row has (its outputs are thrown away). Other models (Transformer++, whose KV caches of
-    unequal lengths would need a mask; an ONNX Runtime export) generate the prompts one after another.
+    whose outputs are thrown away). A row that has finished is fed the first prompt's last token until every
+    row has. Other models (Transformer++, whose KV caches of unequal lengths would need a mask; an ONNX Runtime
+    export) generate the prompts one after another.
 
     Sampling: row i draws from its own generator seeded ``seed + i``, so with the same seed a row samples
     what ``generate_ids(model, prompt_i, seed=seed + i)`` does alone, up to rounding differences between the
