@@ -44,8 +44,20 @@ BUILTIN_PREFIX = "builtin:"  # data path naming the embedded corpus, e.g. builti
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
+def _in_mmf_run(f: Path, root: Path) -> bool:
+    """Whether ``f`` lies in an `mmf train` run directory below ``root`` (one holding ``train_config.toml``): its
+    metrics.jsonl is no corpus, so `--data .` in a directory where runs were started skips them."""
+    d = f.parent
+    while d != root and root in d.parents:
+        if (d / "train_config.toml").is_file():
+            return True
+        d = d.parent
+    return False
+
+
 def resolve_files(paths: list[str], what: str = "training") -> list[Path]:
-    """Files to read, in a fixed order; directories are searched recursively for text and JSONL.
+    """Files to read, in a fixed order; directories are searched recursively for text and JSONL (hidden files
+    and mmf's own run directories skipped).
 
     ``what`` names the data in messages ("training", "evaluation")."""
     files: list[Path] = []
@@ -55,7 +67,8 @@ def resolve_files(paths: list[str], what: str = "training") -> list[Path]:
             raise MMFError(f"{p}: no such file or directory; check the --data path")
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                           and not _in_mmf_run(f, p))
             if not found:
                 raise MMFError(f"{p}: directory holds no {', '.join(TEXT_SUFFIXES)} files; point --data at text files")
             files.extend(found)
@@ -168,6 +181,17 @@ def cache_key(files: list[Path], tok_cfg, text_field: str, source: Optional[dict
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def writable_cache_dir(cache_dir: Path) -> None:
+    """Create the token cache's directory, or refuse in one line naming ``data.cache_dir``."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise MMFError(f"data.cache_dir {cache_dir}: cannot create or write there ({e.strerror or e}); set "
+                       "data.cache_dir to a writable directory") from None
+
+
 def builtin_corpus_file(cache_dir: Path, n_bytes: int, seed: int) -> tuple[Path, dict]:
     """Write (once) the embedded grammar corpus into the cache; returns its path and its identity."""
     from . import corpus
@@ -175,7 +199,7 @@ def builtin_corpus_file(cache_dir: Path, n_bytes: int, seed: int) -> tuple[Path,
     source = {"builtin": corpus.CORPUS_NAME, "version": corpus.CORPUS_VERSION, "bytes": n_bytes, "seed": seed}
     path = cache_dir / f"corpus-{corpus.CORPUS_NAME}-v{corpus.CORPUS_VERSION}-seed{seed}-{n_bytes}.txt"
     if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        writable_cache_dir(cache_dir)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             corpus.write_corpus(tmp, n_bytes, seed)
@@ -197,6 +221,7 @@ def prepare_tokens(files: list[Path], tok_cfg, cache_dir: Path, text_field: str 
         return out
     if log:
         log(f"tokenising {len(files)} file(s) into {out}")
+    writable_cache_dir(cache_dir)
     # an incomplete folder of this name (no meta.json) is this cache's own: replace it
     with atomic_directory(out, overwrite=True, is_ours=lambda p: True) as tmp:
         if tok_cfg.type == "byte":

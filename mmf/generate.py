@@ -39,6 +39,19 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
                        "of the probability)")
 
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's largest seed
+
+
+def check_seed(seed: Optional[int], prompts: int = 1) -> None:
+    """``--seed S`` gives prompt i (from 1) the seed S + i - 1: all of them must be seeds torch takes."""
+    if seed is None:
+        return
+    if not 0 <= seed <= SEED_MAX - (prompts - 1):
+        top = SEED_MAX - (prompts - 1)
+        what = f" (prompt i takes S + i - 1, here up to S + {prompts - 1})" if prompts > 1 else ""
+        raise MMFError(f"--seed {seed}: must be in 0..{top}{what}")
+
+
 def check_prompt_ids(prompt_ids: list[int], vocab_size: Optional[int]) -> None:
     """The tokenised prompt must be non-empty and inside the model's vocabulary."""
     if not prompt_ids:
@@ -149,6 +162,8 @@ def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None,
 
     onnx = onnx_source(checkpoint, onnx)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    prompts = read_prompts(prompt, prompt_file, prompts_file)
+    check_seed(seed, len(prompts))
     set_threads(threads)
     if onnx is not None:
         if graph:
@@ -156,14 +171,12 @@ def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None,
         if str(device).strip().lower() not in ("cpu", "auto"):
             raise MMFError(f"--device {device} does not apply to --onnx: mmf runs exports on ONNX Runtime's CPU "
                            "provider; drop --device, or give the CHECKPOINT instead of --onnx to run it on a GPU")
-        prompts = read_prompts(prompt, prompt_file, prompts_file)
         if len(prompts) == 1 and not as_json:
             return generate_onnx_text(onnx, prompts[0], max_new_tokens, temperature, top_k, top_p, seed, write,
                                       dtype=dtype, echo_prompt=True, threads=threads or 0)
         model, tok = load_onnx_for_generate(onnx, dtype=dtype, threads=threads or 0)
         dev = "cpu"
     else:
-        prompts = read_prompts(prompt, prompt_file, prompts_file)
         if len(prompts) == 1 and not as_json:
             return generate_text(checkpoint, prompts[0], max_new_tokens, temperature, top_k, top_p, seed, device,
                                  dtype or "fp32", write, graph, echo_prompt=True)
@@ -181,8 +194,10 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
             raise MMFError("give either --prompt or --prompt-file, not both")
         try:
             return Path(prompt_file).read_bytes().decode("utf-8")
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             raise MMFError(f"{prompt_file}: no such prompt file") from None
+        except IsADirectoryError:
+            raise MMFError(f"{prompt_file}: is a directory; --prompt-file takes a UTF-8 text file") from None
         except UnicodeDecodeError as e:
             raise MMFError(f"{prompt_file}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
     if prompt is None:
@@ -342,8 +357,10 @@ def read_prompts(prompts=None, prompt_file: Optional[Path] = None, prompts_file:
     if prompts_file is not None:
         try:
             text = Path(prompts_file).read_bytes().decode("utf-8")
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             raise MMFError(f"{prompts_file}: no such prompts file") from None
+        except IsADirectoryError:
+            raise MMFError(f"{prompts_file}: is a directory; --prompts-file takes a UTF-8 text file") from None
         except UnicodeDecodeError as e:
             raise MMFError(f"{prompts_file}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
         lines = [ln.rstrip("\r") for ln in text.split("\n")]

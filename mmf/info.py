@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from .checkpoint import load_config, open_safetensors, weight_files
+from .packed_format import SCALE_SUFFIX
 
 
 def tensor_group(arch: str, name: str) -> str:
@@ -37,7 +38,8 @@ def checkpoint_info(path) -> dict:
                     n *= s
                 dt = sl.get_dtype()
                 packed = meta.get(f"mmf.tensor.{k}")  # a packed ternary tensor: count its logical weights
-                groups[tensor_group(cfg.arch, k)] += _logical_numel(packed) if packed else n
+                if not (k.endswith(SCALE_SUFFIX) and f"mmf.tensor.{k[:-len(SCALE_SUFFIX)]}" in meta):
+                    groups[tensor_group(cfg.arch, k)] += _logical_numel(packed) if packed else n  # (a scale is none)
                 bytes_by_dtype[dt] += n * _DTYPE_BYTES.get(dt, 4)
     total = sum(groups.values())
     return {

@@ -337,6 +337,12 @@ def check_generation_memory(cfg, prompts: int, rows: int, prompt_len: int, max_n
              f"{human_bytes(rows * est.per_row)}, the prefill of a {prompt_len}-token prompt {human_bytes(est.prefill)}"
              + (f", the decoder's packed weights {human_bytes(est.decoder)}" if est.decoder else ""))
     how = f"give at most {fit} prompts per call" if 0 < fit < rows else "give shorter prompts"
+    if cfg.arch != "mmf":  # a KV cache grows with every new token: the longest generation that fits
+        kv_pos = 2 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.dim_head * act_bytes
+        rest = est.per_row - kv_pos * (prompt_len + max_new_tokens)
+        n_fit = int(((avail - est.prefill - est.decoder) / rows - rest) // kv_pos) - prompt_len
+        if 0 <= n_fit < max_new_tokens:
+            how, fix = f"give --max-new-tokens at most {n_fit} (the KV cache grows with every new token)", ""
     raise MMFError(f"{prompts} prompt{'s' if prompts != 1 else ''} need about {human_bytes(est.total)} of memory "
                    f"besides the loaded weights ({human_bytes(weight_bytes)}): {parts}; {human_bytes(avail)} is "
                    f"available on {where}; {how}{fix} (MMF_MEMORY_CHECK=0 skips this check)")

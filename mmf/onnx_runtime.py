@@ -85,7 +85,7 @@ class OnnxCausalLM:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # fatal only: a load error is raised, and reported by mmf in one line
         disabled = [] if fold_constants else ["ConstantFolding"]
         providers = providers or ["CPUExecutionProvider"]
         self.sessions = {}

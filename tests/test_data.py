@@ -158,3 +158,25 @@ except KeyboardInterrupt:
     out, err = proc.communicate(timeout=300)
     what, seconds = out.split()
     assert what == "interrupted" and float(seconds) < 1.5, (out, err)
+
+
+def test_a_directory_scan_skips_mmf_run_directories(tmp_path):
+    """`--data .` where runs were started: a run's metrics.jsonl is not a corpus."""
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat.\n")
+    run = tmp_path / "runs" / "tiny-1"
+    (run / "step-0000002").mkdir(parents=True)
+    (run / "train_config.toml").write_text('base = "tiny"\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "more.md").write_text("a dog ran.\n")
+    assert resolve_files([str(tmp_path)]) == [tmp_path / "corpus.txt", tmp_path / "notes" / "more.md"]
+    assert resolve_files([str(run / "metrics.jsonl")]) == [run / "metrics.jsonl"]  # named explicitly: read
+
+
+def test_an_unusable_cache_dir_is_one_line(tmp_path):
+    (tmp_path / "d.txt").write_text("the cat sat on the mat.\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(MMFError, match=r"data.cache_dir .*file/cache: cannot create or write there .*; set "
+                                       r"data.cache_dir to a writable directory"):
+        prepare_tokens([tmp_path / "d.txt"], TokenizerConfig(type="byte"), blocker / "cache")

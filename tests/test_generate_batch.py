@@ -213,3 +213,31 @@ def test_a_bos_outside_the_vocabulary_is_refused_before_any_output(tmp_path, cap
     tok.save(str(tmp_path / "c" / "tokenizer.json"))
     code, out, err = main_in_process(capsys, "generate", tmp_path / "c", "-p", "the cat", "-n", "2")
     assert code == 2 and out == "" and "config.json's bos_token_id -1 is not a token id of this model" in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-p", "a", "--seed", str(2**64)], "--seed 18446744073709551616: must be in 0..18446744073709551615"),
+    (["-p", "a", "-p", "b", "--seed", str(2**64 - 1)], "must be in 0..18446744073709551614 (prompt i takes S + i - 1"),
+    (["-p", "a", "--seed", "-1"], "--seed -1: must be in 0.."),
+    (["--prompt-file", "."], ".: is a directory; --prompt-file takes a UTF-8 text file"),
+    (["--prompts-file", "."], ".: is a directory; --prompts-file takes a UTF-8 text file"),
+])
+def test_seed_and_prompt_files_are_checked_before_any_output(tiny_mmf_ckpt, capsys, args, words):
+    code, out, err = main_in_process(capsys, "generate", tiny_mmf_ckpt, "-n", "2", *args)
+    assert code == 2 and out == "" and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_kv_cache_beyond_memory_names_the_longest_generation_that_fits(monkeypatch):
+    """Transformer++: the KV cache grows with --max-new-tokens, so that is the fix named, with a value that
+    fits (and one more token that does not)."""
+    from mmf import memory
+    from mmf.errors import MMFError
+
+    cfg = small_model("transformer++").config
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 50e6)
+    with pytest.raises(MMFError, match=r"give --max-new-tokens at most (\d+) \(the KV cache") as e:
+        memory.check_generation_memory(cfg, 1, 1, 7, 10**9, 4, "cpu", 10**6)
+    n = int(e.value.args[0].split("at most ")[1].split(" ")[0])
+    assert memory.check_generation_memory(cfg, 1, 1, 7, n, 4, "cpu", 10**6).total <= 50e6
+    with pytest.raises(MMFError):
+        memory.check_generation_memory(cfg, 1, 1, 7, n + 1, 4, "cpu", 10**6)

@@ -197,3 +197,14 @@ def test_generate_never_samples_ids_past_the_tokenizer(tmp_path, capsys):
     mmf.save_checkpoint(small_model("mmf", vocab_size=300), ck, tokenizer=mmf.ByteTokenizer())
     code, out, err = main_in_process(capsys, "generate", ck, "-p", "Hi", "-n", "20", "-t", "1", "--seed", "0")
     assert code == 0 and out.startswith("Hi") and err == "", err
+
+
+def test_info_counts_the_same_parameters_packed_and_float(tiny_mmf_ckpt, tmp_path):
+    """A packed checkpoint's scale tensors are not parameters: `mmf info` gives the float checkpoint's count
+    and the same ternary share."""
+    from mmf.converters.packing import pack_checkpoint
+    from mmf.info import checkpoint_info
+
+    pack_checkpoint(tiny_mmf_ckpt, tmp_path / "packed")
+    packed, src = checkpoint_info(tmp_path / "packed"), checkpoint_info(tiny_mmf_ckpt)
+    assert packed["parameters"] == src["parameters"] and packed["ternary_share"] == src["ternary_share"]

@@ -8,6 +8,7 @@ of the logits, and greedy generation token for token (prefill.onnx then decode.o
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -400,3 +401,14 @@ def test_opset_out_of_range(tiny_llama_ckpt, tmp_path, monkeypatch, capsys, opse
     code, _, err = main_in_process(capsys, "export-onnx", tiny_llama_ckpt, "--out", tmp_path / "o", "--opset", opset)
     assert code == 2 and f"opset {opset} is not supported; use --opset 18 to 21" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_weights_file_is_one_line_on_stderr(exported, tmp_path, capfd):
+    """ONNX Runtime's own error log stays quiet (only fatal messages): mmf reports the failure in one line."""
+    _, out, _ = exported("mmf-packed")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    data = damaged / "weights.onnx_data"
+    data.write_bytes(data.read_bytes()[:100])
+    code, stdout, err = main_in_process(capfd, "generate", "--onnx", damaged, "-p", "hi", "-n", "2")  # fd 2: ORT's log
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and "ONNX Runtime cannot load" in err
