@@ -226,7 +226,8 @@ class MMFConfig:
     def validate(self, where: str = "config") -> None:
         if self.model_type != "hgrn_bit":
             raise ConfigError(f"{where}: model_type must be 'hgrn_bit' for the MatMul-free model")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "hidden_ratio", "num_heads"):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "hidden_ratio", "num_heads", "conv_size",
+                     "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
@@ -296,13 +297,16 @@ class LlamaConfig:
     def validate(self, where: str = "config") -> None:
         if self.model_type != "llama":
             raise ConfigError(f"{where}: model_type must be 'llama' for Transformer++")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}")
-        for name in ("num_key_value_heads", "head_dim"):
+        for name in ("intermediate_size", "num_key_value_heads", "head_dim"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name} must be positive or null, got {getattr(self, name)}")
         check_eps(self.rms_norm_eps, where)
+        if not (math.isfinite(self.attention_dropout) and 0 <= self.attention_dropout < 1):
+            raise ConfigError(f"{where}: attention_dropout must be a number in [0, 1), got {self.attention_dropout}")
         if not (math.isfinite(self.theta) and self.theta > 0):
             raise ConfigError(f"{where}: rope_theta must be a positive number, got {self.theta}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
@@ -374,11 +378,12 @@ def model_preset(name: str) -> ModelConfig:
 def model_config_from_dict(data: dict, where: str, hf: bool = False) -> ModelConfig:
     """Pick the architecture from ``model_type`` (or ``arch``) and validate.
 
-    Keys in ``HF_INERT_KEYS`` are dropped and settings in ``UNSUPPORTED_SETTINGS`` refused either
-    way. Any other unknown key is an error for mmf's own configs (``hf=False``: a TOML ``[model]``
-    table) and, as transformers does, accepted for a Hugging Face ``config.json`` (``hf=True``):
-    those keys are kept in the config's ``ignored_keys``, and a key spelled like a field is named on
-    stderr (a likely typo whose setting would otherwise be lost silently).
+    Settings in ``UNSUPPORTED_SETTINGS`` are refused either way. A Hugging Face ``config.json``
+    (``hf=True``) is read as transformers reads it: keys in ``HF_INERT_KEYS`` are dropped and any other
+    unknown key is accepted, kept in the config's ``ignored_keys``, and named on stderr when spelled like
+    a field (a likely typo whose setting would otherwise be lost silently). mmf's own configs
+    (``hf=False``: a TOML ``[model]`` table) are strict: an inert key is an unknown key like any other, and
+    ``attention_dropout`` must be 0.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table of settings")
@@ -405,11 +410,14 @@ def model_config_from_dict(data: dict, where: str, hf: bool = False) -> ModelCon
     for key in list(data):
         if key in fields:
             continue
-        if key in HF_INERT_KEYS or key in checked:
+        if (hf and key in HF_INERT_KEYS) or key in checked:
             del data[key]
         elif hf:
             ignored[key] = data.pop(key)
     cfg = dataclass_from_dict(cls, data, where)
+    if not hf and getattr(cfg, "attention_dropout", 0.0):
+        raise ConfigError(f"{where}: attention_dropout = {cfg.attention_dropout} is not supported; "
+                          "mmf applies no dropout (0.0)")
     cfg.ignored_keys = MappingProxyType(ignored)
     for key in ignored:
         near = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)

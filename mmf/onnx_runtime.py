@@ -80,7 +80,8 @@ class OnnxCausalLM:
         ort = _ort()
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        self.config = model_config_from_dict(self.manifest["config"], str(self.directory / MANIFEST_FILE))
+        self.config = model_config_from_dict(self.manifest["config"], str(self.directory / MANIFEST_FILE),
+                                             hf=True)  # a to_hf_dict, as a checkpoint's config.json
         self.arch = self.manifest["arch"]
         so = ort.SessionOptions()
         if threads:

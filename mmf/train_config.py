@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+def check_seed(seed: int, name: str, where: str) -> None:
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"{where}: {name} must be in [0, 2**63), got {seed}")
 
 
 @dataclass
@@ -52,6 +58,7 @@ class DataConfig:
             raise ConfigError(f"{where}: val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.builtin_bytes < 10_000:
             raise ConfigError(f"{where}: builtin_bytes must be at least 10000")
+        check_seed(self.builtin_seed, "builtin_seed", where)
 
 
 @dataclass
@@ -66,6 +73,8 @@ class TokenizerConfig:
             raise ConfigError(f"{where}: type must be 'byte', 'bpe' or 'file', got {self.type!r}")
         if self.type == "bpe" and not 260 <= self.vocab_size <= 4_000_000:
             raise ConfigError(f"{where}: vocab_size must be at least 260 for a byte-level BPE")
+        if self.min_frequency < 0:
+            raise ConfigError(f"{where}: min_frequency must be >= 0, got {self.min_frequency}")
         if self.type == "file" and not self.path:
             raise ConfigError(f"{where}: type = 'file' needs path = 'PATH/tokenizer.json'")
 
@@ -79,12 +88,17 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
 
     def validate(self, where: str) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"{where}: lr must be > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"{where}: lr must be a finite number > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{where}: betas must be two numbers in [0, 1)")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError(f"{where}: weight_decay and grad_clip must be >= 0")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"{where}: eps must be a finite number > 0, got {self.eps}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"{where}: weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(f"{where}: grad_clip must be a finite number > 0, or 0 for no clipping, "
+                              f"got {self.grad_clip}")
 
 
 @dataclass
@@ -100,6 +114,9 @@ class ScheduleConfig:
             raise ConfigError(f"{where}: type must be 'cosine', 'two_stage' or 'constant', got {self.type!r}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.stage2_lr_ratio <= 1:
             raise ConfigError(f"{where}: need warmup_steps >= 0, 0 <= min_lr_ratio <= 1, 0 < stage2_lr_ratio <= 1")
+        if not (math.isfinite(self.stage2_weight_decay) and self.stage2_weight_decay >= 0):
+            raise ConfigError(
+                f"{where}: stage2_weight_decay must be a finite number >= 0, got {self.stage2_weight_decay}")
 
 
 @dataclass
@@ -116,6 +133,7 @@ class TrainSection:
                 raise ConfigError(f"{where}: {k} must be positive, got {getattr(self, k)}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"{where}: batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
+        check_seed(self.seed, "seed", where)
 
 
 @dataclass
@@ -321,6 +339,9 @@ def load_train_config(spec: str | None = None, overrides: list[str] | None = Non
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {item!r}: {k!r} is a value, not a table")
             target = nxt
+        if keys == ["base"]:
+            raise ConfigError(f"--set {item!r}: base, the preset a config starts from, cannot be changed by --set; "
+                              "give the preset with -c/--config PRESET, or base = \"PRESET\" in the TOML file")
         if len(keys) == 2 and keys[0] == "model" and keys[1] in ("preset", "arch", "model_type"):
             d["model"] = {keys[1]: value}  # a new model replaces the preset's, it does not merge into it
         else:
@@ -330,13 +351,21 @@ def load_train_config(spec: str | None = None, overrides: list[str] | None = Non
     return dataclass_from_dict(TrainConfig, d, where)
 
 
+# A TOML basic string's escapes; other control characters (U+0000-U+001F, U+007F) are written as \uXXXX.
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _is_control(c: str) -> bool:
+    return c < " " or c == "\x7f"
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if _is_control(c) else c) for c in v) + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mmf.config import (LlamaConfig, MMFConfig, model_config_from_dict, model_preset, preset_names,
+from mmf.config import (HF_INERT_KEYS, LlamaConfig, MMFConfig, model_config_from_dict, model_preset, preset_names,
                         resolve_model_config)
 from mmf.errors import ConfigError
 
@@ -55,7 +55,7 @@ def test_unknown_preset_lists_valid_ones():
 
 def test_floats_accept_ints_and_bookkeeping_keys_are_ignored():
     cfg = model_config_from_dict({"model_type": "llama", "rope_theta": 500000, "torch_dtype": "bfloat16",
-                                  "transformers_version": "4.40"}, "x")
+                                  "transformers_version": "4.40"}, "x", hf=True)
     assert cfg.rope_theta == 500000.0 and isinstance(cfg.rope_theta, float)
 
 
@@ -97,9 +97,38 @@ def test_every_generic_transformers_key_is_known_and_inert(model_type, capsys):
     plain = model_config_from_dict(small, "plain.json", hf=True)
     full = model_config_from_dict({**generic, **small}, "full.json", hf=True)
     assert full == plain and dict(full.ignored_keys) == {}  # every key known: none left over as unknown
-    # mmf's own TOML configs drop them too but stay strict about anything else
-    assert model_config_from_dict({**generic, **small}, "m.toml [model]") == plain
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("model_type", ["hgrn_bit", "llama"])
+@pytest.mark.parametrize("key,value", [("dtype", "bf16"), ("torch_dtype", "float32"), ("initializer_range", 0.5),
+                                       ("temperature", 0.1), ("attention_dropout", 0.1), ("max_length", 20),
+                                       ("use_cache", True), ("transformers_version", "4.48.0")])
+def test_inert_config_json_keys_are_unknown_keys_in_mmf_toml(model_type, key, value):
+    """mmf's own [model] table is strict: a config.json's inert key is an error there, listing the valid keys."""
+    data = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, key: value}
+    if model_type == "hgrn_bit":
+        del data["num_attention_heads"]
+    assert key in HF_INERT_KEYS
+    if model_type == "llama" and key == "attention_dropout":  # a LlamaConfig field: accepted as 0 only
+        msg = r"m.toml \[model\]: attention_dropout = 0.1 is not supported; mmf applies no dropout \(0.0\)$"
+        assert model_config_from_dict(data, "c.json", hf=True).attention_dropout == 0.1  # inert in a config.json
+        assert model_config_from_dict({**data, key: 0.0}, "m.toml [model]").attention_dropout == 0.0
+    else:
+        msg = rf"m.toml \[model\]: unknown key '{key}'; valid keys: .*hidden_size"
+        assert model_config_from_dict(data, "c.json", hf=True).hidden_size == 64
+    with pytest.raises(ConfigError, match=msg):
+        model_config_from_dict(data, "m.toml [model]")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "transformer++-tiny"])
+def test_what_mmf_writes_reads_back(preset):
+    """A checkpoint's config.json and an ONNX manifest hold to_hf_dict(), read as a config.json (hf=True); the
+    same dict in mmf's own TOML would be refused for its `architectures` key."""
+    cfg = model_preset(preset)
+    assert model_config_from_dict(cfg.to_hf_dict(), "mmf_onnx.json", hf=True).to_hf_dict() == cfg.to_hf_dict()
+    with pytest.raises(ConfigError, match="unknown key 'architectures'"):
+        model_config_from_dict(cfg.to_hf_dict(), "m.toml [model]")
 
 
 def test_unknown_config_json_keys_are_accepted_and_recorded_as_transformers_does(capsys):
@@ -164,11 +193,31 @@ def test_default_ffn_width_is_the_released_rule():
     ({"num_key_value_heads": 0}, "num_key_value_heads must be positive or null, got 0"),
     ({"head_dim": 0}, "head_dim must be positive or null, got 0"),
     ({"rope_theta": 0.0}, "rope_theta must be a positive number"),
+    ({"rope_theta": -1.0}, "rope_theta must be a positive number, got -1.0"),
+    ({"rope_theta": float("inf")}, "rope_theta must be a positive number, got inf"),
+    ({"num_key_value_heads": -1}, "num_key_value_heads must be positive or null, got -1"),
+    ({"head_dim": -2}, "head_dim must be positive or null, got -2"),
+    ({"intermediate_size": -1}, "intermediate_size must be positive or null, got -1"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings must be positive, got -5"),
+    ({"attention_dropout": float("nan")}, r"attention_dropout must be a number in \[0, 1\), got nan"),
+    ({"attention_dropout": -0.5}, r"attention_dropout must be a number in \[0, 1\), got -0.5"),
 ])
-def test_nonsense_llama_values_are_refused(change, words):
+@pytest.mark.parametrize("hf", [True, False])
+def test_nonsense_llama_values_are_refused(change, words, hf):
     with pytest.raises(ConfigError, match=words):
         model_config_from_dict({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, **change},
-                               "c.json", hf=True)
+                               "c.json", hf=hf)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"max_position_embeddings": -5}, "max_position_embeddings must be positive, got -5"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be positive, got 0"),
+    ({"conv_size": -1}, "conv_size must be positive, got -1"),
+])
+@pytest.mark.parametrize("hf", [True, False])
+def test_nonsense_hgrn_bit_values_are_refused(change, words, hf):
+    with pytest.raises(ConfigError, match=words + "$"):
+        model_config_from_dict({"model_type": "hgrn_bit", "hidden_size": 64, **change}, "c.json", hf=hf)
 
 
 def test_rope_theta_inside_rope_scaling_is_used_as_transformers_does():
