@@ -13,6 +13,7 @@ directory, so a half-written one is never listed); what else it holds is ``mmf.t
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -102,8 +103,9 @@ def list_checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def preflight(out: Path, n_params: int, keep: int) -> None:
-    """Fail before training if ``out`` cannot be written or the disk cannot hold the checkpoints."""
+def preflight(out: Path, n_params: int, keep: int, steps: Optional[int] = None, every: Optional[int] = None) -> None:
+    """Fail before training if ``out`` cannot be written or the disk cannot hold the checkpoints: the last
+    ``keep`` of those a run of ``steps`` writes (every ``every`` steps and at the end), plus one being written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -112,10 +114,11 @@ def preflight(out: Path, n_params: int, keep: int) -> None:
     except OSError as e:
         raise MMFError(f"cannot write to output directory {out} ({e.strerror}); choose another --out") from None
     per_ckpt = n_params * 4 * 3 + (1 << 20)  # fp32 weights + two AdamW moments
-    need = per_ckpt * (keep + 1)
+    n = min(keep, math.ceil(steps / every)) + 1 if steps and every else keep + 1
+    need = per_ckpt * n
     free = shutil.disk_usage(out).free
     if free < need:
-        raise MMFError(f"{out}: only {human_bytes(free)} free but {keep + 1} checkpoints need about "
+        raise MMFError(f"{out}: only {human_bytes(free)} free but {n} checkpoints need about "
                        f"{human_bytes(need)}; free space, lower checkpoint.keep or choose another --out")
 
 

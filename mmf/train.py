@@ -18,7 +18,10 @@ pure function of the step, so ``--resume`` continues bit-identically to an unint
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -30,14 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import BUILTIN_PREFIX, TokenData, batch_indices, builtin_corpus_file, prepare_tokens, resolve_files
+from .data import (BUILTIN_PREFIX, META_FILE, TokenData, batch_indices, builtin_corpus_file, cache_key, prepare_tokens,
+                   resolve_files)
 from .distributed import World, all_mean, all_sum, any_flag, barrier, broadcast_object, init_world, shutdown
 from .errors import MMFError
 from .memory import check_training_memory
 from .run_dir import (CKPT_PREFIX, METRICS_FILE, PLOT_FILE, RUN_CONFIG, STATE_FILE, check_out_dir, discard_failed_run,
                       list_checkpoints, make_run_dir, preflight, resume_config)
-from .tokenizer import load_saved_tokenizer
-from .train_checkpoint import load_training_checkpoint, save_training_checkpoint
+from .outputs import write_text_output
+from .tokenizer import HF_TOKENIZER_FILE, load_saved_tokenizer
+from .train_checkpoint import damaged_checkpoint_error, load_training_checkpoint, save_training_checkpoint
 from .train_config import TrainConfig, build_model_config, config_to_toml, load_train_config
 from .train_report import Reporter, drop_metrics_after, plot_metrics
 
@@ -127,8 +132,11 @@ def loss_of(model, x: torch.Tensor, autocast) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(world: World, model, data: TokenData, max_tokens: int, batch: int, autocast) -> float:
-    """Mean validation loss (nats/token) over the first ``max_tokens`` of the validation split."""
+def validation_loss(world: World, model, data: TokenData, max_tokens: int, batch: int, autocast,
+                    stop: Optional[Callable[[], bool]] = None) -> Optional[float]:
+    """Mean validation loss (nats/token) over the first ``max_tokens`` of the validation split.
+
+    ``stop`` (Ctrl-C; every rank calls it before each batch) ends it early: None, nothing measured."""
     was = model.training
     model.eval()
     windows = data.val_windows(max_tokens)
@@ -136,6 +144,9 @@ def validation_loss(world: World, model, data: TokenData, max_tokens: int, batch
     total = torch.zeros(2, dtype=torch.float64, device=world.device)
     n_batches = math.ceil(len(windows) / world.size / batch)  # the same count on every rank (FSDP needs it)
     for i in range(n_batches):
+        if stop is not None and stop():
+            model.train(was)
+            return None
         chunk = mine[i * batch:(i + 1) * batch]
         if len(chunk) == 0:
             chunk = windows[:1]  # keeps collectives aligned; not counted
@@ -178,8 +189,36 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _prepare_data(cfg: TrainConfig, out: Path, world: World, log: Callable) -> tuple[Path, str]:
-    """The token cache every rank reads (rank 0 builds it) and a description of the data for the log."""
+def _resume_tokenizer(tok_cfg, ckpt: Path, files: list, cfg: TrainConfig, source, cache_dir: Path, world: World):
+    """On ``--resume``: the tokenizer settings that give the checkpoint's own token ids.
+
+    A BPE retrained on data that changed since the run started would give ids of other meanings: the
+    token cache is reused only if its tokenizer is the checkpoint's, else the data is tokenised with a
+    copy of the checkpoint's ``tokenizer.json`` (``tokenizer.type = "file"``; the run config is unchanged)."""
+    saved = ckpt / HF_TOKENIZER_FILE
+    if tok_cfg.type == "byte":  # the byte tokenizer never changes
+        return tok_cfg
+    if not saved.is_file():
+        raise damaged_checkpoint_error(ckpt, f"{saved} is missing")
+    text = saved.read_bytes()
+    usual = cache_dir / f"tokens-{cache_key(files, tok_cfg, cfg.data.text_field, source)}"
+    if (usual / META_FILE).exists() and (usual / HF_TOKENIZER_FILE).is_file() \
+            and (usual / HF_TOKENIZER_FILE).read_bytes() == text:
+        return tok_cfg
+    copy = cache_dir / f"tokenizer-{hashlib.sha256(text).hexdigest()[:16]}.json"
+    if world.is_main and not copy.exists():  # named by its content, so the token cache built with it is reused
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(f".{copy.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(text)
+        os.replace(tmp, copy)
+    barrier(world)
+    return dataclasses.replace(tok_cfg, type="file", path=str(copy))
+
+
+def _prepare_data(cfg: TrainConfig, out: Path, world: World, log: Callable,
+                  resume_from: Optional[Path] = None) -> tuple[Path, str]:
+    """The token cache every rank reads (rank 0 builds it) and a description of the data for the log;
+    ``resume_from``: the checkpoint whose tokenizer the data is tokenised with."""
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out.parent / ".mmf-cache"
     paths = cfg.data.paths
     source = None
@@ -193,9 +232,15 @@ def _prepare_data(cfg: TrainConfig, out: Path, world: World, log: Callable) -> t
     else:
         files = resolve_files(paths)
         desc = f"{len(files)} file(s) from {', '.join(paths[:3])}"
+    tok_cfg = cfg.tokenizer
+    if resume_from is not None:
+        tok_cfg = _resume_tokenizer(tok_cfg, resume_from, files, cfg, source, cache_dir, world)
+        if tok_cfg is not cfg.tokenizer:
+            log(f"using the tokenizer of {resume_from.name}, the run's own: one built now could differ "
+                "(the data changed since the run started, or its token cache is gone)")
     tokens_dir = None
     if world.is_main:
-        tokens_dir = prepare_tokens(files, cfg.tokenizer, cache_dir, cfg.data.text_field, source, log)
+        tokens_dir = prepare_tokens(files, tok_cfg, cache_dir, cfg.data.text_field, source, log)
     tokens_dir = Path(broadcast_object(world, str(tokens_dir) if tokens_dir else None))
     return tokens_dir, desc
 
@@ -213,6 +258,16 @@ def train(cfg: TrainConfig, out: Optional[Path] = None, resume: bool = False, lo
         shutdown(world)
 
 
+def _absolute_paths(paths: list) -> list:
+    """``data.paths`` with each existing path made absolute (the embedded corpus's name and missing paths,
+    reported later, as given)."""
+    out = []
+    for spec in paths:
+        p = Path(spec).expanduser()
+        out.append(os.path.abspath(p) if not spec.startswith(BUILTIN_PREFIX) and p.exists() else spec)
+    return out
+
+
 def _check_and_train(world: World, cfg: TrainConfig, out: Optional[Path], resume: bool, log: Callable,
                      stop_after: Optional[int]) -> TrainResult:
     """Refuse what can be refused before any work (the run to resume, ``--out``, the batch split, the
@@ -226,6 +281,8 @@ def _check_and_train(world: World, cfg: TrainConfig, out: Optional[Path], resume
             raise MMFError(f"{out}: no checkpoint to resume from (expected {CKPT_PREFIX}NNNNNNN/ with {STATE_FILE})")
     if out is not None:
         check_out_dir(Path(out), resume)
+    if not resume:  # absolute data paths in the run config: --resume then works from any directory
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=_absolute_paths(cfg.data.paths)))
     B, A = cfg.train.batch_size, cfg.train.grad_accum
     if B % (world.size * A):
         raise MMFError(f"train.batch_size {B} must be a multiple of world size {world.size} x grad_accum {A}")
@@ -263,11 +320,13 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
 
         with torch.device("meta"):
             n_rough = sum(p.numel() for p in build_model(rough).parameters())
-        preflight(out, n_rough, cfg.checkpoint.keep)
-        (out / RUN_CONFIG).write_text(config_to_toml(cfg))
+        preflight(out, n_rough, cfg.checkpoint.keep, cfg.train.steps, cfg.checkpoint.every)
     barrier(world)
+    # The run config is written only once the state to resume from is restored and checked (below): a
+    # refused --resume leaves the run as it was.
+    ckpt = list_checkpoints(out)[-1] if resume else None
 
-    tokens_dir, data_desc = _prepare_data(cfg, out, world, log)
+    tokens_dir, data_desc = _prepare_data(cfg, out, world, log, ckpt)
     tokenizer = load_saved_tokenizer(tokens_dir, fix="delete that token cache directory to rebuild it")
     data = TokenData.open(tokens_dir, cfg.train.seq_len, cfg.data.val_fraction, cfg.train.seed)
     T, B, A = cfg.train.seq_len, cfg.train.batch_size, cfg.train.grad_accum
@@ -312,21 +371,27 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
     run_config = config_to_toml(cfg)
     start = 0
     if resume:
-        ckpt = list_checkpoints(out)[-1]
         try:
             st = load_training_checkpoint(ckpt, base, optimizer)
         except (RuntimeError, KeyError, ValueError) as e:
             raise MMFError(f"{ckpt}: cannot restore the training state ({' '.join(str(e).split())[:240]}); "
                            "resume with the run's own model and optimiser settings") from None
         start = st["step"]
-        if st.get("world_batch") not in (None, B):
-            raise MMFError(f"{ckpt}: saved with train.batch_size {st['world_batch']}, now {B}; keep the batch size to resume")
+        for key, saved, now in (("batch_size", st.get("world_batch"), B), ("seq_len", st.get("seq_len"), T)):
+            if saved not in (None, now):
+                raise MMFError(f"{ckpt}: saved with train.{key} {saved}, now {now}; keep train.{key} to resume "
+                               "(the data position and token counts depend on it)")
+        for group in optimizer.param_groups:  # the restored groups hold the saved values: run the config's
+            group["betas"], group["eps"] = tuple(cfg.optim.betas), cfg.optim.eps
         log(f"resuming {out} from {ckpt.name} (step {start})")
-        if world.is_main:
-            drop_metrics_after(out / METRICS_FILE, start)
     total = cfg.train.steps
     if start >= total:
         raise MMFError(f"{out} already reached step {start} of {total}; raise it with --set train.steps=N to continue")
+    if world.is_main:
+        if resume:
+            drop_metrics_after(out / METRICS_FILE, start)
+        write_text_output(out / RUN_CONFIG, run_config, option="--out")
+    barrier(world)
 
     log(f"model {mcfg.arch} ({cfg.model.get('preset', mcfg.model_type)}), {n_params / 1e6:.2f}M parameters, "
         f"vocab {mcfg.vocab_size} ({cfg.tokenizer.type} tokenizer); data: {data_desc}, "
@@ -353,8 +418,13 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
         return save_training_checkpoint(world, base, optimizer, mcfg, tokenizer, out, step_done, state(step_done),
                                         run_config, cfg.checkpoint.keep)
 
+    def record_of(done: int, lr: float, now: float) -> dict:  # loss and tokens_per_s: means since the last record
+        return {"step": done, "loss": sum(window) / len(window), "steps_averaged": len(window), "lr": lr,
+                "tokens": done * B * T, "tokens_per_s": tok_log / max(now - t_log, 1e-9), "time": now - t_start}
+
     try:
         with _StopFlag() as stop:
+            stopped = lambda: any_flag(world, stop.set)  # noqa: E731 (Ctrl-C: skips a validation under way)
             model.train()
             for step in range(start, total):
                 lr, wd = schedule(cfg, step)
@@ -385,22 +455,24 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
                 now = time.time()
                 eta = (total - done) * (now - t_loop) / max(done - start, 1)
                 record = None
-                if logged:  # loss and tokens_per_s: means over the steps since the previous record
-                    record = {"step": done, "loss": sum(window) / len(window), "steps_averaged": len(window),
-                              "lr": lr, "tokens": done * B * T, "tokens_per_s": tok_log / max(now - t_log, 1e-9),
-                              "time": now - t_start}
+                if logged:
+                    record = record_of(done, lr, now)
                     reporter.write(record)
                     t_log, tok_log, window = now, 0, []
                 reporter.step(done, total, eta, record)
                 if done % cfg.logging.eval_every == 0 and done != total:
-                    val_loss, val_step = validation_loss(world, model, data, cfg.logging.eval_tokens, micro, autocast), done
-                    reporter.write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                                    "tokens": done * B * T, "time": time.time() - t_start})
-                    reporter.message(f"step {done}: validation loss {val_loss:.4f} "
-                                     f"(unigram entropy {data.unigram_entropy:.4f}) nats/token")
+                    v = validation_loss(world, model, data, cfg.logging.eval_tokens, micro, autocast, stopped)
+                    if v is not None:  # None: Ctrl-C during it (the checkpoint follows)
+                        val_loss, val_step = v, done
+                        reporter.write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                        "tokens": done * B * T, "time": time.time() - t_start})
+                        reporter.message(f"step {done}: validation loss {val_loss:.4f} "
+                                         f"(unigram entropy {data.unigram_entropy:.4f}) nats/token")
                 halt = any_flag(world, stop.set or (stop_after is not None and done >= stop_after))
                 if halt and done != total:
                     interrupted = True
+                    if window:  # the steps since the last record: a partial one, so none is lost
+                        reporter.write(record_of(done, lr, time.time()))
                     last_ckpt = checkpoint(done)
                     reporter.close()
                     log(f"interrupted at step {done}/{total}; checkpoint saved to {last_ckpt}. "
@@ -408,11 +480,19 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
                     break
                 if done % cfg.checkpoint.every == 0 and done != total:
                     last_ckpt = checkpoint(done)
-        if not interrupted:
-            val_loss, val_step = validation_loss(world, model, data, cfg.logging.eval_tokens, micro, autocast), total
-            reporter.write({"step": total, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                            "tokens": total * B * T, "time": time.time() - t_start})
-            last_ckpt = checkpoint(total)
+            if not interrupted:  # still under the Ctrl-C flag: an interrupt skips the validation, not the checkpoint
+                v = validation_loss(world, model, data, cfg.logging.eval_tokens, micro, autocast, stopped)
+                if v is None:
+                    interrupted = True
+                else:
+                    val_loss, val_step = v, total
+                    reporter.write({"step": total, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                    "tokens": total * B * T, "time": time.time() - t_start})
+                last_ckpt = checkpoint(total)
+                if interrupted:
+                    reporter.close()
+                    log(f"interrupted during the final validation (skipped); checkpoint of step {total} saved to "
+                        f"{last_ckpt}")
     finally:
         reporter.close()
     seconds = time.time() - t_loop

@@ -98,21 +98,53 @@ def save_training_checkpoint(world: World, base, optimizer, mcfg, tokenizer, out
     return path
 
 
+def damaged_checkpoint_error(path: Path, problem: str) -> MMFError:
+    """One line for a checkpoint with a file missing or unreadable (``problem`` names it): remove the
+    checkpoint to resume from the previous complete one (a crash or a full disk, not a setting to change)."""
+    earlier = [c for c in list_checkpoints(path.parent) if c.name < path.name]
+    fix = (f"remove {path} and --resume again (from {earlier[-1].name}, the previous complete checkpoint)"
+           if earlier else "no earlier checkpoint is left: start the run again")
+    return MMFError(f"{problem}; the checkpoint is damaged: {fix}")
+
+
+def _read_part(path: Path, name: str, read):
+    """``read(path / name)``, or the damaged-checkpoint line when the file is missing or unreadable."""
+    if not (path / name).is_file():
+        raise damaged_checkpoint_error(path, f"{path / name} is missing")
+    try:
+        return read(path / name)
+    except Exception as e:  # JSON, safetensors and I/O errors alike: the file cannot be used
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise damaged_checkpoint_error(path, f"{path / name} cannot be read ({first})") from None
+
+
 def load_training_checkpoint(path: Path, base, optimizer) -> dict:
-    """Restore model, optimiser and RNG state from ``path`` (every rank reads it)."""
+    """Restore model, optimiser and RNG state from ``path`` (every rank reads it).
+
+    Every file is read before anything is restored: a missing or unreadable one is one ``MMFError`` line
+    naming it; a ``RuntimeError``/``KeyError``/``ValueError`` afterwards means other model or optimiser settings."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    state = json.loads((path / STATE_FILE).read_text())
-    msd = dict(iter_tensors(path))
+    state = _read_part(path, STATE_FILE, lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("optimizer"), dict) or "param_groups" not in state["optimizer"]:
+        raise damaged_checkpoint_error(path, f"{path / STATE_FILE} lacks the step or the optimiser's param groups")
+    otensors = _read_part(path, OPTIM_FILE, lambda p: load_file(str(p)))
+    rng = _read_part(path, RNG_FILE, lambda p: load_file(str(p)))
+    if not isinstance(rng.get("torch_cpu"), torch.Tensor) or rng["torch_cpu"].dtype != torch.uint8:
+        raise damaged_checkpoint_error(path, f"{path / RNG_FILE} lacks the CPU random state")
+    try:
+        msd = dict(iter_tensors(path))
+    except MMFError as e:
+        raise damaged_checkpoint_error(path, str(e)) from None
     if getattr(base.config, "tie_word_embeddings", False) and "lm_head.weight" not in msd:
         msd["lm_head.weight"] = msd["model.embeddings.weight"]
     set_model_state_dict(base, msd, options=StateDictOptions(full_state_dict=True))
-    osd = _unflatten_optimizer(load_file(str(path / OPTIM_FILE)), state["optimizer"])
+    osd = _unflatten_optimizer(otensors, state["optimizer"])
     # strict=False: a parameter that never had a gradient (layer 0's MLGRU lower bound) has no AdamW state
     set_optimizer_state_dict(base, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
-    rng = load_file(str(path / RNG_FILE))
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["torch_cuda"])

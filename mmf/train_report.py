@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .distributed import World
-from .run_dir import METRICS_FILE
+from .errors import MMFError
+from .run_dir import METRICS_FILE, list_checkpoints
 
 
 class Reporter:
@@ -42,9 +43,34 @@ class Reporter:
         self.plain = progress and self.bar is None
 
     def write(self, record: dict) -> None:
-        if self.on:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """Append one line to metrics.jsonl; if it cannot be written whole (a full disk), what was written of
+        it is cut off again and the run stops in one line naming the last good checkpoint."""
+        if not self.on:
+            return
+        data = memoryview((json.dumps(record) + "\n").encode())
+        try:
+            fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # mode 0666 & ~umask
+        except OSError as e:
+            raise self._write_error(e) from None
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError as e:
+                try:
+                    os.ftruncate(fd, size)  # no partial record left behind
+                except OSError:
+                    pass
+                raise self._write_error(e) from None
+        finally:
+            os.close(fd)
+
+    def _write_error(self, e: OSError) -> MMFError:
+        kept = list_checkpoints(self.metrics.parent)
+        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+        return MMFError(f"could not write {self.metrics} ({e.strerror or e}); {where}. Free space, then "
+                        f"{'mmf train --resume --out ' + str(self.metrics.parent) if kept else 'run it again'}")
 
     def step(self, step: int, total: int, eta: float, record: Optional[dict]) -> None:
         """Progress after ``step``; ``record`` is the metrics.jsonl line just written, if any: the console
@@ -83,8 +109,7 @@ def plot_metrics(metrics: Path, png: Path, unigram: float) -> None:
     import matplotlib.pyplot as plt
 
     train, val = [], []
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(metrics):
         if "val_loss" in r:
             val.append((r["tokens"], r["val_loss"]))
         elif "loss" in r:
@@ -108,8 +133,31 @@ def plot_metrics(metrics: Path, png: Path, unigram: float) -> None:
     os.replace(tmp, png)
 
 
+def _record(line: str) -> Optional[dict]:
+    """A metrics.jsonl line as a record; None for one that is not (cut short by a crash or a full disk)."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) else None
+
+
+def read_metrics(metrics: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``, without the lines that are not whole records."""
+    return [r for line in metrics.read_text().splitlines() if (r := _record(line)) is not None]
+
+
 def drop_metrics_after(metrics: Path, step: int) -> None:
-    """On ``--resume``: remove the records of ``metrics.jsonl`` past the checkpoint's ``step``."""
+    """On ``--resume``: remove the records of ``metrics.jsonl`` past the checkpoint's ``step``, and any line
+    that is not a whole record (a crash mid-write), rewriting it atomically (a temporary name, then a rename)."""
     if metrics.exists():
-        lines = [l for l in metrics.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
-        metrics.write_text("".join(l + "\n" for l in lines))
+        lines = [l for l in metrics.read_text().splitlines()
+                 if (r := _record(l)) is not None and r.get("step", 0) <= step]
+        tmp = metrics.with_name(f".{metrics.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text("".join(l + "\n" for l in lines))
+            os.replace(tmp, metrics)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise MMFError(f"could not rewrite {metrics} ({e.strerror or e}); it is unchanged: free space "
+                           "and --resume again") from None
