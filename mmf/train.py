@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import shlex
 import signal
 import time
 from contextlib import nullcontext
@@ -64,6 +65,14 @@ class TrainResult:
     interrupted: bool = False
     params: int = 0
     is_main: bool = True  # rank 0 (the process that prints and writes)
+    total_steps: int = 0  # train.steps of the run
+
+    def resume_command(self) -> Optional[str]:
+        """The command that continues an interrupted run; None when it was not interrupted or had done its
+        last step (Ctrl-C then skipped only the final validation)."""
+        if not self.interrupted or self.step >= self.total_steps:
+            return None
+        return f"mmf train --resume --out {shlex.quote(str(self.out))}"
 
     def summary(self) -> dict:
         """The run's figures, raw (``mmf train --json``); a validation loss not measured is None."""
@@ -503,18 +512,22 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
                        val_step=val_step, unigram_entropy=data.unigram_entropy, tokens=done_steps * B * T,
                        seconds=seconds,
                        tokens_per_s=done_steps * B * T / max(seconds, 1e-9), interrupted=interrupted,
-                       params=n_params, is_main=world.is_main)
+                       params=n_params, is_main=world.is_main, total_steps=total)
 
 
-def run_train(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool, overrides: list,
-              log: Callable = print) -> TrainResult:
-    """What ``mmf train`` does: resolve the config (the run's own when resuming), train, summarise."""
+def resolve_config(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool,
+                   overrides: list) -> TrainConfig:
+    """The config ``mmf train`` runs (what ``--print-config`` prints): the run's own when resuming."""
     if resume:
         if out is None:
             raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
         if config is not None or data:
             raise MMFError("--resume continues with the run's saved config; drop --config/--data (use --set to change it)")
-        cfg = resume_config(out, overrides)
-    else:
-        cfg = load_train_config(config, overrides, data)
-    return train(cfg, out, resume, log)
+        return resume_config(out, overrides)
+    return load_train_config(config, overrides, data)
+
+
+def run_train(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool, overrides: list,
+              log: Callable = print) -> TrainResult:
+    """What ``mmf train`` does: resolve the config (``resolve_config``), train, summarise."""
+    return train(resolve_config(config, data, out, resume, overrides), out, resume, log)

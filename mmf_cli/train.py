@@ -32,8 +32,8 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON on stdout instead of the table."),
 ):
     """Train a MatMul-free or Transformer++ model; a bare `mmf train` trains `tiny` on the embedded corpus."""
-    from mmf.train import resume_config, run_train
-    from mmf.train_config import config_to_toml, load_train_config
+    from mmf.train import resolve_config, run_train
+    from mmf.train_config import config_to_toml
 
     overrides = list(overrides or [])
     if batch_size is not None:
@@ -41,8 +41,7 @@ def train(
     if seq_len is not None:
         overrides.append(f"train.seq_len={seq_len}")
     if print_config:
-        cfg = resume_config(out, overrides) if resume and out else load_train_config(config, overrides, data)
-        typer.echo(config_to_toml(cfg), nl=False)
+        typer.echo(config_to_toml(resolve_config(config, data, out, resume, overrides)), nl=False)
         return
     r = run_train(config, data, out, resume, overrides, log=lambda s: typer.echo(s, err=True))
     if r.checkpoint is None or not r.is_main:
@@ -70,7 +69,8 @@ def train(
     ]
     print_table(rows, title="mmf train")
     if r.interrupted:
-        typer.echo(f"Continue with: mmf train --resume --out {shlex.quote(str(r.out))}")
+        if r.resume_command():
+            typer.echo(f"Continue with: {r.resume_command()}")
         raise typer.Exit(130)
     if math.isfinite(r.val_loss) and math.isfinite(r.unigram_entropy):
         where = "below" if r.val_loss < r.unigram_entropy else "NOT below"

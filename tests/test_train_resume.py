@@ -113,6 +113,7 @@ def test_ctrl_c_during_the_final_validation_saves_the_final_checkpoint(tmp_path,
     assert ckpt.name == "step-0000003" and json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and not any("val_loss" in r for r in records)
+    assert "Continue with" not in stdout  # its last step is done: a resume would have nothing to do
 
 
 def test_ctrl_c_writes_the_loss_record_of_the_steps_since_the_last_one(tmp_path):
@@ -245,3 +246,11 @@ def test_the_disk_check_counts_the_checkpoints_the_run_can_write(tmp_path, monke
         preflight(tmp_path / "b", 10_000, 1_000_000, 7, 2)  # steps 2, 4, 6, 7 + 1
     with pytest.raises(MMFError, match=r"but 3 checkpoints need"):
         preflight(tmp_path / "c", 10**9, 2, 100, 2)  # keep binds when smaller
+
+
+def test_print_config_refuses_what_a_run_refuses(monkeypatch, capsys, tmp_path):
+    """`--print-config` resolves the config as the run would (``resolve_config``): the same one-line refusals."""
+    for args, words in ((["--resume"], "--resume needs --out RUN_DIR"),
+                        (["--resume", "--out", str(tmp_path), "-c", "tiny"], "drop --config/--data")):
+        code, out, err = cli_main(monkeypatch, capsys, "train", "--print-config", *args)
+        assert code == 2 and out == "" and words in err, err
