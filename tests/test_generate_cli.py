@@ -62,6 +62,8 @@ def test_generate_writes_nothing_when_loading_or_tokenising_fails(tiny_mmf_ckpt,
                      "no such checkpoint directory")
     _assert_one_line(*main_in_process(capsys, "generate", tiny_mmf_ckpt, "-p", ""), "the prompt is empty")
     _assert_one_line(*main_in_process(capsys, "generate", tiny_mmf_ckpt, "--prompt-file", tmp_path),
+                     "is a directory; --prompt-file takes a UTF-8 text file")
+    _assert_one_line(*main_in_process(capsys, "generate", tiny_mmf_ckpt, "--prompt-file", tmp_path / "none.txt"),
                      "no such prompt file")
     code, out, err = main_in_process(capsys, "generate", tiny_mmf_ckpt, "-p", "Hello", "-n", "4", "-t", "0")
     assert code == 0 and out.startswith("Hello") and out.endswith("\n"), err
