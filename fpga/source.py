@@ -15,7 +15,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from mmf.checkpoint import is_packed, load_config, open_safetensors, weight_files
+from mmf.checkpoint import is_packed, load_config, open_safetensors
+from mmf.checkpoint_layout import checkpoint_files
 from mmf.errors import MMFError
 
 DERIVED_LB = "model.layer_lower_bounds"
@@ -65,7 +66,7 @@ class CheckpointSource:
             for name, shape, dtype in self._model_entries(model):
                 self.shapes[name], self.dtypes[name] = shape, dtype
         else:
-            files = weight_files(self.path)
+            files = checkpoint_files(self.path)
             by_file: dict = {}
             for k, p in files.items():
                 by_file.setdefault(p, []).append(k)

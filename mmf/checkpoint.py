@@ -106,12 +106,6 @@ def save_checkpoint(model, out: Path, tokenizer=None, overwrite: bool = False, d
     return out
 
 
-def weight_files(directory: Path) -> dict:
-    """Map every tensor name to its safetensors file (``checkpoint_layout.checkpoint_files``: every header and the
-    index validated)."""
-    return checkpoint_files(directory)
-
-
 @contextmanager
 def open_safetensors(path: Path):
     """``safe_open`` with its errors turned into one-line CheckpointErrors naming the file."""
@@ -135,7 +129,7 @@ def read_file_metadata(path: Path) -> dict:
 
 def iter_tensors(directory: Path, names=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one at a time, each file opened once, each tensor read once."""
-    files = weight_files(directory)
+    files = checkpoint_files(directory)
     by_file: dict = {}
     for k, p in files.items():
         if names is None or k in names:
@@ -160,7 +154,7 @@ def load_config(path: Path) -> ModelConfig:
 
 def is_packed(path: Path) -> bool:
     """True for a checkpoint written by `mmf pack` (its safetensors metadata says so)."""
-    files = sorted(set(weight_files(path).values()))
+    files = files_in_order(checkpoint_files(path))
     return bool(files) and FORMAT_KEY in read_file_metadata(files[0])
 
 
@@ -232,7 +226,7 @@ def check_tensor_names_and_shapes(path: Path, model, cfg) -> None:
     safetensors headers alone: no unexpected name, every shape as config.json implies (so a config.json whose
     sizes exceed the weights is this error, not a failed allocation), nothing missing. Tied weights (the LM
     head and the embeddings) may be stored under either name, as transformers accepts."""
-    shapes = tensor_shapes(weight_files(path))
+    shapes = tensor_shapes(checkpoint_files(path))
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
     for name, shape in shapes.items():

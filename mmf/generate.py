@@ -46,8 +46,8 @@ def check_seed(seed: Optional[int], prompts: int = 1) -> None:
     """``--seed S`` gives prompt i (from 1) the seed S + i - 1: all of them must be seeds torch takes."""
     if seed is None:
         return
-    if not 0 <= seed <= SEED_MAX - (prompts - 1):
-        top = SEED_MAX - (prompts - 1)
+    top = SEED_MAX - (prompts - 1)  # prompt i samples with S + i - 1
+    if not 0 <= seed <= top:
         what = f" (prompt i takes S + i - 1, here up to S + {prompts - 1})" if prompts > 1 else ""
         raise MMFError(f"--seed {seed}: must be in 0..{top}{what}")
 
@@ -187,19 +187,24 @@ def run_generate(checkpoint: Optional[Path] = None, onnx: Optional[Path] = None,
     return [r["text"] for r in doc["results"]]
 
 
+def _read_utf8(path, kind: str) -> str:
+    """The UTF-8 text of ``--{kind}-file PATH``, or one line saying why it cannot be read."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise MMFError(f"{path}: no such {kind} file") from None
+    except IsADirectoryError:
+        raise MMFError(f"{path}: is a directory; --{kind}-file takes a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise MMFError(f"{path}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
+
+
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     """The prompt of `mmf generate`: ``--prompt TEXT`` or the UTF-8 text of ``--prompt-file PATH``."""
     if prompt_file is not None:
         if prompt is not None:
             raise MMFError("give either --prompt or --prompt-file, not both")
-        try:
-            return Path(prompt_file).read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise MMFError(f"{prompt_file}: no such prompt file") from None
-        except IsADirectoryError:
-            raise MMFError(f"{prompt_file}: is a directory; --prompt-file takes a UTF-8 text file") from None
-        except UnicodeDecodeError as e:
-            raise MMFError(f"{prompt_file}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
+        return _read_utf8(prompt_file, "prompt")
     if prompt is None:
         raise MMFError("no prompt: pass --prompt TEXT or --prompt-file PATH")
     return prompt
@@ -298,9 +303,7 @@ def end_tokens(model) -> tuple:
     """The ids generation stops at, as transformers' ``generate`` does: every id of config.json's
     ``eos_token_id`` (one or a list) and of the checkpoint's generation_config.json (``model.generation_eos``,
     set by ``load_for_generate``; Llama 3 Instruct lists its end-of-turn id only there)."""
-    ids = []
-    for eos in (model.config.eos_token_id, getattr(model, "generation_eos", None)):
-        ids += list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    ids = _stop_ids(model.config.eos_token_id) + _stop_ids(getattr(model, "generation_eos", None))
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
@@ -355,14 +358,7 @@ def read_prompts(prompts=None, prompt_file: Optional[Path] = None, prompts_file:
                            "(one prompt per line) with --prompt")
         return [read_prompt(None, prompt_file)]
     if prompts_file is not None:
-        try:
-            text = Path(prompts_file).read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise MMFError(f"{prompts_file}: no such prompts file") from None
-        except IsADirectoryError:
-            raise MMFError(f"{prompts_file}: is a directory; --prompts-file takes a UTF-8 text file") from None
-        except UnicodeDecodeError as e:
-            raise MMFError(f"{prompts_file}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
+        text = _read_utf8(prompts_file, "prompts")
         lines = [ln.rstrip("\r") for ln in text.split("\n")]
         lines = [ln for ln in lines if ln.strip()]
         if not lines:

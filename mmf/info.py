@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint import load_config, open_safetensors, weight_files
+from .checkpoint import load_config, open_safetensors
+from .checkpoint_layout import checkpoint_files
 from .packed_format import SCALE_SUFFIX
 
 
@@ -22,7 +23,7 @@ def tensor_group(arch: str, name: str) -> str:
 def checkpoint_info(path) -> dict:
     path = Path(path)
     cfg = load_config(path)
-    files = weight_files(path)
+    files = checkpoint_files(path)
     groups: Counter = Counter()
     bytes_by_dtype: Counter = Counter()
     by_file: dict = {}

@@ -103,7 +103,7 @@ def list_checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def preflight(out: Path, n_params: int, keep: int, steps: Optional[int] = None, every: Optional[int] = None) -> None:
+def preflight(out: Path, n_params: int, keep: int, steps: int, every: int) -> None:
     """Fail before training if ``out`` cannot be written or the disk cannot hold the checkpoints: the last
     ``keep`` of those a run of ``steps`` writes (every ``every`` steps and at the end), plus one being written."""
     try:
@@ -114,7 +114,7 @@ def preflight(out: Path, n_params: int, keep: int, steps: Optional[int] = None, 
     except OSError as e:
         raise MMFError(f"cannot write to output directory {out} ({e.strerror}); choose another --out") from None
     per_ckpt = n_params * 4 * 3 + (1 << 20)  # fp32 weights + two AdamW moments
-    n = min(keep, math.ceil(steps / every)) + 1 if steps and every else keep + 1
+    n = min(keep, math.ceil(steps / every)) + 1
     need = per_ckpt * n
     free = shutil.disk_usage(out).free
     if free < need:

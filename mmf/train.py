@@ -431,6 +431,10 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
         return {"step": done, "loss": sum(window) / len(window), "steps_averaged": len(window), "lr": lr,
                 "tokens": done * B * T, "tokens_per_s": tok_log / max(now - t_log, 1e-9), "time": now - t_start}
 
+    def val_record_of(done: int, loss: float) -> dict:
+        return {"step": done, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "tokens": done * B * T,
+                "time": time.time() - t_start}
+
     try:
         with _StopFlag() as stop:
             stopped = lambda: any_flag(world, stop.set)  # noqa: E731 (Ctrl-C: skips a validation under way)
@@ -473,8 +477,7 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
                     v = validation_loss(world, model, data, cfg.logging.eval_tokens, micro, autocast, stopped)
                     if v is not None:  # None: Ctrl-C during it (the checkpoint follows)
                         val_loss, val_step = v, done
-                        reporter.write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                                        "tokens": done * B * T, "time": time.time() - t_start})
+                        reporter.write(val_record_of(done, val_loss))
                         reporter.message(f"step {done}: validation loss {val_loss:.4f} "
                                          f"(unigram entropy {data.unigram_entropy:.4f}) nats/token")
                 halt = any_flag(world, stop.set or (stop_after is not None and done >= stop_after))
@@ -495,8 +498,7 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
                     interrupted = True
                 else:
                     val_loss, val_step = v, total
-                    reporter.write({"step": total, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                                    "tokens": total * B * T, "time": time.time() - t_start})
+                    reporter.write(val_record_of(total, val_loss))
                 last_ckpt = checkpoint(total)
                 if interrupted:
                     reporter.close()
