@@ -41,8 +41,10 @@ VARIANTS = {
     "prepass-inside": {("mmf.decode_graph:GraphDecoder", "PREPASS_INSIDE"): "always"},
     # the decode GEMM's epilogue operands loaded before its K loop (``ternary_gemm.EPI_EARLY``; bit-equal)
     "early-epilogue": {("mmf.kernels.ternary_gemm", "EPI_EARLY"): True},
-    # also schedules with one K block per program, its weights loaded before the wait (tuned afresh)
+    # schedules with one K block per program, its weights loaded before the wait, offered at every width or at
+    # none (the default: widths up to ``GraphDecoder.EARLY_WEIGHTS_MAX_D``)
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
+    "no-early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): False},
 }
 
 

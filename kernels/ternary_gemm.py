@@ -485,25 +485,33 @@ def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_b
 # Decode batches up to 16 rows: also offer the tuner schedules whose programs each take one K block and load
 # its weights before the wait for the pre-pass (``_gemm_kernel``'s WEARLY, as the GEMV loads its first block),
 # with no K loop; first in the list, so that untuned runs (``--fixed-schedules``, the GPU checks) take them too.
-# Bit-equal to the others. Off until timed on a GPU (``batched_decode --variants early-weights``). (The
-# weights-ahead loop of 8f31a88, bench/results/EXPERIMENTS.md, was slower: it loaded the activations block by
-# block inside a loop that Triton no longer pipelined; these schedules have no loop.) Blocks of 256 bytes and
-# more: at 128, 13b's down projection would be 27 parts per tile, and every part's int32 sums (64 / BK of its
-# weight bytes) go through the split workspace.
-EARLY_WEIGHTS = False
+# Bit-equal to the others. ``gemm(early_weights=)`` asks for them; GraphDecoder does for models up to
+# ``GraphDecoder.EARLY_WEIGHTS_MAX_D`` wide (bench/results/EXPERIMENTS.md: tuned on an H100, 1.3b batch 4
+# 0.795 -> 0.681 ms, 370m 0.588 -> 0.536; 13b no gain). EARLY_WEIGHTS True or False overrides every caller
+# (``batched_decode --variants early-weights,no-early-weights``). (The weights-ahead loop of 8f31a88 was
+# slower: it loaded the activations block by block inside a loop that Triton no longer pipelined; these
+# schedules have no loop.) Blocks of 256 bytes and more: at 128, 13b's down projection would be 27 parts per
+# tile, and every part's int32 sums (64 / BK of its weight bytes) go through the split workspace.
+EARLY_WEIGHTS: bool | None = None
 _EARLY_WEIGHT_CONFIGS = [(16, 64, 256, 4, 1, 0, 0, 1), (16, 32, 256, 4, 1, 0, 0, 1), (16, 64, 256, 4, 1, 1, 0, 1),
                          (16, 128, 256, 8, 1, 1, 0, 1), (16, 64, 512, 8, 1, 0, 0, 1), (16, 32, 512, 4, 1, 0, 0, 1)]
 
 
-def _gemm_configs(m: int):
+def _early_weights(asked: bool) -> bool:
+    """Whether the weights-early schedules are offered: ``EARLY_WEIGHTS`` where set, else the caller's ask."""
+    return asked if EARLY_WEIGHTS is None else bool(EARLY_WEIGHTS)
+
+
+def _gemm_configs(m: int, early_weights: bool = False):
     """(BM, BN, BK, warps, stages[, swap[, split[, weights early]]]) candidates by row count; the first is the
     interpreter's.
 
     swap = 1: the weights are the left operand of the products (out^T = W x^T); split > 1: K split over
     that many programs per tile (decode batches: a 5120-row projection in 64-row tiles is 80 programs,
     too few weight bytes in flight to stream at the GPU's bandwidth); weights early = 1 (``EARLY_WEIGHTS``):
-    K split into single BK blocks, each program's weights loaded before its wait."""
-    early = EARLY_WEIGHTS and m <= 16
+    K split into single BK blocks, each program's weights loaded before its wait (``early_weights``, decode
+    batches up to 16 rows; see ``EARLY_WEIGHTS``)."""
+    early = _early_weights(early_weights) and m <= 16
     if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
         return [(16, 64, 32, 4, 1, 0, 0, 1) if early else (16, 64, 32, 4, 1)]
     if m <= 16:
@@ -621,7 +629,7 @@ def _launch(cfg, a):
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
-         tune_prepass=None, stats_out=None, prepass=None):
+         tune_prepass=None, stats_out=None, prepass=None, early_weights=False):
     """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
 
     From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): this kernel or ``gemm_unpacked``,
@@ -630,6 +638,7 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
     ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
     for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is).
+    ``early_weights``: up to 16 rows, the tuner also times the weights-early schedules (``EARLY_WEIGHTS``).
 
     ``prepass``: ``quantize``'s keyword arguments (x, bit_norm, nseg, pro, ...; whole rows, no ``stats``): the
     pre-pass runs inside this launch (``_gemm_preq_kernel``) instead of as a kernel of its own; decode batches
@@ -645,11 +654,12 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
         assert pa["nseg"] == len(weights) and pa["k"] == k, "prepass: the GEMM's segments and width"
         scratch.nch = 1  # sum(xq) whole, in SUMX
         return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
-                           tune_pool=tune_pool, preq=pa)
+                           tune_pool=tune_pool, preq=pa, early_weights=early_weights)
     if stats_out is not None:
         assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out: decode batches only (the fused kernel)"
         return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
-                           tune_pool=tune_pool, tune_prepass=tune_prepass, stats_out=stats_out)
+                           tune_pool=tune_pool, tune_prepass=tune_prepass, stats_out=stats_out,
+                           early_weights=early_weights)
     if config is None and out.is_cuda and 0 < INT_MM_MIN_ROWS <= m:
         def run(path):
             if path == "fused":
@@ -658,7 +668,7 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
 
         return run(many_rows_path(m, weights, out, k, epi, run))
     return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
-                       tune_pool=tune_pool, tune_prepass=tune_prepass)
+                       tune_pool=tune_pool, tune_prepass=tune_prepass, early_weights=early_weights)
 
 
 # Many rows: "auto" (the tuner times both paths per shape and row count), "fused" (this kernel, codes
@@ -689,7 +699,7 @@ def _byte_operands(weights) -> list:
 
 
 def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None,
-                tune_pool=None, tune_prepass=None, stats_out=None, preq=None):
+                tune_pool=None, tune_prepass=None, stats_out=None, preq=None, early_weights=False):
     """``gemm`` on this file's kernel (codes unpacked in registers), any row count.
 
     With a ``tune_pool`` of two or more weight lists, the first call of a shape times each candidate in
@@ -714,7 +724,8 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
     if preq is not None:
         a.update(preq=preq, scratch=scratch)
         key = key + ("preq", preq["consts"]["PRO"])
-    if EARLY_WEIGHTS and mb == 16:  # more candidates: tuned afresh
+    early = _early_weights(early_weights) and mb == 16
+    if early:  # more candidates: tuned afresh
         key = key + ("early-weights",)
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
@@ -735,11 +746,12 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         time_of = chained
     # tuned without PDL when one launch at a time: a PDL launch overlaps the timer's cache flush (see
     # ternary_gemv._tune)
-    cfg = config or _tuned("gemm", key, _gemm_configs(m), lambda c: _launch(c, dict(a, pdl=False)), out, time_of)
+    cfg = config or _tuned("gemm", key, _gemm_configs(m, early), lambda c: _launch(c, dict(a, pdl=False)), out,
+                                  time_of)
     try:
         _launch(cfg, a)
     except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device
-        for c in _gemm_configs(m)[1:]:
+        for c in _gemm_configs(m, early)[1:]:
             try:
                 _launch(c, a)
             except triton.runtime.errors.OutOfResources:

@@ -103,6 +103,9 @@ class GraphDecoder:
     # quantises whole rows (``decode_quant_chunks`` gives 1), "always" (whole rows everywhere, no row statistics)
     # or "never" (a pre-pass kernel before each GEMM)
     PREPASS_INSIDE = os.environ.get("MMF_PREPASS_INSIDE", "never")
+    # decode GEMMs (batch 3-16) also tuned over schedules that load their weights before the pre-pass's wait
+    # (``ternary_gemm.EARLY_WEIGHTS``) in models up to this wide: faster at 370m and 1.3b, no gain at 13b
+    EARLY_WEIGHTS_MAX_D = 2048
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
@@ -246,6 +249,7 @@ class GraphDecoder:
             """Pre-pass ``pre``, then its GEMM, whose first call times its schedules after ``pre`` (repeated,
             each pre-pass writes the same values: the MLGRU one the same next state from the same state); with
             ``prepass_inside``, one launch of both (``gemm(prepass=)``, whole rows)."""
+            kw["early_weights"] = self.d <= self.EARLY_WEIGHTS_MAX_D
             if self.prepass_inside:
                 x, bit_norm, _ = pre.args
                 kw_pre = {k: v for k, v in pre.keywords.items() if k not in ("chunks", "stats")}

@@ -635,7 +635,8 @@ def test_graph_decoder_with_the_early_operands(monkeypatch):
     """The decoder with ``EPI_EARLY`` (every decode GEMM's epilogue operands loaded before its K loop) and
     ``EARLY_WEIGHTS`` (here: the interpreter's schedule with one K block per program, its weights loaded before
     the wait) gives logits equal bit for bit to the decoder without them, over a prefill and two steps at
-    batch 3, and the kernels were launched with them."""
+    batch 3, and the kernels were launched with them. By default (``EARLY_WEIGHTS`` None) the decoder asks for
+    the weights-early schedules up to ``EARLY_WEIGHTS_MAX_D`` wide and not beyond."""
     from conftest import small_model
 
     from mmf.decode_graph import GraphDecoder
@@ -645,24 +646,31 @@ def test_graph_decoder_with_the_early_operands(monkeypatch):
     ids = torch.randint(3, 259, (3, 5))
     launches = _Launches(ternary_gemm._gemm_kernel)
     monkeypatch.setattr(ternary_gemm, "_gemm_kernel", launches)
-    settings = ({"EPI_EARLY": True, "EARLY_WEIGHTS": True}, {"EPI_EARLY": False, "EARLY_WEIGHTS": False})
+    # (settings, the decoder's widest model for weights-early schedules, WEARLY expected in prefill and steps):
+    # forced on, every GEMM of 16 rows or less takes them (the prefill's 15 rows too); asked for by the decoder,
+    # its decode steps only
+    settings = (({"EPI_EARLY": True, "EARLY_WEIGHTS": True}, 0, (True, True)),
+                ({"EPI_EARLY": False, "EARLY_WEIGHTS": None}, model.config.hidden_size - 1, (False, False)),
+                ({"EPI_EARLY": False, "EARLY_WEIGHTS": None}, GraphDecoder.EARLY_WEIGHTS_MAX_D, (False, True)))
+    assert model.config.hidden_size <= GraphDecoder.EARLY_WEIGHTS_MAX_D
     decs = []
-    for st in settings:
+    for st, max_d, _ in settings:
         for k, v in st.items():
             monkeypatch.setattr(ternary_gemm, k, v)
         decs.append(GraphDecoder(model, 3))
+        decs[-1].EARLY_WEIGHTS_MAX_D = max_d
     assert not decs[0].gemv_path
     tok = None
     for step in range(3):
         outs = []
-        for st, dec in zip(settings, decs):
+        for (st, _, wearly), dec in zip(settings, decs):
             for k, v in st.items():  # read at each launch
                 monkeypatch.setattr(ternary_gemm, k, v)
             launches.kw.clear()
             outs.append(dec.prefill(ids) if step == 0 else dec.step(tok))
-            assert launches.kw and all(kw["EARLY"] == st["EPI_EARLY"] and kw["WEARLY"] == st["EARLY_WEIGHTS"]
-                                       for kw in launches.kw)
-        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), step
+            assert launches.kw and all(kw["EARLY"] == st["EPI_EARLY"] for kw in launches.kw)
+            assert all(kw["WEARLY"] == wearly[step > 0] for kw in launches.kw), (step, wearly)
+        assert torch.isfinite(outs[0]).all() and all(torch.equal(outs[0], o) for o in outs[1:]), step
         tok = outs[0].argmax(-1)
 
 
