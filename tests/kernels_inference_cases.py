@@ -631,6 +631,85 @@ def test_graph_decoder_with_the_pre_pass_inside(monkeypatch):
         GraphDecoder(model, 3)
 
 
+@pytest.mark.parametrize("m,k,n,nseg,epi,pro,swap", [
+    (3, 150, 70, 1, ternary_gemv.EPI_STORE, ternary_gemv.PRO_PLAIN, 0),
+    (5, 150, 70, 3, ternary_gemv.EPI_STORE, ternary_gemv.PRO_NORM, 1),
+    (4, 150, 40, 1, ternary_gemv.EPI_GLU, ternary_gemv.PRO_NORM, 0),
+    (2, 140, 50, 1, ternary_gemv.EPI_RESIDUAL, ternary_gemv.PRO_MLGRU, 1),
+    (7, 61, 33, 1, ternary_gemv.EPI_RESIDUAL, ternary_gemv.PRO_MLGRU, 0)])
+def test_gemm_pro_matches_the_pre_pass_and_gemm(m, k, n, nseg, epi, pro, swap):
+    """``gemm_pro`` (each program quantising its own K slice of the rows, no pre-pass kernel) against
+    ``quantize`` + ``gemm`` on random inputs: the same outputs to fp32 rounding (its row sums add in another
+    order), the same MLGRU next state bit for bit; odd K over one K block of 32 bytes or two (split-K parts
+    met), both operand orders, every prologue and epilogue it takes."""
+    from mmf.kernels.ternary_gemm_pro import gemm_pro
+
+    g = torch.Generator().manual_seed(m * 100 + k)
+    glu, mlgru = epi == ternary_gemv.EPI_GLU, pro == ternary_gemv.PRO_MLGRU
+    xin = torch.randn(m, 3 * k if mlgru else k, generator=g) * 2
+    ws = [pack_i2(rand_codes(2 * n if glu else n, k, g)) for _ in range(nseg)]
+    sw, bit_norm = torch.rand(nseg, generator=g) + 0.5, torch.rand(nseg, k, generator=g) + 0.5
+    kw = dict(pro=pro, norm_weight=torch.rand(k, generator=g) + 0.5 if pro else None)
+    if mlgru:
+        kw.update(s_in=torch.randn(m, k, generator=g), lower_bound=torch.rand(k, generator=g) * 0.5)
+    res = torch.randn(m, n * nseg, generator=g) if epi == ternary_gemv.EPI_RESIDUAL else None
+    width = n if glu else n * nseg
+    sc = ternary_gemv.Scratch(nseg, m, k, "cpu")
+    outs, states = [], []
+    for fused in (False, True):
+        states.append(torch.zeros(m, k))
+        kws = dict(kw, s_out=states[-1]) if mlgru else kw
+        out = torch.full((m, width), float("nan"))
+        if fused:
+            gemm_pro(xin, bit_norm, ws, sw, out, k=k, epi=epi, residual=res, config=(16, 32, 32, 4, 1, swap, 0, 1),
+                     **kws)
+        else:
+            ternary_gemm.quantize(xin, bit_norm, sc, nseg=nseg, k=k, **kws)
+            ternary_gemm.gemm(sc, ws, sw, out, k=k, epi=epi, residual=res)
+        outs.append(out)
+    assert torch.isfinite(outs[1]).all() and not torch.equal(outs[0], torch.zeros_like(outs[0]))
+    rel = ((outs[1] - outs[0]).abs() / outs[0].abs().clamp_min(1e-3)).max().item()
+    assert rel < 1e-5, rel
+    assert torch.equal(states[0], states[1]) and (states[1] != 0).any() if mlgru else True
+
+
+def test_graph_decoder_with_the_prologue_gemm(monkeypatch):
+    """The decoder whose decode GEMMs quantise their own input (``PROLOGUE_GEMM = "fits"``: no pre-pass kernel
+    where ``gemm_pro.fits``) launches only ``gemm_pro`` in its steps, gives the eager model's greedy tokens, and
+    logits within fp32 rounding of the decoder with pre-passes; a bad setting is refused with the valid ones."""
+    from conftest import small_model
+
+    from mmf.decode_graph import GraphDecoder
+    from mmf.errors import MMFError
+    from mmf.kernels import ternary_gemm_pro
+
+    model = small_model("mmf", seed=9, intermediate_size=90).freeze()
+    torch.manual_seed(9)
+    ids = torch.randint(3, 259, (3, 6))
+    pro_launches = _Launches(ternary_gemm_pro._gemm_pro_kernel)
+    pair_launches = _Launches(ternary_gemm._gemm_kernel)
+    monkeypatch.setattr(ternary_gemm_pro, "_gemm_pro_kernel", pro_launches)
+    monkeypatch.setattr(ternary_gemm, "_gemm_kernel", pair_launches)
+    monkeypatch.setattr(GraphDecoder, "PROLOGUE_GEMM", "fits")
+    dec = GraphDecoder(model, 3)
+    assert dec.prologue_gemm and dec.row_stats is None and not dec.prepass_inside
+    _decode_like_eager(dec, model, ids)
+    monkeypatch.setattr(GraphDecoder, "PROLOGUE_GEMM", "never")
+    ref = GraphDecoder(model, 3)
+    tok = torch.tensor([5, 6, 7])
+    dec.prefill(ids)
+    ref.prefill(ids)
+    pro_launches.kw.clear()
+    pair_launches.kw.clear()
+    a = dec.step(tok)
+    assert len(pro_launches.kw) == 4 * model.config.num_hidden_layers + 1  # every projection and the head
+    assert not pair_launches.kw and {kw["PRO"] for kw in pro_launches.kw} == {0, 1, 3}
+    assert _rel_rows(a, ref.step(tok)).max() < 1e-4
+    monkeypatch.setattr(GraphDecoder, "PROLOGUE_GEMM", "sometimes")
+    with pytest.raises(MMFError, match="never or fits"):
+        GraphDecoder(model, 3)
+
+
 def test_graph_decoder_with_the_early_operands(monkeypatch):
     """The decoder with ``EPI_EARLY`` (every decode GEMM's epilogue operands loaded before its K loop) and
     ``EARLY_WEIGHTS`` (here: the interpreter's schedule with one K block per program, its weights loaded before
