@@ -110,7 +110,23 @@ def _row_scales(X, sxm, S_IN, S_OUT, LB, NW, BWN, seg, M, K, eps_model, eps_bl, 
 def _to_rows(v, RB: tl.constexpr, BM: tl.constexpr):
     """(RB,) per-row values as (BM,), rows RB .. BM - 1 zero."""
     sel = tl.arange(0, BM)[:, None] == tl.arange(0, RB)[None, :]
-    return tl.sum(tl.where(sel, v[None, :], 0.0), 1)
+    return tl.sum(tl.where(sel, v[None, :], tl.zeros_like(v)[None, :]), 1)  # in v's dtype
+
+
+@triton.jit
+def _widen(q, SWAP: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """The (RB, BK) (SWAP: (BK, RB)) int8 activations of RB rows as the tile's (BM, BK) (SWAP: (BK, BM)), rows
+    from RB on zero: quantising the slice on RB rows instead of BM saves BM / RB of its arithmetic."""
+    if RB < BM:
+        if SWAP:
+            w = tl.reshape(tl.broadcast_to(q[:, None, :], (BK, BM // RB, RB)), (BK, BM))
+            w = tl.where((tl.arange(0, BM) < RB)[None, :], w, 0)
+        else:
+            w = tl.reshape(tl.broadcast_to(q[None, :, :], (BM // RB, RB, BK)), (BM, BK))
+            w = tl.where((tl.arange(0, BM) < RB)[:, None], w, 0)
+    else:
+        w = q
+    return w
 
 
 @triton.jit
@@ -142,21 +158,19 @@ def _gemm_pro_kernel(X, sxm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, W0, W1
         gdc_launch_dependents()
     r, r2, sx = _row_scales(X, sxm, S_IN, S_OUT, LB, NW, BWN, seg, M, K, eps_model, eps_bl,
                             (pid == 0) & (seg == 0), PRO, HAS_LB, DT, USE_ASM, RB, CH, NKC)
-    r = _to_rows(r, RB, BM)
-    r2 = _to_rows(r2, RB, BM)
-    sx = tl.where(rm < M, _to_rows(sx, RB, BM), 1.0)  # rows past M: 1, never divided by 0
+    rr = tl.arange(0, RB)  # the slice is quantised on RB rows, then widened to the tile's BM (``_widen``)
     if SWAP:  # this block's activations (BK, BM), the weights on the left
-        rows = rm[None, :]
+        rows = rr[None, :]
         jj = kk[:, None]
         rb, r2b, sxb = r[None, :], r2[None, :], sx[None, :]
         acc = tl.zeros((BN, BM), tl.int32)
     else:
-        rows = rm[:, None]
+        rows = rr[:, None]
         jj = kk[None, :]
         rb, r2b, sxb = r[:, None], r2[:, None], sx[:, None]
         acc = tl.zeros((BM, BN), tl.int32)
     acc2 = acc
-    qsum = tl.zeros((BM,), tl.int32)
+    qsum = tl.zeros((RB,), tl.int32)
     for s in tl.static_range(4):  # digit plane s: columns s * P + j of the block's bytes j
         cols = s * P + jj
         valid = (rows < M) & (jj < P) & (cols < K)
@@ -168,7 +182,9 @@ def _gemm_pro_kernel(X, sxm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, W0, W1
             qsum += tl.sum(q, 0)
         else:
             qsum += tl.sum(q, 1)
-        acc, acc2 = _plane_dot(acc, acc2, wb, wb2, q.to(tl.int8), s, EPI, SWAP, USE_ASM)
+        acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _widen(q.to(tl.int8), SWAP, RB, BM, BK), s, EPI, SWAP, USE_ASM)
+    qsum = _to_rows(qsum, RB, BM)
+    sx = tl.where(rm < M, _to_rows(sx, RB, BM), 1.0)  # rows past M: 1, never divided by 0
     # codes are w + 1: each K part takes its own slice's sum(xq) off, so the parts add up to sum(w x)
     if SWAP:
         acc -= qsum[None, :]

@@ -636,14 +636,19 @@ def test_graph_decoder_with_the_pre_pass_inside(monkeypatch):
     (5, 150, 70, 3, ternary_gemv.EPI_STORE, ternary_gemv.PRO_NORM, 1),
     (4, 150, 40, 1, ternary_gemv.EPI_GLU, ternary_gemv.PRO_NORM, 0),
     (2, 140, 50, 1, ternary_gemv.EPI_RESIDUAL, ternary_gemv.PRO_MLGRU, 1),
-    (7, 61, 33, 1, ternary_gemv.EPI_RESIDUAL, ternary_gemv.PRO_MLGRU, 0)])
-def test_gemm_pro_matches_the_pre_pass_and_gemm(m, k, n, nseg, epi, pro, swap):
+    (7, 61, 33, 1, ternary_gemv.EPI_RESIDUAL, ternary_gemv.PRO_MLGRU, 0),
+    (12, 140, 40, 1, ternary_gemv.EPI_GLU, ternary_gemv.PRO_NORM, 1)])
+def test_gemm_pro_matches_the_pre_pass_and_gemm(monkeypatch, m, k, n, nseg, epi, pro, swap):
     """``gemm_pro`` (each program quantising its own K slice of the rows, no pre-pass kernel) against
     ``quantize`` + ``gemm`` on random inputs: the same outputs to fp32 rounding (its row sums add in another
     order), the same MLGRU next state bit for bit; odd K over one K block of 32 bytes or two (split-K parts
     met), both operand orders, every prologue and epilogue it takes."""
-    from mmf.kernels.ternary_gemm_pro import gemm_pro
+    import triton
 
+    from mmf.kernels import ternary_gemm_pro
+
+    launches = _Launches(ternary_gemm_pro._gemm_pro_kernel)
+    monkeypatch.setattr(ternary_gemm_pro, "_gemm_pro_kernel", launches)
     g = torch.Generator().manual_seed(m * 100 + k)
     glu, mlgru = epi == ternary_gemv.EPI_GLU, pro == ternary_gemv.PRO_MLGRU
     xin = torch.randn(m, 3 * k if mlgru else k, generator=g) * 2
@@ -661,8 +666,8 @@ def test_gemm_pro_matches_the_pre_pass_and_gemm(m, k, n, nseg, epi, pro, swap):
         kws = dict(kw, s_out=states[-1]) if mlgru else kw
         out = torch.full((m, width), float("nan"))
         if fused:
-            gemm_pro(xin, bit_norm, ws, sw, out, k=k, epi=epi, residual=res, config=(16, 32, 32, 4, 1, swap, 0, 1),
-                     **kws)
+            ternary_gemm_pro.gemm_pro(xin, bit_norm, ws, sw, out, k=k, epi=epi, residual=res,
+                                      config=(16, 32, 32, 4, 1, swap, 0, 1), **kws)
         else:
             ternary_gemm.quantize(xin, bit_norm, sc, nseg=nseg, k=k, **kws)
             ternary_gemm.gemm(sc, ws, sw, out, k=k, epi=epi, residual=res)
@@ -671,6 +676,7 @@ def test_gemm_pro_matches_the_pre_pass_and_gemm(m, k, n, nseg, epi, pro, swap):
     rel = ((outs[1] - outs[0]).abs() / outs[0].abs().clamp_min(1e-3)).max().item()
     assert rel < 1e-5, rel
     assert torch.equal(states[0], states[1]) and (states[1] != 0).any() if mlgru else True
+    assert launches.kw and all(kw["RB"] == triton.next_power_of_2(m) for kw in launches.kw)
 
 
 def test_graph_decoder_with_the_prologue_gemm(monkeypatch):
