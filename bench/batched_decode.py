@@ -45,8 +45,6 @@ VARIANTS = {
     # none (the default: widths up to ``GraphDecoder.EARLY_WEIGHTS_MAX_D``)
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
     "no-early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): False},
-    # each decode GEMM quantising its own input where the rows fit, no pre-pass kernel (``ternary_gemm_pro``)
-    "prologue-gemm": {("mmf.decode_graph:GraphDecoder", "PROLOGUE_GEMM"): "fits"},
 }
 
 

@@ -106,9 +106,6 @@ class GraphDecoder:
     # decode GEMMs (batch 3-16) also tuned over schedules that load their weights before the pre-pass's wait
     # (``ternary_gemm.EARLY_WEIGHTS``) in models up to this wide: faster at 370m and 1.3b, no gain at 13b
     EARLY_WEIGHTS_MAX_D = 2048
-    # each decode GEMM quantising its own input, no pre-pass kernel (``ternary_gemm_pro.gemm_pro``, where
-    # ``ternary_gemm_pro.fits``): "fits" or "never"
-    PROLOGUE_GEMM = os.environ.get("MMF_PROLOGUE_GEMM", "never")
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
@@ -169,14 +166,11 @@ class GraphDecoder:
 
         if self.PREPASS_INSIDE not in ("never", "whole", "always"):
             raise MMFError(f"MMF_PREPASS_INSIDE={self.PREPASS_INSIDE!r}: use never, whole or always")
-        if self.PROLOGUE_GEMM not in ("never", "fits"):
-            raise MMFError(f"MMF_PROLOGUE_GEMM={self.PROLOGUE_GEMM!r}: use never or fits")
         whole = tg.decode_quant_chunks(B, d) == 1
-        self.prologue_gemm = not self.gemv_path and self.PROLOGUE_GEMM == "fits"
-        self.prepass_inside = not self.gemv_path and not self.prologue_gemm and (
-            self.PREPASS_INSIDE == "always" or self.PREPASS_INSIDE == "whole" and whole)
+        self.prepass_inside = not self.gemv_path and (self.PREPASS_INSIDE == "always" or
+                                                       self.PREPASS_INSIDE == "whole" and whole)
         self.row_stats = None
-        pre_pass_kernels = not (self.gemv_path or self.prepass_inside or self.prologue_gemm)
+        pre_pass_kernels = not (self.gemv_path or self.prepass_inside)
         if pre_pass_kernels and (self.ROW_STATS == "always" or self.ROW_STATS == "split" and not whole):
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
         self.graph = None
@@ -235,7 +229,6 @@ class GraphDecoder:
     # ------------------------------------------------------------------------------------------
     def _step_body(self) -> None:
         from mmf.kernels import ternary_gemm as tg
-        from mmf.kernels import ternary_gemm_pro as gemm_pro
         from mmf.kernels import ternary_gemv as tv
 
         torch.index_select(self.emb, 0, self.ids, out=self.x)
@@ -255,14 +248,7 @@ class GraphDecoder:
         def pre_then_gemm(pre, *args, **kw):
             """Pre-pass ``pre``, then its GEMM, whose first call times its schedules after ``pre`` (repeated,
             each pre-pass writes the same values: the MLGRU one the same next state from the same state); with
-            ``prepass_inside``, one launch of both (``gemm(prepass=)``, whole rows); with ``prologue_gemm``,
-            where the rows fit, one GEMM that quantises its own input (``gemm_pro``)."""
-            if self.prologue_gemm and gemm_pro.fits(self.batch, kw["k"]):
-                x, bit_norm, _ = pre.args
-                kw_pre = {k: v for k, v in pre.keywords.items() if k not in ("chunks", "stats", "nseg", "k", "dtype")}
-                kw_gemm = {k: v for k, v in kw.items() if k not in ("stats_out",)}
-                gemm_pro.gemm_pro(x, bit_norm, args[1], args[2], args[3], **kw_gemm, **kw_pre)
-                return
+            ``prepass_inside``, one launch of both (``gemm(prepass=)``, whole rows)."""
             kw["early_weights"] = self.d <= self.EARLY_WEIGHTS_MAX_D
             if self.prepass_inside:
                 x, bit_norm, _ = pre.args
