@@ -746,12 +746,12 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         time_of = chained
     # tuned without PDL when one launch at a time: a PDL launch overlaps the timer's cache flush (see
     # ternary_gemv._tune)
-    cfg = config or _tuned("gemm", key, _gemm_configs(m, early), lambda c: _launch(c, dict(a, pdl=False)), out,
-                                  time_of)
+    cands = _gemm_configs(m, early)
+    cfg = config or _tuned("gemm", key, cands, lambda c: _launch(c, dict(a, pdl=False)), out, time_of)
     try:
         _launch(cfg, a)
     except triton.runtime.errors.OutOfResources:  # untuned first choice too big for this device
-        for c in _gemm_configs(m, early)[1:]:
+        for c in cands[1:]:
             try:
                 _launch(c, a)
             except triton.runtime.errors.OutOfResources:

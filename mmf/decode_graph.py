@@ -103,7 +103,7 @@ class GraphDecoder:
     # quantises whole rows (``decode_quant_chunks`` gives 1), "always" (whole rows everywhere, no row statistics)
     # or "never" (a pre-pass kernel before each GEMM)
     PREPASS_INSIDE = os.environ.get("MMF_PREPASS_INSIDE", "never")
-    # decode GEMMs (batch 3-16) also tuned over schedules that load their weights before the pre-pass's wait
+    # decode GEMMs of up to 16 rows also tuned over schedules that load their weights before the pre-pass's wait
     # (``ternary_gemm.EARLY_WEIGHTS``) in models up to this wide: faster at 370m and 1.3b, no gain at 13b
     EARLY_WEIGHTS_MAX_D = 2048
 
