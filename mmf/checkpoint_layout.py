@@ -51,11 +51,11 @@ def checkpoint_files(directory: Path) -> dict:
         raise CheckpointError(f"{directory}: a checkpoint is a directory with config.json and model.safetensors")
     single = directory / WEIGHTS_FILE
     index = directory / INDEX_FILE
-    if single.exists() or not index.exists():
-        if not single.exists():
-            raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
+    if single.exists():
         tensors, _, _ = read_header(single)
         return {k: single for k in tensors}
+    if not index.exists():
+        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

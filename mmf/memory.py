@@ -293,6 +293,11 @@ class GenerationMemory:
         return self.rows * self.per_row + self.prefill + self.decoder
 
 
+def kv_bytes_per_position(cfg, act_bytes: int) -> int:
+    """Transformer++'s KV cache bytes for one position of one row (keys and values of every layer)."""
+    return 2 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.dim_head * act_bytes
+
+
 def generation_memory(cfg, rows: int, prompt_len: int, max_new_tokens: int, act_bytes: int,
                       decoder_bytes: int = 0) -> GenerationMemory:
     """Bytes ``rows`` sequences need while generating, besides the weights: computed from the shapes, not
@@ -312,7 +317,7 @@ def generation_memory(cfg, rows: int, prompt_len: int, max_new_tokens: int, act_
         state = 3 * L * d * 4
         scores = 0
     else:
-        state = 2 * L * cfg.n_kv_heads * cfg.dim_head * (prompt_len + max_new_tokens) * act_bytes
+        state = kv_bytes_per_position(cfg, act_bytes) * (prompt_len + max_new_tokens)
         scores = cfg.num_attention_heads * prompt_len * prompt_len * 4
     prefill = prompt_len * (tok_act + V * act_bytes) + scores
     return GenerationMemory(rows=rows, per_row=float(state + logits + tok_act), prefill=float(prefill),
@@ -338,7 +343,7 @@ def check_generation_memory(cfg, prompts: int, rows: int, prompt_len: int, max_n
              + (f", the decoder's packed weights {human_bytes(est.decoder)}" if est.decoder else ""))
     how = f"give at most {fit} prompts per call" if 0 < fit < rows else "give shorter prompts"
     if cfg.arch != "mmf":  # a KV cache grows with every new token: the longest generation that fits
-        kv_pos = 2 * cfg.num_hidden_layers * cfg.n_kv_heads * cfg.dim_head * act_bytes
+        kv_pos = kv_bytes_per_position(cfg, act_bytes)
         rest = est.per_row - kv_pos * (prompt_len + max_new_tokens)
         n_fit = int(((avail - est.prefill - est.decoder) / rows - rest) // kv_pos) - prompt_len
         if 0 <= n_fit < max_new_tokens:

@@ -193,17 +193,17 @@ def check_output_file(path: Path, option: str = "--json-out") -> None:
     check_parent_writable(path, option, "choose another path")
 
 
-def write_text_output(path: Path, text: str, option: str = "--json-out") -> Path:
-    """Write ``text`` to ``path`` atomically (a temporary name beside it, then one rename), creating parent
-    folders; the file gets the umask's mode like any ``open``, a full disk is one line, and on any error
-    ``path`` is untouched."""
+def write_text_output(path: Path, text: str | bytes, option: str = "--json-out") -> Path:
+    """Write ``text`` (UTF-8; bytes as they are) to ``path`` atomically (a temporary name beside it, then one
+    rename), creating parent folders; the file gets the umask's mode like any ``open``, a full disk is one
+    line, and on any error ``path`` is untouched."""
     path = Path(path)
     check_output_file(path, option)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode 0666 & ~umask
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException as e:

@@ -216,10 +216,7 @@ def _resume_tokenizer(tok_cfg, ckpt: Path, files: list, cfg: TrainConfig, source
         return tok_cfg
     copy = cache_dir / f"tokenizer-{hashlib.sha256(text).hexdigest()[:16]}.json"
     if world.is_main and not copy.exists():  # named by its content, so the token cache built with it is reused
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = copy.with_name(f".{copy.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(text)
-        os.replace(tmp, copy)
+        write_text_output(copy, text, option="data.cache_dir")
     barrier(world)
     return dataclasses.replace(tok_cfg, type="file", path=str(copy))
 
