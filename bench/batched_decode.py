@@ -45,8 +45,6 @@ VARIANTS = {
     # none (the default: widths up to ``GraphDecoder.EARLY_WEIGHTS_MAX_D``)
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
     "no-early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): False},
-    # GEMMs of 2-16 rows quantising their own input from their producer's row statistics (``ternary_gemm_sq``)
-    "self-quant": {("mmf.decode_graph:GraphDecoder", "SELF_QUANT"): "always"},
 }
 
 
@@ -145,7 +143,7 @@ def main(argv=None) -> int:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
     from mmf.bench.kernel_bench import (check_decoder, check_gemm_variants, check_prepass_inside, check_row_stats,
-                                        check_self_quant, row_stats_errors)
+                                        row_stats_errors)
     from mmf.decode_graph import GraphDecoder
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
     save()
     if not args.no_checks:
         for r in (check_decoder(quick=False) + check_row_stats(quick=False) + check_prepass_inside(quick=False)
-                  + check_gemm_variants(quick=False) + check_self_quant(quick=False)):
+                  + check_gemm_variants(quick=False)):
             print(r, flush=True)
             results["checks"].append(r)
         save()

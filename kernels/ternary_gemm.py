@@ -66,14 +66,13 @@ def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, X
 class RowStats:
     """Per-row partial statistics that a GEMM's epilogue leaves for the pre-pass after it (``gemm(stats_out=)``,
     ``quantize(stats=)``): for each of the output's column tiles, sum(out^2) and, when asked, max|out * w|
-    (fp32, ``buf`` laid out (regions, tiles, M)), and how many tiles the last launch wrote (``nt``, set on the
-    host when it launched: the schedule decides the tile width). The pre-pass adds the tiles' parts in a fixed
-    order instead of meeting its other programs at a barrier. ``regions``: 2, or 2 + the BitLinears for a
-    ``ternary_gemm_sq.gemm_sq`` consumer (``_row_stats``'s STATS 3)."""
+    (fp32, ``buf`` laid out (2, tiles, M)), and how many tiles the last launch wrote (``nt``, set on the host
+    when it launched: the schedule decides the tile width). The pre-pass adds the tiles' parts in a fixed
+    order instead of meeting its other programs at a barrier."""
 
-    def __init__(self, m: int, n: int, device, regions: int = 2):
+    def __init__(self, m: int, n: int, device):
         self.m = m
-        self.buf = torch.zeros(regions * triton.cdiv(n, 16) * m, dtype=torch.float32, device=device)  # BN >= 16
+        self.buf = torch.zeros(2 * triton.cdiv(n, 16) * m, dtype=torch.float32, device=device)  # BN >= 16
         self.nt = 0
 
 
@@ -243,11 +242,9 @@ def _row_sums(SUMX, RED, seg, M, rm, NCH: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.constexpr, SNW=0, SNB: tl.constexpr = 1):
+def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.constexpr):
     """``RowStats`` of output tile t (BNT columns; out (BM, BNT), rows rm, columns rn): per row, sum(out^2)
-    and, with STATS == 2, max|out * SSW[col]|, at SS[0 | 1, t, row]. STATS == 3 (for a consumer that quantises
-    its own input through a block norm of weight SNW, ``ternary_gemm_sq``): sum(out^2), sum((out * SNW)^2) and,
-    for each of the SNB BitLinear norm weights SSW[s, :], max|out * SNW * SSW[s]| at SS[0 | 1 | 2 + s, t, row]."""
+    and, with STATS == 2, max|out * SSW[col]|, at SS[0 | 1, t, row]."""
     NT = tl.cdiv(N, BNT)
     o = tl.where((rm < M)[:, None] & (rn < N)[None, :], out.to(tl.float32), 0.0)
     base = SS + t * M + rm
@@ -255,12 +252,6 @@ def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.const
     if STATS == 2:
         w = tl.load(SSW + rn, mask=rn < N, other=0.0).to(tl.float32)
         tl.store(base + NT * M, tl.max(tl.abs(o * w), 1), mask=rm < M)
-    if STATS == 3:
-        on = o * tl.load(SNW + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(base + NT * M, tl.sum(on * on, 1), mask=rm < M)
-        for s in tl.static_range(SNB):
-            w = tl.load(SSW + s * N + rn, mask=rn < N, other=0.0).to(tl.float32)
-            tl.store(base + (2 + s) * NT * M, tl.max(tl.abs(on * w[None, :]), 1), mask=rm < M)
 
 
 @triton.jit
@@ -280,7 +271,7 @@ def _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI: tl.const
 def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
             pid_n, SS, SSW, SSEG, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
             DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr,
-            EARLY: tl.constexpr = False, e_sumx=0, e_sx=0, e_sw=0, e_res=0, SNW=0, SNB: tl.constexpr = 1):
+            EARLY: tl.constexpr = False, e_sumx=0, e_sx=0, e_sw=0, e_res=0):
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
     epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS), and with
     STATS the ``RowStats`` of segment SSEG's output. EARLY: the ``_epi_operands`` (e_*) were loaded before the
@@ -301,7 +292,7 @@ def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT
                         seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM, res)
         if STATS > 0:
             if seg == SSEG:
-                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS, SNW, SNB)
+                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS)
 
 
 @triton.jit
@@ -375,7 +366,7 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
                SSEG, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
                NCH: tl.constexpr, STATS: tl.constexpr, EARLY: tl.constexpr = False, WEARLY: tl.constexpr = False,
-               FLAG=0, NQ=0, WAITQ: tl.constexpr = False, SPIN: tl.constexpr = True, SNW=0, SNB: tl.constexpr = 1):
+               FLAG=0, NQ=0, WAITQ: tl.constexpr = False, SPIN: tl.constexpr = True):
     """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there). WAITQ (``_gemm_preq_kernel``): after
     the PDL wait, also wait until the launch's NQ pre-pass programs have counted themselves on FLAG (acquire;
     SPIN=False, the interpreter, does not wait)."""
@@ -423,23 +414,22 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
     if SWAP:
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
                 pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
-                e_res, SNW, SNB)
+                e_res)
     else:
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
                 pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
-                e_res, SNW, SNB)
+                e_res)
 
 
 @triton.jit
 def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
-                 SNW, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                 EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
                  NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY: tl.constexpr = False,
-                 WEARLY: tl.constexpr = False, SNB: tl.constexpr = 1):
+                 WEARLY: tl.constexpr = False):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
     parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
-    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|; STATS = 3: ``_row_stats``'s
-    statistics through the block norm weight SNW for SNB BitLinear norm weights SSW).
+    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
@@ -451,7 +441,7 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
     the GEMV does, and then no K loop."""
     _gemm_tile(tl.program_id(0), tl.program_id(1), XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N,
                P, PB, WS, CTR, KS, SS, SSW, SSEG, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, NCH, STATS,
-               EARLY, WEARLY, SNW=SNW, SNB=SNB)
+               EARLY, WEARLY)
 
 
 @triton.jit
@@ -616,10 +606,10 @@ def _launch(cfg, a):
                                 a["nseg"] * tiles, a["out"].device)
     else:
         ws, ctr = a["sumx"], a["sumx"]  # not read
-    st, ssw, snw, stats = a.get("stats"), a.get("stats_w"), a.get("stats_nw"), 0
+    st, ssw, stats = a.get("stats"), a.get("stats_w"), 0
     if st is not None:
-        stats = 3 if snw is not None else (2 if ssw is not None else 1)
-        st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass (or self-quantising GEMM) after this launch reads
+        stats = 2 if ssw is not None else 1
+        st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass after this launch reads
     gemm_args = (a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"],
                  a["res"], a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks)
     common = dict(EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"],
@@ -634,8 +624,8 @@ def _launch(cfg, a):
             QDT=c["DT"], BLOCK_W=c["BLOCK_W"], SPIN=not INTERPRET, **common)
         return
     _gemm_kernel[(tiles * split, a["nseg"])](
-        *gemm_args, st.buf if stats else ws, ssw if stats >= 2 else ws, a.get("stats_seg", 0),
-        snw if stats == 3 else ws, NCH=a["nch"], STATS=stats, SNB=ssw.shape[0] if stats == 3 else 1, **common)
+        *gemm_args, st.buf if stats else ws, ssw if stats == 2 else ws, a.get("stats_seg", 0), NCH=a["nch"],
+        STATS=stats, **common)
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
@@ -646,10 +636,8 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     whichever ``many_rows_path`` picks (the same output, bit for bit). Below, ``tune_pool`` (other weight
     lists of the same shapes, e.g. every layer's) and ``tune_prepass`` (the launch that fills ``scratch``)
     let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
-    ``stats_out`` = (``RowStats``, w or None, segment[, nw]) has the epilogue leave that segment's row
-    statistics for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w
-    is) or, with nw, for a ``ternary_gemm_sq.gemm_sq`` whose block norm weight nw is and whose BitLinear norm
-    weights are the rows of w (``_row_stats``'s STATS 3).
+    ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
+    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is).
     ``early_weights``: up to 16 rows, the tuner also times the weights-early schedules (``EARLY_WEIGHTS``).
 
     ``prepass``: ``quantize``'s keyword arguments (x, bit_norm, nseg, pro, ...; whole rows, no ``stats``): the
@@ -730,11 +718,9 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, p=packed_bytes(k),
              pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
     if stats_out is not None:
-        a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2],
-                 stats_nw=stats_out[3] if len(stats_out) > 3 else None)
+        a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
-    key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None, a["stats_nw"] is not None)
-                                                   if stats_out else ())
+    key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
     if preq is not None:
         a.update(preq=preq, scratch=scratch)
         key = key + ("preq", preq["consts"]["PRO"])
