@@ -37,10 +37,6 @@ VARIANTS = {
     "whole-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 1 << 30},  # pre-pass rows never split
     "split-rows": {("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MIN_K"): 0,  # split at every width and batch
                    ("mmf.kernels.ternary_gemm", "QUANT_SPLIT_MAX_ROWS"): 64},
-    # each GEMM runs its pre-pass in the same launch (``ternary_gemm.gemm(prepass=)``), whole rows everywhere
-    "prepass-inside": {("mmf.decode_graph:GraphDecoder", "PREPASS_INSIDE"): "always"},
-    # the decode GEMM's epilogue operands loaded before its K loop (``ternary_gemm.EPI_EARLY``; bit-equal)
-    "early-epilogue": {("mmf.kernels.ternary_gemm", "EPI_EARLY"): True},
     # schedules with one K block per program, its weights loaded before the wait, offered at every width or at
     # none (the default: widths up to ``GraphDecoder.EARLY_WEIGHTS_MAX_D``)
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
@@ -142,8 +138,7 @@ def main(argv=None) -> int:
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
-    from mmf.bench.kernel_bench import (check_decoder, check_gemm_variants, check_prepass_inside, check_row_stats,
-                                        row_stats_errors)
+    from mmf.bench.kernel_bench import check_decoder, check_gemm_variants, check_row_stats, row_stats_errors
     from mmf.decode_graph import GraphDecoder
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -199,8 +194,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     save()
     if not args.no_checks:
-        for r in (check_decoder(quick=False) + check_row_stats(quick=False) + check_prepass_inside(quick=False)
-                  + check_gemm_variants(quick=False)):
+        for r in check_decoder(quick=False) + check_row_stats(quick=False) + check_gemm_variants(quick=False):
             print(r, flush=True)
             results["checks"].append(r)
         save()

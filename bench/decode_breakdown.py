@@ -19,7 +19,7 @@ GEMV (``mmf.kernels.ternary_gemv``, ``--variants``):
                    through the scratch costs; nostore_nobar also drops the barrier after them
 
 At the batches of ``--batch`` above 1 they are to the pre-pass + int8 tensor-core GEMM path
-(``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit but early is timing only):
+(``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit is timing only):
 
     base           the kernels as installed
     noprepass      no pre-pass launched: each GEMM reads its scratch as the decoder allocated it
@@ -29,8 +29,6 @@ At the batches of ``--batch`` above 1 they are to the pre-pass + int8 tensor-cor
     noepiload      the GEMM's epilogue takes s_x, sum(xq) and s_w as constants (its residual still
                    loaded): what those loads after the K loop cost
     nogemm         the GEMM launched, waiting and releasing the next kernel, doing nothing else
-    early          ``EPI_EARLY = True``: the epilogue's loads issued before the K loop (bit-equal to base;
-                   16-row tiles only, so the same as base above batch 16)
 
 Projections that a batch runs on the GEMV (370m at batch 2) are unedited there.
 
@@ -58,7 +56,7 @@ import time
 
 EDITED_VARIANTS = ("base", "nopro", "nowait", "nopro_nowait", "late", "nostore", "nostore_nobar")
 DEFAULT_VARIANTS = ("base", "nopro", "nowait", "nopro_nowait")
-GEMM_VARIANTS = ("base", "noprepass", "noquant", "nowait", "nounpack", "noepiload", "nogemm", "early")
+GEMM_VARIANTS = ("base", "noprepass", "noquant", "nowait", "nounpack", "noepiload", "nogemm")
 SHAPES = [(5120, 5120, "norm"), (5120, 5120, "res"), (13824, 5120, "glu"), (5120, 13824, "res")]  # 13b (N, K)
 
 
@@ -87,8 +85,7 @@ def _gemm_edits():
         "noepiload": [("    sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)\n"
                        "    sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)\n",
                        "    sumx = rm * 0\n    sx = (rm * 0 + 1).to(tl.float32)\n"),
-                      ("    return sumx, sx, tl.load(SW + seg), res\n", "    return sumx, sx, 1.0, res\n")],
-        "early": [(re.compile(r"^EPI_EARLY = .*$", re.M), "EPI_EARLY = True")],
+                      ("    return sumx, sx, tl.load(SW + seg)\n", "    return sumx, sx, 1.0\n")],
         "nogemm": [("    _gemm_tile(tl.program_id(0), tl.program_id(1),",
                     "    if PDL:\n        gdc_wait()\n        gdc_launch_dependents()\n"
                     "    if M < 0:\n        _gemm_tile(tl.program_id(0), tl.program_id(1),")],

@@ -324,68 +324,6 @@ def decoder_projections(d: int, f: int) -> list:
             ("gate/up", 1, f, d, tv.PRO_NORM, tv.EPI_GLU), ("down", 1, d, f, tv.PRO_PLAIN, tv.EPI_RESIDUAL)]
 
 
-def prepass_inside_cases(widths, rows, cfgs, dev="cuda", seed=0, gated=False) -> list:
-    """``ternary_gemm.gemm(prepass=)`` (the pre-pass inside the GEMM's launch) against ``quantize`` then ``gemm``
-    for each decoder shape of each (d, ffn) in ``widths`` (i/f/g: three segments and the norm prologue; o: the
-    MLGRU one with a lower bound and the residual; gate/up: the GLU pair; down: plain with the residual; with
-    ``gated`` also the gated-norm prologue, which the decoder does not use), each row count in ``rows`` and
-    each schedule in ``cfgs`` (an index into ``_gemm_configs(m)``, or a schedule), random bf16 inputs:
-    whether outputs, scratch and MLGRU state are equal bit for bit, how many int8 values differ, the largest
-    relative s_x difference and row error of the output, whether every output was written, and whether a
-    second launch repeats the first exactly (a race between the pre-pass's programs and the GEMM's would show
-    there) and leaves its counter at zero."""
-    from mmf.kernels import ternary_gemm as tg
-    from mmf.kernels import ternary_gemv as tv
-
-    dev = torch.device(dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    bf = torch.bfloat16
-    out_rows = []
-    for d, f in widths:
-        shapes = decoder_projections(d, f)
-        shapes += [("gated", 1, d, d, tv.PRO_GATED, tv.EPI_RESIDUAL)] if gated else []
-        for name, nseg, n, k, pro, epi in shapes:
-            w = [rand_packed(2 * n if epi == tv.EPI_GLU else n, k, dev) for _ in range(nseg)]
-            sw = torch.rand(nseg, device=dev, generator=gen) + 0.5
-            for m in rows:
-                x = torch.randn(m, 3 * k if pro == tv.PRO_MLGRU else k, device=dev, generator=gen).to(bf)
-                bn = (torch.rand(nseg, k, device=dev, generator=gen) + 0.5).to(bf)
-                kw = dict(nseg=nseg, pro=pro, k=k, dtype=bf,
-                          norm_weight=(torch.rand(k, device=dev, generator=gen) + .5).to(bf),
-                          g=torch.randn(m, k, device=dev, generator=gen).to(bf) if pro == tv.PRO_GATED else None,
-                          s_in=torch.randn(m, k, device=dev, generator=gen),
-                          lower_bound=torch.rand(k, device=dev, generator=gen) * .5 if pro == tv.PRO_MLGRU else None)
-                res = {"residual": torch.randn(m, nseg * n, device=dev, generator=gen).to(bf)} \
-                    if epi == tv.EPI_RESIDUAL else {}
-                for c in cfgs:
-                    cfg = tg._gemm_configs(m)[c] if isinstance(c, int) else c
-                    got = []
-                    for inside in (False, True, True):
-                        sc = tv.Scratch(nseg, m, k, dev)
-                        s_out = torch.zeros(m, k, device=dev)
-                        out = torch.full((m, n if epi == tv.EPI_GLU else nseg * n), float("nan"), device=dev, dtype=bf)
-                        if inside:
-                            tg.gemm(sc, w, sw, out, k=k, epi=epi, config=cfg,
-                                    prepass=dict(kw, x=x, bit_norm=bn, s_out=s_out), **res)
-                        else:
-                            tg.quantize(x, bn, sc, s_out=s_out, **kw)
-                            tg.gemm(sc, w, sw, out, k=k, epi=epi, config=cfg, **res)
-                        got.append((out, sc.xq.view(torch.int8), sc.sx, s_out, int(sc.flag[0])))
-                    (o0, q0, x0, s0, _), (o1, q1, x1, s1, f1), (o2, q2, x2, s2, f2) = got
-                    out_rows.append(dict(
-                        shape=f"{name} d {d}", rows=m, schedule=str(cfg),
-                        bit_equal=bool(torch.equal(o1, o0) and torch.equal(q1, q0) and torch.equal(x1, x0)
-                                       and torch.equal(s1, s0)),
-                        int8_values_differing=int((q1 != q0).sum()), int8_values=q0.numel(),
-                        max_rel_sx_diff=((x1 - x0).abs() / x0).max().item(),
-                        max_row_rel_err=row_errs(o1, o0).max().item(),
-                        outputs_written=not (o0.isnan().any() or o1.isnan().any()),
-                        second_launch_identical=bool(torch.equal(o2, o1) and torch.equal(q2, q1)
-                                                     and torch.equal(s2, s1)),
-                        counter_left_at_zero=f1 == 0 and f2 == 0))
-    return out_rows
-
-
 def gemm_pair_cases(widths, rows, pairs, dev="cuda", seed=5, chunks=None) -> list:
     """Two ways of running the decode GEMM against each other, for each decoder shape of each (d, ffn) in
     ``widths`` (``decoder_projections``) and each row count in
@@ -428,65 +366,29 @@ def gemm_pair_cases(widths, rows, pairs, dev="cuda", seed=5, chunks=None) -> lis
     return out
 
 
-def epi_early_pairs(cfgs) -> list:
-    """``gemm_pair_cases`` pairs: each schedule without and with ``EPI_EARLY``."""
-    return [((c, {"EPI_EARLY": False}), (c, {"EPI_EARLY": True})) for c in cfgs]
-
-
 def early_weight_pairs(cfgs) -> list:
     """``gemm_pair_cases`` pairs: each weights-early schedule (``EARLY_WEIGHTS``) against its K loop."""
     return [((c[:6], {}), (c, {})) for c in cfgs]
 
 
 def check_gemm_variants(quick: bool):
-    """The decode GEMM's switches on the GPU, at 370m and 13b widths (quick: 370m), 5 and 16 rows:
-    ``gemm_pair_cases`` with ``EPI_EARLY`` at three schedules (activations left, weights left, split-K) and
-    every ``EARLY_WEIGHTS`` schedule against its K loop; ``prepass_inside_cases`` at two weights-early schedules
-    with ``EPI_EARLY``; and decoders with both switches (untuned, so on the first weights-early schedule), with
-    and without the pre-pass inside, against the default on the 4096-wide, 2-layer random fp32 model at batch
-    4 and 16 (quick: 4), fed the eager model's greedy tokens (``_decoder_pair``)."""
+    """The decode GEMM's weights-early schedules (``EARLY_WEIGHTS``) on the GPU, at 370m and 13b widths (quick:
+    370m), 5 and 16 rows: ``gemm_pair_cases`` of every weights-early schedule against its K loop; and decoders
+    with them (untuned, so on the first weights-early schedule) against the default on the 4096-wide, 2-layer
+    random fp32 model at batch 4 and 16 (quick: 4), fed the eager model's greedy tokens (``_decoder_pair``)."""
     from mmf.bench import overridden
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
     widths = [(1024, 2816)] if quick else [(1024, 2816), (5120, 13824)]
-    early = {(tg, "EPI_EARLY"): True, (tg, "EARLY_WEIGHTS"): True}
     out = []
     with overridden({(tv, "TUNE"): False}):
-        out += [dict(op="decode GEMM, epilogue operands before the K loop vs after", **r)
-                for r in gemm_pair_cases(widths, (5, 16), epi_early_pairs((0, 6, 12)))]
         out += [dict(op="decode GEMM, one K block per program with its weights loaded before the wait vs the K loop",
                      **r) for r in gemm_pair_cases(widths, (5, 16), early_weight_pairs(tg._EARLY_WEIGHT_CONFIGS))]
-        with overridden({(tg, "EPI_EARLY"): True}):
-            out += [dict(op="gemm with the pre-pass inside vs quantize + gemm, early operands", **r)
-                    for r in prepass_inside_cases(widths, (5, 16), [tg._EARLY_WEIGHT_CONFIGS[0],
-                                                                   tg._EARLY_WEIGHT_CONFIGS[2]])]
         model = _wide_model()
         for batch in (4,) if quick else (4, 16):
-            for inside in ("never", "always"):
-                res = _decoder_pair(model, batch, dict(early, PREPASS_INSIDE=inside), dict(PREPASS_INSIDE="never"))
-                out.append(dict(op="GraphDecoder, EPI_EARLY + EARLY_WEIGHTS" + (", pre-pass inside" if inside ==
-                                "always" else ""), path="graph", dtype="float32",
-                                shape=f"batch {batch}, d 4096, L 2, 8 steps", **res))
-    return out
-
-
-def check_prepass_inside(quick: bool):
-    """The decode GEMM with its pre-pass inside the same launch (``GraphDecoder.PREPASS_INSIDE``) on the GPU:
-    ``prepass_inside_cases`` at 370m and 13b widths (quick: 370m only), and decoders with and without it
-    (first schedules, whole pre-pass rows) on the 4096-wide, 2-layer random fp32 model at batch 4 and 16, fed
-    the eager model's greedy tokens (``_decoder_pair``)."""
-    from mmf.bench import overridden
-    from mmf.kernels import ternary_gemv as tv
-
-    out = []
-    with overridden({(tv, "TUNE"): False}):
-        for r in prepass_inside_cases([(1024, 2816)] if quick else [(1024, 2816), (5120, 13824)], (5, 16), (0, 6, 12)):
-            out.append(dict(op="gemm with the pre-pass inside vs quantize + gemm", **r))
-        model = _wide_model()
-        for batch in (4,) if quick else (4, 16):
-            res = _decoder_pair(model, batch, dict(PREPASS_INSIDE="always"), dict(PREPASS_INSIDE="never"))
-            out.append(dict(op="GraphDecoder, pre-pass inside", path="graph", dtype="float32",
+            res = _decoder_pair(model, batch, {(tg, "EARLY_WEIGHTS"): True}, {})
+            out.append(dict(op="GraphDecoder, EARLY_WEIGHTS", path="graph", dtype="float32",
                             shape=f"batch {batch}, d 4096, L 2, 8 steps", **res))
     return out
 

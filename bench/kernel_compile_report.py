@@ -9,8 +9,7 @@ and for code that a refactor changed, before a GPU session. Variants (``--varian
 * ``default`` — ``_gemm_kernel`` as the pre-pass path launches it;
 * ``stats`` — with the epilogue leaving its output's row statistics (``RowStats``: sum(out²) per column
   tile, ``STATS=1``), as where the next pre-pass splits rows;
-* ``stats-max`` — also max|out · w| (``STATS=2``), as before the down projection's pre-pass;
-* ``early`` — the epilogue's operands loaded before the K loop (``EARLY``, ``ternary_gemm.EPI_EARLY``).
+* ``stats-max`` — also max|out · w| (``STATS=2``), as before the down projection's pre-pass.
 
 ``--early-weights`` compiles instead the 16-row schedules whose programs load their one K block's weights before
 the wait (``WEARLY``, ``ternary_gemm.EARLY_WEIGHTS``), at the split counts (K blocks) of the 370m, 1.3b and 13b
@@ -31,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = {"default": {}, "stats": {"STATS": 1}, "stats-max": {"STATS": 2}, "early": {"EARLY": True}}  # constexprs
+VARIANTS = {"default": {}, "stats": {"STATS": 1}, "stats-max": {"STATS": 2}}  # constexprs
 # pointer arguments by name (their element types) and integer arguments the JIT sees divisible by 16
 _PTR = {"XQ": "*i8", "SX": "*fp32", "SUMX": "*i32", "RED": "*fp32", "W0": "*u8", "W1": "*u8", "W2": "*u8",
         "SW": "*fp32", "OUT": "*bf16", "RES": "*bf16", "WS": "*i32", "CTR": "*i32", "SS": "*fp32", "SSW": "*bf16"}
@@ -100,8 +99,7 @@ def gemm_consts(cfg, epi: int, variant: dict) -> dict:
     bm, bn, bk = cfg[:3]
     wearly = bool(cfg[7]) if len(cfg) > 7 else False  # one K block per program: the split is the shape's blocks
     return dict(EPI=epi, BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=True, SWAP=cfg[5] if len(cfg) > 5 else 0, PDL=True,
-                SPLIT=cfg[6] if len(cfg) > 6 and not wearly else 1, NCH=1, STATS=0, EARLY=False,
-                WEARLY=wearly) | variant
+                SPLIT=cfg[6] if len(cfg) > 6 and not wearly else 1, NCH=1, STATS=0, WEARLY=wearly) | variant
 
 
 def early_weight_cases(sizes=("370m", "1.3b", "13b")) -> list:

@@ -35,8 +35,8 @@ import triton.language as tl
 
 from . import reference
 from .ternary_gemv import (EPI_GLU, EPI_STORE, INTERPRET, PRO_PLAIN, QUANT_MAX_CHUNKS, QUANT_PROGRAMS,
-                           Scratch, _epilogue, _num_sm, _quant_row, _residual_tile, gdc_launch_dependents, gdc_wait,
-                           packed_bytes, segment_weights, use_pdl)
+                           Scratch, _epilogue, _num_sm, _quant_row, gdc_launch_dependents, gdc_wait, packed_bytes,
+                           segment_weights, use_pdl)
 
 
 @triton.jit
@@ -108,9 +108,9 @@ def decode_quant_chunks(batch: int, d: int):
 def prepass_args(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
                  s_in=None, s_out=None, lower_bound=None, eps_model=1e-6, eps_bl=reference.BITLINEAR_NORM_EPS,
                  chunks=1) -> dict:
-    """The pre-pass's operands as its kernels take them (``quantize``, ``gemm(prepass=)``): ``head``, the
-    leading arguments X .. eps_bl of ``_quant_row``; ``consts``, its PRO / HAS_LB / DT / BLOCK_W; ``warps``;
-    ``nseg``, ``m``, ``k``."""
+    """The pre-pass's operands as its kernel takes them (``quantize``): ``head``, the leading arguments
+    X .. eps_bl of ``_quant_row``; ``consts``, its PRO / HAS_LB / DT / BLOCK_W; ``warps``; ``nseg``, ``m``,
+    ``k``."""
     k = k if k is not None else bit_norm.shape[-1]
     dtype = dtype or x.dtype
     bw = triton.next_power_of_2(triton.cdiv(scratch.pw, chunks))
@@ -255,41 +255,28 @@ def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.const
 
 
 @triton.jit
-def _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI: tl.constexpr, NCH: tl.constexpr,
-                  WITH_RES: tl.constexpr):
-    """What the epilogue reads besides the sums: sum(xq) and s_x of rows rm, s_w, and with WITH_RES the
-    residual tile (EPI_RESIDUAL; else s_x stands in: ``_epilogue`` loads the residual itself)."""
+def _epi_operands(SX, SUMX, RED, SW, rm, seg, M, NCH: tl.constexpr):
+    """What the epilogue reads besides the sums and the residual (which ``_epilogue`` loads itself): sum(xq)
+    and s_x of rows rm, and s_w."""
     sumx = _row_sums(SUMX, RED, seg, M, rm, NCH)
     sx = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
-    res = sx
-    if EPI == 1 and WITH_RES:
-        res = _residual_tile(RES, rm, rn, seg, M, N, sr_m)
-    return sumx, sx, tl.load(SW + seg), res
+    return sumx, sx, tl.load(SW + seg)
 
 
 @triton.jit
 def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
             pid_n, SS, SSW, SSEG, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
-            DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr,
-            EARLY: tl.constexpr = False, e_sumx=0, e_sx=0, e_sw=0, e_res=0):
+            DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr):
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
     epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS), and with
-    STATS the ``RowStats`` of segment SSEG's output. EARLY: the ``_epi_operands`` (e_*) were loaded before the
-    K loop (``EPI_EARLY``; the residual tile only without split-K, where every part would load it for the last
-    one to use), else they are loaded here."""
+    STATS the ``RowStats`` of segment SSEG's output."""
     last = True
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
     if last:
-        res = None  # _epilogue loads the residual itself
-        if EARLY:
-            sumx, sx, sw = e_sumx, e_sx, e_sw
-            if EPI == 1 and SPLIT == 1:
-                res = e_res
-        else:
-            sumx, sx, sw, _ = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH, False)
+        sumx, sx, sw = _epi_operands(SX, SUMX, RED, SW, rm, seg, M, NCH)
         out = _epilogue(tl.trans(acc) if TRANS else acc, tl.trans(acc2) if TRANS else acc2, sumx, sx, sw, rm, rn,
-                        seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM, res)
+                        seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         if STATS > 0:
             if seg == SSEG:
                 _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS)
@@ -365,11 +352,8 @@ def _mma_block(acc, acc2, wb, wb2, xa, M, rm, kk, P, PB, EPI: tl.constexpr, SWAP
 def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW,
                SSEG, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
-               NCH: tl.constexpr, STATS: tl.constexpr, EARLY: tl.constexpr = False, WEARLY: tl.constexpr = False,
-               FLAG=0, NQ=0, WAITQ: tl.constexpr = False, SPIN: tl.constexpr = True):
-    """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there). WAITQ (``_gemm_preq_kernel``): after
-    the PDL wait, also wait until the launch's NQ pre-pass programs have counted themselves on FLAG (acquire;
-    SPIN=False, the interpreter, does not wait)."""
+               NCH: tl.constexpr, STATS: tl.constexpr, WEARLY: tl.constexpr = False):
+    """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there)."""
     DT: tl.constexpr = OUT.dtype.element_ty
     part = pid % SPLIT
     tile = pid // SPLIT
@@ -387,16 +371,6 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
     if PDL:  # programmatic dependent launch: the pre-pass before this kernel writes XQ, SX, SUMX
         gdc_wait()
         gdc_launch_dependents()
-    if WAITQ:  # the pre-pass inside this launch writes them
-        if SPIN:
-            cur = tl.atomic_add(FLAG, 0, sem="acquire")
-            while cur < NQ:
-                cur = tl.atomic_add(FLAG, 0, sem="acquire")
-        tl.debug_barrier()
-    e_sumx, e_sx, e_sw, e_res = 0, 0, 0, 0
-    if EARLY:  # the epilogue's operands loaded beside the first weight blocks, not after the K loop
-        e_sumx, e_sx, e_sw, e_res = _epi_operands(SX, SUMX, RED, SW, RES, rm, rn, seg, M, N, sr_m, EPI, NCH,
-                                                  SPLIT == 1)
     if SWAP:
         acc = tl.zeros((BN, BM), tl.int32)
         acc2 = tl.zeros((BN, BM), tl.int32)
@@ -413,20 +387,17 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
             acc, acc2 = _mma_block(acc, acc2, wb, wb2, xa, M, rm, k0 + rk, P, PB, EPI, SWAP, USE_ASM)
     if SWAP:
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
-                e_res)
+                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
     else:
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS, EARLY, e_sumx, e_sx, e_sw,
-                e_res)
+                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
 
 
 @triton.jit
 def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
                  EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, EARLY: tl.constexpr = False,
-                 WEARLY: tl.constexpr = False):
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, WEARLY: tl.constexpr = False):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
     parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
     also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
@@ -435,51 +406,11 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
     the parts meet in ``_split_sum`` (workspace WS, counters CTR, one per segment and tile).
 
-    EARLY (``EPI_EARLY``): the epilogue's loads (s_x, sum(xq), s_w, the residual) issued right after the wait,
-    beside the first weight blocks, instead of after the K loop. WEARLY (schedules of ``EARLY_WEIGHTS``): each
-    program takes one K block (KS == BK, split over every block), whose weights it loads before the wait, as
-    the GEMV does, and then no K loop."""
+    WEARLY (schedules of ``EARLY_WEIGHTS``): each program takes one K block (KS == BK, split over every block),
+    whose weights it loads before the wait, as the GEMV does, and then no K loop."""
     _gemm_tile(tl.program_id(0), tl.program_id(1), XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N,
                P, PB, WS, CTR, KS, SS, SSW, SSEG, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, NCH, STATS,
-               EARLY, WEARLY)
-
-
-@triton.jit
-def _gemm_preq_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, XQW, K, PW, NSEGQ, FLAG, NQ,
-                      XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS,
-                      PRO: tl.constexpr, HAS_LB: tl.constexpr, QDT: tl.constexpr, BLOCK_W: tl.constexpr,
-                      EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                      USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPIN: tl.constexpr,
-                      SPLIT: tl.constexpr = 1, EARLY: tl.constexpr = False, WEARLY: tl.constexpr = False):
-    """The pre-pass and the GEMM in one launch (``gemm(prepass=)``), no grid barrier: programs 0 .. NQ - 1
-    (NQ = M x NSEGQ, whole rows) each quantise one row of one segment (``_quant_row``, the pre-pass's code)
-    and then add 1 to FLAG (release); every later program is one program of ``_gemm_kernel``'s grid, which
-    (after its PDL wait, having released the next kernel) waits until FLAG has reached NQ (acquire), runs its
-    tile, then adds 1 itself; the last of them to arrive sets
-    FLAG back to 0 for the next launch. NVIDIA GPUs start a grid's programs in order of their index, so the
-    pre-pass programs are resident before any GEMM program waits for them: that is how the block scheduler
-    behaves (kernels that wait on a lower-numbered program, such as decoupled look-back scans, rely on it), not
-    a guarantee of CUDA's programming model, which is one reason this path is a switch. SPIN=False (the
-    interpreter, whose programs run one after another in that order) does not wait. EARLY, WEARLY: as
-    ``_gemm_kernel``'s (with WEARLY the GEMM programs' weights are loaded before both waits)."""
-    pid = tl.program_id(0)
-    if pid < NQ:
-        m = pid % M
-        sq = pid // M
-        _quant_row(m, sq, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQW, SX, SUMX, K, P, PW, M, eps_model, eps_bl,
-                   sq == 0, PRO, HAS_LB, QDT, BLOCK_W, USE_ASM, True, PDL)
-        tl.debug_barrier()  # every thread's stores before the arrival (release, cumulative)
-        tl.atomic_add(FLAG, 1, sem="release")
-    else:
-        c = pid - NQ
-        per_seg = tl.cdiv(M, BM) * tl.cdiv(N, BN) * SPLIT
-        _gemm_tile(c % per_seg, c // per_seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB,
-                   WS, CTR, KS, SX, SX, 0, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, 1, 0, EARLY, WEARLY,
-                   FLAG, NQ, True, SPIN)
-        ncons = per_seg * NSEGQ
-        old = tl.atomic_add(FLAG, 1, sem="relaxed")
-        if old == NQ + ncons - 1:
-            tl.atomic_xchg(FLAG, 0, sem="relaxed")
+               WEARLY)
 
 
 # Decode batches up to 16 rows: also offer the tuner schedules whose programs each take one K block and load
@@ -584,17 +515,6 @@ def split_parts(p: int, bk: int, split: int):
     return triton.cdiv(blocks, per), per * bk
 
 
-# The decode GEMM's epilogue operands (s_x, sum(xq), s_w, the residual tile) loaded right after the wait for
-# the pre-pass, beside the first weight blocks, instead of after the K loop (``_gemm_kernel``'s and
-# ``_gemm_preq_kernel``'s EARLY): bit-equal either way. In the sm_90a code of the default the epilogue's loads are a
-# second dependent round trip after the products. Only on 16-row tiles (decode batches up to 16): holding
-# a residual tile of 64 rows across the loop took up to 69 more registers and spilled (offline sm_90a compile,
-# ``kernel_compile_report --variants default,early``). Not yet timed on a GPU, so off; ``batched_decode --variants
-# early-epilogue`` and ``decode_breakdown --gemm-variants early noepiload`` measure it. Tuned schedules are
-# shared with the default (the tuner's key ignores it), so an A/B in one process differs only by this.
-EPI_EARLY = False
-
-
 def _launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
@@ -610,26 +530,16 @@ def _launch(cfg, a):
     if st is not None:
         stats = 2 if ssw is not None else 1
         st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass after this launch reads
-    gemm_args = (a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"],
-                 a["res"], a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks)
-    common = dict(EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8, USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"],
-                  SPLIT=split, EARLY=EPI_EARLY and bm <= 16, WEARLY=wearly, num_warps=nw, num_stages=ns,
-                  **({"launch_pdl": True} if a["pdl"] else {}))
-    pa = a.get("preq")
-    if pa is not None:  # the pre-pass's programs first, then the GEMM's (``_gemm_preq_kernel``)
-        sc, c = a["scratch"], pa["consts"]
-        nq = pa["m"] * pa["nseg"]
-        _gemm_preq_kernel[(nq + tiles * split * a["nseg"],)](
-            *pa["head"], sc.xq, pa["k"], sc.pw, a["nseg"], sc.flag, nq, *gemm_args, PRO=c["PRO"], HAS_LB=c["HAS_LB"],
-            QDT=c["DT"], BLOCK_W=c["BLOCK_W"], SPIN=not INTERPRET, **common)
-        return
     _gemm_kernel[(tiles * split, a["nseg"])](
-        *gemm_args, st.buf if stats else ws, ssw if stats == 2 else ws, a.get("stats_seg", 0), NCH=a["nch"],
-        STATS=stats, **common)
+        a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
+        a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, st.buf if stats else ws,
+        ssw if stats == 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
+        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats, WEARLY=wearly,
+        num_warps=nw, num_stages=ns, **({"launch_pdl": True} if a["pdl"] else {}))
 
 
 def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None, tune_pool=None,
-         tune_prepass=None, stats_out=None, prepass=None, early_weights=False):
+         tune_prepass=None, stats_out=None, early_weights=False):
     """out (M, NSEG*N) (or (M, N) for EPI_GLU) from quantised activations in ``scratch``.
 
     From ``INT_MM_MIN_ROWS`` rows on CUDA (no ``config`` given): this kernel or ``gemm_unpacked``,
@@ -638,23 +548,8 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
     ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
     for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is).
-    ``early_weights``: up to 16 rows, the tuner also times the weights-early schedules (``EARLY_WEIGHTS``).
-
-    ``prepass``: ``quantize``'s keyword arguments (x, bit_norm, nseg, pro, ...; whole rows, no ``stats``): the
-    pre-pass runs inside this launch (``_gemm_preq_kernel``) instead of as a kernel of its own; decode batches
-    only. ``scratch`` and ``out`` are ``quantize`` + ``gemm``'s bit for bit where the schedule's warp count is
-    the pre-pass kernel's (the interpreter, rows under 512 words); otherwise the row reductions add in another
-    order (s_x to fp32 rounding, int8 values within a rounding flip; an H200 check found 13b shapes differing)."""
+    ``early_weights``: up to 16 rows, the tuner also times the weights-early schedules (``EARLY_WEIGHTS``)."""
     m = out.shape[0]
-    if prepass is not None:
-        assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "prepass: decode batches only (the fused kernel)"
-        assert stats_out is None and tune_prepass is None, "prepass: no row statistics, no separate pre-pass"
-        kw = dict(prepass)
-        pa = prepass_args(kw.pop("x"), kw.pop("bit_norm"), scratch, **kw)
-        assert pa["nseg"] == len(weights) and pa["k"] == k, "prepass: the GEMM's segments and width"
-        scratch.nch = 1  # sum(xq) whole, in SUMX
-        return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
-                           tune_pool=tune_pool, preq=pa, early_weights=early_weights)
     if stats_out is not None:
         assert m < INT_MM_MIN_ROWS or INT_MM_MIN_ROWS <= 0, "stats_out: decode batches only (the fused kernel)"
         return _gemm_fused(scratch, weights, scales, out, k=k, epi=epi, residual=residual, n=n, config=config,
@@ -699,7 +594,7 @@ def _byte_operands(weights) -> list:
 
 
 def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=None, config=None,
-                tune_pool=None, tune_prepass=None, stats_out=None, preq=None, early_weights=False):
+                tune_pool=None, tune_prepass=None, stats_out=None, early_weights=False):
     """``gemm`` on this file's kernel (codes unpacked in registers), any row count.
 
     With a ``tune_pool`` of two or more weight lists, the first call of a shape times each candidate in
@@ -721,9 +616,6 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
         a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
     mb = 16 if m <= 16 else (64 if m <= 64 else 128)
     key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
-    if preq is not None:
-        a.update(preq=preq, scratch=scratch)
-        key = key + ("preq", preq["consts"]["PRO"])
     early = _early_weights(early_weights) and mb == 16
     if early:  # more candidates: tuned afresh
         key = key + ("early-weights",)
@@ -756,8 +648,7 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
                 _launch(c, a)
             except triton.runtime.errors.OutOfResources:
                 continue
-            if not EPI_EARLY:  # its key is the default's: what fits with it need not be the default's choice
-                _TUNED[key] = c
+            _TUNED[key] = c
             break
         else:
             raise

@@ -358,11 +358,10 @@ def _residual_tile(RES, rows_m, rows_n, seg, M, N, sr_m):
 
 @triton.jit
 def _epilogue(dot, dot2, sumx, sx, sw, rows_m, rows_n, seg, OUT, RES, M, N, so_m, sr_m,
-              EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, res=None):
+              EPI: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
     """dot (BM, BN) int32 sums of c*x, sumx and s_x (BM,), s_w -> y = (dot - sum x) / (s_x s_w), then
     the epilogue. (s_x and s_w come in registers: loaded here, they drew 5-8 % of the stall samples
-    of a profiled GEMV launch; in whole-model decode the move alone measured no difference.) ``res``: the
-    residual tile (EPI_RESIDUAL) loaded already, else it is loaded here."""
+    of a profiled GEMV launch; in whole-model decode the move alone measured no difference.)"""
     mmask = rows_m < M
     den = (sx * sw)[:, None]
     y = tl.math.div_rn((dot - sumx[:, None]).to(tl.float32), den)
@@ -375,8 +374,7 @@ def _epilogue(dot, dot2, sumx, sx, sw, rows_m, rows_n, seg, OUT, RES, M, N, so_m
     else:
         col = seg * N + rows_n
         if EPI == 1:
-            if res is None:
-                res = _residual_tile(RES, rows_m, rows_n, seg, M, N, sr_m)
+            res = _residual_tile(RES, rows_m, rows_n, seg, M, N, sr_m)
             out = _to(_to(y, DT, USE_ASM).to(tl.float32) + res.to(tl.float32), DT, USE_ASM)
         else:
             out = _to(y, DT, USE_ASM)
@@ -588,7 +586,6 @@ class Scratch:
         self.red = torch.zeros(nseg * m * 4 * QUANT_MAX_CHUNKS if split else 1, dtype=torch.float32, device=device)
         self.ctr = torch.zeros(nseg * m if split else 1, dtype=torch.int32, device=device)
         self.nch = 1  # programs per row of the last pre-pass: above 1, sum(xq) is in parts (``row_sums``)
-        self.flag = torch.zeros(1, dtype=torch.int32, device=device)  # ``ternary_gemm.gemm(prepass=)``'s counter
 
     def row_sums(self) -> torch.Tensor:
         """sum(xq) per segment and row, (NSEG, M) int32, whether the pre-pass split its rows or not (then

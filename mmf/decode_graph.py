@@ -99,10 +99,6 @@ class GraphDecoder:
     # pre-passes that read their producers' row statistics (``ternary_gemm.RowStats``): "split" where the
     # pre-pass splits its rows (``decode_quant_chunks``), "always" on the whole GEMM path, "never"
     ROW_STATS = "split"
-    # the pre-pass inside each decode GEMM's launch (``ternary_gemm.gemm(prepass=)``): "whole" where the pre-pass
-    # quantises whole rows (``decode_quant_chunks`` gives 1), "always" (whole rows everywhere, no row statistics)
-    # or "never" (a pre-pass kernel before each GEMM)
-    PREPASS_INSIDE = os.environ.get("MMF_PREPASS_INSIDE", "never")
     # decode GEMMs of up to 16 rows also tuned over schedules that load their weights before the pre-pass's wait
     # (``ternary_gemm.EARLY_WEIGHTS``) in models up to this wide: faster at 370m and 1.3b, no gain at 13b
     EARLY_WEIGHTS_MAX_D = 2048
@@ -164,14 +160,9 @@ class GraphDecoder:
         # statistics its output's pre-pass needs (``ternary_gemm.RowStats``): one barrier fewer per pre-pass
         from mmf.kernels import ternary_gemm as tg
 
-        if self.PREPASS_INSIDE not in ("never", "whole", "always"):
-            raise MMFError(f"MMF_PREPASS_INSIDE={self.PREPASS_INSIDE!r}: use never, whole or always")
-        whole = tg.decode_quant_chunks(B, d) == 1
-        self.prepass_inside = not self.gemv_path and (self.PREPASS_INSIDE == "always" or
-                                                       self.PREPASS_INSIDE == "whole" and whole)
         self.row_stats = None
-        pre_pass_kernels = not (self.gemv_path or self.prepass_inside)
-        if pre_pass_kernels and (self.ROW_STATS == "always" or self.ROW_STATS == "split" and not whole):
+        if not self.gemv_path and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
+                                   and tg.decode_quant_chunks(B, d) != 1):
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)
@@ -247,14 +238,8 @@ class GraphDecoder:
 
         def pre_then_gemm(pre, *args, **kw):
             """Pre-pass ``pre``, then its GEMM, whose first call times its schedules after ``pre`` (repeated,
-            each pre-pass writes the same values: the MLGRU one the same next state from the same state); with
-            ``prepass_inside``, one launch of both (``gemm(prepass=)``, whole rows)."""
+            each pre-pass writes the same values: the MLGRU one the same next state from the same state)."""
             kw["early_weights"] = self.d <= self.EARLY_WEIGHTS_MAX_D
-            if self.prepass_inside:
-                x, bit_norm, _ = pre.args
-                kw_pre = {k: v for k, v in pre.keywords.items() if k not in ("chunks", "stats")}
-                tg.gemm(*args, prepass=dict(kw_pre, x=x, bit_norm=bit_norm), **kw)
-                return
             pre()
             tg.gemm(*args, tune_prepass=pre, **kw)
 

@@ -459,31 +459,6 @@ def test_gemm_split_k(swap):
     check_rows(want, _glu_ref(ref, torch.float16), torch.float16)
 
 
-@pytest.mark.parametrize("cfg, early", [((16, 64, 32, 4, 1), False), ((16, 64, 32, 4, 1, 1, 2), False),
-                                        ((16, 64, 32, 4, 1, 0, 3), False), ((16, 64, 32, 4, 1, 0, 0, 1), True),
-                                        ((16, 64, 32, 4, 1, 1, 0, 1), True)])
-def test_gemm_with_the_pre_pass_inside(monkeypatch, cfg, early):
-    """``gemm(prepass=)``: the pre-pass's programs and the GEMM's in one launch give the same output, scratch
-    and MLGRU state, bit for bit, as ``quantize`` then ``gemm``, through the GPU benchmarks' comparison
-    (``kernel_bench.prepass_inside_cases``): every prologue (the gated one too) and epilogue, 5 rows, odd K
-    (301: a partial last K block), two weight tiles (70 rows), both operand orders, split-K, and with
-    ``early`` the epilogue's operands loaded early (``EPI_EARLY``) at schedules that load their weights before
-    the waits (one K block per program); a second launch repeats the first and leaves the counter at zero."""
-    from mmf.bench.kernel_bench import prepass_inside_cases
-
-    monkeypatch.setattr(ternary_gemm, "EPI_EARLY", early)
-    launches = _Launches(ternary_gemm._gemm_preq_kernel)
-    monkeypatch.setattr(ternary_gemm, "_gemm_preq_kernel", launches)
-    torch.manual_seed(sum(cfg))
-    rows = prepass_inside_cases([(70, 301)], (5,), [cfg], dev="cpu", gated=True)
-    assert launches.kw and all(kw["EARLY"] == early and kw["WEARLY"] == early for kw in launches.kw)
-    assert [r["shape"] for r in rows] == ["ifg d 70", "o d 70", "gate/up d 70", "down d 70", "gated d 70"]
-    for r in rows:
-        assert r["bit_equal"] and r["outputs_written"] and r["second_launch_identical"], r
-        assert r["counter_left_at_zero"], r
-        assert r["int8_values_differing"] == 0 and r["max_rel_sx_diff"] == 0 and r["max_row_rel_err"] == 0
-
-
 @pytest.mark.parametrize("swap", [0, 1])
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the NaN statistics at the end
 def test_gemm_row_stats_feed_the_next_pre_pass(swap):
@@ -603,40 +578,11 @@ def test_decode_gemm_chain_rows(monkeypatch):
         assert row["all_equal"] and row["pair_us"] == 2.0 and row["quant_us"] == 1.0, row
 
 
-def test_graph_decoder_with_the_pre_pass_inside(monkeypatch):
-    """The decoder path whose GEMMs run their pre-pass inside the same launch (``PREPASS_INSIDE``) gives the
-    eager model's greedy tokens, and logits equal bit for bit to the decoder with a pre-pass kernel before each
-    GEMM; a bad setting is refused with the valid ones."""
-    from conftest import small_model
-
-    from mmf.decode_graph import GraphDecoder
-    from mmf.errors import MMFError
-
-    model = small_model("mmf", seed=6, intermediate_size=90).freeze()
-    torch.manual_seed(6)
-    ids = torch.randint(3, 259, (3, 7))
-    monkeypatch.setattr(GraphDecoder, "PREPASS_INSIDE", "whole")
-    dec = GraphDecoder(model, 3)
-    assert dec.prepass_inside and dec.row_stats is None
-    _decode_like_eager(dec, model, ids)
-    monkeypatch.setattr(GraphDecoder, "PREPASS_INSIDE", "never")
-    ref = GraphDecoder(model, 3)
-    assert not ref.prepass_inside
-    for step in range(2):
-        a, b = dec.prefill(ids) if step == 0 else dec.step(tok), ref.prefill(ids) if step == 0 else ref.step(tok)
-        assert torch.equal(a, b)
-        tok = a.argmax(-1)
-    monkeypatch.setattr(GraphDecoder, "PREPASS_INSIDE", "sometimes")
-    with pytest.raises(MMFError, match="never, whole or always"):
-        GraphDecoder(model, 3)
-
-
-def test_graph_decoder_with_the_early_operands(monkeypatch):
-    """The decoder with ``EPI_EARLY`` (every decode GEMM's epilogue operands loaded before its K loop) and
-    ``EARLY_WEIGHTS`` (here: the interpreter's schedule with one K block per program, its weights loaded before
-    the wait) gives logits equal bit for bit to the decoder without them, over a prefill and two steps at
-    batch 3, and the kernels were launched with them. By default (``EARLY_WEIGHTS`` None) the decoder asks for
-    the weights-early schedules up to ``EARLY_WEIGHTS_MAX_D`` wide and not beyond."""
+def test_graph_decoder_with_the_early_weights(monkeypatch):
+    """The decoder with ``EARLY_WEIGHTS`` (here: the interpreter's schedule with one K block per program, its
+    weights loaded before the wait) gives logits equal bit for bit to the decoder without them, over a prefill
+    and two steps at batch 3, and the kernels were launched with them. By default (``EARLY_WEIGHTS`` None) the
+    decoder asks for the weights-early schedules up to ``EARLY_WEIGHTS_MAX_D`` wide and not beyond."""
     from conftest import small_model
 
     from mmf.decode_graph import GraphDecoder
@@ -649,9 +595,9 @@ def test_graph_decoder_with_the_early_operands(monkeypatch):
     # (settings, the decoder's widest model for weights-early schedules, WEARLY expected in prefill and steps):
     # forced on, every GEMM of 16 rows or less takes them (the prefill's 15 rows too); asked for by the decoder,
     # its decode steps only
-    settings = (({"EPI_EARLY": True, "EARLY_WEIGHTS": True}, 0, (True, True)),
-                ({"EPI_EARLY": False, "EARLY_WEIGHTS": None}, model.config.hidden_size - 1, (False, False)),
-                ({"EPI_EARLY": False, "EARLY_WEIGHTS": None}, GraphDecoder.EARLY_WEIGHTS_MAX_D, (False, True)))
+    settings = (({"EARLY_WEIGHTS": True}, 0, (True, True)),
+                ({"EARLY_WEIGHTS": None}, model.config.hidden_size - 1, (False, False)),
+                ({"EARLY_WEIGHTS": None}, GraphDecoder.EARLY_WEIGHTS_MAX_D, (False, True)))
     assert model.config.hidden_size <= GraphDecoder.EARLY_WEIGHTS_MAX_D
     decs = []
     for st, max_d, _ in settings:
@@ -668,8 +614,7 @@ def test_graph_decoder_with_the_early_operands(monkeypatch):
                 monkeypatch.setattr(ternary_gemm, k, v)
             launches.kw.clear()
             outs.append(dec.prefill(ids) if step == 0 else dec.step(tok))
-            assert launches.kw and all(kw["EARLY"] == st["EPI_EARLY"] for kw in launches.kw)
-            assert all(kw["WEARLY"] == wearly[step > 0] for kw in launches.kw), (step, wearly)
+            assert launches.kw and all(kw["WEARLY"] == wearly[step > 0] for kw in launches.kw), (step, wearly)
         assert torch.isfinite(outs[0]).all() and all(torch.equal(outs[0], o) for o in outs[1:]), step
         tok = outs[0].argmax(-1)
 
@@ -706,7 +651,6 @@ def test_decode_breakdown_gemm_variants_do_what_they_say():
     for name in decode_breakdown.GEMM_VARIANTS:
         outs[name] = run(variants.module(name))
     assert torch.equal(outs["base"][0], base) and torch.equal(outs["nowait"][0], base)
-    assert torch.equal(outs["early"][0], base)  # EPI_EARLY: the same arithmetic
     for name in ("noprepass", "noquant"):  # the stale scratch read as it was
         out, untouched, _ = outs[name]
         assert untouched and torch.isfinite(out).all() and not torch.equal(out, base), name
@@ -719,22 +663,19 @@ def test_decode_breakdown_gemm_variants_do_what_they_say():
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_gemm_early_operands_are_bit_equal(monkeypatch, chunks):
-    """``EPI_EARLY`` (the epilogue's s_x, sum(xq), s_w and residual loaded before the K loop) and the
-    ``EARLY_WEIGHTS`` schedules (one K block per program, its weights loaded before the wait, no loop) give
-    the default's output bit for bit, through the GPU check's comparison (``kernel_bench.gemm_pair_cases``):
-    every epilogue, both operand orders, split-K, odd K over two blocks (so two programs per tile for the
-    weights-early schedules), and with ``chunks`` 2 sum(xq) in the parts a split pre-pass leaves."""
+def test_gemm_early_weights_are_bit_equal(monkeypatch, chunks):
+    """The ``EARLY_WEIGHTS`` schedules (one K block per program, its weights loaded before the wait, no loop)
+    give their K loop's output bit for bit, through the GPU check's comparison (``kernel_bench.gemm_pair_cases``):
+    every epilogue, both operand orders, odd K over two blocks (so two programs per tile), and with ``chunks`` 2
+    sum(xq) in the parts a split pre-pass leaves."""
     from mmf.bench import kernel_bench as kb
 
-    cfgs = [(16, 64, 32, 4, 1), (16, 64, 32, 4, 1, 1), (16, 64, 32, 4, 1, 1, 2)]
-    pairs = kb.epi_early_pairs(cfgs) + kb.early_weight_pairs([(16, 64, 32, 4, 1, 0, 0, 1), (16, 32, 32, 4, 1, 1, 0, 1)])
+    pairs = kb.early_weight_pairs([(16, 64, 32, 4, 1, 0, 0, 1), (16, 32, 32, 4, 1, 1, 0, 1)])
     launches = _Launches(ternary_gemm._gemm_kernel)
     monkeypatch.setattr(ternary_gemm, "_gemm_kernel", launches)
     rows = kb.gemm_pair_cases([(70, 150)], (5,), pairs, "cpu", chunks=chunks)
-    # the switches reached the kernel: 4 shapes x (6 launches with EARLY as set, 4 with WEARLY)
-    assert [kw["EARLY"] for kw in launches.kw].count(True) == 4 * 3
-    assert [kw["WEARLY"] for kw in launches.kw].count(True) == 4 * 2
+    # the schedules reached the kernel: 4 shapes x (2 launches with WEARLY, 2 without)
+    assert [kw["WEARLY"] for kw in launches.kw] == [False, True] * (4 * 2)
     assert len(rows) == 4 * len(pairs) and all(r["pre_pass_programs_per_row"] == chunks for r in rows)
     bad = [r for r in rows if not (r["bit_equal"] and r["outputs_written"])]
     assert not bad, bad

@@ -88,7 +88,7 @@ def test_decode_breakdown_variants_apply_to_the_installed_kernel(gemm):
     variants.restore()
     assert ((real.quantize, real.gemm) if gemm else (real.gemv,)) == variants.saved
     if gemm:  # noepiload's two edits: the kernel without the second's text must not pass
-        variants.src = variants.src.replace("    return sumx, sx, tl.load(SW + seg), res\n", "")
+        variants.src = variants.src.replace("    return sumx, sx, tl.load(SW + seg)\n", "")
         variants.mods.clear()
         with pytest.raises(SystemExit, match="edits do not apply"):
             variants.module("noepiload")
@@ -119,11 +119,10 @@ def test_batched_decode_variants_set_and_restore_the_decoders_choices():
 
 def test_kernel_compile_report_compiles_for_a_gpu_that_is_not_here(tmp_path, capsys, monkeypatch):
     """``kernel_compile_report`` compiles the decode GEMM for sm_90a with the installed Triton and reads
-    registers and spills from its bundled ptxas, with no GPU: the default kernel, the one whose epilogue
-    also leaves row statistics with max|out w|, and the one that loads its epilogue's operands before the K
-    loop, at the first 16-row schedule with the residual epilogue, and a schedule that loads its weights before
-    the wait at the split count of 13b's down projection (no pipeline buffers in shared memory, no spills);
-    bad arguments are one line."""
+    registers and spills from its bundled ptxas, with no GPU: the default kernel and the one whose epilogue
+    also leaves row statistics with max|out w|, at the first 16-row schedule with the residual epilogue, and a
+    schedule that loads its weights before the wait at the split count of 13b's down projection (no pipeline
+    buffers in shared memory, no spills); bad arguments are one line."""
     import json
 
     from mmf.bench import kernel_compile_report as kcr
@@ -132,18 +131,17 @@ def test_kernel_compile_report_compiles_for_a_gpu_that_is_not_here(tmp_path, cap
         pytest.skip("the installed Triton bundles no ptxas")
     out = tmp_path / "r.json"
     assert kcr.main(["--rows", "16", "--max-schedules", "1", "--epilogues", "residual", "--variants",
-                     "default,stats-max,early", "--json-out", str(out)]) == 0
+                     "default,stats-max", "--json-out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["default", "stats-max", "early"]
+    assert [r["variant"] for r in rows] == ["default", "stats-max"]
     assert all(0 < r["registers"] <= 255 and r["spill_bytes"] == 0 for r in rows), rows
     assert rows[1]["ptx_instructions"] > rows[0]["ptx_instructions"]
-    assert rows[2]["ptx_instructions"] != rows[0]["ptx_instructions"]  # the residual's load moved
     cases = kcr.early_weight_cases(("13b",))  # 13b: 5 and 3 blocks at d, 14 and 7 at ffn
     assert sorted({split for _, _, split in cases}) == [3, 5, 7, 14]
     monkeypatch.setattr(kcr, "early_weight_cases", lambda: [c for c in cases if c[2] == 14 and c[1] == 1][:1])
-    assert kcr.main(["--variants", "default,early", "--early-weights", "--json-out", str(out)]) == 0
+    assert kcr.main(["--variants", "default", "--early-weights", "--json-out", str(out)]) == 0
     early = json.loads(out.read_text())["rows"]  # weights before the wait, no K loop: no pipeline buffers
-    assert [r["schedule"] for r in early] == ["(16, 64, 256, 4, 1, 0, 0, 1) x14"] * 2, early
+    assert [r["schedule"] for r in early] == ["(16, 64, 256, 4, 1, 0, 0, 1) x14"], early
     assert all(r["spill_bytes"] == 0 and r["shared_bytes"] <= 32768 for r in early), early
     capsys.readouterr()
     assert kcr.main(["--variants", "fast"]) == 2
