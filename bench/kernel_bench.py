@@ -327,12 +327,10 @@ def decoder_projections(d: int, f: int) -> list:
 def gemm_pair_cases(widths, rows, pairs, dev="cuda", seed=5, chunks=None) -> list:
     """Two ways of running the decode GEMM against each other, for each decoder shape of each (d, ffn) in
     ``widths`` (``decoder_projections``) and each row count in
-    ``rows``: ``pairs`` holds ((schedule, settings), (schedule, settings)), a schedule being an index into
-    ``_gemm_configs(m)`` or a schedule, the settings ``ternary_gemm`` attributes set while it runs. Random bf16
+    ``rows``: ``pairs`` holds (schedule, schedule), the two compared. Random bf16
     inputs, quantised as the decoder does (``chunks`` None: ``decode_quant_chunks``, so 13b rows are split and
     sum(xq) is left in parts). Reports whether the outputs are equal bit for bit (the int32 sums are exact, so
     every schedule must give the same output) and whether every output was written."""
-    from mmf.bench import overridden
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
 
@@ -353,14 +351,12 @@ def gemm_pair_cases(widths, rows, pairs, dev="cuda", seed=5, chunks=None) -> lis
                     if epi == tv.EPI_RESIDUAL else {}
                 for pair in pairs:
                     got = []
-                    for c, settings in pair:
-                        cfg = tg._gemm_configs(m)[c] if isinstance(c, int) else c
+                    for cfg in pair:
                         o = torch.full((m, n if epi == tv.EPI_GLU else nseg * n), float("nan"), device=dev, dtype=bf)
-                        with overridden({(tg, attr): v for attr, v in settings.items()}):
-                            tg.gemm(sc, w, sw, o, k=k, epi=epi, config=cfg, **res)
+                        tg.gemm(sc, w, sw, o, k=k, epi=epi, config=cfg, **res)
                         got.append((str(cfg), o))
                     out.append(dict(shape=f"{name} d {d}", rows=m, schedules=f"{got[0][0]} / {got[1][0]}",
-                                    settings=f"{pair[0][1]} / {pair[1][1]}", pre_pass_programs_per_row=sc.nch,
+                                    pre_pass_programs_per_row=sc.nch,
                                     bit_equal=bool(torch.equal(got[0][1], got[1][1])),
                                     outputs_written=not (got[0][1].isnan().any() or got[1][1].isnan().any())))
     return out
@@ -368,7 +364,7 @@ def gemm_pair_cases(widths, rows, pairs, dev="cuda", seed=5, chunks=None) -> lis
 
 def early_weight_pairs(cfgs) -> list:
     """``gemm_pair_cases`` pairs: each weights-early schedule (``EARLY_WEIGHTS``) against its K loop."""
-    return [((c[:6], {}), (c, {})) for c in cfgs]
+    return [(c[:6], c) for c in cfgs]
 
 
 def check_gemm_variants(quick: bool):
