@@ -18,8 +18,9 @@ GEMV (``mmf.kernels.ternary_gemv``, ``--variants``):
     nostore        the prologue's scratch stores masked off (timing only): what the round trip
                    through the scratch costs; nostore_nobar also drops the barrier after them
 
-At the batches of ``--batch`` above 1 they are to the pre-pass + int8 tensor-core GEMM path
-(``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit is timing only):
+At batches whose block projections take the GEMV (``ternary_gemv.uses_gemv``: batch 1, and batch 2 in models
+narrower than ``GEMV2_MAX_K``) those edits apply; at the others they are to the pre-pass + int8 tensor-core GEMM
+path (``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit is timing only):
 
     base           the kernels as installed
     noprepass      no pre-pass launched: each GEMM reads its scratch as the decoder allocated it
@@ -30,7 +31,8 @@ At the batches of ``--batch`` above 1 they are to the pre-pass + int8 tensor-cor
                    loaded): what those loads after the K loop cost
     nogemm         the GEMM launched, waiting and releasing the next kernel, doing nothing else
 
-Projections that a batch runs on the GEMV (370m at batch 2) are unedited there.
+Projections that a batch runs on the other path (370m's down projection at batch 2, 2816 wide, on the GEMM)
+are unedited.
 
 ``--extra FILE`` adds another kernel module (e.g. ``git show COMMIT:kernels/ternary_gemv.py``) as the
 variant ``extra:<file name>`` at batch 1, tuned afresh as the decoder would tune it. ``--sweep NAME`` first
@@ -330,7 +332,8 @@ def main(argv=None) -> int:
     for size in args.sizes:
         model = build_mmf_random(configs[size], "cuda", torch.float16)
         for batch in batches:
-            variants = gemv_variants if batch == 1 else gemm_variants
+            on_gemv = tv.uses_gemv(batch, configs[size].hidden_size)
+            variants = gemv_variants if on_gemv else gemm_variants
             nxt = torch.full((batch,), 7, device="cuda")
             tv._TUNED.clear()  # tune on the real kernels, in the decoder's setting, once per batch
             tg._TUNED.clear()
@@ -343,7 +346,7 @@ def main(argv=None) -> int:
             del dec
             log(f"{size} batch {batch}: tuned " + "; ".join(f"{k}: {v}" for k, v in tuned.items()))
             ref_logits = None
-            for name in (names if batch == 1 else gemm_names):
+            for name in (names if on_gemv else gemm_names):
                 variants.use(name, tuned)
                 torch.cuda.empty_cache()
                 dec = GraphDecoder(model, batch)
