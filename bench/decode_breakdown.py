@@ -18,8 +18,8 @@ GEMV (``mmf.kernels.ternary_gemv``, ``--variants``):
     nostore        the prologue's scratch stores masked off (timing only): what the round trip
                    through the scratch costs; nostore_nobar also drops the barrier after them
 
-At batches whose block projections take the GEMV (``ternary_gemv.uses_gemv``: batch 1, and batch 2 in models
-narrower than ``GEMV2_MAX_K``) those edits apply; at the others they are to the pre-pass + int8 tensor-core GEMM
+At batches whose steps take the GEMV (``GraphDecoder.gemv_path``: batch 1, and batch 2 in models narrower than
+``ternary_gemv.GEMV2_MAX_K``) those edits apply; at the others they are to the pre-pass + int8 tensor-core GEMM
 path (``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit is timing only):
 
     base           the kernels as installed
@@ -31,8 +31,8 @@ path (``mmf.kernels.ternary_gemm``, ``--gemm-variants``; every edit is timing on
                    loaded): what those loads after the K loop cost
     nogemm         the GEMM launched, waiting and releasing the next kernel, doing nothing else
 
-Projections that a batch runs on the other path (370m's down projection at batch 2, 2816 wide, on the GEMM)
-are unedited.
+A decoder runs every projection of a step on one path, so each edit reaches all of them (370m's 2816-wide
+down projection takes the GEMV at batch 2 like the others).
 
 ``--extra FILE`` adds another kernel module (e.g. ``git show COMMIT:kernels/ternary_gemv.py``) as the
 variant ``extra:<file name>`` at batch 1, tuned afresh as the decoder would tune it. ``--sweep NAME`` first
@@ -332,12 +332,12 @@ def main(argv=None) -> int:
     for size in args.sizes:
         model = build_mmf_random(configs[size], "cuda", torch.float16)
         for batch in batches:
-            on_gemv = tv.uses_gemv(batch, configs[size].hidden_size)
-            variants = gemv_variants if on_gemv else gemm_variants
             nxt = torch.full((batch,), 7, device="cuda")
             tv._TUNED.clear()  # tune on the real kernels, in the decoder's setting, once per batch
             tg._TUNED.clear()
             dec = GraphDecoder(model, batch, use_graph=False)
+            on_gemv = dec.gemv_path  # the path every projection of this batch's steps takes
+            variants = gemv_variants if on_gemv else gemm_variants
             dec.step(nxt)
             if size == "13b" and batch == 1:
                 for n, k, kind in SHAPES:
