@@ -3,7 +3,7 @@
 For each model size (random packed weights, ``build_mmf_random``), one GraphDecoder per batch; the step
 is timed as CUDA-graph replays (best of 3 runs of ``--steps``). Batch 1 (and 2 below 4096-wide models,
 ``ternary_gemv.uses_gemv``) runs the GEMV path; larger batches the quantisation pre-pass plus the int8
-tensor-core GEMM (``ternary_gemm``); ``--both-paths`` times both at batch 1-2. Then GraphDecoder's greedy
+tensor-core GEMM (``ternary_gemm``); ``--both-paths`` times both at batch 1 to ``ternary_gemv.GEMV_MAX_ROWS``. Then GraphDecoder's greedy
 tokens against the eager model at batch 1, 2 and 6 (``kernel_bench.check_decoder``).
 
     python -m mmf.bench.batched_decode --sizes 370m,1.3b,13b --batches 1,2,4,8,16,64 --json out.json [--profile]
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also time each kernel of eager steps under the profiler (default: off)")
     ap.add_argument("--both-paths", action="store_true",
-                    help="at batch 1-2 time the GEMV and the GEMM path (default: the decoder's choice)")
+                    help="at batch 1 to ternary_gemv.GEMV_MAX_ROWS time the GEMV and the GEMM path (default: the "
+                         "decoder's choice)")
     ap.add_argument("--fixed-schedules", action="store_true",
                     help="no tuning: every kernel on its first candidate schedule. Builds take seconds instead "
                          "of a minute, for A/B runs of kernel changes; not the decoder's speed (default: tuned)")
@@ -140,11 +141,10 @@ def main(argv=None) -> int:
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
     from mmf.bench.kernel_bench import check_decoder, check_gemm_variants, check_row_stats, row_stats_errors
     from mmf.decode_graph import GraphDecoder
+    from mmf.kernels import ternary_gemv as tv
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.fixed_schedules:
-        from mmf.kernels import ternary_gemv as tv
-
         tv.TUNE = False
         GraphDecoder.REFINE = False
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype=args.dtype,
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         base = None
         for b in batches:
-            for path in (["gemv", "gemm"] if b <= 2 else ["gemm"]) if args.both_paths else [None]:
+            for path in (["gemv", "gemm"] if b <= tv.GEMV_MAX_ROWS else ["gemm"]) if args.both_paths else [None]:
                 for var in variants:
                     t0 = time.time()
                     with variant(var):

@@ -1,6 +1,6 @@
 """Ternary GEMV for decoding (Triton): i2-packed weights x int8 activations, int32 accumulation.
 
-``y = (xq @ codes^T) / (s_x * s_w)`` for one or two rows (decode batch 1-2), reading the i2 planar bytes of
+``y = (xq @ codes^T) / (s_x * s_w)`` for one to four rows (decode batch 1-4), reading the i2 planar bytes of
 ``mmf/ternary_codes.py`` directly (element (n, k) is bits ``2*(k // P)`` of byte
 ``packed[n, k % P]``, ``P = ceil(K / 4)``, code = w + 1). Weights are never unpacked to memory.
 
@@ -90,10 +90,12 @@ except ImportError:  # pragma: no cover - older Triton
 PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
 PRO_NONE = 4  # activations already quantised in the scratch (benchmarks: the weight stream alone)
 EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
-GEMV_MAX_ROWS = 2  # above this, the tensor-core GEMM wins (dp4a work grows with the rows; measured)
-# Two rows: the GEMV for rows narrower than this, the GEMM from it. Measured tuned, both paths in one H200 run
-# (decode step, bench/results/batched_decode_{13b,1.3b_370m}_h200.json, 498aec5): 13b (5120 wide) GEMM 2.436
-# vs GEMV 4.059 ms; 1.3b (2048) GEMM 0.768 vs GEMV 0.808; 370m (1024) GEMM 0.577 vs GEMV 0.542.
+GEMV_MAX_ROWS = 4  # rows of one launch: 1, 2, or a tile of 4 (3 and 4 rows); above, the tensor-core GEMM
+# Two to four rows: the GEMV for rows narrower than this, the GEMM from it. Measured tuned at two rows with the
+# prologue run one row after the other (both paths in one H200 run, decode step,
+# bench/results/batched_decode_{13b,1.3b_370m}_h200.json, 498aec5): 13b (5120 wide) GEMM 2.436 vs GEMV 4.059 ms;
+# 1.3b (2048) GEMM 0.768 vs GEMV 0.808; 370m (1024) GEMM 0.577 vs GEMV 0.542. NOT YET MEASURED: the rows in one
+# prologue tile (this branch), and three or four rows on the GEMV at all (``batched_decode --both-paths``).
 GEMV2_MAX_K = 2048
 
 
@@ -215,34 +217,65 @@ def _row_reduce(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, 
 
 @triton.jit
 def _sum3(a):
-    return tl.sum(tl.sum(tl.sum(a, 2), 1), 0)
+    """Per-row sums of an (R, 4, W, 4) row tile: (R,)."""
+    return tl.sum(tl.sum(tl.sum(a, 3), 2), 1)
 
 
 @triton.jit
-def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr):
-    """1 / sqrt(mean(a^2) + eps) over the row (K columns) whose (4, W, 4) tile or chunk ``a`` is; the sum of
-    squares is the row's ``r``-th reduction (``_row_reduce``)."""
-    ss, _ = _row_reduce(_sum3(a * a), False, RED, CTR, grp, ch, r, NCH, SPIN)
+def _max3(a):
+    return tl.max(tl.max(tl.max(a, 3), 2), 1)
+
+
+@triton.jit
+def _per_row(v, R: tl.constexpr):
+    """v (a scalar, or already one value per row) as an (R,) vector."""
+    return tl.zeros((R,), tl.float32) + v
+
+
+@triton.jit
+def _reduce_rows(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr,
+                 SPIN: tl.constexpr, R: tl.constexpr, part2=0.0, IS_MAX2: tl.constexpr = False,
+                 TWO: tl.constexpr = False):
+    """``_row_reduce`` of (R,) per-row parts: whole rows (NCH = 1) need nothing more; a split row (NCH > 1,
+    one row per program: R = 1) meets its other chunks."""
+    if NCH > 1:
+        tl.static_assert(R == 1, "a row split over programs is quantised one row per program")
+        a, b = _row_reduce(tl.sum(part, 0), IS_MAX, RED, CTR, grp, ch, r, NCH, SPIN,
+                           tl.sum(_per_row(part2, R), 0), IS_MAX2, TWO)
+        part, part2 = _per_row(a, R), _per_row(b, R)
+    return part, part2
+
+
+@triton.jit
+def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr, R: tl.constexpr):
+    """1 / sqrt(mean(a^2) + eps) over each row (K columns) whose (R, 4, W, 4) tile or chunk ``a`` is: (R,); the
+    sum of squares is the row's ``r``-th reduction (``_row_reduce``)."""
+    ss, _ = _reduce_rows(_sum3(a * a), False, RED, CTR, grp, ch, r, NCH, SPIN, R)
     return 1.0 / tl.sqrt(ss / K + eps)
 
 
 @triton.jit
-def _tile_parts(SSP, r: tl.constexpr, NT, M, m, NTB: tl.constexpr, IS_MAX: tl.constexpr):
+def _tile_parts(SSP, r: tl.constexpr, NT, M, rows, NTB: tl.constexpr, IS_MAX: tl.constexpr):
     """Region r of the ``RowStats`` a producing GEMM left (NT per-tile parts of each of M rows, laid out
-    (r, tile, row)) combined over the tiles for row m, in a fixed order."""
-    t = tl.arange(0, NTB)
-    return _combine(tl.load(SSP + (r * NT + t) * M + m, mask=t < NT, other=0.0), IS_MAX)
+    (r, tile, row)) combined over the tiles for each of ``rows`` (R,), in a fixed order."""
+    t = tl.arange(0, NTB)[None, :]
+    parts = tl.load(SSP + (r * NT + t) * M + rows[:, None], mask=(t < NT) & (rows < M)[:, None], other=0.0)
+    if IS_MAX:
+        v = tl.max(parts, 1)
+    else:
+        v = tl.sum(parts, 1)
+    return v
 
 
 @triton.jit
-def _first_inv_rms(a, K, eps, RED, CTR, grp, ch, NCH: tl.constexpr, SPIN: tl.constexpr, SSP, NT, M, m,
-                   SSM: tl.constexpr, NTB: tl.constexpr):
-    """The prologue's first inverse RMS (of ``a``, row ``m``): from the NT per-tile sums of squares at SSP
-    that the producing GEMM left (SSM > 0, added in a fixed order), else the row's reduction 0."""
+def _first_inv_rms(a, K, eps, RED, CTR, grp, ch, NCH: tl.constexpr, SPIN: tl.constexpr, SSP, NT, M, rows,
+                   SSM: tl.constexpr, NTB: tl.constexpr, R: tl.constexpr):
+    """The prologue's first inverse RMS (of ``a``, for each of ``rows``): from the NT per-tile sums of squares
+    at SSP that the producing GEMM left (SSM > 0, added in a fixed order), else the rows' reduction 0."""
     if SSM > 0:
-        r = 1.0 / tl.sqrt(_tile_parts(SSP, 0, NT, M, m, NTB, False) / K + eps)
+        r = 1.0 / tl.sqrt(_tile_parts(SSP, 0, NT, M, rows, NTB, False) / K + eps)
     else:
-        r = _inv_rms(a, K, eps, RED, CTR, grp, ch, 0, NCH, SPIN)
+        r = _inv_rms(a, K, eps, RED, CTR, grp, ch, 0, NCH, SPIN, R)
     return r
 
 
@@ -252,10 +285,13 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
                PRO: tl.constexpr, HAS_LB: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr,
                USE_ASM: tl.constexpr, NEED_SUM: tl.constexpr, WAIT: tl.constexpr = False,
                ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True,
-               SSP=0, NT=0, SSM: tl.constexpr = 0, NTB: tl.constexpr = 1):
-    """Quantise row m for segment seg into XQ[seg, m] (planar int32 words), SX, SUMX; returns s_x.
+               SSP=0, NT=0, SSM: tl.constexpr = 0, NTB: tl.constexpr = 1, R: tl.constexpr = 1):
+    """Quantise rows m .. m + R - 1 (those below M) for segment seg into XQ[seg, m:m+R] (planar int32 words),
+    SX, SUMX; returns s_x, (R,).
 
-    The row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b.
+    Each row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b; the R rows
+    (the GEMV's few decode rows, all in one program) form one (R, 4, BLOCK_W, 4) tile, so their loads are
+    issued together and their reductions share barriers: one latency chain for all rows, not one per row.
     X/G hold the pre-activations with row stride sxm/sgm. For PRO_MLGRU, X points at
     [i_pre | f_pre | g_pre] (three blocks of K columns) and G is unused. The operands that no
     kernel of this decode step writes (norm weights, lower bound, the state of the step before)
@@ -268,22 +304,26 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     gated prologues) replaces the first row reduction; SSM = 2 (plain prologue), sum(v^2) and max|v bw|
     replace the BitLinear's, so the row needs no reduction and no barrier at all.
 
-    With NCH > 1 the row is split over NCH programs (chunk ``ch`` holds words [ch * BLOCK_W, (ch + 1)
-    * BLOCK_W)) whose row reductions meet in ``_row_reduce`` (two barriers with a norm prologue, one
+    With NCH > 1 the row (R = 1) is split over NCH programs (chunk ``ch`` holds words [ch * BLOCK_W,
+    (ch + 1) * BLOCK_W)) whose row reductions meet in ``_row_reduce`` (two barriers with a norm prologue, one
     without); s_x is written by chunk 0, and sum(xq) is left in per-chunk parts (``Scratch.row_sums``).
     """
-    grp = seg * M + m
-    s_i = tl.arange(0, 4)[:, None, None]
-    w_i = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, :, None]
-    b_i = tl.arange(0, 4)[None, None, :]
+    rows = m + tl.arange(0, R)
+    rmask = rows < M
+    grp = seg * M + m  # a split row's barrier group (R = 1)
+    r4 = rows[:, None, None, None]
+    s_i = tl.arange(0, 4)[None, :, None, None]
+    w_i = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :, None]
+    b_i = tl.arange(0, 4)[None, None, None, :]
     j = 4 * w_i + b_i
     k = s_i * P + j
     valid = (j < P) & (k < K)
+    rvalid = valid & (r4 < M)
     bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
     if PRO != 0:
         nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
     if PRO >= 2:
-        s_prev = tl.load(S_IN + m * K + k, mask=valid, other=0.0)
+        s_prev = tl.load(S_IN + r4 * K + k, mask=rvalid, other=0.0)
     if PRO == 3:
         lb = 0.0  # read by _mlgru_gates only with HAS_LB
         if HAS_LB:
@@ -292,60 +332,61 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         gdc_wait()
         gdc_launch_dependents()
     if PRO == 3:  # PRO_MLGRU
-        xrow = X + m * sxm
-        ip = tl.load(xrow + k, mask=valid, other=0.0).to(tl.float32)
-        fp = tl.load(xrow + K + k, mask=valid, other=0.0).to(tl.float32)
-        gp = tl.load(xrow + 2 * K + k, mask=valid, other=0.0).to(tl.float32)
+        xrow = X + r4 * sxm
+        ip = tl.load(xrow + k, mask=rvalid, other=0.0).to(tl.float32)
+        fp = tl.load(xrow + K + k, mask=rvalid, other=0.0).to(tl.float32)
+        gp = tl.load(xrow + 2 * K + k, mask=rvalid, other=0.0).to(tl.float32)
         f, i = _mlgru_gates(ip, fp, lb, HAS_LB)
         s = f * s_prev + i
         if WRITE_STATE:
-            tl.store(S_OUT + m * K + k, s, mask=valid)
-        r = _first_inv_rms(gp, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, m, SSM, NTB)
-        v = _to(gp * r * nw * _silu(s), DT, USE_ASM).to(tl.float32)
+            tl.store(S_OUT + r4 * K + k, s, mask=rvalid)
+        r = _first_inv_rms(gp, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, rows, SSM, NTB, R)
+        v = _to(gp * r[:, None, None, None] * nw * _silu(s), DT, USE_ASM).to(tl.float32)
     elif PRO == 2:  # PRO_GATED
-        gp = tl.load(G + m * sgm + k, mask=valid, other=0.0).to(tl.float32)
-        r = _first_inv_rms(gp, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, m, SSM, NTB)
-        v = _to(gp * r * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
+        gp = tl.load(G + r4 * sgm + k, mask=rvalid, other=0.0).to(tl.float32)
+        r = _first_inv_rms(gp, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, rows, SSM, NTB, R)
+        v = _to(gp * r[:, None, None, None] * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
     elif PRO == 1:  # PRO_NORM
-        x = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
-        r = _first_inv_rms(x, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, m, SSM, NTB)
-        v = _to(x * r * nw, DT, USE_ASM).to(tl.float32)
+        x = tl.load(X + r4 * sxm + k, mask=rvalid, other=0.0).to(tl.float32)
+        r = _first_inv_rms(x, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, rows, SSM, NTB, R)
+        v = _to(x * r[:, None, None, None] * nw, DT, USE_ASM).to(tl.float32)
     else:
-        v = tl.load(X + m * sxm + k, mask=valid, other=0.0).to(tl.float32)
+        v = tl.load(X + r4 * sxm + k, mask=rvalid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
     if SSM == 2 or NCH > 1:
         if SSM == 2:  # both statistics from the producer
-            ss = _tile_parts(SSP, 0, NT, M, m, NTB, False)
-            mvb = _tile_parts(SSP, 1, NT, M, m, NTB, True)
+            ss = _tile_parts(SSP, 0, NT, M, rows, NTB, False)
+            mvb = _tile_parts(SSP, 1, NT, M, rows, NTB, True)
         else:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions meet at
             # one barrier instead of two (13b decode steps at batch 4 / 16, untuned schedules, H200: 3.314 /
             # 3.686 -> 2.979 / 3.377 ms with sum(xq) left in parts, bench/results/EXPERIMENTS.md)
-            ss, mvb = _row_reduce(_sum3(v * v), False, RED, CTR, grp, ch, 1, NCH, SPIN,
-                                  tl.max(tl.max(tl.max(tl.abs(v * bw), 2), 1), 0), True, True)
+            ss, mvb = _reduce_rows(_sum3(v * v), False, RED, CTR, grp, ch, 1, NCH, SPIN, R,
+                                   _max3(tl.abs(v * bw)), True, True)
         r2 = 1.0 / tl.sqrt(ss / K + eps_bl)
-        xn = v * r2 * bw
+        xn = v * r2[:, None, None, None] * bw
         amax = mvb * r2
     else:  # whole rows (the GEMV's prologue): one more multiply per element would cost the issue-bound GEMV
-        r2 = _inv_rms(v, K, eps_bl, RED, CTR, grp, ch, 1, NCH, SPIN)
-        xn = v * r2 * bw
-        amax = tl.max(tl.max(tl.max(tl.abs(xn), 2), 1), 0)
+        r2 = _inv_rms(v, K, eps_bl, RED, CTR, grp, ch, 1, NCH, SPIN, R)
+        xn = v * r2[:, None, None, None] * bw
+        amax = _max3(tl.abs(xn))
     sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
-    q = tl.minimum(tl.maximum(_rint(xn * sx, USE_ASM), -128.0), 127.0).to(tl.int32)
-    q = tl.where(valid, q, 0)
-    word = tl.sum((q & 0xFF) << (8 * b_i), 2)  # (4, BLOCK_W): the 4 bytes of each word
-    s2 = tl.arange(0, 4)[:, None]
-    w2 = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-    tl.store(XQ + ((seg * M + m) * 4 + s2) * PW + w2, word, mask=w2 < PW)
+    q = tl.minimum(tl.maximum(_rint(xn * sx[:, None, None, None], USE_ASM), -128.0), 127.0).to(tl.int32)
+    q = tl.where(rvalid, q, 0)
+    word = tl.sum((q & 0xFF) << (8 * b_i), 3)  # (R, 4, BLOCK_W): the 4 bytes of each word
+    r3 = rows[:, None, None]
+    s3 = tl.arange(0, 4)[None, :, None]
+    w3 = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :]
+    tl.store(XQ + ((seg * M + r3) * 4 + s3) * PW + w3, word, mask=(w3 < PW) & (r3 < M))
     if NCH == 1:
-        tl.store(SX + seg * M + m, sx)
+        tl.store(SX + seg * M + rows, sx, mask=rmask)
         if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
-            tl.store(SUMX + seg * M + m, _sum3(q))
+            tl.store(SUMX + seg * M + rows, _sum3(q), mask=rmask)
     else:
         if ch == 0:
-            tl.store(SX + seg * M + m, sx)
+            tl.store(SX + seg * M + rows, sx, mask=rmask)
         # sum(xq) stays in parts (int32 bits in the fp32 slots RED[grp, 3, :]): the GEMM adds them up
         # (``row_sums``), so no program waits for the others at the end
-        tl.store(RED + (grp * 4 + 3) * NCH + ch, _sum3(q).to(tl.float32, bitcast=True))
+        tl.store(RED + (grp * 4 + 3) * NCH + ch + rows * 0, _sum3(q).to(tl.float32, bitcast=True), mask=rmask)
     return sx
 
 
@@ -419,32 +460,37 @@ def _load_pieces(Wp, rows, P, PW, N_ROWS, BYTE_W: tl.constexpr, W1: tl.constexpr
 
 
 @triton.jit
-def _act_piece(xa, PW, OFF: tl.constexpr, W: tl.constexpr, M, ROW: tl.constexpr, USE_ASM: tl.constexpr):
-    """The 4 digit planes of quantised-activation words [OFF, OFF + W) of row ROW, and their byte sum
-    (zeros when ROW >= M)."""
+def _act_piece(xa, PW, OFF: tl.constexpr, W: tl.constexpr, M, ROW: tl.constexpr, USE_ASM: tl.constexpr,
+               SUM: tl.constexpr = True):
+    """The 4 digit planes of quantised-activation words [OFF, OFF + W) of row ROW, and (with SUM, else 0) their
+    byte sum (zeros when ROW >= M)."""
     w = OFF + tl.arange(0, W)
     m = (w < PW) & ((w * 0 + M) > ROW)
     x0 = tl.load(xa + w, mask=m, other=0)
     x1 = tl.load(xa + PW + w, mask=m, other=0)
     x2 = tl.load(xa + 2 * PW + w, mask=m, other=0)
     x3 = tl.load(xa + 3 * PW + w, mask=m, other=0)
-    ones = tl.full((W,), 0x01010101, tl.int32)
-    t = _dp4a(ones, x3, _dp4a(ones, x2, _dp4a(ones, x1, _dp4a(ones, x0, tl.zeros((W,), tl.int32), USE_ASM),
-                                                      USE_ASM), USE_ASM), USE_ASM)
-    return x0, x1, x2, x3, tl.sum(t, 0)
+    total = 0
+    if SUM:
+        ones = tl.full((W,), 0x01010101, tl.int32)
+        t = _dp4a(ones, x3, _dp4a(ones, x2, _dp4a(ones, x1, _dp4a(ones, x0, tl.zeros((W,), tl.int32), USE_ASM),
+                                                          USE_ASM), USE_ASM), USE_ASM)
+        total = tl.sum(t, 0)
+    return x0, x1, x2, x3, total
 
 
 @triton.jit
-def _act_row(xa, PW, M, ROW: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr, USE_ASM: tl.constexpr):
-    """All pieces of one activation row: 12 planes (absent pieces repeat the first) and sum(xq)."""
-    p0, p1, p2, p3, s = _act_piece(xa, PW, 0, W1, M, ROW, USE_ASM)
+def _act_row(xa, PW, M, ROW: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr, USE_ASM: tl.constexpr,
+             SUM: tl.constexpr = True):
+    """All pieces of one activation row: 12 planes (absent pieces repeat the first) and sum(xq) (with SUM)."""
+    p0, p1, p2, p3, s = _act_piece(xa, PW, 0, W1, M, ROW, USE_ASM, SUM)
     q0, q1, q2, q3 = p0, p1, p2, p3
     r0, r1, r2, r3 = p0, p1, p2, p3
     if W2 > 0:
-        q0, q1, q2, q3, s2 = _act_piece(xa, PW, W1, W2, M, ROW, USE_ASM)
+        q0, q1, q2, q3, s2 = _act_piece(xa, PW, W1, W2, M, ROW, USE_ASM, SUM)
         s += s2
     if W3 > 0:
-        r0, r1, r2, r3, s3 = _act_piece(xa, PW, W1 + W2, W3, M, ROW, USE_ASM)
+        r0, r1, r2, r3, s3 = _act_piece(xa, PW, W1 + W2, W3, M, ROW, USE_ASM, SUM)
         s += s3
     return p0, p1, p2, p3, q0, q1, q2, q3, r0, r1, r2, r3, s
 
@@ -472,7 +518,12 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
     """Persistent: program pid of segment seg takes row blocks pid, pid + NPROG, ... of BN whole
     rows, each row held as power-of-two pieces PW1 + PW2 + PW3 >= PW words. Its first block is in
     flight before the prologue (run once per program), with PDL even before the previous kernel
-    has finished; each next block is loaded while the current one is reduced."""
+    has finished; each next block is loaded while the current one is reduced.
+
+    BM activation rows (1, 2 or 4; rows M..BM-1 are padding): the prologue quantises all of them in one
+    (BM, 4, W, 4) tile. One row keeps its quantised planes in registers across the row blocks; with more, each
+    row's planes are read again (from L1) for each block and multiplied with the same weight registers, so
+    every weight byte is read and unpacked once for all rows, and sum(xq) comes from the prologue."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     DT: tl.constexpr = OUT.dtype.element_ty
@@ -488,29 +539,23 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
             gdc_wait()
             gdc_launch_dependents()
         first = (pid == 0) & (seg == 0)  # writes the MLGRU state
+        # all BM rows in one tile (one latency chain); above one row, sum(xq) too (one reduction for all rows)
         sxv = tl.zeros((BM,), tl.float32) + _quant_row(
             0, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M, eps_model, eps_bl,
-            first, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False, PDL and EARLY)
-        if BM == 2:
-            sxv = tl.where(rm == 0, sxv, _quant_row(
-                1, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K, P, PW, M, eps_model, eps_bl,
-                first, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, False, False))
+            first, PRO, HAS_LB, DT, BLOCK_W, USE_ASM, BM > 1, PDL and EARLY, R=BM)
         tl.debug_barrier()
     else:  # activations already quantised (benchmarks: the weight stream alone)
         if PDL:  # everything above reads weights only
             gdc_wait()
             gdc_launch_dependents()
         sxv = tl.load(SX + seg * M + rm, mask=rm < M, other=1.0)
-    # activations of row 0 (and 1): 4 digit planes of words per piece, loop-invariant
     xa = XQ + (seg * M * 4) * PW
-    a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, suma = _act_row(xa, PW, M, 0, PW1, PW2, PW3,
-                                                                              USE_ASM)
-    if BM == 2:
-        b10, b11, b12, b13, b20, b21, b22, b23, b30, b31, b32, b33, sumb = _act_row(xa + 4 * PW, PW, M, 1, PW1,
-                                                                                  PW2, PW3, USE_ASM)
-        sumx = tl.where(rm == 0, suma, sumb)
-    else:
+    if BM == 1:  # the activations: 4 digit planes of words per piece, loop-invariant, and their sum
+        a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, suma = _act_row(xa, PW, M, 0, PW1, PW2, PW3,
+                                                                                  USE_ASM)
         sumx = tl.zeros((BM,), tl.int32) + suma
+    else:  # each row's planes are read again for each row block (from L1); the sums from the prologue
+        sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
     nblocks = tl.cdiv(N, BN)
     for blk in range(pid, nblocks, NPROG):
         rows = blk * BN + tl.arange(0, BN)
@@ -518,17 +563,25 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
         n1, n2, n3 = _load_pieces(Wp, nxt, P, PW, N, BYTE_W, PW1, PW2, PW3)
         if EPI == 2:
             v1, v2, v3 = _load_pieces(Wp, nxt + N, P, PW, 2 * N, BYTE_W, PW1, PW2, PW3)
-        d = _dot_pieces(c1, c2, c3, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, PW2, PW3, USE_ASM)
-        if BM == 2:
-            d = tl.where(rm[:, None] == 0, d, _dot_pieces(c1, c2, c3, b10, b11, b12, b13, b20, b21, b22, b23,
-                                                          b30, b31, b32, b33, PW2, PW3, USE_ASM))
-        d2 = d
+        if BM == 1:
+            d = _dot_pieces(c1, c2, c3, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, PW2, PW3,
+                            USE_ASM)
+            d2 = d
+            if EPI == 2:
+                d2 = _dot_pieces(u1, u2, u3, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, PW2, PW3,
+                                 USE_ASM)
+        else:
+            d = tl.zeros((BM, BN), tl.int32)
+            d2 = d
+            for r in tl.static_range(BM):
+                b10, b11, b12, b13, b20, b21, b22, b23, b30, b31, b32, b33, _ = _act_row(
+                    xa + r * 4 * PW, PW, M, r, PW1, PW2, PW3, USE_ASM, False)
+                d = tl.where(rm[:, None] == r, _dot_pieces(c1, c2, c3, b10, b11, b12, b13, b20, b21, b22, b23, b30,
+                                                           b31, b32, b33, PW2, PW3, USE_ASM), d)
+                if EPI == 2:
+                    d2 = tl.where(rm[:, None] == r, _dot_pieces(u1, u2, u3, b10, b11, b12, b13, b20, b21, b22, b23,
+                                                                b30, b31, b32, b33, PW2, PW3, USE_ASM), d2)
         if EPI == 2:
-            d2 = _dot_pieces(u1, u2, u3, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, PW2, PW3,
-                             USE_ASM)
-            if BM == 2:
-                d2 = tl.where(rm[:, None] == 0, d2, _dot_pieces(u1, u2, u3, b10, b11, b12, b13, b20, b21, b22,
-                                                                b23, b30, b31, b32, b33, PW2, PW3, USE_ASM))
             u1, u2, u3 = v1, v2, v3
         _epilogue(d, d2, sumx, sxv, sw, rm, rows, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         c1, c2, c3 = n1, n2, n3
@@ -602,17 +655,18 @@ _GEMV_CONFIGS = {
     1: [(8, 4, 2), (8, 8, 1), (4, 4, 2), (8, 4, 4), (16, 8, 1), (16, 8, 2), (4, 4, 4), (4, 8, 2),
         (32, 16, 1), (16, 16, 1), (8, 16, 1), (8, 8, 2), (4, 8, 4)],
     2: [(4, 4, 2), (8, 8, 1), (4, 8, 2), (2, 4, 4), (8, 8, 2)],
+    4: [(4, 8, 2), (8, 8, 1), (2, 8, 2), (4, 4, 2), (8, 8, 2), (2, 4, 4)],
 }
 
 
 def _configs(bm: int, pw: int):
     """Candidates whose register tiles fit (BM x BN x row-piece words <= 32 per thread)."""
     w = sum(row_pieces(pw))
-    return [(bn, nw, ps) for bn, nw, ps in _GEMV_CONFIGS[bm] if bm * bn * w <= 32 * 32 * nw] or [(1, 8, 2)]
+    return [(bn, nw, ps) for bn, nw, ps in _GEMV_CONFIGS[bm] if min(bm, 2) * bn * w <= 32 * 32 * nw] or [(1, 8, 2)]
 
 
 def _bm(m: int) -> int:
-    return 1 if m == 1 else 2
+    return 1 if m == 1 else (2 if m == 2 else 4)
 
 
 _NUM_SM: dict = {}
@@ -836,7 +890,7 @@ def gemv(x, weights, scales, bit_norm, out, *, pro=PRO_PLAIN, epi=EPI_STORE, k=N
     p = packed_bytes(k)
     n0 = weights[0].shape[0]
     n = n if n is not None else (n0 // 2 if epi == EPI_GLU else n0)
-    assert m <= GEMV_MAX_ROWS, "gemv handles at most 2 rows; use ternary_gemm"
+    assert m <= GEMV_MAX_ROWS, f"gemv handles at most {GEMV_MAX_ROWS} rows; use ternary_gemm"
     ws = _operands(weights)
     byte_w = ws[0].dtype != torch.int32
     scratch = scratch if scratch is not None else Scratch(nseg, m, k, x.device)
