@@ -188,11 +188,11 @@ def _group_barrier(CTR, grp, NCH: tl.constexpr, SPIN: tl.constexpr):
 
 
 @triton.jit
-def _combine(parts, IS_MAX: tl.constexpr):
+def _combine(parts, IS_MAX: tl.constexpr, AXIS: tl.constexpr = 0):
     if IS_MAX:
-        r = tl.max(parts, 0)
+        r = tl.max(parts, AXIS)
     else:
-        r = tl.sum(parts, 0)
+        r = tl.sum(parts, AXIS)
     return r
 
 
@@ -260,11 +260,7 @@ def _tile_parts(SSP, r: tl.constexpr, NT, M, rows, NTB: tl.constexpr, IS_MAX: tl
     (r, tile, row)) combined over the tiles for each of ``rows`` (R,), in a fixed order."""
     t = tl.arange(0, NTB)[None, :]
     parts = tl.load(SSP + (r * NT + t) * M + rows[:, None], mask=(t < NT) & (rows < M)[:, None], other=0.0)
-    if IS_MAX:
-        v = tl.max(parts, 1)
-    else:
-        v = tl.sum(parts, 1)
-    return v
+    return _combine(parts, IS_MAX, 1)
 
 
 @triton.jit
