@@ -68,7 +68,7 @@ def _edits():
     nopro = [("    if PRO != 4:\n", "    if PRO == 99:\n"),  # the second edit: older kernels
              ("    if PRO == 4:  # already quantised", "    if True:  # already quantised", "optional")]
     nowait = [(re.compile(r"^(\s*)gdc_wait\(\)$", re.M), r"\1pass")]
-    nostore = [("word, mask=(w3 < PW) & (r3 < M))", "word, mask=(w3 < PW) & (r3 < M) & (M < 0))")]
+    nostore = [("word, mask=wmask)", "word, mask=wmask & (M < 0))")]
     return {"base": [], "nopro": nopro, "nowait": nowait, "nopro_nowait": nopro + nowait,
             "late": [(re.compile(r"^PARAMS_EARLY = .*$", re.M), "PARAMS_EARLY = False")],
             "nostore": nostore, "nostore_nobar": nostore + [("        tl.debug_barrier()\n", "")]}

@@ -176,8 +176,9 @@ def check_decoder(quick: bool):
     from mmf.decode_graph import GraphDecoder
 
     out = []
-    cases = [(torch.float32, 1), (torch.float16, 2), (torch.float32, 4), (torch.float32, 6), (torch.bfloat16, 6)]
-    for dtype, batch in cases[: 3 if quick else 5]:
+    cases = [(torch.float32, 1), (torch.float32, 2), (torch.float16, 2), (torch.float32, 4), (torch.float32, 6),
+             (torch.bfloat16, 6)]
+    for dtype, batch in cases[: 4 if quick else 6]:
         torch.manual_seed(batch)
         cfg = MMFConfig(vocab_size=1003, hidden_size=384, num_hidden_layers=3, intermediate_size=1000)
         model = _random_frozen(cfg, "cpu").to("cuda", dtype)

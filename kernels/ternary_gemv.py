@@ -1,6 +1,6 @@
 """Ternary GEMV for decoding (Triton): i2-packed weights x int8 activations, int32 accumulation.
 
-``y = (xq @ codes^T) / (s_x * s_w)`` for one to four rows (decode batch 1-4), reading the i2 planar bytes of
+``y = (xq @ codes^T) / (s_x * s_w)`` for one or two rows (decode batch 1-2), reading the i2 planar bytes of
 ``mmf/ternary_codes.py`` directly (element (n, k) is bits ``2*(k // P)`` of byte
 ``packed[n, k % P]``, ``P = ceil(K / 4)``, code = w + 1). Weights are never unpacked to memory.
 
@@ -90,12 +90,11 @@ except ImportError:  # pragma: no cover - older Triton
 PRO_PLAIN, PRO_NORM, PRO_GATED, PRO_MLGRU = 0, 1, 2, 3
 PRO_NONE = 4  # activations already quantised in the scratch (benchmarks: the weight stream alone)
 EPI_STORE, EPI_RESIDUAL, EPI_GLU = 0, 1, 2
-GEMV_MAX_ROWS = 4  # rows of one launch: 1, 2, or a tile of 4 (3 and 4 rows); above, the tensor-core GEMM
-# Two to four rows: the GEMV for rows narrower than this, the GEMM from it. Measured tuned at two rows with the
-# prologue run one row after the other (both paths in one H200 run, decode step,
-# bench/results/batched_decode_{13b,1.3b_370m}_h200.json, 498aec5): 13b (5120 wide) GEMM 2.436 vs GEMV 4.059 ms;
-# 1.3b (2048) GEMM 0.768 vs GEMV 0.808; 370m (1024) GEMM 0.577 vs GEMV 0.542. NOT YET MEASURED: the rows in one
-# prologue tile (this branch), and three or four rows on the GEMV at all (``batched_decode --both-paths``).
+GEMV_MAX_ROWS = 2  # above this, the tensor-core GEMM wins (dp4a work grows with the rows; measured)
+# Two rows: the GEMV for rows narrower than this, the GEMM from it. Measured tuned, decode steps, fp16, one H100
+# (bench/results/gemv_two_row_tile_h100.json): 370m (1024 wide) GEMV 0.483 ms (both rows in one prologue tile;
+# 0.543 with the rows' prologues in series) vs GEMM 0.530; 1.3b (2048) GEMV 0.837 vs GEMM 0.692; 13b (5120) GEMV
+# 5.00 vs GEMM 2.62. Three and four rows in one tile lost to the GEMM at 370m: 0.808 / 0.797 vs 0.536 / 0.543.
 GEMV2_MAX_K = 2048
 
 
@@ -305,7 +304,6 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     without); s_x is written by chunk 0, and sum(xq) is left in per-chunk parts (``Scratch.row_sums``).
     """
     rows = m + tl.arange(0, R)
-    rmask = rows < M
     grp = seg * M + m  # a split row's barrier group (R = 1)
     r4 = rows[:, None, None, None]
     s_i = tl.arange(0, 4)[None, :, None, None]
@@ -314,7 +312,12 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     j = 4 * w_i + b_i
     k = s_i * P + j
     valid = (j < P) & (k < K)
-    rvalid = valid & (r4 < M)
+    if R == 1:  # one row, below M (its callers'): no row masks, the batch-1 code of the single-row prologue
+        rvalid = valid
+        rmask = None
+    else:
+        rvalid = valid & (r4 < M)
+        rmask = rows < M
     bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
     if PRO != 0:
         nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
@@ -372,7 +375,10 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     r3 = rows[:, None, None]
     s3 = tl.arange(0, 4)[None, :, None]
     w3 = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :]
-    tl.store(XQ + ((seg * M + r3) * 4 + s3) * PW + w3, word, mask=(w3 < PW) & (r3 < M))
+    wmask = w3 < PW
+    if R > 1:
+        wmask = wmask & (r3 < M)
+    tl.store(XQ + ((seg * M + r3) * 4 + s3) * PW + w3, word, mask=wmask)
     if NCH == 1:
         tl.store(SX + seg * M + rows, sx, mask=rmask)
         if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
@@ -516,9 +522,9 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
     flight before the prologue (run once per program), with PDL even before the previous kernel
     has finished; each next block is loaded while the current one is reduced.
 
-    BM activation rows (1, 2 or 4; rows M..BM-1 are padding): the prologue quantises all of them in one
-    (BM, 4, W, 4) tile. One row keeps its quantised planes in registers across the row blocks; with more, each
-    row's planes are read again (from L1) for each block and multiplied with the same weight registers, so
+    BM activation rows (1 or 2): the prologue quantises both rows in one (BM, 4, W, 4) tile (one latency
+    chain, not one per row). One row keeps its quantised planes in registers across the row blocks; with two,
+    each row's planes are read again (from L1) for each block and multiplied with the same weight registers, so
     every weight byte is read and unpacked once for all rows, and sum(xq) comes from the prologue."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
@@ -651,18 +657,17 @@ _GEMV_CONFIGS = {
     1: [(8, 4, 2), (8, 8, 1), (4, 4, 2), (8, 4, 4), (16, 8, 1), (16, 8, 2), (4, 4, 4), (4, 8, 2),
         (32, 16, 1), (16, 16, 1), (8, 16, 1), (8, 8, 2), (4, 8, 4)],
     2: [(4, 4, 2), (8, 8, 1), (4, 8, 2), (2, 4, 4), (8, 8, 2)],
-    4: [(4, 8, 2), (8, 8, 1), (2, 8, 2), (4, 4, 2), (8, 8, 2), (2, 4, 4)],
 }
 
 
 def _configs(bm: int, pw: int):
     """Candidates whose register tiles fit (BM x BN x row-piece words <= 32 per thread)."""
     w = sum(row_pieces(pw))
-    return [(bn, nw, ps) for bn, nw, ps in _GEMV_CONFIGS[bm] if min(bm, 2) * bn * w <= 32 * 32 * nw] or [(1, 8, 2)]
+    return [(bn, nw, ps) for bn, nw, ps in _GEMV_CONFIGS[bm] if bm * bn * w <= 32 * 32 * nw] or [(1, 8, 2)]
 
 
 def _bm(m: int) -> int:
-    return 1 if m == 1 else (2 if m == 2 else 4)
+    return 1 if m == 1 else 2
 
 
 _NUM_SM: dict = {}
