@@ -1,10 +1,11 @@
 """Batched GPU decode: GraphDecoder step time against batch, beside the batch-1 step (issue 19).
 
 For each model size (random packed weights, ``build_mmf_random``), one GraphDecoder per batch; the step
-is timed as CUDA-graph replays (best of 3 runs of ``--steps``). Batch 1 (and 2 below 4096-wide models,
-``ternary_gemv.uses_gemv``) runs the GEMV path; larger batches the quantisation pre-pass plus the int8
-tensor-core GEMM (``ternary_gemm``); ``--both-paths`` times both at batch 1 to ``ternary_gemv.GEMV_MAX_ROWS``. Then GraphDecoder's greedy
-tokens against the eager model at batch 1, 2, 4 and 6 (``kernel_bench.check_decoder``).
+is timed as CUDA-graph replays (best of 3 runs of ``--steps``). Batch 1 (and 2 in models narrower than
+``ternary_gemv.GEMV2_MAX_K``, ``ternary_gemv.uses_gemv``) runs the GEMV path; larger batches the quantisation
+pre-pass plus the int8 tensor-core GEMM (``ternary_gemm``); ``--both-paths`` times both at batch 1 to
+``ternary_gemv.GEMV_MAX_ROWS``. Then GraphDecoder's greedy tokens against the eager model at batch 1, 2, 4 and 6
+(``kernel_bench.check_decoder``).
 
     python -m mmf.bench.batched_decode --sizes 370m,1.3b,13b --batches 1,2,4,8,16,64 --json out.json [--profile]
 
