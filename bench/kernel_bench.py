@@ -82,6 +82,7 @@ def row_errs(y, ref):
 
 def check_kernels(quick: bool):
     from mmf.kernels import ternary_gemm
+    from mmf.kernels.ternary_gemv import uses_gemv
     from mmf.kernels.mlgru_step import mlgru_gated_scan, mlgru_step
 
     rows = []
@@ -106,7 +107,7 @@ def check_kernels(quick: bool):
                 acc = xq @ codes.float().T
                 exact = bool(torch.equal(torch.round(y.double() * (s_x * s_w).double()), acc.double()))
             del y0
-            rows.append(dict(op="bitlinear_i2", path="gemv" if m <= 4 else "gemm", dtype=str(dtype)[6:],
+            rows.append(dict(op="bitlinear_i2", path="gemv" if uses_gemv(m, k) else "gemm", dtype=str(dtype)[6:],
                              shape=f"{m}x{k}->{n}", max_row_rel_err=e.max().item(),
                              rows_over_tol=int((e > TOL[dtype]).sum()), tol=TOL[dtype], finite=bool(y.isfinite().all()),
                              int_exact=exact))
