@@ -82,8 +82,8 @@ def row_errs(y, ref):
 
 def check_kernels(quick: bool):
     from mmf.kernels import ternary_gemm
-    from mmf.kernels.ternary_gemv import uses_gemv
     from mmf.kernels.mlgru_step import mlgru_gated_scan, mlgru_step
+    from mmf.kernels.ternary_gemv import uses_gemv
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
