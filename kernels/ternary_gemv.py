@@ -215,51 +215,64 @@ def _row_reduce(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, 
 
 
 @triton.jit
-def _sum3(a):
-    """Per-row sums of an (R, 4, W, 4) row tile: (R,)."""
-    return tl.sum(tl.sum(tl.sum(a, 3), 2), 1)
+def _sum3(a, R: tl.constexpr):
+    """Per-row sums of a row tile (``_quant_row``): one row's (4, W, 4) tile to a scalar, R rows' (R, 4, W, 4)
+    tile to (R,)."""
+    if R == 1:
+        return tl.sum(tl.sum(tl.sum(a, 2), 1), 0)
+    else:
+        return tl.sum(tl.sum(tl.sum(a, 3), 2), 1)
 
 
 @triton.jit
-def _max3(a):
-    return tl.max(tl.max(tl.max(a, 3), 2), 1)
+def _max3(a, R: tl.constexpr):
+    if R == 1:
+        return tl.max(tl.max(tl.max(a, 2), 1), 0)
+    else:
+        return tl.max(tl.max(tl.max(a, 3), 2), 1)
 
 
 @triton.jit
 def _per_row(v, R: tl.constexpr):
-    """v (a scalar, or already one value per row) as an (R,) vector."""
-    return tl.zeros((R,), tl.float32) + v
+    """Per-row values (``_sum3``'s: a scalar for one row, (R,) for R) broadcast over the rows' tile."""
+    if R == 1:
+        return v
+    else:
+        return v[:, None, None, None]
 
 
 @triton.jit
 def _reduce_rows(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr,
                  SPIN: tl.constexpr, R: tl.constexpr, part2=0.0, IS_MAX2: tl.constexpr = False,
                  TWO: tl.constexpr = False):
-    """``_row_reduce`` of (R,) per-row parts: whole rows (NCH = 1) need nothing more; a split row (NCH > 1,
-    one row per program: R = 1) meets its other chunks."""
+    """``_row_reduce`` of per-row parts (``_sum3``'s): whole rows (NCH = 1) need nothing more; a split row
+    (NCH > 1, one row per program: R = 1, scalar parts) meets its other chunks."""
     if NCH > 1:
         tl.static_assert(R == 1, "a row split over programs is quantised one row per program")
-        a, b = _row_reduce(tl.sum(part, 0), IS_MAX, RED, CTR, grp, ch, r, NCH, SPIN,
-                           tl.sum(_per_row(part2, R), 0), IS_MAX2, TWO)
-        part, part2 = _per_row(a, R), _per_row(b, R)
+        part, part2 = _row_reduce(part, IS_MAX, RED, CTR, grp, ch, r, NCH, SPIN, part2, IS_MAX2, TWO)
     return part, part2
 
 
 @triton.jit
 def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr, R: tl.constexpr):
-    """1 / sqrt(mean(a^2) + eps) over each row (K columns) whose (R, 4, W, 4) tile or chunk ``a`` is: (R,); the
+    """1 / sqrt(mean(a^2) + eps) over each row (K columns) whose tile or chunk ``a`` is (``_sum3``'s shape); the
     sum of squares is the row's ``r``-th reduction (``_row_reduce``)."""
-    ss, _ = _reduce_rows(_sum3(a * a), False, RED, CTR, grp, ch, r, NCH, SPIN, R)
+    ss, _ = _reduce_rows(_sum3(a * a, R), False, RED, CTR, grp, ch, r, NCH, SPIN, R)
     return 1.0 / tl.sqrt(ss / K + eps)
 
 
 @triton.jit
-def _tile_parts(SSP, r: tl.constexpr, NT, M, rows, NTB: tl.constexpr, IS_MAX: tl.constexpr):
+def _tile_parts(SSP, r: tl.constexpr, NT, M, rows, NTB: tl.constexpr, IS_MAX: tl.constexpr, R: tl.constexpr):
     """Region r of the ``RowStats`` a producing GEMM left (NT per-tile parts of each of M rows, laid out
-    (r, tile, row)) combined over the tiles for each of ``rows`` (R,), in a fixed order."""
-    t = tl.arange(0, NTB)[None, :]
-    parts = tl.load(SSP + (r * NT + t) * M + rows[:, None], mask=(t < NT) & (rows < M)[:, None], other=0.0)
-    return _combine(parts, IS_MAX, 1)
+    (r, tile, row)) combined over the tiles for ``rows`` (one row: a scalar index; else (R,)), in a fixed
+    order."""
+    if R == 1:
+        t = tl.arange(0, NTB)
+        return _combine(tl.load(SSP + (r * NT + t) * M + rows, mask=t < NT, other=0.0), IS_MAX)
+    else:
+        t = tl.arange(0, NTB)[None, :]
+        parts = tl.load(SSP + (r * NT + t) * M + rows[:, None], mask=(t < NT) & (rows < M)[:, None], other=0.0)
+        return _combine(parts, IS_MAX, 1)
 
 
 @triton.jit
@@ -268,7 +281,7 @@ def _first_inv_rms(a, K, eps, RED, CTR, grp, ch, NCH: tl.constexpr, SPIN: tl.con
     """The prologue's first inverse RMS (of ``a``, for each of ``rows``): from the NT per-tile sums of squares
     at SSP that the producing GEMM left (SSM > 0, added in a fixed order), else the rows' reduction 0."""
     if SSM > 0:
-        r = 1.0 / tl.sqrt(_tile_parts(SSP, 0, NT, M, rows, NTB, False) / K + eps)
+        r = 1.0 / tl.sqrt(_tile_parts(SSP, 0, NT, M, rows, NTB, False, R) / K + eps)
     else:
         r = _inv_rms(a, K, eps, RED, CTR, grp, ch, 0, NCH, SPIN, R)
     return r
@@ -282,7 +295,7 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
                ch=0, RED=0, CTR=0, NCH: tl.constexpr = 1, SPIN: tl.constexpr = True,
                SSP=0, NT=0, SSM: tl.constexpr = 0, NTB: tl.constexpr = 1, R: tl.constexpr = 1):
     """Quantise rows m .. m + R - 1 (those below M) for segment seg into XQ[seg, m:m+R] (planar int32 words),
-    SX, SUMX; returns s_x, (R,).
+    SX, SUMX; returns s_x (a scalar for one row, else (R,)).
 
     Each row is viewed as a (4 digits, BLOCK_W words, 4 bytes) tile: column k = s*P + 4w + b; the R rows
     (the GEMV's few decode rows, all in one program) form one (R, 4, BLOCK_W, 4) tile, so their loads are
@@ -303,16 +316,25 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     (ch + 1) * BLOCK_W)) whose row reductions meet in ``_row_reduce`` (two barriers with a norm prologue, one
     without); s_x is written by chunk 0, and sum(xq) is left in per-chunk parts (``Scratch.row_sums``).
     """
-    rows = m + tl.arange(0, R)
     grp = seg * M + m  # a split row's barrier group (R = 1)
-    r4 = rows[:, None, None, None]
-    s_i = tl.arange(0, 4)[None, :, None, None]
-    w_i = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :, None]
-    b_i = tl.arange(0, 4)[None, None, None, :]
+    if R == 1:  # one row, below M (its callers'): a (4, W, 4) tile, scalar row statistics and no row masks; a
+        # (1, 4, W, 4) tile compiled (Triton 3.6) to more barriers and shared-memory round trips, and made the
+        # 13b batch-1 step 2.06 ms against 1.96 on the same schedules (bench/results/EXPERIMENTS.md)
+        rows = m
+        r4 = m
+        s_i = tl.arange(0, 4)[:, None, None]
+        w_i = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, :, None]
+        b_i = tl.arange(0, 4)[None, None, :]
+    else:
+        rows = m + tl.arange(0, R)
+        r4 = rows[:, None, None, None]
+        s_i = tl.arange(0, 4)[None, :, None, None]
+        w_i = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :, None]
+        b_i = tl.arange(0, 4)[None, None, None, :]
     j = 4 * w_i + b_i
     k = s_i * P + j
     valid = (j < P) & (k < K)
-    if R == 1:  # one row, below M (its callers'): no row masks, the batch-1 code of the single-row prologue
+    if R == 1:
         rvalid = valid
         rmask = None
     else:
@@ -340,55 +362,60 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         if WRITE_STATE:
             tl.store(S_OUT + r4 * K + k, s, mask=rvalid)
         r = _first_inv_rms(gp, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, rows, SSM, NTB, R)
-        v = _to(gp * r[:, None, None, None] * nw * _silu(s), DT, USE_ASM).to(tl.float32)
+        v = _to(gp * _per_row(r, R) * nw * _silu(s), DT, USE_ASM).to(tl.float32)
     elif PRO == 2:  # PRO_GATED
         gp = tl.load(G + r4 * sgm + k, mask=rvalid, other=0.0).to(tl.float32)
         r = _first_inv_rms(gp, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, rows, SSM, NTB, R)
-        v = _to(gp * r[:, None, None, None] * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
+        v = _to(gp * _per_row(r, R) * nw * _silu(s_prev), DT, USE_ASM).to(tl.float32)
     elif PRO == 1:  # PRO_NORM
         x = tl.load(X + r4 * sxm + k, mask=rvalid, other=0.0).to(tl.float32)
         r = _first_inv_rms(x, K, eps_model, RED, CTR, grp, ch, NCH, SPIN, SSP, NT, M, rows, SSM, NTB, R)
-        v = _to(x * r[:, None, None, None] * nw, DT, USE_ASM).to(tl.float32)
+        v = _to(x * _per_row(r, R) * nw, DT, USE_ASM).to(tl.float32)
     else:
         v = tl.load(X + r4 * sxm + k, mask=rvalid, other=0.0).to(tl.float32)
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
     if SSM == 2 or NCH > 1:
         if SSM == 2:  # both statistics from the producer
-            ss = _tile_parts(SSP, 0, NT, M, rows, NTB, False)
-            mvb = _tile_parts(SSP, 1, NT, M, rows, NTB, True)
+            ss = _tile_parts(SSP, 0, NT, M, rows, NTB, False, R)
+            mvb = _tile_parts(SSP, 1, NT, M, rows, NTB, True, R)
         else:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions meet at
             # one barrier instead of two (13b decode steps at batch 4 / 16, untuned schedules, H200: 3.314 /
             # 3.686 -> 2.979 / 3.377 ms with sum(xq) left in parts, bench/results/EXPERIMENTS.md)
-            ss, mvb = _reduce_rows(_sum3(v * v), False, RED, CTR, grp, ch, 1, NCH, SPIN, R,
-                                   _max3(tl.abs(v * bw)), True, True)
+            ss, mvb = _reduce_rows(_sum3(v * v, R), False, RED, CTR, grp, ch, 1, NCH, SPIN, R,
+                                   _max3(tl.abs(v * bw), R), True, True)
         r2 = 1.0 / tl.sqrt(ss / K + eps_bl)
-        xn = v * r2[:, None, None, None] * bw
+        xn = v * _per_row(r2, R) * bw
         amax = mvb * r2
     else:  # whole rows (the GEMV's prologue): one more multiply per element would cost the issue-bound GEMV
         r2 = _inv_rms(v, K, eps_bl, RED, CTR, grp, ch, 1, NCH, SPIN, R)
-        xn = v * r2[:, None, None, None] * bw
-        amax = _max3(tl.abs(xn))
+        xn = v * _per_row(r2, R) * bw
+        amax = _max3(tl.abs(xn), R)
     sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
-    q = tl.minimum(tl.maximum(_rint(xn * sx[:, None, None, None], USE_ASM), -128.0), 127.0).to(tl.int32)
+    q = tl.minimum(tl.maximum(_rint(xn * _per_row(sx, R), USE_ASM), -128.0), 127.0).to(tl.int32)
     q = tl.where(rvalid, q, 0)
-    word = tl.sum((q & 0xFF) << (8 * b_i), 3)  # (R, 4, BLOCK_W): the 4 bytes of each word
-    r3 = rows[:, None, None]
-    s3 = tl.arange(0, 4)[None, :, None]
-    w3 = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :]
-    wmask = w3 < PW
-    if R > 1:
-        wmask = wmask & (r3 < M)
-    tl.store(XQ + ((seg * M + r3) * 4 + s3) * PW + w3, word, mask=wmask)
+    if R == 1:
+        word = tl.sum((q & 0xFF) << (8 * b_i), 2)  # (4, BLOCK_W): the 4 bytes of each word
+        s2 = tl.arange(0, 4)[:, None]
+        w2 = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+        wmask = w2 < PW
+        tl.store(XQ + ((seg * M + m) * 4 + s2) * PW + w2, word, mask=wmask)
+    else:
+        word = tl.sum((q & 0xFF) << (8 * b_i), 3)  # (R, 4, BLOCK_W)
+        r3 = rows[:, None, None]
+        s3 = tl.arange(0, 4)[None, :, None]
+        w3 = ch * BLOCK_W + tl.arange(0, BLOCK_W)[None, None, :]
+        wmask = (w3 < PW) & (r3 < M)
+        tl.store(XQ + ((seg * M + r3) * 4 + s3) * PW + w3, word, mask=wmask)
     if NCH == 1:
         tl.store(SX + seg * M + rows, sx, mask=rmask)
         if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
-            tl.store(SUMX + seg * M + rows, _sum3(q), mask=rmask)
+            tl.store(SUMX + seg * M + rows, _sum3(q, R), mask=rmask)
     else:
         if ch == 0:
             tl.store(SX + seg * M + rows, sx, mask=rmask)
         # sum(xq) stays in parts (int32 bits in the fp32 slots RED[grp, 3, :]): the GEMM adds them up
         # (``row_sums``), so no program waits for the others at the end
-        tl.store(RED + (grp * 4 + 3) * NCH + ch + rows * 0, _sum3(q).to(tl.float32, bitcast=True), mask=rmask)
+        tl.store(RED + (grp * 4 + 3) * NCH + ch, _sum3(q, R).to(tl.float32, bitcast=True))
     return sx
 
 
