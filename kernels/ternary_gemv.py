@@ -215,26 +215,16 @@ def _row_reduce(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, 
 
 
 @triton.jit
-def _sum3(a, R: tl.constexpr):
-    """Per-row sums of a row tile (``_quant_row``): one row's (4, W, 4) tile to a scalar, R rows' (R, 4, W, 4)
-    tile to (R,)."""
-    if R == 1:
-        return tl.sum(tl.sum(tl.sum(a, 2), 1), 0)
-    else:
-        return tl.sum(tl.sum(tl.sum(a, 3), 2), 1)
-
-
-@triton.jit
-def _max3(a, R: tl.constexpr):
-    if R == 1:
-        return tl.max(tl.max(tl.max(a, 2), 1), 0)
-    else:
-        return tl.max(tl.max(tl.max(a, 3), 2), 1)
+def _reduce3(a, IS_MAX: tl.constexpr, R: tl.constexpr):
+    """Per-row sums (or maxima) of a row tile (``_quant_row``): one row's (4, W, 4) tile to a scalar, R rows'
+    (R, 4, W, 4) tile to (R,)."""
+    T: tl.constexpr = 0 if R == 1 else 1  # the tile's first column axis
+    return _combine(_combine(_combine(a, IS_MAX, T + 2), IS_MAX, T + 1), IS_MAX, T)
 
 
 @triton.jit
 def _per_row(v, R: tl.constexpr):
-    """Per-row values (``_sum3``'s: a scalar for one row, (R,) for R) broadcast over the rows' tile."""
+    """Per-row values (``_reduce3``'s: a scalar for one row, (R,) for R) broadcast over the rows' tile."""
     if R == 1:
         return v
     else:
@@ -245,7 +235,7 @@ def _per_row(v, R: tl.constexpr):
 def _reduce_rows(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr,
                  SPIN: tl.constexpr, R: tl.constexpr, part2=0.0, IS_MAX2: tl.constexpr = False,
                  TWO: tl.constexpr = False):
-    """``_row_reduce`` of per-row parts (``_sum3``'s): whole rows (NCH = 1) need nothing more; a split row
+    """``_row_reduce`` of per-row parts (``_reduce3``'s): whole rows (NCH = 1) need nothing more; a split row
     (NCH > 1, one row per program: R = 1, scalar parts) meets its other chunks."""
     if NCH > 1:
         tl.static_assert(R == 1, "a row split over programs is quantised one row per program")
@@ -255,9 +245,9 @@ def _reduce_rows(part, IS_MAX: tl.constexpr, RED, CTR, grp, ch, r: tl.constexpr,
 
 @triton.jit
 def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, SPIN: tl.constexpr, R: tl.constexpr):
-    """1 / sqrt(mean(a^2) + eps) over each row (K columns) whose tile or chunk ``a`` is (``_sum3``'s shape); the
+    """1 / sqrt(mean(a^2) + eps) over each row (K columns) whose tile or chunk ``a`` is (``_reduce3``'s shape); the
     sum of squares is the row's ``r``-th reduction (``_row_reduce``)."""
-    ss, _ = _reduce_rows(_sum3(a * a, R), False, RED, CTR, grp, ch, r, NCH, SPIN, R)
+    ss, _ = _reduce_rows(_reduce3(a * a, False, R), False, RED, CTR, grp, ch, r, NCH, SPIN, R)
     return 1.0 / tl.sqrt(ss / K + eps)
 
 
@@ -381,15 +371,15 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
         else:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions meet at
             # one barrier instead of two (13b decode steps at batch 4 / 16, untuned schedules, H200: 3.314 /
             # 3.686 -> 2.979 / 3.377 ms with sum(xq) left in parts, bench/results/EXPERIMENTS.md)
-            ss, mvb = _reduce_rows(_sum3(v * v, R), False, RED, CTR, grp, ch, 1, NCH, SPIN, R,
-                                   _max3(tl.abs(v * bw), R), True, True)
+            ss, mvb = _reduce_rows(_reduce3(v * v, False, R), False, RED, CTR, grp, ch, 1, NCH, SPIN, R,
+                                   _reduce3(tl.abs(v * bw), True, R), True, True)
         r2 = 1.0 / tl.sqrt(ss / K + eps_bl)
         xn = v * _per_row(r2, R) * bw
         amax = mvb * r2
     else:  # whole rows (the GEMV's prologue): one more multiply per element would cost the issue-bound GEMV
         r2 = _inv_rms(v, K, eps_bl, RED, CTR, grp, ch, 1, NCH, SPIN, R)
         xn = v * _per_row(r2, R) * bw
-        amax = _max3(tl.abs(xn), R)
+        amax = _reduce3(tl.abs(xn), True, R)
     sx = tl.math.div_rn(127.0, tl.maximum(amax, 1e-5))
     q = tl.minimum(tl.maximum(_rint(xn * _per_row(sx, R), USE_ASM), -128.0), 127.0).to(tl.int32)
     q = tl.where(rvalid, q, 0)
@@ -409,13 +399,13 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     if NCH == 1:
         tl.store(SX + seg * M + rows, sx, mask=rmask)
         if NEED_SUM:  # the GEMM needs sum(xq); the GEMV sums it in its main loop
-            tl.store(SUMX + seg * M + rows, _sum3(q, R), mask=rmask)
+            tl.store(SUMX + seg * M + rows, _reduce3(q, False, R), mask=rmask)
     else:
         if ch == 0:
             tl.store(SX + seg * M + rows, sx, mask=rmask)
         # sum(xq) stays in parts (int32 bits in the fp32 slots RED[grp, 3, :]): the GEMM adds them up
         # (``row_sums``), so no program waits for the others at the end
-        tl.store(RED + (grp * 4 + 3) * NCH + ch, _sum3(q, R).to(tl.float32, bitcast=True))
+        tl.store(RED + (grp * 4 + 3) * NCH + ch, _reduce3(q, False, R).to(tl.float32, bitcast=True))
     return sx
 
 
