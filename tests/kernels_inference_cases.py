@@ -181,7 +181,7 @@ def _glu_ref(v, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,chunks", [(1, None), (3, None), (7, None), (3, 4), (7, 2)])
+@pytest.mark.parametrize("m,chunks", [(1, None), (2, None), (3, None), (7, None), (3, 4), (7, 2)])
 def test_fused_prologues_and_epilogues(dtype, m, chunks):
     """Block norm prologue + 3 segments; MLGRU prologue + residual; GLU epilogue; gated pre-pass (its rows
     whole in one program, or split over ``chunks`` programs)."""
