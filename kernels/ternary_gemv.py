@@ -252,17 +252,11 @@ def _inv_rms(a, K, eps, RED, CTR, grp, ch, r: tl.constexpr, NCH: tl.constexpr, S
 
 
 @triton.jit
-def _tile_parts(SSP, r: tl.constexpr, NT, M, rows, NTB: tl.constexpr, IS_MAX: tl.constexpr, R: tl.constexpr):
+def _tile_parts(SSP, r: tl.constexpr, NT, M, m, NTB: tl.constexpr, IS_MAX: tl.constexpr):
     """Region r of the ``RowStats`` a producing GEMM left (NT per-tile parts of each of M rows, laid out
-    (r, tile, row)) combined over the tiles for ``rows`` (one row: a scalar index; else (R,)), in a fixed
-    order."""
-    if R == 1:
-        t = tl.arange(0, NTB)
-        return _combine(tl.load(SSP + (r * NT + t) * M + rows, mask=t < NT, other=0.0), IS_MAX)
-    else:
-        t = tl.arange(0, NTB)[None, :]
-        parts = tl.load(SSP + (r * NT + t) * M + rows[:, None], mask=(t < NT) & (rows < M)[:, None], other=0.0)
-        return _combine(parts, IS_MAX, 1)
+    (r, tile, row)) combined over the tiles for row m, in a fixed order (the pre-pass's one row per program)."""
+    t = tl.arange(0, NTB)
+    return _combine(tl.load(SSP + (r * NT + t) * M + m, mask=t < NT, other=0.0), IS_MAX)
 
 
 @triton.jit
@@ -271,7 +265,7 @@ def _first_inv_rms(a, K, eps, RED, CTR, grp, ch, NCH: tl.constexpr, SPIN: tl.con
     """The prologue's first inverse RMS (of ``a``, for each of ``rows``): from the NT per-tile sums of squares
     at SSP that the producing GEMM left (SSM > 0, added in a fixed order), else the rows' reduction 0."""
     if SSM > 0:
-        r = 1.0 / tl.sqrt(_tile_parts(SSP, 0, NT, M, rows, NTB, False, R) / K + eps)
+        r = 1.0 / tl.sqrt(_tile_parts(SSP, 0, NT, M, rows, NTB, False) / K + eps)
     else:
         r = _inv_rms(a, K, eps, RED, CTR, grp, ch, 0, NCH, SPIN, R)
     return r
@@ -306,6 +300,7 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     (ch + 1) * BLOCK_W)) whose row reductions meet in ``_row_reduce`` (two barriers with a norm prologue, one
     without); s_x is written by chunk 0, and sum(xq) is left in per-chunk parts (``Scratch.row_sums``).
     """
+    tl.static_assert(R == 1 or SSM == 0, "row statistics from the producer are read one row per program")
     grp = seg * M + m  # a split row's barrier group (R = 1)
     if R == 1:  # one row, below M (its callers'): a (4, W, 4) tile, scalar row statistics and no row masks; a
         # (1, 4, W, 4) tile compiled (Triton 3.6) to more barriers and shared-memory round trips, and made the
@@ -366,8 +361,8 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     # BitLinear: rmsnorm(v) * bw in fp32, per-token absmax int8
     if SSM == 2 or NCH > 1:
         if SSM == 2:  # both statistics from the producer
-            ss = _tile_parts(SSP, 0, NT, M, rows, NTB, False, R)
-            mvb = _tile_parts(SSP, 1, NT, M, rows, NTB, True, R)
+            ss = _tile_parts(SSP, 0, NT, M, rows, NTB, False)
+            mvb = _tile_parts(SSP, 1, NT, M, rows, NTB, True)
         else:  # a split row: max|xn| = r2 max|v bw| (r2 > 0; to fp32 rounding), so both row reductions meet at
             # one barrier instead of two (13b decode steps at batch 4 / 16, untuned schedules, H200: 3.314 /
             # 3.686 -> 2.979 / 3.377 ms with sum(xq) left in parts, bench/results/EXPERIMENTS.md)
