@@ -42,6 +42,8 @@ VARIANTS = {
     # none (the default: widths up to ``GraphDecoder.EARLY_WEIGHTS_MAX_D``)
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
     "no-early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): False},
+    # the decode GEMM's row tile the batch's size (at least 4) instead of 16 rows at every batch
+    "small-row-tile": {("mmf.kernels.ternary_gemm", "DECODE_ROW_TILE_MIN"): 4},
 }
 
 

@@ -125,7 +125,7 @@ def check_kernels(quick: bool):
     # every GEMM schedule the tuner may pick (both operand orders), plain and GLU pair, fp32 exact sums
     from mmf.kernels import ternary_gemv
 
-    for m in (16, 128):
+    for m in (5, 16, 128):
         n, k = 300, 2050
         codes = torch.randint(-1, 2, (2 * n, k), device="cuda", generator=g, dtype=torch.int8)
         x = torch.randn(m, k, device="cuda", generator=g) * 3
@@ -373,7 +373,8 @@ def check_gemm_variants(quick: bool):
     """The decode GEMM's weights-early schedules (``EARLY_WEIGHTS``) on the GPU, at 370m and 13b widths (quick:
     370m), 5 and 16 rows: ``gemm_pair_cases`` of every weights-early schedule against its K loop; and decoders
     with them (untuned, so on the first weights-early schedule) against the default on the 4096-wide, 2-layer
-    random fp32 model at batch 4 and 16 (quick: 4), fed the eager model's greedy tokens (``_decoder_pair``)."""
+    random fp32 model at batch 4 and 16 (quick: 4), fed the eager model's greedy tokens (``_decoder_pair``); and the
+    4- and 8-row tiles (``decode_row_tile``, at 3 and 5 rows) against the 16-row tile, four schedules."""
     from mmf.bench import overridden
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
@@ -383,6 +384,12 @@ def check_gemm_variants(quick: bool):
     with overridden({(tv, "TUNE"): False}):
         out += [dict(op="decode GEMM, one K block per program with its weights loaded before the wait vs the K loop",
                      **r) for r in gemm_pair_cases(widths, (5, 16), early_weight_pairs(tg._EARLY_WEIGHT_CONFIGS))]
+        for m in (3, 5):  # the least row tiles for 3-4 and 5-8 rows (DECODE_ROW_TILE_MIN) against 16 rows
+            bm = tg.decode_row_tile(m, least=4)
+            pairs = [(c, (bm,) + c[1:]) for c in ((16, 64, 256, 4, 1, 0, 0, 1), (16, 64, 256, 4, 1, 1, 0, 1),
+                                                   (16, 64, 128, 4, 4), (16, 64, 128, 4, 4, 1, 4))]
+            out += [dict(op=f"decode GEMM, the {bm}-row tile vs the 16-row tile", **r)
+                    for r in gemm_pair_cases(widths, (m,), pairs)]
         model = _wide_model()
         for batch in (4,) if quick else (4, 16):
             res = _decoder_pair(model, batch, {(tg, "EARLY_WEIGHTS"): True}, {})

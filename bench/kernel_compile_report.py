@@ -3,7 +3,7 @@
 Compiles ``kernels.ternary_gemm``'s decode kernels with the installed Triton for ``--arch`` (default sm_90a,
 Hopper), as the JIT specialises them for the decoder's shapes (pointers and row strides divisible by 16),
 and runs the ``ptxas`` that Triton bundles with ``-v`` on the PTX: registers per thread, bytes of spill
-stores, shared memory, PTX instructions. No GPU is needed, so a kernel change can be checked for spills,
+stores, shared memory, PTX instructions, CTA barriers. No GPU is needed, so a kernel change can be checked for spills,
 and for code that a refactor changed, before a GPU session. Variants (``--variants``):
 
 * ``default`` — ``_gemm_kernel`` as the pre-pass path launches it;
@@ -94,9 +94,11 @@ def compile_report(fn, consts: dict, num_warps: int, num_stages: int, arch: str 
     spills = re.search(r"(\d+) bytes spill stores", r.stderr)
     if regs is None:
         raise RuntimeError(f"ptxas: {r.stderr.strip()[-300:]}")
-    body = [ln for ln in ptx.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".", "$", "{", "}"))]
+    body = [ln.strip() for ln in ptx.split(".section")[0].splitlines()
+            if ln.strip() and not ln.strip().startswith(("//", ".", "$", "{", "}"))]
     return dict(registers=int(regs.group(1)), spill_bytes=int(spills.group(1)) if spills else 0,
-                shared_bytes=int(kernel.metadata.shared), ptx_instructions=len(body))
+                shared_bytes=int(kernel.metadata.shared), ptx_instructions=len(body),
+                barriers=sum(ln.startswith(("bar.sync", "barrier.sync")) for ln in body))
 
 
 def gemm_consts(cfg, epi: int, variant: dict) -> dict:
@@ -141,6 +143,9 @@ def main(argv=None) -> int:
                     help="instead of --rows' candidates: the schedules that load their one K block's weights before "
                          "the wait (ternary_gemm.EARLY_WEIGHTS), at the split counts of the 370m, 1.3b and 13b "
                          "projections (default: off)")
+    ap.add_argument("--row-tile", type=int, default=None,
+                    help="least row tile (BM) of decode batches, ternary_gemm.DECODE_ROW_TILE_MIN: --rows up to 16 "
+                         "compile at max(this, next power of two), --early-weights at this (default: the module's)")
     ap.add_argument("--arch", default="sm_90a", help="ptxas architecture (default: sm_90a)")
     ap.add_argument("--json-out", default=None, help="JSON output (default: none)")
     args = ap.parse_args(argv)
@@ -151,9 +156,11 @@ def main(argv=None) -> int:
         rows = [int(r) for r in args.rows.split(",")]
     except ValueError:
         rows = []
-    if bad or not rows or args.max_schedules < 1 or not re.fullmatch(r"sm_\d+a?", args.arch):
+    tile_ok = args.row_tile is None or args.row_tile in (1, 2, 4, 8, 16)
+    if bad or not rows or args.max_schedules < 1 or not tile_ok or not re.fullmatch(r"sm_\d+a?", args.arch):
         print(f"kernel_compile_report: {', '.join(bad) or 'arguments'}: give variants of {', '.join(VARIANTS)}, "
-              "epilogues of store, residual, glu, row counts, --max-schedules 1 or more, --arch like sm_90a",
+              "epilogues of store, residual, glu, row counts, --max-schedules 1 or more, --row-tile 1, 2, 4, 8 or 16, "
+              "--arch like sm_90a",
               file=sys.stderr)
         return 2
     if ptxas_path() is None:
@@ -166,12 +173,16 @@ def main(argv=None) -> int:
     from mmf.bench import write_json
     from mmf.kernels import ternary_gemm as tg
 
-    out = dict(triton=triton.__version__, arch=args.arch, rows=[])
+    least = tg.DECODE_ROW_TILE_MIN if args.row_tile is None else args.row_tile
+    out = dict(triton=triton.__version__, arch=args.arch, row_tile_min=least, rows=[])
     names = {e: n for n, e in epis.items()}
+
+    def tiled(m, cfg):  # the candidate at the row tile of --row-tile
+        return (tg.decode_row_tile(m, least),) + tuple(cfg[1:]) if m <= 16 else cfg
     if args.early_weights:
-        cases = [(16, cfg, epi, split) for cfg, epi, split in early_weight_cases()]
+        cases = [(least, tiled(least, cfg), epi, split) for cfg, epi, split in early_weight_cases()]
     else:
-        cases = [(m, cfg, epis[e], None) for m in rows for cfg in tg._gemm_configs(m)[:args.max_schedules]
+        cases = [(m, tiled(m, cfg), epis[e], None) for m in rows for cfg in tg._gemm_configs(m)[:args.max_schedules]
                  for e in args.epilogues.split(",")]
     for m, cfg, epi, split in cases:
         for v in variants:
@@ -181,9 +192,9 @@ def main(argv=None) -> int:
                                     epilogue=names[epi], variant=v, **rep))
             print(out["rows"][-1], flush=True)
     print(tabulate([[r["rows"], r["schedule"], r["epilogue"], r["variant"], r["registers"], r["spill_bytes"],
-                     r["shared_bytes"], r["ptx_instructions"]] for r in out["rows"]],
+                     r["shared_bytes"], r["ptx_instructions"], r["barriers"]] for r in out["rows"]],
                    headers=["rows", "schedule", "epilogue", "variant", "registers", "spill bytes", "shared bytes",
-                            "PTX instr."]))
+                            "PTX instr.", "barriers"]))
     if args.json_out:
         write_json(args.json_out, out)
     return 0

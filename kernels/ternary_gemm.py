@@ -433,9 +433,25 @@ def _early_weights(asked: bool) -> bool:
     return asked if EARLY_WEIGHTS is None else bool(EARLY_WEIGHTS)
 
 
+# BM of the decode GEMM's tile is the batch's row count to the next power of two, at least this (16: one tile
+# size for every decode batch, the schedules timed so far). The products are padded to the tensor core's 16 rows
+# either way (``tl.dot`` takes fewer), but with a smaller tile the loads, the epilogue and the row statistics
+# cover only the batch's rows: offline sm_90a compiles (Triton 3.6, ``bench/kernel_compile_report.py
+# --row-tile 4``) of the decoder's schedules at 4 rows have 20-37 % fewer instructions than at 16 and as many
+# barriers or fewer (at 2 some gained barriers, so 4 is the least offered). Not yet timed on a GPU: 16 stays the
+# default until it is (``batched_decode --variants default,small-row-tile``).
+DECODE_ROW_TILE_MIN = 16
+
+
+def decode_row_tile(m: int, least: int | None = None) -> int:
+    """BM of a decode batch of ``m`` <= 16 rows: the next power of two, at least ``least`` (default
+    ``DECODE_ROW_TILE_MIN``)."""
+    return max(DECODE_ROW_TILE_MIN if least is None else least, triton.next_power_of_2(m))
+
+
 def _gemm_configs(m: int, early_weights: bool = False):
     """(BM, BN, BK, warps, stages[, swap[, split[, weights early]]]) candidates by row count; the first is the
-    interpreter's.
+    interpreter's. Up to 16 rows, BM is ``decode_row_tile(m)``.
 
     swap = 1: the weights are the left operand of the products (out^T = W x^T); split > 1: K split over
     that many programs per tile (decode batches: a 5120-row projection in 64-row tiles is 80 programs,
@@ -444,14 +460,16 @@ def _gemm_configs(m: int, early_weights: bool = False):
     batches up to 16 rows; see ``EARLY_WEIGHTS``)."""
     early = _early_weights(early_weights) and m <= 16
     if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
-        return [(16, 64, 32, 4, 1, 0, 0, 1) if early else (16, 64, 32, 4, 1)]
-    if m <= 16:
-        return (_EARLY_WEIGHT_CONFIGS if early else []) + [
+        cands = [(16, 64, 32, 4, 1, 0, 0, 1) if early else (16, 64, 32, 4, 1)]
+    elif m <= 16:
+        cands = (_EARLY_WEIGHT_CONFIGS if early else []) + [
                 (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4),
                 (16, 32, 256, 4, 3), (16, 128, 256, 8, 3), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 3, 1),
                 (16, 64, 256, 4, 3, 1), (16, 64, 128, 4, 6, 1), (16, 64, 128, 4, 4, 1, 2), (16, 64, 128, 4, 4, 1, 4),
                 (16, 64, 128, 4, 4, 1, 8), (16, 128, 128, 4, 3, 1, 2), (16, 128, 128, 4, 3, 1, 4),
                 (16, 64, 256, 4, 3, 1, 4), (16, 64, 128, 4, 4, 0, 4)]
+    if INTERPRET or m <= 16:
+        return [(decode_row_tile(m),) + c[1:] for c in cands] if m <= 16 else cands
     if m <= 64:  # narrow weight tiles too: a 2048-row projection is 32 programs of 64 rows
         return [(64, 64, 128, 4, 3, 1), (64, 64, 256, 4, 3, 1), (32, 64, 128, 4, 4), (64, 128, 128, 4, 3),
                 (64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 128, 128, 4, 3, 1), (64, 32, 128, 4, 4, 1),
@@ -614,9 +632,9 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
              pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
     if stats_out is not None:
         a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
-    mb = 16 if m <= 16 else (64 if m <= 64 else 128)
+    mb = decode_row_tile(m) if m <= 16 else (64 if m <= 64 else 128)  # the row tile (decode: of this batch)
     key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
-    early = _early_weights(early_weights) and mb == 16
+    early = _early_weights(early_weights) and m <= 16
     if early:  # more candidates: tuned afresh
         key = key + ("early-weights",)
     time_of = None

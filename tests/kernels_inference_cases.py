@@ -94,14 +94,16 @@ def test_gemm_operand_orders(swap):
     sw = torch.tensor([0.9])
     sc = ternary_gemv.Scratch(1, m, k, "cpu")
     ternary_gemm.quantize(x, nw, sc)
-    cfg = (16, 64, 32, 4, 1, swap)
-    out = torch.full((m, 2 * n), float("nan"), dtype=torch.float16)
-    ternary_gemm.gemm(sc, [pack_i2(codes)], sw, out, k=k, config=cfg)
     ref = reference.bitlinear_frozen(x, nw[0], codes, sw[0])
-    check_rows(out, ref, torch.float16)
-    glu = torch.full((m, n), float("nan"), dtype=torch.float16)
-    ternary_gemm.gemm(sc, [pack_i2(codes)], sw, glu, k=k, epi=ternary_gemv.EPI_GLU, config=cfg)
-    check_rows(glu, _glu_ref(ref, torch.float16), torch.float16)
+    assert ternary_gemm.decode_row_tile(m, least=4) == 8
+    for bm in (16, 8):  # the 16-row tile and the least tile for 5 rows (rows 5-7 of it padding)
+        cfg = (bm, 64, 32, 4, 1, swap)
+        out = torch.full((m, 2 * n), float("nan"), dtype=torch.float16)
+        ternary_gemm.gemm(sc, [pack_i2(codes)], sw, out, k=k, config=cfg)
+        check_rows(out, ref, torch.float16)
+        glu = torch.full((m, n), float("nan"), dtype=torch.float16)
+        ternary_gemm.gemm(sc, [pack_i2(codes)], sw, glu, k=k, epi=ternary_gemv.EPI_GLU, config=cfg)
+        check_rows(glu, _glu_ref(ref, torch.float16), torch.float16)
 
 
 @pytest.mark.parametrize("m,n,k", [(19, 23, 150), (33, 13, 37)])
@@ -431,7 +433,8 @@ def test_quant_chunks_fit_the_gpu_and_the_decoder_splits_only_wide_small_batches
 def test_gemm_split_k(swap):
     """Split-K (K in 2 or 3 parts per tile, met in a workspace by the tile's last program): the same output
     bit for bit as one part, plain with 2 segments, residual and GLU pair; partial tiles, a short last part;
-    the counters are left at zero for the next launch."""
+    the counters are left at zero for the next launch. The split launches run on the least row tile for 3 rows
+    (``decode_row_tile``: 4), the one-part launches on 16 rows: the integer sums, so the outputs, are the same."""
     g = torch.Generator().manual_seed(31 + swap)
     m, n, k = 3, 70, 530  # 133 bytes: five BK = 32 blocks (the last partial); 70 rows: two tiles of 64
     x = torch.randn(m, k, generator=g).to(torch.float16)
@@ -452,7 +455,8 @@ def test_gemm_split_k(swap):
             want = torch.full(shape, float("nan"), dtype=torch.float16)
             got = torch.full(shape, float("nan"), dtype=torch.float16)
             ternary_gemm.gemm(sc, ws, sws, want, k=k, epi=epi, config=(16, 64, 32, 4, 1, swap), **kw)
-            ternary_gemm.gemm(sc, ws, sws, got, k=k, epi=epi, config=(16, 64, 32, 4, 1, swap, split), **kw)
+            ternary_gemm.gemm(sc, ws, sws, got, k=k, epi=epi, config=(ternary_gemm.decode_row_tile(m, 4), 64, 32, 4, 1,
+                                                                       swap, split), **kw)
             assert torch.equal(got, want), (split, epi)
             assert int(ternary_gemm._SPLIT_BUF["cpu"][1].abs().sum()) == 0
     ref = reference.bitlinear_frozen(x, nw[0], codes[0], sw[0])
@@ -478,7 +482,7 @@ def test_gemm_row_stats_feed_the_next_pre_pass(swap):
     bw = (torch.rand(1, d, generator=g) + 0.5).to(torch.float16)
     state, lb = torch.randn(m, d, generator=g), torch.rand(d, generator=g) * 0.5
     res = torch.randn(m, d, generator=g).to(torch.float16)
-    for cfg in ((16, 64, 32, 4, 1, swap), (16, 64, 32, 4, 1, swap, 3)):
+    for cfg in ((16, 64, 32, 4, 1, swap), (4, 64, 32, 4, 1, swap, 3)):  # 16 rows; the least tile for 3 rows
         cases = (  # (producer kwargs, output shape, stats weight, segment, consumer prologue kwargs)
             (dict(weights=[p[:d] for p in packed], scales=sw), (m, 3 * d), None, 2,
              dict(pro=ternary_gemv.PRO_MLGRU, s_in=state, lower_bound=lb, norm_weight=nw[0, :d])),
@@ -670,7 +674,7 @@ def test_gemm_early_weights_are_bit_equal(monkeypatch, chunks):
     sum(xq) in the parts a split pre-pass leaves."""
     from mmf.bench import kernel_bench as kb
 
-    pairs = kb.early_weight_pairs([(16, 64, 32, 4, 1, 0, 0, 1), (16, 32, 32, 4, 1, 1, 0, 1)])
+    pairs = kb.early_weight_pairs([(16, 64, 32, 4, 1, 0, 0, 1), (8, 32, 32, 4, 1, 1, 0, 1)])  # 16 rows; the least for 5
     launches = _Launches(ternary_gemm._gemm_kernel)
     monkeypatch.setattr(ternary_gemm, "_gemm_kernel", launches)
     rows = kb.gemm_pair_cases([(70, 150)], (5,), pairs, "cpu", chunks=chunks)

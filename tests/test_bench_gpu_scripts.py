@@ -143,6 +143,12 @@ def test_kernel_compile_report_compiles_for_a_gpu_that_is_not_here(tmp_path, cap
     early = json.loads(out.read_text())["rows"]  # weights before the wait, no K loop: no pipeline buffers
     assert [r["schedule"] for r in early] == ["(16, 64, 256, 4, 1, 0, 0, 1) x14"], early
     assert all(r["spill_bytes"] == 0 and r["shared_bytes"] <= 32768 for r in early), early
+    # the least row tile of 4 (ternary_gemm.DECODE_ROW_TILE_MIN) at 3 rows: fewer instructions than 16 rows'
+    assert kcr.main(["--rows", "3", "--row-tile", "4", "--max-schedules", "1", "--epilogues", "residual",
+                     "--variants", "default", "--json-out", str(out)]) == 0
+    small = json.loads(out.read_text())["rows"]
+    assert [r["schedule"] for r in small] == ["(4," + rows[0]["schedule"][len("(16,"):]], (small, rows)
+    assert small[0]["ptx_instructions"] < rows[0]["ptx_instructions"] and small[0]["barriers"] > 0, (small, rows)
     capsys.readouterr()
     assert kcr.main(["--variants", "fast"]) == 2
     err = capsys.readouterr().err
