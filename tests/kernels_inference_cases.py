@@ -585,7 +585,8 @@ def test_decode_gemm_chain_rows(monkeypatch):
 def test_graph_decoder_with_the_early_weights(monkeypatch):
     """The decoder with ``EARLY_WEIGHTS`` (here: the interpreter's schedule with one K block per program, its
     weights loaded before the wait) gives logits equal bit for bit to the decoder without them, over a prefill
-    and two steps at batch 3, and the kernels were launched with them. By default (``EARLY_WEIGHTS`` None) the
+    and two steps at batch 3, and the kernels were launched with them; so does the one whose steps run the
+    4-row tile (``DECODE_ROW_TILE_MIN`` 4). By default (``EARLY_WEIGHTS`` None) the
     decoder asks for the weights-early schedules up to ``EARLY_WEIGHTS_MAX_D`` wide and not beyond."""
     from conftest import small_model
 
@@ -598,10 +599,13 @@ def test_graph_decoder_with_the_early_weights(monkeypatch):
     monkeypatch.setattr(ternary_gemm, "_gemm_kernel", launches)
     # (settings, the decoder's widest model for weights-early schedules, WEARLY expected in prefill and steps):
     # forced on, every GEMM of 16 rows or less takes them (the prefill's 15 rows too); asked for by the decoder,
-    # its decode steps only
-    settings = (({"EARLY_WEIGHTS": True}, 0, (True, True)),
-                ({"EARLY_WEIGHTS": None}, model.config.hidden_size - 1, (False, False)),
-                ({"EARLY_WEIGHTS": None}, GraphDecoder.EARLY_WEIGHTS_MAX_D, (False, True)))
+    # its decode steps only; and with the least row tile 4 (``DECODE_ROW_TILE_MIN``), the steps' 3 rows on a
+    # 4-row tile
+    t16, t4 = {"DECODE_ROW_TILE_MIN": 16}, {"DECODE_ROW_TILE_MIN": 4}
+    settings = (({"EARLY_WEIGHTS": True} | t16, 0, (True, True)),
+                ({"EARLY_WEIGHTS": None} | t16, model.config.hidden_size - 1, (False, False)),
+                ({"EARLY_WEIGHTS": None} | t16, GraphDecoder.EARLY_WEIGHTS_MAX_D, (False, True)),
+                ({"EARLY_WEIGHTS": True} | t4, 0, (True, True)))
     assert model.config.hidden_size <= GraphDecoder.EARLY_WEIGHTS_MAX_D
     decs = []
     for st, max_d, _ in settings:
@@ -619,6 +623,9 @@ def test_graph_decoder_with_the_early_weights(monkeypatch):
             launches.kw.clear()
             outs.append(dec.prefill(ids) if step == 0 else dec.step(tok))
             assert launches.kw and all(kw["WEARLY"] == wearly[step > 0] for kw in launches.kw), (step, wearly)
+            bm = st["DECODE_ROW_TILE_MIN"]  # 3 rows: the steps, and the prefill's head (its last tokens)
+            want = [bm] * len(launches.kw) if step > 0 else [16] * (len(launches.kw) - 1) + [bm]
+            assert [kw["BM"] for kw in launches.kw] == want, (step, st)
         assert torch.isfinite(outs[0]).all() and all(torch.equal(outs[0], o) for o in outs[1:]), step
         tok = outs[0].argmax(-1)
 
