@@ -44,6 +44,8 @@ VARIANTS = {
     "no-early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): False},
     # the decode GEMM's row tile the batch's size (at least 4) instead of 16 rows at every batch
     "small-row-tile": {("mmf.kernels.ternary_gemm", "DECODE_ROW_TILE_MIN"): 4},
+    # GEMMs of 2-16 rows quantising their own input from their producer's row statistics (``ternary_gemm_sq``)
+    "self-quant": {("mmf.decode_graph:GraphDecoder", "SELF_QUANT"): "always"},
 }
 
 
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
-    from mmf.bench.kernel_bench import check_decoder, check_gemm_variants, check_row_stats, row_stats_errors
+    from mmf.bench.kernel_bench import (check_decoder, check_gemm_variants, check_row_stats, check_self_quant,
+                                        row_stats_errors)
     from mmf.decode_graph import GraphDecoder
     from mmf.kernels import ternary_gemv as tv
 
@@ -197,7 +200,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     save()
     if not args.no_checks:
-        for r in check_decoder(quick=False) + check_row_stats(quick=False) + check_gemm_variants(quick=False):
+        for r in (check_decoder(quick=False) + check_row_stats(quick=False) + check_gemm_variants(quick=False)
+                  + check_self_quant(quick=False)):
             print(r, flush=True)
             results["checks"].append(r)
         save()

@@ -690,3 +690,105 @@ def test_gemm_early_weights_are_bit_equal(monkeypatch, chunks):
     assert len(rows) == 4 * len(pairs) and all(r["pre_pass_programs_per_row"] == chunks for r in rows)
     bad = [r for r in rows if not (r["bit_equal"] and r["outputs_written"])]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("m,k,n,nseg,epi,pro,swap", [
+    (3, 150, 70, 1, ternary_gemv.EPI_STORE, ternary_gemv.PRO_PLAIN, 0),
+    (5, 150, 70, 3, ternary_gemv.EPI_STORE, ternary_gemv.PRO_NORM, 1),
+    (4, 150, 40, 1, ternary_gemv.EPI_GLU, ternary_gemv.PRO_NORM, 0),
+    (2, 61, 33, 1, ternary_gemv.EPI_RESIDUAL, ternary_gemv.PRO_PLAIN, 1),
+    (12, 140, 40, 1, ternary_gemv.EPI_GLU, ternary_gemv.PRO_NORM, 1)])
+def test_gemm_sq_matches_the_pre_pass_and_gemm(monkeypatch, m, k, n, nseg, epi, pro, swap):
+    """``gemm_sq`` (each program quantising its own K slice from the row statistics that the GEMM which wrote
+    its input left) against ``quantize`` + ``gemm`` on that input, fp32: the same outputs to fp32 rounding (the
+    statistics add in another order); the statistics it leaves for the next projection those that ``gemm``
+    leaves; odd K over one K block of 32 bytes or two (split-K parts met), both operand orders, the plain and
+    the norm prologue, every epilogue."""
+    import triton
+
+    from mmf.kernels import ternary_gemm_sq
+
+    launches = _Launches(ternary_gemm_sq._gemm_sq_kernel)
+    monkeypatch.setattr(ternary_gemm_sq, "_gemm_sq_kernel", launches)
+    g = torch.Generator().manual_seed(m * 100 + k)
+    glu, norm = epi == ternary_gemv.EPI_GLU, pro == ternary_gemv.PRO_NORM
+    bit_norm, nw = torch.rand(nseg, k, generator=g) + 0.5, torch.rand(k, generator=g) + 0.5
+    # the producer: a GEMM writing x (m, k) from random rows, leaving the statistics this consumer reads
+    kp = 90
+    x0 = torch.randn(m, kp, generator=g) * 2
+    wp = [pack_i2(rand_codes(k, kp, g))]
+    stats = ternary_gemm.RowStats(m, k, "cpu", 2 + nseg)
+    scp = ternary_gemv.Scratch(1, m, kp, "cpu")
+    x = torch.full((m, k), float("nan"))
+    ternary_gemm.quantize(x0, torch.rand(1, kp, generator=g) + 0.5, scp, k=kp)
+    ternary_gemm.gemm(scp, wp, torch.rand(1, generator=g) + 0.5, x, k=kp,
+                      stats_out=(stats, bit_norm, 0, nw) if norm else (stats, bit_norm[0], 0))
+    assert stats.nt > 0 and torch.isfinite(x).all()
+    ws = [pack_i2(rand_codes(2 * n if glu else n, k, g)) for _ in range(nseg)]
+    sw = torch.rand(nseg, generator=g) + 0.5
+    res = torch.randn(m, n * nseg, generator=g) if epi == ternary_gemv.EPI_RESIDUAL else None
+    width = n if glu else n * nseg
+    outs, after = [], []
+    for fused in (False, True):
+        out = torch.full((m, width), float("nan"))
+        # the statistics this output leaves for a plain consumer (segment 0)
+        after.append(ternary_gemm.RowStats(m, width, "cpu"))
+        so = (after[-1], torch.rand(width, generator=torch.Generator().manual_seed(1)) + 0.5, 0)
+        if fused:
+            ternary_gemm_sq.gemm_sq(x, bit_norm, ws, sw, out, k=k, stats=stats, pro=pro, epi=epi, residual=res,
+                                    norm_weight=nw if norm else None, stats_out=so,
+                                    config=(16, 32, 32, 4, 1, swap, 0, 1))
+        else:
+            sc = ternary_gemv.Scratch(nseg, m, k, "cpu")
+            ternary_gemm.quantize(x, bit_norm, sc, nseg=nseg, k=k, pro=pro, norm_weight=nw if norm else None)
+            ternary_gemm.gemm(sc, ws, sw, out, k=k, epi=epi, residual=res, stats_out=so,
+                              config=(16, 32, 32, 4, 1, swap, 0, 1))  # the same tiles
+        outs.append(out)
+    assert torch.isfinite(outs[1]).all() and not torch.equal(outs[0], torch.zeros_like(outs[0]))
+    rel = ((outs[1] - outs[0]).abs() / outs[0].abs().clamp_min(1e-3)).max().item()
+    assert rel < 1e-5, rel
+    a, b = (s.buf[:2 * s.nt * m].view(2, s.nt, m) for s in after)
+    assert after[0].nt == after[1].nt and torch.allclose(a, b, rtol=1e-5, atol=0) and (a[0] > 0).all()
+    assert launches.kw and all(kw["RB"] == max(4, triton.next_power_of_2(m)) and kw["STATS"] == 2 for kw in launches.kw)
+
+
+def test_graph_decoder_with_self_quantising_gemms(monkeypatch):
+    """The decoder whose decode GEMMs quantise their own input from their producers' row statistics
+    (``SELF_QUANT = "always"``) launches ``gemm_sq`` for every projection but the first layer's i/f/g and the o
+    projections, gives the eager model's greedy tokens, and logits within fp32 rounding of the decoder with
+    pre-passes; a bad setting is refused with the valid ones."""
+    from conftest import small_model
+
+    from mmf.decode_graph import GraphDecoder
+    from mmf.errors import MMFError
+    from mmf.kernels import ternary_gemm_sq
+
+    model = small_model("mmf", seed=9, intermediate_size=90).freeze()
+    L = model.config.num_hidden_layers
+    torch.manual_seed(9)
+    ids = torch.randint(3, 259, (3, 6))
+    sq_launches = _Launches(ternary_gemm_sq._gemm_sq_kernel)
+    pair_launches = _Launches(ternary_gemm._gemm_kernel)
+    monkeypatch.setattr(ternary_gemm_sq, "_gemm_sq_kernel", sq_launches)
+    monkeypatch.setattr(ternary_gemm, "_gemm_kernel", pair_launches)
+    monkeypatch.setattr(GraphDecoder, "SELF_QUANT", "always")
+    dec = GraphDecoder(model, 3)
+    assert dec.self_quant and dec.row_stats is None
+    _decode_like_eager(dec, model, ids)
+    monkeypatch.setattr(GraphDecoder, "SELF_QUANT", "never")
+    ref = GraphDecoder(model, 3)
+    assert ref.self_quant is None
+    tok = torch.tensor([5, 6, 7])
+    dec.prefill(ids)
+    ref.prefill(ids)
+    sq_launches.kw.clear()
+    pair_launches.kw.clear()
+    a = dec.step(tok)
+    assert len(sq_launches.kw) == 3 * L  # i/f/g after the first layer, gate/up, down, the head
+    assert len(pair_launches.kw) == L + 1  # the first i/f/g and every o projection
+    assert {kw["PRO"] for kw in sq_launches.kw} == {ternary_gemv.PRO_PLAIN, ternary_gemv.PRO_NORM}
+    assert [kw["STATS"] for kw in pair_launches.kw] == [0] + [3] * L
+    assert _rel_rows(a, ref.step(tok)).max() < 1e-4
+    monkeypatch.setattr(GraphDecoder, "SELF_QUANT", "sometimes")
+    with pytest.raises(MMFError, match="never or always"):
+        GraphDecoder(model, 3)
