@@ -77,28 +77,14 @@ def _scales(SS, NT, M, K, seg, eps_model, eps_bl, PRO: tl.constexpr, RB: tl.cons
 
 
 @triton.jit
-def _to_rows(v, RB: tl.constexpr, BM: tl.constexpr):
-    """(RB,) per-row values as (BM,), rows RB .. BM - 1 zero."""
-    if RB == BM:
-        return v
-    sel = tl.arange(0, BM)[:, None] == tl.arange(0, RB)[None, :]
-    return tl.sum(tl.where(sel, v[None, :], tl.zeros_like(v)[None, :]), 1)  # in v's dtype
-
-
-@triton.jit
-def _widen(q, SWAP: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """The (RB, BK) (SWAP: (BK, RB)) int8 activations of RB rows as the tile's (BM, BK) (SWAP: (BK, BM)), rows
-    from RB on zero: quantising the slice on RB rows instead of BM saves BM / RB of its arithmetic."""
-    if RB < BM:
-        if SWAP:
-            w = tl.reshape(tl.broadcast_to(q[:, None, :], (BK, BM // RB, RB)), (BK, BM))
-            w = tl.where((tl.arange(0, BM) < RB)[None, :], w, 0)
-        else:
-            w = tl.reshape(tl.broadcast_to(q[None, :, :], (BM // RB, RB, BK)), (BM, BK))
-            w = tl.where((tl.arange(0, BM) < RB)[:, None], w, 0)
-    else:
-        w = q
-    return w
+def _operand(q, SWAP: tl.constexpr):
+    """The int8 activations of a (BM, BK) plane as the product's operand: transposed (BK, BM) with SWAP (the
+    weights on the left). The slice is loaded and quantised in the rows' orientation either way: loaded as
+    (BK, BM), the rows' contiguous bytes run down the tile's columns."""
+    q = q.to(tl.int8)
+    if SWAP:
+        q = tl.trans(q)
+    return q
 
 
 @triton.jit
@@ -130,10 +116,10 @@ def _quant_plane(v, valid, nw, bw, rb, r2b, sxb, PRO: tl.constexpr, DT: tl.const
 def _gemm_sq_kernel(X, sxm, NW, BWN, eps_model, eps_bl, SS, NT, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, K, P,
                     WS, CTR, SSO, SSWO, SNWO, PRO: tl.constexpr, EPI: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr,
-                    SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr, RB: tl.constexpr,
+                    SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
                     NTB: tl.constexpr, STATS: tl.constexpr, SNB: tl.constexpr):
     """Program pid of segment seg: K block pid % SPLIT (BK bytes) of weight tile pid // SPLIT (module doc);
-    M <= RB <= BM rows, one row tile. STATS > 0: the epilogue of segment 0 leaves its output's ``RowStats`` at
+    M <= BM rows, one row tile. STATS > 0: the epilogue of segment 0 leaves its output's ``RowStats`` at
     SSO (``ternary_gemm._row_stats``)."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
@@ -147,13 +133,8 @@ def _gemm_sq_kernel(X, sxm, NW, BWN, eps_model, eps_bl, SS, NT, W0, W1, W2, SW, 
     rn = pid_n * BN + tl.arange(0, BN)
     kk = part * BK + tl.arange(0, BK)
     n_rows = 2 * N if EPI == 2 else N
-    rr = tl.arange(0, RB)
-    if SWAP:  # this block's activations (BK, RB), the weights on the left
-        rows = rr[None, :]
-        jj = kk[:, None]
-    else:
-        rows = rr[:, None]
-        jj = kk[None, :]
+    rows = tl.arange(0, BM)[:, None]  # this block's activations (BM, BK); with SWAP transposed for the product
+    jj = kk[None, :]
     # no kernel writes the weights or the norm weights: loaded before the wait
     wb, wb2 = _w_block(Wp, rn, kk, P, n_rows, N, EPI, SWAP)
     c0, m0, nw0, bw0 = _plane(NW, BWN, seg, rows, jj, 0, M, P, K, PRO)
@@ -168,28 +149,23 @@ def _gemm_sq_kernel(X, sxm, NW, BWN, eps_model, eps_bl, SS, NT, W0, W1, W2, SW, 
     x1 = tl.load(X + rows * sxm + c1, mask=m1, other=0.0).to(tl.float32)
     x2 = tl.load(X + rows * sxm + c2, mask=m2, other=0.0).to(tl.float32)
     x3 = tl.load(X + rows * sxm + c3, mask=m3, other=0.0).to(tl.float32)
-    r, r2, sx = _scales(SS, NT, M, K, seg, eps_model, eps_bl, PRO, RB, NTB)
+    r, r2, sx = _scales(SS, NT, M, K, seg, eps_model, eps_bl, PRO, BM, NTB)
+    rb, r2b, sxb = r[:, None], r2[:, None], sx[:, None]
     if SWAP:
-        rb, r2b, sxb = r[None, :], r2[None, :], sx[None, :]
         acc = tl.zeros((BN, BM), tl.int32)
     else:
-        rb, r2b, sxb = r[:, None], r2[:, None], sx[:, None]
         acc = tl.zeros((BM, BN), tl.int32)
     acc2 = acc
     q0 = _quant_plane(x0, m0, nw0, bw0, rb, r2b, sxb, PRO, DT, USE_ASM)
     q1 = _quant_plane(x1, m1, nw1, bw1, rb, r2b, sxb, PRO, DT, USE_ASM)
     q2 = _quant_plane(x2, m2, nw2, bw2, rb, r2b, sxb, PRO, DT, USE_ASM)
     q3 = _quant_plane(x3, m3, nw3, bw3, rb, r2b, sxb, PRO, DT, USE_ASM)
-    acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _widen(q0.to(tl.int8), SWAP, RB, BM, BK), 0, EPI, SWAP, USE_ASM)
-    acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _widen(q1.to(tl.int8), SWAP, RB, BM, BK), 1, EPI, SWAP, USE_ASM)
-    acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _widen(q2.to(tl.int8), SWAP, RB, BM, BK), 2, EPI, SWAP, USE_ASM)
-    acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _widen(q3.to(tl.int8), SWAP, RB, BM, BK), 3, EPI, SWAP, USE_ASM)
-    q = q0 + q1 + q2 + q3
-    if SWAP:
-        qsum = _to_rows(tl.sum(q, 0), RB, BM)
-    else:
-        qsum = _to_rows(tl.sum(q, 1), RB, BM)
-    sx = tl.where(rm < M, _to_rows(sx, RB, BM), 1.0)  # rows past M: 1, never divided by 0
+    acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _operand(q0, SWAP), 0, EPI, SWAP, USE_ASM)
+    acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _operand(q1, SWAP), 1, EPI, SWAP, USE_ASM)
+    acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _operand(q2, SWAP), 2, EPI, SWAP, USE_ASM)
+    acc, acc2 = _plane_dot(acc, acc2, wb, wb2, _operand(q3, SWAP), 3, EPI, SWAP, USE_ASM)
+    qsum = tl.sum(q0 + q1 + q2 + q3, 1)
+    sx = tl.where(rm < M, sx, 1.0)  # rows past M: 1, never divided by 0
     # codes are w + 1: each K part takes its own slice's sum(xq) off, so the parts add up to sum(w x)
     if SWAP:
         acc -= qsum[None, :]
@@ -230,7 +206,7 @@ def _launch(cfg, a):
         *a["head"], st.buf, st.nt, a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"], a["so_m"],
         a["sr_m"], a["m"], a["n"], a["k"], a["p"], ws, ctr, so[0].buf if stats else ws, so[1] if stats else ws,
         so[3] if stats == 3 else ws, PRO=a["pro"], EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
-        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, RB=bm,
+        USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split,
         NTB=triton.next_power_of_2(st.nt), STATS=stats, SNB=so[1].shape[0] if stats == 3 else 1, num_warps=nw,
         num_stages=1, **({"launch_pdl": True} if a["pdl"] else {}))
 

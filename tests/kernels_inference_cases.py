@@ -749,7 +749,7 @@ def test_gemm_sq_matches_the_pre_pass_and_gemm(monkeypatch, m, k, n, nseg, epi, 
     assert rel < 1e-5, rel
     a, b = (s.buf[:2 * s.nt * m].view(2, s.nt, m) for s in after)
     assert after[0].nt == after[1].nt and torch.allclose(a, b, rtol=1e-5, atol=0) and (a[0] > 0).all()
-    assert launches.kw and all(kw["RB"] == max(4, triton.next_power_of_2(m)) and kw["STATS"] == 2 for kw in launches.kw)
+    assert launches.kw and all(kw["BM"] == max(4, triton.next_power_of_2(m)) and kw["STATS"] == 2 for kw in launches.kw)
 
 
 def test_graph_decoder_with_self_quantising_gemms(monkeypatch):
