@@ -322,18 +322,23 @@ def _quant_row(m, seg, X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, XQ, SX, SUMX, K
     if R == 1:
         rvalid = valid
         rmask = None
+        kc, cvalid = k, valid
     else:
         rvalid = valid & (r4 < M)
         rmask = rows < M
-    bw = tl.load(BWN + seg * K + k, mask=valid, other=0.0).to(tl.float32)
+        # the per-column constants on the rows' whole (R, 4, W, 4) tile (each row loads them again, from L1): on
+        # a (1, 4, W, 4) tile they took another layout, converted through shared memory after the wait (Triton
+        # 3.6, sm_90a: 370m two-row i/f/g GEMV 26 -> 18 barriers, bench/results/EXPERIMENTS.md)
+        kc, cvalid = k + r4 * 0, valid & (r4 >= 0)
+    bw = tl.load(BWN + seg * K + kc, mask=cvalid, other=0.0).to(tl.float32)
     if PRO != 0:
-        nw = tl.load(NW + k, mask=valid, other=0.0).to(tl.float32)
+        nw = tl.load(NW + kc, mask=cvalid, other=0.0).to(tl.float32)
     if PRO >= 2:
         s_prev = tl.load(S_IN + r4 * K + k, mask=rvalid, other=0.0)
     if PRO == 3:
         lb = 0.0  # read by _mlgru_gates only with HAS_LB
         if HAS_LB:
-            lb = tl.load(LB + k, mask=valid, other=0.0)
+            lb = tl.load(LB + kc, mask=cvalid, other=0.0)
     if WAIT:  # everything above is this step's constants; X and G are the previous kernel's output
         gdc_wait()
         gdc_launch_dependents()
@@ -570,6 +575,12 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
         sumx = tl.zeros((BM,), tl.int32) + suma
     else:  # each row's planes are read again for each row block (from L1); the sums from the prologue
         sumx = tl.load(SUMX + seg * M + rm, mask=rm < M, other=0)
+        tl.static_assert(BM == 2, "the GEMV takes one or two rows (GEMV_MAX_ROWS)")
+        # each row's sum(xq) and s_x as (1,) operands of its own epilogue (below)
+        sumx0 = tl.zeros((1,), tl.int32) + tl.sum(tl.where(rm == 0, sumx, 0))
+        sumx1 = tl.zeros((1,), tl.int32) + tl.sum(tl.where(rm == 1, sumx, 0))
+        sx0 = tl.zeros((1,), tl.float32) + tl.sum(tl.where(rm == 0, sxv, 0.0))
+        sx1 = tl.zeros((1,), tl.float32) + tl.sum(tl.where(rm == 1, sxv, 0.0))
     nblocks = tl.cdiv(N, BN)
     for blk in range(pid, nblocks, NPROG):
         rows = blk * BN + tl.arange(0, BN)
@@ -584,20 +595,26 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
             if EPI == 2:
                 d2 = _dot_pieces(u1, u2, u3, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, PW2, PW3,
                                  USE_ASM)
-        else:
-            d = tl.zeros((BM, BN), tl.int32)
-            d2 = d
+            _epilogue(d, d2, sumx, sxv, sw, rm, rows, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
+        else:  # each row's (1, BN) products through the epilogue on their own, as one row's: merged into a (BM, BN)
+            # tile they were converted through shared memory per row and block (Triton 3.6, sm_90a)
             for r in tl.static_range(BM):
                 b10, b11, b12, b13, b20, b21, b22, b23, b30, b31, b32, b33, _ = _act_row(
                     xa + r * 4 * PW, PW, M, r, PW1, PW2, PW3, USE_ASM, False)
-                d = tl.where(rm[:, None] == r, _dot_pieces(c1, c2, c3, b10, b11, b12, b13, b20, b21, b22, b23, b30,
-                                                           b31, b32, b33, PW2, PW3, USE_ASM), d)
+                d = _dot_pieces(c1, c2, c3, b10, b11, b12, b13, b20, b21, b22, b23, b30, b31, b32, b33, PW2, PW3,
+                                USE_ASM)
+                d2 = d
                 if EPI == 2:
-                    d2 = tl.where(rm[:, None] == r, _dot_pieces(u1, u2, u3, b10, b11, b12, b13, b20, b21, b22, b23,
-                                                                b30, b31, b32, b33, PW2, PW3, USE_ASM), d2)
+                    d2 = _dot_pieces(u1, u2, u3, b10, b11, b12, b13, b20, b21, b22, b23, b30, b31, b32, b33, PW2, PW3,
+                                     USE_ASM)
+                if r == 0:
+                    _epilogue(d, d2, sumx0, sx0, sw, r + tl.arange(0, 1), rows, seg, OUT, RES, M, N, so_m, sr_m, EPI,
+                              DT, USE_ASM)
+                else:
+                    _epilogue(d, d2, sumx1, sx1, sw, r + tl.arange(0, 1), rows, seg, OUT, RES, M, N, so_m, sr_m, EPI,
+                              DT, USE_ASM)
         if EPI == 2:
             u1, u2, u3 = v1, v2, v3
-        _epilogue(d, d2, sumx, sxv, sw, rm, rows, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         c1, c2, c3 = n1, n2, n3
 
 
