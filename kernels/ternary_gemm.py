@@ -548,17 +548,24 @@ def split_parts(p: int, bk: int, split: int):
     return triton.cdiv(blocks, per), per * bk
 
 
-def _launch(cfg, a):
-    bm, bn, bk, nw, ns = cfg[:5]
-    swap = cfg[5] if len(cfg) > 5 else 0
-    wearly = bool(cfg[7]) if len(cfg) > 7 else False
-    split, ks = split_parts(a["p"], bk, 0 if wearly else (cfg[6] if len(cfg) > 6 else 1))
+def tile_buffers(a: dict, bm: int, bn: int, split: int, unused):
+    """(tiles, workspace, counters) of a decode GEMM launch (``a``: its m, n, nseg, epi, out) in (bm, bn) tiles
+    with K in ``split`` parts; without a split the workspace and counters are ``unused`` (not read)."""
     tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
     if split > 1:
         ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
                                 a["nseg"] * tiles, a["out"].device)
     else:
-        ws, ctr = a["sumx"], a["sumx"]  # not read
+        ws, ctr = unused, unused
+    return tiles, ws, ctr
+
+
+def _launch(cfg, a):
+    bm, bn, bk, nw, ns = cfg[:5]
+    swap = cfg[5] if len(cfg) > 5 else 0
+    wearly = bool(cfg[7]) if len(cfg) > 7 else False
+    split, ks = split_parts(a["p"], bk, 0 if wearly else (cfg[6] if len(cfg) > 6 else 1))
+    tiles, ws, ctr = tile_buffers(a, bm, bn, split, a["sumx"])
     st, ssw, snw, stats = a.get("stats"), a.get("stats_w"), a.get("stats_nw"), 0
     if st is not None:
         stats = 3 if snw is not None else (2 if ssw is not None else 1)

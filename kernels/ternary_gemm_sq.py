@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import reference
 from .ternary_gemm import (_EARLY_WEIGHT_CONFIGS, _TL_DTYPES, _byte_operands, _finish, _grouped_tile, _plane_dot,
-                           _tuned, _w_block, split_buffers, split_parts)
+                           _tuned, _w_block, split_parts, tile_buffers)
 from .ternary_gemv import (EPI_GLU, EPI_RESIDUAL, EPI_STORE, INTERPRET, PRO_NORM, PRO_PLAIN, _rint,
                            _to, gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights, use_pdl)
 
@@ -191,12 +191,7 @@ def _launch(cfg, a):
     bm = max(4, triton.next_power_of_2(a["m"]))  # the batch's rows: no widening to 16, no 16-row epilogue
     swap = cfg[5]
     split, _ = split_parts(a["p"], bk, 0)
-    tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
-    if split > 1:
-        ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
-                                a["nseg"] * tiles, a["out"].device)
-    else:
-        ws, ctr = a["sw"], a["sw"]  # not read
+    tiles, ws, ctr = tile_buffers(a, bm, bn, split, a["sw"])
     so, stats = a["stats_out"], 0
     if so is not None:
         stats = 3 if so[3] is not None else 2
