@@ -216,10 +216,16 @@ def write_plot(result: dict, path) -> None:
 
 
 def save_png(fig, path) -> None:
-    """A matplotlib figure as a PNG: written to a temporary name beside ``path``, then renamed; closed after."""
+    """A matplotlib figure as a PNG: written to a temporary name beside ``path``, then renamed; closed after.
+    Missing parent folders are created, as ``write_json`` does for ``--json-out``."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        plt.close(fig)
+        raise
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fig.savefig(tmp, dpi=110, format="png")

@@ -531,16 +531,18 @@ TINY_CLI = ("bench", "--model", "tiny", "--prompt-len", "2", "--repeat", "1", "-
 
 def test_cli_bench_json_flag_json_out_png_and_device_auto(tmp_path, monkeypatch, capsys):
     """`--json` prints the JSON document on stdout instead of the table (the "wrote" lines go to
-    stderr); `--json-out` writes the same document, creating a missing folder; `--plot` a PNG; no
-    temporary file is left. `--device` defaults to auto, which takes the CPU when no CUDA device is
+    stderr); `--json-out` writes the same document, creating a missing folder; `--plot` a PNG, creating a
+    missing folder too (it failed after the whole benchmark, "No such file or directory"); no temporary file
+    is left. `--device` defaults to auto, which takes the CPU when no CUDA device is
     visible and says so. Old spellings `--gen-len` and `--batch` still work."""
     from mmf.bench import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    js, png = tmp_path / "new" / "r.json", tmp_path / "r.png"
+    js, png = tmp_path / "new" / "r.json", tmp_path / "charts" / "sub" / "r.png"
     code, out, err = _mmf(monkeypatch, capsys, *TINY_CLI, "--gen-len", "2", "--batch", "1", "--json",
                           "--json-out", js, "--plot", png)
     assert code == 0, err
+    assert "warning" not in err and "error" not in err, err  # the chart written after the size did not fail either
     data = json.loads(out)  # stdout is the document alone
     assert json.loads(js.read_text()) == data
     assert f"wrote {js}" in err and f"wrote {png}" in err
