@@ -33,3 +33,27 @@ def test_iter_stories_matches_file(tmp_path):
     gen = iter_stories(7)
     first = p.read_text().split("\n\n")[0]
     assert first == next(gen)
+
+
+def test_the_default_bpe_on_the_embedded_corpus_has_936_entries_as_the_readme_says(tmp_path):
+    """The README said "a 1024-entry byte-level BPE" while a default run printed vocab 936: BPE stops once every
+    distinct pre-token of the corpus is one token (it never merges across them), short of 1024 here."""
+    from pathlib import Path
+
+    from tokenizers import pre_tokenizers
+
+    from mmf.data import iter_text
+    from mmf.tokenizer import train_bpe
+    from mmf.train_config import load_train_config
+
+    cfg = load_train_config("tiny")
+    path = tmp_path / "corpus.txt"
+    write_corpus(path, cfg.data.builtin_bytes, seed=cfg.data.builtin_seed)
+    tok = train_bpe(iter_text([path], "text"), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    assert cfg.tokenizer.vocab_size == 1024 and tok.vocab_size == 936
+    words = {w for d in iter_text([path], "text") for w, _ in pre_tokenizers.ByteLevel(add_prefix_space=False)
+             .pre_tokenize_str(d)}
+    assert len(words) == 330 and all(len(tok.tok.model.tokenize(w)) == 1 for w in words)
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert "up to `tokenizer.vocab_size` = 1024 entries on it: 936 on this corpus" in readme
+    assert "1024-entry" not in readme
