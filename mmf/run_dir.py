@@ -122,9 +122,10 @@ def preflight(out: Path, n_params: int, keep: int, steps: int, every: int) -> No
                        f"{human_bytes(need)}; free space, lower checkpoint.keep or choose another --out")
 
 
-def resume_config(out: Path, overrides: Optional[list] = None) -> TrainConfig:
-    """The config saved in a run directory, with ``--set`` overrides (e.g. more steps)."""
+def resume_config(out: Path, overrides: Optional[list] = None, given: str = "--set") -> TrainConfig:
+    """The config saved in a run directory, with ``--set`` overrides (e.g. more steps); ``given`` as for
+    ``load_train_config``."""
     out = Path(out)
     if not (out / RUN_CONFIG).exists():
         raise MMFError(f"{out}: not a training run directory (no {RUN_CONFIG}); give the --out of the run to resume")
-    return load_train_config(str(out / RUN_CONFIG), overrides)
+    return load_train_config(str(out / RUN_CONFIG), overrides, given=given)

@@ -514,19 +514,38 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
                        params=n_params, is_main=world.is_main, total_steps=total)
 
 
+def option_overrides(overrides: Optional[list], batch_size: Optional[int] = None,
+                     seq_len: Optional[int] = None) -> tuple[list, str]:
+    """``--set`` items followed by what ``--batch-size`` and ``--seq-len`` stand for (``train.batch_size=N``,
+    ``train.seq_len=N``), and the options given, as config messages name them ("--set", "--batch-size", ...).
+    A value that is not positive is refused here, naming the option the user typed."""
+    items = list(overrides or [])
+    given = ["--set"] if items else []
+    for option, key, value in (("--batch-size", "train.batch_size", batch_size), ("--seq-len", "train.seq_len", seq_len)):
+        if value is None:
+            continue
+        if value <= 0:
+            raise MMFError(f"{option} must be positive, got {value}")
+        items.append(f"{key}={value}")
+        given.append(option)
+    return items, " and ".join(given) or "--set"
+
+
 def resolve_config(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool,
-                   overrides: list) -> TrainConfig:
-    """The config ``mmf train`` runs (what ``--print-config`` prints): the run's own when resuming."""
+                   overrides: list, batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> TrainConfig:
+    """The config ``mmf train`` runs (what ``--print-config`` prints): the run's own when resuming; ``batch_size``
+    and ``seq_len`` (``--batch-size``, ``--seq-len``) set ``train.batch_size`` and ``train.seq_len``."""
+    overrides, given = option_overrides(overrides, batch_size, seq_len)
     if resume:
         if out is None:
             raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
         if config is not None or data:
             raise MMFError("--resume continues with the run's saved config; drop --config/--data (use --set to change it)")
-        return resume_config(out, overrides)
-    return load_train_config(config, overrides, data)
+        return resume_config(out, overrides, given)
+    return load_train_config(config, overrides, data, given)
 
 
 def run_train(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool, overrides: list,
-              log: Callable = print) -> TrainResult:
+              log: Callable = print, batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> TrainResult:
     """What ``mmf train`` does: resolve the config (``resolve_config``), train, summarise."""
-    return train(resolve_config(config, data, out, resume, overrides), out, resume, log)
+    return train(resolve_config(config, data, out, resume, overrides, batch_size, seq_len), out, resume, log)

@@ -311,8 +311,9 @@ def _toml_number_spelling(raw: str):
 
 
 def load_train_config(spec: str | None = None, overrides: list[str] | None = None,
-                      data: list[str] | None = None) -> TrainConfig:
-    """Resolve ``--config PRESET|FILE.toml`` + ``--data`` + ``--set`` into a validated TrainConfig."""
+                      data: list[str] | None = None, given: str = "--set") -> TrainConfig:
+    """Resolve ``--config PRESET|FILE.toml`` + ``--data`` + ``--set`` into a validated TrainConfig. ``given``: the
+    options the overrides came from, as messages name them (``--set``, ``--batch-size``, ...)."""
     spec = spec or "tiny"
     p = Path(spec)
     if p.suffix == ".toml" or p.is_file():
@@ -347,7 +348,7 @@ def load_train_config(spec: str | None = None, overrides: list[str] | None = Non
         else:
             target[keys[-1]] = value
     if overrides:
-        where = f"{where} (with --set)"
+        where = f"{where} (with {given})"
     return dataclass_from_dict(TrainConfig, d, where)
 
 

@@ -36,14 +36,11 @@ def train(
     from mmf.train_config import config_to_toml
 
     overrides = list(overrides or [])
-    if batch_size is not None:
-        overrides.append(f"train.batch_size={batch_size}")
-    if seq_len is not None:
-        overrides.append(f"train.seq_len={seq_len}")
     if print_config:
-        typer.echo(config_to_toml(resolve_config(config, data, out, resume, overrides)), nl=False)
+        typer.echo(config_to_toml(resolve_config(config, data, out, resume, overrides, batch_size, seq_len)), nl=False)
         return
-    r = run_train(config, data, out, resume, overrides, log=lambda s: typer.echo(s, err=True))
+    r = run_train(config, data, out, resume, overrides, log=lambda s: typer.echo(s, err=True), batch_size=batch_size,
+                  seq_len=seq_len)
     if r.checkpoint is None or not r.is_main:
         return
     s = r.summary()

@@ -333,6 +333,22 @@ def _fake_memory(monkeypatch, available: float):
     monkeypatch.setattr(mmf.memory, "available_bytes", lambda device: int(available))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--seq-len", "-1"], "--seq-len must be positive, got -1"),
+    (["--print-config", "--batch-size", "-2"], "--batch-size must be positive, got -2"),
+    (["--batch-size", "6", "--set", "train.grad_accum=4"],
+     "preset tiny (with --set and --batch-size) [train]: batch_size 6 must be a multiple of grad_accum 4"),
+    (["--set", "train.batch_size=0"], "preset tiny (with --set) [train]: batch_size must be positive, got 0"),
+])
+def test_train_option_errors_name_the_option_the_user_gave(tmp_path, monkeypatch, capsys, args, message):
+    """`mmf train --batch-size 0` said "preset tiny (with --set) [train]: batch_size must be positive", blaming a
+    --set that was not given: the message names --batch-size / --seq-len, and "with --set" only for a --set."""
+    code, out, err = cli_main(monkeypatch, capsys, "train", "--out", tmp_path / "run", *args)
+    assert (code, out, err) == (2, "", f"mmf: error: {message}\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_that_cannot_fit_is_refused_before_any_work_with_the_fix(tmp_path, monkeypatch, capsys):
     """Item 4: the 370m preset was OOM-killed after 71 s on a 24 GiB CPU. Memory is checked first; the
     refusal names what is needed and available and a setting that fits, which then passes the check."""
