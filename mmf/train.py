@@ -43,7 +43,8 @@ from .run_dir import (CKPT_PREFIX, METRICS_FILE, PLOT_FILE, RUN_CONFIG, STATE_FI
                       list_checkpoints, make_run_dir, preflight, resume_config)
 from .outputs import write_text_output
 from .tokenizer import HF_TOKENIZER_FILE, load_saved_tokenizer
-from .train_checkpoint import damaged_checkpoint_error, load_training_checkpoint, save_training_checkpoint
+from .train_checkpoint import (check_resume_model, damaged_checkpoint_error, load_training_checkpoint,
+                               save_training_checkpoint)
 from .train_config import TrainConfig, build_model_config, config_to_toml, load_train_config
 from .train_report import Reporter, drop_metrics_after, plot_metrics
 
@@ -285,6 +286,7 @@ def _check_and_train(world: World, cfg: TrainConfig, out: Optional[Path], resume
             raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
         if not list_checkpoints(Path(out)):
             raise MMFError(f"{out}: no checkpoint to resume from (expected {CKPT_PREFIX}NNNNNNN/ with {STATE_FILE})")
+        check_resume_model(list_checkpoints(Path(out))[-1], cfg.model)
     if out is not None:
         check_out_dir(Path(out), resume)
     if not resume:  # absolute data paths in the run config: --resume then works from any directory

@@ -118,6 +118,38 @@ def _read_part(path: Path, name: str, read):
         raise damaged_checkpoint_error(path, f"{path / name} cannot be read ({first})") from None
 
 
+# Model settings a resumed run may change: the tokenizer's ids (the checkpoint's own tokenizer is used) and the
+# position limit (no weights; training raises it to train.seq_len for Transformer++).
+_RESUME_FREE_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+
+
+def check_resume_model(path: Path, model: dict) -> None:
+    """Refuse, before any work, a ``--resume`` whose model differs from the one checkpoint ``path`` holds: the
+    ``[model]`` table of the config to resume (``--set model.KEY=...`` included) against ``path``'s
+    ``config.json``, the vocabulary size taken from the checkpoint unless the table sets one. One line naming
+    the settings that differ (loading the state would fail with PyTorch's size mismatch, or silently train
+    another model)."""
+    from .config import load_hf_config
+    from .train_config import build_model_config
+
+    try:
+        saved = load_hf_config(path / CONFIG_FILE)
+    except MMFError as e:
+        raise damaged_checkpoint_error(path, str(e)) from None
+    vocab = model.get("vocab_size")
+    now = build_model_config(model, vocab_size=saved.vocab_size if vocab is None else vocab)
+    a, b = saved.to_hf_dict(), now.to_hf_dict()
+    keys = ["model_type"] if a["model_type"] != b["model_type"] else \
+        [k for k in b if k not in _RESUME_FREE_KEYS and k != "architectures" and a.get(k) != b[k]]
+    if "intermediate_size" in keys and len(keys) > 1 and now.intermediate_size is None:
+        keys.remove("intermediate_size")  # derived from hidden_size here: the key the user changed is named
+    if keys:
+        fix = "the --set that changes model.preset" if keys == ["model_type"] else \
+            "--set " + " and ".join(f"model.{k}" for k in keys)
+        raise MMFError(f"{path}: saved with {' and '.join(f'model.{k} {a.get(k)}' for k in keys)}, now "
+                       f"{' and '.join(str(b[k]) for k in keys)}; resume with the run's own model settings (drop {fix})")
+
+
 def load_training_checkpoint(path: Path, base, optimizer) -> dict:
     """Restore model, optimiser and RNG state from ``path`` (every rank reads it).
 

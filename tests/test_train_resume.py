@@ -65,7 +65,8 @@ def _resume(monkeypatch, capsys, run, *sets):
 @pytest.mark.parametrize("bad, expect", [
     ("train.batch_size=8", "saved with train.batch_size 4, now 8; keep train.batch_size to resume"),
     ("train.seq_len=16", "saved with train.seq_len 32, now 16; keep train.seq_len to resume"),
-    ("model.hidden_size=64", "cannot restore the training state"),
+    ("model.hidden_size=64", "step-0000006: saved with model.hidden_size 32, now 64; resume with the run's own model "
+                             "settings (drop --set model.hidden_size)"),
     ('data.paths=["gone.txt"]', "gone.txt: no such file or directory"),
 ])
 def test_a_refused_resume_leaves_the_run_as_it_was(run, monkeypatch, capsys, bad, expect):
@@ -80,6 +81,24 @@ def test_a_refused_resume_leaves_the_run_as_it_was(run, monkeypatch, capsys, bad
     code, _, err = _resume(monkeypatch, capsys, run, "train.steps=8")  # a plain resume still works
     assert code == 0, err
     assert list_checkpoints(run)[-1].name == "step-0000008" and "steps = 8" in (run / "train_config.toml").read_text()
+
+
+@pytest.mark.parametrize("sets, expect", [
+    (["model.hidden_size=64", "model.num_hidden_layers=3"],
+     "saved with model.hidden_size 32 and model.num_hidden_layers 2, now 64 and 3; resume with the run's own model "
+     "settings (drop --set model.hidden_size and model.num_hidden_layers)"),
+    (["model.intermediate_size=128"], "saved with model.intermediate_size 64, now 128"),
+    (["model.preset=transformer++-tiny"], "saved with model.model_type hgrn_bit, now llama; resume with the run's own "
+                                          "model settings (drop the --set that changes model.preset)"),
+])
+def test_a_resume_with_another_model_names_the_settings_before_any_work(run, monkeypatch, capsys, sets, expect):
+    """`--resume --set model.hidden_size=128` was PyTorch's "size mismatch ... copying a param with shape" cut
+    mid-word, after tokenising the data: now one line naming the settings, before anything else is printed."""
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out, err = _resume(monkeypatch, capsys, run, *sets, "train.steps=8")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"mmf: error: {run / 'step-0000006'}: saved with model.") and expect in err, err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_the_run_config_is_written_atomically(run, monkeypatch, capsys):
