@@ -61,8 +61,27 @@ def _fresh(out: Path) -> bool:
     return not out.exists() or all(p.name == RUN_CONFIG for p in out.iterdir())
 
 
+def run_of_checkpoint(path: Path) -> Optional[Path]:
+    """The run directory whose checkpoint ``path`` is or would be (``RUN/step-NNNNNNN`` holding
+    ``trainer_state.json``, or any ``step-NNNNNNN`` in a directory with ``train_config.toml``), or None."""
+    path = Path(path)
+    if path.name.startswith(CKPT_PREFIX) and path.name[len(CKPT_PREFIX):].isdigit() \
+            and ((path / STATE_FILE).is_file() or (path.parent / RUN_CONFIG).is_file()):
+        return path.parent
+    return None
+
+
+def check_not_a_checkpoint(out: Path) -> None:
+    """``--out RUN/step-NNNNNNN`` names a checkpoint, not a run: say to pass the run (or a new --out)."""
+    run = run_of_checkpoint(out)
+    if run is not None:
+        raise MMFError(f"--out {out} names a checkpoint of the run {run}, not a run directory; to continue that run "
+                       f"pass --resume --out {run}, or choose a new --out for a new run")
+
+
 def check_out_dir(out: Path, resume: bool) -> None:
     """One clear line for an ``--out`` that cannot be a run directory."""
+    check_not_a_checkpoint(out)
     if out.exists() and not out.is_dir():
         raise MMFError(f"--out {out} is a file, not a directory; give a directory path for the run "
                        "(it is created if absent)")
@@ -126,6 +145,7 @@ def resume_config(out: Path, overrides: Optional[list] = None, given: str = "--s
     """The config saved in a run directory, with ``--set`` overrides (e.g. more steps); ``given`` as for
     ``load_train_config``."""
     out = Path(out)
+    check_not_a_checkpoint(out)
     if not (out / RUN_CONFIG).exists():
         raise MMFError(f"{out}: not a training run directory (no {RUN_CONFIG}); give the --out of the run to resume")
     return load_train_config(str(out / RUN_CONFIG), overrides, given=given)

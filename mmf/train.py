@@ -281,14 +281,14 @@ def _check_and_train(world: World, cfg: TrainConfig, out: Optional[Path], resume
     memory), make the run directory and train in it; a run that fails before its first checkpoint
     leaves nothing behind."""
     t_start = time.time()
+    if resume and out is None:
+        raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
+    if out is not None:
+        check_out_dir(Path(out), resume)
     if resume:
-        if out is None:
-            raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
         if not list_checkpoints(Path(out)):
             raise MMFError(f"{out}: no checkpoint to resume from (expected {CKPT_PREFIX}NNNNNNN/ with {STATE_FILE})")
         check_resume_model(list_checkpoints(Path(out))[-1], cfg.model)
-    if out is not None:
-        check_out_dir(Path(out), resume)
     if not resume:  # absolute data paths in the run config: --resume then works from any directory
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=_absolute_paths(cfg.data.paths)))
     B, A = cfg.train.batch_size, cfg.train.grad_accum

@@ -101,6 +101,21 @@ def test_a_resume_with_another_model_names_the_settings_before_any_work(run, mon
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("resume, step", [(False, "step-0000006"), (True, "step-0000006"), (False, "step-0000009")])
+def test_out_naming_a_checkpoint_says_to_pass_its_run(run, monkeypatch, capsys, resume, step):
+    """`mmf train --out RUN/step-0000006` said "already exists and is not empty; pass --resume to continue it", but
+    --resume on a checkpoint failed too ("no checkpoint to resume from"): both now name the run to pass. A new
+    step-NNNNNNN inside a run is refused as well (the run would hold a folder that looks like its checkpoint)."""
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out, err = cli_main(monkeypatch, capsys, "train", *(["--resume"] if resume else []), "--out", run / step,
+                              *_sets("train.steps=8"))
+    assert (code, out) == (2, "") and err == (f"mmf: error: --out {run / step} names a checkpoint of the run {run}, "
+                                              f"not a run directory; to continue that run pass --resume --out {run}, "
+                                              "or choose a new --out for a new run\n")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (run / "step-0000009").exists()
+
+
 def test_the_run_config_is_written_atomically(run, monkeypatch, capsys):
     """Item 1: the run config goes to a temporary name, then one rename (no partial file on a failure)."""
     renamed = []
