@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint_layout import (CONFIG_FILE, DEFAULT_SHARD_BYTES, IGNORED_KEY_SUFFIXES, WEIGHTS_FILE, checkpoint_files,
-                                files_in_order, shard_names, tensor_shapes, write_index)
+                                files_in_order, not_a_checkpoint, shard_names, tensor_shapes, write_index)
 from .config import ModelConfig, load_hf_config
 from .errors import CheckpointError, MMFError
 from .outputs import atomic_directory
@@ -149,6 +149,10 @@ def load_config(path: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: a checkpoint is a directory with config.json and model.safetensors")
+    if not (path / CONFIG_FILE).exists():
+        other = not_a_checkpoint(path)  # an ONNX export, a training run, ...: say what to pass instead
+        if other:
+            raise CheckpointError(other)
     return load_hf_config(path / CONFIG_FILE)
 
 

@@ -16,6 +16,11 @@ from pathlib import Path
 from .errors import CheckpointError
 from .safetensors_io import SafetensorsWriter, read_header
 
+# What other mmf outputs hold, to tell them from a checkpoint (export-onnx: mmf.onnx_runtime.MANIFEST_FILE;
+# fpga-image: fpga/manifest.py's MANIFEST and FORMAT_NAME); tests/test_generate_cli.py checks them.
+ONNX_MANIFEST = ("mmf_onnx.json", "mmf-onnx")
+FPGA_MANIFEST = ("manifest.json", "mmf-fpga-image")
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,6 +44,38 @@ def write_index(directory: Path, weight_map: dict, total_size: int, **metadata) 
 
 # ---- reading --------------------------------------------------------------------------------------
 
+def _format_of(path: Path):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def not_a_checkpoint(directory: Path):
+    """When ``directory`` is another mmf output given where a checkpoint is wanted (an ``mmf export-onnx``
+    directory, an ``mmf fpga-image``, a training run), the one-line error saying so and what to pass instead;
+    else None."""
+    from .run_dir import CKPT_PREFIX, RUN_CONFIG, list_checkpoints
+
+    directory = Path(directory)
+    if _format_of(directory / ONNX_MANIFEST[0]) == ONNX_MANIFEST[1]:
+        return (f"{directory} is an ONNX export (mmf export-onnx), not a checkpoint; run it with --onnx: "
+                f"mmf generate --onnx {directory} -p TEXT")
+    if _format_of(directory / FPGA_MANIFEST[0]) == FPGA_MANIFEST[1]:
+        return f"{directory} is an FPGA image (mmf fpga-image), not a checkpoint; pass the checkpoint it was built from"
+    ckpts = list_checkpoints(directory)
+    if ckpts:
+        names = [c.name for c in ckpts]
+        held = ", ".join(names) if len(names) <= 4 else f"{len(names)}, {names[0]} to {names[-1]}"
+        return (f"{directory} is a training run, not a checkpoint; pass one of its checkpoints, e.g. {ckpts[-1]} "
+                f"(it holds {held})")
+    if (directory / RUN_CONFIG).is_file():
+        return (f"{directory} is a training run with no complete checkpoint yet (no {CKPT_PREFIX}NNNNNNN/ in it); "
+                "pass a checkpoint directory")
+    return None
+
+
 def checkpoint_files(directory: Path) -> dict:
     """name -> file for a checkpoint directory, validating headers (never mmap, never panics).
 
@@ -55,7 +92,8 @@ def checkpoint_files(directory: Path) -> dict:
         tensors, _, _ = read_header(single)
         return {k: single for k in tensors}
     if not index.exists():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
+        raise CheckpointError(not_a_checkpoint(directory)
+                              or f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a checkpoint directory?")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -41,6 +41,9 @@ def read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory} is a checkpoint, not an ONNX export (no {MANIFEST_FILE}); pass it "
+                                  "as CHECKPOINT without --onnx, or export it with `mmf export-onnx`") from None
         raise CheckpointError(f"{directory}: no {MANIFEST_FILE}; is this a directory written by "
                               "`mmf export-onnx`?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

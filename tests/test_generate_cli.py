@@ -86,6 +86,42 @@ def test_generate_onnx_refuses_device_and_foreign_dtype(tiny_mmf_ckpt, tmp_path,
     assert code == 0 and text.startswith("Hi"), err
 
 
+def test_another_mmf_output_given_as_a_checkpoint_says_what_to_pass(tiny_mmf_ckpt, tmp_path, monkeypatch, capsys):
+    """`mmf generate ONNX_DIR -p hi` said "config.json: no such file; a checkpoint directory needs config.json", and
+    a training run the same: each now says what it is and what to pass (--onnx; one of the run's checkpoints).
+    The checkpoint commands share the check (eval, info, pack), and --onnx given a checkpoint says so too."""
+    import shutil
+
+    from mmf.checkpoint_layout import FPGA_MANIFEST, ONNX_MANIFEST
+    from mmf.converters.onnx_export import MANIFEST_FILE, export_onnx
+    from mmf.fpga.manifest import FORMAT_NAME, MANIFEST
+
+    assert ONNX_MANIFEST[0] == MANIFEST_FILE and FPGA_MANIFEST == (MANIFEST, FORMAT_NAME)
+    onnx = tmp_path / "onnx"
+    export_onnx(tiny_mmf_ckpt, onnx, check=False)
+    _assert_one_line(*main_in_process(capsys, "generate", onnx, "-p", "hi"),
+                     f"mmf: error: {onnx} is an ONNX export (mmf export-onnx), not a checkpoint; run it with --onnx: "
+                     f"mmf generate --onnx {onnx} -p TEXT\n")
+    _assert_one_line(*main_in_process(capsys, "generate", "--onnx", tiny_mmf_ckpt, "-p", "hi"),
+                     f"mmf: error: {tiny_mmf_ckpt} is a checkpoint, not an ONNX export (no mmf_onnx.json); pass it as "
+                     "CHECKPOINT without --onnx")
+    run = tmp_path / "run"
+    (run / "step-0000100").mkdir(parents=True)  # an incomplete checkpoint (no trainer_state.json): not offered
+    (run / "train_config.toml").write_text("")
+    msg = f"{run} is a training run with no complete checkpoint yet (no step-NNNNNNN/ in it); pass a checkpoint"
+    _assert_one_line(*main_in_process(capsys, "generate", run, "-p", "hi"), msg)
+    for step in ("step-0000200", "step-0000300"):
+        shutil.copytree(tiny_mmf_ckpt, run / step)
+        (run / step / "trainer_state.json").write_text("{}")
+    msg = (f"mmf: error: {run} is a training run, not a checkpoint; pass one of its checkpoints, e.g. "
+           f"{run / 'step-0000300'} (it holds step-0000200, step-0000300)\n")
+    _assert_one_line(*main_in_process(capsys, "generate", run, "-p", "hi"), msg)
+    _assert_one_line(*main_in_process(capsys, "info", run), msg)
+    _assert_one_line(*main_in_process(capsys, "eval", run, "--data", tiny_mmf_ckpt / "config.json"), msg)
+    _assert_one_line(*main_in_process(capsys, "pack", run, "--out", tmp_path / "packed"), msg)
+    assert not (tmp_path / "packed").exists()
+
+
 def test_resolve_device():
     from mmf.devices import resolve_device
 
