@@ -9,7 +9,8 @@ Every command that writes a directory (``save_checkpoint`` and training checkpoi
   (0777/0666 minus the umask): ``tempfile.mkdtemp`` makes 0700 and safetensors writes 0600, which
   would leave a checkpoint readable by its owner only while its ``config.json`` is 0644;
 * ``--force`` (``overwrite``) replaces only a directory that mmf wrote (``written_by_mmf``): a plain
-  file or someone else's directory named by ``--out`` by mistake is refused, never deleted;
+  file or someone else's directory named by ``--out`` by mistake is refused, never deleted; so is a
+  training checkpoint or run (``holds_training_state``: the optimiser and trainer state ``--resume`` needs);
 * a full disk (ENOSPC) or an exceeded quota (EDQUOT) is one ``MMFError`` line, the partial output removed.
 """
 
@@ -39,6 +40,10 @@ _MARKERS = (
     ("mmf_onnx.json", lambda d: d.get("format") == "mmf-onnx"),
     ("manifest.json", lambda d: d.get("format") == "mmf-fpga-image"),
 )
+# What a training checkpoint holds beside its model (mmf.run_dir.STATE_FILE, mmf.train_checkpoint.OPTIM_FILE and
+# RNG_FILE), and a training run's own config (mmf.run_dir.RUN_CONFIG); tests/test_outputs.py checks the names.
+TRAINING_STATE_FILES = ("trainer_state.json", "optimizer.safetensors", "rng.safetensors")
+RUN_CONFIG_FILE = "train_config.toml"
 DISK_FULL_ERRNOS = tuple(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e is not None)
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")  # as Rust and C libraries word them
 
@@ -111,9 +116,23 @@ def written_by_mmf(path: Path) -> bool:
     return False
 
 
+def holds_training_state(path: Path) -> bool:
+    """True for a training checkpoint (its optimiser, RNG or trainer state, what ``--resume`` needs) or a training
+    run directory (its ``train_config.toml`` beside ``step-NNNNNNN`` checkpoints): what ``--force`` never replaces,
+    though mmf wrote it."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if any((path / name).exists() for name in TRAINING_STATE_FILES):
+        return True
+    return (path / RUN_CONFIG_FILE).is_file() and any(p.name.startswith("step-") and p.is_dir() for p in path.iterdir())
+
+
 def check_output(out: Path, overwrite: bool = False, is_ours: Optional[Callable[[Path], bool]] = None) -> None:
     """Refuse, with one line, an ``out`` that cannot be written or replaced. Cheap: commands call it before
-    any work, and ``atomic_directory`` calls it again before it writes."""
+    any work, and ``atomic_directory`` calls it again before it writes. Without ``is_ours`` (the rule of every
+    command's ``--force``) a training checkpoint or run is refused too (``holds_training_state``); a writer that
+    may replace one (a training checkpoint rewritten at its own step) passes ``is_ours``."""
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         what = "a symbolic link" if out.is_symlink() else "a file"
@@ -122,6 +141,10 @@ def check_output(out: Path, overwrite: bool = False, is_ours: Optional[Callable[
     if out.exists():
         if not overwrite:
             raise MMFError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if is_ours is None and holds_training_state(out):
+            raise MMFError(f"--out {out} holds a training checkpoint or run (optimiser and trainer state that --resume "
+                           "needs); --force does not replace one, so delete it yourself or choose another --out "
+                           "(nothing was changed)")
         if not (is_ours or written_by_mmf)(out):
             raise MMFError(f"--out {out} is a directory that mmf did not write (no config.json with mmf_version, "
                            "mmf_onnx.json or fpga manifest.json); --force replaces only mmf outputs, so choose "

@@ -26,7 +26,7 @@ from .checkpoint import iter_tensors, write_safetensors_sharded
 from .checkpoint_layout import CONFIG_FILE
 from .distributed import World, barrier
 from .errors import MMFError
-from .outputs import atomic_directory
+from .outputs import atomic_directory, written_by_mmf
 from .run_dir import RUN_CONFIG, STATE_FILE, checkpoint_dir, list_checkpoints
 
 OPTIM_FILE = "optimizer.safetensors"
@@ -80,7 +80,7 @@ def save_training_checkpoint(world: World, base, optimizer, mcfg, tokenizer, out
         from safetensors.torch import save_file
 
         try:
-            with atomic_directory(path, overwrite=True) as tmp:
+            with atomic_directory(path, overwrite=True, is_ours=written_by_mmf) as tmp:  # may replace its own kind
                 write_safetensors_sharded(msd, tmp)
                 (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
                 tokenizer.save(tmp)

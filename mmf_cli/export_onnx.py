@@ -20,8 +20,8 @@ def export_onnx(
         "float initializers (the only choice for Transformer++)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset, 18 to 21."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16 (embeddings, float weights, activations)."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file or "
-                               "another directory)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file, "
+                               "another directory, or a training checkpoint or run)."),
 ):
     """Export prefill.onnx and decode.onnx (+ shared weights, tokenizer, mmf_onnx.json) for ONNX Runtime."""
     from mmf.converters.onnx_export import export_onnx as run

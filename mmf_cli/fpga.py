@@ -27,8 +27,8 @@ def fpga_image(
     verify_rows: int = typer.Option(64, "--verify-rows", help="Rows simulated per tensor, half from each end: 1 or "
                                     "more, or 0 for every row."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random int8 activations used by --verify (0 to 2^32-1)."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file or "
-                               "another directory)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file, "
+                               "another directory, or a training checkpoint or run)."),
     as_json: bool = typer.Option(False, "--json", help="Print the resource and verify report as JSON on stdout "
                                  "instead of the tables."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", show_default="not written", help="Also write that JSON "

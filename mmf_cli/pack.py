@@ -21,8 +21,8 @@ def pack(
         "source", "--dtype", "--keep-dtype", help="dtype of the tensors that stay unpacked (embeddings, norms, "
         "lower bounds): source (each keeps its dtype in CHECKPOINT, so the packed model gives the source's logits "
         "exactly), fp32, bf16 or fp16 (smaller; rounds an fp32 source). --keep-dtype: old spelling."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file or "
-                               "another directory)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file, "
+                               "another directory, or a training checkpoint or run)."),
     verify: bool = typer.Option(False, "--verify", help="Check the packed model against the source model after "
                                 "freeze() (both fp32, 48 random positions): codes and scales must be equal, logits "
                                 "bit-identical up to the --dtype rounding; prints the errors."),
@@ -44,8 +44,8 @@ def unpack(
     packed: Path = typer.Argument(..., help="Packed checkpoint directory (written by `mmf pack`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the float checkpoint."),
     dtype: str = typer.Option("fp32", "--dtype", help="dtype of the ternary weights written: fp32 (always exact), bf16, fp16."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file or "
-                               "another directory)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is a directory mmf wrote (never a file, "
+                               "another directory, or a training checkpoint or run)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Write a float checkpoint (published hgrn_bit layout) that re-quantises to exactly the packed model.

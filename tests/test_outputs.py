@@ -140,3 +140,54 @@ def test_a_failed_swap_puts_the_previous_output_back(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_training_state_names_are_the_trainers():
+    from mmf.run_dir import RUN_CONFIG, STATE_FILE
+    from mmf.train_checkpoint import OPTIM_FILE, RNG_FILE
+
+    assert outputs.TRAINING_STATE_FILES == (STATE_FILE, OPTIM_FILE, RNG_FILE) and outputs.RUN_CONFIG_FILE == RUN_CONFIG
+
+
+@pytest.mark.parametrize("command", ["pack", "unpack", "export-onnx", "fpga-image"])
+def test_force_never_replaces_a_training_checkpoint_or_run(tiny_mmf_ckpt, tmp_path, monkeypatch, capsys, command):
+    """`mmf pack RUN/step-0000300 --out RUN/step-0000200 --force` replaced a training checkpoint (optimiser and RNG
+    state) with a packed model: every command's --force refuses one, and a whole run, in one line, touching nothing."""
+    import shutil
+
+    from conftest import main_in_process
+
+    source = tiny_mmf_ckpt
+    if command == "unpack":
+        source = tmp_path / "packed"
+        assert main_in_process(capsys, "pack", tiny_mmf_ckpt, "--out", source)[0] == 0
+    run = tmp_path / "run"
+    ckpt = run / "step-0000200"
+    shutil.copytree(tiny_mmf_ckpt, ckpt)
+    for name in outputs.TRAINING_STATE_FILES:
+        (ckpt / name).write_bytes(b"state")
+    (run / "train_config.toml").write_text("[train]\nsteps = 300\n")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for target in (ckpt, run):
+        code, out, err = main_in_process(capsys, command, source, "--out", target, "--force")
+        assert (code, out) == (2, ""), err
+        assert err == (f"mmf: error: --out {target} holds a training checkpoint or run (optimiser and trainer state "
+                       "that --resume needs); --force does not replace one, so delete it yourself or choose another "
+                       "--out (nothing was changed)\n")
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run.iterdir()) == ["step-0000200", "train_config.toml"]  # no temporary left
+    assert written_by_mmf(ckpt)  # mmf wrote it: the refusal is the training state's, not the generic one
+
+
+def test_a_training_checkpoint_may_still_be_rewritten_by_training(tmp_path):
+    """The trainer writes its checkpoint with ``is_ours`` (a checkpoint rewritten at its own step); only the
+    commands' --force (no ``is_ours``) refuses training state."""
+    out = tmp_path / "step-0000004"
+    out.mkdir()
+    (out / "config.json").write_text('{"mmf_version": "0"}')
+    (out / "trainer_state.json").write_text("{}")
+    with pytest.raises(MMFError, match="holds a training checkpoint or run"):
+        outputs.check_output(out, overwrite=True)
+    with atomic_directory(out, overwrite=True, is_ours=written_by_mmf) as tmp:
+        (tmp / "trainer_state.json").write_text('{"step": 4}')
+    assert (out / "trainer_state.json").read_text() == '{"step": 4}' and not (out / "config.json").exists()
