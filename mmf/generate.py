@@ -204,7 +204,12 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt_file is not None:
         if prompt is not None:
             raise MMFError("give either --prompt or --prompt-file, not both")
-        return _read_utf8(prompt_file, "prompt")
+        text = _read_utf8(prompt_file, "prompt")
+        if not text.strip():  # as an empty --prompts-file: an error, not a generation from no prompt
+            raise MMFError(f"--prompt-file {prompt_file}: no prompt in it (the file is "
+                           f"{'empty' if not text else 'only whitespace'}); write the prompt into it or pass --prompt "
+                           "TEXT")
+        return text
     if prompt is None:
         raise MMFError("no prompt: pass --prompt TEXT or --prompt-file PATH")
     return prompt

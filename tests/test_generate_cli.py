@@ -65,6 +65,11 @@ def test_generate_writes_nothing_when_loading_or_tokenising_fails(tiny_mmf_ckpt,
                      "is a directory; --prompt-file takes a UTF-8 text file")
     _assert_one_line(*main_in_process(capsys, "generate", tiny_mmf_ckpt, "--prompt-file", tmp_path / "none.txt"),
                      "no such prompt file")
+    for text, what in (("", "empty"), (" \n\n", "only whitespace")):  # generated from no prompt, exit 0
+        (tmp_path / "blank.txt").write_text(text)
+        _assert_one_line(*main_in_process(capsys, "generate", tiny_mmf_ckpt, "--prompt-file", tmp_path / "blank.txt"),
+                         f"mmf: error: --prompt-file {tmp_path / 'blank.txt'}: no prompt in it (the file is {what}); "
+                         "write the prompt into it or pass --prompt TEXT\n")
     code, out, err = main_in_process(capsys, "generate", tiny_mmf_ckpt, "-p", "Hello", "-n", "4", "-t", "0")
     assert code == 0 and out.startswith("Hello") and out.endswith("\n"), err
 
