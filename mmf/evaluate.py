@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from .checkpoint import load_config, load_model
 from .data import TOKENS_FILE, encode_pieces, iter_documents, resolve_files
 from .errors import MMFError
-from .tokenizer import check_tokenizer_fits, has_tokenizer, missing_tokenizer_error
+from .tokenizer import ByteTokenizer, check_tokenizer_fits, has_tokenizer, missing_tokenizer_error
 
 
 def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, batch_size: int = 8,
                         max_tokens: Optional[int] = None, device: str = "cpu", dtype: str = "fp32",
                         text_field: str = "text", threads: Optional[int] = None) -> dict:
-    """Mean next-token loss (nats/token), perplexity and bits per byte of ``checkpoint`` on ``data``.
+    """Mean next-token loss (nats/token), perplexity and bits per byte of ``checkpoint`` on ``data`` (with
+    ``max_tokens``, of its first ``max_tokens`` scored tokens, bits per byte over the text they cover).
     ``threads``: CPU threads (``torch.set_num_threads``; None keeps torch's default)."""
     from .data import load_saved_tokenizer
     from .devices import resolve_device, set_threads
@@ -55,16 +56,17 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
     with tempfile.TemporaryDirectory(prefix="mmf-eval-") as tmp:
         path = Path(tmp) / TOKENS_FILE
         n = 0
-        n_bytes = 0
+        n_bytes = 0  # of the text the tokens kept (the first max_tokens + 1) spell
+        pieces = (piece for file in files for piece in iter_documents(file, text_field, "--text-field"))
         with open(path, "wb") as f:
-            for file in files:
-                for piece in iter_documents(file, text_field, "--text-field"):
-                    n_bytes += len(piece[0].encode("utf-8"))
-                    ids = encode_pieces(tokenizer, [piece]).astype(np.int64)
-                    ids.tofile(f)
-                    n += ids.size
-                    if max_tokens is not None and n >= max_tokens + 1:
-                        break
+            for piece in pieces:
+                ids = encode_pieces(tokenizer, [piece]).astype(np.int64)
+                keep = ids.size if max_tokens is None else min(ids.size, max_tokens + 1 - n)
+                n_bytes += len(piece[0].encode("utf-8")) if keep == ids.size else _text_bytes(tokenizer, ids[:keep])
+                ids.tofile(f)
+                n += ids.size
+                if max_tokens is not None and n >= max_tokens + 1:
+                    break
         if n < 2:
             raise MMFError(f"the evaluation data holds no text ({', '.join(data[:3])}); give non-empty files")
         tokens = np.memmap(path, dtype=np.int64, mode="r", shape=(n,))
@@ -95,6 +97,14 @@ def evaluate_checkpoint(checkpoint: Path, data: list[str], seq_len: int = 512, b
         "checkpoint": str(checkpoint), "arch": model.config.arch, "tokens": count, "loss": loss,
         "perplexity": math.exp(min(loss, 700)), "seq_len": L, "seconds": round(time.time() - t0, 3),
     }
-    if max_tokens is None and n_bytes:
+    if n_bytes:  # with max_tokens: over the bytes of the text that the scored tokens cover
         result["bits_per_byte"] = total / math.log(2) / n_bytes
     return result
+
+
+def _text_bytes(tokenizer, ids: np.ndarray) -> int:
+    """UTF-8 bytes of the text that ``ids``, the start of a document piece's tokens, spell (bos/eos spell none):
+    exact for the byte tokenizer; otherwise the decoded text's, where a character cut by the end counts whole."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return int((ids >= tokenizer.offset).sum())
+    return len(tokenizer.decode(ids.tolist()).encode("utf-8"))

@@ -205,3 +205,34 @@ def test_eval_bad_options_and_data_are_one_line_naming_evals_own_options(tiny_mm
         evaluate_checkpoint(tiny_mmf_ckpt, [str(tmp_path / "d.jsonl")])
     assert evaluate_checkpoint(tiny_mmf_ckpt, [str(tmp_path / "d.jsonl")], text_field="body")["tokens"] > 0
     assert evaluate_checkpoint(tiny_mmf_ckpt, [str(text)], seq_len=16, max_tokens=1)["tokens"] == 1
+
+
+def test_eval_max_tokens_reports_bits_per_byte_of_the_text_scored(tiny_mmf_ckpt, tmp_path, capsys):
+    """`mmf eval --max-tokens N` dropped bits_per_byte from the table and the JSON: it is now over the bytes of the
+    text that the first N + 1 tokens spell (all the data's when N covers it), and a cap reached in the first file
+    stops reading the others."""
+    import math
+
+    from mmf.evaluate import evaluate_checkpoint
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("The cat sat on the mat.\n\nA dog ran.\n")
+    second.write_text("Birds sing in the morning.\n")
+    files = [str(first), str(second)]
+    whole = evaluate_checkpoint(tiny_mmf_ckpt, files, seq_len=16)
+    capped = evaluate_checkpoint(tiny_mmf_ckpt, files, seq_len=16, max_tokens=10**6)
+    n_bytes = len("The cat sat on the mat.\nA dog ran.\nBirds sing in the morning.\n")  # each document's line
+    assert math.isclose(whole["bits_per_byte"], whole["loss"] * whole["tokens"] / math.log(2) / n_bytes)
+    assert {k: v for k, v in capped.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+    # the byte tokenizer: bos, then one token per byte; 20 scored tokens are the first 20 bytes of "The cat ..."
+    r = evaluate_checkpoint(tiny_mmf_ckpt, files, seq_len=16, max_tokens=20)
+    assert r["tokens"] == 20 and math.isclose(r["bits_per_byte"], r["loss"] / math.log(2), rel_tol=1e-12)
+    broken = tmp_path / "c.jsonl"
+    broken.write_text("not JSON\n")  # read only if the first file falls short of the cap
+    again = evaluate_checkpoint(tiny_mmf_ckpt, [str(first), str(broken)], seq_len=16, max_tokens=20)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in r.items() if k != "seconds"}
+    code, out, err = main_in_process(capsys, "eval", tiny_mmf_ckpt, "--data", first, "--seq-len", "16", "--max-tokens", "20",
+                                     "--json")
+    assert code == 0 and math.isclose(json.loads(out)["bits_per_byte"], r["bits_per_byte"]), err
+    code, out, err = main_in_process(capsys, "eval", tiny_mmf_ckpt, "--data", first, "--max-tokens", "20")
+    assert code == 0 and "bits_per_byte" in out, err
