@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from mmf.bench.model_variants import ONNX_VARIANT, Runner, build_runner, estimate_bytes
-from mmf.units import human_bytes
+from mmf.units import human_bytes, plural
 
 BASELINE = "transformer++"
 MEMORY_SAFETY = 0.85  # build only if the estimate is below this share of the available memory
@@ -48,8 +48,9 @@ def protocol_description(batch: int, prompt_len: int, gen_len: int, repeat: int,
                          floor_basis: str = "copy_bandwidth", onnx: bool = False) -> str:
     """The protocol in one paragraph, for the JSON document and under the table."""
     return (f"Random weights (same shapes as the presets), batch {batch}, a random prompt of {prompt_len} tokens, "
-            f"greedy generation of {gen_len} tokens: one prefill (yields the first token) then {gen_len - 1} "
-            f"decode steps. One untimed warm-up, then {repeat} timed repetitions; figures are medians "
+            f"greedy generation of {gen_len} tokens: one prefill (yields the first token) then "
+            f"{plural(gen_len - 1, 'decode step')}. One untimed warm-up, then {plural(repeat, 'timed repetition')}; "
+            "figures are medians "
             "(min and max kept). Host timer with a device synchronisation after prefill and after the last "
             "decode step only. Peak memory covers build and generation of that variant alone. "
             "Decode floor = bytes a decode step must read and write (all weights but the embedding table, "

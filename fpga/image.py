@@ -97,7 +97,9 @@ def parse_layers(spec: str, num_layers: int) -> tuple[set, bool, bool]:
             emb = True
         elif m:
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-            if lo > hi or hi >= num_layers:
+            if lo > hi:
+                raise MMFError(f"--layers {spec!r}: {item!r} is a reversed range; write it low to high ({hi}-{lo})")
+            if hi >= num_layers:
                 raise MMFError(f"--layers {spec!r}: {item!r} is out of range; the model has layers 0-{num_layers - 1}")
             layers.update(range(lo, hi + 1))
         else:

@@ -47,6 +47,7 @@ from .train_checkpoint import (check_resume_model, damaged_checkpoint_error, loa
                                save_training_checkpoint)
 from .train_config import TrainConfig, build_model_config, config_to_toml, load_train_config
 from .train_report import Reporter, drop_metrics_after, plot_metrics
+from .units import plural
 
 
 @dataclass
@@ -403,7 +404,7 @@ def _train_in_dir(world: World, cfg: TrainConfig, out: Path, resume: bool, log: 
 
     log(f"model {mcfg.arch} ({cfg.model.get('preset', mcfg.model_type)}), {n_params / 1e6:.2f}M parameters, "
         f"vocab {mcfg.vocab_size} ({cfg.tokenizer.type} tokenizer); data: {data_desc}, "
-        f"{data.tokens.shape[0]:,} tokens ({data.n_train:,} train); {total} steps x {B} x {T} tokens on "
+        f"{data.tokens.shape[0]:,} tokens ({data.n_train:,} train); {plural(total, 'step')} x {B} x {T} tokens on "
         f"{world.size} x {device.type}{' bf16' if use_bf16 else ''}; output {out}")
 
     reporter = Reporter(world, out, total, start, cfg.logging.progress, log)

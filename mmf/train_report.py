@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from .distributed import World
 from .errors import MMFError
 from .run_dir import METRICS_FILE, list_checkpoints
+from .units import plural
 
 
 class Reporter:
@@ -82,11 +83,11 @@ class Reporter:
             if record is not None:
                 fields = dict(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                               tps=f"{record['tokens_per_s']:,.0f}",
-                              over=f" (means over {record['steps_averaged']} steps)")
+                              over=f" (means over {plural(record['steps_averaged'], 'step')})")
             self.bar.update(self.task, completed=step, **fields)
         elif self.plain and record is not None:
             self.log(f"step {step}/{total}  loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s "
-                     f"(means over {record['steps_averaged']} steps)  lr {record['lr']:.2e}  ETA {eta:,.0f} s")
+                     f"(means over {plural(record['steps_averaged'], 'step')})  lr {record['lr']:.2e}  ETA {eta:,.0f} s")
 
     def message(self, text: str) -> None:
         if self.on:

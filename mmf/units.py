@@ -24,6 +24,11 @@ def human_bytes(n: Optional[float], binary: bool = False) -> str:
     return f"{n:.0f} B"
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 step``, ``2 steps``, ``1,024 steps``: a number and its noun, plural unless the number is 1."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def human_seconds(s: float) -> str:
     """``42 s``, ``12 min``, ``5.2 hours``, ``3.1 days``, ``2.4 years``."""
     if not math.isfinite(s):

@@ -275,6 +275,8 @@ def test_layers_selection(tiny_mmf_ckpt, tmp_path):
     assert parse_layers("0-1,lm_head", 2) == ({0, 1}, True, False)
     with pytest.raises(MMFError, match="out of range"):
         parse_layers("2", 2)
+    with pytest.raises(MMFError, match=r"^--layers '3-1': '3-1' is a reversed range; write it low to high \(1-3\)$"):
+        parse_layers("3-1", 4)  # said "out of range", though layers 1 to 3 exist
     with pytest.raises(MMFError, match="cannot read"):
         parse_layers("attn", 2)
     with pytest.raises(MMFError, match="unknown format"):

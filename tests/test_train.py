@@ -462,6 +462,16 @@ def test_console_and_metrics_show_the_same_figures(tmp_path):
                                f"(means over {x['steps_averaged']} steps)  lr {x['lr']:.2e}"), line
 
 
+def test_a_one_step_run_says_1_step(tmp_path):
+    """The start line and the progress line said "1 steps"."""
+    lines = []
+    train(load_train_config("tiny", small(tmp_path, "train.steps=1", "logging.progress=true")), tmp_path / "run",
+          log=lines.append)
+    assert any("; 1 step x 4 x 32 tokens on " in line for line in lines), lines
+    assert any(line.startswith("step 1/1 ") and "(means over 1 step)  lr" in line for line in lines), lines
+    assert not any("1 steps" in line for line in lines), lines
+
+
 def test_ctrl_c_while_the_corpus_is_written_cleans_up_and_says_so(tmp_path):
     """Item 13: Ctrl-C while the embedded corpus was written left a .tmp file and printed nothing."""
     cache = tmp_path / "cache"

@@ -21,3 +21,15 @@ def test_human_seconds_picks_the_unit():
     assert human_seconds(5.2 * 3600) == "5.2 hours" and human_seconds(7 * 86400) == "7 days"
     assert human_seconds(12 * 86400) == "12 days" and human_seconds(2.4 * 365.25 * 86400) == "2.4 years"
     assert human_seconds(float("inf")) == "-"
+
+
+def test_plural_says_1_step_not_1_steps():
+    from mmf.units import plural
+
+    assert [plural(n, "step") for n in (0, 1, 2, 1234)] == ["0 steps", "1 step", "2 steps", "1,234 steps"]
+    from mmf.bench.model_bench_protocol import protocol_description
+
+    text = protocol_description(batch=1, prompt_len=8, gen_len=2, repeat=1)
+    assert "then 1 decode step. One untimed warm-up, then 1 timed repetition; figures" in text
+    assert "then 7 decode steps. One untimed warm-up, then 2 timed repetitions;" in protocol_description(1, 8, 8, 2)
+
