@@ -524,7 +524,8 @@ def option_overrides(overrides: Optional[list], batch_size: Optional[int] = None
     A value that is not positive is refused here, naming the option the user typed."""
     items = list(overrides or [])
     given = ["--set"] if items else []
-    for option, key, value in (("--batch-size", "train.batch_size", batch_size), ("--seq-len", "train.seq_len", seq_len)):
+    for option, key, value in (("--batch-size", "train.batch_size", batch_size),
+                               ("--seq-len", "train.seq_len", seq_len)):
         if value is None:
             continue
         if value <= 0:

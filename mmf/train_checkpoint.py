@@ -147,7 +147,8 @@ def check_resume_model(path: Path, model: dict) -> None:
         fix = "the --set that changes model.preset" if keys == ["model_type"] else \
             "--set " + " and ".join(f"model.{k}" for k in keys)
         raise MMFError(f"{path}: saved with {' and '.join(f'model.{k} {a.get(k)}' for k in keys)}, now "
-                       f"{' and '.join(str(b[k]) for k in keys)}; resume with the run's own model settings (drop {fix})")
+                       f"{' and '.join(str(b[k]) for k in keys)}; resume with the run's own model settings "
+                       f"(drop {fix})")
 
 
 def load_training_checkpoint(path: Path, base, optimizer) -> dict:

@@ -87,7 +87,8 @@ class Reporter:
             self.bar.update(self.task, completed=step, **fields)
         elif self.plain and record is not None:
             self.log(f"step {step}/{total}  loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s "
-                     f"(means over {plural(record['steps_averaged'], 'step')})  lr {record['lr']:.2e}  ETA {eta:,.0f} s")
+                     f"(means over {plural(record['steps_averaged'], 'step')})  lr {record['lr']:.2e}  "
+                     f"ETA {eta:,.0f} s")
 
     def message(self, text: str) -> None:
         if self.on:

@@ -231,8 +231,8 @@ def test_eval_max_tokens_reports_bits_per_byte_of_the_text_scored(tiny_mmf_ckpt,
     broken.write_text("not JSON\n")  # read only if the first file falls short of the cap
     again = evaluate_checkpoint(tiny_mmf_ckpt, [str(first), str(broken)], seq_len=16, max_tokens=20)
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in r.items() if k != "seconds"}
-    code, out, err = main_in_process(capsys, "eval", tiny_mmf_ckpt, "--data", first, "--seq-len", "16", "--max-tokens", "20",
-                                     "--json")
+    code, out, err = main_in_process(capsys, "eval", tiny_mmf_ckpt, "--data", first, "--seq-len", "16",
+                                     "--max-tokens", "20", "--json")
     assert code == 0 and math.isclose(json.loads(out)["bits_per_byte"], r["bits_per_byte"]), err
     code, out, err = main_in_process(capsys, "eval", tiny_mmf_ckpt, "--data", first, "--max-tokens", "20")
     assert code == 0 and "bits_per_byte" in out, err
