@@ -40,8 +40,8 @@ import triton.language as tl
 
 from . import reference
 from .ternary_gemm import (_EARLY_WEIGHT_CONFIGS, _TL_DTYPES, _byte_operands, _finish, _grouped_tile, _plane_dot,
-                           _tuned, _w_block, split_parts, tile_buffers)
-from .ternary_gemv import (EPI_GLU, EPI_RESIDUAL, EPI_STORE, INTERPRET, PRO_NORM, PRO_PLAIN, _rint,
+                           _tuned, _w_block, decode_row_tile, split_parts, tile_buffers)
+from .ternary_gemv import (EPI_GLU, EPI_RESIDUAL, EPI_STORE, INTERPRET, PRO_NORM, PRO_PLAIN, _combine, _rint,
                            _to, gdc_launch_dependents, gdc_wait, packed_bytes, segment_weights, use_pdl)
 
 __all__ = ["gemm_sq", "MAX_ROWS"]
@@ -53,12 +53,7 @@ MAX_ROWS = 16  # the weights-early schedules' row tile
 def _parts(SS, r: tl.constexpr, NT, M, rr, NTB: tl.constexpr, IS_MAX: tl.constexpr):
     """Region r of the ``RowStats`` at SS (laid out (region, tile, row)) over its NT tiles, for rows rr."""
     t = tl.arange(0, NTB)[:, None]
-    v = tl.load(SS + (r * NT + t) * M + rr[None, :], mask=(t < NT) & (rr < M)[None, :], other=0.0)
-    if IS_MAX:
-        out = tl.max(v, 0)
-    else:
-        out = tl.sum(v, 0)
-    return out
+    return _combine(tl.load(SS + (r * NT + t) * M + rr[None, :], mask=(t < NT) & (rr < M)[None, :], other=0.0), IS_MAX)
 
 
 @triton.jit
@@ -188,7 +183,7 @@ def _configs():
 
 def _launch(cfg, a):
     bn, bk, nw = cfg[1:4]
-    bm = max(4, triton.next_power_of_2(a["m"]))  # the batch's rows: no widening to 16, no 16-row epilogue
+    bm = decode_row_tile(a["m"], 4)  # the batch's rows: no widening to 16, no 16-row epilogue
     swap = cfg[5]
     split, _ = split_parts(a["p"], bk, 0)
     tiles, ws, ctr = tile_buffers(a, bm, bn, split, a["sw"])

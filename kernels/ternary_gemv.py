@@ -608,11 +608,11 @@ def _gemv_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl,
                     d2 = _dot_pieces(u1, u2, u3, b10, b11, b12, b13, b20, b21, b22, b23, b30, b31, b32, b33, PW2, PW3,
                                      USE_ASM)
                 if r == 0:
-                    _epilogue(d, d2, sumx0, sx0, sw, r + tl.arange(0, 1), rows, seg, OUT, RES, M, N, so_m, sr_m, EPI,
-                              DT, USE_ASM)
+                    sumx_r, sx_r = sumx0, sx0
                 else:
-                    _epilogue(d, d2, sumx1, sx1, sw, r + tl.arange(0, 1), rows, seg, OUT, RES, M, N, so_m, sr_m, EPI,
-                              DT, USE_ASM)
+                    sumx_r, sx_r = sumx1, sx1
+                _epilogue(d, d2, sumx_r, sx_r, sw, r + tl.arange(0, 1), rows, seg, OUT, RES, M, N, so_m, sr_m, EPI, DT,
+                          USE_ASM)
         if EPI == 2:
             u1, u2, u3 = v1, v2, v3
         c1, c2, c3 = n1, n2, n3
