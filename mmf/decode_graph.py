@@ -234,6 +234,7 @@ class GraphDecoder:
     def _step_body(self) -> None:
         from mmf.kernels import ternary_gemm as tg
         from mmf.kernels import ternary_gemv as tv
+        from mmf.kernels.ternary_gemm_sq import gemm_sq
 
         torch.index_select(self.emb, 0, self.ids, out=self.x)
         d = self.d
@@ -241,6 +242,7 @@ class GraphDecoder:
         qc = tg.decode_quant_chunks(self.batch, d)  # rows of the pre-pass split over programs, or whole
 
         stats = self.row_stats
+        sq = self.self_quant  # RowStats of the self-quantising GEMMs' inputs, or None
 
         def st(name):
             """The row statistics the GEMM before left for this pre-pass, if the decoder keeps them."""
@@ -270,74 +272,56 @@ class GraphDecoder:
                         tune_pool=pool["gu"])
                 tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
                         epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
-            elif self.self_quant:
-                self._self_quant_layer(l, pool, pre_then_gemm)
-            else:
-                pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
-                                      norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc,
-                                      stats=st("x") if l > 0 else None),
-                              self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"],
-                              stats_out=st_out("g", seg=2))
+            else:  # pre-pass + GEMM pairs; with SELF_QUANT every GEMM after the first i/f/g but the o projection
+                # quantises its own input from the RowStats the GEMM before it left (``ternary_gemm_sq``)
+                if sq and l > 0:
+                    gemm_sq(self.x, ly["ifg_norm"], ly["ifg"], ly["ifg_scale"], self.ifg, k=d, stats=sq["x"],
+                            pro=tv.PRO_NORM, norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"],
+                            tune_pool=pool["ifg"])
+                else:
+                    pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
+                                          norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc,
+                                          stats=st("x") if l > 0 else None),
+                                  self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"],
+                                  stats_out=st_out("g", seg=2))
                 pre_then_gemm(partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d,
                                       dtype=self.dtype, norm_weight=ly["g_norm"], eps_model=ly["eps_g"],
                                       s_in=self.state[l], s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc,
                                       stats=st("g")),
                               self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
-                              tune_pool=pool["o"], stats_out=st_out("r"))
-                pre_then_gemm(partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM,
-                                      norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc, stats=st("r")),
-                              self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
-                              stats_out=st_out("v", w=dn.norm))
-                pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc,
-                                      stats=st("v")),
-                              self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL,
-                              residual=self.r, tune_pool=pool["down"], stats_out=st_out("x"))
+                              tune_pool=pool["o"],
+                              stats_out=(sq["r"], gu.norm[None], 0, ly["mlp_norm"]) if sq else st_out("r"))
+                if sq:
+                    gemm_sq(self.r, gu.norm[None], [gu.packed], gu.scale, self.v, k=d, stats=sq["r"],
+                            pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], epi=tv.EPI_GLU,
+                            tune_pool=pool["gu"], stats_out=(sq["v"], dn.norm[None], 0))
+                    nxt = self.layers[l + 1] if l + 1 < self.L else None
+                    after = ((sq["x"], nxt["ifg_norm"], 0, nxt["attn_norm"]) if nxt is not None else
+                             (sq["x"], self.head.norm[None], 0, self.final_norm))  # the next i/f/g's or the head's
+                    gemm_sq(self.v, dn.norm[None], [dn.packed], dn.scale, self.x, k=self.m, stats=sq["v"],
+                            epi=tv.EPI_RESIDUAL, residual=self.r, tune_pool=pool["down"], stats_out=after)
+                else:
+                    pre_then_gemm(partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM,
+                                          norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc,
+                                          stats=st("r")),
+                                  self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
+                                  stats_out=st_out("v", w=dn.norm))
+                    pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc,
+                                          stats=st("v")),
+                                  self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL,
+                                  residual=self.r, tune_pool=pool["down"], stats_out=st_out("x"))
         h = self.head
         if self.gemv_path:
             tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
                     norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
-        elif self.self_quant:
-            from mmf.kernels.ternary_gemm_sq import gemm_sq
-
-            gemm_sq(self.x, h.norm[None], [h.packed], h.scale, self.logits, k=d, stats=self.self_quant["x"],
+        elif sq:
+            gemm_sq(self.x, h.norm[None], [h.packed], h.scale, self.logits, k=d, stats=sq["x"],
                     pro=tv.PRO_NORM, norm_weight=self.final_norm, eps_model=self.eps_final, tune_pool=pool["head"])
         else:
             pre_then_gemm(partial(tg.quantize, self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM,
                                   norm_weight=self.final_norm, eps_model=self.eps_final, chunks=qc, stats=st("x")),
                           self.sc_d, [h.packed], h.scale, self.logits, k=d, tune_pool=pool["head"])
         self.state.copy_(self.state_next)
-
-    def _self_quant_layer(self, l: int, pool: dict, pre_then_gemm) -> None:
-        """Layer l of a decode step on the self-quantising GEMMs (``SELF_QUANT``): the first layer's i/f/g and
-        every o projection after a pre-pass (``pre_then_gemm``), the others quantising their own input from the
-        ``RowStats`` that the GEMM before them left."""
-        from mmf.kernels import ternary_gemm as tg
-        from mmf.kernels import ternary_gemv as tv
-        from mmf.kernels.ternary_gemm_sq import gemm_sq
-
-        ly, sq, d = self.layers[l], self.self_quant, self.d
-        o, gu, dn = ly["o"], ly["gu"], ly["down"]
-        qc = tg.decode_quant_chunks(self.batch, d)
-        if l == 0:
-            pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
-                                  norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc),
-                          self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"])
-        else:
-            gemm_sq(self.x, ly["ifg_norm"], ly["ifg"], ly["ifg_scale"], self.ifg, k=d, stats=sq["x"], pro=tv.PRO_NORM,
-                    norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], tune_pool=pool["ifg"])
-        pre_then_gemm(partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d,
-                              dtype=self.dtype, norm_weight=ly["g_norm"], eps_model=ly["eps_g"], s_in=self.state[l],
-                              s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc),
-                      self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
-                      tune_pool=pool["o"], stats_out=(sq["r"], gu.norm[None], 0, ly["mlp_norm"]))
-        gemm_sq(self.r, gu.norm[None], [gu.packed], gu.scale, self.v, k=d, stats=sq["r"], pro=tv.PRO_NORM,
-                norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], epi=tv.EPI_GLU, tune_pool=pool["gu"],
-                stats_out=(sq["v"], dn.norm[None], 0))
-        nxt = self.layers[l + 1] if l + 1 < self.L else None
-        after = ((sq["x"], nxt["ifg_norm"], 0, nxt["attn_norm"]) if nxt is not None else
-                 (sq["x"], self.head.norm[None], 0, self.final_norm))  # the next i/f/g's or the head's input
-        gemm_sq(self.v, dn.norm[None], [dn.packed], dn.scale, self.x, k=self.m, stats=sq["v"], epi=tv.EPI_RESIDUAL,
-                residual=self.r, tune_pool=pool["down"], stats_out=after)
 
     def _capture(self) -> None:
         from mmf.kernels import ternary_gemv as tv
