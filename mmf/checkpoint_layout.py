@@ -14,12 +14,11 @@ import json
 from pathlib import Path
 
 from .errors import CheckpointError
+# what other mmf outputs hold, to tell them from a checkpoint; tests/test_generate_cli.py checks them against
+# mmf.onnx_runtime.MANIFEST_FILE and fpga/manifest.py
+from .outputs import FPGA_MANIFEST, ONNX_MANIFEST, holds_manifest
 from .safetensors_io import SafetensorsWriter, read_header
 
-# What other mmf outputs hold, to tell them from a checkpoint (export-onnx: mmf.onnx_runtime.MANIFEST_FILE;
-# fpga-image: fpga/manifest.py's MANIFEST and FORMAT_NAME); tests/test_generate_cli.py checks them.
-ONNX_MANIFEST = ("mmf_onnx.json", "mmf-onnx")
-FPGA_MANIFEST = ("manifest.json", "mmf-fpga-image")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -44,14 +43,6 @@ def write_index(directory: Path, weight_map: dict, total_size: int, **metadata) 
 
 # ---- reading --------------------------------------------------------------------------------------
 
-def _format_of(path: Path):
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data.get("format") if isinstance(data, dict) else None
-
-
 def not_a_checkpoint(directory: Path):
     """When ``directory`` is another mmf output given where a checkpoint is wanted (an ``mmf export-onnx``
     directory, an ``mmf fpga-image``, a training run), the one-line error saying so and what to pass instead;
@@ -59,10 +50,10 @@ def not_a_checkpoint(directory: Path):
     from .run_dir import CKPT_PREFIX, RUN_CONFIG, list_checkpoints
 
     directory = Path(directory)
-    if _format_of(directory / ONNX_MANIFEST[0]) == ONNX_MANIFEST[1]:
+    if holds_manifest(directory, ONNX_MANIFEST):
         return (f"{directory} is an ONNX export (mmf export-onnx), not a checkpoint; run it with --onnx: "
                 f"mmf generate --onnx {directory} -p TEXT")
-    if _format_of(directory / FPGA_MANIFEST[0]) == FPGA_MANIFEST[1]:
+    if holds_manifest(directory, FPGA_MANIFEST):
         return f"{directory} is an FPGA image (mmf fpga-image), not a checkpoint; pass the checkpoint it was built from"
     ckpts = list_checkpoints(directory)
     if ckpts:

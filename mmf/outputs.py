@@ -34,11 +34,13 @@ from .units import human_bytes
 # with "mmf_version"; a packed checkpoint also has quantization_config.quant_method "mmf_ternary";
 # export-onnx writes mmf_onnx.json {"format": "mmf-onnx"}; fpga-image writes manifest.json
 # {"format": "mmf-fpga-image"}. tests/test_outputs.py checks that each writer's output is recognised.
+ONNX_MANIFEST = ("mmf_onnx.json", "mmf-onnx")  # (file, its "format"), as mmf.onnx_runtime and fpga/manifest.py write
+FPGA_MANIFEST = ("manifest.json", "mmf-fpga-image")
 _MARKERS = (
     ("config.json", lambda d: "mmf_version" in d
      or (isinstance(d.get("quantization_config"), dict) and d["quantization_config"].get("quant_method") == "mmf_ternary")),
-    ("mmf_onnx.json", lambda d: d.get("format") == "mmf-onnx"),
-    ("manifest.json", lambda d: d.get("format") == "mmf-fpga-image"),
+    (ONNX_MANIFEST[0], lambda d: d.get("format") == ONNX_MANIFEST[1]),
+    (FPGA_MANIFEST[0], lambda d: d.get("format") == FPGA_MANIFEST[1]),
 )
 # What a training checkpoint holds beside its model (mmf.run_dir.STATE_FILE, mmf.train_checkpoint.OPTIM_FILE and
 # RNG_FILE), and a training run's own config (mmf.run_dir.RUN_CONFIG); tests/test_outputs.py checks the names.
@@ -107,13 +109,25 @@ def written_by_mmf(path: Path) -> bool:
     if not any(path.iterdir()):
         return True
     for fname, holds in _MARKERS:
-        try:
-            data = json.loads((path / fname).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and holds(data):
+        data = _json_object(path / fname)
+        if data is not None and holds(data):
             return True
     return False
+
+
+def _json_object(path: Path) -> Optional[dict]:
+    """The JSON object in file ``path``, or None (no such file, unreadable, not JSON, not an object)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def holds_manifest(directory: Path, manifest: tuple) -> bool:
+    """Does ``directory`` hold ``manifest`` (``ONNX_MANIFEST``, ``FPGA_MANIFEST``): that file, with that format?"""
+    data = _json_object(Path(directory) / manifest[0])
+    return data is not None and data.get("format") == manifest[1]
 
 
 def holds_training_state(path: Path) -> bool:

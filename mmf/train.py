@@ -287,9 +287,10 @@ def _check_and_train(world: World, cfg: TrainConfig, out: Optional[Path], resume
     if out is not None:
         check_out_dir(Path(out), resume)
     if resume:
-        if not list_checkpoints(Path(out)):
+        ckpts = list_checkpoints(Path(out))
+        if not ckpts:
             raise MMFError(f"{out}: no checkpoint to resume from (expected {CKPT_PREFIX}NNNNNNN/ with {STATE_FILE})")
-        check_resume_model(list_checkpoints(Path(out))[-1], cfg.model)
+        check_resume_model(ckpts[-1], cfg.model)
     if not resume:  # absolute data paths in the run config: --resume then works from any directory
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=_absolute_paths(cfg.data.paths)))
     B, A = cfg.train.batch_size, cfg.train.grad_accum
