@@ -42,10 +42,6 @@ VARIANTS = {
     # none (the default: widths up to ``GraphDecoder.EARLY_WEIGHTS_MAX_D``)
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
     "no-early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): False},
-    # the decode GEMM's row tile the batch's size (at least 4) instead of 16 rows at every batch
-    "small-row-tile": {("mmf.kernels.ternary_gemm", "DECODE_ROW_TILE_MIN"): 4},
-    # GEMMs of 2-16 rows quantising their own input from their producer's row statistics (``ternary_gemm_sq``)
-    "self-quant": {("mmf.decode_graph:GraphDecoder", "SELF_QUANT"): "always"},
 }
 
 
@@ -144,8 +140,7 @@ def main(argv=None) -> int:
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
-    from mmf.bench.kernel_bench import (check_decoder, check_gemm_variants, check_row_stats, check_self_quant,
-                                        row_stats_errors)
+    from mmf.bench.kernel_bench import (check_decoder, check_gemm_variants, check_row_stats, row_stats_errors)
     from mmf.decode_graph import GraphDecoder
     from mmf.kernels import ternary_gemv as tv
 
@@ -200,8 +195,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     save()
     if not args.no_checks:
-        for r in (check_decoder(quick=False) + check_row_stats(quick=False) + check_gemm_variants(quick=False)
-                  + check_self_quant(quick=False)):
+        for r in check_decoder(quick=False) + check_row_stats(quick=False) + check_gemm_variants(quick=False):
             print(r, flush=True)
             results["checks"].append(r)
         save()

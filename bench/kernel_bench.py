@@ -398,31 +398,6 @@ def check_gemm_variants(quick: bool):
     return out
 
 
-def check_self_quant(quick: bool):
-    """Decoders with and without the self-quantising decode GEMMs (``GraphDecoder.SELF_QUANT``, first schedules)
-    on the GPU, fed the eager model's greedy tokens (``_decoder_pair``): the 4096-wide, 2-layer random fp32
-    model at batch 4 and 16 (quick: 4), and a 2048-wide bf16 one at batch 4 (where the statistics behind a block
-    norm are those of the unrounded norm output: rounding flips expected, not a median error)."""
-    from mmf.bench import overridden
-    from mmf.kernels import ternary_gemv as tv
-
-    out = []
-    with overridden({(tv, "TUNE"): False}):
-        model = _wide_model()
-        for batch in (4,) if quick else (4, 16):
-            res = _decoder_pair(model, batch, dict(SELF_QUANT="always"), dict(SELF_QUANT="never"))
-            out.append(dict(op="GraphDecoder, self-quantising GEMMs", path="graph", dtype="float32",
-                            shape=f"batch {batch}, d 4096, L 2, 8 steps", **res))
-        del model
-        torch.manual_seed(8)
-        model = _random_frozen(MMFConfig(vocab_size=1003, hidden_size=2048, num_hidden_layers=2,
-                                         intermediate_size=5632), "cuda").to(torch.bfloat16)
-        res = _decoder_pair(model, 4, dict(SELF_QUANT="always"), dict(SELF_QUANT="never"))
-        out.append(dict(op="GraphDecoder, self-quantising GEMMs", path="graph", dtype="bfloat16",
-                        shape="batch 4, d 2048, L 2, 8 steps", **res))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # GEMV bandwidth
 # ----------------------------------------------------------------------------------------------

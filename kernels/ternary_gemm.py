@@ -68,12 +68,11 @@ class RowStats:
     ``quantize(stats=)``): for each of the output's column tiles, sum(out^2) and, when asked, max|out * w|
     (fp32, ``buf`` laid out (regions, tiles, M)), and how many tiles the last launch wrote (``nt``, set on the
     host when it launched: the schedule decides the tile width). The pre-pass adds the tiles' parts in a fixed
-    order instead of meeting its other programs at a barrier. ``regions``: 2, or 2 + the BitLinears for a
-    ``ternary_gemm_sq.gemm_sq`` consumer (``_row_stats``'s STATS 3)."""
+    order instead of meeting its other programs at a barrier."""
 
-    def __init__(self, m: int, n: int, device, regions: int = 2):
+    def __init__(self, m: int, n: int, device):
         self.m = m
-        self.buf = torch.zeros(regions * triton.cdiv(n, 16) * m, dtype=torch.float32, device=device)  # BN >= 16
+        self.buf = torch.zeros(2 * triton.cdiv(n, 16) * m, dtype=torch.float32, device=device)  # BN >= 16
         self.nt = 0
 
 
@@ -243,11 +242,9 @@ def _row_sums(SUMX, RED, seg, M, rm, NCH: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.constexpr, SNW=0, SNB: tl.constexpr = 1):
+def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.constexpr):
     """``RowStats`` of output tile t (BNT columns; out (BM, BNT), rows rm, columns rn): per row, sum(out^2)
-    and, with STATS == 2, max|out * SSW[col]|, at SS[0 | 1, t, row]. STATS == 3 (for a consumer that quantises
-    its own input through a block norm of weight SNW, ``ternary_gemm_sq``): sum(out^2), sum((out * SNW)^2) and,
-    for each of the SNB BitLinear norm weights SSW[s, :], max|out * SNW * SSW[s]| at SS[0 | 1 | 2 + s, t, row]."""
+    and, with STATS == 2, max|out * SSW[col]|, at SS[0 | 1, t, row]."""
     NT = tl.cdiv(N, BNT)
     o = tl.where((rm < M)[:, None] & (rn < N)[None, :], out.to(tl.float32), 0.0)
     base = SS + t * M + rm
@@ -255,12 +252,6 @@ def _row_stats(out, rm, rn, t, SS, SSW, M, N, BNT: tl.constexpr, STATS: tl.const
     if STATS == 2:
         w = tl.load(SSW + rn, mask=rn < N, other=0.0).to(tl.float32)
         tl.store(base + NT * M, tl.max(tl.abs(o * w), 1), mask=rm < M)
-    if STATS == 3:
-        on = o * tl.load(SNW + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(base + NT * M, tl.sum(on * on, 1), mask=rm < M)
-        for s in tl.static_range(SNB):
-            w = tl.load(SSW + s * N + rn, mask=rn < N, other=0.0).to(tl.float32)
-            tl.store(base + (2 + s) * NT * M, tl.max(tl.abs(on * w[None, :]), 1), mask=rm < M)
 
 
 @triton.jit
@@ -275,25 +266,20 @@ def _epi_operands(SX, SUMX, RED, SW, rm, seg, M, NCH: tl.constexpr):
 @triton.jit
 def _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
             pid_n, SS, SSW, SSEG, R: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr, EPI: tl.constexpr,
-            DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr,
-            SNW=0, SNB: tl.constexpr = 1, GIVEN: tl.constexpr = False, g_sumx=0, g_sx=0, g_sw=0):
+            DT: tl.constexpr, USE_ASM: tl.constexpr, TRANS: tl.constexpr, NCH: tl.constexpr, STATS: tl.constexpr):
     """After the K loop: the parts of a split tile met (``_split_sum``; only the last program goes on), then the
     epilogue on the (R, C) sums, transposed first when the weights were the left operand (TRANS), and with
-    STATS the ``RowStats`` of segment SSEG's output. GIVEN: sum(xq), s_x and s_w are g_* (the self-quantising
-    GEMM's, ``ternary_gemm_sq``), not read from the pre-pass's scratch."""
+    STATS the ``RowStats`` of segment SSEG's output."""
     last = True
     if SPLIT > 1:
         last, acc, acc2 = _split_sum(acc, acc2, WS, CTR, stile, part, R, C, SPLIT, EPI == 2)
     if last:
-        if GIVEN:
-            sumx, sx, sw = g_sumx, g_sx, g_sw
-        else:
-            sumx, sx, sw = _epi_operands(SX, SUMX, RED, SW, rm, seg, M, NCH)
+        sumx, sx, sw = _epi_operands(SX, SUMX, RED, SW, rm, seg, M, NCH)
         out = _epilogue(tl.trans(acc) if TRANS else acc, tl.trans(acc2) if TRANS else acc2, sumx, sx, sw, rm, rn,
                         seg, OUT, RES, M, N, so_m, sr_m, EPI, DT, USE_ASM)
         if STATS > 0:
             if seg == SSEG:
-                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS, SNW, SNB)
+                _row_stats(out, rm, rn, pid_n, SS, SSW, M, N, R if TRANS else C, STATS)
 
 
 @triton.jit
@@ -366,7 +352,7 @@ def _mma_block(acc, acc2, wb, wb2, xa, M, rm, kk, P, PB, EPI: tl.constexpr, SWAP
 def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW,
                SSEG, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
-               NCH: tl.constexpr, STATS: tl.constexpr, WEARLY: tl.constexpr = False, SNW=0, SNB: tl.constexpr = 1):
+               NCH: tl.constexpr, STATS: tl.constexpr, WEARLY: tl.constexpr = False):
     """Program ``pid`` of segment ``seg`` of ``_gemm_kernel`` (see there)."""
     DT: tl.constexpr = OUT.dtype.element_ty
     part = pid % SPLIT
@@ -401,21 +387,20 @@ def _gemm_tile(pid, seg, XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m
             acc, acc2 = _mma_block(acc, acc2, wb, wb2, xa, M, rm, k0 + rk, P, PB, EPI, SWAP, USE_ASM)
     if SWAP:
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS, SNW, SNB)
+                pid_n, SS, SSW, SSEG, BN, BM, SPLIT, EPI, DT, USE_ASM, True, NCH, STATS)
     else:
         _finish(acc, acc2, WS, CTR, stile, part, SX, SUMX, RED, SW, rm, rn, seg, OUT, RES, M, N, so_m, sr_m,
-                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS, SNW, SNB)
+                pid_n, SS, SSW, SSEG, BM, BN, SPLIT, EPI, DT, USE_ASM, False, NCH, STATS)
 
 
 @triton.jit
 def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, P, PB, WS, CTR, KS, SS, SSW, SSEG,
-                 SNW, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                 EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  USE_ASM: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, WEARLY: tl.constexpr = False, SNB: tl.constexpr = 1):
+                 NCH: tl.constexpr = 1, STATS: tl.constexpr = 0, WEARLY: tl.constexpr = False):
     """XQ: planar int8 activations (NSEG, M, 4, PB) with PB = 4 * words per row; sum(xq) in SUMX, or in NCH
     parts in RED when the pre-pass split its rows (``_row_sums``). STATS > 0: the epilogue of segment SSEG
-    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|; STATS = 3: ``_row_stats``'s
-    statistics through the block norm weight SNW for SNB BitLinear norm weights SSW).
+    also writes its output's ``RowStats`` to SS (STATS = 2: with max|out * SSW|).
 
     SPLIT > 1 (split-K, for few rows: more programs, more weight bytes in flight): program pid takes
     K part pid % SPLIT (bytes [part * KS, (part + 1) * KS), KS a multiple of BK) of tile pid // SPLIT;
@@ -425,7 +410,7 @@ def _gemm_kernel(XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N, 
     whose weights it loads before the wait, as the GEMV does, and then no K loop."""
     _gemm_tile(tl.program_id(0), tl.program_id(1), XQ, SX, SUMX, RED, W0, W1, W2, SW, OUT, RES, so_m, sr_m, M, N,
                P, PB, WS, CTR, KS, SS, SSW, SSEG, EPI, BM, BN, BK, GROUP, USE_ASM, SWAP, PDL, SPLIT, NCH, STATS,
-               WEARLY, SNW=SNW, SNB=SNB)
+               WEARLY)
 
 
 # Decode batches up to 16 rows: also offer the tuner schedules whose programs each take one K block and load
@@ -448,14 +433,17 @@ def _early_weights(asked: bool) -> bool:
     return asked if EARLY_WEIGHTS is None else bool(EARLY_WEIGHTS)
 
 
-# BM of the decode GEMM's tile is the batch's row count to the next power of two, at least this (16: one tile
-# size for every decode batch, the schedules timed so far). The products are padded to the tensor core's 16 rows
-# either way (``tl.dot`` takes fewer), but with a smaller tile the loads, the epilogue and the row statistics
-# cover only the batch's rows: offline sm_90a compiles (Triton 3.6, ``bench/kernel_compile_report.py
-# --row-tile 4``) of the decoder's schedules at 4 rows have 20-37 % fewer instructions than at 16 and as many
-# barriers or fewer (at 2 some gained barriers, so 4 is the least offered). Not yet timed on a GPU: 16 stays the
-# default until it is (``batched_decode --variants default,small-row-tile``).
-DECODE_ROW_TILE_MIN = 16
+# BM of the decode GEMM's tile is the batch's row count to the next power of two, at least this. The products
+# are padded to the tensor core's 16 rows either way (``tl.dot`` takes fewer), but with a smaller tile the loads,
+# the epilogue and the row statistics cover only the batch's rows: offline sm_90a compiles (Triton 3.6,
+# ``bench/kernel_compile_report.py --row-tile 4``) of the decoder's schedules at 4 rows have 20-37 % fewer
+# instructions than at 16 and as many barriers or fewer (at 2 some gained barriers, so 4 is the least).
+# Measured against one 16-row tile for every decode batch (tuned, one H100, one process per size,
+# bench/results/batched_decode_row_tile_h100.*): 13b batch 2 / 4 / 8 2.573 / 2.622 / 2.597 -> 2.324 / 2.374 /
+# 2.528 ms, 1.3b 0.667 / 0.679 / 0.687 -> 0.605 / 0.608 / 0.612, 370m batch 4 / 8 0.533 / 0.514 -> 0.442 /
+# 0.464; batch 16 unchanged (its tile is 16 either way). ``kernel_compile_report --row-tile 16`` compiles the
+# old tile; the tests and the GPU checks keep the two bit-equal.
+DECODE_ROW_TILE_MIN = 4
 
 
 def decode_row_tile(m: int, least: int | None = None) -> int:
@@ -566,17 +554,15 @@ def _launch(cfg, a):
     wearly = bool(cfg[7]) if len(cfg) > 7 else False
     split, ks = split_parts(a["p"], bk, 0 if wearly else (cfg[6] if len(cfg) > 6 else 1))
     tiles, ws, ctr = tile_buffers(a, bm, bn, split, a["sumx"])
-    st, ssw, snw, stats = a.get("stats"), a.get("stats_w"), a.get("stats_nw"), 0
+    st, ssw, stats = a.get("stats"), a.get("stats_w"), 0
     if st is not None:
-        stats = 3 if snw is not None else (2 if ssw is not None else 1)
-        st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass (or self-quantising GEMM) after this launch reads
+        stats = 2 if ssw is not None else 1
+        st.nt = triton.cdiv(a["n"], bn)  # what the pre-pass after this launch reads
     _gemm_kernel[(tiles * split, a["nseg"])](
         a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
         a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, st.buf if stats else ws,
-        ssw if stats >= 2 else ws, a.get("stats_seg", 0), snw if stats == 3 else ws, EPI=a["epi"], BM=bm, BN=bn,
-        BK=bk, GROUP=8,
+        ssw if stats >= 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
         USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats, WEARLY=wearly,
-        SNB=ssw.shape[0] if stats == 3 else 1,
         num_warps=nw, num_stages=ns, **({"launch_pdl": True} if a["pdl"] else {}))
 
 
@@ -588,10 +574,8 @@ def gemm(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=None, n=No
     whichever ``many_rows_path`` picks (the same output, bit for bit). Below, ``tune_pool`` (other weight
     lists of the same shapes, e.g. every layer's) and ``tune_prepass`` (the launch that fills ``scratch``)
     let the first call time its candidate schedules as the decoder runs them (``_gemm_fused``), and
-    ``stats_out`` = (``RowStats``, w or None, segment[, nw]) has the epilogue leave that segment's row
-    statistics for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w
-    is) or, with nw, for a ``ternary_gemm_sq.gemm_sq`` whose block norm weight nw is and whose BitLinear norm
-    weights are the rows of w (``_row_stats``'s STATS 3).
+    ``stats_out`` = (``RowStats``, w or None, segment) has the epilogue leave that segment's row statistics
+    for the next pre-pass (w: also max|out * w|, for a plain pre-pass whose BitLinear norm weight w is).
     ``early_weights``: up to 16 rows, the tuner also times the weights-early schedules (``EARLY_WEIGHTS``)."""
     m = out.shape[0]
     if stats_out is not None:
@@ -657,11 +641,9 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
              sr_m=residual.stride(0) if residual is not None else 0, m=m, n=n, p=packed_bytes(k),
              pb=4 * scratch.pw, nseg=nseg, epi=epi, pdl=use_pdl(out.device))
     if stats_out is not None:
-        a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2],
-                 stats_nw=stats_out[3] if len(stats_out) > 3 else None)
+        a.update(stats=stats_out[0], stats_w=stats_out[1], stats_seg=stats_out[2])
     mb = decode_row_tile(m) if m <= 16 else (64 if m <= 64 else 128)  # the row tile (decode: of this batch)
-    key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None, a["stats_nw"] is not None)
-                                                   if stats_out else ())
+    key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
     early = _early_weights(early_weights) and m <= 16
     if early:  # more candidates: tuned afresh
         key = key + ("early-weights",)

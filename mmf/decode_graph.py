@@ -102,11 +102,6 @@ class GraphDecoder:
     # decode GEMMs of up to 16 rows also tuned over schedules that load their weights before the pre-pass's wait
     # (``ternary_gemm.EARLY_WEIGHTS``) in models up to this wide: faster at 370m and 1.3b, no gain at 13b
     EARLY_WEIGHTS_MAX_D = 2048
-    # decode GEMMs of 2-16 rows that quantise their own input from the row statistics their producer's epilogue
-    # left (``ternary_gemm_sq.gemm_sq``: no pre-pass kernel before i/f/g after the first layer, gate/up, down and
-    # the head; the o projection keeps its MLGRU pre-pass): "always" or "never" (measured slower in its first
-    # form, bench/results/EXPERIMENTS.md; this one not yet timed)
-    SELF_QUANT = "never"
 
     def __init__(self, model, batch: int, use_graph: bool | None = None, gemv: bool | None = None):
         from mmf.kernels import triton_kernels
@@ -165,17 +160,9 @@ class GraphDecoder:
         # statistics its output's pre-pass needs (``ternary_gemm.RowStats``): one barrier fewer per pre-pass
         from mmf.kernels import ternary_gemm as tg
 
-        from mmf.kernels import ternary_gemm_sq
-
-        if self.SELF_QUANT not in ("never", "always"):
-            raise MMFError(f"GraphDecoder.SELF_QUANT={self.SELF_QUANT!r}: use never or always")
-        self.self_quant = None  # RowStats for the self-quantising GEMMs' inputs r, v, x
-        if not self.gemv_path and self.SELF_QUANT == "always" and B <= ternary_gemm_sq.MAX_ROWS:
-            self.self_quant = {"r": tg.RowStats(B, d, dev, 3), "v": tg.RowStats(B, m, dev),
-                               "x": tg.RowStats(B, d, dev, 5)}
         self.row_stats = None
-        if not self.gemv_path and not self.self_quant and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
-                                                           and tg.decode_quant_chunks(B, d) != 1):
+        if not self.gemv_path and (self.ROW_STATS == "always" or self.ROW_STATS == "split"
+                                   and tg.decode_quant_chunks(B, d) != 1):
             self.row_stats = {k: tg.RowStats(B, n, dev) for k, n in (("g", d), ("r", d), ("v", m), ("x", d))}
         self.graph = None
         self._prefill_graphs: dict = {}  # T -> (graph, static ids, static logits)
@@ -234,7 +221,6 @@ class GraphDecoder:
     def _step_body(self) -> None:
         from mmf.kernels import ternary_gemm as tg
         from mmf.kernels import ternary_gemv as tv
-        from mmf.kernels.ternary_gemm_sq import gemm_sq
 
         torch.index_select(self.emb, 0, self.ids, out=self.x)
         d = self.d
@@ -242,7 +228,6 @@ class GraphDecoder:
         qc = tg.decode_quant_chunks(self.batch, d)  # rows of the pre-pass split over programs, or whole
 
         stats = self.row_stats
-        sq = self.self_quant  # RowStats of the self-quantising GEMMs' inputs, or None
 
         def st(name):
             """The row statistics the GEMM before left for this pre-pass, if the decoder keeps them."""
@@ -272,51 +257,30 @@ class GraphDecoder:
                         tune_pool=pool["gu"])
                 tv.gemv(self.v, [dn.packed], dn.scale, dn.norm[None], self.x, pro=tv.PRO_PLAIN,
                         epi=tv.EPI_RESIDUAL, residual=self.r, scratch=self.sc_m, tune_pool=pool["down"])
-            else:  # pre-pass + GEMM pairs; with SELF_QUANT every GEMM after the first i/f/g but the o projection
-                # quantises its own input from the RowStats the GEMM before it left (``ternary_gemm_sq``)
-                if sq and l > 0:
-                    gemm_sq(self.x, ly["ifg_norm"], ly["ifg"], ly["ifg_scale"], self.ifg, k=d, stats=sq["x"],
-                            pro=tv.PRO_NORM, norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"],
-                            tune_pool=pool["ifg"])
-                else:
-                    pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
-                                          norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc,
-                                          stats=st("x") if l > 0 else None),
-                                  self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"],
-                                  stats_out=st_out("g", seg=2))
+            else:  # pre-pass + GEMM pairs
+                pre_then_gemm(partial(tg.quantize, self.x, ly["ifg_norm"], self.sc_d, nseg=3, pro=tv.PRO_NORM,
+                                      norm_weight=ly["attn_norm"], eps_model=ly["eps_attn"], chunks=qc,
+                                      stats=st("x") if l > 0 else None),
+                              self.sc_d, ly["ifg"], ly["ifg_scale"], self.ifg, k=d, tune_pool=pool["ifg"],
+                              stats_out=st_out("g", seg=2))
                 pre_then_gemm(partial(tg.quantize, self.ifg, o.norm[None], self.sc_d, pro=tv.PRO_MLGRU, k=d,
                                       dtype=self.dtype, norm_weight=ly["g_norm"], eps_model=ly["eps_g"],
                                       s_in=self.state[l], s_out=self.state_next[l], lower_bound=ly["lb"], chunks=qc,
                                       stats=st("g")),
                               self.sc_d, [o.packed], o.scale, self.r, k=d, epi=tv.EPI_RESIDUAL, residual=self.x,
-                              tune_pool=pool["o"],
-                              stats_out=(sq["r"], gu.norm[None], 0, ly["mlp_norm"]) if sq else st_out("r"))
-                if sq:
-                    gemm_sq(self.r, gu.norm[None], [gu.packed], gu.scale, self.v, k=d, stats=sq["r"],
-                            pro=tv.PRO_NORM, norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], epi=tv.EPI_GLU,
-                            tune_pool=pool["gu"], stats_out=(sq["v"], dn.norm[None], 0))
-                    nxt = self.layers[l + 1] if l + 1 < self.L else None
-                    after = ((sq["x"], nxt["ifg_norm"], 0, nxt["attn_norm"]) if nxt is not None else
-                             (sq["x"], self.head.norm[None], 0, self.final_norm))  # the next i/f/g's or the head's
-                    gemm_sq(self.v, dn.norm[None], [dn.packed], dn.scale, self.x, k=self.m, stats=sq["v"],
-                            epi=tv.EPI_RESIDUAL, residual=self.r, tune_pool=pool["down"], stats_out=after)
-                else:
-                    pre_then_gemm(partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM,
-                                          norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc,
-                                          stats=st("r")),
-                                  self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
-                                  stats_out=st_out("v", w=dn.norm))
-                    pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc,
-                                          stats=st("v")),
-                                  self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL,
-                                  residual=self.r, tune_pool=pool["down"], stats_out=st_out("x"))
+                              tune_pool=pool["o"], stats_out=st_out("r"))
+                pre_then_gemm(partial(tg.quantize, self.r, gu.norm[None], self.sc_d, pro=tv.PRO_NORM,
+                                      norm_weight=ly["mlp_norm"], eps_model=ly["eps_mlp"], chunks=qc, stats=st("r")),
+                              self.sc_d, [gu.packed], gu.scale, self.v, k=d, epi=tv.EPI_GLU, tune_pool=pool["gu"],
+                              stats_out=st_out("v", w=dn.norm))
+                pre_then_gemm(partial(tg.quantize, self.v, dn.norm[None], self.sc_m, k=self.m, chunks=qc,
+                                      stats=st("v")),
+                              self.sc_m, [dn.packed], dn.scale, self.x, k=self.m, epi=tv.EPI_RESIDUAL,
+                              residual=self.r, tune_pool=pool["down"], stats_out=st_out("x"))
         h = self.head
         if self.gemv_path:
             tv.gemv(self.x, [h.packed], h.scale, h.norm[None], self.logits, pro=tv.PRO_NORM,
                     norm_weight=self.final_norm, eps_model=self.eps_final, scratch=self.sc_d, tune_pool=pool["head"])
-        elif sq:
-            gemm_sq(self.x, h.norm[None], [h.packed], h.scale, self.logits, k=d, stats=sq["x"],
-                    pro=tv.PRO_NORM, norm_weight=self.final_norm, eps_model=self.eps_final, tune_pool=pool["head"])
         else:
             pre_then_gemm(partial(tg.quantize, self.x, h.norm[None], self.sc_d, pro=tv.PRO_NORM,
                                   norm_weight=self.final_norm, eps_model=self.eps_final, chunks=qc, stats=st("x")),

@@ -141,7 +141,7 @@ def test_kernel_compile_report_compiles_for_a_gpu_that_is_not_here(tmp_path, cap
     monkeypatch.setattr(kcr, "early_weight_cases", lambda: [c for c in cases if c[2] == 14 and c[1] == 1][:1])
     assert kcr.main(["--variants", "default", "--early-weights", "--json-out", str(out)]) == 0
     early = json.loads(out.read_text())["rows"]  # weights before the wait, no K loop: no pipeline buffers
-    assert [r["schedule"] for r in early] == ["(16, 64, 256, 4, 1, 0, 0, 1) x14"], early
+    assert [r["schedule"] for r in early] == ["(4, 64, 256, 4, 1, 0, 0, 1) x14"], early  # the least row tile
     assert all(r["spill_bytes"] == 0 and r["shared_bytes"] <= 32768 for r in early), early
     # the least row tile of 4 (ternary_gemm.DECODE_ROW_TILE_MIN) at 3 rows: fewer instructions than 16 rows'
     assert kcr.main(["--rows", "3", "--row-tile", "4", "--max-schedules", "1", "--epilogues", "residual",
