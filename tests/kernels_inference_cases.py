@@ -586,8 +586,9 @@ def test_graph_decoder_with_the_early_weights(monkeypatch):
     """The decoder with ``EARLY_WEIGHTS`` (here: the interpreter's schedule with one K block per program, its
     weights loaded before the wait) gives logits equal bit for bit to the decoder without them, over a prefill
     and two steps at batch 3, and the kernels were launched with them; so does the one whose steps run the
-    4-row tile (``DECODE_ROW_TILE_MIN`` 4). By default (``EARLY_WEIGHTS`` None) the
-    decoder asks for the weights-early schedules up to ``EARLY_WEIGHTS_MAX_D`` wide and not beyond."""
+    4-row tile (``DECODE_ROW_TILE_MIN`` 4, the default; the others run the 16-row tile it replaced). By default
+    (``EARLY_WEIGHTS`` None) the decoder asks for the weights-early schedules up to ``EARLY_WEIGHTS_MAX_D`` wide
+    and not beyond."""
     from conftest import small_model
 
     from mmf.decode_graph import GraphDecoder
