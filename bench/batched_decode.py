@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
-    from mmf.bench.kernel_bench import (check_decoder, check_gemm_variants, check_row_stats, row_stats_errors)
+    from mmf.bench.kernel_bench import check_decoder, check_gemm_variants, check_row_stats, row_stats_errors
     from mmf.decode_graph import GraphDecoder
     from mmf.kernels import ternary_gemv as tv
 

@@ -66,8 +66,8 @@ def _quant_kernel(X, sxm, G, sgm, S_IN, S_OUT, LB, NW, BWN, eps_model, eps_bl, X
 class RowStats:
     """Per-row partial statistics that a GEMM's epilogue leaves for the pre-pass after it (``gemm(stats_out=)``,
     ``quantize(stats=)``): for each of the output's column tiles, sum(out^2) and, when asked, max|out * w|
-    (fp32, ``buf`` laid out (regions, tiles, M)), and how many tiles the last launch wrote (``nt``, set on the
-    host when it launched: the schedule decides the tile width). The pre-pass adds the tiles' parts in a fixed
+    (fp32, ``buf`` laid out (2, tiles, M)), and how many tiles the last launch wrote (``nt``, set on the host
+    when it launched: the schedule decides the tile width). The pre-pass adds the tiles' parts in a fixed
     order instead of meeting its other programs at a barrier."""
 
     def __init__(self, m: int, n: int, device):
@@ -554,24 +554,17 @@ def split_parts(p: int, bk: int, split: int):
     return triton.cdiv(blocks, per), per * bk
 
 
-def tile_buffers(a: dict, bm: int, bn: int, split: int, unused):
-    """(tiles, workspace, counters) of a decode GEMM launch (``a``: its m, n, nseg, epi, out) in (bm, bn) tiles
-    with K in ``split`` parts; without a split the workspace and counters are ``unused`` (not read)."""
-    tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
-    if split > 1:
-        ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
-                                a["nseg"] * tiles, a["out"].device)
-    else:
-        ws, ctr = unused, unused
-    return tiles, ws, ctr
-
-
 def _launch(cfg, a):
     bm, bn, bk, nw, ns = cfg[:5]
     swap = cfg[5] if len(cfg) > 5 else 0
     wearly = bool(cfg[7]) if len(cfg) > 7 else False
     split, ks = split_parts(a["p"], bk, 0 if wearly else (cfg[6] if len(cfg) > 6 else 1))
-    tiles, ws, ctr = tile_buffers(a, bm, bn, split, a["sumx"])
+    tiles = triton.cdiv(a["m"], bm) * triton.cdiv(a["n"], bn)
+    if split > 1:
+        ws, ctr = split_buffers(a["nseg"] * tiles * split * bm * bn * (2 if a["epi"] == EPI_GLU else 1),
+                                a["nseg"] * tiles, a["out"].device)
+    else:
+        ws, ctr = a["sumx"], a["sumx"]  # not read
     st, ssw, stats = a.get("stats"), a.get("stats_w"), 0
     if st is not None:
         stats = 2 if ssw is not None else 1
@@ -579,7 +572,7 @@ def _launch(cfg, a):
     _gemm_kernel[(tiles * split, a["nseg"])](
         a["xq8"], a["sx"], a["sumx"], a["red"], a["w"][0], a["w"][1], a["w"][2], a["sw"], a["out"], a["res"],
         a["so_m"], a["sr_m"], a["m"], a["n"], a["p"], a["pb"], ws, ctr, ks, st.buf if stats else ws,
-        ssw if stats >= 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
+        ssw if stats == 2 else ws, a.get("stats_seg", 0), EPI=a["epi"], BM=bm, BN=bn, BK=bk, GROUP=8,
         USE_ASM=not INTERPRET, SWAP=swap, PDL=a["pdl"], SPLIT=split, NCH=a["nch"], STATS=stats, WEARLY=wearly,
         num_warps=nw, num_stages=ns, **({"launch_pdl": True} if a["pdl"] else {}))
 
