@@ -42,8 +42,6 @@ VARIANTS = {
     # none (the default: widths up to ``GraphDecoder.EARLY_WEIGHTS_MAX_D``)
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
     "no-early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): False},
-    # more weights-early schedules at 2-8 rows: narrower weight tiles and 128-byte K blocks (not yet timed)
-    "small-tile-schedules": {("mmf.kernels.ternary_gemm", "SMALL_TILE_SCHEDULES"): True},
 }
 
 

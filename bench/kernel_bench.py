@@ -374,8 +374,7 @@ def check_gemm_variants(quick: bool):
     370m), 5 and 16 rows: ``gemm_pair_cases`` of every weights-early schedule against its K loop; and decoders
     with them (untuned, so on the first weights-early schedule) against the default on the 4096-wide, 2-layer
     random fp32 model at batch 4 and 16 (quick: 4), fed the eager model's greedy tokens (``_decoder_pair``); and the
-    4- and 8-row tiles (``decode_row_tile``, at 3 and 5 rows) against the 16-row tile, four schedules; and at 3 rows
-    each of ``SMALL_TILE_SCHEDULES``' schedules on the 4-row tile against its K loop."""
+    4- and 8-row tiles (``decode_row_tile``, at 3 and 5 rows) against the 16-row tile, four schedules."""
     from mmf.bench import overridden
     from mmf.kernels import ternary_gemm as tg
     from mmf.kernels import ternary_gemv as tv
@@ -391,9 +390,6 @@ def check_gemm_variants(quick: bool):
                                                    (16, 64, 128, 4, 4), (16, 64, 128, 4, 4, 1, 4))]
             out += [dict(op=f"decode GEMM, the {bm}-row tile vs the 16-row tile", **r)
                     for r in gemm_pair_cases(widths, (m,), pairs)]
-        small = early_weight_pairs([(4,) + c[1:] for c in tg._SMALL_TILE_CONFIGS])
-        out += [dict(op="decode GEMM, a small-tile weights-early schedule vs its K loop", **r)
-                for r in gemm_pair_cases(widths, (3,), small)]
         model = _wide_model()
         for batch in (4,) if quick else (4, 16):
             res = _decoder_pair(model, batch, {(tg, "EARLY_WEIGHTS"): True}, {})

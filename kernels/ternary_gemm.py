@@ -433,23 +433,6 @@ def _early_weights(asked: bool) -> bool:
     return asked if EARLY_WEIGHTS is None else bool(EARLY_WEIGHTS)
 
 
-# More weights-early schedules for batches of up to 8 rows (row tiles of 4 and 8, ``DECODE_ROW_TILE_MIN``):
-# narrower weight tiles (BN 16, 32) and 128-byte K blocks, so that the projections of 1024-2048-wide models run
-# 2-8x as many programs (370m's o projection is 16 programs at BN 64, BK 256). Compiled offline (sm_90a,
-# Triton 3.6) at 4 rows, 370m o and gate/up and 1.3b down with row statistics: no spills, 330-602 PTX
-# instructions and 5-19 barriers per program, against 371-817 and 7-16 for ``_EARLY_WEIGHT_CONFIGS`` there.
-# Not yet timed on a GPU, so offered only with SMALL_TILE_SCHEDULES (``batched_decode --variants
-# small-tile-schedules``).
-SMALL_TILE_SCHEDULES = False
-_SMALL_TILE_CONFIGS = [(16, 32, 128, 4, 1, 0, 0, 1), (16, 64, 128, 4, 1, 0, 0, 1), (16, 16, 256, 4, 1, 1, 0, 1),
-                       (16, 16, 128, 4, 1, 1, 0, 1)]
-
-
-def _small_tile_schedules(m: int, early: bool) -> bool:
-    """Whether ``_SMALL_TILE_CONFIGS`` are offered to ``m`` rows (weights-early schedules asked for)."""
-    return early and SMALL_TILE_SCHEDULES and m <= 8
-
-
 # BM of the decode GEMM's tile is the batch's row count to the next power of two, at least this. The products
 # are padded to the tensor core's 16 rows either way (``tl.dot`` takes fewer), but with a smaller tile the loads,
 # the epilogue and the row statistics cover only the batch's rows: offline sm_90a compiles (Triton 3.6,
@@ -482,8 +465,7 @@ def _gemm_configs(m: int, early_weights: bool = False):
     if INTERPRET:  # few, large programs: the interpreter pays per operation (and tests two K blocks)
         cands = [(16, 64, 32, 4, 1, 0, 0, 1) if early else (16, 64, 32, 4, 1)]
     elif m <= 16:
-        extra = _SMALL_TILE_CONFIGS if _small_tile_schedules(m, early) else []
-        cands = (_EARLY_WEIGHT_CONFIGS + extra if early else []) + [
+        cands = (_EARLY_WEIGHT_CONFIGS if early else []) + [
                 (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 4),
                 (16, 32, 256, 4, 3), (16, 128, 256, 8, 3), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 3, 1),
                 (16, 64, 256, 4, 3, 1), (16, 64, 128, 4, 6, 1), (16, 64, 128, 4, 4, 1, 2), (16, 64, 128, 4, 4, 1, 4),
@@ -657,7 +639,7 @@ def _gemm_fused(scratch, weights, scales, out, *, k, epi=EPI_STORE, residual=Non
     key = (mb, n, k, nseg, epi, str(out.dtype)) + (("stats", stats_out[1] is not None) if stats_out else ())
     early = _early_weights(early_weights) and m <= 16
     if early:  # more candidates: tuned afresh
-        key = key + ("early-weights",) + (("small-tile",) if _small_tile_schedules(m, early) else ())
+        key = key + ("early-weights",)
     time_of = None
     chain = tune_pool is not None and len(tune_pool) >= 2 and config is None
     if chain:

@@ -691,19 +691,3 @@ def test_gemm_early_weights_are_bit_equal(monkeypatch, chunks):
     assert len(rows) == 4 * len(pairs) and all(r["pre_pass_programs_per_row"] == chunks for r in rows)
     bad = [r for r in rows if not (r["bit_equal"] and r["outputs_written"])]
     assert not bad, bad
-
-
-def test_gemm_small_tile_schedules_are_bit_equal(monkeypatch):
-    """Schedules shaped as ``SMALL_TILE_SCHEDULES``' (weight tiles 16 and 32 wide on the 4-row tile, the 16-wide
-    one with the weights as the left operand; 32-byte K blocks here, so two programs per tile) give their K loop's
-    output bit for bit at 3 rows, every epilogue, through the GPU check's comparison."""
-    from mmf.bench import kernel_bench as kb
-
-    pairs = kb.early_weight_pairs([(4, 16, 32, 4, 1, 1, 0, 1), (4, 32, 32, 4, 1, 0, 0, 1)])
-    launches = _Launches(ternary_gemm._gemm_kernel)
-    monkeypatch.setattr(ternary_gemm, "_gemm_kernel", launches)
-    rows = kb.gemm_pair_cases([(70, 150)], (3,), pairs, "cpu", chunks=1)
-    assert {(kw["BM"], kw["BN"], kw["SWAP"]) for kw in launches.kw} == {(4, 16, 1), (4, 32, 0)}
-    assert len(rows) == 4 * len(pairs)
-    bad = [r for r in rows if not (r["bit_equal"] and r["outputs_written"])]
-    assert not bad, bad

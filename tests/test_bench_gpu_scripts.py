@@ -117,24 +117,6 @@ def test_batched_decode_variants_set_and_restore_the_decoders_choices():
             assert hasattr(getattr(obj, cls) if cls else obj, attr), (name, attr)
 
 
-def test_small_tile_schedules_are_offered_to_batches_of_up_to_8_rows(monkeypatch):
-    """With ``SMALL_TILE_SCHEDULES`` (off by default) the decode GEMM's candidates for 1-8 rows, weights-early
-    schedules asked for, also hold ``_SMALL_TILE_CONFIGS`` on the batch's row tile; 9-16 rows and runs without
-    weights-early schedules do not; the tuner's key tells the lists apart."""
-    from mmf.kernels import ternary_gemm as tg
-
-    extra = set(tg._SMALL_TILE_CONFIGS)
-    assert not tg.SMALL_TILE_SCHEDULES and not any((16,) + c[1:] in extra for c in tg._gemm_configs(3, True))
-    with batched_decode.variant("small-tile-schedules"):
-        for m, tile in ((2, 4), (3, 4), (8, 8)):
-            assert [(tile,) + c[1:] for c in tg._SMALL_TILE_CONFIGS] == [
-                c for c in tg._gemm_configs(m, True) if (16,) + c[1:] in extra], m
-        assert not any((16,) + c[1:] in extra for c in tg._gemm_configs(12, True))
-        assert not any((16,) + c[1:] in extra for c in tg._gemm_configs(3, False))
-        assert tg._small_tile_schedules(8, True) and not tg._small_tile_schedules(9, True)
-    assert not tg.SMALL_TILE_SCHEDULES
-
-
 def test_kernel_compile_report_compiles_for_a_gpu_that_is_not_here(tmp_path, capsys, monkeypatch):
     """``kernel_compile_report`` compiles the decode GEMM for sm_90a with the installed Triton and reads
     registers and spills from its bundled ptxas, with no GPU: the default kernel and the one whose epilogue
