@@ -537,7 +537,8 @@ def option_overrides(overrides: Optional[list], batch_size: Optional[int] = None
 
 
 def resolve_config(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool,
-                   overrides: list, batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> TrainConfig:
+                   overrides: Optional[list], batch_size: Optional[int] = None,
+                   seq_len: Optional[int] = None) -> TrainConfig:
     """The config ``mmf train`` runs (what ``--print-config`` prints): the run's own when resuming; ``batch_size``
     and ``seq_len`` (``--batch-size``, ``--seq-len``) set ``train.batch_size`` and ``train.seq_len``."""
     overrides, given = option_overrides(overrides, batch_size, seq_len)
@@ -550,7 +551,7 @@ def resolve_config(config: Optional[str], data: Optional[list], out: Optional[Pa
     return load_train_config(config, overrides, data, given)
 
 
-def run_train(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool, overrides: list,
+def run_train(config: Optional[str], data: Optional[list], out: Optional[Path], resume: bool, overrides: Optional[list],
               log: Callable = print, batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> TrainResult:
     """What ``mmf train`` does: resolve the config (``resolve_config``), train, summarise."""
     return train(resolve_config(config, data, out, resume, overrides, batch_size, seq_len), out, resume, log)

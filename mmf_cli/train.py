@@ -35,7 +35,6 @@ def train(
     from mmf.train import resolve_config, run_train
     from mmf.train_config import config_to_toml
 
-    overrides = list(overrides or [])
     if print_config:
         typer.echo(config_to_toml(resolve_config(config, data, out, resume, overrides, batch_size, seq_len)), nl=False)
         return
