@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import MMFError
+from .run_dir import TRAINING_STATE_FILES, is_run_dir
 from .units import human_bytes
 
 # What marks a directory as written by mmf (a file in it and the JSON field that must hold).
@@ -42,10 +43,6 @@ _MARKERS = (
     (ONNX_MANIFEST[0], lambda d: d.get("format") == ONNX_MANIFEST[1]),
     (FPGA_MANIFEST[0], lambda d: d.get("format") == FPGA_MANIFEST[1]),
 )
-# What a training checkpoint holds beside its model (mmf.run_dir.STATE_FILE, mmf.train_checkpoint.OPTIM_FILE and
-# RNG_FILE), and a training run's own config (mmf.run_dir.RUN_CONFIG); tests/test_outputs.py checks the names.
-TRAINING_STATE_FILES = ("trainer_state.json", "optimizer.safetensors", "rng.safetensors")
-RUN_CONFIG_FILE = "train_config.toml"
 DISK_FULL_ERRNOS = tuple(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e is not None)
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")  # as Rust and C libraries word them
 
@@ -137,9 +134,7 @@ def holds_training_state(path: Path) -> bool:
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return False
-    if any((path / name).exists() for name in TRAINING_STATE_FILES):
-        return True
-    return (path / RUN_CONFIG_FILE).is_file() and any(p.name.startswith("step-") and p.is_dir() for p in path.iterdir())
+    return any((path / name).exists() for name in TRAINING_STATE_FILES) or is_run_dir(path)
 
 
 def check_output(out: Path, overwrite: bool = False, is_ours: Optional[Callable[[Path], bool]] = None) -> None:

@@ -26,6 +26,9 @@ from .units import human_bytes
 
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks one complete
+OPTIM_FILE = "optimizer.safetensors"  # a checkpoint's optimiser state (``mmf.train_checkpoint``)
+RNG_FILE = "rng.safetensors"  # and its random-number generators' states
+TRAINING_STATE_FILES = (STATE_FILE, OPTIM_FILE, RNG_FILE)  # what --resume needs beside the model
 RUN_CONFIG = "train_config.toml"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
@@ -77,6 +80,17 @@ def check_not_a_checkpoint(out: Path) -> None:
     if run is not None:
         raise MMFError(f"--out {out} names a checkpoint of the run {run}, not a run directory; to continue that run "
                        f"pass --resume --out {run}, or choose a new --out for a new run")
+
+
+def check_resume_has_out(out: Optional[Path], resume: bool) -> None:
+    """``--resume`` continues the run in ``--out``: without one there is nothing to continue."""
+    if resume and out is None:
+        raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run's directory: its ``train_config.toml`` beside at least one ``step-NNNNNNN`` directory."""
+    return (path / RUN_CONFIG).is_file() and any(p.name.startswith(CKPT_PREFIX) and p.is_dir() for p in path.iterdir())
 
 
 def check_out_dir(out: Path, resume: bool) -> None:

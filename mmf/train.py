@@ -39,8 +39,8 @@ from .data import (BUILTIN_PREFIX, META_FILE, TokenData, batch_indices, builtin_
 from .distributed import World, all_mean, all_sum, any_flag, barrier, broadcast_object, init_world, shutdown
 from .errors import MMFError
 from .memory import check_training_memory
-from .run_dir import (CKPT_PREFIX, METRICS_FILE, PLOT_FILE, RUN_CONFIG, STATE_FILE, check_out_dir, discard_failed_run,
-                      list_checkpoints, make_run_dir, preflight, resume_config)
+from .run_dir import (CKPT_PREFIX, METRICS_FILE, PLOT_FILE, RUN_CONFIG, STATE_FILE, check_out_dir, check_resume_has_out,
+                      discard_failed_run, list_checkpoints, make_run_dir, preflight, resume_config)
 from .outputs import write_text_output
 from .tokenizer import HF_TOKENIZER_FILE, load_saved_tokenizer
 from .train_checkpoint import (check_resume_model, damaged_checkpoint_error, load_training_checkpoint,
@@ -282,8 +282,7 @@ def _check_and_train(world: World, cfg: TrainConfig, out: Optional[Path], resume
     memory), make the run directory and train in it; a run that fails before its first checkpoint
     leaves nothing behind."""
     t_start = time.time()
-    if resume and out is None:
-        raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
+    check_resume_has_out(out, resume)
     if out is not None:
         check_out_dir(Path(out), resume)
     if resume:

@@ -27,10 +27,7 @@ from .checkpoint_layout import CONFIG_FILE
 from .distributed import World, barrier
 from .errors import MMFError
 from .outputs import atomic_directory, written_by_mmf
-from .run_dir import RUN_CONFIG, STATE_FILE, checkpoint_dir, list_checkpoints
-
-OPTIM_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
+from .run_dir import OPTIM_FILE, RNG_FILE, RUN_CONFIG, STATE_FILE, checkpoint_dir, list_checkpoints
 
 
 def _flatten_optimizer(osd: dict) -> tuple[dict, dict]:

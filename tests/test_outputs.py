@@ -142,13 +142,6 @@ def test_a_failed_swap_puts_the_previous_output_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
-def test_training_state_names_are_the_trainers():
-    from mmf.run_dir import RUN_CONFIG, STATE_FILE
-    from mmf.train_checkpoint import OPTIM_FILE, RNG_FILE
-
-    assert outputs.TRAINING_STATE_FILES == (STATE_FILE, OPTIM_FILE, RNG_FILE) and outputs.RUN_CONFIG_FILE == RUN_CONFIG
-
-
 @pytest.mark.parametrize("command", ["pack", "unpack", "export-onnx", "fpga-image"])
 def test_force_never_replaces_a_training_checkpoint_or_run(tiny_mmf_ckpt, tmp_path, monkeypatch, capsys, command):
     """`mmf pack RUN/step-0000300 --out RUN/step-0000200 --force` replaced a training checkpoint (optimiser and RNG
