@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import MMFError
 from .outputs import atomic_directory
+from .run_dir import RUN_CONFIG
 from .tokenizer import HF_TOKENIZER_FILE, ByteTokenizer, load_tokenizer_file, train_bpe
 from .tokenizer import load_saved_tokenizer  # noqa: F401 (mmf.evaluate imports it from here; its home is mmf.tokenizer)
 
@@ -49,7 +50,7 @@ def _in_mmf_run(f: Path, root: Path) -> bool:
     metrics.jsonl is no corpus, so `--data .` in a directory where runs were started skips them."""
     d = f.parent
     while d != root and root in d.parents:
-        if (d / "train_config.toml").is_file():
+        if (d / RUN_CONFIG).is_file():
             return True
         d = d.parent
     return False

@@ -541,9 +541,8 @@ def resolve_config(config: Optional[str], data: Optional[list], out: Optional[Pa
     """The config ``mmf train`` runs (what ``--print-config`` prints): the run's own when resuming; ``batch_size``
     and ``seq_len`` (``--batch-size``, ``--seq-len``) set ``train.batch_size`` and ``train.seq_len``."""
     overrides, given = option_overrides(overrides, batch_size, seq_len)
+    check_resume_has_out(out, resume)
     if resume:
-        if out is None:
-            raise MMFError("--resume needs --out RUN_DIR (the directory of the run to continue)")
         if config is not None or data:
             raise MMFError("--resume continues with the run's saved config; drop --config/--data (use --set to change it)")
         return resume_config(out, overrides, given)
