@@ -42,10 +42,6 @@ VARIANTS = {
     # none (the default: widths up to ``GraphDecoder.EARLY_WEIGHTS_MAX_D``)
     "early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): True},
     "no-early-weights": {("mmf.kernels.ternary_gemm", "EARLY_WEIGHTS"): False},
-    # pre-pass programs of 1 / 2 warps: the row reductions in warp shuffles, fewer or no shared-memory barriers
-    "prepass-1warp": {("mmf.kernels.ternary_gemm", "QUANT_WARPS"): 1},
-    "prepass-2warps": {("mmf.kernels.ternary_gemm", "QUANT_WARPS"): 2},
-    "prepass-8warps": {("mmf.kernels.ternary_gemm", "QUANT_WARPS"): 8},
 }
 
 

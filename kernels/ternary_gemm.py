@@ -97,8 +97,6 @@ def quant_chunks(rows: int, pw: int, programs: int = QUANT_PROGRAMS) -> int:
 # small batches.
 QUANT_SPLIT_MIN_K = 4096
 QUANT_SPLIT_MAX_ROWS = 16
-# warps per pre-pass program; None: by the width of its piece of a row (16 from 2048 words, 8 from 512, else 4)
-QUANT_WARPS = None
 
 
 def decode_quant_chunks(batch: int, d: int):
@@ -121,7 +119,7 @@ def prepass_args(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=N
             lower_bound if lower_bound is not None else x, norm_weight if norm_weight is not None else bit_norm,
             bit_norm, float(eps_model), float(eps_bl))
     return dict(head=head, consts=dict(PRO=pro, HAS_LB=lower_bound is not None, DT=_TL_DTYPES[dtype], BLOCK_W=bw),
-                warps=QUANT_WARPS or (16 if bw >= 2048 else (8 if bw >= 512 else 4)), nseg=nseg, m=scratch.sx.shape[1], k=k)
+                warps=16 if bw >= 2048 else (8 if bw >= 512 else 4), nseg=nseg, m=scratch.sx.shape[1], k=k)
 
 
 def quantize(x, bit_norm, scratch, *, nseg=1, pro=PRO_PLAIN, k=None, dtype=None, norm_weight=None, g=None,
